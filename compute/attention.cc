@@ -1,0 +1,92 @@
+#include "compute/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace sqkv {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Converts `rows` rows of a page block to float32. src: (rows, head_dim) in dtype.
+void LoadBlock(DType dtype, const void* src, int rows, int head_dim, float* dst) {
+  ToFloat(dtype, src, dst, static_cast<size_t>(rows) * head_dim);
+}
+
+}  // namespace
+
+void AttendPages(const float* q, int rows, int head_dim, float scale, DType dtype, int page_tokens,
+                 const PageRef* pages, int num_pages, float* out, float* lse) {
+  const size_t d = static_cast<size_t>(head_dim);
+  const size_t block_bytes = static_cast<size_t>(page_tokens) * d * DTypeSize(dtype);
+  std::vector<float> k(static_cast<size_t>(page_tokens) * d);
+  std::vector<float> v(static_cast<size_t>(page_tokens) * d);
+  std::vector<float> m(rows, kNegInf);   // running max of scaled scores
+  std::vector<float> l(rows, 0.f);       // running Σ exp(s - m)
+  std::vector<float> s(page_tokens);
+  std::fill(out, out + rows * d, 0.f);
+
+  for (int p = 0; p < num_pages; ++p) {
+    const int valid = pages[p].valid;
+    const auto* base = static_cast<const uint8_t*>(pages[p].data);
+    LoadBlock(dtype, base, valid, head_dim, k.data());
+    LoadBlock(dtype, base + block_bytes, valid, head_dim, v.data());
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + r * d;
+      float* o = out + r * d;
+      float page_max = kNegInf;
+      for (int t = 0; t < valid; ++t) {
+        const float* kt = k.data() + t * d;
+        float dot = 0.f;
+        for (size_t c = 0; c < d; ++c) dot += qr[c] * kt[c];
+        s[t] = dot * scale;
+        page_max = std::max(page_max, s[t]);
+      }
+      const float new_m = std::max(m[r], page_max);
+      // Rescale what was accumulated under the old max (exp(-inf) = 0 on the first page).
+      const float correction = std::exp(m[r] - new_m);
+      l[r] *= correction;
+      for (size_t c = 0; c < d; ++c) o[c] *= correction;
+      for (int t = 0; t < valid; ++t) {
+        const float w = std::exp(s[t] - new_m);
+        l[r] += w;
+        const float* vt = v.data() + t * d;
+        for (size_t c = 0; c < d; ++c) o[c] += w * vt[c];
+      }
+      m[r] = new_m;
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    if (l[r] == 0.f) {  // nothing attended: the empty state
+      lse[r] = kNegInf;
+      continue;
+    }
+    const float inv = 1.f / l[r];
+    for (size_t c = 0; c < d; ++c) out[r * d + c] *= inv;
+    lse[r] = m[r] + std::log(l[r]);
+  }
+}
+
+void MergeStates(float* out_a, float* lse_a, const float* out_b, const float* lse_b, int rows,
+                 int head_dim) {
+  for (int r = 0; r < rows; ++r) {
+    const float la = lse_a[r], lb = lse_b[r];
+    if (lb == kNegInf) continue;
+    float* oa = out_a + static_cast<size_t>(r) * head_dim;
+    const float* ob = out_b + static_cast<size_t>(r) * head_dim;
+    if (la == kNegInf) {
+      std::copy(ob, ob + head_dim, oa);
+      lse_a[r] = lb;
+      continue;
+    }
+    const float mx = std::max(la, lb);
+    const float wa = std::exp(la - mx), wb = std::exp(lb - mx);
+    const float sum = wa + wb;
+    for (int c = 0; c < head_dim; ++c) oa[c] = (wa * oa[c] + wb * ob[c]) / sum;
+    lse_a[r] = mx + std::log(sum);
+  }
+}
+
+}  // namespace sqkv

@@ -1,0 +1,33 @@
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <mutex>
+
+#include "gpu/device.h"
+
+namespace sqkv::gpu {
+
+bool DevicePresent() {
+  static const bool present = [] {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky "no device" error
+      return false;
+    }
+    return n > 0;
+  }();
+  return present;
+}
+
+Result<std::string> DeviceDescription(int device) {
+  if (!DevicePresent()) return Status::Unavailable("no CUDA device found");
+  cudaDeviceProp prop{};
+  cudaError_t err = cudaGetDeviceProperties(&prop, device);
+  if (err != cudaSuccess) return Status::Unavailable(cudaGetErrorString(err));
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), "%s, %d SMs, %.1f GiB", prop.name, prop.multiProcessorCount,
+                static_cast<double>(prop.totalGlobalMem) / (1ull << 30));
+  return std::string(buf);
+}
+
+}  // namespace sqkv::gpu

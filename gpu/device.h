@@ -1,0 +1,16 @@
+// Whether a CUDA device can be used. Plain C++: no CUDA types.
+#pragma once
+
+#include <string>
+
+#include "common/status.h"
+
+namespace sqkv::gpu {
+
+// True when this build has CUDA and a device answers. Cheap after the first call.
+bool DevicePresent();
+
+// "NVIDIA H200, 132 SMs, 139.8 GiB" or Unavailable with the reason (no CUDA build, no device).
+Result<std::string> DeviceDescription(int device = 0);
+
+}  // namespace sqkv::gpu

@@ -1,0 +1,12 @@
+// Built when SQKV_WITH_CUDA=OFF: there is never a device.
+#include "gpu/device.h"
+
+namespace sqkv::gpu {
+
+bool DevicePresent() { return false; }
+
+Result<std::string> DeviceDescription(int) {
+  return Status::Unavailable("this build has no GPU support (built with SQKV_WITH_CUDA=OFF)");
+}
+
+}  // namespace sqkv::gpu

@@ -1,0 +1,56 @@
+// Cluster selection, the CPU reference: which clusters of one (layer, kv head) a batch of
+// queries needs.
+//
+// Score of cluster j (the estimated attention weight of one key of cluster j, averaged over the
+// queries of the kv head's group):
+//     s_j = mean_q [ exp(q·c_j/√d) / Σ_i n_i·exp(q·c_i/√d) ]
+// computed with the max subtracted (never overflows). n_j·s_j is the cluster-size-weighted softmax
+// estimate of the attention mass of cluster j; Σ_j n_j·s_j = 1.
+//
+// Ranking: descending score, ties broken by ascending cluster id. Every backend (CPU, GPU) must
+// select exactly the clusters this reference selects.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/status.h"
+#include "index/head_index.h"
+
+namespace sqkv {
+
+struct SelectOptions {
+  enum class Mode : uint8_t {
+    kKeepFraction,  // whole clusters in descending score until >= keep_fraction * tokens keys
+    kThreshold,     // every cluster with score >= threshold
+    kDense,         // every cluster
+  };
+  Mode mode = Mode::kKeepFraction;
+  // Default: 0.1 (keep 10% of the keys).
+  float keep_fraction = 0.1f;
+  // Per-key score threshold for kThreshold (calibrated per target sparsity). Default: 0.
+  float threshold = 0.f;
+  // Hierarchical indexes only: the level-1 parents kept (descending level-1 score) until
+  // >= l1_keep_fraction * tokens keys lie under them; only their children are scored.
+  // 1.0 keeps every parent (and selects exactly what a single-level scan of the leaves would).
+  // Default: 0 = choose automatically (min(1, 3 * keep_fraction)).
+  float l1_keep_fraction = 0.f;
+};
+
+struct HeadSelection {
+  // Selected level-2 clusters in ascending id (= storage) order.
+  std::vector<int32_t> clusters;
+  int32_t tokens = 0;            // keys under the selected clusters
+  int32_t pages = 0;             // pages under the selected clusters
+  int32_t centroids_scored = 0;  // level-1 plus level-2 centroids scored
+};
+
+// scores: (num_clusters); queries: (num_queries, head_dim) float32.
+// Scores every level-2 cluster (ignores level 1).
+void ScoreClusters(const HeadIndex& index, const float* queries, int num_queries, float* scores);
+
+// queries: (num_queries, head_dim) float32, finite. num_queries >= 1.
+Status SelectClusters(const HeadIndex& index, const float* queries, int num_queries,
+                      const SelectOptions& options, HeadSelection* out);
+
+}  // namespace sqkv
