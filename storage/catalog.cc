@@ -1,0 +1,315 @@
+#include "storage/catalog.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/options.h>
+#include <rocksdb/write_batch.h>
+
+#include <cinttypes>
+#include <mutex>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+namespace sqkv {
+namespace {
+
+constexpr char kNextVersionKey[] = "m/next_version";
+
+std::string Hex16(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016" PRIx64, v);
+  return buf;
+}
+
+std::string VersionPrefix(uint64_t version) { return "v/" + Hex16(version) + "/"; }
+
+Status FromRocks(const rocksdb::Status& s, const std::string& what) {
+  if (s.ok()) return Status::Ok();
+  if (s.IsNotFound()) return Status::NotFound(what);
+  if (s.IsCorruption()) return Status::Corruption(what + ": " + s.ToString());
+  if (s.IsIOError()) return Status::IOError(what + ": " + s.ToString());
+  return Status::Internal(what + ": " + s.ToString());
+}
+
+std::string EncodeRecord(const ContextRecord& r) {
+  nlohmann::json j = {
+      {"name", r.name},
+      {"version", r.version},
+      {"layers", r.layers},
+      {"kv_heads", r.kv_heads},
+      {"tokens", r.tokens},
+      {"head_dim", r.head_dim},
+      {"page_tokens", r.page_tokens},
+      {"dtype", DTypeName(r.dtype)},
+      {"centroid_fraction", r.centroid_fraction},
+      {"levels", r.levels},
+      {"l1_fraction", r.l1_fraction},
+      {"layer_first_page", r.layer_first_page},
+      {"segment_bytes", r.segment_bytes},
+      {"index_bytes", r.index_bytes},
+      {"window_q_heads", r.window_q_heads},
+      {"window", r.window},
+      {"created_unix", r.created_unix},
+      {"build_seconds", r.build_seconds},
+      {"source", r.source},
+  };
+  return j.dump();
+}
+
+Status DecodeRecord(const std::string& bytes, ContextRecord* r) {
+  try {
+    auto j = nlohmann::json::parse(bytes);
+    r->name = j.at("name").get<std::string>();
+    r->version = j.at("version").get<uint64_t>();
+    r->layers = j.at("layers").get<int32_t>();
+    r->kv_heads = j.at("kv_heads").get<int32_t>();
+    r->tokens = j.at("tokens").get<int32_t>();
+    r->head_dim = j.at("head_dim").get<int32_t>();
+    r->page_tokens = j.at("page_tokens").get<int32_t>();
+    auto dt = ParseDType(j.at("dtype").get<std::string>());
+    if (!dt) return Status::Corruption("context record: unknown dtype");
+    r->dtype = *dt;
+    r->centroid_fraction = j.at("centroid_fraction").get<float>();
+    r->levels = j.at("levels").get<int32_t>();
+    r->l1_fraction = j.at("l1_fraction").get<float>();
+    r->layer_first_page = j.at("layer_first_page").get<std::vector<uint64_t>>();
+    r->segment_bytes = j.at("segment_bytes").get<uint64_t>();
+    r->index_bytes = j.at("index_bytes").get<uint64_t>();
+    r->window_q_heads = j.at("window_q_heads").get<int32_t>();
+    r->window = j.at("window").get<int32_t>();
+    r->created_unix = j.at("created_unix").get<int64_t>();
+    r->build_seconds = j.at("build_seconds").get<double>();
+    r->source = j.at("source").get<std::string>();
+  } catch (const std::exception& e) {
+    return Status::Corruption(std::string("context record: ") + e.what());
+  }
+  if (r->layers <= 0 || r->kv_heads <= 0 || r->tokens <= 0 || r->head_dim <= 0 ||
+      r->page_tokens <= 0 || r->layer_first_page.size() != static_cast<size_t>(r->layers) + 1) {
+    return Status::Corruption("context record of " + r->name + ": inconsistent shape");
+  }
+  return Status::Ok();
+}
+
+std::string EncodeChecksums(const std::vector<uint64_t>& sums) {
+  return std::string(reinterpret_cast<const char*>(sums.data()), sums.size() * sizeof(uint64_t));
+}
+
+std::string EncodeWindow(const WindowQueries& w) {
+  std::string out(12 + w.data.size() * sizeof(float), '\0');
+  std::memcpy(out.data(), &w.q_heads, 4);
+  std::memcpy(out.data() + 4, &w.window, 4);
+  std::memcpy(out.data() + 8, &w.head_dim, 4);
+  std::memcpy(out.data() + 12, w.data.data(), w.data.size() * sizeof(float));
+  return out;
+}
+
+class CatalogImpl : public Catalog {
+ public:
+  explicit CatalogImpl(std::unique_ptr<rocksdb::DB> db, std::string dir)
+      : db_(std::move(db)), dir_(std::move(dir)) {}
+
+  Result<uint64_t> AllocateVersion() override {
+    std::lock_guard<std::mutex> lock(version_mu_);
+    std::string v;
+    uint64_t next = 1;
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), kNextVersionKey, &v);
+    if (s.ok() && v.size() == 8) {
+      std::memcpy(&next, v.data(), 8);
+    } else if (!s.IsNotFound()) {
+      SQKV_RETURN_IF_ERROR(FromRocks(s, "read next version"));
+    }
+    uint64_t after = next + 1;
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    SQKV_RETURN_IF_ERROR(FromRocks(
+        db_->Put(wo, kNextVersionKey, rocksdb::Slice(reinterpret_cast<char*>(&after), 8)),
+        "persist next version"));
+    return next;
+  }
+
+  Status Publish(const ContextPublication& pub, bool replace) override {
+    const ContextRecord& r = pub.record;
+    if (pub.layer_index.size() != static_cast<size_t>(r.layers) ||
+        pub.page_checksums.size() != static_cast<size_t>(r.layers) ||
+        (!pub.window_queries.empty() && pub.window_queries.size() != static_cast<size_t>(r.layers))) {
+      return Status::InvalidArgument("publication of " + r.name + " does not cover every layer");
+    }
+    std::lock_guard<std::mutex> lock(publish_mu_);
+    std::string existing;
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), ContextKey(r.name), &existing);
+    if (s.ok() && !replace) return Status::AlreadyExists("context " + r.name + " already exists");
+    if (!s.ok() && !s.IsNotFound()) return FromRocks(s, "read context " + r.name);
+
+    rocksdb::WriteBatch batch;
+    for (int32_t l = 0; l < r.layers; ++l) {
+      batch.Put(LayerKey(r.version, 'i', l), pub.layer_index[l]);
+      batch.Put(LayerKey(r.version, 's', l), EncodeChecksums(pub.page_checksums[l]));
+      if (!pub.window_queries.empty() && pub.window_queries[l].q_heads > 0) {
+        batch.Put(LayerKey(r.version, 'q', l), EncodeWindow(pub.window_queries[l]));
+      }
+    }
+    batch.Put(ContextKey(r.name), EncodeRecord(r));  // the record makes it visible
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    return FromRocks(db_->Write(wo, &batch), "publish context " + r.name);
+  }
+
+  Status GetContext(const std::string& name, ContextRecord* out) override {
+    std::string v;
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), ContextKey(name), &v);
+    if (s.IsNotFound()) return Status::NotFound("no context named '" + name + "'");
+    SQKV_RETURN_IF_ERROR(FromRocks(s, "read context " + name));
+    return DecodeRecord(v, out);
+  }
+
+  Status ListContexts(std::vector<ContextRecord>* out) override {
+    out->clear();
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+    for (it->Seek("c/"); it->Valid() && it->key().starts_with("c/"); it->Next()) {
+      ContextRecord r;
+      SQKV_RETURN_IF_ERROR(DecodeRecord(it->value().ToString(), &r));
+      out->push_back(std::move(r));
+    }
+    return FromRocks(it->status(), "list contexts");
+  }
+
+  Status GetLayerIndex(uint64_t version, int32_t layer, std::string* blob) override {
+    return FromRocks(db_->Get(rocksdb::ReadOptions(), LayerKey(version, 'i', layer), blob),
+                     "index of layer " + std::to_string(layer) + " (version " +
+                         std::to_string(version) + ")");
+  }
+
+  Status GetPageChecksums(uint64_t version, int32_t layer, std::vector<uint64_t>* out) override {
+    std::string v;
+    SQKV_RETURN_IF_ERROR(
+        FromRocks(db_->Get(rocksdb::ReadOptions(), LayerKey(version, 's', layer), &v),
+                  "page checksums of layer " + std::to_string(layer)));
+    if (v.size() % sizeof(uint64_t) != 0) return Status::Corruption("page checksum record size");
+    out->resize(v.size() / sizeof(uint64_t));
+    std::memcpy(out->data(), v.data(), v.size());
+    return Status::Ok();
+  }
+
+  Status GetWindowQueries(uint64_t version, int32_t layer, WindowQueries* out) override {
+    std::string v;
+    SQKV_RETURN_IF_ERROR(
+        FromRocks(db_->Get(rocksdb::ReadOptions(), LayerKey(version, 'q', layer), &v),
+                  "window queries of layer " + std::to_string(layer)));
+    if (v.size() < 12) return Status::Corruption("window query record too short");
+    std::memcpy(&out->q_heads, v.data(), 4);
+    std::memcpy(&out->window, v.data() + 4, 4);
+    std::memcpy(&out->head_dim, v.data() + 8, 4);
+    const uint64_t n = static_cast<uint64_t>(out->q_heads) * out->window * out->head_dim;
+    if (out->q_heads <= 0 || out->window <= 0 || out->head_dim <= 0 ||
+        v.size() != 12 + n * sizeof(float)) {
+      return Status::Corruption("window query record shape");
+    }
+    out->data.resize(n);
+    std::memcpy(out->data.data(), v.data() + 12, n * sizeof(float));
+    return Status::Ok();
+  }
+
+  Status RemoveContext(const std::string& name, ContextRecord* removed) override {
+    std::lock_guard<std::mutex> lock(publish_mu_);
+    SQKV_RETURN_IF_ERROR(GetContext(name, removed));
+    rocksdb::WriteBatch batch;
+    batch.Delete(ContextKey(name));
+    AddVersionDeletes(removed->version, &batch);
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    return FromRocks(db_->Write(wo, &batch), "remove context " + name);
+  }
+
+  Status DropVersion(uint64_t version) override {
+    rocksdb::WriteBatch batch;
+    AddVersionDeletes(version, &batch);
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    return FromRocks(db_->Write(wo, &batch), "drop version " + std::to_string(version));
+  }
+
+  Status GetRaw(const std::string& key, std::string* value) override {
+    return FromRocks(db_->Get(rocksdb::ReadOptions(), key, value), "key " + key);
+  }
+
+  Status PutRaw(const std::string& key, const std::string& value) override {
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    return FromRocks(db_->Put(wo, key, value), "put " + key);
+  }
+
+  Status ListStoredVersions(std::vector<uint64_t>* out) override {
+    out->clear();
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+    for (it->Seek("v/"); it->Valid() && it->key().starts_with("v/"); ) {
+      const std::string key = it->key().ToString();
+      if (key.size() < 19) return Status::Corruption("catalog key " + key);
+      uint64_t v = std::stoull(key.substr(2, 16), nullptr, 16);
+      out->push_back(v);
+      it->Seek(VersionPrefix(v + 1));  // skip the rest of this version
+    }
+    return FromRocks(it->status(), "list versions");
+  }
+
+  Status CompactAll(uint64_t* bytes_before, uint64_t* bytes_after) override {
+    *bytes_before = DirBytes();
+    SQKV_RETURN_IF_ERROR(
+        FromRocks(db_->CompactRange(rocksdb::CompactRangeOptions(), nullptr, nullptr),
+                  "compact catalog"));
+    *bytes_after = DirBytes();
+    return Status::Ok();
+  }
+
+ private:
+  void AddVersionDeletes(uint64_t version, rocksdb::WriteBatch* batch) {
+    batch->DeleteRange(VersionPrefix(version), VersionPrefix(version + 1));
+  }
+
+  uint64_t DirBytes() const {
+    uint64_t total = 0;
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(dir_, ec)) {
+      if (e.is_regular_file(ec)) total += e.file_size(ec);
+    }
+    return total;
+  }
+
+  std::unique_ptr<rocksdb::DB> db_;
+  std::string dir_;
+  std::mutex version_mu_;
+  std::mutex publish_mu_;
+};
+
+}  // namespace
+
+std::string ContextRecord::SegmentFileName() const { return Hex16(version) + ".seg"; }
+
+std::string Catalog::ContextKey(const std::string& name) { return "c/" + name; }
+
+std::string Catalog::LayerKey(uint64_t version, char kind, int32_t layer) {
+  char buf[8];
+  std::snprintf(buf, sizeof(buf), "%05d", layer);
+  return VersionPrefix(version) + kind + "/" + buf;
+}
+
+Status Catalog::Open(const std::string& dir, std::unique_ptr<Catalog>* out) {
+  rocksdb::Options options;
+  options.create_if_missing = true;
+  options.max_open_files = 256;
+  options.keep_log_file_num = 4;
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = rocksdb::DB::Open(options, dir, &raw);
+  if (!s.ok()) {
+    if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
+      return Status::Unavailable("catalog " + dir +
+                                 " is in use by another process (is a server running? use "
+                                 "--server): " + s.ToString());
+    }
+    return FromRocks(s, "open catalog " + dir);
+  }
+  out->reset(new CatalogImpl(std::unique_ptr<rocksdb::DB>(raw), dir));
+  return Status::Ok();
+}
+
+}  // namespace sqkv

@@ -1,0 +1,101 @@
+// The catalog: a RocksDB database holding every context's record and index, keyed by name and
+// version. Publishing a context is one synced write batch, so a crash leaves it wholly there or
+// wholly absent.
+//
+// Keys:  c/<name>                      → ContextRecord (JSON)
+//        v/<version:016x>/i/<layer:05>  → encoded layer index (index/serialize.h)
+//        v/<version:016x>/s/<layer:05>  → page checksums of the layer, u64 each, head-major
+//        v/<version:016x>/q/<layer:05>  → window queries of the layer (WindowQueries)
+//        m/next_version                 → next version number (u64)
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace sqkv {
+
+struct ContextRecord {
+  std::string name;
+  uint64_t version = 0;
+  int32_t layers = 0;
+  int32_t kv_heads = 0;
+  int32_t tokens = 0;
+  int32_t head_dim = 0;
+  int32_t page_tokens = 0;
+  DType dtype = DType::kBF16;
+  // Index parameters the version was built with.
+  float centroid_fraction = 0.f;
+  int32_t levels = 1;
+  float l1_fraction = 0.f;
+  // layer_first_page: (layers + 1), first segment page of each layer; last entry = total pages.
+  std::vector<uint64_t> layer_first_page;
+  uint64_t segment_bytes = 0;
+  uint64_t index_bytes = 0;
+  int32_t window_q_heads = 0;  // shape of the stored window queries; 0 when none
+  int32_t window = 0;
+  int64_t created_unix = 0;
+  double build_seconds = 0;
+  std::string source;  // file it was imported from
+
+  std::string SegmentFileName() const;  // "<version:016x>.seg"
+};
+
+// The queries of a context's last tokens for one layer, kept for threshold calibration.
+struct WindowQueries {
+  int32_t q_heads = 0;
+  int32_t window = 0;
+  int32_t head_dim = 0;
+  std::vector<float> data;  // (q_heads, window, head_dim)
+};
+
+// Everything a context version adds to the catalog, written in one batch.
+struct ContextPublication {
+  ContextRecord record;
+  std::vector<std::string> layer_index;               // (layers) encoded layer indexes
+  std::vector<std::vector<uint64_t>> page_checksums;  // (layers) checksums of each layer's pages
+  std::vector<WindowQueries> window_queries;          // (layers) or empty
+};
+
+class Catalog {
+ public:
+  static Status Open(const std::string& dir, std::unique_ptr<Catalog>* out);
+  virtual ~Catalog() = default;
+
+  // A fresh version number, persisted before it is handed out (never reused).
+  virtual Result<uint64_t> AllocateVersion() = 0;
+
+  // Publishes atomically. Fails with AlreadyExists when the name is taken, unless `replace`, in
+  // which case the old version's record is swapped for the new one in the same batch (its keys
+  // stay until DropVersion).
+  virtual Status Publish(const ContextPublication& pub, bool replace) = 0;
+
+  virtual Status GetContext(const std::string& name, ContextRecord* out) = 0;
+  virtual Status ListContexts(std::vector<ContextRecord>* out) = 0;
+  virtual Status GetLayerIndex(uint64_t version, int32_t layer, std::string* blob) = 0;
+  virtual Status GetPageChecksums(uint64_t version, int32_t layer, std::vector<uint64_t>* out) = 0;
+  // NotFound when the context was imported without window queries.
+  virtual Status GetWindowQueries(uint64_t version, int32_t layer, WindowQueries* out) = 0;
+
+  // Removes the record of `name` (NotFound if absent) and all keys of its version, in one batch.
+  virtual Status RemoveContext(const std::string& name, ContextRecord* removed) = 0;
+  // Deletes every key of a version that no record points at any more.
+  virtual Status DropVersion(uint64_t version) = 0;
+
+  // Raw access for verification and tests (key → value). NotFound when absent.
+  virtual Status GetRaw(const std::string& key, std::string* value) = 0;
+  virtual Status PutRaw(const std::string& key, const std::string& value) = 0;
+  // Versions that have keys under v/ (live or not).
+  virtual Status ListStoredVersions(std::vector<uint64_t>* out) = 0;
+  // Compacts the whole key range; returns the size of the database files before and after.
+  virtual Status CompactAll(uint64_t* bytes_before, uint64_t* bytes_after) = 0;
+
+  static std::string ContextKey(const std::string& name);
+  static std::string LayerKey(uint64_t version, char kind, int32_t layer);
+};
+
+}  // namespace sqkv

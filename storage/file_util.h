@@ -1,0 +1,32 @@
+// Small POSIX helpers that return Status instead of errno. All file access of the store goes
+// through these or through SegmentWriter/SegmentReader, so failures carry the path.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace sqkv {
+
+// Status for a failed system call: "<what> <path>: <strerror(errno)>".
+Status ErrnoStatus(const std::string& what, const std::string& path, int err);
+
+// Creates the directory and its parents when missing.
+Status EnsureDir(const std::string& path);
+// Flushes a directory entry (after rename/unlink) to disk.
+Status FsyncDir(const std::string& path);
+// rename(2) then FsyncDir of the target's directory.
+Status RenameDurable(const std::string& from, const std::string& to);
+// Removes a file; missing is not an error.
+Status RemoveFile(const std::string& path);
+// Names (not paths) of the regular files in `dir`.
+Status ListFiles(const std::string& dir, std::vector<std::string>* names);
+Result<uint64_t> FileSize(const std::string& path);
+
+// 64-bit xxh3 of a byte range: the store's checksum.
+uint64_t Checksum64(const void* data, size_t bytes);
+
+}  // namespace sqkv
