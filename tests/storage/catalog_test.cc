@@ -1,0 +1,109 @@
+#include "storage/catalog.h"
+
+#include <gtest/gtest.h>
+
+#include "tests/testing/testing.h"
+
+namespace sqkv {
+namespace {
+
+ContextPublication Pub(const std::string& name, uint64_t version, int layers) {
+  ContextPublication p;
+  p.record.name = name;
+  p.record.version = version;
+  p.record.layers = layers;
+  p.record.kv_heads = 2;
+  p.record.tokens = 64;
+  p.record.head_dim = 8;
+  p.record.page_tokens = 16;
+  p.record.dtype = DType::kF16;
+  for (int l = 0; l <= layers; ++l) p.record.layer_first_page.push_back(10 * l);
+  for (int l = 0; l < layers; ++l) {
+    p.layer_index.push_back("index-" + std::to_string(l));
+    p.page_checksums.push_back(std::vector<uint64_t>(10, 1000 + l));
+  }
+  return p;
+}
+
+TEST(Catalog, PublishListGetRemove) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> c;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  auto v1 = c->AllocateVersion();
+  auto v2 = c->AllocateVersion();
+  ASSERT_TRUE(v1.ok() && v2.ok());
+  EXPECT_LT(*v1, *v2);
+  ASSERT_TRUE(c->Publish(Pub("a", *v1, 3), false).ok());
+  ASSERT_TRUE(c->Publish(Pub("b", *v2, 1), false).ok());
+  EXPECT_EQ(c->Publish(Pub("a", *v2, 1), false).code(), Status::Code::kAlreadyExists);
+
+  std::vector<ContextRecord> all;
+  ASSERT_TRUE(c->ListContexts(&all).ok());
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all[0].name, "a");
+  EXPECT_EQ(all[0].dtype, DType::kF16);
+  EXPECT_EQ(all[0].layer_first_page.size(), 4u);
+
+  std::string blob;
+  ASSERT_TRUE(c->GetLayerIndex(*v1, 2, &blob).ok());
+  EXPECT_EQ(blob, "index-2");
+  std::vector<uint64_t> sums;
+  ASSERT_TRUE(c->GetPageChecksums(*v1, 1, &sums).ok());
+  EXPECT_EQ(sums, std::vector<uint64_t>(10, 1001));
+  WindowQueries w;
+  EXPECT_TRUE(c->GetWindowQueries(*v1, 0, &w).IsNotFound());
+
+  ContextRecord removed;
+  ASSERT_TRUE(c->RemoveContext("a", &removed).ok());
+  EXPECT_EQ(removed.version, *v1);
+  EXPECT_TRUE(c->GetLayerIndex(*v1, 0, &blob).IsNotFound());
+  EXPECT_TRUE(c->RemoveContext("a", &removed).IsNotFound());
+  std::vector<uint64_t> versions;
+  ASSERT_TRUE(c->ListStoredVersions(&versions).ok());
+  EXPECT_EQ(versions, std::vector<uint64_t>{*v2});
+}
+
+TEST(Catalog, VersionsSurviveReopenAndAreNeverReused) {
+  testing::ScratchDir dir;
+  uint64_t last = 0;
+  for (int round = 0; round < 3; ++round) {
+    std::unique_ptr<Catalog> c;
+    ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+    auto v = c->AllocateVersion();
+    ASSERT_TRUE(v.ok());
+    EXPECT_GT(*v, last);
+    last = *v;
+  }
+}
+
+TEST(Catalog, SecondOpenOfTheSameDirectoryIsRefused) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> a, b;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &a).ok());
+  Status s = Catalog::Open(dir.file("cat"), &b);
+  EXPECT_FALSE(s.ok());
+}
+
+TEST(Catalog, WindowQueriesRoundTrip) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> c;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  auto p = Pub("w", 7, 2);
+  std::mt19937_64 rng(testing::FreshSeed());
+  for (int l = 0; l < 2; ++l) {
+    WindowQueries w;
+    w.q_heads = 4;
+    w.window = 3;
+    w.head_dim = 8;
+    w.data = testing::RandomNormal(4 * 3 * 8, rng);
+    p.window_queries.push_back(w);
+  }
+  ASSERT_TRUE(c->Publish(p, false).ok());
+  WindowQueries back;
+  ASSERT_TRUE(c->GetWindowQueries(7, 1, &back).ok());
+  EXPECT_EQ(back.data, p.window_queries[1].data);
+  EXPECT_EQ(back.window, 3);
+}
+
+}  // namespace
+}  // namespace sqkv
