@@ -1,0 +1,478 @@
+// The device lookup against a float64 reference of index/select.h: the same clusters (up to
+// near-ties at the cut), the page list those clusters imply, and the centroids scored.
+#include "gpu/lookup.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "gpu/device.h"
+#include "gpu/device_buffer.h"
+#include "tests/gpu/lookup_testing.h"
+#include "tests/testing/testing.h"
+
+namespace sqkv::gpu {
+namespace {
+
+using testing::MakeIndex;
+using testing::RefMode;
+using testing::RefSelect;
+using testing::RefSelection;
+
+constexpr double kTieTol = 1e-5;
+
+#define SKIP_WITHOUT_DEVICE() \
+  if (!DevicePresent()) GTEST_SKIP() << "no CUDA device"
+
+struct Head {
+  HeadIndex x;
+  std::vector<int32_t> table;  // head-local page -> pool page
+  std::vector<int32_t> sorted_sizes;
+  DeviceBuffer centroids, sizes, page_begin, dtable, l1c, l1s, l1b;
+};
+
+// Pool page ids are a random injection into [0, 4 * pages), so a wrong mapping shows.
+void MakeHead(std::mt19937_64& rng, int clusters, int d, int pt, int max_size, int num_l1,
+              Head* h) {
+  h->x = MakeIndex(rng, clusters, d, pt, max_size, num_l1);
+  const int pages = h->x.num_pages();
+  std::vector<int32_t> ids(4 * pages);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  h->table.assign(ids.begin(), ids.begin() + pages);
+  h->sorted_sizes = h->x.cluster_size;
+  std::sort(h->sorted_sizes.begin(), h->sorted_sizes.end());
+  ASSERT_TRUE(Upload(h->x.centroids, &h->centroids).ok());
+  ASSERT_TRUE(Upload(h->x.cluster_size, &h->sizes).ok());
+  ASSERT_TRUE(Upload(h->x.cluster_page_begin, &h->page_begin).ok());
+  ASSERT_TRUE(Upload(h->table, &h->dtable).ok());
+  if (num_l1 > 0) {
+    ASSERT_TRUE(Upload(h->x.l1_centroids, &h->l1c).ok());
+    ASSERT_TRUE(Upload(h->x.l1_size, &h->l1s).ok());
+    ASSERT_TRUE(Upload(h->x.l1_child_begin, &h->l1b).ok());
+  }
+}
+
+struct Seg {
+  int head = 0;
+  int rows = 1;
+  std::vector<float> q;  // (rows, d)
+  RefMode mode = RefMode::kBudget;
+  int budget = 0;
+  float threshold = 0.f;
+  int l1_budget = 0;
+};
+
+struct Out {
+  std::vector<int32_t> clusters;
+  int32_t tokens = -1, scored = -1;
+  std::vector<int32_t> page_ids, page_valid;
+};
+
+// Tokens target of a keep fraction (a plain ceil; the engine uses KeepTokenTarget).
+int Target(double fraction, int tokens) {
+  if (fraction <= 0) return 0;
+  return std::min(tokens, std::max(1, static_cast<int>(std::ceil(fraction * tokens))));
+}
+
+Seg MakeSeg(std::mt19937_64& rng, const Head& h, int head, int rows, RefMode mode,
+            double fraction) {
+  Seg s;
+  s.head = head;
+  s.rows = rows;
+  s.q = testing::RandomNormal(static_cast<size_t>(rows) * h.x.head_dim, rng, 1.5f);
+  s.mode = mode;
+  s.budget = Target(fraction, h.x.tokens);
+  s.l1_budget = Target(std::min(1.0, 3 * fraction), h.x.tokens);
+  return s;
+}
+
+// Runs one lookup launch over every segment; `repeat` launches again on the same workspace and
+// checks the second result equals the first.
+void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, int pt,
+               std::vector<Out>* out, bool repeat = false) {
+  std::vector<LookupSegment> ls(segs.size());
+  std::vector<float> q;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const Seg& s = segs[i];
+    Head& h = heads[s.head];
+    LookupSegment& l = ls[i];
+    l.centroids = h.centroids.as<float>();
+    l.cluster_size = h.sizes.as<int32_t>();
+    l.cluster_page_begin = h.page_begin.as<int32_t>();
+    l.page_table = h.dtable.as<int32_t>();
+    if (h.x.hierarchical()) {
+      l.l1_centroids = h.l1c.as<float>();
+      l.l1_size = h.l1s.as<int32_t>();
+      l.l1_child_begin = h.l1b.as<int32_t>();
+      l.num_l1 = h.x.num_l1();
+    }
+    l.num_clusters = h.x.num_clusters();
+    l.tokens = h.x.tokens;
+    l.q_row = static_cast<int32_t>(q.size() / d);
+    l.rows = s.rows;
+    q.insert(q.end(), s.q.begin(), s.q.end());
+    l.mode = s.mode == RefMode::kBudget      ? LookupMode::kBudget
+             : s.mode == RefMode::kThreshold ? LookupMode::kThreshold
+                                             : LookupMode::kDense;
+    l.budget = s.budget;
+    l.threshold = s.threshold;
+    l.l1_budget = s.l1_budget;
+    l.page_capacity = s.mode == RefMode::kBudget
+                          ? BudgetPageBound(h.sorted_sizes, s.budget, pt, h.x.num_pages())
+                          : h.x.num_pages();
+  }
+  LookupLayout layout;
+  Status st = PlanLookup(d, &ls, &layout);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  const int n = static_cast<int>(segs.size());
+  DeviceBuffer dsegs, dq, ws, seg_pages, page_ids, page_valid, seg_clusters, cluster_ids,
+      seg_tokens, seg_scored;
+  ASSERT_TRUE(dsegs.Allocate(n * sizeof(LookupSegment)).ok());
+  ASSERT_TRUE(dsegs.CopyFromHost(ls.data(), n * sizeof(LookupSegment)).ok());
+  ASSERT_TRUE(Upload(q, &dq).ok());
+  ASSERT_TRUE(ws.Allocate(LookupWorkspaceBytes(layout)).ok());
+  std::vector<uint8_t> tables;
+  LookupWorkspaceTables(layout, &tables);
+  ASSERT_TRUE(ws.Fill(0xff).ok());  // poison: every region must be written before it is read
+  ASSERT_TRUE(ws.CopyFromHost(tables.data(), tables.size()).ok());
+  const size_t pc = std::max(1, layout.total_page_capacity) * sizeof(int32_t);
+  const size_t cc = std::max(1, layout.total_cluster_capacity) * sizeof(int32_t);
+  ASSERT_TRUE(seg_pages.Allocate(n * 4).ok());
+  ASSERT_TRUE(page_ids.Allocate(pc).ok());
+  ASSERT_TRUE(page_valid.Allocate(pc).ok());
+  ASSERT_TRUE(seg_clusters.Allocate(n * 4).ok());
+  ASSERT_TRUE(cluster_ids.Allocate(cc).ok());
+  ASSERT_TRUE(seg_tokens.Allocate(n * 4).ok());
+  ASSERT_TRUE(seg_scored.Allocate(n * 4).ok());
+  for (DeviceBuffer* b : {&seg_pages, &page_ids, &page_valid, &seg_clusters, &cluster_ids,
+                          &seg_tokens, &seg_scored}) {
+    ASSERT_TRUE(b->Fill(0xff).ok());
+  }
+  LookupArgs a;
+  a.head_dim = d;
+  a.page_tokens = pt;
+  a.num_segments = n;
+  a.segments = dsegs.as<LookupSegment>();
+  a.q = dq.as<float>();
+  a.seg_page_count = seg_pages.as<int32_t>();
+  a.page_ids = page_ids.as<int32_t>();
+  a.page_valid = page_valid.as<int32_t>();
+  a.seg_cluster_count = seg_clusters.as<int32_t>();
+  a.cluster_ids = cluster_ids.as<int32_t>();
+  a.seg_tokens = seg_tokens.as<int32_t>();
+  a.seg_scored = seg_scored.as<int32_t>();
+  a.workspace = ws.get();
+
+  std::vector<Out> first;
+  for (int round = 0; round < (repeat ? 2 : 1); ++round) {
+    st = LaunchLookup(a, layout, nullptr);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    st = Synchronize();
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    std::vector<int32_t> np(n), nc(n), nt(n), ns(n);
+    std::vector<int32_t> ids(pc / 4), valid(pc / 4), cl(cc / 4);
+    ASSERT_TRUE(seg_pages.CopyToHost(np.data(), n * 4).ok());
+    ASSERT_TRUE(seg_clusters.CopyToHost(nc.data(), n * 4).ok());
+    ASSERT_TRUE(seg_tokens.CopyToHost(nt.data(), n * 4).ok());
+    ASSERT_TRUE(seg_scored.CopyToHost(ns.data(), n * 4).ok());
+    ASSERT_TRUE(page_ids.CopyToHost(ids.data(), pc).ok());
+    ASSERT_TRUE(page_valid.CopyToHost(valid.data(), pc).ok());
+    ASSERT_TRUE(cluster_ids.CopyToHost(cl.data(), cc).ok());
+    out->assign(n, Out());
+    for (int i = 0; i < n; ++i) {
+      Out& o = (*out)[i];
+      ASSERT_GE(np[i], 0) << "segment " << i << ": page count not written";
+      ASSERT_LE(np[i], ls[i].page_capacity);
+      ASSERT_GE(nc[i], 0) << "segment " << i;
+      ASSERT_LE(nc[i], ls[i].num_clusters);
+      o.clusters.assign(cl.begin() + ls[i].cluster_offset,
+                        cl.begin() + ls[i].cluster_offset + nc[i]);
+      o.page_ids.assign(ids.begin() + ls[i].page_offset, ids.begin() + ls[i].page_offset + np[i]);
+      o.page_valid.assign(valid.begin() + ls[i].page_offset,
+                          valid.begin() + ls[i].page_offset + np[i]);
+      o.tokens = nt[i];
+      o.scored = ns[i];
+    }
+    if (round == 0) {
+      first = *out;
+    } else {
+      for (int i = 0; i < n; ++i) {
+        EXPECT_EQ((*out)[i].clusters, first[i].clusters) << "relaunch differs, segment " << i;
+        EXPECT_EQ((*out)[i].page_ids, first[i].page_ids) << "relaunch differs, segment " << i;
+      }
+    }
+  }
+}
+
+// Checks one segment against the reference; returns the near-ties tolerated.
+int CheckSegment(const Head& h, const Seg& s, const Out& o, int index) {
+  SCOPED_TRACE("segment " + std::to_string(index) + " rows " + std::to_string(s.rows) +
+               " clusters " + std::to_string(h.x.num_clusters()) + " l1 " +
+               std::to_string(h.x.num_l1()));
+  const RefSelection ref =
+      RefSelect(h.x, s.q.data(), s.rows, s.mode, s.budget, s.threshold, s.l1_budget, kTieTol);
+  int near = 0;
+  if (ref.kept_children >= 0 && o.scored != ref.scored && ref.l1_near_tie) {
+    std::fprintf(stderr, "segment %d: level-1 near-tie changed the kept parents; skipped\n", index);
+    return 1;
+  }
+  EXPECT_EQ(o.scored, ref.scored);
+  EXPECT_TRUE(std::is_sorted(o.clusters.begin(), o.clusters.end()));
+  EXPECT_EQ(testing::CompareSelection(ref, o.clusters, kTieTol, &near), "");
+  std::vector<int32_t> ids, valid;
+  int tokens = 0;
+  for (int32_t c : o.clusters) {
+    if (c < 0 || c >= h.x.num_clusters()) {
+      ADD_FAILURE() << "cluster id " << c << " out of range";
+      return near;
+    }
+    tokens += h.x.cluster_size[c];
+    for (int p = h.x.cluster_page_begin[c]; p < h.x.cluster_page_begin[c + 1]; ++p) {
+      ids.push_back(h.table[p]);
+      valid.push_back(h.x.PageValidTokens(c, p));
+    }
+  }
+  EXPECT_EQ(o.tokens, tokens);
+  EXPECT_EQ(o.page_ids, ids);
+  EXPECT_EQ(o.page_valid, valid);
+  return near;
+}
+
+void CheckAll(const std::vector<Head>& heads, const std::vector<Seg>& segs,
+              const std::vector<Out>& out) {
+  ASSERT_EQ(out.size(), segs.size());
+  int near = 0;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    near += CheckSegment(heads[segs[i].head], segs[i], out[i], static_cast<int>(i));
+  }
+  if (near > 0) std::fprintf(stderr, "near-ties at the cut tolerated: %d\n", near);
+}
+
+TEST(GpuLookup, BudgetMatchesReferenceAcrossRowCounts) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  // rows = g * n for GQA groups 1, 4, 8; 17 and up take the tiled path.
+  const std::vector<int> rows = {1, 4, 8, 16, 17, 64, 100, 1024, 4096};
+  std::vector<Head> heads(rows.size());
+  std::vector<Seg> segs;
+  std::uniform_int_distribution<int> clusters(40, 1500);
+  std::uniform_real_distribution<double> frac(0.01, 0.4);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    MakeHead(rng, clusters(rng), kD, kPt, 40, 0, &heads[i]);
+    segs.push_back(
+        MakeSeg(rng, heads[i], static_cast<int>(i), rows[i], RefMode::kBudget, frac(rng)));
+  }
+  std::vector<Out> out;
+  RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true);
+  CheckAll(heads, segs, out);
+}
+
+TEST(GpuLookup, HeadDim64AndOtherPageSizes) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  for (int pt : {1, 8, 32}) {
+    SCOPED_TRACE("page_tokens " + std::to_string(pt));
+    std::vector<Head> heads(3);
+    std::vector<Seg> segs;
+    const int rows[] = {2, 12, 300};
+    for (int i = 0; i < 3; ++i) {
+      MakeHead(rng, 300 + 200 * i, 64, pt, 70, 0, &heads[i]);
+      segs.push_back(MakeSeg(rng, heads[i], i, rows[i], RefMode::kBudget, 0.05 + 0.1 * i));
+    }
+    std::vector<Out> out;
+    RunLookup(heads, segs, 64, pt, &out);
+    CheckAll(heads, segs, out);
+  }
+}
+
+TEST(GpuLookup, ThresholdAndDenseModes) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  std::vector<Head> heads(2);
+  MakeHead(rng, 900, kD, kPt, 30, 0, &heads[0]);
+  MakeHead(rng, 2500, kD, kPt, 30, 0, &heads[1]);
+  std::vector<Seg> segs;
+  for (int h = 0; h < 2; ++h) {
+    for (int rows : {4, 256}) {
+      Seg s = MakeSeg(rng, heads[h], h, rows, RefMode::kThreshold, 0.1);
+      // A threshold at the reference median: about half the clusters.
+      const HeadIndex& x = heads[h].x;
+      std::vector<const float*> cents(x.num_clusters());
+      for (int c = 0; c < x.num_clusters(); ++c) cents[c] = x.centroids.data() + c * kD;
+      std::vector<double> sc =
+          testing::RefScores(s.q.data(), rows, kD, cents, x.cluster_size, x.num_clusters());
+      std::nth_element(sc.begin(), sc.begin() + sc.size() / 2, sc.end());
+      s.threshold = static_cast<float>(sc[sc.size() / 2]);
+      segs.push_back(s);
+      segs.push_back(MakeSeg(rng, heads[h], h, rows, RefMode::kDense, 0.1));
+    }
+  }
+  std::vector<Out> out;
+  RunLookup(heads, segs, kD, kPt, &out);
+  CheckAll(heads, segs, out);
+  for (size_t i = 0; i < segs.size(); ++i) {
+    if (segs[i].mode == RefMode::kDense) {
+      EXPECT_EQ(static_cast<int>(out[i].clusters.size()), heads[segs[i].head].x.num_clusters());
+    }
+  }
+}
+
+TEST(GpuLookup, KeepNothingKeepEverythingSingleCluster) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  std::vector<Head> heads(2);
+  MakeHead(rng, 700, kD, kPt, 25, 0, &heads[0]);
+  MakeHead(rng, 1, kD, kPt, 200, 0, &heads[1]);  // one cluster of up to 200 tokens
+  std::vector<Seg> segs;
+  for (int rows : {1, 8, 80}) {
+    segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, 0.0));  // keeps nothing
+    segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, 1.0));  // keeps everything
+    segs.push_back(MakeSeg(rng, heads[1], 1, rows, RefMode::kBudget, 0.01));
+    segs.push_back(MakeSeg(rng, heads[1], 1, rows, RefMode::kDense, 0.0));
+  }
+  std::vector<Out> out;
+  RunLookup(heads, segs, kD, kPt, &out);
+  CheckAll(heads, segs, out);
+  for (size_t i = 0; i < segs.size(); ++i) {
+    if (segs[i].budget == 0 && segs[i].mode == RefMode::kBudget) {
+      EXPECT_TRUE(out[i].clusters.empty());
+      EXPECT_TRUE(out[i].page_ids.empty());
+    }
+  }
+}
+
+// Duplicated centroids give exactly equal scores: the cut must follow ascending cluster id.
+TEST(GpuLookup, TiesBreakByAscendingId) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 64, kPt = 4;
+  std::vector<Head> heads(1);
+  MakeHead(rng, 400, kD, kPt, 9, 0, &heads[0]);
+  HeadIndex& x = heads[0].x;
+  // Clusters 8k..8k+7 share the centroid of 8k.
+  for (int c = 0; c < x.num_clusters(); ++c) {
+    std::copy_n(x.centroids.begin() + (c / 8 * 8) * kD, kD, x.centroids.begin() + c * kD);
+  }
+  ASSERT_TRUE(Upload(x.centroids, &heads[0].centroids).ok());
+  std::vector<Seg> segs;
+  for (int rows : {3, 40}) {
+    for (double f : {0.013, 0.05, 0.11, 0.37}) {
+      segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, f));
+    }
+  }
+  std::vector<Out> out;
+  RunLookup(heads, segs, kD, kPt, &out);
+  // Equal scores are exact ties on both sides: no tolerance needed.
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const RefSelection ref = RefSelect(x, segs[i].q.data(), segs[i].rows, RefMode::kBudget,
+                                       segs[i].budget, 0, 0, kTieTol);
+    EXPECT_EQ(out[i].clusters, ref.clusters) << "segment " << i;
+  }
+}
+
+TEST(GpuLookup, ManySegmentsMixingContexts) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  std::vector<Head> heads(6);
+  for (int i = 0; i < 6; ++i) MakeHead(rng, 100 + 350 * i, kD, kPt, 48, 0, &heads[i]);
+  std::uniform_int_distribution<int> head(0, 5), mode(0, 9);
+  std::uniform_real_distribution<double> frac(0.0, 0.5);
+  const int rows[] = {1, 2, 4, 8, 16, 32, 4, 4};
+  std::vector<Seg> segs;
+  for (int i = 0; i < 48; ++i) {
+    const int h = head(rng);
+    const int m = mode(rng);
+    const RefMode rm = m == 0 ? RefMode::kDense : RefMode::kBudget;
+    segs.push_back(MakeSeg(rng, heads[h], h, rows[i % 8], rm, frac(rng)));
+  }
+  std::vector<Out> out;
+  RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true);
+  CheckAll(heads, segs, out);
+}
+
+TEST(GpuLookup, HierarchicalMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  std::vector<Head> heads(3);
+  MakeHead(rng, 600, kD, kPt, 30, 30, &heads[0]);
+  MakeHead(rng, 2000, kD, kPt, 30, 64, &heads[1]);
+  MakeHead(rng, 50, kD, kPt, 30, 50, &heads[2]);  // one child per parent
+  std::vector<Seg> segs;
+  for (int h = 0; h < 3; ++h) {
+    for (int rows : {1, 4, 16, 100}) {
+      for (double f : {0.02, 0.1, 0.25}) {
+        segs.push_back(MakeSeg(rng, heads[h], h, rows, RefMode::kBudget, f));
+      }
+      Seg s = MakeSeg(rng, heads[h], h, rows, RefMode::kThreshold, 0.1);
+      s.threshold = 1.f / heads[h].x.tokens;  // about the mean per-key score
+      segs.push_back(s);
+      segs.push_back(MakeSeg(rng, heads[h], h, rows, RefMode::kDense, 0.1));
+      Seg all = MakeSeg(rng, heads[h], h, rows, RefMode::kBudget, 0.2);
+      all.l1_budget = heads[h].x.tokens;  // every parent stays: the single-level selection
+      segs.push_back(all);
+      Seg none = MakeSeg(rng, heads[h], h, rows, RefMode::kBudget, 0.0);
+      segs.push_back(none);
+    }
+  }
+  std::vector<Out> out;
+  RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true);
+  CheckAll(heads, segs, out);
+}
+
+// The sizes of the benchmarks: 128K tokens at 5% centroids, decode and prefill rows.
+TEST(GpuLookup, ContextSizedIndex) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  std::vector<Head> heads(1);
+  MakeHead(rng, 6554, kD, kPt, 39, 0, &heads[0]);
+  std::vector<Seg> segs;
+  segs.push_back(MakeSeg(rng, heads[0], 0, 4, RefMode::kBudget, 0.05));
+  segs.push_back(MakeSeg(rng, heads[0], 0, 4096, RefMode::kBudget, 0.05));
+  std::vector<Out> out;
+  RunLookup(heads, segs, kD, kPt, &out);
+  CheckAll(heads, segs, out);
+}
+
+TEST(GpuLookup, BudgetPageBoundIsAnUpperBound) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  for (int trial = 0; trial < 200; ++trial) {
+    const int pt = 1 << (trial % 6);
+    const HeadIndex x = MakeIndex(rng, 1 + trial, 16, pt, 1 + trial % 50);
+    std::vector<int32_t> sorted = x.cluster_size;
+    std::sort(sorted.begin(), sorted.end());
+    std::vector<double> s(x.num_clusters());
+    for (double& v : s) v = std::uniform_real_distribution<double>(0, 1)(rng);
+    const int budget = std::uniform_int_distribution<int>(1, x.tokens)(rng);
+    RefSelection sel;
+    std::vector<int32_t> ids(x.num_clusters());
+    std::iota(ids.begin(), ids.end(), 0);
+    testing::RefPick(x, ids, s, RefMode::kBudget, budget, 0, &sel);
+    int pages = 0;
+    for (int32_t c : sel.clusters) pages += x.cluster_page_begin[c + 1] - x.cluster_page_begin[c];
+    EXPECT_LE(pages, BudgetPageBound(sorted, budget, pt, x.num_pages()));
+  }
+}
+
+TEST(GpuLookup, RejectsMalformedPlans) {
+  SKIP_WITHOUT_DEVICE();
+  std::vector<LookupSegment> segs(1);
+  LookupLayout layout;
+  EXPECT_TRUE(PlanLookup(100, &segs, &layout).IsInvalidArgument());  // head_dim
+  EXPECT_TRUE(PlanLookup(128, &segs, &layout).IsInvalidArgument());  // empty segment
+}
+
+}  // namespace
+}  // namespace sqkv::gpu

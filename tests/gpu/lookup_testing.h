@@ -1,0 +1,232 @@
+// Helpers for the GPU lookup and engine tests: synthetic head indexes and a float64 reference of
+// the selection rule of index/select.h, written independently of the code under test.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <iterator>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "index/head_index.h"
+#include "tests/testing/testing.h"
+
+namespace sqkv::testing {
+
+// A valid HeadIndex: random centroids, sizes uniform in [1, max_size] (so partial pages), a
+// random token permutation in `positions`. num_l1 > 0 adds num_l1 parents over contiguous runs of
+// children, each the size-weighted mean of its children.
+inline HeadIndex MakeIndex(std::mt19937_64& rng, int clusters, int d, int page_tokens, int max_size,
+                           int num_l1 = 0) {
+  HeadIndex x;
+  x.head_dim = d;
+  x.page_tokens = page_tokens;
+  x.centroids = RandomNormal(static_cast<size_t>(clusters) * d, rng);
+  std::uniform_int_distribution<int> size(1, max_size);
+  x.cluster_page_begin.push_back(0);
+  for (int c = 0; c < clusters; ++c) {
+    const int n = size(rng);
+    x.cluster_size.push_back(n);
+    x.tokens += n;
+    x.cluster_page_begin.push_back(x.cluster_page_begin.back() +
+                                   (n + page_tokens - 1) / page_tokens);
+  }
+  std::vector<int32_t> perm(x.tokens);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  x.positions.assign(static_cast<size_t>(x.num_pages()) * page_tokens, -1);
+  int next = 0;
+  for (int c = 0; c < clusters; ++c) {
+    const size_t at = static_cast<size_t>(x.cluster_page_begin[c]) * page_tokens;
+    for (int i = 0; i < x.cluster_size[c]; ++i) x.positions[at + i] = perm[next++];
+  }
+  if (num_l1 <= 0) return x;
+  std::vector<int32_t> cuts(clusters - 1);
+  std::iota(cuts.begin(), cuts.end(), 1);
+  std::shuffle(cuts.begin(), cuts.end(), rng);
+  cuts.resize(num_l1 - 1);
+  std::sort(cuts.begin(), cuts.end());
+  x.l1_child_begin.push_back(0);
+  x.l1_child_begin.insert(x.l1_child_begin.end(), cuts.begin(), cuts.end());
+  x.l1_child_begin.push_back(clusters);
+  for (int p = 0; p < num_l1; ++p) {
+    std::vector<double> sum(d, 0.0);
+    int32_t n = 0;
+    for (int c = x.l1_child_begin[p]; c < x.l1_child_begin[p + 1]; ++c) {
+      n += x.cluster_size[c];
+      for (int i = 0; i < d; ++i) {
+        sum[i] +=
+            static_cast<double>(x.cluster_size[c]) * x.centroids[static_cast<size_t>(c) * d + i];
+      }
+    }
+    x.l1_size.push_back(n);
+    for (int i = 0; i < d; ++i) x.l1_centroids.push_back(static_cast<float>(sum[i] / n));
+  }
+  return x;
+}
+
+// Scores of entries 0..scored-1, normaliser over every entry. cents: (entries) pointers to d
+// floats; sizes: (entries). q: (rows, d).
+inline std::vector<double> RefScores(const float* q, int rows, int d,
+                                     const std::vector<const float*>& cents,
+                                     const std::vector<int32_t>& sizes, int scored) {
+  const size_t n = cents.size();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  std::vector<double> acc(scored, 0.0), l(n);
+  for (int r = 0; r < rows; ++r) {
+    const float* qr = q + static_cast<size_t>(r) * d;
+    double m = -std::numeric_limits<double>::infinity();
+    for (size_t j = 0; j < n; ++j) {
+      double dot = 0;
+      for (int i = 0; i < d; ++i) dot += static_cast<double>(qr[i]) * cents[j][i];
+      l[j] = dot * scale;
+      m = std::max(m, l[j]);
+    }
+    double z = 0;
+    for (size_t j = 0; j < n; ++j) z += sizes[j] * std::exp(l[j] - m);
+    for (int j = 0; j < scored; ++j) acc[j] += std::exp(l[j] - m) / z;
+  }
+  for (double& a : acc) a /= rows;
+  return acc;
+}
+
+// Descending score, ties by ascending index.
+inline std::vector<int32_t> RefRank(const std::vector<double>& s) {
+  std::vector<int32_t> r(s.size());
+  std::iota(r.begin(), r.end(), 0);
+  std::sort(r.begin(), r.end(),
+            [&](int32_t a, int32_t b) { return s[a] != s[b] ? s[a] > s[b] : a < b; });
+  return r;
+}
+
+enum class RefMode { kBudget, kThreshold, kDense };
+
+struct RefSelection {
+  std::vector<int32_t> clusters;  // ascending
+  int32_t scored = 0;             // centroids scored (level 1 + level 2)
+  std::vector<double> score;      // by cluster id; NaN where not scored
+  double cut = 0;                 // score at the cut (budget: last taken; threshold: t)
+  bool l1_near_tie = false;       // level-1 cut within tol of another parent's score
+  int32_t kept_children = -1;     // two-level runs: children scored
+};
+
+// Picks by the rule among entries `ids` (cluster ids ascending) with scores s (by entry).
+inline void RefPick(const HeadIndex& x, const std::vector<int32_t>& ids,
+                    const std::vector<double>& s, RefMode mode, int budget, double threshold,
+                    RefSelection* out) {
+  out->clusters.clear();
+  if (mode == RefMode::kDense) {
+    out->clusters = ids;
+    return;
+  }
+  if (mode == RefMode::kThreshold) {
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (s[i] >= threshold) out->clusters.push_back(ids[i]);
+    }
+    out->cut = threshold;
+    return;
+  }
+  int64_t kept = 0;
+  for (int32_t i : RefRank(s)) {
+    if (kept >= budget) break;
+    out->clusters.push_back(ids[i]);
+    kept += x.cluster_size[ids[i]];
+    out->cut = s[i];
+  }
+  std::sort(out->clusters.begin(), out->clusters.end());
+}
+
+// The selection of index/select.h in float64. budget, l1_budget: token targets.
+inline RefSelection RefSelect(const HeadIndex& x, const float* q, int rows, RefMode mode,
+                              int budget, double threshold, int l1_budget, double tol) {
+  RefSelection out;
+  const int d = x.head_dim, nc = x.num_clusters(), n1 = x.num_l1();
+  out.score.assign(nc, std::numeric_limits<double>::quiet_NaN());
+  std::vector<int32_t> all(nc);
+  std::iota(all.begin(), all.end(), 0);
+  auto flat = [&]() {
+    std::vector<const float*> cents(nc);
+    for (int c = 0; c < nc; ++c) cents[c] = x.centroids.data() + static_cast<size_t>(c) * d;
+    std::vector<double> s = RefScores(q, rows, d, cents, x.cluster_size, nc);
+    for (int c = 0; c < nc; ++c) out.score[c] = s[c];
+    RefPick(x, all, s, mode, budget, threshold, &out);
+    out.scored += nc;
+  };
+  if (!x.hierarchical() || mode == RefMode::kDense) {
+    if (x.hierarchical()) out.scored = n1;
+    flat();
+    return out;
+  }
+  out.scored = n1;
+  if (l1_budget <= 0) return out;
+  std::vector<const float*> pc(n1);
+  for (int p = 0; p < n1; ++p) pc[p] = x.l1_centroids.data() + static_cast<size_t>(p) * d;
+  const std::vector<double> ps = RefScores(q, rows, d, pc, x.l1_size, n1);
+  std::vector<uint8_t> kept(n1, 0);
+  int n_kept = 0;
+  int64_t keys = 0;
+  double pcut = 0;
+  for (int32_t p : RefRank(ps)) {
+    if (keys >= l1_budget) break;
+    kept[p] = 1;
+    ++n_kept;
+    keys += x.l1_size[p];
+    pcut = ps[p];
+  }
+  for (int p = 0; p < n1; ++p) {
+    if (std::abs(ps[p] - pcut) <= tol * pcut && ps[p] != pcut) out.l1_near_tie = true;
+  }
+  if (n_kept == n1) {
+    flat();
+    return out;
+  }
+  std::vector<int32_t> ids;
+  std::vector<const float*> cents;
+  std::vector<int32_t> sizes;
+  for (int p = 0; p < n1; ++p) {
+    if (!kept[p]) continue;
+    for (int c = x.l1_child_begin[p]; c < x.l1_child_begin[p + 1]; ++c) {
+      ids.push_back(c);
+      cents.push_back(x.centroids.data() + static_cast<size_t>(c) * d);
+      sizes.push_back(x.cluster_size[c]);
+    }
+  }
+  const int scored = static_cast<int>(ids.size());
+  for (int p = 0; p < n1; ++p) {
+    if (kept[p]) continue;
+    cents.push_back(pc[p]);
+    sizes.push_back(x.l1_size[p]);
+  }
+  const std::vector<double> s = RefScores(q, rows, d, cents, sizes, scored);
+  for (int i = 0; i < scored; ++i) out.score[ids[i]] = s[i];
+  RefPick(x, ids, s, mode, budget, threshold, &out);
+  out.scored += scored;
+  out.kept_children = scored;
+  return out;
+}
+
+// Empty when `got` equals the reference up to clusters whose score is within tol (relative) of
+// the cut; else a message naming the first disagreement. near_ties counts the tolerated ones.
+inline std::string CompareSelection(const RefSelection& ref, const std::vector<int32_t>& got,
+                                    double tol, int* near_ties) {
+  std::vector<int32_t> diff;
+  std::set_symmetric_difference(ref.clusters.begin(), ref.clusters.end(), got.begin(), got.end(),
+                                std::back_inserter(diff));
+  for (int32_t c : diff) {
+    const double s = ref.score[c];
+    if (std::isnan(s) || std::abs(s - ref.cut) > tol * std::abs(ref.cut)) {
+      return "cluster " + std::to_string(c) + " (score " + std::to_string(s) + ", cut " +
+             std::to_string(ref.cut) + ") " +
+             (std::binary_search(got.begin(), got.end(), c) ? "selected" : "missed") +
+             " by the device";
+    }
+    ++*near_ties;
+  }
+  return "";
+}
+
+}  // namespace sqkv::testing
