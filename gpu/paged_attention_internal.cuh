@@ -1,0 +1,156 @@
+// What the paged-attention launcher (paged_attention.cu) shares with its kernel files: the plan
+// (which kernel, how the grid is cut, where the workspace pieces lie) and the kernel parameters.
+// Internal to gpu/.
+//
+// Three kernels, chosen by the plan:
+//   decode  (16-bit storage, <= 32 rows per segment): a block takes a run of 16-slot key units
+//           of one segment; its 4 warps take units in turn, each with its own cp.async pipeline
+//           and online-softmax state, merged in shared memory at the end.
+//   prefill (16-bit storage, > 32 rows): FlashAttention-2 style, 128-row tiles × 64-key tiles
+//           over a compacted list of the segment's valid token slots (written by a pre-pass).
+//   f32     (float32 storage, any rows): CUDA-core kernel over 16-row tiles and key units.
+// Any of them may split a segment's keys across blocks (splits > 1): each block then writes a
+// partial state (normalised o, natural-log lse) to the workspace and a merge kernel combines them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace sqkv::gpu::detail {
+
+inline constexpr int kThreads = 128;    // every attention kernel runs 4 warps
+inline constexpr int kUnitSlots = 16;   // decode / f32 key unit: 16 slots of one page
+inline constexpr int kPrefillRows = 128;  // rows per prefill tile
+inline constexpr int kPrefillKeys = 64;   // compacted keys per prefill tile
+inline constexpr int kF32Rows = 16;       // rows per f32 tile
+inline constexpr int kDecodeMaxRows = 32;
+
+enum class PathKind { kDecode, kPrefill, kF32 };
+
+struct Plan {
+  PathKind kind = PathKind::kDecode;
+  int decode_mtiles = 1;    // decode: 16-row m tiles per warp (1 or 2)
+  int rows_cap = 0;         // rows per segment the grid covers (= max_rows_per_segment)
+  int row_tiles = 1;        // row tiles per segment
+  int splits = 1;           // key splits per (segment, row tile)
+  int work_total = 0;       // work items of the largest segment (units or key tiles)
+  int work_per_split = 0;   // work items per split
+  int units_per_page = 1;   // decode / f32: ceil(page_tokens / 16)
+  int64_t tok_cap = 0;      // prefill: token slots per segment in the compact list
+  // Workspace byte offsets (0 size when unused).
+  size_t part_o_offset = 0, part_lse_offset = 0, tok_rows_offset = 0, tok_count_offset = 0;
+  size_t workspace_bytes = 0;
+  int64_t blocks() const { return static_cast<int64_t>(row_tiles) * splits; }
+};
+
+struct KernelParams {
+  const void* pool = nullptr;
+  int page_tokens = 0;
+  float scale_log2 = 0.f;  // scale · log2(e): scores are kept in base 2 inside the kernels
+  int num_segments = 0;
+  const int32_t* seg_q_row = nullptr;
+  const int32_t* seg_rows = nullptr;
+  const int32_t* seg_page_offset = nullptr;
+  const int32_t* seg_page_count = nullptr;
+  const int32_t* page_ids = nullptr;
+  const int32_t* page_valid = nullptr;
+  int max_pages = 0;
+  const float* q = nullptr;
+  float* out = nullptr;
+  float* lse = nullptr;
+  // From the plan.
+  int rows_cap = 0, row_tiles = 1, splits = 1, work_per_split = 0, units_per_page = 1;
+  // Split partial states: part_o (num_segments, splits, rows_cap, head_dim), part_lse
+  // (num_segments, splits, rows_cap).
+  float* part_o = nullptr;
+  float* part_lse = nullptr;
+  // Prefill compact key lists: tok_rows (num_segments, tok_cap) holds, for each valid key of the
+  // segment in page-list order, its K row in the pool counted in head_dim-element rows
+  // (page_id · 2 · page_tokens + slot); tok_count (num_segments) how many there are.
+  uint32_t* tok_rows = nullptr;
+  int32_t* tok_count = nullptr;
+  int64_t tok_cap = 0;
+};
+
+// What the planner needs to know of a kernel: resident blocks per SM at its shared-memory size.
+struct KernelInfo {
+  int blocks_per_sm = 0;
+  int smem_bytes = 0;
+};
+
+// Per kernel file. Info calls raise the kernel's dynamic shared-memory limit once.
+Status DecodeInfo(DType dtype, int head_dim, int mtiles, KernelInfo* info);
+Status LaunchDecode(DType dtype, int head_dim, int mtiles, const KernelParams& p,
+                    const Plan& plan, cudaStream_t stream);
+Status PrefillInfo(DType dtype, int head_dim, KernelInfo* info);
+// Enqueues the compaction pre-pass, then the prefill kernel (as a programmatic dependent launch).
+Status LaunchPrefill(DType dtype, int head_dim, const KernelParams& p, const Plan& plan,
+                     cudaStream_t stream);
+Status F32Info(int head_dim, KernelInfo* info);
+Status LaunchF32(int head_dim, const KernelParams& p, const Plan& plan, cudaStream_t stream);
+
+// Combines the split partial states of every (segment, row) into out / lse. For segment s the
+// splits that ran are max(1, min(splits, ceil(work_s / work_per_split))) with
+// work_s = ceil(min(counts[s], count_cap) · count_mult / count_div). Launched as a programmatic
+// dependent of the attention kernel.
+struct SplitMergeParams {
+  int num_segments = 0, rows_cap = 0, splits = 1, work_per_split = 1;
+  const int32_t* seg_q_row = nullptr;
+  const int32_t* seg_rows = nullptr;
+  const int32_t* counts = nullptr;
+  int64_t count_cap = 0;
+  int count_mult = 1, count_div = 1;
+  const float* part_o = nullptr;
+  const float* part_lse = nullptr;
+  float* out = nullptr;
+  float* lse = nullptr;
+};
+Status LaunchSplitMerge(int head_dim, const SplitMergeParams& mp, cudaStream_t stream);
+
+// Status from a CUDA error code, naming what failed.
+inline Status CudaStatus(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::Ok();
+  return Status::Internal(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+// Launches `kernel` with a programmatic-stream-serialization attribute when `dependent`, so it
+// may start while the previous kernel on the stream drains (it must GridDependencyWait first).
+template <typename... Args>
+Status LaunchKernel(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem,
+                    cudaStream_t stream, bool dependent, const char* what, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = dependent ? 1 : 0;
+  return CudaStatus(cudaLaunchKernelEx(&config, kernel, args...), what);
+}
+
+// Raises the dynamic shared-memory limit of `kernel` and reads its occupancy.
+template <typename Kernel>
+Status QueryKernel(Kernel kernel, int smem_bytes, KernelInfo* info) {
+  SQKV_RETURN_IF_ERROR(CudaStatus(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+      "cudaFuncSetAttribute"));
+  int blocks = 0;
+  SQKV_RETURN_IF_ERROR(CudaStatus(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem_bytes),
+      "cudaOccupancyMaxActiveBlocksPerMultiprocessor"));
+  if (blocks < 1) return Status::Internal("attention kernel cannot be resident on an SM");
+  info->blocks_per_sm = blocks;
+  info->smem_bytes = smem_bytes;
+  return Status::Ok();
+}
+
+}  // namespace sqkv::gpu::detail

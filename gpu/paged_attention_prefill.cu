@@ -1,0 +1,338 @@
+// Prefill attention over 16-bit pages: hundreds to thousands of rows per segment.
+//
+// A pre-pass compacts each segment's valid token slots (page-list order) into a list of pool
+// rows, so key tiles hold no padding. The main kernel is FlashAttention-2 shaped: a block takes
+// a 128-row tile of one segment (4 warps × 32 rows) and a run of 64-key tiles, gathers each tile's
+// K and V rows by pool row with cp.async (double-buffered), and computes S = Q·Kᵀ and O += P·V
+// with m16n8k16 tensor-core products, Q converted to the storage type in shared memory once.
+#include "gpu/paged_attention_common.cuh"
+#include "gpu/paged_attention_internal.cuh"
+
+namespace sqkv::gpu::detail {
+namespace {
+
+constexpr int kCompactThreads = 256;
+constexpr int kMt = kPrefillRows / (16 * (kThreads / 32));  // 16-row m tiles per warp: 2
+constexpr int kNt = kPrefillKeys / 8;                        // 8-key n tiles per key tile: 8
+
+// One block per segment: tok_rows[s][...] = pool rows of the valid slots, tok_count[s] = total.
+__global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelParams p) {
+  __shared__ int warp_sums[kCompactThreads / 32];
+  GridDependencyTrigger();  // the prefill kernel may start loading its Q tile now
+  const int seg = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
+  const int page_off = p.seg_page_offset[seg];
+  const int page_tokens = p.page_tokens;
+  uint32_t* dst = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
+  int base = 0;
+  for (int c0 = 0; c0 < count; c0 += kCompactThreads) {
+    const int i = c0 + tid;
+    int valid = 0;
+    uint32_t row = 0;
+    if (i < count) {
+      valid = min(max(p.page_valid[page_off + i], 0), page_tokens);
+      row = static_cast<uint32_t>(p.page_ids[page_off + i]) * static_cast<uint32_t>(2 * page_tokens);
+    }
+    int incl = valid;  // inclusive scan within the warp
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    int before = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < kCompactThreads / 32; ++w) {
+      const int ws = warp_sums[w];
+      before += w < warp ? ws : 0;
+      total += ws;
+    }
+    const int start = base + before + incl - valid;
+    for (int t = 0; t < valid; ++t) dst[start + t] = row + t;
+    base += total;
+    __syncthreads();  // warp_sums is rewritten by the next chunk
+  }
+  if (tid == 0) p.tok_count[seg] = base;
+}
+
+template <int D>
+struct PrefillShape {
+  static constexpr int kChunks = D / 8;
+  static constexpr int kQElems = kPrefillRows * D;
+  static constexpr int kTileElems = kPrefillKeys * D;
+  static constexpr size_t kSmemBytes = (size_t{kQElems} + 4 * size_t{kTileElems}) * 2;  // Q, 2×(K,V)
+  // Tile loading: thread → chunk (tid % kChunks) of rows tid / kChunks + i * kRowStep.
+  static constexpr int kRowStep = kThreads / kChunks;
+  static constexpr int kRowsPerThread = kPrefillKeys / kRowStep;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams p) {
+  using S = PrefillShape<D>;
+  constexpr int C = S::kChunks;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sq = reinterpret_cast<T*>(smem);
+  T* skv = sq + S::kQElems;  // stage s: K at skv + 2s·tile, V at skv + (2s+1)·tile
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int rt = blockIdx.x % p.row_tiles;
+  const int split = (blockIdx.x / p.row_tiles) % p.splits;
+  const int seg = blockIdx.x / (p.row_tiles * p.splits);
+
+  const int rows = max(0, min(p.seg_rows[seg], p.rows_cap));
+  const int r0 = rt * kPrefillRows;
+  if (r0 >= rows) {
+    GridDependencyWait();  // every block waits, so this grid never finishes before the pre-pass
+    return;
+  }
+  const int q_row = p.seg_q_row[seg];
+
+  // Q tile → shared memory in the storage type (independent of the pre-pass: runs before the wait).
+  for (int i = tid; i < kPrefillRows * C; i += kThreads) {
+    const int r = i / C, c = i % C;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r0 + r < rows) v = LoadConvert8<T>(p.q + static_cast<size_t>(q_row + r0 + r) * D + c * 8);
+    reinterpret_cast<uint4*>(sq)[Swizzle<C>(r, c)] = v;
+  }
+
+  GridDependencyWait();  // the compact lists of the pre-pass
+  const int ntok = static_cast<int>(min(static_cast<int64_t>(max(p.tok_count[seg], 0)), p.tok_cap));
+  const int tiles = (ntok + kPrefillKeys - 1) / kPrefillKeys;
+  const int t0 = split * p.work_per_split;
+  if (split > 0 && t0 >= tiles) return;
+  const int t1 = min(t0 + p.work_per_split, tiles);
+  const uint32_t* toks = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
+  const T* pool = static_cast<const T*>(p.pool);
+  const size_t v_offset = static_cast<size_t>(p.page_tokens) * D;
+
+  // Pool rows of this thread's key rows in the next tile to issue (fetched a tile ahead).
+  const int my_chunk = tid % C, my_row0 = tid / C;
+  uint32_t next_rows[S::kRowsPerThread];
+  auto fetch = [&](int tile) {
+#pragma unroll
+    for (int i = 0; i < S::kRowsPerThread; ++i) {
+      const int t = tile * kPrefillKeys + my_row0 + i * S::kRowStep;
+      next_rows[i] = t < ntok ? __ldg(toks + t) : 0xffffffffu;
+    }
+  };
+  const uint32_t skv_addr = SmemAddr(skv);
+  auto issue = [&](int stage) {
+    const uint32_t dk = skv_addr + 2 * stage * S::kTileElems * 2;
+    const uint32_t dv = dk + S::kTileElems * 2;
+#pragma unroll
+    for (int i = 0; i < S::kRowsPerThread; ++i) {
+      const int r = my_row0 + i * S::kRowStep;
+      const bool ok = next_rows[i] != 0xffffffffu;
+      const T* src = pool + static_cast<size_t>(next_rows[i]) * D + my_chunk * 8;
+      const uint32_t off = Swizzle<C>(r, my_chunk) * 16;
+      CpAsync16(dk + off, ok ? src : pool, ok ? 16 : 0);
+      CpAsync16(dv + off, ok ? src + v_offset : pool, ok ? 16 : 0);
+    }
+  };
+
+  float o[kMt][D / 8][4];
+  float m[kMt][2], l[kMt][2];
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      m[mt][h] = NegInf();
+      l[mt][h] = 0.f;
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) o[mt][dn][j] = 0.f;
+    }
+  }
+
+  if (t0 < t1) {
+    fetch(t0);
+    issue(0);
+    CpAsyncCommit();
+    if (t0 + 1 < t1) fetch(t0 + 1);
+  }
+  const uint32_t q_addr = SmemAddr(sq);
+  const int warp_row = warp * kMt * 16;
+  // A operands (Q) and transposed B (V): lane reads row lane%8 + 8·((lane/8)%2), pair half lane/16.
+  // B operands (K): row (lane/16)·8 + lane%8, pair half (lane/8)%2.
+  const LdmAddr<C> a_addr(lane % 8 + ((lane / 8) % 2) * 8, lane / 16, lane);
+  const LdmAddr<C> b_addr((lane / 16) * 8 + lane % 8, (lane / 8) % 2, lane);
+  for (int tile = t0; tile < t1; ++tile) {
+    const int stage = (tile - t0) & 1;
+    if (tile + 1 < t1) {
+      issue(stage ^ 1);
+      if (tile + 2 < t1) fetch(tile + 2);
+    }
+    CpAsyncCommit();
+    CpAsyncWait<1>();
+    __syncthreads();
+
+    const uint32_t k_addr = skv_addr + 2 * stage * S::kTileElems * 2;
+    const uint32_t v_addr = k_addr + S::kTileElems * 2;
+    float s[kMt][kNt][4];
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[mt][nt][j] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t qa[kMt][4];
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
+        LdMatrixX4(qa[mt], a_addr.At(q_addr, warp_row + mt * 16, ks));
+      }
+#pragma unroll
+      for (int np = 0; np < kNt / 2; ++np) {
+        uint32_t kb[4];
+        LdMatrixX4(kb, b_addr.At(k_addr, np * 16, ks));
+#pragma unroll
+        for (int mt = 0; mt < kMt; ++mt) {
+          Half16<T>::Mma(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+          Half16<T>::Mma(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+        }
+      }
+    }
+    // Scale; mask keys past the end (only the last tile has any); online softmax in base 2.
+    const int valid = ntok - tile * kPrefillKeys;
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int key = nt * 8 + (lane % 4) * 2 + (j & 1);
+          s[mt][nt][j] = key < valid ? s[mt][nt][j] * p.scale_log2 : NegInf();
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = NegInf();
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+        mx = QuadMax(mx);
+        const float m_new = fmaxf(m[mt][h], mx);
+        const float m_use = m_new == NegInf() ? 0.f : m_new;
+        const float corr = exp2f(m[mt][h] - m_use);
+        m[mt][h] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+          for (int j = 2 * h; j < 2 * h + 2; ++j) {
+            s[mt][nt][j] = exp2f(s[mt][nt][j] - m_use);
+            sum += s[mt][nt][j];
+          }
+        }
+        l[mt][h] = l[mt][h] * corr + sum;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+          o[mt][dn][2 * h] *= corr;
+          o[mt][dn][2 * h + 1] *= corr;
+        }
+      }
+    }
+    // O += P · V, 16 keys at a time.
+#pragma unroll
+    for (int kk = 0; kk < kNt / 2; ++kk) {
+      uint32_t pa[kMt][4];
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
+        pa[mt][0] = Half16<T>::Pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = Half16<T>::Pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = Half16<T>::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = Half16<T>::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dn = 0; dn < D / 16; ++dn) {
+        uint32_t vb[4];
+        LdMatrixX4Trans(vb, a_addr.At(v_addr, kk * 16, dn));
+#pragma unroll
+        for (int mt = 0; mt < kMt; ++mt) {
+          Half16<T>::Mma(o[mt][2 * dn], pa[mt], vb[0], vb[1]);
+          Half16<T>::Mma(o[mt][2 * dn + 1], pa[mt], vb[2], vb[3]);
+        }
+      }
+    }
+    __syncthreads();  // the stage is refilled by the next iteration's issue
+  }
+  CpAsyncWait<0>();
+  GridDependencyTrigger();
+
+  // Epilogue straight from the accumulators.
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r0 + warp_row + mt * 16 + lane / 4 + 8 * h;
+      const float lsum = QuadSum(l[mt][h]);
+      if (r >= rows) continue;
+      const bool empty = lsum == 0.f;
+      const float inv = empty ? 0.f : 1.f / lsum;
+      const float lse_val = empty ? NegInf() : (m[mt][h] + log2f(lsum)) * kLn2;
+      float* dst;
+      float* lse_dst;
+      if (p.splits == 1) {
+        dst = p.out + static_cast<size_t>(q_row + r) * D;
+        lse_dst = p.lse + q_row + r;
+      } else {
+        const size_t prow = (static_cast<size_t>(seg) * p.splits + split) * p.rows_cap + r;
+        dst = p.part_o + prow * D;
+        lse_dst = p.part_lse + prow;
+      }
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        *reinterpret_cast<float2*>(dst + dn * 8 + (lane % 4) * 2) =
+            make_float2(o[mt][dn][2 * h] * inv, o[mt][dn][2 * h + 1] * inv);
+      }
+      if (lane % 4 == 0) *lse_dst = lse_val;
+    }
+  }
+}
+
+template <typename T, int D>
+Status Info(KernelInfo* info) {
+  static KernelInfo cached;
+  static const Status st =
+      QueryKernel(PrefillKernel<T, D>, static_cast<int>(PrefillShape<D>::kSmemBytes), &cached);
+  *info = cached;
+  return st;
+}
+
+template <typename T, int D>
+Status Launch(const KernelParams& p, const Plan& plan, cudaStream_t stream) {
+  KernelInfo info;
+  SQKV_RETURN_IF_ERROR((Info<T, D>(&info)));
+  SQKV_RETURN_IF_ERROR(LaunchKernel(CompactKernel, dim3(p.num_segments), dim3(kCompactThreads), 0,
+                                    stream, /*dependent=*/false, "prefill compaction kernel", p));
+  const int64_t blocks = static_cast<int64_t>(p.num_segments) * plan.splits * plan.row_tiles;
+  return LaunchKernel(PrefillKernel<T, D>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
+                      PrefillShape<D>::kSmemBytes, stream, /*dependent=*/true,
+                      "prefill attention kernel", p);
+}
+
+}  // namespace
+
+Status PrefillInfo(DType dtype, int head_dim, KernelInfo* info) {
+  if (dtype == DType::kBF16 && head_dim == 64) return Info<__nv_bfloat16, 64>(info);
+  if (dtype == DType::kBF16 && head_dim == 128) return Info<__nv_bfloat16, 128>(info);
+  if (dtype == DType::kF16 && head_dim == 64) return Info<__half, 64>(info);
+  if (dtype == DType::kF16 && head_dim == 128) return Info<__half, 128>(info);
+  return Status::InvalidArgument("prefill attention: no kernel for this dtype / head_dim");
+}
+
+Status LaunchPrefill(DType dtype, int head_dim, const KernelParams& p, const Plan& plan,
+                     cudaStream_t stream) {
+  if (dtype == DType::kBF16 && head_dim == 64) return Launch<__nv_bfloat16, 64>(p, plan, stream);
+  if (dtype == DType::kBF16 && head_dim == 128) return Launch<__nv_bfloat16, 128>(p, plan, stream);
+  if (dtype == DType::kF16 && head_dim == 64) return Launch<__half, 64>(p, plan, stream);
+  if (dtype == DType::kF16 && head_dim == 128) return Launch<__half, 128>(p, plan, stream);
+  return Status::InvalidArgument("prefill attention: no kernel for this dtype / head_dim");
+}
+
+}  // namespace sqkv::gpu::detail
