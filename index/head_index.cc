@@ -21,8 +21,10 @@ Status ValidateHeadIndex(const HeadIndex& x) {
   for (int32_t c = 0; c < nc; ++c) {
     const int32_t n = x.cluster_size[c];
     if (n <= 0) return Bad("empty cluster " + std::to_string(c));
-    const int32_t pages = x.cluster_page_begin[c + 1] - x.cluster_page_begin[c];
-    if (pages != (n + x.page_tokens - 1) / x.page_tokens) {
+    // int64: stored (untrusted) values must not overflow the arithmetic.
+    const int64_t pages =
+        static_cast<int64_t>(x.cluster_page_begin[c + 1]) - x.cluster_page_begin[c];
+    if (pages != (static_cast<int64_t>(n) + x.page_tokens - 1) / x.page_tokens) {
       return Bad("cluster " + std::to_string(c) + " spans " + std::to_string(pages) +
                  " pages for " + std::to_string(n) + " tokens");
     }
@@ -59,6 +61,7 @@ Status ValidateHeadIndex(const HeadIndex& x) {
   for (int32_t p = 0; p < n1; ++p) {
     const int32_t b = x.l1_child_begin[p], e = x.l1_child_begin[p + 1];
     if (e <= b) return Bad("level-1 parent " + std::to_string(p) + " has no children");
+    if (e > nc) return Bad("level-1 parent " + std::to_string(p) + " children out of range");
     int64_t sum = 0;
     for (int32_t c = b; c < e; ++c) sum += x.cluster_size[c];
     if (sum != x.l1_size[p]) return Bad("level-1 size of parent " + std::to_string(p));

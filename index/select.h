@@ -9,6 +9,17 @@
 //
 // Ranking: descending score, ties broken by ascending cluster id. Every backend (CPU, GPU) must
 // select exactly the clusters this reference selects.
+//
+// Hierarchical indexes (index.hierarchical()): the level-1 parents are scored by the same formula
+// over (l1_centroids, l1_size) and kept in ranking order until KeepTokenTarget(l1 fraction) keys
+// lie under them (kDense keeps every parent). Only the children of kept parents are scored, with
+//     Z = Σ_{children c of kept parents} n_c·e_c + Σ_{pruned parents p} n_p·e_p
+// (the max subtracted over all of those logits); the mode's rule then applies to those children.
+// When every parent is kept the result is exactly the single-level selection.
+//
+// Arithmetic of this reference: logits (q·c)·(1/√d) in float32 (BLAS sgemm), e = expf(l - m) in
+// float32, Z and the mean over queries in float64, the score rounded to float32. A query whose
+// float32 logits overflow is redone in float64.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +55,12 @@ struct HeadSelection {
   int32_t pages = 0;             // pages under the selected clusters
   int32_t centroids_scored = 0;  // level-1 plus level-2 centroids scored
 };
+
+// The key count kKeepFraction (and the level-1 keep rule) aims for: 0 when fraction <= 0,
+// `tokens` when fraction >= 1, else ceil(fraction * tokens) computed in float64 with a relative
+// slack of 1e-6 that forgives the float32 rounding of `fraction` (0.1f * 100 gives 10, not 11);
+// at least 1 for any positive fraction.
+int32_t KeepTokenTarget(float fraction, int32_t tokens);
 
 // scores: (num_clusters); queries: (num_queries, head_dim) float32.
 // Scores every level-2 cluster (ignores level 1).
