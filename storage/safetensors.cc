@@ -1,0 +1,494 @@
+#include "storage/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+#include <utility>
+
+namespace sqkv {
+namespace {
+
+using Json = nlohmann::json;
+
+static_assert(std::endian::native == std::endian::little,
+              "safetensors bytes are little-endian; a big-endian host would need byte swaps");
+
+constexpr size_t kHeaderLengthBytes = 8;            // the u64 before the JSON header
+constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // 100 MiB; real headers are kilobytes
+constexpr size_t kHeaderAlignment = 8;              // the writer pads the header to this
+// The format nests 3 deep (header > tensor entry > shape); deeper (within reason) is left to the
+// per-field checks so their errors name the tensor.
+constexpr size_t kMaxJsonDepth = 16;
+constexpr size_t kMaxQuotedChars = 48;  // of a JSON value echoed in an error
+constexpr const char* kMetadataKey = "__metadata__";
+
+const char* FormatDTypeName(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return "F32";
+    case DType::kF16:
+      return "F16";
+    case DType::kBF16:
+      return "BF16";
+  }
+  return "?";
+}
+
+// Only the exact safetensors spellings; ParseDType's friendlier aliases are not part of the format.
+std::optional<DType> ParseFormatDType(std::string_view s) {
+  for (DType t : {DType::kF32, DType::kF16, DType::kBF16}) {
+    if (s == FormatDTypeName(t)) return t;
+  }
+  return std::nullopt;
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + ")";
+}
+
+std::string RangeString(uint64_t begin, uint64_t end) {
+  // Appended piecewise: GCC 12 warns falsely (-Wrestrict) on "[" + std::to_string(...).
+  std::string s = "[";
+  s += std::to_string(begin);
+  s += ", ";
+  s += std::to_string(end);
+  s += ")";
+  return s;
+}
+
+// A JSON value as text for an error message, cut short if long.
+std::string Quote(const Json& v) {
+  std::string s = v.dump(-1, ' ', false, Json::error_handler_t::replace);
+  if (s.size() > kMaxQuotedChars) s = s.substr(0, kMaxQuotedChars) + "...";
+  return s;
+}
+
+// Bytes of a tensor of `shape` and `dtype`; nullopt if a dim is negative or the product overflows.
+std::optional<uint64_t> ShapeBytes(DType dtype, const std::vector<int64_t>& shape) {
+  uint64_t n = DTypeSize(dtype);
+  for (int64_t d : shape) {
+    if (d < 0 || __builtin_mul_overflow(n, static_cast<uint64_t>(d), &n)) return std::nullopt;
+  }
+  return n;
+}
+
+// "an object", "a number": a JSON type for a message.
+std::string TypeWithArticle(const Json& v) {
+  const std::string t = v.type_name();
+  return (std::string_view("aeiou").find(t[0]) != std::string_view::npos ? "an " : "a ") + t;
+}
+
+Status TensorError(const std::string& name, const std::string& what) {
+  return Status::InvalidArgument("tensor " + name + ": " + what);
+}
+
+// Fails on a NUL byte (nlohmann would stop there as if the input ended, hiding what follows) or on
+// nesting deeper than kMaxJsonDepth (so a header of a million '[' costs no memory to refuse).
+// Runs before the real parse; everything else about the syntax is left to nlohmann.
+Status PrescanHeader(std::string_view text) {
+  size_t depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (c == '\0') {
+      return Status::InvalidArgument("header is not valid JSON: NUL byte at offset " +
+                                     std::to_string(i));
+    }
+    if (in_string) {
+      if (c == '\\') {
+        ++i;  // skip the escaped character
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxJsonDepth) {
+        return Status::InvalidArgument("header nests deeper than " + std::to_string(kMaxJsonDepth) +
+                                       " levels");
+      }
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return Status::Ok();
+}
+
+// Parses the header text. Beyond nlohmann's own checks (syntax, UTF-8, trailing garbage) this
+// rejects duplicate keys in any object, which nlohmann would silently collapse.
+Status ParseHeaderJson(std::string_view text, Json* out) {
+  SQKV_RETURN_IF_ERROR(PrescanHeader(text));
+  std::vector<std::set<std::string>> object_keys;  // one per open object (arrays: unused entry)
+  std::string top_key;                             // the latest key of the header object
+  std::string problem;
+  auto check = [&](int /*depth*/, Json::parse_event_t event, Json& parsed) {
+    switch (event) {
+      case Json::parse_event_t::object_start:
+      case Json::parse_event_t::array_start:
+        object_keys.emplace_back();
+        break;
+      case Json::parse_event_t::object_end:
+      case Json::parse_event_t::array_end:
+        if (!object_keys.empty()) object_keys.pop_back();
+        break;
+      case Json::parse_event_t::key: {
+        if (object_keys.empty() || !parsed.is_string()) break;
+        const std::string key = parsed.get<std::string>();
+        if (object_keys.size() == 1) top_key = key;
+        if (object_keys.back().insert(key).second || !problem.empty()) break;
+        if (object_keys.size() == 1) {
+          problem = "tensor " + key + " appears twice in the header";
+        } else if (top_key == kMetadataKey) {
+          problem = std::string(kMetadataKey) + " repeats the key " + Quote(parsed);
+        } else {
+          problem = "tensor " + top_key + ": entry repeats the key " + Quote(parsed);
+        }
+        break;
+      }
+      case Json::parse_event_t::value:
+        break;
+    }
+    return problem.empty();  // once wrong, discard the rest instead of building it
+  };
+  try {
+    *out = Json::parse(text.begin(), text.end(), check);
+  } catch (const Json::exception& e) {
+    return Status::InvalidArgument(std::string("header is not valid JSON: ") + e.what());
+  }
+  if (!problem.empty()) return Status::InvalidArgument(problem);
+  if (!out->is_object()) {
+    return Status::InvalidArgument("header is " + TypeWithArticle(*out) + ", not an object");
+  }
+  return Status::Ok();
+}
+
+Status ParseMetadata(const Json& v, std::map<std::string, std::string>* out) {
+  if (!v.is_object()) {
+    return Status::InvalidArgument(std::string(kMetadataKey) + " is " + TypeWithArticle(v) +
+                                   ", not an object of strings");
+  }
+  for (const auto& [key, value] : v.items()) {
+    if (!value.is_string()) {
+      return Status::InvalidArgument(std::string(kMetadataKey) + " entry " + Quote(key) + " is " +
+                                     TypeWithArticle(value) + ", not a string");
+    }
+    (*out)[key] = value.get<std::string>();
+  }
+  return Status::Ok();
+}
+
+Status ParseShape(const std::string& name, const Json& v, std::vector<int64_t>* shape) {
+  if (!v.is_array()) return TensorError(name, "shape " + Quote(v) + " is not an array");
+  for (size_t i = 0; i < v.size(); ++i) {
+    const Json& d = v[i];
+    // Non-negative integers parse as unsigned; negatives as signed; 2.0 and 2.5 as floats.
+    if (!d.is_number_unsigned() || d.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
+      return TensorError(name, "shape dim " + std::to_string(i) + " is " + Quote(d) +
+                                   ", not a non-negative integer");
+    }
+    shape->push_back(static_cast<int64_t>(d.get<uint64_t>()));
+  }
+  return Status::Ok();
+}
+
+Status ParseOffsets(const std::string& name, const Json& v, uint64_t* begin, uint64_t* end) {
+  if (!v.is_array() || v.size() != 2 || !v[0].is_number_unsigned() || !v[1].is_number_unsigned()) {
+    return TensorError(name, "data_offsets " + Quote(v) + " are not 2 non-negative integers");
+  }
+  *begin = v[0].get<uint64_t>();
+  *end = v[1].get<uint64_t>();
+  if (*end < *begin) {
+    return TensorError(name, "data_offsets " + Quote(v) + " decrease");
+  }
+  return Status::Ok();
+}
+
+// One tensor entry, checked against itself and against a data section of `data_size` bytes.
+Status ParseTensor(const std::string& name, const Json& entry, uint64_t data_size,
+                   TensorInfo* info) {
+  info->name = name;
+  if (name.empty()) return Status::InvalidArgument("a tensor has an empty name");
+  if (!entry.is_object()) {
+    return TensorError(name, "entry is " + TypeWithArticle(entry) + ", not an object");
+  }
+  if (entry.size() != 3 || !entry.contains("dtype") || !entry.contains("shape") ||
+      !entry.contains("data_offsets")) {
+    std::string keys;
+    for (const auto& [key, value] : entry.items()) keys += (keys.empty() ? "" : ", ") + key;
+    return TensorError(
+        name, "entry must have exactly the keys dtype, shape, data_offsets; has {" + keys + "}");
+  }
+  const Json& dtype = entry["dtype"];
+  if (!dtype.is_string()) return TensorError(name, "dtype " + Quote(dtype) + " is not a string");
+  std::optional<DType> parsed = ParseFormatDType(dtype.get<std::string>());
+  if (!parsed) {
+    return TensorError(
+        name, "dtype " + dtype.get<std::string>() + " is not supported (only F32, F16 and BF16)");
+  }
+  info->dtype = *parsed;
+  SQKV_RETURN_IF_ERROR(ParseShape(name, entry["shape"], &info->shape));
+  SQKV_RETURN_IF_ERROR(
+      ParseOffsets(name, entry["data_offsets"], &info->data_begin, &info->data_end));
+
+  const std::string range = RangeString(info->data_begin, info->data_end);
+  std::optional<uint64_t> need = ShapeBytes(info->dtype, info->shape);
+  if (!need || *need > SIZE_MAX) {
+    return TensorError(name, "shape " + ShapeString(info->shape) + " has too many elements");
+  }
+  const uint64_t held = info->data_end - info->data_begin;
+  if (held != *need) {
+    return TensorError(name, "data_offsets " + range + " hold " + std::to_string(held) +
+                                 " bytes but shape " + ShapeString(info->shape) + " of " +
+                                 FormatDTypeName(info->dtype) + " needs " + std::to_string(*need));
+  }
+  if (info->data_end > data_size) {
+    return TensorError(name, "data_offsets " + range + " end past the data section of " +
+                                 std::to_string(data_size) + " bytes (truncated file?)");
+  }
+  return Status::Ok();
+}
+
+// Fails if any two tensors share a byte. Empty tensors occupy no bytes and never overlap.
+Status CheckNoOverlap(const std::vector<TensorInfo>& tensors) {
+  std::vector<const TensorInfo*> by_begin;
+  for (const TensorInfo& t : tensors) {
+    if (t.data_end > t.data_begin) by_begin.push_back(&t);
+  }
+  std::sort(by_begin.begin(), by_begin.end(),
+            [](const TensorInfo* a, const TensorInfo* b) { return a->data_begin < b->data_begin; });
+  // Sorted by begin, non-empty ranges are disjoint iff each begins at or after the previous end.
+  for (size_t i = 1; i < by_begin.size(); ++i) {
+    const TensorInfo& prev = *by_begin[i - 1];
+    const TensorInfo& cur = *by_begin[i];
+    if (cur.data_begin < prev.data_end) {
+      return TensorError(cur.name, "data_offsets " + RangeString(cur.data_begin, cur.data_end) +
+                                       " overlap tensor " + prev.name + " at " +
+                                       RangeString(prev.data_begin, prev.data_end));
+    }
+  }
+  return Status::Ok();
+}
+
+Status ErrnoStatus(const std::string& what, const std::string& path) {
+  const int err = errno;
+  std::string m = what + " " + path + ": " + std::strerror(err);
+  return err == ENOENT ? Status::NotFound(m) : Status::IOError(m);
+}
+
+// Writes `parts` one after another to `path` through a temporary file in the same directory,
+// fsync and rename, then fsyncs the directory so the rename itself is durable.
+// TODO: move to a shared storage file utility (npy.cc holds a twin) once one exists.
+Status WriteFileAtomically(const std::string& path, const std::vector<std::string_view>& parts) {
+  std::string tmp = path + ".tmp-XXXXXX";
+  const int fd = mkstemp(tmp.data());
+  if (fd < 0) return ErrnoStatus("cannot create a temporary file for", path);
+  auto fail = [&](const std::string& what) {
+    Status st = ErrnoStatus(what, tmp);
+    close(fd);
+    unlink(tmp.c_str());
+    return st;
+  };
+  if (fchmod(fd, 0644) != 0) return fail("cannot chmod");
+  for (std::string_view part : parts) {
+    while (!part.empty()) {
+      const ssize_t n = write(fd, part.data(), part.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return fail("cannot write");
+      part.remove_prefix(static_cast<size_t>(n));
+    }
+  }
+  if (fsync(fd) != 0) return fail("cannot fsync");
+  if (close(fd) != 0) {
+    Status st = ErrnoStatus("cannot close", tmp);
+    unlink(tmp.c_str());
+    return st;
+  }
+  if (rename(tmp.c_str(), path.c_str()) != 0) {
+    Status st = ErrnoStatus("cannot rename " + tmp + " to", path);
+    unlink(tmp.c_str());
+    return st;
+  }
+  std::string dir = std::filesystem::path(path).parent_path().string();
+  if (dir.empty()) dir = ".";
+  const int dir_fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) return ErrnoStatus("cannot open directory", dir);
+  const bool synced = fsync(dir_fd) == 0;
+  Status st = synced ? Status::Ok() : ErrnoStatus("cannot fsync directory", dir);
+  close(dir_fd);
+  return st;
+}
+
+}  // namespace
+
+size_t TensorInfo::num_elements() const {
+  size_t n = 1;
+  for (int64_t d : shape) n *= static_cast<size_t>(d);
+  return n;
+}
+
+size_t TensorInfo::nbytes() const { return num_elements() * DTypeSize(dtype); }
+
+Result<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus("cannot open", path);
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    Status s = ErrnoStatus("cannot stat", path);
+    close(fd);
+    return s;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    close(fd);
+    return Status::InvalidArgument(path + ": not a regular file");
+  }
+  const auto size = static_cast<uint64_t>(st.st_size);
+  if (size < kHeaderLengthBytes) {
+    close(fd);
+    return Status::InvalidArgument(path + ": file is " + std::to_string(size) +
+                                   " bytes, shorter than the 8-byte header length");
+  }
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = path;
+  void* map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  Status map_status = map == MAP_FAILED ? ErrnoStatus("cannot mmap", path) : Status::Ok();
+  close(fd);  // the mapping keeps the file alive
+  SQKV_RETURN_IF_ERROR(map_status);
+  file->map_ = map;
+  file->map_size_ = size;
+
+  const auto* bytes = static_cast<const uint8_t*>(map);
+  uint64_t header_len;
+  std::memcpy(&header_len, bytes, sizeof(header_len));  // little-endian host (asserted above)
+  if (header_len > kMaxHeaderBytes) {
+    return Status::InvalidArgument(path + ": header length " + std::to_string(header_len) +
+                                   " exceeds the limit of " + std::to_string(kMaxHeaderBytes) +
+                                   " bytes");
+  }
+  if (header_len > size - kHeaderLengthBytes) {
+    return Status::InvalidArgument(path + ": header length " + std::to_string(header_len) +
+                                   " runs past the end of the file (" + std::to_string(size) +
+                                   " bytes)");
+  }
+  const uint64_t data_size = size - kHeaderLengthBytes - header_len;
+  file->data_section_ = bytes + kHeaderLengthBytes + header_len;
+
+  Json header;
+  std::string_view text(reinterpret_cast<const char*>(bytes + kHeaderLengthBytes), header_len);
+  SQKV_RETURN_IF_ERROR(ParseHeaderJson(text, &header).WithContext(path));
+  for (const auto& [key, value] : header.items()) {
+    if (key == kMetadataKey) {
+      SQKV_RETURN_IF_ERROR(ParseMetadata(value, &file->metadata_).WithContext(path));
+      continue;
+    }
+    TensorInfo info;
+    SQKV_RETURN_IF_ERROR(ParseTensor(key, value, data_size, &info).WithContext(path));
+    file->tensors_.push_back(std::move(info));
+  }
+  std::sort(file->tensors_.begin(), file->tensors_.end(),
+            [](const TensorInfo& a, const TensorInfo& b) { return a.name < b.name; });
+  SQKV_RETURN_IF_ERROR(CheckNoOverlap(file->tensors_).WithContext(path));
+  return file;
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (map_ != nullptr) munmap(map_, map_size_);
+}
+
+const TensorInfo* SafetensorsFile::Find(std::string_view name) const {
+  auto it = std::lower_bound(tensors_.begin(), tensors_.end(), name,
+                             [](const TensorInfo& t, std::string_view n) { return t.name < n; });
+  return it != tensors_.end() && it->name == name ? &*it : nullptr;
+}
+
+const void* SafetensorsFile::Data(const TensorInfo& info) const {
+  return data_section_ + info.data_begin;
+}
+
+void SafetensorsWriter::Add(std::string name, DType dtype, std::vector<int64_t> shape,
+                            const void* data) {
+  // A shape with negative dims has no size; queue no bytes and let Write name the problem.
+  const uint64_t nbytes = ShapeBytes(dtype, shape).value_or(0);
+  Add(std::move(name), dtype, std::move(shape), data, nbytes > SIZE_MAX ? 0 : nbytes);
+}
+
+void SafetensorsWriter::Add(std::string name, DType dtype, std::vector<int64_t> shape,
+                            const void* data, size_t nbytes) {
+  Pending p{std::move(name), dtype, std::move(shape), {}, nbytes};
+  if (data != nullptr) {
+    const auto* b = static_cast<const uint8_t*>(data);
+    p.bytes.assign(b, b + nbytes);
+  }
+  pending_.push_back(std::move(p));
+}
+
+void SafetensorsWriter::SetMetadata(std::map<std::string, std::string> metadata) {
+  metadata_ = std::move(metadata);
+}
+
+Status SafetensorsWriter::Write(const std::string& path) const {
+  Json header = Json::object();
+  std::set<std::string_view> names;
+  uint64_t offset = 0;
+  for (const Pending& p : pending_) {
+    if (p.name.empty()) return Status::InvalidArgument(path + ": a tensor has an empty name");
+    if (p.name == kMetadataKey) {
+      return Status::InvalidArgument(path + ": tensor name " + p.name + " is reserved");
+    }
+    if (!names.insert(p.name).second) {
+      return Status::InvalidArgument(path + ": tensor " + p.name + " is added twice");
+    }
+    std::optional<uint64_t> need = ShapeBytes(p.dtype, p.shape);
+    if (!need) {
+      return Status::InvalidArgument(path + ": tensor " + p.name + ": shape " +
+                                     ShapeString(p.shape) +
+                                     " has a negative dim or too many elements");
+    }
+    if (p.declared_nbytes != *need || p.bytes.size() != *need) {
+      return Status::InvalidArgument(path + ": tensor " + p.name + ": " +
+                                     std::to_string(p.declared_nbytes) + " bytes of " +
+                                     (p.bytes.size() == p.declared_nbytes ? "data" : "null data") +
+                                     " but shape " + ShapeString(p.shape) + " of " +
+                                     FormatDTypeName(p.dtype) + " needs " + std::to_string(*need));
+    }
+    header[p.name] = {{"dtype", FormatDTypeName(p.dtype)},
+                      {"shape", p.shape},
+                      {"data_offsets", {offset, offset + *need}}};
+    offset += *need;
+  }
+  if (!metadata_.empty()) header[kMetadataKey] = metadata_;
+
+  std::string text;
+  try {
+    text = header.dump();  // strict: throws on names or metadata that are not valid UTF-8
+  } catch (const Json::exception& e) {
+    return Status::InvalidArgument(path + ": cannot encode the header: " + e.what());
+  }
+  text.append((kHeaderAlignment - text.size() % kHeaderAlignment) % kHeaderAlignment, ' ');
+  const uint64_t header_len = text.size();
+  char len_bytes[kHeaderLengthBytes];
+  std::memcpy(len_bytes, &header_len, sizeof(len_bytes));  // little-endian host
+
+  std::vector<std::string_view> parts = {std::string_view(len_bytes, sizeof(len_bytes)), text};
+  for (const Pending& p : pending_) {
+    parts.emplace_back(reinterpret_cast<const char*>(p.bytes.data()), p.bytes.size());
+  }
+  return WriteFileAtomically(path, parts);
+}
+
+}  // namespace sqkv
