@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) SplitMergeKernel(const Split
   const int r = static_cast<int>(gw % mp.rows_cap);
   const int rows = max(0, min(mp.seg_rows[seg], mp.rows_cap));
   if (r >= rows) return;
-  const int64_t count = min(static_cast<int64_t>(max(mp.counts[seg], 0)), mp.count_cap);
+  const int64_t count = min(static_cast<int64_t>(max(__ldcg(mp.counts + seg), 0)), mp.count_cap);
   const int64_t work = (count * mp.count_mult + mp.count_div - 1) / mp.count_div;
   const int active = static_cast<int>(
       max(int64_t{1}, min(static_cast<int64_t>(mp.splits),
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) SplitMergeKernel(const Split
   const size_t split_stride = mp.rows_cap;
 
   float mx = NegInf();
-  for (int i = lane; i < active; i += 32) mx = fmaxf(mx, mp.part_lse[base + i * split_stride]);
+  for (int i = lane; i < active; i += 32) mx = fmaxf(mx, __ldcg(mp.part_lse + base + i * split_stride));
 #pragma unroll
   for (int x = 1; x < 32; x *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
 
@@ -68,12 +68,12 @@ __global__ void __launch_bounds__(kMergeWarps * 32) SplitMergeKernel(const Split
   if (mx != NegInf()) {
     for (int i = 0; i < active; ++i) {
       const size_t prow = base + i * split_stride;
-      const float w = expf(mp.part_lse[prow] - mx);
+      const float w = expf(__ldcg(mp.part_lse + prow) - mx);
       if (w == 0.f) continue;  // empty partial (or negligible): its o is never read
       sum += w;
       const float* src = mp.part_o + prow * D + lane * kPerLane;
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) acc[j] += w * src[j];
+      for (int j = 0; j < kPerLane; ++j) acc[j] += w * __ldcg(src + j);
     }
   }
   float* dst = mp.out + static_cast<size_t>(mp.seg_q_row[seg] + r) * D + lane * kPerLane;

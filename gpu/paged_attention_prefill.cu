@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
   }
 
   GridDependencyWait();  // the compact lists of the pre-pass
-  const int ntok = static_cast<int>(min(static_cast<int64_t>(max(p.tok_count[seg], 0)), p.tok_cap));
+  const int ntok = static_cast<int>(min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
   const int tiles = (ntok + kPrefillKeys - 1) / kPrefillKeys;
   const int t0 = split * p.work_per_split;
   if (split > 0 && t0 >= tiles) return;
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
 #pragma unroll
     for (int i = 0; i < S::kRowsPerThread; ++i) {
       const int t = tile * kPrefillKeys + my_row0 + i * S::kRowStep;
-      next_rows[i] = t < ntok ? __ldg(toks + t) : 0xffffffffu;
+      next_rows[i] = t < ntok ? __ldcg(toks + t) : 0xffffffffu;  // L2: written by the pre-pass
     }
   };
   const uint32_t skv_addr = SmemAddr(skv);

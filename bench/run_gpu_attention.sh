@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The one script run on the device machine for the GPU sparse paged attention (issue 3):
+# gpu_test (paged attention + merge), compute-sanitizer memcheck and racecheck on the small
+# tests, the kernel benchmark and the dense SDPA peer, then a speed-up table.
+#
+# Binaries come prebuilt in $BIN (default .devbin-attn: gpu_test, gpu_attention_bench and the
+# shared libraries they need). Logs and JSON lines go to $OUT (default ./attn-out).
+#   bench/run_gpu_attention.sh [--quick] [--skip-tests] [--skip-sanitizer]
+set -uo pipefail
+BIN=${BIN:-.devbin-attn}
+OUT=${OUT:-./attn-out}
+mkdir -p "$OUT"
+QUICK=""
+RUN_TESTS=1
+RUN_SANITIZER=1
+for a in "$@"; do
+  case "$a" in
+    --quick) QUICK=--quick ;;
+    --skip-tests) RUN_TESTS=0 ;;
+    --skip-sanitizer) RUN_SANITIZER=0 ;;
+    *) echo "unknown argument $a" >&2; exit 2 ;;
+  esac
+done
+export LD_LIBRARY_PATH="$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+status=0
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,clocks.max.sm \
+    --format=csv
+  nvidia-smi -q | grep -iE "persistence|power limit|compute mode" | head
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+if [ "$RUN_TESTS" = 1 ]; then
+  echo "== gpu_test"
+  timeout 180 "$BIN/gpu_test" --gtest_filter='PagedAttention*:MergeStatesGpu*' > "$OUT/gpu_test.log" 2>&1
+  rc=$?
+  grep -E "metric|OK \]|FAILED|PASSED|Failure|error" "$OUT/gpu_test.log"
+  echo "gpu_test rc=$rc"
+  [ "$rc" = 0 ] || status=1
+fi
+
+if [ "$RUN_SANITIZER" = 1 ]; then
+  echo "== compute-sanitizer"
+  {
+    echo "--- memcheck"
+    timeout 120 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 \
+      "$BIN/gpu_test" --gtest_filter='*Small*'
+    echo "memcheck rc=$?"
+    echo "--- racecheck"
+    timeout 100 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
+      "$BIN/gpu_test" --gtest_filter='*SmallDecode:*SmallPrefill:*SmallRepeatable:*SmallMatchesCpu'
+    echo "racecheck rc=$?"
+    echo "--- synccheck"
+    timeout 60 compute-sanitizer --tool synccheck --error-exitcode 3 \
+      "$BIN/gpu_test" --gtest_filter='*SmallDecode:*SmallPrefill'
+    echo "synccheck rc=$?"
+  } > "$OUT/sanitizer.log" 2>&1
+  grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|FAILED \]|PASSED" "$OUT/sanitizer.log"
+fi
+
+echo "== gpu_attention_bench"
+timeout 240 "$BIN/gpu_attention_bench" --json "$OUT/sqkv.jsonl" $QUICK 2>&1 | tee "$OUT/bench.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== sdpa peer"
+PYTHONUNBUFFERED=1 LD_LIBRARY_PATH= timeout 240 python3 bench/sdpa_peer.py --json "$OUT/sdpa.jsonl" \
+  --ours "$OUT/sqkv.jsonl" $QUICK 2>&1 | tee "$OUT/sdpa.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+exit $status

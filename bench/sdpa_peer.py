@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Dense peer for bench/gpu_attention_bench: the same shapes through
+torch.nn.functional.scaled_dot_product_attention over the FULL context (bf16, 32 query heads over
+8 kv heads, head_dim 128), so the sparse kernel's speed-up can be quoted from one run.
+
+Modes: decode_b1 (1 query), decode_b8 (8 requests of 1 query), prefill_1024 (1,024 queries, not
+causal: the new queries attend to the whole stored context). Each backend (cuDNN, flash,
+efficient) is tried with enable_gqa=True, and with K/V expanded to 32 heads where GQA is refused;
+times are medians of triton.testing.do_bench (it flushes L2 between runs).
+
+Usage: sdpa_peer.py [--json PATH] [--ours PATH] [--quick]
+  --ours PATH: JSON lines of gpu_attention_bench; prints a table of speed-ups against it.
+"""
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+HEAD_DIM = 128
+Q_HEADS = 32
+KV_HEADS = 8
+MODES = {"decode_b1": (1, 1), "decode_b8": (8, 1), "prefill_1024": (1, 1024)}  # (batch, queries)
+BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+def median_ms(fn):
+    try:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    except ImportError:  # events by hand
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(50):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        times.sort()
+        return times[len(times) // 2]
+
+
+def run_peer(tokens_list, json_out):
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(1128)
+    for tokens in tokens_list:
+        for mode, (batch, n) in MODES.items():
+            q = torch.randn(batch, Q_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                            generator=gen)
+            k = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM, device="cuda",
+                            dtype=torch.bfloat16, generator=gen)
+            v = torch.randn_like(k)
+            best = None
+            for name, backend in BACKENDS.items():
+                for expanded in (False, True):
+                    kk = k.repeat_interleave(Q_HEADS // KV_HEADS, dim=1) if expanded else k
+                    vv = v.repeat_interleave(Q_HEADS // KV_HEADS, dim=1) if expanded else v
+
+                    def fn():
+                        with sdpa_kernel([backend]):
+                            return F.scaled_dot_product_attention(q, kk, vv,
+                                                                  enable_gqa=not expanded)
+
+                    try:
+                        fn()
+                        torch.cuda.synchronize()
+                    except RuntimeError as e:
+                        msg = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+                        print(f"  {tokens:7d} {mode:13s} {name:9s} expanded={expanded}: "
+                              f"refused ({msg})", file=sys.stderr)
+                        del kk, vv
+                        continue
+                    ms = median_ms(fn)
+                    rec = {"impl": "sdpa", "backend": name, "expanded_kv": expanded,
+                           "mode": mode, "tokens": tokens, "median_us": ms * 1e3}
+                    rows.append(rec)
+                    if json_out:
+                        json_out.write(json.dumps(rec) + "\n")
+                        json_out.flush()
+                    print(f"  {tokens:7d} {mode:13s} {name:9s} expanded={str(expanded):5s} "
+                          f"{ms * 1e3:10.1f} us", flush=True)
+                    if best is None or ms * 1e3 < best["median_us"]:
+                        best = rec
+                    del kk, vv
+                    break  # GQA ran (or expanded ran): no need for the other form
+            if best is not None:
+                rec = dict(best, backend="best:" + best["backend"])
+                rows.append(rec)
+                if json_out:
+                    json_out.write(json.dumps(rec) + "\n")
+            del q, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+def compare(ours_path, peer_rows):
+    best = {(r["mode"], r["tokens"]): r for r in peer_rows if r["backend"].startswith("best:")}
+    print(f"\n{'tokens':>7} {'keep':>5} {'mode':13s} {'sqkv_us':>10} {'graph_us':>10} "
+          f"{'GB/s':>7} {'sdpa_us':>10} {'backend':>16} {'speedup':>8}")
+    with open(ours_path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("impl") != "sqkv":
+                continue
+            peer = best.get((r["mode"], r["tokens"]))
+            sdpa_us = peer["median_us"] if peer else float("nan")
+            backend = peer["backend"] + ("(exp)" if peer and peer["expanded_kv"] else "") \
+                if peer else "-"
+            print(f"{r['tokens']:7d} {r['keep']:5.2f} {r['mode']:13s} {r['median_us']:10.2f} "
+                  f"{r['graph_us']:10.2f} {r['gbps']:7.0f} {sdpa_us:10.2f} {backend:>16} "
+                  f"{sdpa_us / r['median_us']:7.1f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json")
+    ap.add_argument("--ours")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    json_out = open(args.json, "w") if args.json else None
+    rows = run_peer([32768] if args.quick else [32768, 131072], json_out)
+    if json_out:
+        json_out.close()
+    if args.ours:
+        compare(args.ours, rows)
+
+
+if __name__ == "__main__":
+    main()
