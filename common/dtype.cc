@@ -77,6 +77,7 @@ uint16_t FloatToBf16(float f) {
 }
 
 void ToFloat(DType t, const void* src, float* dst, size_t n) {
+  if (n == 0) return;  // src/dst may be null for empty tensors
   switch (t) {
     case DType::kF32:
       std::memcpy(dst, src, n * 4);
@@ -95,6 +96,7 @@ void ToFloat(DType t, const void* src, float* dst, size_t n) {
 }
 
 void FromFloat(DType t, const float* src, void* dst, size_t n) {
+  if (n == 0) return;
   switch (t) {
     case DType::kF32:
       std::memcpy(dst, src, n * 4);

@@ -7,6 +7,7 @@
 #include <xxhash.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -63,6 +64,46 @@ Result<uint64_t> FileSize(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return ErrnoStatus("stat", path, errno);
   return static_cast<uint64_t>(st.st_size);
+}
+
+Status WriteFileAtomically(const std::string& path, const std::vector<std::string_view>& parts) {
+  std::string tmp = path + ".tmp-XXXXXX";
+  const int fd = mkstemp(tmp.data());
+  if (fd < 0) return ErrnoStatus("cannot create a temporary file for", path, errno);
+  auto fail = [&](const std::string& what) {
+    Status st = ErrnoStatus(what, tmp, errno);
+    close(fd);
+    unlink(tmp.c_str());
+    return st;
+  };
+  if (fchmod(fd, 0644) != 0) return fail("cannot chmod");
+  for (std::string_view part : parts) {
+    while (!part.empty()) {
+      const ssize_t n = write(fd, part.data(), part.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return fail("cannot write");
+      part.remove_prefix(static_cast<size_t>(n));
+    }
+  }
+  if (fsync(fd) != 0) return fail("cannot fsync");
+  if (close(fd) != 0) {
+    Status st = ErrnoStatus("cannot close", tmp, errno);
+    unlink(tmp.c_str());
+    return st;
+  }
+  if (rename(tmp.c_str(), path.c_str()) != 0) {
+    Status st = ErrnoStatus("cannot rename " + tmp + " to", path, errno);
+    unlink(tmp.c_str());
+    return st;
+  }
+  std::string dir = std::filesystem::path(path).parent_path().string();
+  if (dir.empty()) dir = ".";
+  const int dir_fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) return ErrnoStatus("cannot open directory", dir, errno);
+  const bool synced = fsync(dir_fd) == 0;
+  Status st = synced ? Status::Ok() : ErrnoStatus("cannot fsync directory", dir, errno);
+  close(dir_fd);
+  return st;
 }
 
 uint64_t Checksum64(const void* data, size_t bytes) { return XXH3_64bits(data, bytes); }

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/status.h"
@@ -25,6 +26,10 @@ Status RemoveFile(const std::string& path);
 // Names (not paths) of the regular files in `dir`.
 Status ListFiles(const std::string& dir, std::vector<std::string>* names);
 Result<uint64_t> FileSize(const std::string& path);
+
+// Writes `parts` one after another to `path` through a temporary file in the same directory:
+// fsync, rename, then fsync of the directory, so readers see the old file or the whole new one.
+Status WriteFileAtomically(const std::string& path, const std::vector<std::string_view>& parts);
 
 // 64-bit xxh3 of a byte range: the store's checksum.
 uint64_t Checksum64(const void* data, size_t bytes);

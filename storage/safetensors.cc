@@ -1,5 +1,7 @@
 #include "storage/safetensors.h"
 
+#include "storage/file_util.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -291,48 +293,6 @@ Status ErrnoStatus(const std::string& what, const std::string& path) {
   return err == ENOENT ? Status::NotFound(m) : Status::IOError(m);
 }
 
-// Writes `parts` one after another to `path` through a temporary file in the same directory,
-// fsync and rename, then fsyncs the directory so the rename itself is durable.
-// TODO: move to a shared storage file utility (npy.cc holds a twin) once one exists.
-Status WriteFileAtomically(const std::string& path, const std::vector<std::string_view>& parts) {
-  std::string tmp = path + ".tmp-XXXXXX";
-  const int fd = mkstemp(tmp.data());
-  if (fd < 0) return ErrnoStatus("cannot create a temporary file for", path);
-  auto fail = [&](const std::string& what) {
-    Status st = ErrnoStatus(what, tmp);
-    close(fd);
-    unlink(tmp.c_str());
-    return st;
-  };
-  if (fchmod(fd, 0644) != 0) return fail("cannot chmod");
-  for (std::string_view part : parts) {
-    while (!part.empty()) {
-      const ssize_t n = write(fd, part.data(), part.size());
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return fail("cannot write");
-      part.remove_prefix(static_cast<size_t>(n));
-    }
-  }
-  if (fsync(fd) != 0) return fail("cannot fsync");
-  if (close(fd) != 0) {
-    Status st = ErrnoStatus("cannot close", tmp);
-    unlink(tmp.c_str());
-    return st;
-  }
-  if (rename(tmp.c_str(), path.c_str()) != 0) {
-    Status st = ErrnoStatus("cannot rename " + tmp + " to", path);
-    unlink(tmp.c_str());
-    return st;
-  }
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  if (dir.empty()) dir = ".";
-  const int dir_fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) return ErrnoStatus("cannot open directory", dir);
-  const bool synced = fsync(dir_fd) == 0;
-  Status st = synced ? Status::Ok() : ErrnoStatus("cannot fsync directory", dir);
-  close(dir_fd);
-  return st;
-}
 
 }  // namespace
 
