@@ -8,7 +8,8 @@
 // launches rotate through them so a launch reads HBM, not what the previous one left in L2.
 // Prints a table; with --json PATH also writes one JSON object per line.
 //
-// Usage: gpu_attention_bench [--json PATH] [--quick]
+// Usage: gpu_attention_bench [--json PATH] [--quick] [--only MODE:TOKENS:KEEP] [--iters N]
+//   --only runs one configuration (e.g. decode_b1:131072:0.1), for a profiler.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -305,18 +306,32 @@ double CopyBandwidthGBs(cudaStream_t stream) {
 }
 
 int Run(int argc, char** argv) {
-  std::string json_path;
+  std::string json_path, only;
   bool quick = false;
+  int iters_override = 0;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
     } else if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+      only = argv[++i];
+    } else if (std::strcmp(argv[i], "--iters") == 0 && i + 1 < argc) {
+      iters_override = std::atoi(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: %s [--json PATH] [--quick]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--json PATH] [--quick] [--only MODE:TOKENS:KEEP] [--iters N]\n",
+                   argv[0]);
       return 2;
     }
   }
+  // "decode_b1:131072:0.1" → the one configuration to run.
+  auto wanted = [&](Mode mode, int tokens, double keep) {
+    if (only.empty()) return true;
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "%s:%d:%g", ModeName(mode), tokens, keep);
+    return only == buf;
+  };
   if (!DevicePresent()) {
     std::fprintf(stderr, "no CUDA device\n");
     return 1;
@@ -344,6 +359,9 @@ int Run(int argc, char** argv) {
   const std::vector<int> token_counts =
       quick ? std::vector<int>{32768} : std::vector<int>{32768, 131072};
   for (int tokens : token_counts) {
+    if (!only.empty() && only.find(":" + std::to_string(tokens) + ":") == std::string::npos) {
+      continue;
+    }
     const PoolLayout layout = MakeLayout(tokens, rng);
     // The pool: random bf16 bytes, never zeros (a 64 MB random block copied around).
     DeviceBuffer pool;
@@ -368,6 +386,7 @@ int Run(int argc, char** argv) {
     }
     for (double keep : {0.1, 0.3, 1.0}) {
       for (Mode mode : {Mode::kDecode1, Mode::kDecode8, Mode::kPrefill}) {
+        if (!wanted(mode, tokens, keep)) continue;
         std::vector<Launch> launches(kContexts);
         size_t ws_bytes = 0;
         for (int r = 0; r < kContexts; ++r) {
@@ -386,7 +405,7 @@ int Run(int argc, char** argv) {
           CUDA_CHECK(cudaStreamSynchronize(stream));
           check = CheckAgainstCpu(launches[0], pool.get(), out.as<float>(), check_rows);
         }
-        const int iters = mode == Mode::kPrefill ? 24 : 200;
+        const int iters = iters_override > 0 ? iters_override : mode == Mode::kPrefill ? 24 : 200;
         const Timing t = TimeLaunches(launches, iters, stream, head_start.get(), head_start_bytes);
 
         double keys = 0, pages = 0, rows = 0, flop_keys = 0;

@@ -6,7 +6,8 @@
 #
 # Binaries come prebuilt in $BIN (default .devbin-attn: gpu_test, gpu_attention_bench and the
 # shared libraries they need). Logs and JSON lines go to $OUT (default ./attn-out).
-#   bench/run_gpu_attention.sh [--quick] [--skip-tests] [--skip-sanitizer]
+#   bench/run_gpu_attention.sh [--quick] [--skip-tests] [--skip-sanitizer] [--ncu]
+# --ncu adds Nsight Compute sections for the decode (batch 1) and prefill kernels at 128K / 10%.
 set -uo pipefail
 BIN=${BIN:-.devbin-attn}
 OUT=${OUT:-./attn-out}
@@ -14,11 +15,13 @@ mkdir -p "$OUT"
 QUICK=""
 RUN_TESTS=1
 RUN_SANITIZER=1
+RUN_NCU=0
 for a in "$@"; do
   case "$a" in
     --quick) QUICK=--quick ;;
     --skip-tests) RUN_TESTS=0 ;;
     --skip-sanitizer) RUN_SANITIZER=0 ;;
+    --ncu) RUN_NCU=1 ;;
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -67,6 +70,20 @@ if [ "$RUN_SANITIZER" = 1 ]; then
     echo "synccheck rc=$?"
   } > "$OUT/sanitizer.log" 2>&1
   grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|FAILED \]|PASSED" "$OUT/sanitizer.log"
+fi
+
+if [ "$RUN_NCU" = 1 ]; then
+  echo "== ncu"
+  SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section SchedulerStats"
+  {
+    timeout 150 ncu --clock-control none -k 'regex:DecodeKernel|SplitMerge' --launch-skip 40 \
+      --launch-count 2 $SECTIONS "$BIN/gpu_attention_bench" --only decode_b1:131072:0.1 --iters 24
+    timeout 150 ncu --clock-control none -k 'regex:PrefillKernel|CompactKernel' --launch-skip 8 \
+      --launch-count 2 $SECTIONS "$BIN/gpu_attention_bench" --only prefill_1024:131072:0.1 \
+      --iters 4
+  } > "$OUT/ncu.log" 2>&1
+  grep -E "^  [A-Za-z].*Kernel|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" "$OUT/ncu.log" | head -60
 fi
 
 exit $status

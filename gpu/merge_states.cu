@@ -89,6 +89,11 @@ Status LaunchSplitMerge(int head_dim, const SplitMergeParams& mp, cudaStream_t s
   const int64_t warps = static_cast<int64_t>(mp.num_segments) * mp.rows_cap;
   const dim3 grid(static_cast<unsigned>((warps + kMergeWarps - 1) / kMergeWarps));
   const dim3 block(kMergeWarps * 32);
+  static const Status carveout = [] {
+    SQKV_RETURN_IF_ERROR(PreferShared(SplitMergeKernel<64>));
+    return PreferShared(SplitMergeKernel<128>);
+  }();
+  SQKV_RETURN_IF_ERROR(carveout);
   if (head_dim == 64) {
     return LaunchKernel(SplitMergeKernel<64>, grid, block, 0, stream, /*dependent=*/true,
                         "split merge kernel", mp);

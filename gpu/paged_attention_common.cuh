@@ -16,6 +16,13 @@ inline constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float NegInf() { return __int_as_float(0xff800000); }
 
+// 2^x on the special-function unit (about 2 ulp; -inf gives +0, denormal results flush to 0).
+__device__ __forceinline__ float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Shared-memory address as the 32-bit value the PTX instructions take.
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -54,6 +54,44 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
   const int page_tokens = p.page_tokens;
   const T* pool = static_cast<const T*>(p.pool);
 
+  // Unit k of this warp is u0 + warp + k * kWarps.
+  const int span = u1 - u0;
+  const int n_mine = span > warp ? (span - warp + kWarps - 1) / kWarps : 0;
+
+  // Page info of the warp's units, kept a window ahead so no copy waits on a page-list load:
+  // lane j holds unit base + j (cur_*) and unit base + 32 + j (nxt_*, in flight). row: the unit's
+  // first K row in the pool, counted in head_dim-element rows.
+  auto load_info = [&](int k, uint32_t& row, int& valid) {
+    row = 0;
+    valid = 0;
+    if (k < n_mine) {
+      const int u = u0 + warp + k * kWarps;
+      const int page = u / p.units_per_page;
+      const int sub = u - page * p.units_per_page;
+      const uint32_t pid = static_cast<uint32_t>(__ldg(p.page_ids + page_off + page));
+      const int pv = min(max(__ldg(p.page_valid + page_off + page), 0), page_tokens);
+      row = pid * static_cast<uint32_t>(2 * page_tokens) + sub * kUnitSlots;
+      valid = min(pv - sub * kUnitSlots, kUnitSlots);
+    }
+  };
+  uint32_t cur_row, nxt_row;
+  int cur_valid, nxt_valid, base = 0;
+  load_info(lane, cur_row, cur_valid);
+  load_info(32 + lane, nxt_row, nxt_valid);
+  // Info of unit k; k must grow by one per call.
+  uint32_t next_row = 0;
+  int next_valid = 0;
+  auto fetch = [&](int k) {
+    if (k - base >= 32) {
+      base += 32;
+      cur_row = nxt_row;
+      cur_valid = nxt_valid;
+      load_info(base + 32 + lane, nxt_row, nxt_valid);
+    }
+    next_row = __shfl_sync(0xffffffffu, cur_row, k - base);
+    next_valid = __shfl_sync(0xffffffffu, cur_valid, k - base);
+  };
+
   // Q → shared memory in the storage type; rows past the segment are zero.
   for (int i = tid; i < S::kRows * C; i += kThreads) {
     const int r = i / C, c = i % C;
@@ -63,32 +101,12 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
   }
   __syncthreads();
 
-  // Unit k of this warp is u0 + warp + k * kWarps.
-  const int span = u1 - u0;
-  const int n_mine = span > warp ? (span - warp + kWarps - 1) / kWarps : 0;
   T* wpipe = spipe + warp * S::kWarpElems;
   const uint32_t wpipe_addr = SmemAddr(wpipe);
   const uint32_t q_addr = SmemAddr(sq);
   const LdmAddr<C> a_addr(lane % 8 + ((lane / 8) % 2) * 8, lane / 16, lane);  // Q, V (trans)
   const LdmAddr<C> b_addr((lane / 16) * 8 + lane % 8, (lane / 8) % 2, lane);  // K
 
-  // Page of the next unit to issue, fetched one iteration before its copy is issued so the load
-  // latency hides behind a unit of compute. row: the unit's first K row in head_dim-element rows.
-  uint32_t next_row = 0;
-  int next_valid = 0;
-  auto fetch = [&](int k) {
-    next_row = 0;
-    next_valid = 0;
-    if (k < n_mine) {
-      const int u = u0 + warp + k * kWarps;
-      const int page = u / p.units_per_page;
-      const int sub = u - page * p.units_per_page;
-      const uint32_t pid = static_cast<uint32_t>(__ldg(p.page_ids + page_off + page));
-      const int valid = min(max(__ldg(p.page_valid + page_off + page), 0), page_tokens);
-      next_row = pid * static_cast<uint32_t>(2 * page_tokens) + sub * kUnitSlots;
-      next_valid = min(valid - sub * kUnitSlots, kUnitSlots);
-    }
-  };
   auto issue = [&](int stage) {
     if (next_valid <= 0) return;
     const uint32_t dk = wpipe_addr + stage * S::kStageElems * 2;
@@ -174,6 +192,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
             s[mt][nt][j] = key < va ? s[mt][nt][j] * p.scale_log2 : NegInf();
           }
         }
+        float corr[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           float mx = fmaxf(fmaxf(s[mt][0][2 * h], s[mt][0][2 * h + 1]),
@@ -181,22 +200,27 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
           mx = QuadMax(mx);
           const float m_new = fmaxf(m[mt][h], mx);
           const float m_use = m_new == NegInf() ? 0.f : m_new;
-          const float corr = exp2f(m[mt][h] - m_use);
+          corr[h] = FastExp2(m[mt][h] - m_use);
           m[mt][h] = m_new;
           float sum = 0.f;
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
             for (int j = 2 * h; j < 2 * h + 2; ++j) {
-              s[mt][nt][j] = exp2f(s[mt][nt][j] - m_use);
+              s[mt][nt][j] = FastExp2(s[mt][nt][j] - m_use);
               sum += s[mt][nt][j];
             }
           }
-          l[mt][h] = l[mt][h] * corr + sum;
+          l[mt][h] = l[mt][h] * corr[h] + sum;
+        }
+        // Rescale only when a row's max moved (rare once the max has settled).
+        if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
           for (int dn = 0; dn < D / 8; ++dn) {
-            o[mt][dn][2 * h] *= corr;
-            o[mt][dn][2 * h + 1] *= corr;
+            o[mt][dn][0] *= corr[0];
+            o[mt][dn][1] *= corr[0];
+            o[mt][dn][2] *= corr[1];
+            o[mt][dn][3] *= corr[1];
           }
         }
       }

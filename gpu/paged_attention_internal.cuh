@@ -137,12 +137,22 @@ Status LaunchKernel(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem,
   return CudaStatus(cudaLaunchKernelEx(&config, kernel, args...), what);
 }
 
+// Asks for the largest shared-memory carveout: every kernel of this family does, so consecutive
+// kernels (attention, merge) never wait for an SM to change its L1 / shared split.
+template <typename Kernel>
+Status PreferShared(Kernel kernel) {
+  return CudaStatus(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         cudaSharedmemCarveoutMaxShared),
+                    "cudaFuncSetAttribute(carveout)");
+}
+
 // Raises the dynamic shared-memory limit of `kernel` and reads its occupancy.
 template <typename Kernel>
 Status QueryKernel(Kernel kernel, int smem_bytes, KernelInfo* info) {
   SQKV_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
       "cudaFuncSetAttribute"));
+  SQKV_RETURN_IF_ERROR(PreferShared(kernel));
   int blocks = 0;
   SQKV_RETURN_IF_ERROR(CudaStatus(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem_bytes),

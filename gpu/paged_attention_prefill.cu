@@ -14,6 +14,7 @@ namespace {
 constexpr int kCompactThreads = 256;
 constexpr int kMt = kPrefillRows / (16 * (kThreads / 32));  // 16-row m tiles per warp: 2
 constexpr int kNt = kPrefillKeys / 8;                        // 8-key n tiles per key tile: 8
+static_assert(kMt == 2, "the rescale vote below names both m tiles");
 
 // One block per segment: tok_rows[s][...] = pool rows of the valid slots, tok_count[s] = total.
 __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelParams p) {
@@ -205,11 +206,25 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
 #pragma unroll
       for (int nt = 0; nt < kNt; ++nt) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int key = nt * 8 + (lane % 4) * 2 + (j & 1);
-          s[mt][nt][j] = key < valid ? s[mt][nt][j] * p.scale_log2 : NegInf();
+        for (int j = 0; j < 4; ++j) s[mt][nt][j] *= p.scale_log2;
+      }
+    }
+    if (valid < kPrefillKeys) {
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int key = nt * 8 + (lane % 4) * 2 + (j & 1);
+            if (key >= valid) s[mt][nt][j] = NegInf();
+          }
         }
       }
+    }
+    float corr[kMt][2];
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float mx = NegInf();
@@ -218,22 +233,31 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
         mx = QuadMax(mx);
         const float m_new = fmaxf(m[mt][h], mx);
         const float m_use = m_new == NegInf() ? 0.f : m_new;
-        const float corr = exp2f(m[mt][h] - m_use);
+        corr[mt][h] = FastExp2(m[mt][h] - m_use);
         m[mt][h] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNt; ++nt) {
 #pragma unroll
           for (int j = 2 * h; j < 2 * h + 2; ++j) {
-            s[mt][nt][j] = exp2f(s[mt][nt][j] - m_use);
+            s[mt][nt][j] = FastExp2(s[mt][nt][j] - m_use);
             sum += s[mt][nt][j];
           }
         }
-        l[mt][h] = l[mt][h] * corr + sum;
+        l[mt][h] = l[mt][h] * corr[mt][h] + sum;
+      }
+    }
+    // Rescale O only when some row's max moved (rare once the maxima have settled).
+    if (__any_sync(0xffffffffu, corr[0][0] != 1.f || corr[0][1] != 1.f || corr[1][0] != 1.f ||
+                                    corr[1][1] != 1.f)) {
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
 #pragma unroll
         for (int dn = 0; dn < D / 8; ++dn) {
-          o[mt][dn][2 * h] *= corr;
-          o[mt][dn][2 * h + 1] *= corr;
+          o[mt][dn][0] *= corr[mt][0];
+          o[mt][dn][1] *= corr[mt][0];
+          o[mt][dn][2] *= corr[mt][1];
+          o[mt][dn][3] *= corr[mt][1];
         }
       }
     }
@@ -308,6 +332,8 @@ template <typename T, int D>
 Status Launch(const KernelParams& p, const Plan& plan, cudaStream_t stream) {
   KernelInfo info;
   SQKV_RETURN_IF_ERROR((Info<T, D>(&info)));
+  static const Status carveout = PreferShared(CompactKernel);
+  SQKV_RETURN_IF_ERROR(carveout);
   SQKV_RETURN_IF_ERROR(LaunchKernel(CompactKernel, dim3(p.num_segments), dim3(kCompactThreads), 0,
                                     stream, /*dependent=*/false, "prefill compaction kernel", p));
   const int64_t blocks = static_cast<int64_t>(p.num_segments) * plan.splits * plan.row_tiles;

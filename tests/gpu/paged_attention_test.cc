@@ -265,14 +265,17 @@ void CheckCase(const CaseSpec& spec, const std::string& name) {
   std::vector<double> cpu_d(cpu_rows.begin(), cpu_rows.end());
   const double rel_cpu = testing::RelativeError(got_rows.data(), cpu_d.data(), cpu_d.size());
   const Tolerance tol = TolFor(spec.dtype);
+  // q is rounded to the storage type for the tensor cores; the score error that makes grows with
+  // the score scale, so the lse bound does too.
+  const double lse_tol = tol.lse * std::max(1.f, spec.q_stddev);
   std::printf(
       "[ metric ] %-34s %-4s d=%-3d pt=%-2d rel_ref=%.3g rel_cpu=%.3g lse_abs=%.3g "
       "lse_cpu_abs=%.3g\n",
       name.c_str(), DTypeName(spec.dtype), d, pt, rel, rel_cpu, lse_err, lse_cpu_err);
   EXPECT_LE(rel, tol.rel) << name;
   EXPECT_LE(rel_cpu, tol.rel) << name;
-  EXPECT_LE(lse_err, tol.lse) << name;
-  EXPECT_LE(lse_cpu_err, tol.lse) << name;
+  EXPECT_LE(lse_err, lse_tol) << name;
+  EXPECT_LE(lse_cpu_err, lse_tol) << name;
 }
 
 constexpr DType kAllDTypes[] = {DType::kBF16, DType::kF16, DType::kF32};
