@@ -1,0 +1,98 @@
+// Internals of the GPU engine (gpu/engine.cc): resident layers and query plans. Plain C++;
+// streams as cudaStream_t only in the .cc files.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/status.h"
+#include "gpu/device_buffer.h"
+#include "gpu/engine.h"
+#include "gpu/lookup.h"
+#include "gpu/paged_attention.h"
+#include "index/head_index.h"
+
+namespace sqkv::gpu {
+
+// Wraps a cudaError_t (an int here, so that this header needs no CUDA) into a Status.
+Status CudaStatus(int err, const char* what);
+
+// One kv head of a resident layer: what planning needs on the host, and device pointers into the
+// layer's index buffer.
+struct ResidentHead {
+  int32_t num_clusters = 0;
+  int32_t num_l1 = 0;
+  int32_t tokens = 0;
+  int32_t num_pages = 0;
+  std::vector<int32_t> sorted_sizes;            // cluster sizes ascending (page bound of a budget)
+  const float* centroids = nullptr;             // (num_clusters, head_dim)
+  const int32_t* cluster_size = nullptr;        // (num_clusters)
+  const int32_t* cluster_page_begin = nullptr;  // (num_clusters + 1)
+  const int32_t* page_table = nullptr;          // (num_pages): pool page ids
+  const float* l1_centroids = nullptr;          // (num_l1, head_dim)
+  const int32_t* l1_size = nullptr;             // (num_l1)
+  const int32_t* l1_child_begin = nullptr;      // (num_l1 + 1)
+};
+
+struct ResidentLayer {
+  DType dtype = DType::kBF16;
+  int page_tokens = 0;
+  int head_dim = 0;
+  size_t page_bytes = 0;
+  size_t total_pages = 0;
+  uint64_t generation = 0;
+  std::vector<int32_t> slots;  // pool slots held, in page order
+  std::vector<ResidentHead> heads;
+  std::vector<const HeadIndex*> sources;  // valid during LoadLayer only
+  DeviceBuffer index;                     // every head's index arrays and page table
+};
+
+// Checks the heads and fills the layer's shape and host-side head data (no device work).
+Status PrepareLayer(DType dtype, int page_tokens, const std::vector<HeadIndex>& heads,
+                    const void* pages, size_t slot_bytes, ResidentLayer* layer);
+// Uploads the index (with page tables from pool_ids: global page -> pool page) and copies the
+// pages into the pool; synchronises `stream` (a cudaStream_t) before returning.
+Status UploadLayer(const std::vector<int32_t>& pool_ids, const void* pages, void* pool,
+                   void* stream, ResidentLayer* layer);
+
+class PlanImpl final : public QueryPlan {
+ public:
+  int num_requests() const override { return static_cast<int>(row_offsets_.size()); }
+  int total_rows() const override { return total_rows_; }
+  int head_dim() const override { return head_dim_; }
+  int row_offset(int request) const override { return row_offsets_[request]; }
+  size_t workspace_bytes() const override { return bytes_; }
+
+  DType dtype_ = DType::kBF16;
+  int head_dim_ = 0;
+  int page_tokens_ = 0;
+  int total_rows_ = 0;
+  std::vector<int> row_offsets_;  // (requests)
+  std::vector<int> kv_heads_;     // (requests)
+  std::vector<uint64_t> layer_keys;
+  std::vector<uint64_t> generations;
+  std::vector<LookupSegment> segments;  // host copy of the device table
+  LookupLayout layout;
+  LookupArgs lookup;             // q filled per Run
+  PagedAttentionArgs attention;  // q, out, lse filled per Run
+  size_t bytes_ = 0;
+  size_t attention_ws_bytes_ = 0;  // reserved for the attention's scratch
+  DeviceBuffer owned_;             // the workspace, unless borrowed from Query's scratch
+};
+
+// InvalidArgument unless the request's buffers and shapes fit the layer and q is finite.
+Status CheckHostRequest(const QueryRequest& q, const ResidentLayer& layer);
+// Builds the host side of a plan: segments, lookup layout, attention shape.
+Status FillPlan(const std::vector<DeviceQuery>& queries,
+                const std::vector<const ResidentLayer*>& layers, const void* pool, PlanImpl* plan);
+// Places the plan's device arrays in `scratch` (grown as needed) or in a buffer the plan owns
+// (scratch == nullptr), and uploads its tables (synchronises `stream`, a cudaStream_t).
+Status AllocatePlan(DeviceBuffer* scratch, void* stream, PlanImpl* plan);
+// Enqueues lookup and attention. stream: cudaStream_t.
+Status RunPlan(PlanImpl& plan, const DeviceIO& io, void* stream);
+// Copies the last run's selections back (the caller has synchronised).
+Status ReadPlanSelections(const PlanImpl& plan, std::vector<std::vector<HeadSelection>>* out);
+
+}  // namespace sqkv::gpu
