@@ -91,6 +91,26 @@ Status DecodeRecord(const std::string& bytes, ContextRecord* r) {
   return Status::Ok();
 }
 
+std::string GarbageKey(uint64_t version) { return "g/" + Hex16(version); }
+
+std::string EncodeThresholds(const Thresholds& t) {
+  return nlohmann::json{{"sparsity", t.sparsity}, {"threshold", t.threshold}}.dump();
+}
+
+Status DecodeThresholds(const std::string& bytes, Thresholds* t) {
+  try {
+    auto j = nlohmann::json::parse(bytes);
+    t->sparsity = j.at("sparsity").get<std::vector<float>>();
+    t->threshold = j.at("threshold").get<std::vector<float>>();
+  } catch (const std::exception& e) {
+    return Status::Corruption(std::string("thresholds record: ") + e.what());
+  }
+  if (t->sparsity.size() != t->threshold.size()) {
+    return Status::Corruption("thresholds record: lengths differ");
+  }
+  return Status::Ok();
+}
+
 std::string EncodeChecksums(const std::vector<uint64_t>& sums) {
   return std::string(reinterpret_cast<const char*>(sums.data()), sums.size() * sizeof(uint64_t));
 }
@@ -132,7 +152,8 @@ class CatalogImpl : public Catalog {
     const ContextRecord& r = pub.record;
     if (pub.layer_index.size() != static_cast<size_t>(r.layers) ||
         pub.page_checksums.size() != static_cast<size_t>(r.layers) ||
-        (!pub.window_queries.empty() && pub.window_queries.size() != static_cast<size_t>(r.layers))) {
+        (!pub.window_queries.empty() && pub.window_queries.size() != static_cast<size_t>(r.layers)) ||
+        (!pub.thresholds.empty() && pub.thresholds.size() != static_cast<size_t>(r.layers))) {
       return Status::InvalidArgument("publication of " + r.name + " does not cover every layer");
     }
     std::lock_guard<std::mutex> lock(publish_mu_);
@@ -142,7 +163,13 @@ class CatalogImpl : public Catalog {
     if (!s.ok() && !s.IsNotFound()) return FromRocks(s, "read context " + r.name);
 
     rocksdb::WriteBatch batch;
+    if (s.ok()) {  // replacing: the old version becomes garbage in the same batch
+      ContextRecord old;
+      SQKV_RETURN_IF_ERROR(DecodeRecord(existing, &old));
+      batch.Put(GarbageKey(old.version), "");
+    }
     for (int32_t l = 0; l < r.layers; ++l) {
+      if (!pub.thresholds.empty()) batch.Put(LayerKey(r.version, 't', l), EncodeThresholds(pub.thresholds[l]));
       batch.Put(LayerKey(r.version, 'i', l), pub.layer_index[l]);
       batch.Put(LayerKey(r.version, 's', l), EncodeChecksums(pub.page_checksums[l]));
       if (!pub.window_queries.empty() && pub.window_queries[l].q_heads > 0) {
@@ -210,12 +237,45 @@ class CatalogImpl : public Catalog {
     return Status::Ok();
   }
 
+  Status GetThresholds(uint64_t version, int32_t layer, Thresholds* out) override {
+    std::string v;
+    SQKV_RETURN_IF_ERROR(
+        FromRocks(db_->Get(rocksdb::ReadOptions(), LayerKey(version, 't', layer), &v),
+                  "thresholds of layer " + std::to_string(layer)));
+    return DecodeThresholds(v, out);
+  }
+
+  Status PutThresholds(uint64_t version, const std::vector<Thresholds>& thresholds) override {
+    rocksdb::WriteBatch batch;
+    for (size_t l = 0; l < thresholds.size(); ++l) {
+      batch.Put(LayerKey(version, 't', static_cast<int32_t>(l)), EncodeThresholds(thresholds[l]));
+    }
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    return FromRocks(db_->Write(wo, &batch), "store thresholds");
+  }
+
+  Status ListGarbage(std::vector<uint64_t>* out) override {
+    out->clear();
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+    for (it->Seek("g/"); it->Valid() && it->key().starts_with("g/"); it->Next()) {
+      const std::string key = it->key().ToString();
+      if (key.size() != 18) return Status::Corruption("catalog key " + key);
+      out->push_back(std::stoull(key.substr(2), nullptr, 16));
+    }
+    return FromRocks(it->status(), "list garbage");
+  }
+
+  Status VerifyChecksums() override {
+    return FromRocks(db_->VerifyChecksum(), "catalog checksum scan");
+  }
+
   Status RemoveContext(const std::string& name, ContextRecord* removed) override {
     std::lock_guard<std::mutex> lock(publish_mu_);
     SQKV_RETURN_IF_ERROR(GetContext(name, removed));
     rocksdb::WriteBatch batch;
     batch.Delete(ContextKey(name));
-    AddVersionDeletes(removed->version, &batch);
+    batch.Put(GarbageKey(removed->version), "");
     rocksdb::WriteOptions wo;
     wo.sync = true;
     return FromRocks(db_->Write(wo, &batch), "remove context " + name);
@@ -224,6 +284,7 @@ class CatalogImpl : public Catalog {
   Status DropVersion(uint64_t version) override {
     rocksdb::WriteBatch batch;
     AddVersionDeletes(version, &batch);
+    batch.Delete(GarbageKey(version));
     rocksdb::WriteOptions wo;
     wo.sync = true;
     return FromRocks(db_->Write(wo, &batch), "drop version " + std::to_string(version));

@@ -6,6 +6,9 @@
 //        v/<version:016x>/i/<layer:05>  → encoded layer index (index/serialize.h)
 //        v/<version:016x>/s/<layer:05>  → page checksums of the layer, u64 each, head-major
 //        v/<version:016x>/q/<layer:05>  → window queries of the layer (WindowQueries)
+//        v/<version:016x>/t/<layer:05>  → calibrated thresholds of the layer (Thresholds)
+//        g/<version:016x>               → a removed or superseded version whose files and keys
+//                                         wait to be reclaimed (once no reader uses them)
 //        m/next_version                 → next version number (u64)
 #pragma once
 
@@ -53,12 +56,19 @@ struct WindowQueries {
   std::vector<float> data;  // (q_heads, window, head_dim)
 };
 
+// Per-key score thresholds of one layer for target sparsities (see index/calibrate.h).
+struct Thresholds {
+  std::vector<float> sparsity;   // ascending, in (0, 1)
+  std::vector<float> threshold;  // same length; non-increasing keep as sparsity falls
+};
+
 // Everything a context version adds to the catalog, written in one batch.
 struct ContextPublication {
   ContextRecord record;
   std::vector<std::string> layer_index;               // (layers) encoded layer indexes
   std::vector<std::vector<uint64_t>> page_checksums;  // (layers) checksums of each layer's pages
   std::vector<WindowQueries> window_queries;          // (layers) or empty
+  std::vector<Thresholds> thresholds;  // (layers) or empty
 };
 
 class Catalog {
@@ -70,8 +80,8 @@ class Catalog {
   virtual Result<uint64_t> AllocateVersion() = 0;
 
   // Publishes atomically. Fails with AlreadyExists when the name is taken, unless `replace`, in
-  // which case the old version's record is swapped for the new one in the same batch (its keys
-  // stay until DropVersion).
+  // which case the old version's record is swapped for the new one in the same batch and the old
+  // version is marked garbage (its keys and file stay until reclaimed).
   virtual Status Publish(const ContextPublication& pub, bool replace) = 0;
 
   virtual Status GetContext(const std::string& name, ContextRecord* out) = 0;
@@ -81,10 +91,19 @@ class Catalog {
   // NotFound when the context was imported without window queries.
   virtual Status GetWindowQueries(uint64_t version, int32_t layer, WindowQueries* out) = 0;
 
-  // Removes the record of `name` (NotFound if absent) and all keys of its version, in one batch.
+  // NotFound when the layer was never calibrated.
+  virtual Status GetThresholds(uint64_t version, int32_t layer, Thresholds* out) = 0;
+  // Replaces the thresholds of every layer of a version in one batch. thresholds: (layers).
+  virtual Status PutThresholds(uint64_t version, const std::vector<Thresholds>& thresholds) = 0;
+
+  // Removes the record of `name` (NotFound if absent) and marks its version garbage, in one batch.
   virtual Status RemoveContext(const std::string& name, ContextRecord* removed) = 0;
-  // Deletes every key of a version that no record points at any more.
+  // Versions marked garbage, oldest first.
+  virtual Status ListGarbage(std::vector<uint64_t>* out) = 0;
+  // Deletes every key of a version (and its garbage mark).
   virtual Status DropVersion(uint64_t version) = 0;
+  // Reads every block of the database and checks RocksDB's own checksums.
+  virtual Status VerifyChecksums() = 0;
 
   // Raw access for verification and tests (key → value). NotFound when absent.
   virtual Status GetRaw(const std::string& key, std::string* value) = 0;

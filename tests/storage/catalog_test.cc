@@ -56,8 +56,17 @@ TEST(Catalog, PublishListGetRemove) {
   ContextRecord removed;
   ASSERT_TRUE(c->RemoveContext("a", &removed).ok());
   EXPECT_EQ(removed.version, *v1);
-  EXPECT_TRUE(c->GetLayerIndex(*v1, 0, &blob).IsNotFound());
   EXPECT_TRUE(c->RemoveContext("a", &removed).IsNotFound());
+  // The removed version waits as garbage until reclaimed.
+  std::vector<uint64_t> garbage;
+  ASSERT_TRUE(c->ListGarbage(&garbage).ok());
+  EXPECT_EQ(garbage, std::vector<uint64_t>{*v1});
+  EXPECT_TRUE(c->GetLayerIndex(*v1, 0, &blob).ok());
+  ASSERT_TRUE(c->DropVersion(*v1).ok());
+  EXPECT_TRUE(c->GetLayerIndex(*v1, 0, &blob).IsNotFound());
+  ASSERT_TRUE(c->ListGarbage(&garbage).ok());
+  EXPECT_TRUE(garbage.empty());
+  EXPECT_TRUE(c->VerifyChecksums().ok());
   std::vector<uint64_t> versions;
   ASSERT_TRUE(c->ListStoredVersions(&versions).ok());
   EXPECT_EQ(versions, std::vector<uint64_t>{*v2});
@@ -82,6 +91,26 @@ TEST(Catalog, SecondOpenOfTheSameDirectoryIsRefused) {
   ASSERT_TRUE(Catalog::Open(dir.file("cat"), &a).ok());
   Status s = Catalog::Open(dir.file("cat"), &b);
   EXPECT_FALSE(s.ok());
+}
+
+TEST(Catalog, ReplaceMarksTheOldVersionGarbage) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> c;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  auto p1 = Pub("a", 1, 2);
+  p1.thresholds.assign(2, Thresholds{{0.5f, 0.9f}, {1e-3f, 1e-2f}});
+  ASSERT_TRUE(c->Publish(p1, false).ok());
+  ASSERT_TRUE(c->Publish(Pub("a", 2, 1), /*replace=*/true).ok());
+  ContextRecord r;
+  ASSERT_TRUE(c->GetContext("a", &r).ok());
+  EXPECT_EQ(r.version, 2u);
+  std::vector<uint64_t> garbage;
+  ASSERT_TRUE(c->ListGarbage(&garbage).ok());
+  EXPECT_EQ(garbage, std::vector<uint64_t>{1});
+  Thresholds t;
+  ASSERT_TRUE(c->GetThresholds(1, 1, &t).ok());
+  EXPECT_EQ(t.threshold, (std::vector<float>{1e-3f, 1e-2f}));
+  EXPECT_TRUE(c->GetThresholds(2, 0, &t).IsNotFound());
 }
 
 TEST(Catalog, WindowQueriesRoundTrip) {

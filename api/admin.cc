@@ -1,0 +1,241 @@
+// Lifecycle operations: reclaiming removed/superseded versions, crash leftovers, verification,
+// compaction and statistics.
+#include <algorithm>
+#include <filesystem>
+#include <set>
+
+#include "api/store_impl.h"
+#include "gpu/engine.h"
+#include "index/serialize.h"
+#include "storage/file_util.h"
+
+namespace sqkv {
+namespace {
+
+constexpr size_t kMaxProblems = 100;  // a badly damaged store need not list every page
+constexpr uint64_t kVerifyChunkPages = 256;
+
+uint64_t DirBytes(const std::string& dir) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (auto it = std::filesystem::recursive_directory_iterator(dir, ec);
+       !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec)) {
+    if (it->is_regular_file(ec)) total += it->file_size(ec);
+  }
+  return total;
+}
+
+std::string SegmentName(uint64_t version) {
+  ContextRecord r;
+  r.version = version;
+  return r.SegmentFileName();
+}
+
+}  // namespace
+
+Status StoreImpl::ReclaimGarbage(CompactReport* report) {
+  std::vector<uint64_t> garbage;
+  SQKV_RETURN_IF_ERROR(catalog_->ListGarbage(&garbage));
+  std::vector<uint64_t> go;
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    for (uint64_t v : garbage) {
+      if (pins_.count(v)) {
+        if (report) ++report->versions_in_use;
+        continue;
+      }
+      reclaimed_.insert(v);  // from now on no query can pin it
+      segments_.erase(v);
+      for (auto it = layers_.begin(); it != layers_.end();) {
+        if (it->first.first == v) {
+          layer_lru_.erase(it->second.second);
+          it = layers_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      go.push_back(v);
+    }
+  }
+  if (go.empty()) return Status::Ok();
+  {
+    std::lock_guard<std::mutex> lock(engine_mu_);
+    for (auto it = gpu_lru_.begin(); it != gpu_lru_.end();) {
+      if (std::find(go.begin(), go.end(), *it >> 16) != go.end()) {
+        if (engine_) engine_->EvictLayer(*it);
+        it = gpu_lru_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (uint64_t v : go) {
+    const std::string path = segments_dir() + "/" + SegmentName(v);
+    auto size = FileSize(path);
+    SQKV_RETURN_IF_ERROR(RemoveFile(path));
+    SQKV_RETURN_IF_ERROR(catalog_->DropVersion(v));
+    if (report) {
+      ++report->versions_reclaimed;
+      if (size.ok()) report->segment_bytes_reclaimed += *size;
+    }
+  }
+  return Status::Ok();
+}
+
+Status StoreImpl::RemoveOrphans(CompactReport* report) {
+  std::vector<ContextRecord> live;
+  SQKV_RETURN_IF_ERROR(catalog_->ListContexts(&live));
+  std::vector<uint64_t> garbage;
+  SQKV_RETURN_IF_ERROR(catalog_->ListGarbage(&garbage));
+  std::set<std::string> keep;
+  std::set<uint64_t> known;
+  for (const auto& r : live) {
+    keep.insert(r.SegmentFileName());
+    known.insert(r.version);
+  }
+  for (uint64_t v : garbage) {
+    keep.insert(SegmentName(v));
+    known.insert(v);
+  }
+  std::set<std::string> in_flight;
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    for (uint64_t v : building_) in_flight.insert(SegmentName(v).substr(0, 16));
+  }
+  std::vector<std::string> files;
+  SQKV_RETURN_IF_ERROR(ListFiles(segments_dir(), &files));
+  for (const auto& f : files) {
+    if (keep.count(f)) continue;
+    if (in_flight.count(f.substr(0, 16))) continue;  // an import of this process is writing it
+    const std::string path = segments_dir() + "/" + f;
+    auto size = FileSize(path);
+    SQKV_RETURN_IF_ERROR(RemoveFile(path));
+    if (report) {
+      ++report->orphan_files_removed;
+      if (size.ok()) report->segment_bytes_reclaimed += *size;
+    }
+  }
+  // Catalog keys of versions that are neither live nor garbage (cannot arise from one batch;
+  // kept as a safety net for catalogs written by older code).
+  std::vector<uint64_t> stored;
+  SQKV_RETURN_IF_ERROR(catalog_->ListStoredVersions(&stored));
+  for (uint64_t v : stored) {
+    if (!known.count(v)) SQKV_RETURN_IF_ERROR(catalog_->DropVersion(v));
+  }
+  return Status::Ok();
+}
+
+Status StoreImpl::Compact(CompactReport* report) {
+  *report = CompactReport();
+  SQKV_RETURN_IF_ERROR(ReclaimGarbage(report));
+  SQKV_RETURN_IF_ERROR(RemoveOrphans(report));
+  return catalog_->CompactAll(&report->catalog_bytes_before, &report->catalog_bytes_after);
+}
+
+Status StoreImpl::Stats(StoreStats* out) {
+  *out = StoreStats();
+  std::vector<ContextRecord> live;
+  SQKV_RETURN_IF_ERROR(catalog_->ListContexts(&live));
+  for (const auto& r : live) {
+    ++out->contexts;
+    ++out->live_versions;
+    out->tokens += r.tokens;
+    out->keys += static_cast<int64_t>(r.layers) * r.kv_heads * r.tokens;
+    out->segment_bytes += r.segment_bytes;
+    out->index_bytes += r.index_bytes;
+    Thresholds t;
+    if (catalog_->GetThresholds(r.version, 0, &t).ok()) ++out->calibrated_contexts;
+  }
+  std::vector<uint64_t> garbage;
+  SQKV_RETURN_IF_ERROR(catalog_->ListGarbage(&garbage));
+  for (uint64_t v : garbage) {
+    ++out->garbage_versions;
+    auto size = FileSize(segments_dir() + "/" + SegmentName(v));
+    if (size.ok()) out->garbage_segment_bytes += *size;
+  }
+  out->catalog_bytes = DirBytes(data_dir() + "/catalog");
+  return Status::Ok();
+}
+
+Status StoreImpl::Verify(const std::string& name, const ProgressFn& progress,
+                         VerifyReport* report) {
+  *report = VerifyReport();
+  auto problem = [report](std::string what) {
+    if (report->problems.size() < kMaxProblems) report->problems.push_back(std::move(what));
+  };
+  std::vector<ContextRecord> contexts;
+  if (name.empty()) {
+    SQKV_RETURN_IF_ERROR(catalog_->ListContexts(&contexts));
+  } else {
+    ContextRecord r;
+    SQKV_RETURN_IF_ERROR(Info(name, &r));
+    contexts.push_back(r);
+  }
+  if (Status s = catalog_->VerifyChecksums(); !s.ok()) problem("catalog: " + s.ToString());
+  int total = 0, done = 0;
+  for (const auto& r : contexts) total += r.layers;
+  for (const auto& r : contexts) {
+    ++report->contexts_checked;
+    const std::string ctx = "context " + r.name;
+    std::unique_ptr<SegmentReader> segment;
+    if (Status s = SegmentReader::Open(SegmentPath(r), &segment); !s.ok()) {
+      problem(ctx + ": " + s.ToString());
+      done += r.layers;
+      continue;
+    }
+    const SegmentHeader& h = segment->header();
+    if (h.version != r.version || h.layers != static_cast<uint32_t>(r.layers) ||
+        h.kv_heads != static_cast<uint32_t>(r.kv_heads) ||
+        h.tokens != static_cast<uint32_t>(r.tokens) ||
+        h.head_dim != static_cast<uint32_t>(r.head_dim) || h.dtype != r.dtype ||
+        h.num_pages != r.layer_first_page.back()) {
+      problem(ctx + ": segment header disagrees with the catalog record");
+    }
+    std::vector<uint8_t> buffer;
+    for (int l = 0; l < r.layers; ++l) {
+      const std::string where = ctx + " layer " + std::to_string(l);
+      std::string blob;
+      std::vector<HeadIndex> heads;
+      std::vector<uint64_t> sums;
+      Status s = catalog_->GetLayerIndex(r.version, l, &blob);
+      if (s.ok()) s = DecodeLayerIndex(blob, &heads);
+      if (s.ok()) s = catalog_->GetPageChecksums(r.version, l, &sums);
+      const uint64_t first = r.layer_first_page[l], count = r.layer_first_page[l + 1] - first;
+      if (s.ok()) {
+        uint64_t pages = 0;
+        for (const auto& hi : heads) pages += hi.num_pages();
+        if (heads.size() != static_cast<size_t>(r.kv_heads) || pages != count ||
+            sums.size() != count) {
+          s = Status::Corruption("index covers " + std::to_string(pages) + " pages, " +
+                                 std::to_string(sums.size()) + " checksums, record says " +
+                                 std::to_string(count));
+        }
+      }
+      if (!s.ok()) {
+        problem(where + ": " + s.ToString());
+      } else if (first + count <= h.num_pages) {
+        for (uint64_t p = 0; p < count; p += kVerifyChunkPages) {
+          const uint64_t n = std::min(kVerifyChunkPages, count - p);
+          buffer.resize(n * h.page_bytes);
+          // Check page by page so every damaged page is named.
+          Status rs = segment->ReadPages(first + p, n, buffer.data(), nullptr);
+          if (!rs.ok()) {
+            problem(where + ": " + rs.ToString());
+            break;
+          }
+          for (uint64_t i = 0; i < n; ++i) {
+            if (Checksum64(buffer.data() + i * h.page_bytes, h.page_bytes) != sums[p + i]) {
+              problem(where + ": page " + std::to_string(first + p + i) + " checksum mismatch");
+            }
+          }
+          report->pages_checked += static_cast<int64_t>(n);
+          report->bytes_checked += static_cast<int64_t>(n * h.page_bytes);
+        }
+      }
+      if (progress) progress(++done, total);
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace sqkv

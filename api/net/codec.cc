@@ -1,0 +1,610 @@
+// Messages ↔ Cap'n Proto. Every reader access may throw kj::Exception on a malformed message, so
+// decoding copies the whole message into plain values inside one try block; nothing outside this
+// file touches a Cap'n Proto reader or builder.
+#include "api/net/codec.h"
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <kj/io.h>
+
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "api/net/sqkv.capnp.h"
+
+namespace sqkv::net {
+
+static_assert(std::endian::native == std::endian::little,
+              "the wire carries little-endian floats and framing; this host is big-endian");
+static_assert(kProtocolVersion == wire::PROTOCOL_VERSION, "messages.h and sqkv.capnp disagree");
+
+namespace {
+
+// Longest text fields we accept: names (the store allows 128), tokens, descriptions, messages.
+constexpr size_t kMaxNameBytes = 1024;
+constexpr size_t kMaxTokenBytes = 4096;
+constexpr size_t kMaxMessageText = 64 * 1024;
+// The traversal limit is this many times the frame's words (plus a little for tiny frames): a
+// well-formed message is read once, an aliasing one cannot make the decoder do more than this.
+constexpr uint64_t kTraversalFactor = 2;
+constexpr uint64_t kTraversalSlackWords = 64;
+
+const char* const kCallKindNames[kNumCallKinds] = {
+    "hello", "query", "list", "info", "remove", "import_begin", "import_chunk", "import_end"};
+
+// ---- small readers ----
+
+Status ReadText(capnp::Text::Reader t, size_t max_bytes, const char* field, std::string* out) {
+  if (t.size() > max_bytes) {
+    return Status::InvalidArgument(std::string(field) + " is longer than " +
+                                   std::to_string(max_bytes) + " bytes");
+  }
+  out->assign(t.begin(), t.size());
+  return Status::Ok();
+}
+
+// data: n float32 little-endian → out.
+Status ReadFloats(capnp::Data::Reader data, uint64_t expected, const char* field,
+                  std::vector<float>* out) {
+  if (data.size() != expected * sizeof(float)) {
+    return Status::InvalidArgument(std::string(field) + " holds " + std::to_string(data.size()) +
+                                   " bytes, its shape needs " +
+                                   std::to_string(expected * sizeof(float)));
+  }
+  out->resize(expected);
+  if (expected > 0) std::memcpy(out->data(), data.begin(), data.size());
+  return Status::Ok();
+}
+
+void WriteFloats(const std::vector<float>& v, capnp::Data::Builder data) {
+  if (!v.empty()) std::memcpy(data.begin(), v.data(), v.size() * sizeof(float));
+}
+
+// ---- enums ----
+
+wire::Device ToWire(Device d) {
+  switch (d) {
+    case Device::kAuto: return wire::Device::AUTO;
+    case Device::kCpu: return wire::Device::CPU;
+    case Device::kGpu: return wire::Device::GPU;
+  }
+  return wire::Device::AUTO;
+}
+
+Status FromWire(wire::Device d, Device* out) {
+  switch (d) {
+    case wire::Device::AUTO: *out = Device::kAuto; return Status::Ok();
+    case wire::Device::CPU: *out = Device::kCpu; return Status::Ok();
+    case wire::Device::GPU: *out = Device::kGpu; return Status::Ok();
+  }
+  return Status::InvalidArgument("unknown device " + std::to_string(static_cast<int>(d)));
+}
+
+wire::SelectMode ToWire(SelectOptions::Mode m) {
+  switch (m) {
+    case SelectOptions::Mode::kKeepFraction: return wire::SelectMode::KEEP_FRACTION;
+    case SelectOptions::Mode::kThreshold: return wire::SelectMode::THRESHOLD;
+    case SelectOptions::Mode::kDense: return wire::SelectMode::DENSE;
+  }
+  return wire::SelectMode::KEEP_FRACTION;
+}
+
+Status FromWire(wire::SelectMode m, SelectOptions::Mode* out) {
+  switch (m) {
+    case wire::SelectMode::KEEP_FRACTION: *out = SelectOptions::Mode::kKeepFraction; break;
+    case wire::SelectMode::THRESHOLD: *out = SelectOptions::Mode::kThreshold; break;
+    case wire::SelectMode::DENSE: *out = SelectOptions::Mode::kDense; break;
+    default:
+      return Status::InvalidArgument("unknown select mode " + std::to_string(static_cast<int>(m)));
+  }
+  return Status::Ok();
+}
+
+wire::StatusCode ToWire(Status::Code c) {
+  switch (c) {
+    case Status::Code::kOk: return wire::StatusCode::OK;
+    case Status::Code::kInvalidArgument: return wire::StatusCode::INVALID_ARGUMENT;
+    case Status::Code::kNotFound: return wire::StatusCode::NOT_FOUND;
+    case Status::Code::kAlreadyExists: return wire::StatusCode::ALREADY_EXISTS;
+    case Status::Code::kCorruption: return wire::StatusCode::CORRUPTION;
+    case Status::Code::kIOError: return wire::StatusCode::IO_ERROR;
+    case Status::Code::kUnavailable: return wire::StatusCode::UNAVAILABLE;
+    case Status::Code::kInternal: return wire::StatusCode::INTERNAL;
+  }
+  return wire::StatusCode::INTERNAL;
+}
+
+Status FromWire(wire::StatusCode c, std::string message) {
+  switch (c) {
+    case wire::StatusCode::OK: return Status::Ok();
+    case wire::StatusCode::INVALID_ARGUMENT: return Status::InvalidArgument(std::move(message));
+    case wire::StatusCode::NOT_FOUND: return Status::NotFound(std::move(message));
+    case wire::StatusCode::ALREADY_EXISTS: return Status::AlreadyExists(std::move(message));
+    case wire::StatusCode::CORRUPTION: return Status::Corruption(std::move(message));
+    case wire::StatusCode::IO_ERROR: return Status::IOError(std::move(message));
+    case wire::StatusCode::UNAVAILABLE: return Status::Unavailable(std::move(message));
+    case wire::StatusCode::INTERNAL: return Status::Internal(std::move(message));
+  }
+  // A newer server's code: keep the message, call it internal.
+  return Status::Internal(std::move(message));
+}
+
+// ---- calls ----
+
+Status ReadQuery(wire::QueryCall::Reader r, QueryCall* out) {
+  SQKV_RETURN_IF_ERROR(ReadText(r.getName(), kMaxNameBytes, "query name", &out->name));
+  out->layer = r.getLayer();
+  out->q_heads = r.getQHeads();
+  out->n = r.getN();
+  out->head_dim = r.getHeadDim();
+  if (out->q_heads <= 0 || out->n <= 0 || out->head_dim <= 0) {
+    return Status::InvalidArgument("query shape (" + std::to_string(out->q_heads) + ", " +
+                                   std::to_string(out->n) + ", " +
+                                   std::to_string(out->head_dim) + ") has a non-positive dim");
+  }
+  uint64_t elements = 0;
+  if (__builtin_mul_overflow(static_cast<uint64_t>(out->q_heads), static_cast<uint64_t>(out->n),
+                             &elements) ||
+      __builtin_mul_overflow(elements, static_cast<uint64_t>(out->head_dim), &elements) ||
+      elements > std::numeric_limits<uint64_t>::max() / sizeof(float)) {
+    return Status::InvalidArgument("query shape overflows");
+  }
+  SQKV_RETURN_IF_ERROR(ReadFloats(r.getQ(), elements, "query q", &out->q));
+  SelectOptions& s = out->options.select;
+  SQKV_RETURN_IF_ERROR(FromWire(r.getMode(), &s.mode));
+  s.keep_fraction = r.getKeepFraction();
+  s.threshold = r.getThreshold();
+  s.l1_keep_fraction = r.getL1KeepFraction();
+  SQKV_RETURN_IF_ERROR(FromWire(r.getDevice(), &out->options.device));
+  out->options.want_selection = r.getWantSelection();
+  return Status::Ok();
+}
+
+void WriteQuery(const QueryCall& c, wire::QueryCall::Builder b) {
+  b.setName(c.name);
+  b.setLayer(c.layer);
+  b.setQHeads(c.q_heads);
+  b.setN(c.n);
+  b.setHeadDim(c.head_dim);
+  WriteFloats(c.q, b.initQ(c.q.size() * sizeof(float)));
+  b.setMode(ToWire(c.options.select.mode));
+  b.setKeepFraction(c.options.select.keep_fraction);
+  b.setThreshold(c.options.select.threshold);
+  b.setL1KeepFraction(c.options.select.l1_keep_fraction);
+  b.setDevice(ToWire(c.options.device));
+  b.setWantSelection(c.options.want_selection);
+}
+
+Status ReadImportBegin(wire::ImportBegin::Reader r, ImportBeginCall* out) {
+  SQKV_RETURN_IF_ERROR(ReadText(r.getName(), kMaxNameBytes, "import name", &out->name));
+  SQKV_RETURN_IF_ERROR(ReadText(r.getFileName(), kMaxNameBytes, "import file name",
+                                &out->file_name));
+  if (out->file_name.find('/') != std::string::npos || out->file_name == "." ||
+      out->file_name == ".." || out->file_name.find('\0') != std::string::npos) {
+    return Status::InvalidArgument("import file name must be a plain base name");
+  }
+  out->total_bytes = r.getTotalBytes();
+  auto o = r.getOptions();
+  out->options.centroid_fraction = o.getCentroidFraction();
+  out->options.page_tokens = o.getPageTokens();
+  out->options.levels = o.getLevels();
+  out->options.l1_fraction = o.getL1Fraction();
+  out->options.kmeans_iterations = o.getKmeansIterations();
+  return Status::Ok();
+}
+
+void WriteImportBegin(const ImportBeginCall& c, wire::ImportBegin::Builder b) {
+  b.setName(c.name);
+  b.setFileName(c.file_name);
+  b.setTotalBytes(c.total_bytes);
+  auto o = b.initOptions();
+  o.setCentroidFraction(c.options.centroid_fraction);
+  o.setPageTokens(c.options.page_tokens);
+  o.setLevels(c.options.levels);
+  o.setL1Fraction(c.options.l1_fraction);
+  o.setKmeansIterations(c.options.kmeans_iterations);
+}
+
+Status ReadRequest(wire::Request::Reader r, Request* out) {
+  out->id = r.getId();
+  out->deadline_ms = r.getDeadlineMs();
+  switch (r.which()) {
+    case wire::Request::HELLO: {
+      auto h = r.getHello();
+      HelloCall c;
+      c.protocol_version = h.getProtocolVersion();
+      auto token = h.getToken();
+      if (token.size() > kMaxTokenBytes) return Status::InvalidArgument("hello token too long");
+      c.token.assign(reinterpret_cast<const char*>(token.begin()), token.size());
+      SQKV_RETURN_IF_ERROR(ReadText(h.getClient(), kMaxNameBytes, "hello client", &c.client));
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::QUERY: {
+      QueryCall c;
+      SQKV_RETURN_IF_ERROR(ReadQuery(r.getQuery(), &c));
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::LIST:
+      out->call = ListCall{};
+      return Status::Ok();
+    case wire::Request::INFO: {
+      InfoCall c;
+      SQKV_RETURN_IF_ERROR(ReadText(r.getInfo(), kMaxNameBytes, "info name", &c.name));
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::REMOVE: {
+      RemoveCall c;
+      SQKV_RETURN_IF_ERROR(ReadText(r.getRemove(), kMaxNameBytes, "remove name", &c.name));
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::IMPORT_BEGIN: {
+      ImportBeginCall c;
+      SQKV_RETURN_IF_ERROR(ReadImportBegin(r.getImportBegin(), &c));
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::IMPORT_CHUNK: {
+      auto ch = r.getImportChunk();
+      ImportChunkCall c;
+      c.upload_id = ch.getUploadId();
+      c.offset = ch.getOffset();
+      auto data = ch.getData();
+      c.data.assign(reinterpret_cast<const char*>(data.begin()), data.size());
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::IMPORT_END:
+      out->call = ImportEndCall{r.getImportEnd().getUploadId()};
+      return Status::Ok();
+  }
+  return Status::InvalidArgument("unknown call " + std::to_string(static_cast<int>(r.which())) +
+                                 " (client newer than server?)");
+}
+
+void WriteRequest(const Request& req, wire::Request::Builder b) {
+  b.setId(req.id);
+  b.setDeadlineMs(req.deadline_ms);
+  struct Visitor {
+    wire::Request::Builder& b;
+    void operator()(const HelloCall& c) {
+      auto h = b.initHello();
+      h.setProtocolVersion(c.protocol_version);
+      h.setToken(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(c.token.data()),
+                                     c.token.size()));
+      h.setClient(c.client);
+    }
+    void operator()(const QueryCall& c) { WriteQuery(c, b.initQuery()); }
+    void operator()(const ListCall&) { b.setList(); }
+    void operator()(const InfoCall& c) { b.setInfo(c.name); }
+    void operator()(const RemoveCall& c) { b.setRemove(c.name); }
+    void operator()(const ImportBeginCall& c) { WriteImportBegin(c, b.initImportBegin()); }
+    void operator()(const ImportChunkCall& c) {
+      auto ch = b.initImportChunk();
+      ch.setUploadId(c.upload_id);
+      ch.setOffset(c.offset);
+      ch.setData(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(c.data.data()),
+                                     c.data.size()));
+    }
+    void operator()(const ImportEndCall& c) { b.initImportEnd().setUploadId(c.upload_id); }
+  };
+  std::visit(Visitor{b}, req.call);
+}
+
+// ---- replies ----
+
+Status ReadContext(wire::Context::Reader r, ContextInfo* out) {
+  SQKV_RETURN_IF_ERROR(ReadText(r.getName(), kMaxNameBytes, "context name", &out->name));
+  out->version = r.getVersion();
+  out->layers = r.getLayers();
+  out->kv_heads = r.getKvHeads();
+  out->tokens = r.getTokens();
+  out->head_dim = r.getHeadDim();
+  out->page_tokens = r.getPageTokens();
+  std::string dtype;
+  SQKV_RETURN_IF_ERROR(ReadText(r.getDtype(), kMaxNameBytes, "context dtype", &dtype));
+  auto parsed = ParseDType(dtype);
+  if (!parsed) return Status::InvalidArgument("context dtype '" + dtype + "' unknown");
+  out->dtype = *parsed;
+  out->centroid_fraction = r.getCentroidFraction();
+  out->levels = r.getLevels();
+  out->l1_fraction = r.getL1Fraction();
+  auto pages = r.getLayerFirstPage();
+  out->layer_first_page.assign(pages.begin(), pages.end());
+  out->segment_bytes = r.getSegmentBytes();
+  out->index_bytes = r.getIndexBytes();
+  out->window_q_heads = r.getWindowQHeads();
+  out->window = r.getWindow();
+  out->created_unix = r.getCreatedUnix();
+  out->build_seconds = r.getBuildSeconds();
+  return ReadText(r.getSource(), kMaxMessageText, "context source", &out->source);
+}
+
+void WriteContext(const ContextInfo& c, wire::Context::Builder b) {
+  b.setName(c.name);
+  b.setVersion(c.version);
+  b.setLayers(c.layers);
+  b.setKvHeads(c.kv_heads);
+  b.setTokens(c.tokens);
+  b.setHeadDim(c.head_dim);
+  b.setPageTokens(c.page_tokens);
+  b.setDtype(DTypeName(c.dtype));
+  b.setCentroidFraction(c.centroid_fraction);
+  b.setLevels(c.levels);
+  b.setL1Fraction(c.l1_fraction);
+  auto pages = b.initLayerFirstPage(c.layer_first_page.size());
+  for (size_t i = 0; i < c.layer_first_page.size(); ++i) pages.set(i, c.layer_first_page[i]);
+  b.setSegmentBytes(c.segment_bytes);
+  b.setIndexBytes(c.index_bytes);
+  b.setWindowQHeads(c.window_q_heads);
+  b.setWindow(c.window);
+  b.setCreatedUnix(c.created_unix);
+  b.setBuildSeconds(c.build_seconds);
+  b.setSource(c.source);
+}
+
+Status ReadQueryReply(wire::QueryReply::Reader r, QueryResult* out) {
+  auto output = r.getOutput(), lse = r.getLse();
+  if (output.size() % sizeof(float) != 0 || lse.size() % sizeof(float) != 0) {
+    return Status::InvalidArgument("query reply tensors are not whole float32s");
+  }
+  SQKV_RETURN_IF_ERROR(ReadFloats(output, output.size() / sizeof(float), "output", &out->output));
+  SQKV_RETURN_IF_ERROR(ReadFloats(lse, lse.size() / sizeof(float), "lse", &out->lse));
+  auto sel = r.getSelectedTokens();
+  out->selected_tokens.resize(sel.size());
+  for (uint32_t h = 0; h < sel.size(); ++h) {
+    auto tokens = sel[h];
+    out->selected_tokens[h].assign(tokens.begin(), tokens.end());
+  }
+  auto s = r.getStats();
+  SQKV_RETURN_IF_ERROR(ReadText(s.getDevice(), kMaxNameBytes, "stats device", &out->stats.device));
+  out->stats.tokens_selected = s.getTokensSelected();
+  out->stats.pages_selected = s.getPagesSelected();
+  out->stats.centroids_scored = s.getCentroidsScored();
+  out->stats.pages_from_disk = s.getPagesFromDisk();
+  out->stats.disk_bytes_read = s.getDiskBytesRead();
+  out->stats.total_ms = s.getTotalMs();
+  return Status::Ok();
+}
+
+void WriteQueryReply(const QueryResult& q, wire::QueryReply::Builder b) {
+  WriteFloats(q.output, b.initOutput(q.output.size() * sizeof(float)));
+  WriteFloats(q.lse, b.initLse(q.lse.size() * sizeof(float)));
+  auto sel = b.initSelectedTokens(q.selected_tokens.size());
+  for (size_t h = 0; h < q.selected_tokens.size(); ++h) {
+    const auto& tokens = q.selected_tokens[h];
+    auto list = sel.init(h, tokens.size());
+    for (size_t i = 0; i < tokens.size(); ++i) list.set(i, tokens[i]);
+  }
+  auto s = b.initStats();
+  s.setDevice(q.stats.device);
+  s.setTokensSelected(q.stats.tokens_selected);
+  s.setPagesSelected(q.stats.pages_selected);
+  s.setCentroidsScored(q.stats.centroids_scored);
+  s.setPagesFromDisk(q.stats.pages_from_disk);
+  s.setDiskBytesRead(q.stats.disk_bytes_read);
+  s.setTotalMs(q.stats.total_ms);
+}
+
+Status ReadResponse(wire::Response::Reader r, Response* out) {
+  out->id = r.getId();
+  auto st = r.getStatus();
+  std::string message;
+  SQKV_RETURN_IF_ERROR(ReadText(st.getMessage(), kMaxMessageText, "status message", &message));
+  out->status = FromWire(st.getCode(), std::move(message));
+  switch (r.which()) {
+    case wire::Response::NONE:
+      out->body = std::monostate{};
+      return Status::Ok();
+    case wire::Response::HELLO: {
+      auto h = r.getHello();
+      HelloReply reply;
+      reply.protocol_version = h.getProtocolVersion();
+      SQKV_RETURN_IF_ERROR(ReadText(h.getServer(), kMaxNameBytes, "hello server", &reply.server));
+      reply.max_message_bytes = h.getMaxMessageBytes();
+      out->body = std::move(reply);
+      return Status::Ok();
+    }
+    case wire::Response::QUERY: {
+      QueryResult q;
+      SQKV_RETURN_IF_ERROR(ReadQueryReply(r.getQuery(), &q));
+      out->body = std::move(q);
+      return Status::Ok();
+    }
+    case wire::Response::CONTEXTS: {
+      std::vector<ContextInfo> all;
+      for (auto c : r.getContexts()) {
+        SQKV_RETURN_IF_ERROR(ReadContext(c, &all.emplace_back()));
+      }
+      out->body = std::move(all);
+      return Status::Ok();
+    }
+    case wire::Response::CONTEXT: {
+      ContextInfo c;
+      SQKV_RETURN_IF_ERROR(ReadContext(r.getContext(), &c));
+      out->body = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Response::IMPORT_BEGIN: {
+      auto b = r.getImportBegin();
+      out->body = ImportBeginReply{b.getUploadId(), b.getChunkBytes()};
+      return Status::Ok();
+    }
+    case wire::Response::IMPORT_PROGRESS: {
+      auto p = r.getImportProgress();
+      out->body = ImportProgressReply{p.getDone(), p.getTotal()};
+      return Status::Ok();
+    }
+  }
+  return Status::InvalidArgument("unknown reply " + std::to_string(static_cast<int>(r.which())) +
+                                 " (server newer than client?)");
+}
+
+void WriteResponse(const Response& resp, wire::Response::Builder b) {
+  b.setId(resp.id);
+  auto st = b.initStatus();
+  st.setCode(ToWire(resp.status.code()));
+  const std::string& m = resp.status.message();
+  st.setMessage(m.size() > kMaxMessageText ? m.substr(0, kMaxMessageText) : m);
+  struct Visitor {
+    wire::Response::Builder& b;
+    void operator()(const std::monostate&) { b.setNone(); }
+    void operator()(const HelloReply& h) {
+      auto w = b.initHello();
+      w.setProtocolVersion(h.protocol_version);
+      w.setServer(h.server);
+      w.setMaxMessageBytes(h.max_message_bytes);
+    }
+    void operator()(const QueryResult& q) { WriteQueryReply(q, b.initQuery()); }
+    void operator()(const std::vector<ContextInfo>& all) {
+      auto list = b.initContexts(all.size());
+      for (size_t i = 0; i < all.size(); ++i) WriteContext(all[i], list[i]);
+    }
+    void operator()(const ContextInfo& c) { WriteContext(c, b.initContext()); }
+    void operator()(const ImportBeginReply& r) {
+      auto w = b.initImportBegin();
+      w.setUploadId(r.upload_id);
+      w.setChunkBytes(r.chunk_bytes);
+    }
+    void operator()(const ImportProgressReply& p) {
+      auto w = b.initImportProgress();
+      w.setDone(p.done);
+      w.setTotal(p.total);
+    }
+  };
+  if (!resp.status.ok()) {
+    b.setNone();
+    return;
+  }
+  std::visit(Visitor{b}, resp.body);
+}
+
+// ---- framing ----
+
+uint32_t LowHalf(uint64_t w) { return static_cast<uint32_t>(w); }
+uint32_t HighHalf(uint64_t w) { return static_cast<uint32_t>(w >> 32); }
+
+// Runs `decode` on a reader of the frame; library exceptions become InvalidArgument.
+template <typename Root, typename Out, typename Fn>
+Status DecodeFrame(const uint64_t* frame, size_t words, const Limits& limits, const char* what,
+                   Out* out, Fn decode) {
+  if (frame == nullptr || words == 0) return Status::InvalidArgument(std::string("empty ") + what);
+  capnp::ReaderOptions options;
+  options.traversalLimitInWords = kTraversalFactor * words + kTraversalSlackWords;
+  options.nestingLimit = limits.nesting_limit;
+  try {
+    // Re-check the table: the caller may hand us any bytes (the fuzzer does).
+    SQKV_ASSIGN_OR_RETURN(size_t table_bytes, FrameTableBytes(frame, limits));
+    if (table_bytes > words * kWordBytes) return Status::InvalidArgument("truncated frame table");
+    SQKV_ASSIGN_OR_RETURN(size_t frame_bytes, FrameBytes(frame, table_bytes, limits));
+    if (frame_bytes != words * kWordBytes) {
+      return Status::InvalidArgument(std::string(what) + " frame holds " +
+                                     std::to_string(words * kWordBytes) + " bytes, its table " +
+                                     std::to_string(frame_bytes));
+    }
+    capnp::FlatArrayMessageReader reader(
+        kj::ArrayPtr<const capnp::word>(reinterpret_cast<const capnp::word*>(frame), words),
+        options);
+    return decode(reader.getRoot<Root>(), out);
+  } catch (const kj::Exception& e) {
+    return Status::InvalidArgument(std::string("malformed ") + what + ": " +
+                                   e.getDescription().cStr());
+  } catch (const std::exception& e) {
+    return Status::InvalidArgument(std::string("malformed ") + what + ": " + e.what());
+  }
+}
+
+template <typename Root, typename In, typename Fn>
+Status EncodeFrame(const In& in, size_t size_hint_bytes, const char* what,
+                   std::vector<uint64_t>* frame, Fn encode) {
+  try {
+    capnp::MallocMessageBuilder builder(
+        static_cast<unsigned>(std::min<size_t>(size_hint_bytes / kWordBytes + 64, 1u << 28)));
+    encode(in, builder.initRoot<Root>());
+    const size_t words = capnp::computeSerializedSizeInWords(builder);
+    frame->resize(words);
+    kj::ArrayOutputStream stream(
+        kj::ArrayPtr<kj::byte>(reinterpret_cast<kj::byte*>(frame->data()), words * kWordBytes));
+    capnp::writeMessage(stream, builder);
+    return Status::Ok();
+  } catch (const kj::Exception& e) {
+    return Status::Internal(std::string("encoding ") + what + ": " + e.getDescription().cStr());
+  }
+}
+
+size_t RequestSizeHint(const Request& r) {
+  if (const auto* q = std::get_if<QueryCall>(&r.call)) return q->q.size() * sizeof(float);
+  if (const auto* c = std::get_if<ImportChunkCall>(&r.call)) return c->data.size();
+  return 0;
+}
+
+size_t ResponseSizeHint(const Response& r) {
+  if (const auto* q = std::get_if<QueryResult>(&r.body)) {
+    size_t n = (q->output.size() + q->lse.size()) * sizeof(float);
+    for (const auto& t : q->selected_tokens) n += t.size() * sizeof(int32_t) + kWordBytes;
+    return n;
+  }
+  return 0;
+}
+
+}  // namespace
+
+const char* CallKindName(size_t kind) {
+  return kind < kNumCallKinds ? kCallKindNames[kind] : "unknown";
+}
+
+Result<size_t> FrameTableBytes(const uint64_t* first_word, const Limits& limits) {
+  const uint64_t segments = uint64_t{LowHalf(*first_word)} + 1;
+  if (segments > limits.max_segments) {
+    return Status::InvalidArgument("frame has " + std::to_string(segments) +
+                                   " segments, the limit is " +
+                                   std::to_string(limits.max_segments));
+  }
+  // u32 count + u32 per segment, padded to whole words.
+  const uint64_t table_u32 = 1 + segments;
+  return static_cast<size_t>((table_u32 + 1) / 2 * kWordBytes);
+}
+
+Result<size_t> FrameBytes(const uint64_t* table, size_t table_bytes, const Limits& limits) {
+  SQKV_ASSIGN_OR_RETURN(size_t expected_table, FrameTableBytes(table, limits));
+  if (table_bytes != expected_table) return Status::InvalidArgument("frame table size mismatch");
+  const uint64_t segments = uint64_t{LowHalf(table[0])} + 1;
+  uint64_t words = table_bytes / kWordBytes;
+  for (uint64_t s = 0; s < segments; ++s) {
+    const uint64_t u32_index = 1 + s;  // u32 slot of segment s's size
+    const uint64_t w = table[u32_index / 2];
+    words += (u32_index % 2 == 1) ? HighHalf(w) : LowHalf(w);
+  }
+  // segments <= 2^32 and each size < 2^32, so `words` cannot overflow.
+  if (words * kWordBytes > limits.max_message_bytes) {
+    return Status::InvalidArgument("message of " + std::to_string(words * kWordBytes) +
+                                   " bytes exceeds the limit of " +
+                                   std::to_string(limits.max_message_bytes));
+  }
+  return static_cast<size_t>(words * kWordBytes);
+}
+
+Status DecodeRequest(const uint64_t* frame, size_t words, const Limits& limits, Request* out) {
+  return DecodeFrame<wire::Request>(frame, words, limits, "request", out, ReadRequest);
+}
+
+Status DecodeResponse(const uint64_t* frame, size_t words, const Limits& limits, Response* out) {
+  return DecodeFrame<wire::Response>(frame, words, limits, "response", out, ReadResponse);
+}
+
+Status EncodeRequest(const Request& request, std::vector<uint64_t>* frame) {
+  return EncodeFrame<wire::Request>(request, RequestSizeHint(request), "request", frame,
+                                    WriteRequest);
+}
+
+Status EncodeResponse(const Response& response, std::vector<uint64_t>* frame) {
+  return EncodeFrame<wire::Response>(response, ResponseSizeHint(response), "response", frame,
+                                     WriteResponse);
+}
+
+}  // namespace sqkv::net

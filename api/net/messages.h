@@ -1,0 +1,110 @@
+// Private: the protocol's messages as plain C++ values (api/net/sqkv.capnp is the wire form;
+// api/net/codec.h converts). The server and the client work on these only, so Cap'n Proto
+// readers and builders, and the exceptions they throw, stay inside codec.cc.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "api/store.h"
+#include "common/status.h"
+
+namespace sqkv::net {
+
+// Must equal sqkv.capnp's protocolVersion (checked in codec.cc).
+inline constexpr uint32_t kProtocolVersion = 1;
+
+// What a decoder accepts. Both ends apply them to every message they read.
+struct Limits {
+  // Largest frame (segment table + segments). Default: 256 MiB.
+  uint64_t max_message_bytes = uint64_t{256} << 20;
+  // Largest segment count in a frame's table. Default: 64 (our writers use a handful).
+  uint32_t max_segments = 64;
+  // Pointer nesting depth; the schema needs 4. Default: 16.
+  int nesting_limit = 16;
+};
+
+// ---- Calls (client → server) ----
+
+struct HelloCall {
+  uint32_t protocol_version = kProtocolVersion;
+  std::string token;   // empty without a token
+  std::string client;  // free-form, e.g. "sqkv-cli 0.1.0"
+};
+
+struct QueryCall {
+  std::string name;
+  int32_t layer = 0;
+  int32_t q_heads = 0, n = 0, head_dim = 0;
+  std::vector<float> q;  // (q_heads, n, head_dim)
+  QueryOptions options;
+};
+
+struct ListCall {};
+struct InfoCall {
+  std::string name;
+};
+struct RemoveCall {
+  std::string name;
+};
+
+struct ImportBeginCall {
+  std::string name;
+  std::string file_name;  // base name only
+  uint64_t total_bytes = 0;
+  ImportOptions options;  // progress and on_stage are not carried
+};
+
+struct ImportChunkCall {
+  uint64_t upload_id = 0;
+  uint64_t offset = 0;
+  std::string data;
+};
+
+struct ImportEndCall {
+  uint64_t upload_id = 0;
+};
+
+using Call = std::variant<HelloCall, QueryCall, ListCall, InfoCall, RemoveCall, ImportBeginCall,
+                          ImportChunkCall, ImportEndCall>;
+
+// Index of each call kind in Call, for tables (metrics) indexed by kind.
+inline constexpr size_t kNumCallKinds = std::variant_size_v<Call>;
+// "hello", "query", "list", "info", "remove", "import_begin", "import_chunk", "import_end".
+const char* CallKindName(size_t kind);
+
+struct Request {
+  uint64_t id = 0;
+  uint32_t deadline_ms = 0;  // 0: the server's default
+  Call call;
+};
+
+// ---- Replies (server → client) ----
+
+struct HelloReply {
+  uint32_t protocol_version = kProtocolVersion;
+  std::string server;
+  uint64_t max_message_bytes = 0;
+};
+
+struct ImportBeginReply {
+  uint64_t upload_id = 0;
+  uint32_t chunk_bytes = 0;
+};
+
+struct ImportProgressReply {
+  int32_t done = 0, total = 0;
+};
+
+using Body = std::variant<std::monostate, HelloReply, QueryResult, std::vector<ContextInfo>,
+                          ContextInfo, ImportBeginReply, ImportProgressReply>;
+
+struct Response {
+  uint64_t id = 0;
+  Status status;  // not OK → body is monostate
+  Body body;
+};
+
+}  // namespace sqkv::net

@@ -1,0 +1,126 @@
+#include "api/net/metrics.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cinttypes>
+#include <cstdarg>
+#include <cstdio>
+#include <fstream>
+
+namespace sqkv::net {
+namespace {
+
+constexpr double kNanosPerSecond = 1e9;
+
+void Line(std::string* out, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+void Line(std::string* out, const char* fmt, ...) {
+  char buf[512];
+  va_list args;
+  va_start(args, fmt);
+  const int n = std::vsnprintf(buf, sizeof(buf), fmt, args);
+  va_end(args);
+  if (n > 0) out->append(buf, std::min<size_t>(n, sizeof(buf) - 1));
+  out->push_back('\n');
+}
+
+void Header(std::string* out, const char* name, const char* type, const char* help) {
+  Line(out, "# HELP %s %s", name, help);
+  Line(out, "# TYPE %s %s", name, type);
+}
+
+std::string CodeLabel(size_t code) {
+  std::string s = Status::CodeName(static_cast<Status::Code>(code));
+  return s;
+}
+
+}  // namespace
+
+void Histogram::Observe(double seconds) {
+  size_t i = 0;
+  while (i < kLatencyBuckets.size() && seconds > kLatencyBuckets[i]) ++i;
+  buckets_[i].fetch_add(1, std::memory_order_relaxed);
+  count_.fetch_add(1, std::memory_order_relaxed);
+  sum_ns_.fetch_add(static_cast<uint64_t>(std::max(0.0, seconds) * kNanosPerSecond),
+                    std::memory_order_relaxed);
+}
+
+void Histogram::Render(const std::string& name, const std::string& labels,
+                       std::string* out) const {
+  uint64_t cumulative = 0;
+  for (size_t i = 0; i < kLatencyBuckets.size(); ++i) {
+    cumulative += buckets_[i].load(std::memory_order_relaxed);
+    Line(out, "%s_bucket{%s,le=\"%g\"} %" PRIu64, name.c_str(), labels.c_str(), kLatencyBuckets[i],
+         cumulative);
+  }
+  cumulative += buckets_.back().load(std::memory_order_relaxed);
+  Line(out, "%s_bucket{%s,le=\"+Inf\"} %" PRIu64, name.c_str(), labels.c_str(), cumulative);
+  Line(out, "%s_sum{%s} %.9f", name.c_str(), labels.c_str(),
+       sum_ns_.load(std::memory_order_relaxed) / kNanosPerSecond);
+  Line(out, "%s_count{%s} %" PRIu64, name.c_str(), labels.c_str(),
+       count_.load(std::memory_order_relaxed));
+}
+
+void Metrics::ObserveCall(size_t kind, Status::Code code, double seconds) {
+  if (kind >= kNumCallKinds) return;
+  const size_t c = static_cast<size_t>(code);
+  if (c < kNumStatusCodes) requests_[kind][c].fetch_add(1, std::memory_order_relaxed);
+  latency_[kind].Observe(seconds);
+}
+
+std::string Metrics::Render(const Gauges& gauges) const {
+  std::string out;
+  Header(&out, "sqkv_requests_total", "counter", "Requests answered, by call and status code.");
+  for (size_t k = 0; k < kNumCallKinds; ++k) {
+    for (size_t c = 0; c < kNumStatusCodes; ++c) {
+      const uint64_t v = requests_[k][c].load(std::memory_order_relaxed);
+      if (v == 0 && c != 0) continue;  // keep the output short; ok is always shown
+      Line(&out, "sqkv_requests_total{call=\"%s\",code=\"%s\"} %" PRIu64, CallKindName(k),
+           CodeLabel(c).c_str(), v);
+    }
+  }
+  Header(&out, "sqkv_request_duration_seconds", "histogram",
+         "Time from a request's last byte read to its answer's last byte written.");
+  for (size_t k = 0; k < kNumCallKinds; ++k) {
+    latency_[k].Render("sqkv_request_duration_seconds",
+                       std::string("call=\"") + CallKindName(k) + "\"", &out);
+  }
+  auto counter = [&out](const char* name, const char* help, uint64_t v) {
+    Header(&out, name, "counter", help);
+    Line(&out, "%s %" PRIu64, name, v);
+  };
+  auto gauge = [&out](const char* name, const char* help, int64_t v) {
+    Header(&out, name, "gauge", help);
+    Line(&out, "%s %" PRId64, name, v);
+  };
+  counter("sqkv_connections_total", "Connections accepted.", connections_opened.load());
+  gauge("sqkv_connections_open", "Connections open now.", connections_open.load());
+  counter("sqkv_connections_refused_total", "Connections closed at once (over the limit).",
+          connections_refused.load());
+  counter("sqkv_auth_failures_total", "Connections refused for a missing or wrong token.",
+          auth_failures.load());
+  counter("sqkv_protocol_errors_total", "Frames or messages that could not be decoded.",
+          protocol_errors.load());
+  counter("sqkv_deadline_exceeded_total", "Requests answered with deadline exceeded.",
+          deadline_exceeded.load());
+  counter("sqkv_connection_timeouts_total", "Connections closed for idleness or slow I/O.",
+          timeouts.load());
+  gauge("sqkv_requests_in_flight", "Requests being worked on now.", requests_in_flight.load());
+  counter("sqkv_received_bytes_total", "Bytes of messages received.", bytes_received.load());
+  counter("sqkv_sent_bytes_total", "Bytes of messages sent.", bytes_sent.load());
+  counter("sqkv_upload_bytes_total", "Bytes of import uploads written.", upload_bytes.load());
+  if (gauges.contexts >= 0) gauge("sqkv_contexts", "Contexts in the store.", gauges.contexts);
+  gauge("sqkv_resident_memory_bytes", "Resident set size of the server process.",
+        static_cast<int64_t>(ResidentBytes()));
+  return out;
+}
+
+uint64_t ResidentBytes() {
+  std::ifstream f("/proc/self/statm");
+  uint64_t size_pages = 0, resident_pages = 0;
+  if (!(f >> size_pages >> resident_pages)) return 0;
+  const long page = ::sysconf(_SC_PAGESIZE);
+  return page > 0 ? resident_pages * static_cast<uint64_t>(page) : 0;
+}
+
+}  // namespace sqkv::net

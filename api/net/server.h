@@ -1,0 +1,81 @@
+// The SqueezeKV server: serves a Store over TCP (protocol: api/net/sqkv.capnp) and Prometheus
+// metrics over HTTP. `sqkv serve` is a thin wrapper around it.
+//
+//   std::unique_ptr<Server> server;
+//   SQKV_RETURN_IF_ERROR(Server::Start(ServerOptions{}, store.get(), &server));
+//   return server->Wait();   // until SIGINT/SIGTERM (handle_signals) or Shutdown()
+//
+// Threads: `io_threads` run the network (one coroutine per connection); store calls run on a
+// separate pool of `workers`, so a slow query never stalls other connections' I/O. Each
+// connection carries one request at a time; concurrency comes from connections.
+//
+// Not done: batching queries of different connections into one GPU launch. Store has no batched
+// query entry point, so each request is one Store::Query call.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "api/store.h"
+#include "common/status.h"
+
+namespace sqkv::net {
+
+struct ServerOptions {
+  // host:port to accept clients on; port 0 picks a free one (see Server::address()).
+  // Default: "127.0.0.1:7781".
+  std::string listen = "127.0.0.1:7781";
+  // host:port of the Prometheus endpoint (GET /metrics); empty disables it.
+  // Default: "127.0.0.1:9781".
+  std::string metrics_listen = "127.0.0.1:9781";
+  // When not empty, every connection must first send hello with this token. Default: empty.
+  std::string auth_token;
+  // Threads running network I/O. Default: 2.
+  int io_threads = 2;
+  // Threads running store calls; 0 means std::thread::hardware_concurrency(). Default: 0.
+  int workers = 0;
+  // Largest message accepted (and sent). Default: 256 MiB.
+  uint64_t max_message_bytes = uint64_t{256} << 20;
+  // Largest data of one upload chunk (must fit in a message). Default: 8 MiB.
+  uint32_t chunk_bytes = 8u << 20;
+  // Largest file one import may upload. Default: 64 GiB.
+  uint64_t max_upload_bytes = uint64_t{64} << 30;
+  // Where uploads are written before Store::Import; emptied at start. Default: empty, meaning
+  // "<store data_dir>/uploads".
+  std::string upload_dir;
+  // Per-request deadline when the request names none (0 = none). Imports (importEnd) have no
+  // default deadline: indexing a large context takes minutes. Default: 60000.
+  uint32_t default_deadline_ms = 60000;
+  // A connection that sends nothing for this long between requests is closed. Default: 300000.
+  uint32_t idle_timeout_ms = 300000;
+  // Once a message has started, the rest of it must arrive (and a reply must be written) within
+  // this. Default: 30000.
+  uint32_t io_timeout_ms = 30000;
+  // Connections beyond this are closed at once. Default: 4096.
+  int max_connections = 4096;
+  // Stop gracefully on SIGINT and SIGTERM. Default: false (the CLI sets it).
+  bool handle_signals = false;
+  // Receives one line per notable event (start, stop, refused connections). Default: none.
+  std::function<void(const std::string&)> log;
+};
+
+class Server {
+ public:
+  // Binds both listeners and starts serving `store`, which must outlive the server.
+  static Status Start(const ServerOptions& options, Store* store, std::unique_ptr<Server>* out);
+  virtual ~Server() = default;
+
+  // Bound addresses, "host:port" (the real port when 0 was asked for); metrics "" if disabled.
+  virtual std::string address() const = 0;
+  virtual std::string metrics_address() const = 0;
+
+  // Graceful stop: stop accepting, close idle connections, let in-flight requests finish and be
+  // answered. Returns at once; Wait() returns when all is done. Safe from any thread.
+  virtual void Shutdown() = 0;
+  // Blocks until the server has stopped (Shutdown(), or a signal with handle_signals).
+  virtual Status Wait() = 0;
+};
+
+}  // namespace sqkv::net

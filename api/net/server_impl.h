@@ -1,0 +1,108 @@
+// Private: the server's state shared by server.cc (listeners, threads, shutdown), session.cc (one
+// coroutine per client connection) and metrics_http.cc (the Prometheus endpoint). Boost.Asio
+// lives here and in those files only.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
+
+#include "api/net/messages.h"
+#include "api/net/metrics.h"
+#include "api/net/server.h"
+
+namespace sqkv::net {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+
+// One client connection. Every field is touched only on the socket's strand.
+struct SessionState {
+  explicit SessionState(tcp::socket s) : socket(std::move(s)), watchdog(socket.get_executor()) {}
+  tcp::socket socket;
+  // The watchdog closes the connection when `deadline` passes (api/net/session.cc).
+  asio::steady_timer watchdog;
+  Clock::time_point deadline = Clock::time_point::max();
+  // True from a request's first byte to its answer's last: Shutdown() leaves such a connection
+  // to finish, and closes idle ones.
+  bool busy = false;
+};
+
+class ServerImpl final : public Server {
+ public:
+  ServerImpl(const ServerOptions& options, Store* store);
+  ~ServerImpl() override;
+
+  // Binds the listeners, empties the upload directory, starts the threads.
+  Status Start();
+
+  std::string address() const override { return address_; }
+  std::string metrics_address() const override { return metrics_address_; }
+  void Shutdown() override;
+  Status Wait() override;
+
+  // For sessions.
+  const ServerOptions& options() const { return options_; }
+  const Limits& limits() const { return limits_; }
+  Store* store() { return store_; }
+  Metrics& metrics() { return metrics_; }
+  asio::thread_pool& workers() { return workers_; }
+  bool stopping() const { return stopping_.load(std::memory_order_acquire); }
+  const std::string& upload_dir() const { return upload_dir_; }
+  uint64_t NextUploadId() { return next_upload_id_.fetch_add(1) + 1; }
+  void Log(const std::string& line) const;
+  void Unregister(uint64_t session_id);
+
+ private:
+  asio::awaitable<void> AcceptLoop();
+  asio::awaitable<void> MetricsAcceptLoop();
+  Status Bind(const std::string& host_port, tcp::acceptor* acceptor, std::string* bound);
+  Status PrepareUploadDir();
+
+  ServerOptions options_;
+  Limits limits_;
+  Store* store_;
+  Metrics metrics_;
+  std::string address_, metrics_address_, upload_dir_;
+
+  asio::io_context io_;
+  asio::strand<asio::io_context::executor_type> control_;  // acceptors and signals
+  tcp::acceptor acceptor_;
+  tcp::acceptor metrics_acceptor_;
+  std::optional<asio::signal_set> signals_;
+  asio::thread_pool workers_;
+  std::vector<std::thread> io_threads_;
+
+  std::atomic<bool> stopping_{false};
+  std::atomic<uint64_t> next_upload_id_{0};
+  std::mutex sessions_mu_;
+  uint64_t next_session_id_ = 0;  // under sessions_mu_
+  std::unordered_map<uint64_t, std::weak_ptr<SessionState>> sessions_;
+  std::once_flag joined_;
+};
+
+// api/net/session.cc: serves one client connection until it closes, times out, or the server
+// stops.
+asio::awaitable<void> RunSession(ServerImpl* server, uint64_t session_id,
+                                 std::shared_ptr<SessionState> state);
+
+// api/net/metrics_http.cc: answers one HTTP request (GET /metrics) and closes.
+asio::awaitable<void> RunMetricsSession(ServerImpl* server, tcp::socket socket);
+
+}  // namespace sqkv::net

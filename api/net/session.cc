@@ -1,0 +1,276 @@
+// One coroutine per client connection: read a frame, decode it, run the call on the workers,
+// write the answer; repeat. A watchdog beside it closes the connection when the current I/O
+// deadline passes (idle between requests, or a frame or answer that is too slow).
+#include <algorithm>
+#include <memory>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/buffer.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+
+#include "api/net/codec.h"
+#include "api/net/server_impl.h"
+#include "api/net/session_calls.h"
+#include "api/net/worker_call.h"
+
+namespace sqkv::net {
+namespace {
+
+using asio::as_tuple;
+using asio::use_awaitable;
+
+// A frame buffer kept for the connection's life; shrunk after an unusually large message.
+constexpr size_t kKeepBufferWords = (size_t{4} << 20) / kWordBytes;
+
+constexpr char kServerName[] = "sqkv-serve 0.1.0";
+
+// Moves the connection's I/O deadline; wakes the watchdog when it moved earlier.
+void SetDeadline(SessionState& st, Clock::time_point t) {
+  const bool earlier = t < st.deadline;
+  st.deadline = t;
+  if (earlier) st.watchdog.cancel();
+}
+
+Clock::time_point After(uint32_t ms) {
+  return ms == 0 ? Clock::time_point::max() : Clock::now() + std::chrono::milliseconds(ms);
+}
+
+// Closes the connection when its deadline passes. Ends when the session ends (cancellation).
+asio::awaitable<void> Watchdog(ServerImpl* server, std::shared_ptr<SessionState> st) {
+  for (;;) {
+    const auto now = Clock::now();
+    if (st->deadline <= now) break;
+    st->watchdog.expires_at(st->deadline);
+    auto [ec] = co_await st->watchdog.async_wait(as_tuple(use_awaitable));
+    auto cs = co_await asio::this_coro::cancellation_state;
+    if (cs.cancelled() != asio::cancellation_type::none) co_return;  // the session ended
+    // Otherwise expired, or woken by SetDeadline: look again.
+  }
+  server->metrics().timeouts.fetch_add(1);
+  boost::system::error_code ignored;
+  st->socket.close(ignored);
+}
+
+class Session {
+ public:
+  Session(ServerImpl* server, std::shared_ptr<SessionState> st)
+      : server_(server),
+        st_(std::move(st)),
+        calls_(server, st_->socket.get_executor()),
+        authenticated_(server->options().auth_token.empty()) {}
+
+  asio::awaitable<void> Serve() {
+    for (;;) {
+      st_->busy = false;
+      if (server_->stopping()) co_return;
+      SetDeadline(*st_, After(server_->options().idle_timeout_ms));
+      Request request;
+      Status decoded;
+      bool framing_ok = false;
+      if (!co_await ReadFrame(&decoded, &framing_ok)) co_return;  // closed, timed out, stopped
+      const auto started = Clock::now();
+      if (decoded.ok()) decoded = DecodeRequest(frame_.get(), frame_words_, server_->limits(), &request);
+      ShrinkBuffer();
+      if (!decoded.ok()) {
+        // The frame was read whole: its framing is intact, so the connection can go on unless
+        // the table itself was bad.
+        server_->metrics().protocol_errors.fetch_add(1);
+        if (!co_await Send(Response{0, decoded, {}})) co_return;
+        if (!framing_ok) co_return;
+        continue;
+      }
+      const size_t kind = request.call.index();
+      if (!authenticated_ && !std::holds_alternative<HelloCall>(request.call)) {
+        server_->metrics().auth_failures.fetch_add(1);
+        co_await Send(Response{request.id,
+                               Status::Unavailable("authentication required: the server has a "
+                                                   "token; send hello with it first"),
+                               {}});
+        co_return;
+      }
+      bool keep_open = true;
+      Status answered = co_await Dispatch(request, &keep_open);
+      server_->metrics().ObserveCall(
+          kind, answered.code(),
+          std::chrono::duration<double>(Clock::now() - started).count());
+      if (!keep_open) co_return;
+    }
+  }
+
+ private:
+  // Reads one frame into frame_. False when the connection is gone (or the server stops before
+  // a request began). A bad table is answered with an error and *framing_ok false.
+  asio::awaitable<bool> ReadFrame(Status* status, bool* framing_ok) {
+    EnsureBuffer(1);
+    auto [ec, n] = co_await asio::async_read(
+        st_->socket, asio::buffer(frame_.get(), kWordBytes), as_tuple(use_awaitable));
+    if (ec) co_return false;
+    st_->busy = true;
+    SetDeadline(*st_, After(server_->options().io_timeout_ms));
+    server_->metrics().bytes_received.fetch_add(n);
+    auto table = FrameTableBytes(frame_.get(), server_->limits());
+    if (!table.ok()) {
+      *status = table.status();
+      co_return true;
+    }
+    EnsureBuffer(*table / kWordBytes);
+    if (*table > kWordBytes) {
+      auto [ec2, n2] = co_await asio::async_read(
+          st_->socket, asio::buffer(frame_.get() + 1, *table - kWordBytes), as_tuple(use_awaitable));
+      if (ec2) co_return false;
+      server_->metrics().bytes_received.fetch_add(n2);
+    }
+    auto total = FrameBytes(frame_.get(), *table, server_->limits());
+    if (!total.ok()) {
+      *status = total.status();
+      co_return true;
+    }
+    EnsureBuffer(*total / kWordBytes);
+    if (*total > *table) {
+      auto [ec3, n3] = co_await asio::async_read(
+          st_->socket, asio::buffer(reinterpret_cast<uint8_t*>(frame_.get()) + *table, *total - *table),
+          as_tuple(use_awaitable));
+      if (ec3) co_return false;
+      server_->metrics().bytes_received.fetch_add(n3);
+    }
+    frame_words_ = *total / kWordBytes;
+    *framing_ok = true;
+    co_return true;
+  }
+
+  // Keeps the first `words` of frame_ and makes room for `words`.
+  void EnsureBuffer(size_t words) {
+    if (words <= capacity_) return;
+    const size_t grown = std::max(words, capacity_ * 2);
+    auto bigger = std::make_unique_for_overwrite<uint64_t[]>(grown);
+    if (frame_) std::copy_n(frame_.get(), capacity_, bigger.get());  // what was read so far
+    frame_ = std::move(bigger);
+    capacity_ = grown;
+  }
+
+  void ShrinkBuffer() {
+    if (capacity_ > kKeepBufferWords) {
+      frame_.reset();
+      capacity_ = 0;
+    }
+    frame_words_ = 0;
+  }
+
+  // Encodes and writes one answer. False when the connection is gone.
+  asio::awaitable<bool> Send(const Response& response) {
+    Status s = EncodeResponse(response, &out_);
+    if (s.ok() && out_.size() * kWordBytes > server_->limits().max_message_bytes) {
+      s = Status::InvalidArgument("answer of " + std::to_string(out_.size() * kWordBytes) +
+                                  " bytes exceeds the message limit");
+    }
+    if (!s.ok() && !EncodeResponse(Response{response.id, s, {}}, &out_).ok()) co_return false;
+    // The write has its own deadline; the one before it (a request's: none) comes back after.
+    const Clock::time_point before = st_->deadline;
+    SetDeadline(*st_, After(server_->options().io_timeout_ms));
+    auto [ec, n] = co_await asio::async_write(
+        st_->socket, asio::buffer(out_.data(), out_.size() * kWordBytes), as_tuple(use_awaitable));
+    st_->deadline = before;  // later or equal: the watchdog notices when it wakes
+    server_->metrics().bytes_sent.fetch_add(n);
+    if (out_.capacity() > kKeepBufferWords) std::vector<uint64_t>().swap(out_);
+    co_return !ec;
+  }
+
+  // Runs one decoded request and writes its answer(s). Returns the status answered.
+  asio::awaitable<Status> Dispatch(const Request& request, bool* keep_open) {
+    const Clock::time_point deadline = RequestDeadline(request);
+    CallResult r;
+    if (const auto* hello = std::get_if<HelloCall>(&request.call)) {
+      r = Hello(*hello);
+    } else {
+      server_->metrics().requests_in_flight.fetch_add(1);
+      SetDeadline(*st_, Clock::time_point::max());  // the request deadline governs now
+      r = co_await calls_.Run(request, deadline,
+                              [this, &request](const ImportProgressReply& p) -> asio::awaitable<bool> {
+                                co_return co_await Send(Response{request.id, Status::Ok(), p});
+                              });
+      server_->metrics().requests_in_flight.fetch_sub(1);
+    }
+    if (r.deadline_exceeded) server_->metrics().deadline_exceeded.fetch_add(1);
+    *keep_open = r.keep_open;
+    const Status status = r.outcome.status;
+    if (!r.connection_lost) {
+      if (!co_await Send(Response{request.id, status, std::move(r.outcome.body)})) {
+        *keep_open = false;
+      }
+    } else {
+      *keep_open = false;
+    }
+    co_return status;
+  }
+
+  Clock::time_point RequestDeadline(const Request& request) const {
+    if (request.deadline_ms > 0) return After(request.deadline_ms);
+    if (std::holds_alternative<ImportEndCall>(request.call)) return Clock::time_point::max();
+    return After(server_->options().default_deadline_ms);
+  }
+
+  CallResult Hello(const HelloCall& hello) {
+    CallResult r;
+    if (hello.protocol_version != kProtocolVersion) {
+      r.outcome.status = Status::InvalidArgument(
+          "protocol version " + std::to_string(hello.protocol_version) + " not supported (server "
+          "speaks " + std::to_string(kProtocolVersion) + ")");
+      r.keep_open = false;
+      return r;
+    }
+    const std::string& want = server_->options().auth_token;
+    if (!want.empty() && !TokensEqual(hello.token, want)) {
+      server_->metrics().auth_failures.fetch_add(1);
+      server_->Log("refused a connection: " +
+                   std::string(hello.token.empty() ? "no token" : "wrong token"));
+      r.outcome.status = Status::Unavailable("authentication failed: wrong or missing token");
+      r.keep_open = false;
+      return r;
+    }
+    authenticated_ = true;
+    r.outcome.body = HelloReply{kProtocolVersion, kServerName, server_->limits().max_message_bytes};
+    return r;
+  }
+
+  ServerImpl* server_;
+  std::shared_ptr<SessionState> st_;
+  SessionCalls calls_;
+  bool authenticated_;
+  std::unique_ptr<uint64_t[]> frame_;
+  size_t capacity_ = 0, frame_words_ = 0;
+  std::vector<uint64_t> out_;
+};
+
+}  // namespace
+
+bool TokensEqual(std::string_view presented, std::string_view secret) {
+  // Time depends on the presented token's length only, never on the secret's content or on
+  // where the two first differ.
+  if (secret.empty()) return presented.empty();
+  unsigned diff = presented.size() == secret.size() ? 0u : 1u;
+  for (size_t i = 0; i < presented.size(); ++i) {
+    diff |= static_cast<unsigned char>(presented[i]) ^
+            static_cast<unsigned char>(secret[i % secret.size()]);
+  }
+  return diff == 0;
+}
+
+asio::awaitable<void> RunSession(ServerImpl* server, uint64_t session_id,
+                                 std::shared_ptr<SessionState> st) {
+  using namespace asio::experimental::awaitable_operators;
+  {
+    Session session(server, st);
+    co_await (session.Serve() || Watchdog(server, st));
+  }  // uploads of this connection are dropped (and their files removed) here
+  boost::system::error_code ignored;
+  st->socket.shutdown(tcp::socket::shutdown_both, ignored);
+  st->socket.close(ignored);
+  server->Unregister(session_id);
+  server->metrics().connections_open.fetch_sub(1);
+}
+
+}  // namespace sqkv::net

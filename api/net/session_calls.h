@@ -1,0 +1,63 @@
+// Private: the calls a connection serves (everything but hello), each run on the worker pool
+// with the request's deadline, and the connection's import uploads.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string_view>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+
+#include "api/net/messages.h"
+#include "api/net/worker_call.h"
+
+namespace sqkv::net {
+
+class ServerImpl;
+struct Upload;  // session_calls.cc
+
+struct CallResult {
+  Outcome outcome;
+  bool keep_open = true;           // false: close the connection after answering
+  bool deadline_exceeded = false;  // the answer is the deadline error
+  bool connection_lost = false;    // sending progress failed: nothing more can be sent
+};
+
+// Writes one progress answer; false when the connection is gone.
+using ProgressSender = std::function<boost::asio::awaitable<bool>(const ImportProgressReply&)>;
+
+class SessionCalls {
+ public:
+  // At most this many uploads open at once on one connection.
+  static constexpr size_t kMaxUploads = 4;
+
+  SessionCalls(ServerImpl* server, boost::asio::any_io_executor ex);
+  ~SessionCalls();  // drops unfinished uploads (their files are removed)
+
+  // Runs `request` (not hello) on the workers; waits at most until `deadline`.
+  boost::asio::awaitable<CallResult> Run(Request request, std::chrono::steady_clock::time_point deadline,
+                                         ProgressSender progress);
+
+ private:
+  boost::asio::awaitable<CallResult> Await(std::function<Outcome()> fn,
+                                           std::chrono::steady_clock::time_point deadline);
+  boost::asio::awaitable<CallResult> ImportBegin(ImportBeginCall call,
+                                                 std::chrono::steady_clock::time_point deadline);
+  boost::asio::awaitable<CallResult> ImportChunk(ImportChunkCall call,
+                                                 std::chrono::steady_clock::time_point deadline);
+  boost::asio::awaitable<CallResult> ImportEnd(ImportEndCall call,
+                                               std::chrono::steady_clock::time_point deadline,
+                                               ProgressSender& progress);
+
+  ServerImpl* server_;
+  boost::asio::any_io_executor ex_;
+  std::map<uint64_t, std::shared_ptr<Upload>> uploads_;
+};
+
+// Constant-time comparison of a presented token with the secret (session.cc).
+bool TokensEqual(std::string_view presented, std::string_view secret);
+
+}  // namespace sqkv::net

@@ -1,0 +1,300 @@
+# The SqueezeKV wire protocol: one Request message answered by one or more Response messages
+# (more than one only for importEnd, which sends progress before its answer), over a byte stream
+# in Cap'n Proto's standard stream framing (segment table, then segments; no packing).
+#
+# A connection carries one request at a time: the client sends a Request and reads Responses
+# carrying the same id until one that is not `importProgress`. With a token configured on the
+# server, the first request of a connection must be `hello` carrying it.
+#
+# Tensors travel as Data fields holding little-endian float32 in C order; each field's comment
+# gives its shape. Adding a call: a new member of both unions with the next ordinal. Old servers
+# answer an unknown call with an `invalidArgument` error; the connection stays usable.
+@0xa18a526776c2860a;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("sqkv::net::wire");
+
+const protocolVersion :UInt32 = 1;
+
+struct Request {
+  id @0 :UInt64;
+  # Chosen by the client; echoed in every Response to this request.
+
+  deadlineMs @1 :UInt32;
+  # How long the server may work on this request before answering `unavailable` (deadline
+  # exceeded); 0 means the server's default.
+
+  union {
+    hello @2 :Hello;
+    # Opens a session: protocol check and authentication.
+
+    query @3 :QueryCall;
+    # Store::Query.
+
+    list @4 :Void;
+    # Store::List.
+
+    info @5 :Text;
+    # Store::Info of the named context.
+
+    remove @6 :Text;
+    # Store::Remove of the named context.
+
+    importBegin @7 :ImportBegin;
+    # Starts an upload for Store::Import; answered with the upload's id.
+
+    importChunk @8 :ImportChunk;
+    # Appends bytes to an upload.
+
+    importEnd @9 :ImportEnd;
+    # Finishes an upload and imports it; answered by progress, then the imported context.
+  }
+}
+
+struct Hello {
+  protocolVersion @0 :UInt32;
+  # The client's `protocolVersion`; the server refuses another.
+
+  token @1 :Data;
+  # The shared secret of the server's --auth-token-file; empty when the client has none.
+
+  client @2 :Text;
+  # Free-form client description for logs, e.g. "sqkv-cli 0.1.0".
+}
+
+enum Device {
+  auto @0;
+  # The GPU when the server has one, else the CPU.
+  cpu @1;
+  gpu @2;
+}
+
+enum SelectMode {
+  keepFraction @0;
+  # Whole clusters in descending score until keepFraction of the keys are kept.
+  threshold @1;
+  # Every cluster whose per-key score is at least `threshold`.
+  dense @2;
+  # Every key.
+}
+
+struct QueryCall {
+  name @0 :Text;
+  # Context name.
+
+  layer @1 :Int32;
+  # Layer of the context the queries belong to.
+
+  qHeads @2 :Int32;
+  # Query heads; a multiple of the context's kv heads.
+
+  n @3 :Int32;
+  # Query tokens per head.
+
+  headDim @4 :Int32;
+  # Must equal the context's head_dim.
+
+  q @5 :Data;
+  # (qHeads, n, headDim) float32 little-endian.
+
+  mode @6 :SelectMode;
+  # Which clusters to attend to.
+
+  keepFraction @7 :Float32;
+  # For mode keepFraction, in [0, 1].
+
+  threshold @8 :Float32;
+  # For mode threshold.
+
+  l1KeepFraction @9 :Float32;
+  # Hierarchical indexes: level-1 keep fraction; 0 chooses automatically.
+
+  device @10 :Device;
+  # Where the server computes the answer.
+
+  wantSelection @11 :Bool;
+  # Return the attended token positions per kv head.
+}
+
+struct QueryStats {
+  device @0 :Text;
+  # "cpu" or "gpu".
+  tokensSelected @1 :Int64;
+  # Summed over kv heads.
+  pagesSelected @2 :Int64;
+  # Pages under the selected clusters, summed over kv heads.
+  centroidsScored @3 :Int64;
+  # Centroids scored, summed over kv heads.
+  pagesFromDisk @4 :Int64;
+  # Pages that were read from the segment file (not from a cache).
+  diskBytesRead @5 :Int64;
+  # Bytes read from the segment file.
+  totalMs @6 :Float64;
+  # Time the store spent on the query (the server's overhead is not included).
+}
+
+struct QueryReply {
+  output @0 :Data;
+  # (qHeads, n, headDim) float32 little-endian.
+
+  lse @1 :Data;
+  # (qHeads, n) float32 little-endian: natural-log log-sum-exp of the scaled scores.
+
+  selectedTokens @2 :List(List(Int32));
+  # (kv_heads) sorted original token positions attended to; empty unless wantSelection.
+
+  stats @3 :QueryStats;
+  # The store's counters for this query.
+}
+
+struct ImportOptions {
+  centroidFraction @0 :Float32;
+  # Level-2 centroids per kv head as a fraction of the tokens, in (0, 1].
+  pageTokens @1 :Int32;
+  # Token slots per page.
+  levels @2 :Int32;
+  # 1 or 2 index levels.
+  l1Fraction @3 :Float32;
+  # With 2 levels: level-1 parents as a fraction of the tokens.
+  kmeansIterations @4 :Int32;
+  # K-means iterations.
+}
+
+struct ImportBegin {
+  name @0 :Text;
+  # Name of the context to create.
+
+  fileName @1 :Text;
+  # Base name of the client's file (recorded as the context's source); no directories.
+
+  totalBytes @2 :UInt64;
+  # Exact size of the upload; importEnd fails unless this many bytes arrived.
+
+  options @3 :ImportOptions;
+  # Index parameters.
+}
+
+struct ImportChunk {
+  uploadId @0 :UInt64;
+  # From the importBegin reply.
+
+  offset @1 :UInt64;
+  # Byte offset of `data` in the file; chunks arrive in order, without gaps.
+
+  data @2 :Data;
+  # Bytes of the file; at most the server's chunk size (from the importBegin reply).
+}
+
+struct ImportEnd {
+  uploadId @0 :UInt64;
+  # From the importBegin reply; the upload is consumed (imported or not) and its file removed.
+}
+
+enum StatusCode {
+  # The codes of common/status.h.
+  ok @0;
+  invalidArgument @1;
+  notFound @2;
+  alreadyExists @3;
+  corruption @4;
+  ioError @5;
+  unavailable @6;
+  internal @7;
+}
+
+struct Status {
+  code @0 :StatusCode;
+  # What kind of failure; ok on success.
+  message @1 :Text;
+  # What failed, for people.
+}
+
+struct Context {
+  # A context's catalog record (storage/catalog.h ContextRecord).
+  name @0 :Text;
+  # Context name.
+  version @1 :UInt64;
+  # Version number of the stored index.
+  layers @2 :Int32;
+  # Layers.
+  kvHeads @3 :Int32;
+  # KV heads per layer.
+  tokens @4 :Int32;
+  # Tokens of the context.
+  headDim @5 :Int32;
+  # Head dimension.
+  pageTokens @6 :Int32;
+  # Token slots per page.
+  dtype @7 :Text;
+  # Stored element type: "f32", "f16" or "bf16".
+  centroidFraction @8 :Float32;
+  # Index parameter the version was built with.
+  levels @9 :Int32;
+  # Index levels.
+  l1Fraction @10 :Float32;
+  # Level-1 fraction (0 with one level).
+  layerFirstPage @11 :List(UInt64);
+  # (layers + 1) first segment page of each layer; the last entry is the page count.
+  segmentBytes @12 :UInt64;
+  # Size of the segment file.
+  indexBytes @13 :UInt64;
+  # Size of the encoded indexes and checksums.
+  windowQHeads @14 :Int32;
+  # Shape of the stored window queries; 0 when none.
+  window @15 :Int32;
+  # Window queries per head.
+  createdUnix @16 :Int64;
+  # Creation time, seconds since the epoch.
+  buildSeconds @17 :Float64;
+  # Import duration.
+  source @18 :Text;
+  # The file the context was imported from (on the server's side).
+}
+
+struct HelloReply {
+  protocolVersion @0 :UInt32;
+  # The server's `protocolVersion`.
+  server @1 :Text;
+  # Free-form server description, e.g. "sqkv-serve 0.1.0".
+  maxMessageBytes @2 :UInt64;
+  # Largest message the server accepts.
+}
+
+struct ImportBeginReply {
+  uploadId @0 :UInt64;
+  # Names the upload in importChunk and importEnd.
+  chunkBytes @1 :UInt32;
+  # Largest `data` the server accepts in one importChunk.
+}
+
+struct ImportProgress {
+  done @0 :Int32;
+  # (layer, kv head) pairs indexed so far.
+  total @1 :Int32;
+  # All (layer, kv head) pairs.
+}
+
+struct Response {
+  id @0 :UInt64;
+  # The id of the request answered; 0 when the request could not be decoded.
+
+  status @1 :Status;
+  # ok, or why the request failed (then the body is `none`).
+
+  union {
+    none @2 :Void;
+    # Failed requests, remove, importChunk.
+    hello @3 :HelloReply;
+    # Answer to hello.
+    query @4 :QueryReply;
+    # Answer to query.
+    contexts @5 :List(Context);
+    # Answer to list.
+    context @6 :Context;
+    # Answer to info, and to importEnd (the imported context).
+    importBegin @7 :ImportBeginReply;
+    # Answer to importBegin.
+    importProgress @8 :ImportProgress;
+    # Sent during importEnd; more Responses with the same id follow.
+  }
+}

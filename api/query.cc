@@ -1,0 +1,192 @@
+// Query: select clusters per kv head, read only their pages, exact attention over them.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "api/store_impl.h"
+#include "compute/attention.h"
+#include "gpu/device.h"
+#include "index/calibrate.h"
+
+namespace sqkv {
+namespace {
+
+// A run of consecutive pages of one head: [begin, end) in head-local page numbers.
+struct PageRun {
+  int32_t begin, end;
+};
+
+// Selected clusters (ascending) → coalesced page runs.
+std::vector<PageRun> CoalesceRuns(const HeadIndex& index, const std::vector<int32_t>& clusters) {
+  std::vector<PageRun> runs;
+  for (int32_t c : clusters) {
+    const int32_t b = index.cluster_page_begin[c], e = index.cluster_page_begin[c + 1];
+    if (!runs.empty() && runs.back().end == b) {
+      runs.back().end = e;
+    } else {
+      runs.push_back({b, e});
+    }
+  }
+  return runs;
+}
+
+void CollectPositions(const HeadIndex& index, const std::vector<int32_t>& clusters,
+                      std::vector<int32_t>* out) {
+  out->clear();
+  for (int32_t c : clusters) {
+    const size_t b = static_cast<size_t>(index.cluster_page_begin[c]) * index.page_tokens;
+    for (int32_t i = 0; i < index.cluster_size[c]; ++i) out->push_back(index.positions[b + i]);
+  }
+  std::sort(out->begin(), out->end());
+}
+
+}  // namespace
+
+Status ValidateQuery(const ContextRecord& r, int layer, const float* q, int q_heads, int n,
+                     int head_dim) {
+  if (layer < 0 || layer >= r.layers) {
+    return Status::InvalidArgument("layer " + std::to_string(layer) + " out of range: context " +
+                                   r.name + " has layers 0.." + std::to_string(r.layers - 1));
+  }
+  if (head_dim != r.head_dim) {
+    return Status::InvalidArgument("queries have head_dim " + std::to_string(head_dim) +
+                                   ", context " + r.name + " has " + std::to_string(r.head_dim));
+  }
+  if (q_heads <= 0 || q_heads % r.kv_heads != 0) {
+    return Status::InvalidArgument("queries have " + std::to_string(q_heads) +
+                                   " heads, not a positive multiple of the context's " +
+                                   std::to_string(r.kv_heads) + " kv heads");
+  }
+  if (n <= 0) return Status::InvalidArgument("no query tokens");
+  const size_t total = static_cast<size_t>(q_heads) * n * head_dim;
+  for (size_t i = 0; i < total; ++i) {
+    if (!std::isfinite(q[i])) {
+      const size_t per_head = static_cast<size_t>(n) * head_dim;
+      return Status::InvalidArgument("query element [head " + std::to_string(i / per_head) +
+                                     ", token " + std::to_string(i % per_head / head_dim) +
+                                     ", dim " + std::to_string(i % head_dim) + "] is not finite");
+    }
+  }
+  return Status::Ok();
+}
+
+Status StoreImpl::Query(const std::string& name, int layer, const float* q, int q_heads, int n,
+                        int head_dim, const QueryOptions& options, QueryResult* result) {
+  const auto started = std::chrono::steady_clock::now();
+  SQKV_RETURN_IF_ERROR(ValidateContextName(name));
+  // Read the record and pin its version; a rebuild or rm that retires the version between the
+  // two steps makes the pin fail, and the record is read again.
+  ContextRecord r;
+  constexpr int kMaxAttempts = 8;
+  bool pinned = false;
+  for (int attempt = 0; attempt < kMaxAttempts && !pinned; ++attempt) {
+    SQKV_RETURN_IF_ERROR(catalog_->GetContext(name, &r));
+    pinned = PinVersion(r.version);
+  }
+  if (!pinned) return Status::Unavailable("context " + name + " is being replaced; try again");
+  VersionPin pin(this, r.version);
+  SQKV_RETURN_IF_ERROR(ValidateQuery(r, layer, q, q_heads, n, head_dim));
+  QueryOptions effective = options;
+  if (options.sparsity >= 0.f) {
+    Thresholds t;
+    Status s = catalog_->GetThresholds(r.version, layer, &t);
+    if (s.IsNotFound()) {
+      return Status::InvalidArgument("context " + name + " has no calibrated thresholds: import it "
+                                     "with window queries (q.<layer>) or run `sqkv calibrate " +
+                                     name + " --queries FILE`");
+    }
+    SQKV_RETURN_IF_ERROR(s);
+    effective.select.mode = SelectOptions::Mode::kThreshold;
+    SQKV_RETURN_IF_ERROR(InterpolateThreshold(t.sparsity, t.threshold, options.sparsity,
+                                              &effective.select.threshold));
+  }
+  const auto& sel = effective.select;
+  if (sel.mode == SelectOptions::Mode::kKeepFraction &&
+      !(sel.keep_fraction >= 0.f && sel.keep_fraction <= 1.f)) {
+    return Status::InvalidArgument("keep fraction must be in [0, 1]");
+  }
+  Device device = options.device;
+  if (device == Device::kAuto) device = gpu::DevicePresent() ? Device::kGpu : Device::kCpu;
+  if (device == Device::kGpu && !gpu::DevicePresent()) {
+    auto why = gpu::DeviceDescription();
+    return Status::Unavailable("--device gpu: " + why.status().message());
+  }
+  SQKV_ASSIGN_OR_RETURN(auto layer_data, GetLayer(r, layer));
+  SQKV_ASSIGN_OR_RETURN(auto segment, GetSegment(r));
+  *result = QueryResult();
+  result->output.resize(static_cast<size_t>(q_heads) * n * head_dim);
+  result->lse.resize(static_cast<size_t>(q_heads) * n);
+  Status s = device == Device::kGpu
+                 ? QueryGpu(r, layer, *layer_data, *segment, q, q_heads, n, effective, result)
+                 : QueryCpu(r, *layer_data, *segment, q, q_heads, n, effective, result);
+  SQKV_RETURN_IF_ERROR(s.WithContext("query of context " + name + " layer " + std::to_string(layer)));
+  result->stats.total_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
+  return Status::Ok();
+}
+
+Status StoreImpl::QueryCpu(const ContextRecord& r, const LayerData& layer,
+                           const SegmentReader& segment, const float* q, int q_heads, int n,
+                           const QueryOptions& options, QueryResult* result) {
+  const int kv_heads = r.kv_heads, d = r.head_dim;
+  const int group = q_heads / kv_heads;
+  const int rows = group * n;  // rows of one kv head: contiguous in (q_heads, n, d)
+  const size_t page_bytes = segment.header().page_bytes;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  std::vector<Status> statuses(kv_heads);
+  std::vector<HeadSelection> selections(kv_heads);
+  std::vector<int64_t> disk_pages(kv_heads, 0);
+  if (options.want_selection) result->selected_tokens.resize(kv_heads);
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int h = 0; h < kv_heads; ++h) {
+    const HeadIndex& index = layer.heads[h];
+    const float* qh = q + static_cast<size_t>(h) * rows * d;
+    Status s = SelectClusters(index, qh, rows, options.select, &selections[h]);
+    std::vector<uint8_t> buffer(static_cast<size_t>(selections[h].pages) * page_bytes);
+    std::vector<PageRef> refs;
+    refs.reserve(selections[h].pages);
+    size_t filled = 0;
+    const uint64_t head_first = layer.head_first_page[h];
+    const uint64_t layer_first = layer.head_first_page[0];
+    for (const PageRun& run : s.ok() ? CoalesceRuns(index, selections[h].clusters)
+                                     : std::vector<PageRun>()) {
+      const uint64_t count = run.end - run.begin;
+      const uint64_t first = head_first + run.begin;
+      s = segment.ReadPages(first, count, buffer.data() + filled * page_bytes,
+                            layer.checksums.data() + (first - layer_first));
+      if (!s.ok()) break;
+      filled += count;
+    }
+    if (s.ok()) {
+      // Valid token counts per page, in the same order the runs were read (ascending clusters).
+      size_t slot = 0;
+      for (int32_t c : selections[h].clusters) {
+        for (int32_t p = index.cluster_page_begin[c]; p < index.cluster_page_begin[c + 1]; ++p) {
+          refs.push_back({buffer.data() + slot * page_bytes, index.PageValidTokens(c, p)});
+          ++slot;
+        }
+      }
+      AttendPages(qh, rows, d, scale, r.dtype, r.page_tokens, refs.data(),
+                  static_cast<int>(refs.size()), result->output.data() + static_cast<size_t>(h) * rows * d,
+                  result->lse.data() + static_cast<size_t>(h) * rows);
+      if (options.want_selection) {
+        CollectPositions(index, selections[h].clusters, &result->selected_tokens[h]);
+      }
+      disk_pages[h] = static_cast<int64_t>(filled);
+    }
+    statuses[h] = s;
+  }
+  for (int h = 0; h < kv_heads; ++h) {
+    SQKV_RETURN_IF_ERROR(statuses[h].WithContext("kv head " + std::to_string(h)));
+    result->stats.tokens_selected += selections[h].tokens;
+    result->stats.pages_selected += selections[h].pages;
+    result->stats.centroids_scored += selections[h].centroids_scored;
+    result->stats.pages_from_disk += disk_pages[h];
+  }
+  result->stats.disk_bytes_read = result->stats.pages_from_disk * static_cast<int64_t>(page_bytes);
+  result->stats.device = "cpu";
+  return Status::Ok();
+}
+
+}  // namespace sqkv

@@ -1,0 +1,81 @@
+// The GPU query path: the layer is made resident in the device pool on first use, then lookup and
+// attention run on the device.
+#include <algorithm>
+#include <cstring>
+
+#include "api/store_impl.h"
+#include "gpu/engine.h"
+
+namespace sqkv {
+
+// Caller holds engine_mu_.
+Result<gpu::Engine*> StoreImpl::GetEngine() {
+  if (!engine_) {
+    std::unique_ptr<gpu::Engine> engine;
+    SQKV_RETURN_IF_ERROR(gpu::Engine::Create(gpu::EngineOptions(), &engine));
+    engine_ = std::move(engine);
+  }
+  return engine_.get();
+}
+
+Status StoreImpl::QueryGpu(const ContextRecord& r, int layer_id, const LayerData& layer,
+                           const SegmentReader& segment, const float* q, int q_heads, int n,
+                           const QueryOptions& options, QueryResult* result) {
+  // The engine is not thread-safe: one query at a time uses it.
+  std::lock_guard<std::mutex> lock(engine_mu_);
+  SQKV_ASSIGN_OR_RETURN(gpu::Engine * engine, GetEngine());
+  const uint64_t key = (r.version << 16) | static_cast<uint64_t>(layer_id);
+  const size_t page_bytes = segment.header().page_bytes;
+  if (!engine->HasLayer(key)) {
+    const uint64_t first = layer.head_first_page[0];
+    const uint64_t count = layer.head_first_page.back() - first;
+    std::vector<uint8_t> pages(count * page_bytes);
+    SQKV_RETURN_IF_ERROR(segment.ReadPages(first, count, pages.data(), layer.checksums.data()));
+    result->stats.pages_from_disk = static_cast<int64_t>(count);
+    result->stats.disk_bytes_read = static_cast<int64_t>(count * page_bytes);
+    Status loaded = engine->LoadLayer(key, r.dtype, r.page_tokens, layer.heads, pages.data());
+    // Pool full: evict the least recently used layers until this one fits.
+    while (loaded.IsUnavailable() && !gpu_lru_.empty()) {
+      engine->EvictLayer(gpu_lru_.back());
+      gpu_lru_.pop_back();
+      loaded = engine->LoadLayer(key, r.dtype, r.page_tokens, layer.heads, pages.data());
+    }
+    SQKV_RETURN_IF_ERROR(loaded);
+    gpu_lru_.push_front(key);
+  } else {
+    gpu_lru_.remove(key);
+    gpu_lru_.push_front(key);
+  }
+  std::vector<HeadSelection> selection;
+  gpu::QueryRequest req;
+  req.layer_key = key;
+  req.q = q;
+  req.q_heads = q_heads;
+  req.n = n;
+  req.select = options.select;
+  req.out = result->output.data();
+  req.lse = result->lse.data();
+  req.selection = &selection;
+  SQKV_RETURN_IF_ERROR(engine->Query({req}));
+  for (const HeadSelection& hs : selection) {
+    result->stats.tokens_selected += hs.tokens;
+    result->stats.pages_selected += hs.pages;
+    result->stats.centroids_scored += hs.centroids_scored;
+  }
+  if (options.want_selection) {
+    result->selected_tokens.resize(r.kv_heads);
+    for (int h = 0; h < r.kv_heads && h < static_cast<int>(selection.size()); ++h) {
+      auto& out = result->selected_tokens[h];
+      const HeadIndex& index = layer.heads[h];
+      for (int32_t c : selection[h].clusters) {
+        const size_t b = static_cast<size_t>(index.cluster_page_begin[c]) * index.page_tokens;
+        for (int32_t i = 0; i < index.cluster_size[c]; ++i) out.push_back(index.positions[b + i]);
+      }
+      std::sort(out.begin(), out.end());
+    }
+  }
+  result->stats.device = "gpu";
+  return Status::Ok();
+}
+
+}  // namespace sqkv

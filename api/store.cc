@@ -1,0 +1,154 @@
+#include <algorithm>
+#include <cctype>
+#include <cinttypes>
+#include <set>
+
+#include "api/store_impl.h"
+#include "gpu/engine.h"
+#include "index/serialize.h"
+#include "storage/file_util.h"
+
+namespace sqkv {
+
+const char* DeviceName(Device d) {
+  switch (d) {
+    case Device::kAuto: return "auto";
+    case Device::kCpu: return "cpu";
+    case Device::kGpu: return "gpu";
+  }
+  return "?";
+}
+
+bool ParseDevice(std::string_view s, Device* out) {
+  if (s == "auto") *out = Device::kAuto;
+  else if (s == "cpu") *out = Device::kCpu;
+  else if (s == "gpu") *out = Device::kGpu;
+  else return false;
+  return true;
+}
+
+Status ValidateContextName(std::string_view name) {
+  constexpr size_t kMaxName = 128;
+  if (name.empty() || name.size() > kMaxName) {
+    return Status::InvalidArgument("context name must have 1 to 128 characters");
+  }
+  if (name[0] == '.' || name[0] == '-') {
+    return Status::InvalidArgument("context name '" + std::string(name) +
+                                   "' must not start with '.' or '-'");
+  }
+  for (char c : name) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) {
+      return Status::InvalidArgument("context name '" + std::string(name) +
+                                     "' may only hold letters, digits, '.', '_' and '-'");
+    }
+  }
+  return Status::Ok();
+}
+
+Status Store::Open(const StoreOptions& options, std::unique_ptr<Store>* out) {
+  if (options.data_dir.empty()) return Status::InvalidArgument("empty data directory");
+  SQKV_RETURN_IF_ERROR(EnsureDir(options.data_dir));
+  SQKV_RETURN_IF_ERROR(EnsureDir(options.data_dir + "/segments"));
+  std::unique_ptr<Catalog> catalog;
+  SQKV_RETURN_IF_ERROR(Catalog::Open(options.data_dir + "/catalog", &catalog));
+  auto impl = std::make_unique<StoreImpl>(options, std::move(catalog));
+  // Nothing runs yet: every garbage version can go, and so can crash leftovers.
+  SQKV_RETURN_IF_ERROR(impl->ReclaimGarbage(nullptr));
+  SQKV_RETURN_IF_ERROR(impl->RemoveOrphans(nullptr));
+  *out = std::move(impl);
+  return Status::Ok();
+}
+
+StoreImpl::StoreImpl(const StoreOptions& options, std::unique_ptr<Catalog> catalog)
+    : Store(options.data_dir), options_(options), catalog_(std::move(catalog)) {}
+
+StoreImpl::~StoreImpl() = default;
+
+std::string StoreImpl::SegmentPath(const ContextRecord& r) const {
+  return segments_dir() + "/" + r.SegmentFileName();
+}
+
+Status StoreImpl::List(std::vector<ContextInfo>* out) { return catalog_->ListContexts(out); }
+
+Status StoreImpl::Info(const std::string& name, ContextInfo* out) {
+  SQKV_RETURN_IF_ERROR(ValidateContextName(name));
+  return catalog_->GetContext(name, out);
+}
+
+Status StoreImpl::Remove(const std::string& name) {
+  SQKV_RETURN_IF_ERROR(ValidateContextName(name));
+  ContextRecord removed;
+  SQKV_RETURN_IF_ERROR(catalog_->RemoveContext(name, &removed));
+  // Gone for new queries; the files go now unless a query in flight still reads them.
+  return ReclaimGarbage(nullptr);
+}
+
+bool StoreImpl::PinVersion(uint64_t version) {
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  if (reclaimed_.count(version)) return false;
+  ++pins_[version];
+  return true;
+}
+
+void StoreImpl::UnpinVersion(uint64_t version) {
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  if (--pins_[version] == 0) pins_.erase(version);
+}
+
+Result<std::shared_ptr<SegmentReader>> StoreImpl::GetSegment(const ContextRecord& r) {
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  auto it = segments_.find(r.version);
+  if (it != segments_.end()) return it->second;
+  std::unique_ptr<SegmentReader> reader;
+  SQKV_RETURN_IF_ERROR(SegmentReader::Open(SegmentPath(r), &reader).WithContext("context " + r.name));
+  std::shared_ptr<SegmentReader> shared(std::move(reader));
+  segments_[r.version] = shared;
+  return shared;
+}
+
+Result<std::shared_ptr<const LayerData>> StoreImpl::GetLayer(const ContextRecord& r, int layer) {
+  const LayerKey key{r.version, layer};
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    auto it = layers_.find(key);
+    if (it != layers_.end()) {
+      layer_lru_.splice(layer_lru_.begin(), layer_lru_, it->second.second);
+      return it->second.first;
+    }
+  }
+  auto data = std::make_shared<LayerData>();
+  std::string blob;
+  const std::string ctx = "context " + r.name + " layer " + std::to_string(layer);
+  SQKV_RETURN_IF_ERROR(catalog_->GetLayerIndex(r.version, layer, &blob).WithContext(ctx));
+  SQKV_RETURN_IF_ERROR(DecodeLayerIndex(blob, &data->heads).WithContext(ctx));
+  SQKV_RETURN_IF_ERROR(catalog_->GetPageChecksums(r.version, layer, &data->checksums).WithContext(ctx));
+  if (data->heads.size() != static_cast<size_t>(r.kv_heads)) {
+    return Status::Corruption(ctx + ": index has " + std::to_string(data->heads.size()) +
+                              " heads, record says " + std::to_string(r.kv_heads));
+  }
+  data->head_first_page.resize(r.kv_heads + 1);
+  data->head_first_page[0] = r.layer_first_page[layer];
+  for (int h = 0; h < r.kv_heads; ++h) {
+    const HeadIndex& hi = data->heads[h];
+    if (hi.head_dim != r.head_dim || hi.tokens != r.tokens || hi.page_tokens != r.page_tokens) {
+      return Status::Corruption(ctx + ": head " + std::to_string(h) + " shape disagrees");
+    }
+    data->head_first_page[h + 1] = data->head_first_page[h] + hi.num_pages();
+  }
+  if (data->head_first_page[r.kv_heads] != r.layer_first_page[layer + 1] ||
+      data->checksums.size() != r.layer_first_page[layer + 1] - r.layer_first_page[layer]) {
+    return Status::Corruption(ctx + ": page counts disagree with the record");
+  }
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  auto it = layers_.find(key);
+  if (it != layers_.end()) return it->second.first;  // another thread won the race
+  layer_lru_.push_front(key);
+  layers_[key] = {data, layer_lru_.begin()};
+  while (layers_.size() > std::max<size_t>(1, options_.index_cache_layers)) {
+    layers_.erase(layer_lru_.back());
+    layer_lru_.pop_back();
+  }
+  return std::shared_ptr<const LayerData>(data);
+}
+
+}  // namespace sqkv

@@ -1,0 +1,185 @@
+// The embedded SqueezeKV store: the C++ API that the CLI and the server call.
+//
+//   std::unique_ptr<Store> store;
+//   SQKV_RETURN_IF_ERROR(Store::Open(StoreOptions{.data_dir = "./sqkv-data"}, &store));
+//   SQKV_RETURN_IF_ERROR(store->Import("doc", "doc.safetensors", ImportOptions(), nullptr));
+//   QueryResult r;
+//   SQKV_RETURN_IF_ERROR(store->Query("doc", /*layer=*/0, q, q_heads, n, head_dim, {}, &r));
+//
+// A Store is safe to use from several threads at once. One process owns a data directory at a
+// time (the catalog is locked); other processes go through a server.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "index/select.h"
+#include "storage/catalog.h"
+
+namespace sqkv {
+
+enum class Device : uint8_t {
+  kAuto,  // the GPU when one is present, else the CPU
+  kCpu,
+  kGpu,   // Unavailable on a machine (or build) without a CUDA device
+};
+const char* DeviceName(Device d);
+bool ParseDevice(std::string_view s, Device* out);
+
+struct StoreOptions {
+  // Directory holding the catalog and the segment files; created when missing.
+  // Default: "./sqkv-data".
+  std::string data_dir = "./sqkv-data";
+  // Decoded layer indexes kept in memory (least recently used go first). Default: 256.
+  size_t index_cache_layers = 256;
+};
+
+struct ImportOptions {
+  // Level-2 centroids per kv head, as a fraction of the tokens. Default: 0.05.
+  float centroid_fraction = 0.05f;
+  // Token slots per page. Default: 16.
+  int page_tokens = 16;
+  // 1 or 2 index levels; with 2, level-1 parents = l1_fraction * tokens. Default: 1, 0.01.
+  int levels = 1;
+  float l1_fraction = 0.01f;
+  // K-means iterations. Default: 20.
+  int kmeans_iterations = 20;
+  // Called after each (layer, kv head) is indexed and written: (done, total).
+  std::function<void(int, int)> progress;
+  // Test hook: called at named points of the import ("segment_written", "segment_published",
+  // "published"), e.g. to simulate a crash.
+  std::function<void(std::string_view)> on_stage;
+};
+
+using ContextInfo = ContextRecord;
+
+struct QueryOptions {
+  // Which clusters to attend to. Default: keep 10% of the keys.
+  SelectOptions select;
+  // When >= 0: ignore `select`'s mode and keep every cluster whose score reaches the layer's
+  // calibrated threshold for this sparsity (see Calibrate); kept counts then differ per head.
+  // InvalidArgument when the context has no calibration. Default: -1 (off).
+  float sparsity = -1.f;
+  Device device = Device::kAuto;
+  // Fill QueryResult::selected_tokens. Default: false.
+  bool want_selection = false;
+};
+
+// Target sparsities calibrated by default (import with window queries, rebuild, calibrate).
+inline const std::vector<float>& DefaultSparsities() {
+  static const std::vector<float> levels = {0.5f, 0.6f, 0.7f, 0.75f, 0.8f, 0.85f, 0.9f, 0.95f};
+  return levels;
+}
+
+struct VerifyReport {
+  int contexts_checked = 0;
+  int64_t pages_checked = 0;
+  int64_t bytes_checked = 0;
+  // One line per problem found: "context doc layer 3: page 17 checksum mismatch".
+  std::vector<std::string> problems;
+};
+
+struct CompactReport {
+  int versions_reclaimed = 0;       // removed or superseded versions whose files/keys went
+  int versions_in_use = 0;          // garbage versions kept because a reader still uses them
+  int orphan_files_removed = 0;     // crash leftovers
+  uint64_t segment_bytes_reclaimed = 0;
+  uint64_t catalog_bytes_before = 0;
+  uint64_t catalog_bytes_after = 0;
+};
+
+struct StoreStats {
+  int contexts = 0;
+  int64_t tokens = 0;                 // Σ tokens over contexts (per layer and head)
+  int64_t keys = 0;                   // Σ layers × kv_heads × tokens
+  uint64_t segment_bytes = 0;         // live versions' segment files
+  uint64_t index_bytes = 0;           // live versions' encoded indexes and checksums
+  uint64_t garbage_segment_bytes = 0;  // removed/superseded versions awaiting compact
+  uint64_t catalog_bytes = 0;         // the RocksDB directory
+  int live_versions = 0;
+  int garbage_versions = 0;
+  int calibrated_contexts = 0;
+};
+
+using ProgressFn = std::function<void(int, int)>;
+
+struct QueryStats {
+  std::string device;             // "cpu" or "gpu"
+  int64_t tokens_selected = 0;    // summed over kv heads
+  int64_t pages_selected = 0;
+  int64_t centroids_scored = 0;
+  int64_t pages_from_disk = 0;
+  int64_t disk_bytes_read = 0;
+  double total_ms = 0;
+};
+
+struct QueryResult {
+  std::vector<float> output;  // (q_heads, n, head_dim) float32
+  std::vector<float> lse;     // (q_heads, n) natural-log log-sum-exp of the scaled scores
+  // (kv_heads) sorted original token positions attended to; filled when want_selection.
+  std::vector<std::vector<int32_t>> selected_tokens;
+  QueryStats stats;
+};
+
+class Store {
+ public:
+  static Status Open(const StoreOptions& options, std::unique_ptr<Store>* out);
+  virtual ~Store() = default;
+
+  // Imports a context from a safetensors file (tensors k.<layer>, v.<layer> of shape
+  // (kv_heads, tokens, head_dim) and optional q.<layer> of shape (q_heads, window, head_dim)).
+  // Atomic: on any error or crash the store is as before. `info` may be null.
+  virtual Status Import(const std::string& name, const std::string& safetensors_path,
+                        const ImportOptions& options, ContextInfo* info) = 0;
+
+  // Attention of n query tokens of one layer over the context.
+  // q: (q_heads, n, head_dim) float32; q_heads a multiple of the context's kv_heads.
+  virtual Status Query(const std::string& name, int layer, const float* q, int q_heads, int n,
+                       int head_dim, const QueryOptions& options, QueryResult* result) = 0;
+
+  virtual Status List(std::vector<ContextInfo>* out) = 0;
+  virtual Status Info(const std::string& name, ContextInfo* out) = 0;
+  // Removes the context at once for new queries; its files are reclaimed as soon as no query in
+  // flight uses them (right away when none does, else by Compact).
+  virtual Status Remove(const std::string& name) = 0;
+
+  // Re-clusters an existing context with new parameters (options.progress reports) as a new
+  // version, swapped in atomically: queries in flight finish on the old version.
+  virtual Status Rebuild(const std::string& name, const ImportOptions& options,
+                         ContextInfo* info) = 0;
+  // Calibrates per-layer thresholds for `sparsities` from `queries` (layers) of shape
+  // (q_heads, window, head_dim), or, when `queries` is null, from the window queries stored at
+  // import. InvalidArgument when there is no calibration data.
+  virtual Status Calibrate(const std::string& name, const std::vector<WindowQueries>* queries,
+                           const std::vector<float>& sparsities) = 0;
+  // Calibrated (sparsity, threshold) pairs of one layer; NotFound if not calibrated.
+  virtual Status GetThresholds(const std::string& name, int layer, Thresholds* out) = 0;
+
+  // Checks every page checksum and index invariant of `name` (all contexts when empty), and the
+  // catalog's own checksums. Problems go to the report; the Status is an error only when the
+  // check itself could not run.
+  virtual Status Verify(const std::string& name, const ProgressFn& progress,
+                        VerifyReport* report) = 0;
+  // Reclaims removed and superseded versions no reader uses, removes crash leftovers and
+  // compacts the catalog.
+  virtual Status Compact(CompactReport* report) = 0;
+  virtual Status Stats(StoreStats* out) = 0;
+
+  const std::string& data_dir() const { return data_dir_; }
+
+ protected:
+  explicit Store(std::string data_dir) : data_dir_(std::move(data_dir)) {}
+
+ private:
+  std::string data_dir_;
+};
+
+// Names are 1-128 characters of [A-Za-z0-9._-], not starting with '.' or '-'.
+Status ValidateContextName(std::string_view name);
+
+}  // namespace sqkv

@@ -1,0 +1,139 @@
+// Private: the Store implementation shared by store.cc, import.cc and query.cc.
+#pragma once
+
+#include <functional>
+#include <list>
+#include <map>
+#include <set>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "api/store.h"
+#include "index/head_index.h"
+#include "storage/catalog.h"
+#include "storage/segment.h"
+
+namespace sqkv {
+
+namespace gpu {
+class Engine;
+}
+
+// One layer of one context version, decoded and ready to query.
+struct LayerData {
+  std::vector<HeadIndex> heads;          // (kv_heads)
+  std::vector<uint64_t> checksums;       // (pages of the layer), head-major
+  std::vector<uint64_t> head_first_page;  // (kv_heads + 1) segment page of each head's page 0
+};
+
+// What a new version of a context is built from (import or rebuild).
+struct VersionSpec {
+  std::string name;
+  int layers = 0, kv_heads = 0, tokens = 0, head_dim = 0;
+  DType dtype = DType::kBF16;
+  std::string source;
+  std::vector<WindowQueries> window_queries;  // (layers) or empty
+};
+
+// One layer's keys and values in original token order: k, v (kv_heads, tokens, head_dim) in the
+// context's dtype, owned by the caller of the layer source (or by k_own/v_own).
+struct LayerBytes {
+  const uint8_t* k = nullptr;
+  const uint8_t* v = nullptr;
+  std::string k_name, v_name;  // for error messages
+  std::vector<uint8_t> k_own, v_own;
+};
+
+Status ValidateBuildOptions(const ImportOptions& options);
+
+class StoreImpl : public Store {
+ public:
+  StoreImpl(const StoreOptions& options, std::unique_ptr<Catalog> catalog);
+  ~StoreImpl() override;
+
+  Status Import(const std::string& name, const std::string& safetensors_path,
+                const ImportOptions& options, ContextInfo* info) override;
+  Status Query(const std::string& name, int layer, const float* q, int q_heads, int n,
+               int head_dim, const QueryOptions& options, QueryResult* result) override;
+  Status List(std::vector<ContextInfo>* out) override;
+  Status Info(const std::string& name, ContextInfo* out) override;
+  Status Remove(const std::string& name) override;
+  Status Rebuild(const std::string& name, const ImportOptions& options, ContextInfo* info) override;
+  Status Calibrate(const std::string& name, const std::vector<WindowQueries>* queries,
+                   const std::vector<float>& sparsities) override;
+  Status GetThresholds(const std::string& name, int layer, Thresholds* out) override;
+  Status Verify(const std::string& name, const ProgressFn& progress, VerifyReport* report) override;
+  Status Compact(CompactReport* report) override;
+  Status Stats(StoreStats* out) override;
+
+  // Reclaims garbage versions that no query pins: segment file, catalog keys, caches.
+  // report may be null.
+  Status ReclaimGarbage(CompactReport* report);
+  // Removes temporary files and segment files that no record or garbage mark references.
+  Status RemoveOrphans(CompactReport* report);
+
+  // A query pins the version it reads so that reclaiming waits for it. False when the version
+  // was already reclaimed (the caller re-reads the context record).
+  bool PinVersion(uint64_t version);
+  void UnpinVersion(uint64_t version);
+
+  std::string SegmentPath(const ContextRecord& r) const;
+  std::string segments_dir() const { return data_dir() + "/segments"; }
+
+  Result<std::shared_ptr<const LayerData>> GetLayer(const ContextRecord& r, int layer);
+  Result<std::shared_ptr<SegmentReader>> GetSegment(const ContextRecord& r);
+
+ private:
+  Status QueryCpu(const ContextRecord& r, const LayerData& layer, const SegmentReader& segment,
+                  const float* q, int q_heads, int n, const QueryOptions& options,
+                  QueryResult* result);
+  Status QueryGpu(const ContextRecord& r, int layer_id, const LayerData& layer,
+                  const SegmentReader& segment, const float* q, int q_heads, int n,
+                  const QueryOptions& options, QueryResult* result);
+  Result<gpu::Engine*> GetEngine();
+  Status RebuildPinned(const ContextRecord& old, const ImportOptions& options, ContextInfo* info);
+  // Indexes every layer from `layer_source`, writes a segment and publishes the version
+  // (replacing the record of spec.name when `replace`).
+  Status BuildVersion(const VersionSpec& spec, const ImportOptions& options,
+                      const std::function<Status(int, LayerBytes*)>& layer_source, bool replace,
+                      ContextInfo* info);
+
+  StoreOptions options_;
+  std::unique_ptr<Catalog> catalog_;
+
+  std::mutex cache_mu_;
+  using LayerKey = std::pair<uint64_t, int>;  // (version, layer)
+  std::list<LayerKey> layer_lru_;             // front = most recent
+  std::map<LayerKey, std::pair<std::shared_ptr<const LayerData>, std::list<LayerKey>::iterator>>
+      layers_;
+  std::unordered_map<uint64_t, std::shared_ptr<SegmentReader>> segments_;
+  std::map<uint64_t, int> pins_;  // version → queries using it
+  std::set<uint64_t> reclaimed_;  // versions whose files are gone
+  std::set<uint64_t> building_;   // versions whose segment an import/rebuild is writing
+
+  std::mutex engine_mu_;
+  std::unique_ptr<gpu::Engine> engine_;
+  std::list<uint64_t> gpu_lru_;  // resident layer keys, most recently used first
+};
+
+// Pins a version for the lifetime of the object (see StoreImpl::PinVersion).
+class VersionPin {
+ public:
+  VersionPin(StoreImpl* store, uint64_t version) : store_(store), version_(version) {}
+  ~VersionPin() { store_->UnpinVersion(version_); }
+  VersionPin(const VersionPin&) = delete;
+  VersionPin& operator=(const VersionPin&) = delete;
+
+ private:
+  StoreImpl* store_;
+  uint64_t version_;
+};
+
+// Query input checks shared by every device. q: (q_heads, n, head_dim).
+Status ValidateQuery(const ContextRecord& r, int layer, const float* q, int q_heads, int n,
+                     int head_dim);
+
+}  // namespace sqkv

@@ -1,0 +1,277 @@
+// Index lifecycle through the Store: calibration, rebuild under concurrent queries, compaction,
+// verification, statistics.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "api/store.h"
+#include "api/synthetic.h"
+#include "index/serialize.h"
+#include "storage/catalog.h"
+#include "storage/safetensors.h"
+#include "tests/testing/testing.h"
+
+namespace sqkv {
+namespace {
+
+namespace fs = std::filesystem;
+
+class AdminTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Open(); }
+  void Open() {
+    store_.reset();
+    StoreOptions o;
+    o.data_dir = dir_.file("data");
+    ASSERT_TRUE(Store::Open(o, &store_).ok());
+  }
+  // Imports a synthetic context; returns its layer-0 user queries (q_heads, n, head_dim).
+  std::vector<float> ImportSynthetic(const std::string& name, SyntheticOptions so,
+                                     ImportOptions io = ImportOptions()) {
+    std::vector<float> q;
+    const std::string file = dir_.file(name + ".safetensors");
+    EXPECT_TRUE(WriteSyntheticContext(so, file, &q).ok());
+    Status s = store_->Import(name, file, io, nullptr);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    return q;
+  }
+  size_t SegmentFiles() const {
+    size_t n = 0;
+    for (const auto& e : fs::directory_iterator(dir_.path() / "data" / "segments")) n += e.is_regular_file();
+    return n;
+  }
+  testing::ScratchDir dir_;
+  std::unique_ptr<Store> store_;
+};
+
+// Thresholds calibrated on the first half of the window queries keep (1 - sparsity) of the keys,
+// within 5 points, on the held-out second half (each position queried as one decode step).
+TEST_F(AdminTest, CalibrationHitsTargetSparsityOnHeldOutQueries) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.kv_heads = 4;
+  so.q_heads = 16;
+  so.tokens = 4096;
+  so.head_dim = 64;
+  so.window = 64;
+  so.seed = testing::FreshSeed();
+  const std::string file = dir_.file("c.safetensors");
+  ASSERT_TRUE(WriteSyntheticContext(so, file, nullptr).ok());
+  ImportOptions io;
+  ASSERT_TRUE(store_->Import("c", file, io, nullptr).ok());
+  Thresholds stored;
+  ASSERT_TRUE(store_->GetThresholds("c", 0, &stored).ok());  // import calibrated on all 64
+  EXPECT_EQ(stored.sparsity, DefaultSparsities());
+
+  // Split the window queries q.0 (q_heads, 64, d): calibrate on positions 0-31, hold out 32-63.
+  auto file_or = SafetensorsFile::Open(file);
+  ASSERT_TRUE(file_or.ok());
+  const TensorInfo* t0 = (*file_or)->Find("q.0");
+  ASSERT_NE(t0, nullptr);
+  const int window = static_cast<int>(t0->shape[1]), half = window / 2, d = so.head_dim;
+  std::vector<float> w(t0->num_elements());
+  ToFloat(t0->dtype, (*file_or)->Data(*t0), w.data(), w.size());
+  std::vector<WindowQueries> calib(1), held(1);
+  for (auto* part : {&calib[0], &held[0]}) {
+    part->q_heads = so.q_heads;
+    part->window = half;
+    part->head_dim = d;
+    part->data.resize(static_cast<size_t>(so.q_heads) * half * d);
+  }
+  for (int h = 0; h < so.q_heads; ++h) {
+    for (int t = 0; t < window; ++t) {
+      auto* part = t < half ? &calib[0] : &held[0];
+      std::copy_n(w.data() + (static_cast<size_t>(h) * window + t) * d, d,
+                  part->data.data() + (static_cast<size_t>(h) * half + t % half) * d);
+    }
+  }
+  ASSERT_TRUE(store_->Calibrate("c", &calib, DefaultSparsities()).ok());
+  for (float sparsity : {0.5f, 0.7f, 0.8f, 0.9f}) {
+    double kept = 0;
+    for (int t = 0; t < half; ++t) {
+      std::vector<float> q(static_cast<size_t>(so.q_heads) * d);
+      for (int h = 0; h < so.q_heads; ++h) {
+        std::copy_n(held[0].data.data() + (static_cast<size_t>(h) * half + t) * d, d,
+                    q.data() + static_cast<size_t>(h) * d);
+      }
+      QueryOptions qo;
+      qo.device = Device::kCpu;
+      qo.sparsity = sparsity;
+      QueryResult r;
+      ASSERT_TRUE(store_->Query("c", 0, q.data(), so.q_heads, 1, d, qo, &r).ok());
+      kept += static_cast<double>(r.stats.tokens_selected) / (so.kv_heads * so.tokens);
+    }
+    kept /= half;
+    std::fprintf(stderr, "sparsity %.2f: held-out keeps %.3f of the keys\n", sparsity, kept);
+    EXPECT_NEAR(kept, 1.0 - sparsity, 0.05) << "sparsity " << sparsity;
+  }
+}
+
+TEST_F(AdminTest, SparsityWithoutCalibrationIsAClearError) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.window = 0;  // no window queries
+  so.tokens = 256;
+  auto q = ImportSynthetic("c", so);
+  QueryOptions qo;
+  qo.device = Device::kCpu;
+  qo.sparsity = 0.9f;
+  QueryResult r;
+  Status s = store_->Query("c", 0, q.data(), so.q_heads, so.n, so.head_dim, qo, &r);
+  EXPECT_TRUE(s.IsInvalidArgument());
+  EXPECT_NE(s.message().find("calibrat"), std::string::npos) << s.message();
+  s = store_->Calibrate("c", nullptr, DefaultSparsities());
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+}
+
+// Queries keep running, and never fail, while the context is rebuilt twice under them.
+TEST_F(AdminTest, RebuildDuringConcurrentQueriesNeverFailsAQuery) {
+  SyntheticOptions so;
+  so.layers = 2;
+  so.tokens = 2048;
+  so.window = 0;
+  auto q = ImportSynthetic("c", so);
+  std::atomic<bool> stop{false};
+  std::atomic<int> queries{0}, failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      QueryOptions qo;
+      qo.device = Device::kCpu;
+      qo.select.keep_fraction = 0.2f;
+      while (!stop.load()) {
+        QueryResult r;
+        Status s = store_->Query("c", t % 2, q.data(), so.q_heads, so.n, so.head_dim, qo, &r);
+        if (!s.ok()) {
+          ++failures;
+          std::fprintf(stderr, "query failed: %s\n", s.ToString().c_str());
+        }
+        ++queries;
+      }
+    });
+  }
+  ImportOptions io;
+  ContextInfo a, b;
+  io.levels = 2;
+  ASSERT_TRUE(store_->Rebuild("c", io, &a).ok());
+  io.levels = 1;
+  io.centroid_fraction = 0.1f;
+  ASSERT_TRUE(store_->Rebuild("c", io, &b).ok());
+  stop = true;
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_GT(queries.load(), 0);
+  EXPECT_LT(a.version, b.version);
+  ContextInfo now;
+  ASSERT_TRUE(store_->Info("c", &now).ok());
+  EXPECT_EQ(now.version, b.version);
+  EXPECT_EQ(now.centroid_fraction, 0.1f);
+  // Old versions go once unused: by now only the newest segment is left (after a compact).
+  CompactReport report;
+  ASSERT_TRUE(store_->Compact(&report).ok());
+  EXPECT_EQ(SegmentFiles(), 1u);
+  // The rebuilt version answers like the original data: dense attention is unchanged.
+  VerifyReport v;
+  ASSERT_TRUE(store_->Verify("c", nullptr, &v).ok());
+  EXPECT_TRUE(v.problems.empty());
+}
+
+TEST_F(AdminTest, RebuiltContextGivesTheSameDenseAnswer) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.tokens = 700;
+  so.window = 0;
+  auto q = ImportSynthetic("c", so);
+  QueryOptions qo;
+  qo.device = Device::kCpu;
+  qo.select.mode = SelectOptions::Mode::kDense;
+  QueryResult before, after;
+  ASSERT_TRUE(store_->Query("c", 0, q.data(), so.q_heads, so.n, so.head_dim, qo, &before).ok());
+  ImportOptions io;
+  io.levels = 2;
+  io.page_tokens = 8;
+  ASSERT_TRUE(store_->Rebuild("c", io, nullptr).ok());
+  ASSERT_TRUE(store_->Query("c", 0, q.data(), so.q_heads, so.n, so.head_dim, qo, &after).ok());
+  ASSERT_EQ(before.output.size(), after.output.size());
+  for (size_t i = 0; i < before.output.size(); ++i) {
+    ASSERT_NEAR(before.output[i], after.output[i], 1e-5f);  // same keys, other order
+  }
+}
+
+TEST_F(AdminTest, CompactionReclaimsRemovedAndCrashedFiles) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.tokens = 512;
+  so.window = 0;
+  ImportSynthetic("a", so);
+  ImportSynthetic("b", so);
+  EXPECT_EQ(SegmentFiles(), 2u);
+  ASSERT_TRUE(store_->Remove("a").ok());
+  EXPECT_EQ(SegmentFiles(), 1u);  // no reader: reclaimed by rm itself
+  // Leftovers of a crash while the store is open (e.g. a server): compact removes them.
+  std::ofstream(dir_.path() / "data" / "segments" / "0000000000000099.seg.tmp") << std::string(5000, 'x');
+  std::ofstream(dir_.path() / "data" / "segments" / "0000000000000098.seg") << std::string(3000, 'y');
+  StoreStats st;
+  ASSERT_TRUE(store_->Stats(&st).ok());
+  EXPECT_EQ(st.contexts, 1);
+  CompactReport report;
+  ASSERT_TRUE(store_->Compact(&report).ok());
+  EXPECT_EQ(report.orphan_files_removed, 2);
+  EXPECT_EQ(report.segment_bytes_reclaimed, 8000u);
+  EXPECT_EQ(SegmentFiles(), 1u);
+}
+
+TEST_F(AdminTest, VerifyFindsAFlippedSegmentByteAndAFlippedCatalogByte) {
+  SyntheticOptions so;
+  so.layers = 2;
+  so.tokens = 300;
+  so.window = 0;
+  ImportSynthetic("c", so);
+  VerifyReport report;
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  EXPECT_TRUE(report.problems.empty());
+  EXPECT_GT(report.pages_checked, 0);
+  ContextInfo info;
+  ASSERT_TRUE(store_->Info("c", &info).ok());
+  // Flip one byte inside layer 1's pages.
+  const fs::path seg = dir_.path() / "data" / "segments" / info.SegmentFileName();
+  const uint64_t page_bytes = (fs::file_size(seg) - 4096) / info.layer_first_page.back();
+  const uint64_t offset = 4096 + (info.layer_first_page[1] + 3) * page_bytes + 11;
+  {
+    std::fstream f(seg, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(offset);
+    char c;
+    f.read(&c, 1);
+    c ^= 0x40;
+    f.seekp(offset);
+    f.write(&c, 1);
+  }
+  ASSERT_TRUE(store_->Verify("c", nullptr, &report).ok());
+  ASSERT_EQ(report.problems.size(), 1u);
+  EXPECT_NE(report.problems[0].find("layer 1"), std::string::npos) << report.problems[0];
+  EXPECT_NE(report.problems[0].find("page " + std::to_string(info.layer_first_page[1] + 3)),
+            std::string::npos)
+      << report.problems[0];
+  // Flip one byte of layer 0's encoded index in the catalog.
+  store_.reset();
+  {
+    std::unique_ptr<Catalog> catalog;
+    ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
+    const std::string key = Catalog::LayerKey(info.version, 'i', 0);
+    std::string blob;
+    ASSERT_TRUE(catalog->GetRaw(key, &blob).ok());
+    blob[blob.size() / 2] ^= 0x01;
+    ASSERT_TRUE(catalog->PutRaw(key, blob).ok());
+  }
+  Open();
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  ASSERT_EQ(report.problems.size(), 2u);
+  EXPECT_NE(report.problems[0].find("layer 0"), std::string::npos) << report.problems[0];
+  EXPECT_NE(report.problems[0].find("Corruption"), std::string::npos) << report.problems[0];
+}
+
+}  // namespace
+}  // namespace sqkv

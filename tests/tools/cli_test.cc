@@ -1,0 +1,208 @@
+// The sqkv command line end to end, as a user runs it: synth → import → query → files, JSON
+// output, exit codes, and imports killed at any moment leaving the store whole.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "storage/npy.h"
+#include "tests/testing/testing.h"
+
+extern char** environ;
+
+namespace sqkv {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string Binary() {
+  const char* dir = std::getenv("SQKV_BIN_DIR");
+  return std::string(dir ? dir : ".") + "/tools/sqkv";
+}
+
+struct CmdResult {
+  int code = -1;
+  std::string out, err;
+};
+
+// Runs sqkv with args; extra_env like "SQKV_TEST_CRASH_AT=published".
+CmdResult Sqkv(const std::vector<std::string>& args, const std::vector<std::string>& extra_env = {}) {
+  testing::ScratchDir io;
+  std::string cmd;
+  for (const auto& e : extra_env) cmd += e + " ";
+  cmd += "'" + Binary() + "'";
+  for (const auto& a : args) cmd += " '" + a + "'";
+  cmd += " >" + io.file("out") + " 2>" + io.file("err");
+  CmdResult r;
+  int status = std::system(cmd.c_str());
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  std::ifstream o(io.file("out")), e(io.file("err"));
+  r.out.assign(std::istreambuf_iterator<char>(o), {});
+  r.err.assign(std::istreambuf_iterator<char>(e), {});
+  return r;
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  std::string Data() const { return dir_.file("data"); }
+  testing::ScratchDir dir_;
+};
+
+TEST_F(CliTest, SynthImportQueryWritesTheAnswer) {
+  const std::string ctx = dir_.file("ctx.safetensors"), q = dir_.file("q.npy");
+  CmdResult r = Sqkv({"synth", ctx, "--queries-out", q, "--tokens", "500", "--layers", "2",
+                "--kv-heads", "2", "--q-heads", "4", "-n", "3", "--head-dim", "64"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = Sqkv({"--data", Data(), "import", "doc", ctx, "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto info = nlohmann::json::parse(r.out);
+  EXPECT_EQ(info["tokens"], 500);
+  EXPECT_EQ(info["layers"], 2);
+  EXPECT_EQ(info["dtype"], "bf16");
+
+  const std::string out = dir_.file("out");
+  r = Sqkv({"query", "doc", "--data", Data(), "--layer", "1", "--queries", q, "--keep", "0.2",
+            "--out", out, "--device", "cpu", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_GE(j["kept_fraction"].get<double>(), 0.2);
+  auto o = ReadNpyAsFloat(out + "/output.npy");
+  auto l = ReadNpyAsFloat(out + "/lse.npy");
+  ASSERT_TRUE(o.ok() && l.ok());
+  EXPECT_EQ(o->shape, (std::vector<int64_t>{4, 3, 64}));
+  EXPECT_EQ(l->shape, (std::vector<int64_t>{4, 3}));
+  for (float x : o->data) ASSERT_TRUE(std::isfinite(x));
+  std::ifstream sel_file(out + "/selection.json");
+  auto sel = nlohmann::json::parse(sel_file);
+  ASSERT_EQ(sel["kv_heads"].size(), 2u);
+  for (const auto& h : sel["kv_heads"]) {
+    auto tokens = h["tokens"].get<std::vector<int>>();
+    EXPECT_GE(tokens.size(), 100u);
+    EXPECT_TRUE(std::is_sorted(tokens.begin(), tokens.end()));
+  }
+
+  r = Sqkv({"ls", "--data", Data(), "--json"});
+  ASSERT_EQ(r.code, 0);
+  EXPECT_EQ(nlohmann::json::parse(r.out).size(), 1u);
+  r = Sqkv({"rm", "doc", "--data", Data()});
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = Sqkv({"info", "doc", "--data", Data()});
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find("doc"), std::string::npos);
+}
+
+TEST_F(CliTest, ErrorsHaveMessagesAndExitCodes) {
+  CmdResult r = Sqkv({"--help"});
+  EXPECT_EQ(r.code, 0);
+  EXPECT_NE(r.out.find("import"), std::string::npos);
+  for (const char* sub : {"import", "query", "ls", "info", "rm", "synth"}) {
+    r = Sqkv({sub, "--help"});
+    EXPECT_EQ(r.code, 0) << sub;
+  }
+  r = Sqkv({"frobnicate"});
+  EXPECT_EQ(r.code, 2);
+  const std::string bad = dir_.file("bad.safetensors");
+  std::ofstream(bad) << "this is not a safetensors file at all";
+  r = Sqkv({"--data", Data(), "import", "x", bad});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("sqkv: "), std::string::npos);
+  const std::string ctx = dir_.file("c.safetensors"), q = dir_.file("q.npy");
+  ASSERT_EQ(Sqkv({"synth", ctx, "--queries-out", q, "--tokens", "64", "--layers", "1"}).code, 0);
+  ASSERT_EQ(Sqkv({"--data", Data(), "import", "c", ctx}).code, 0);
+  EXPECT_EQ(Sqkv({"--data", Data(), "import", "c", ctx}).code, 4);
+  r = Sqkv({"--data", Data(), "query", "c", "--layer", "5", "--queries", q, "--keep", "0.1",
+            "--out", dir_.file("o")});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("layer 5"), std::string::npos) << r.err;
+  r = Sqkv({"--data", Data(), "query", "c", "--layer", "0", "--queries", q, "--out", dir_.file("o")});
+  EXPECT_EQ(r.code, 2);  // neither --keep nor --dense
+  r = Sqkv({"--data", Data(), "query", "c", "--layer", "0", "--queries", q, "--keep", "0.1",
+            "--dense", "--out", dir_.file("o")});
+  EXPECT_EQ(r.code, 2);
+}
+
+// SIGKILL at each named stage of the import: before the catalog batch the context is absent and
+// its segment is cleaned up at the next open; after it, the context is whole and queryable.
+TEST_F(CliTest, ImportKilledAtEachStageIsAllOrNothing) {
+  const std::string ctx = dir_.file("c.safetensors"), q = dir_.file("q.npy");
+  ASSERT_EQ(Sqkv({"synth", ctx, "--queries-out", q, "--tokens", "300", "--layers", "2"}).code, 0);
+  for (const char* stage : {"segment_written", "segment_published", "published"}) {
+    const std::string data = dir_.file(std::string("data-") + stage);
+    CmdResult r = Sqkv({"--data", data, "import", "c", ctx}, {std::string("SQKV_TEST_CRASH_AT=") + stage});
+    EXPECT_EQ(r.code, 128 + SIGKILL) << stage;
+    r = Sqkv({"--data", data, "ls", "--json"});
+    ASSERT_EQ(r.code, 0) << r.err;
+    const bool published = std::string(stage) == "published";
+    EXPECT_EQ(nlohmann::json::parse(r.out).size(), published ? 1u : 0u) << stage;
+    size_t files = 0;
+    for (const auto& e : fs::directory_iterator(data + "/segments")) files += e.is_regular_file();
+    EXPECT_EQ(files, published ? 1u : 0u) << stage;
+    if (published) {
+      r = Sqkv({"--data", data, "query", "c", "--layer", "1", "--queries", q, "--dense", "--out",
+                dir_.file("o"), "--device", "cpu"});
+      EXPECT_EQ(r.code, 0) << r.err;
+    }
+  }
+}
+
+// SIGKILL at random moments of a longer import.
+TEST_F(CliTest, ImportKilledAtRandomMomentsIsAllOrNothing) {
+  const std::string ctx = dir_.file("c.safetensors"), q = dir_.file("q.npy");
+  ASSERT_EQ(Sqkv({"synth", ctx, "--queries-out", q, "--tokens", "1000", "--layers", "4",
+                  "--kv-heads", "2"})
+                .code,
+            0);
+  std::mt19937_64 rng(testing::FreshSeed());
+  const std::string data = Data();
+  // One undisturbed import first, to learn how long one takes on this machine now.
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_EQ(Sqkv({"--data", data, "import", "timed", ctx}).code, 0);
+  const int full_ms = static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                           std::chrono::steady_clock::now() - t0)
+                                           .count());
+  int completed = 1, absent = 0;
+  for (int round = 0; round < 8; ++round) {
+    const std::string name = "c" + std::to_string(round);
+    const std::string bin = Binary();
+    std::vector<std::string> argv_s = {bin, "--data", data, "import", name, ctx};
+    std::vector<char*> argv;
+    for (auto& s : argv_s) argv.push_back(s.data());
+    argv.push_back(nullptr);
+    pid_t pid;
+    ASSERT_EQ(posix_spawn(&pid, bin.c_str(), nullptr, nullptr, argv.data(), environ), 0);
+    // Some kills land before the publish, some after.
+    std::uniform_int_distribution<int> delay_ms(0, full_ms * 3 / 2);
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms(rng)));
+    kill(pid, SIGKILL);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CmdResult r = Sqkv({"--data", data, "ls", "--json"});
+    ASSERT_EQ(r.code, 0) << r.err;
+    bool present = false;
+    for (const auto& c : nlohmann::json::parse(r.out)) present |= c["name"] == name;
+    if (present) {
+      ++completed;
+      r = Sqkv({"--data", data, "query", name, "--layer", "3", "--queries", q, "--dense", "--out",
+                dir_.file("o"), "--device", "cpu"});
+      EXPECT_EQ(r.code, 0) << r.err;
+    } else {
+      ++absent;
+    }
+    size_t files = 0;
+    for (const auto& e : fs::directory_iterator(data + "/segments")) files += e.is_regular_file();
+    EXPECT_EQ(files, static_cast<size_t>(completed)) << "round " << round;
+  }
+  std::fprintf(stderr, "import takes %d ms; killed imports: %d completed, %d left nothing\n",
+               full_ms, completed - 1, absent);
+}
+
+}  // namespace
+}  // namespace sqkv

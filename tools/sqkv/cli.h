@@ -1,0 +1,61 @@
+// Shared plumbing of the sqkv subcommands: global options, store opening, errors → exit codes,
+// progress bars and JSON output.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "api/store.h"
+
+namespace sqkv::cli {
+
+// Exit codes (documented in README.md).
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitError = 1;        // anything not listed below
+inline constexpr int kExitUsage = 2;        // bad arguments or bad input (InvalidArgument)
+inline constexpr int kExitNotFound = 3;
+inline constexpr int kExitAlreadyExists = 4;
+inline constexpr int kExitCorruption = 5;
+inline constexpr int kExitUnavailable = 6;  // e.g. --device gpu without a GPU; store locked
+inline constexpr int kExitIOError = 7;
+
+struct GlobalOptions {
+  std::string data_dir;  // --data, else $SQKV_DATA, else ./sqkv-data
+  bool json = false;     // --json where the command supports it
+};
+
+// Prints "sqkv: <message>" to stderr and returns the exit code for the status.
+int Fail(const Status& s);
+int ExitCodeFor(const Status& s);
+
+Status OpenStore(const GlobalOptions& g, std::unique_ptr<Store>* out);
+
+// Prints to stderr a one-line bar, redrawn in place, when stderr is a terminal; silent otherwise.
+class ProgressBar {
+ public:
+  explicit ProgressBar(std::string label);
+  void Update(int done, int total);
+  void Finish();
+
+ private:
+  std::string label_;
+  bool enabled_;
+  int last_permille_ = -1;
+};
+
+nlohmann::json ContextJson(const ContextInfo& c);
+
+// Each subcommand registers itself on the app and returns the function that runs it.
+using Runner = std::function<int()>;
+void AddImport(CLI::App& app, GlobalOptions& g, Runner* run);
+void AddQuery(CLI::App& app, GlobalOptions& g, Runner* run);
+void AddCatalogCommands(CLI::App& app, GlobalOptions& g, Runner* ls, Runner* info, Runner* rm);
+void AddSynth(CLI::App& app, GlobalOptions& g, Runner* run);
+// rebuild, calibrate, verify, compact, stats: registered by name.
+void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Runner>* runners);
+
+}  // namespace sqkv::cli
