@@ -17,7 +17,6 @@ using detail::PathKind;
 using detail::Plan;
 
 constexpr int kMaxPageTokens = 1024;  // keeps page_id · 2 · page_tokens in 32 bits for big pools
-constexpr int kMaxSplits = 512;
 constexpr size_t kAlign = 256;
 
 // Cost model for choosing the key splits, in work items of the kernel (decode / f32: a 16-slot
@@ -77,7 +76,7 @@ int ChooseSplits(int64_t base_blocks, int64_t work_total, int64_t slots, const C
   if (work_total <= 1 || base_blocks <= 0) return 1;
   int best = 1;
   double best_cost = std::numeric_limits<double>::infinity();
-  const int64_t max_splits = std::min<int64_t>(work_total, kMaxSplits);
+  const int64_t max_splits = std::min<int64_t>(work_total, detail::kMaxSplits);
   for (int64_t s = 1; s <= max_splits; ++s) {
     const int64_t per = (work_total + s - 1) / s;
     if ((work_total + per - 1) / per != s) continue;  // same cut as a smaller s

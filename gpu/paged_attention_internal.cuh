@@ -30,6 +30,7 @@ inline constexpr int kPrefillRows = 128;  // rows per prefill tile
 inline constexpr int kPrefillKeys = 64;   // compacted keys per prefill tile
 inline constexpr int kF32Rows = 16;       // rows per f32 tile
 inline constexpr int kDecodeMaxRows = 32;
+inline constexpr int kMaxSplits = 512;    // key splits per (segment, row tile), at most
 
 enum class PathKind { kDecode, kPrefill, kF32 };
 

@@ -11,14 +11,16 @@
 namespace sqkv::gpu::detail {
 namespace {
 
-constexpr int kCompactThreads = 256;
+constexpr int kCompactThreads = 1024;
 constexpr int kMt = kPrefillRows / (16 * (kThreads / 32));  // 16-row m tiles per warp: 2
 constexpr int kNt = kPrefillKeys / 8;                        // 8-key n tiles per key tile: 8
 static_assert(kMt == 2, "the rescale vote below names both m tiles");
 
 // One block per segment: tok_rows[s][...] = pool rows of the valid slots, tok_count[s] = total.
+// A chunk of kCompactThreads pages per step (the next chunk's list entries load meanwhile).
 __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelParams p) {
-  __shared__ int warp_sums[kCompactThreads / 32];
+  constexpr int kWarps = kCompactThreads / 32;
+  __shared__ int warp_sums[kWarps];
   GridDependencyTrigger();  // the prefill kernel may start loading its Q tile now
   const int seg = blockIdx.x;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -26,15 +28,22 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelPar
   const int page_off = p.seg_page_offset[seg];
   const int page_tokens = p.page_tokens;
   uint32_t* dst = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
-  int base = 0;
-  for (int c0 = 0; c0 < count; c0 += kCompactThreads) {
-    const int i = c0 + tid;
-    int valid = 0;
-    uint32_t row = 0;
+  auto load = [&](int i, int& valid, uint32_t& row) {
+    valid = 0;
+    row = 0;
     if (i < count) {
       valid = min(max(p.page_valid[page_off + i], 0), page_tokens);
       row = static_cast<uint32_t>(p.page_ids[page_off + i]) * static_cast<uint32_t>(2 * page_tokens);
     }
+  };
+  int next_valid;
+  uint32_t next_row;
+  load(tid, next_valid, next_row);
+  int base = 0;
+  for (int c0 = 0; c0 < count; c0 += kCompactThreads) {
+    const int valid = next_valid;
+    const uint32_t row = next_row;
+    load(c0 + kCompactThreads + tid, next_valid, next_row);
     int incl = valid;  // inclusive scan within the warp
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {
@@ -45,7 +54,7 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelPar
     __syncthreads();
     int before = 0, total = 0;
 #pragma unroll
-    for (int w = 0; w < kCompactThreads / 32; ++w) {
+    for (int w = 0; w < kWarps; ++w) {
       const int ws = warp_sums[w];
       before += w < warp ? ws : 0;
       total += ws;
