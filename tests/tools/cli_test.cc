@@ -204,5 +204,68 @@ TEST_F(CliTest, ImportKilledAtRandomMomentsIsAllOrNothing) {
                full_ms, completed - 1, absent);
 }
 
+// The lifecycle commands as an operator runs them.
+TEST_F(CliTest, RebuildCalibrateVerifyCompactStats) {
+  const std::string ctx = dir_.file("c.safetensors"), q = dir_.file("q.npy");
+  ASSERT_EQ(Sqkv({"synth", ctx, "--queries-out", q, "--tokens", "1024", "--layers", "2",
+                  "--window", "32", "-n", "1"})
+                .code,
+            0);
+  ASSERT_EQ(Sqkv({"--data", Data(), "import", "c", ctx}).code, 0);
+  // Imported with window queries: calibrated already, --sparsity works.
+  CmdResult r = Sqkv({"--data", Data(), "query", "c", "--layer", "0", "--queries", q,
+                      "--sparsity", "0.8", "--out", dir_.file("o"), "--device", "cpu", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const double kept = nlohmann::json::parse(r.out)["kept_fraction"].get<double>();
+  EXPECT_GT(kept, 0.0);
+  EXPECT_LT(kept, 0.6);
+  r = Sqkv({"--data", Data(), "calibrate", "c", "--sparsity", "0.5", "--sparsity", "0.9", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto cal = nlohmann::json::parse(r.out);
+  ASSERT_EQ(cal["layers"].size(), 2u);
+  EXPECT_EQ(cal["layers"][0]["threshold"].size(), 2u);
+  // Two levels; the query reports how many centroids it scored.
+  r = Sqkv({"--data", Data(), "rebuild", "c", "--levels", "2", "--centroids", "0.1", "--l1",
+            "0.02", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["levels"], 2);
+  r = Sqkv({"--data", Data(), "query", "c", "--layer", "1", "--queries", q, "--keep", "0.1",
+            "--out", dir_.file("o"), "--device", "cpu", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const int scored = nlohmann::json::parse(r.out)["stats"]["centroids_scored"].get<int>();
+  EXPECT_GT(scored, 0);
+  EXPECT_LT(scored, 2 * 102);  // fewer than every level-2 centroid of both kv heads
+  r = Sqkv({"--data", Data(), "stats", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto st = nlohmann::json::parse(r.out);
+  EXPECT_EQ(st["contexts"], 1);
+  EXPECT_EQ(st["versions"]["garbage"], 0);  // the old version went when the rebuild ended
+  r = Sqkv({"--data", Data(), "verify", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(nlohmann::json::parse(r.out)["ok"].get<bool>());
+  // Damage a page: verify names it and exits 5.
+  r = Sqkv({"--data", Data(), "info", "c", "--json"});
+  const uint64_t version = nlohmann::json::parse(r.out)["version"].get<uint64_t>();
+  char name[32];
+  std::snprintf(name, sizeof(name), "%016llx.seg", static_cast<unsigned long long>(version));
+  const std::string seg = Data() + "/segments/" + name;
+  {
+    std::fstream f(seg, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(4096 + 5);
+    f.put('\x5a');
+    f.seekp(4096 + 6);
+    f.put('\x5b');
+  }
+  r = Sqkv({"--data", Data(), "verify"});
+  EXPECT_EQ(r.code, 5);
+  EXPECT_NE(r.err.find("page 0"), std::string::npos) << r.err;
+  r = Sqkv({"--data", Data(), "compact", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(nlohmann::json::parse(r.out).contains("catalog_bytes_after"));
+  for (const char* sub : {"rebuild", "calibrate", "verify", "compact", "stats"}) {
+    EXPECT_EQ(Sqkv({sub, "--help"}).code, 0) << sub;
+  }
+}
+
 }  // namespace
 }  // namespace sqkv
