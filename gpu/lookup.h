@@ -32,6 +32,11 @@ namespace sqkv::gpu {
 // Segments with at most this many query rows take the small (decode) path.
 inline constexpr int kLookupSmallRows = 16;
 
+// Large path arithmetic: false = float32 FMA tiles; true = tensor cores in split precision
+// (3xTF32, float32-level logits; both pass the same reference tests). The default of
+// LookupArgs::split_tf32.
+inline constexpr bool kLookupSplitTf32Default = true;
+
 enum class LookupMode : int32_t {
   kBudget = 0,     // keep-fraction: whole clusters until `budget` tokens (0: none)
   kThreshold = 1,  // score >= threshold
@@ -116,8 +121,9 @@ struct LookupArgs {
   int head_dim = 0;
   int page_tokens = 0;
   int num_segments = 0;
-  const LookupSegment* segments = nullptr;  // device (num_segments), as PlanLookup filled them
-  const float* q = nullptr;                 // device (total_rows, head_dim) float32
+  const LookupSegment* segments = nullptr;    // device (num_segments), as PlanLookup filled them
+  const float* q = nullptr;                   // device (total_rows, head_dim) float32
+  bool split_tf32 = kLookupSplitTf32Default;  // large path on tensor cores (see above)
 
   // Outputs, device. Per segment s: seg_page_count[s] pages at page_ids/page_valid
   // [segments[s].page_offset ...]; seg_cluster_count[s] cluster ids (ascending) at

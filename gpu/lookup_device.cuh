@@ -92,6 +92,9 @@ cudaError_t LaunchSmallLogits(const LookupArgs& a, const LookupLayout& l, const 
                               int level, cudaStream_t stream);
 cudaError_t LaunchLargeScores(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                               int level, cudaStream_t stream);
+// The two tiled passes of lookup_tf32.cu (stats: pass 1, else pass 2).
+cudaError_t LaunchTiledTf32(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                            int level, bool stats, float scale, cudaStream_t stream);
 cudaError_t LaunchSelect(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                          cudaStream_t stream);
 

@@ -263,18 +263,27 @@ cudaError_t LaunchLargeScores(const LookupArgs& a, const LookupLayout& l, const 
   if (n == 0) return cudaSuccess;
   const float scale = LogitScale(a.head_dim);
   const dim3 tiles(l.max_large_ctiles, l.max_large_rtiles, n);
-  TiledKernel<true><<<tiles, kTileThreads, 0, stream>>>(a.segments, w.large_list, a.q, w.floats,
-                                                        w.ints, a.head_dim, scale, level);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err;
+  if (a.split_tf32) {
+    err = LaunchTiledTf32(a, l, w, level, /*stats=*/true, scale, stream);
+  } else {
+    TiledKernel<true><<<tiles, kTileThreads, 0, stream>>>(a.segments, w.large_list, a.q, w.floats,
+                                                          w.ints, a.head_dim, scale, level);
+    err = cudaGetLastError();
+  }
   if (err != cudaSuccess) return err;
   constexpr int kThreads = 256;
   CombineRowStatsKernel<<<dim3((l.max_large_rows + kThreads - 1) / kThreads, n), kThreads, 0,
                           stream>>>(a.segments, w.large_list, w.floats, w.ints, level);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  TiledKernel<false><<<tiles, kTileThreads, 0, stream>>>(a.segments, w.large_list, a.q, w.floats,
-                                                         w.ints, a.head_dim, scale, level);
-  err = cudaGetLastError();
+  if (a.split_tf32) {
+    err = LaunchTiledTf32(a, l, w, level, /*stats=*/false, scale, stream);
+  } else {
+    TiledKernel<false><<<tiles, kTileThreads, 0, stream>>>(a.segments, w.large_list, a.q, w.floats,
+                                                           w.ints, a.head_dim, scale, level);
+    err = cudaGetLastError();
+  }
   if (err != cudaSuccess) return err;
   ReduceColumnsKernel<<<dim3((l.max_entries + kThreads - 1) / kThreads, n), kThreads, 0, stream>>>(
       a.segments, w.large_list, w.floats, w.ints, level);

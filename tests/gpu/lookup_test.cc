@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gpu/device.h"
@@ -95,7 +96,8 @@ Seg MakeSeg(std::mt19937_64& rng, const Head& h, int head, int rows, RefMode mod
 // Runs one lookup launch over every segment; `repeat` launches again on the same workspace and
 // checks the second result equals the first.
 void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, int pt,
-               std::vector<Out>* out, bool repeat = false) {
+               std::vector<Out>* out, bool repeat = false,
+               bool split_tf32 = kLookupSplitTf32Default) {
   std::vector<LookupSegment> ls(segs.size());
   std::vector<float> q;
   for (size_t i = 0; i < segs.size(); ++i) {
@@ -160,6 +162,7 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
   a.num_segments = n;
   a.segments = dsegs.as<LookupSegment>();
   a.q = dq.as<float>();
+  a.split_tf32 = split_tf32;
   a.seg_page_count = seg_pages.as<int32_t>();
   a.page_ids = page_ids.as<int32_t>();
   a.page_valid = page_valid.as<int32_t>();
@@ -286,9 +289,11 @@ TEST(GpuLookup, HeadDim64AndOtherPageSizes) {
       MakeHead(rng, 300 + 200 * i, 64, pt, 70, 0, &heads[i]);
       segs.push_back(MakeSeg(rng, heads[i], i, rows[i], RefMode::kBudget, 0.05 + 0.1 * i));
     }
-    std::vector<Out> out;
-    RunLookup(heads, segs, 64, pt, &out);
-    CheckAll(heads, segs, out);
+    for (bool tf32 : {false, true}) {
+      std::vector<Out> out;
+      RunLookup(heads, segs, 64, pt, &out, false, tf32);
+      CheckAll(heads, segs, out);
+    }
   }
 }
 
@@ -430,7 +435,8 @@ TEST(GpuLookup, HierarchicalMatchesReference) {
   CheckAll(heads, segs, out);
 }
 
-// The sizes of the benchmarks: 128K tokens at 5% centroids, decode and prefill rows.
+// The sizes of the benchmarks: 128K tokens at 5% centroids, decode and prefill rows; both
+// arithmetic variants of the prefill path.
 TEST(GpuLookup, ContextSizedIndex) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
@@ -440,9 +446,40 @@ TEST(GpuLookup, ContextSizedIndex) {
   std::vector<Seg> segs;
   segs.push_back(MakeSeg(rng, heads[0], 0, 4, RefMode::kBudget, 0.05));
   segs.push_back(MakeSeg(rng, heads[0], 0, 4096, RefMode::kBudget, 0.05));
-  std::vector<Out> out;
-  RunLookup(heads, segs, kD, kPt, &out);
-  CheckAll(heads, segs, out);
+  for (bool tf32 : {false, true}) {
+    SCOPED_TRACE(tf32 ? "split tf32" : "fp32 fma");
+    std::vector<Out> out;
+    RunLookup(heads, segs, kD, kPt, &out, false, tf32);
+    CheckAll(heads, segs, out);
+  }
+}
+
+// The tiled (prefill) passes in both arithmetic variants: flat and two-level, budget and
+// threshold, head_dim 64 and 128, ragged row and entry counts.
+TEST(GpuLookup, TiledVariantsMatchReference) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  for (int d : {64, 128}) {
+    std::vector<Head> heads(3);
+    MakeHead(rng, 1000 + 37 * (d / 64), d, 16, 40, 0, &heads[0]);
+    MakeHead(rng, 130, d, 16, 40, 0, &heads[1]);
+    MakeHead(rng, 1500, d, 16, 40, 48, &heads[2]);
+    std::vector<Seg> segs;
+    for (int h = 0; h < 3; ++h) {
+      for (int rows : {17, 64, 100, 333, 2048}) {
+        segs.push_back(MakeSeg(rng, heads[h], h, rows, RefMode::kBudget, 0.03 + 0.01 * h));
+      }
+      Seg s = MakeSeg(rng, heads[h], h, 200, RefMode::kThreshold, 0.1);
+      s.threshold = 1.f / heads[h].x.tokens;
+      segs.push_back(s);
+    }
+    for (bool tf32 : {false, true}) {
+      SCOPED_TRACE(std::string(tf32 ? "split tf32" : "fp32 fma") + " d " + std::to_string(d));
+      std::vector<Out> out;
+      RunLookup(heads, segs, d, 16, &out, /*repeat=*/true, tf32);
+      CheckAll(heads, segs, out);
+    }
+  }
 }
 
 TEST(GpuLookup, BudgetPageBoundIsAnUpperBound) {
