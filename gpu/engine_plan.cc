@@ -44,16 +44,16 @@ struct Placement {
 };
 
 // PagedAttentionWorkspaceBytes checks the whole argument set (it answers 0 for arguments it
-// rejects), so it is asked with placeholders where the device pointers will go.
+// rejects: null or misaligned pointers), so it is asked with aligned placeholders where the
+// device pointers will go. They are never dereferenced.
 size_t AttentionWorkspaceBytes(const PagedAttentionArgs& args) {
+  alignas(256) static const int32_t kInts[4] = {};
+  alignas(256) static float kFloats[4] = {};
   PagedAttentionArgs a = args;
-  static const int32_t kPlaceholder[1] = {0};
-  static const float kPlaceholderF[1] = {0.f};
-  static float kOutF[1];
-  a.seg_q_row = a.seg_rows = a.seg_page_offset = a.seg_page_count = kPlaceholder;
-  a.page_ids = a.page_valid = kPlaceholder;
-  a.q = kPlaceholderF;
-  a.out = a.lse = kOutF;
+  a.seg_q_row = a.seg_rows = a.seg_page_offset = a.seg_page_count = kInts;
+  a.page_ids = a.page_valid = kInts;
+  a.q = kFloats;
+  a.out = a.lse = kFloats;
   return PagedAttentionWorkspaceBytes(a);
 }
 
