@@ -32,7 +32,8 @@ constexpr uint64_t kTraversalFactor = 2;
 constexpr uint64_t kTraversalSlackWords = 64;
 
 const char* const kCallKindNames[kNumCallKinds] = {
-    "hello", "query", "list", "info", "remove", "import_begin", "import_chunk", "import_end"};
+    "hello",  "query",     "list",           "info",   "remove",  "import_begin", "import_chunk",
+    "import_end", "rebuild", "calibrate", "get_thresholds", "verify", "compact", "stats"};
 
 // ---- small readers ----
 
@@ -159,6 +160,7 @@ Status ReadQuery(wire::QueryCall::Reader r, QueryCall* out) {
   s.l1_keep_fraction = r.getL1KeepFraction();
   SQKV_RETURN_IF_ERROR(FromWire(r.getDevice(), &out->options.device));
   out->options.want_selection = r.getWantSelection();
+  out->options.sparsity = r.getSparsity();
   return Status::Ok();
 }
 
@@ -175,6 +177,73 @@ void WriteQuery(const QueryCall& c, wire::QueryCall::Builder b) {
   b.setL1KeepFraction(c.options.select.l1_keep_fraction);
   b.setDevice(ToWire(c.options.device));
   b.setWantSelection(c.options.want_selection);
+  b.setSparsity(c.options.sparsity);
+}
+
+void ReadImportOptions(wire::ImportOptions::Reader o, ImportOptions* out) {
+  out->centroid_fraction = o.getCentroidFraction();
+  out->page_tokens = o.getPageTokens();
+  out->levels = o.getLevels();
+  out->l1_fraction = o.getL1Fraction();
+  out->kmeans_iterations = o.getKmeansIterations();
+}
+
+void WriteImportOptions(const ImportOptions& o, wire::ImportOptions::Builder b) {
+  b.setCentroidFraction(o.centroid_fraction);
+  b.setPageTokens(o.page_tokens);
+  b.setLevels(o.levels);
+  b.setL1Fraction(o.l1_fraction);
+  b.setKmeansIterations(o.kmeans_iterations);
+}
+
+Status ReadCalibrate(wire::CalibrateCall::Reader r, CalibrateCall* out) {
+  SQKV_RETURN_IF_ERROR(ReadText(r.getName(), kMaxNameBytes, "calibrate name", &out->name));
+  out->use_stored_queries = r.getUseStoredQueries();
+  if (!out->use_stored_queries) {
+    auto layers = r.getQueries();
+    out->queries.resize(layers.size());
+    for (uint32_t l = 0; l < layers.size(); ++l) {
+      auto w = layers[l];
+      WindowQueries& q = out->queries[l];
+      q.q_heads = w.getQHeads();
+      q.window = w.getWindow();
+      q.head_dim = w.getHeadDim();
+      if (q.q_heads <= 0 || q.window <= 0 || q.head_dim <= 0) {
+        return Status::InvalidArgument("calibration queries of layer " + std::to_string(l) +
+                                       " have a non-positive dim");
+      }
+      uint64_t elements = 0;
+      if (__builtin_mul_overflow(static_cast<uint64_t>(q.q_heads),
+                                 static_cast<uint64_t>(q.window), &elements) ||
+          __builtin_mul_overflow(elements, static_cast<uint64_t>(q.head_dim), &elements) ||
+          elements > std::numeric_limits<uint64_t>::max() / sizeof(float)) {
+        return Status::InvalidArgument("calibration query shape overflows");
+      }
+      SQKV_RETURN_IF_ERROR(ReadFloats(w.getData(), elements, "calibration queries", &q.data));
+    }
+  }
+  auto sp = r.getSparsities();
+  out->sparsities.resize(sp.size());
+  for (uint32_t i = 0; i < sp.size(); ++i) out->sparsities[i] = sp[i];
+  return Status::Ok();
+}
+
+void WriteCalibrate(const CalibrateCall& c, wire::CalibrateCall::Builder b) {
+  b.setName(c.name);
+  b.setUseStoredQueries(c.use_stored_queries);
+  if (!c.use_stored_queries) {
+    auto layers = b.initQueries(c.queries.size());
+    for (size_t l = 0; l < c.queries.size(); ++l) {
+      const WindowQueries& q = c.queries[l];
+      auto w = layers[l];
+      w.setQHeads(q.q_heads);
+      w.setWindow(q.window);
+      w.setHeadDim(q.head_dim);
+      WriteFloats(q.data, w.initData(q.data.size() * sizeof(float)));
+    }
+  }
+  auto sp = b.initSparsities(c.sparsities.size());
+  for (size_t i = 0; i < c.sparsities.size(); ++i) sp.set(i, c.sparsities[i]);
 }
 
 Status ReadImportBegin(wire::ImportBegin::Reader r, ImportBeginCall* out) {
@@ -186,12 +255,7 @@ Status ReadImportBegin(wire::ImportBegin::Reader r, ImportBeginCall* out) {
     return Status::InvalidArgument("import file name must be a plain base name");
   }
   out->total_bytes = r.getTotalBytes();
-  auto o = r.getOptions();
-  out->options.centroid_fraction = o.getCentroidFraction();
-  out->options.page_tokens = o.getPageTokens();
-  out->options.levels = o.getLevels();
-  out->options.l1_fraction = o.getL1Fraction();
-  out->options.kmeans_iterations = o.getKmeansIterations();
+  ReadImportOptions(r.getOptions(), &out->options);
   return Status::Ok();
 }
 
@@ -199,12 +263,7 @@ void WriteImportBegin(const ImportBeginCall& c, wire::ImportBegin::Builder b) {
   b.setName(c.name);
   b.setFileName(c.file_name);
   b.setTotalBytes(c.total_bytes);
-  auto o = b.initOptions();
-  o.setCentroidFraction(c.options.centroid_fraction);
-  o.setPageTokens(c.options.page_tokens);
-  o.setLevels(c.options.levels);
-  o.setL1Fraction(c.options.l1_fraction);
-  o.setKmeansIterations(c.options.kmeans_iterations);
+  WriteImportOptions(c.options, b.initOptions());
 }
 
 Status ReadRequest(wire::Request::Reader r, Request* out) {
@@ -262,6 +321,40 @@ Status ReadRequest(wire::Request::Reader r, Request* out) {
     case wire::Request::IMPORT_END:
       out->call = ImportEndCall{r.getImportEnd().getUploadId()};
       return Status::Ok();
+    case wire::Request::REBUILD: {
+      auto rb = r.getRebuild();
+      RebuildCall c;
+      SQKV_RETURN_IF_ERROR(ReadText(rb.getName(), kMaxNameBytes, "rebuild name", &c.name));
+      ReadImportOptions(rb.getOptions(), &c.options);
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::CALIBRATE: {
+      CalibrateCall c;
+      SQKV_RETURN_IF_ERROR(ReadCalibrate(r.getCalibrate(), &c));
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::GET_THRESHOLDS: {
+      auto g = r.getGetThresholds();
+      GetThresholdsCall c;
+      SQKV_RETURN_IF_ERROR(ReadText(g.getName(), kMaxNameBytes, "thresholds name", &c.name));
+      c.layer = g.getLayer();
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::VERIFY: {
+      VerifyCall c;
+      SQKV_RETURN_IF_ERROR(ReadText(r.getVerify(), kMaxNameBytes, "verify name", &c.name));
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::COMPACT:
+      out->call = CompactCall{};
+      return Status::Ok();
+    case wire::Request::STATS:
+      out->call = StatsCall{};
+      return Status::Ok();
   }
   return Status::InvalidArgument("unknown call " + std::to_string(static_cast<int>(r.which())) +
                                  " (client newer than server?)");
@@ -292,6 +385,20 @@ void WriteRequest(const Request& req, wire::Request::Builder b) {
                                      c.data.size()));
     }
     void operator()(const ImportEndCall& c) { b.initImportEnd().setUploadId(c.upload_id); }
+    void operator()(const RebuildCall& c) {
+      auto rb = b.initRebuild();
+      rb.setName(c.name);
+      WriteImportOptions(c.options, rb.initOptions());
+    }
+    void operator()(const CalibrateCall& c) { WriteCalibrate(c, b.initCalibrate()); }
+    void operator()(const GetThresholdsCall& c) {
+      auto g = b.initGetThresholds();
+      g.setName(c.name);
+      g.setLayer(c.layer);
+    }
+    void operator()(const VerifyCall& c) { b.setVerify(c.name); }
+    void operator()(const CompactCall&) { b.setCompact(); }
+    void operator()(const StatsCall&) { b.setStats(); }
   };
   std::visit(Visitor{b}, req.call);
 }
@@ -315,7 +422,8 @@ Status ReadContext(wire::Context::Reader r, ContextInfo* out) {
   out->levels = r.getLevels();
   out->l1_fraction = r.getL1Fraction();
   auto pages = r.getLayerFirstPage();
-  out->layer_first_page.assign(pages.begin(), pages.end());
+  out->layer_first_page.resize(pages.size());
+  for (uint32_t i = 0; i < pages.size(); ++i) out->layer_first_page[i] = pages[i];
   out->segment_bytes = r.getSegmentBytes();
   out->index_bytes = r.getIndexBytes();
   out->window_q_heads = r.getWindowQHeads();
@@ -359,7 +467,9 @@ Status ReadQueryReply(wire::QueryReply::Reader r, QueryResult* out) {
   out->selected_tokens.resize(sel.size());
   for (uint32_t h = 0; h < sel.size(); ++h) {
     auto tokens = sel[h];
-    out->selected_tokens[h].assign(tokens.begin(), tokens.end());
+    auto& dst = out->selected_tokens[h];
+    dst.resize(tokens.size());
+    for (uint32_t i = 0; i < tokens.size(); ++i) dst[i] = tokens[i];
   }
   auto s = r.getStats();
   SQKV_RETURN_IF_ERROR(ReadText(s.getDevice(), kMaxNameBytes, "stats device", &out->stats.device));
@@ -435,9 +545,60 @@ Status ReadResponse(wire::Response::Reader r, Response* out) {
       out->body = ImportBeginReply{b.getUploadId(), b.getChunkBytes()};
       return Status::Ok();
     }
-    case wire::Response::IMPORT_PROGRESS: {
-      auto p = r.getImportProgress();
-      out->body = ImportProgressReply{p.getDone(), p.getTotal()};
+    case wire::Response::PROGRESS: {
+      auto p = r.getProgress();
+      out->body = ProgressReply{p.getDone(), p.getTotal()};
+      return Status::Ok();
+    }
+    case wire::Response::THRESHOLDS: {
+      auto t = r.getThresholds();
+      Thresholds th;
+      auto sp = t.getSparsity(), tv = t.getThreshold();
+      th.sparsity.resize(sp.size());
+      for (uint32_t i = 0; i < sp.size(); ++i) th.sparsity[i] = sp[i];
+      th.threshold.resize(tv.size());
+      for (uint32_t i = 0; i < tv.size(); ++i) th.threshold[i] = tv[i];
+      out->body = std::move(th);
+      return Status::Ok();
+    }
+    case wire::Response::VERIFY_REPORT: {
+      auto v = r.getVerifyReport();
+      VerifyReport rep;
+      rep.contexts_checked = v.getContextsChecked();
+      rep.pages_checked = v.getPagesChecked();
+      rep.bytes_checked = v.getBytesChecked();
+      for (auto p : v.getProblems()) {
+        SQKV_RETURN_IF_ERROR(ReadText(p, kMaxMessageText, "verify problem", &rep.problems.emplace_back()));
+      }
+      out->body = std::move(rep);
+      return Status::Ok();
+    }
+    case wire::Response::COMPACT_REPORT: {
+      auto c = r.getCompactReport();
+      CompactReport rep;
+      rep.versions_reclaimed = c.getVersionsReclaimed();
+      rep.versions_in_use = c.getVersionsInUse();
+      rep.orphan_files_removed = c.getOrphanFilesRemoved();
+      rep.segment_bytes_reclaimed = c.getSegmentBytesReclaimed();
+      rep.catalog_bytes_before = c.getCatalogBytesBefore();
+      rep.catalog_bytes_after = c.getCatalogBytesAfter();
+      out->body = rep;
+      return Status::Ok();
+    }
+    case wire::Response::STATS: {
+      auto w = r.getStats();
+      StoreStats st;
+      st.contexts = w.getContexts();
+      st.tokens = w.getTokens();
+      st.keys = w.getKeys();
+      st.segment_bytes = w.getSegmentBytes();
+      st.index_bytes = w.getIndexBytes();
+      st.garbage_segment_bytes = w.getGarbageSegmentBytes();
+      st.catalog_bytes = w.getCatalogBytes();
+      st.live_versions = w.getLiveVersions();
+      st.garbage_versions = w.getGarbageVersions();
+      st.calibrated_contexts = w.getCalibratedContexts();
+      out->body = st;
       return Status::Ok();
     }
   }
@@ -471,10 +632,47 @@ void WriteResponse(const Response& resp, wire::Response::Builder b) {
       w.setUploadId(r.upload_id);
       w.setChunkBytes(r.chunk_bytes);
     }
-    void operator()(const ImportProgressReply& p) {
-      auto w = b.initImportProgress();
+    void operator()(const ProgressReply& p) {
+      auto w = b.initProgress();
       w.setDone(p.done);
       w.setTotal(p.total);
+    }
+    void operator()(const Thresholds& t) {
+      auto w = b.initThresholds();
+      auto sp = w.initSparsity(t.sparsity.size());
+      for (size_t i = 0; i < t.sparsity.size(); ++i) sp.set(i, t.sparsity[i]);
+      auto tv = w.initThreshold(t.threshold.size());
+      for (size_t i = 0; i < t.threshold.size(); ++i) tv.set(i, t.threshold[i]);
+    }
+    void operator()(const VerifyReport& v) {
+      auto w = b.initVerifyReport();
+      w.setContextsChecked(v.contexts_checked);
+      w.setPagesChecked(v.pages_checked);
+      w.setBytesChecked(v.bytes_checked);
+      auto problems = w.initProblems(v.problems.size());
+      for (size_t i = 0; i < v.problems.size(); ++i) problems.set(i, v.problems[i]);
+    }
+    void operator()(const CompactReport& c) {
+      auto w = b.initCompactReport();
+      w.setVersionsReclaimed(c.versions_reclaimed);
+      w.setVersionsInUse(c.versions_in_use);
+      w.setOrphanFilesRemoved(c.orphan_files_removed);
+      w.setSegmentBytesReclaimed(c.segment_bytes_reclaimed);
+      w.setCatalogBytesBefore(c.catalog_bytes_before);
+      w.setCatalogBytesAfter(c.catalog_bytes_after);
+    }
+    void operator()(const StoreStats& st) {
+      auto w = b.initStats();
+      w.setContexts(st.contexts);
+      w.setTokens(st.tokens);
+      w.setKeys(st.keys);
+      w.setSegmentBytes(st.segment_bytes);
+      w.setIndexBytes(st.index_bytes);
+      w.setGarbageSegmentBytes(st.garbage_segment_bytes);
+      w.setCatalogBytes(st.catalog_bytes);
+      w.setLiveVersions(st.live_versions);
+      w.setGarbageVersions(st.garbage_versions);
+      w.setCalibratedContexts(st.calibrated_contexts);
     }
   };
   if (!resp.status.ok()) {
@@ -539,6 +737,11 @@ Status EncodeFrame(const In& in, size_t size_hint_bytes, const char* what,
 
 size_t RequestSizeHint(const Request& r) {
   if (const auto* q = std::get_if<QueryCall>(&r.call)) return q->q.size() * sizeof(float);
+  if (const auto* c = std::get_if<CalibrateCall>(&r.call)) {
+    size_t n = c->sparsities.size() * sizeof(float);
+    for (const auto& w : c->queries) n += w.data.size() * sizeof(float) + 8 * kWordBytes;
+    return n;
+  }
   if (const auto* c = std::get_if<ImportChunkCall>(&r.call)) return c->data.size();
   return 0;
 }
@@ -553,6 +756,12 @@ size_t ResponseSizeHint(const Response& r) {
 }
 
 }  // namespace
+
+bool IsLongCall(const Call& call) {
+  return std::holds_alternative<ImportEndCall>(call) || std::holds_alternative<RebuildCall>(call) ||
+         std::holds_alternative<CalibrateCall>(call) || std::holds_alternative<VerifyCall>(call) ||
+         std::holds_alternative<CompactCall>(call);
+}
 
 const char* CallKindName(size_t kind) {
   return kind < kNumCallKinds ? kCallKindNames[kind] : "unknown";

@@ -67,13 +67,42 @@ struct ImportEndCall {
   uint64_t upload_id = 0;
 };
 
+struct RebuildCall {
+  std::string name;
+  ImportOptions options;  // progress and on_stage are not carried
+};
+
+struct CalibrateCall {
+  std::string name;
+  bool use_stored_queries = true;      // the window queries kept at import
+  std::vector<WindowQueries> queries;  // (layers) when !use_stored_queries
+  std::vector<float> sparsities;
+};
+
+struct GetThresholdsCall {
+  std::string name;
+  int32_t layer = 0;
+};
+
+struct VerifyCall {
+  std::string name;  // empty: every context
+};
+struct CompactCall {};
+struct StatsCall {};
+
 using Call = std::variant<HelloCall, QueryCall, ListCall, InfoCall, RemoveCall, ImportBeginCall,
-                          ImportChunkCall, ImportEndCall>;
+                          ImportChunkCall, ImportEndCall, RebuildCall, CalibrateCall,
+                          GetThresholdsCall, VerifyCall, CompactCall, StatsCall>;
 
 // Index of each call kind in Call, for tables (metrics) indexed by kind.
 inline constexpr size_t kNumCallKinds = std::variant_size_v<Call>;
-// "hello", "query", "list", "info", "remove", "import_begin", "import_chunk", "import_end".
+// "hello", "query", "list", "info", "remove", "import_begin", "import_chunk", "import_end",
+// "rebuild", "calibrate", "get_thresholds", "verify", "compact", "stats".
 const char* CallKindName(size_t kind);
+
+// Calls that may run for minutes (indexing, whole-store scans): no default deadline, and they
+// report progress where the store does.
+bool IsLongCall(const Call& call);
 
 struct Request {
   uint64_t id = 0;
@@ -94,12 +123,13 @@ struct ImportBeginReply {
   uint32_t chunk_bytes = 0;
 };
 
-struct ImportProgressReply {
+struct ProgressReply {
   int32_t done = 0, total = 0;
 };
 
 using Body = std::variant<std::monostate, HelloReply, QueryResult, std::vector<ContextInfo>,
-                          ContextInfo, ImportBeginReply, ImportProgressReply>;
+                          ContextInfo, ImportBeginReply, ProgressReply, Thresholds, VerifyReport,
+                          CompactReport, StoreStats>;
 
 struct Response {
   uint64_t id = 0;

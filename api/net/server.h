@@ -45,8 +45,8 @@ struct ServerOptions {
   // Where uploads are written before Store::Import; emptied at start. Default: empty, meaning
   // "<store data_dir>/uploads".
   std::string upload_dir;
-  // Per-request deadline when the request names none (0 = none). Imports (importEnd) have no
-  // default deadline: indexing a large context takes minutes. Default: 60000.
+  // Per-request deadline when the request names none (0 = none). Long calls (import, rebuild,
+  // calibrate, verify, compact) have no default deadline: they may take minutes. Default: 60000.
   uint32_t default_deadline_ms = 60000;
   // A connection that sends nothing for this long between requests is closed. Default: 300000.
   uint32_t idle_timeout_ms = 300000;

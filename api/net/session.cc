@@ -93,7 +93,7 @@ class Session {
         co_return;
       }
       bool keep_open = true;
-      Status answered = co_await Dispatch(request, &keep_open);
+      Status answered = co_await Dispatch(std::move(request), &keep_open);
       server_->metrics().ObserveCall(
           kind, answered.code(),
           std::chrono::duration<double>(Clock::now() - started).count());
@@ -180,28 +180,26 @@ class Session {
   }
 
   // Runs one decoded request and writes its answer(s). Returns the status answered.
-  asio::awaitable<Status> Dispatch(const Request& request, bool* keep_open) {
+  asio::awaitable<Status> Dispatch(Request request, bool* keep_open) {
+    const uint64_t id = request.id;
     const Clock::time_point deadline = RequestDeadline(request);
     CallResult r;
     if (const auto* hello = std::get_if<HelloCall>(&request.call)) {
       r = Hello(*hello);
     } else {
       server_->metrics().requests_in_flight.fetch_add(1);
-      SetDeadline(*st_, Clock::time_point::max());  // the request deadline governs now
-      r = co_await calls_.Run(request, deadline,
-                              [this, &request](const ImportProgressReply& p) -> asio::awaitable<bool> {
-                                co_return co_await Send(Response{request.id, Status::Ok(), p});
+      SetDeadline(*st_, Clock::time_point::max());  // the request's deadline governs now
+      r = co_await calls_.Run(std::move(request), deadline,
+                              [this, id](const ProgressReply& p) -> asio::awaitable<bool> {
+                                co_return co_await Send(Response{id, Status::Ok(), p});
                               });
       server_->metrics().requests_in_flight.fetch_sub(1);
     }
     if (r.deadline_exceeded) server_->metrics().deadline_exceeded.fetch_add(1);
-    *keep_open = r.keep_open;
+    *keep_open = r.keep_open && !r.connection_lost;
     const Status status = r.outcome.status;
-    if (!r.connection_lost) {
-      if (!co_await Send(Response{request.id, status, std::move(r.outcome.body)})) {
-        *keep_open = false;
-      }
-    } else {
+    if (!r.connection_lost &&
+        !co_await Send(Response{id, status, std::move(r.outcome.body)})) {
       *keep_open = false;
     }
     co_return status;
@@ -209,7 +207,7 @@ class Session {
 
   Clock::time_point RequestDeadline(const Request& request) const {
     if (request.deadline_ms > 0) return After(request.deadline_ms);
-    if (std::holds_alternative<ImportEndCall>(request.call)) return Clock::time_point::max();
+    if (IsLongCall(request.call)) return Clock::time_point::max();
     return After(server_->options().default_deadline_ms);
   }
 

@@ -27,7 +27,7 @@ struct CallResult {
 };
 
 // Writes one progress answer; false when the connection is gone.
-using ProgressSender = std::function<boost::asio::awaitable<bool>(const ImportProgressReply&)>;
+using ProgressSender = std::function<boost::asio::awaitable<bool>(const ProgressReply&)>;
 
 class SessionCalls {
  public:
@@ -48,6 +48,10 @@ class SessionCalls {
                                                  std::chrono::steady_clock::time_point deadline);
   boost::asio::awaitable<CallResult> ImportChunk(ImportChunkCall call,
                                                  std::chrono::steady_clock::time_point deadline);
+  // Like Await, for calls that report progress: sends a progress answer at most every 250 ms.
+  boost::asio::awaitable<CallResult> AwaitWithProgress(
+      std::function<Outcome(const ProgressFn&)> fn, std::chrono::steady_clock::time_point deadline,
+      ProgressSender& progress);
   boost::asio::awaitable<CallResult> ImportEnd(ImportEndCall call,
                                                std::chrono::steady_clock::time_point deadline,
                                                ProgressSender& progress);

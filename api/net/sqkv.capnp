@@ -1,9 +1,9 @@
 # The SqueezeKV wire protocol: one Request message answered by one or more Response messages
-# (more than one only for importEnd, which sends progress before its answer), over a byte stream
+# (more than one only for long calls, which send progress before their answer), over a byte stream
 # in Cap'n Proto's standard stream framing (segment table, then segments; no packing).
 #
 # A connection carries one request at a time: the client sends a Request and reads Responses
-# carrying the same id until one that is not `importProgress`. With a token configured on the
+# carrying the same id until one that is not `progress`. With a token configured on the
 # server, the first request of a connection must be `hello` carrying it.
 #
 # Tensors travel as Data fields holding little-endian float32 in C order; each field's comment
@@ -48,6 +48,24 @@ struct Request {
 
     importEnd @9 :ImportEnd;
     # Finishes an upload and imports it; answered by progress, then the imported context.
+
+    rebuild @10 :RebuildCall;
+    # Store::Rebuild; answered by progress, then the new version's context.
+
+    calibrate @11 :CalibrateCall;
+    # Store::Calibrate.
+
+    getThresholds @12 :GetThresholdsCall;
+    # Store::GetThresholds.
+
+    verify @13 :Text;
+    # Store::Verify of the named context (all when empty); answered by progress, then the report.
+
+    compact @14 :Void;
+    # Store::Compact.
+
+    stats @15 :Void;
+    # Store::Stats.
   }
 }
 
@@ -114,6 +132,10 @@ struct QueryCall {
 
   wantSelection @11 :Bool;
   # Return the attended token positions per kv head.
+
+  sparsity @12 :Float32 = -1;
+  # When >= 0: keep the clusters reaching the layer's calibrated threshold for this sparsity
+  # (overrides mode); -1: off.
 }
 
 struct QueryStats {
@@ -183,6 +205,42 @@ struct ImportChunk {
 
   data @2 :Data;
   # Bytes of the file; at most the server's chunk size (from the importBegin reply).
+}
+
+struct RebuildCall {
+  name @0 :Text;
+  # Context to re-cluster.
+  options @1 :ImportOptions;
+  # New index parameters.
+}
+
+struct WindowQueries {
+  qHeads @0 :Int32;
+  # Query heads.
+  window @1 :Int32;
+  # Query tokens per head.
+  headDim @2 :Int32;
+  # Head dimension.
+  data @3 :Data;
+  # (qHeads, window, headDim) float32 little-endian.
+}
+
+struct CalibrateCall {
+  name @0 :Text;
+  # Context to calibrate.
+  useStoredQueries @1 :Bool;
+  # True: calibrate from the window queries stored at import (`queries` is ignored).
+  queries @2 :List(WindowQueries);
+  # (layers) calibration queries of every layer.
+  sparsities @3 :List(Float32);
+  # Target sparsities to calibrate thresholds for.
+}
+
+struct GetThresholdsCall {
+  name @0 :Text;
+  # Context name.
+  layer @1 :Int32;
+  # Layer whose thresholds are wanted.
 }
 
 struct ImportEnd {
@@ -267,11 +325,67 @@ struct ImportBeginReply {
   # Largest `data` the server accepts in one importChunk.
 }
 
-struct ImportProgress {
+struct Progress {
   done @0 :Int32;
-  # (layer, kv head) pairs indexed so far.
+  # Units of work done so far (for imports: (layer, kv head) pairs indexed).
   total @1 :Int32;
-  # All (layer, kv head) pairs.
+  # All units of work.
+}
+
+struct Thresholds {
+  sparsity @0 :List(Float32);
+  # Calibrated sparsities, ascending.
+  threshold @1 :List(Float32);
+  # The per-key score threshold of each sparsity (same length).
+}
+
+struct VerifyReport {
+  contextsChecked @0 :Int32;
+  # Contexts whose pages and indexes were checked.
+  pagesChecked @1 :Int64;
+  # Pages whose checksums were checked.
+  bytesChecked @2 :Int64;
+  # Bytes read for the check.
+  problems @3 :List(Text);
+  # One line per problem found; empty when all is well.
+}
+
+struct CompactReport {
+  versionsReclaimed @0 :Int32;
+  # Removed or superseded versions whose files and keys went.
+  versionsInUse @1 :Int32;
+  # Garbage versions kept because a reader still uses them.
+  orphanFilesRemoved @2 :Int32;
+  # Crash leftovers removed.
+  segmentBytesReclaimed @3 :UInt64;
+  # Bytes of segment files removed.
+  catalogBytesBefore @4 :UInt64;
+  # Catalog size before compaction.
+  catalogBytesAfter @5 :UInt64;
+  # Catalog size after compaction.
+}
+
+struct StoreStats {
+  contexts @0 :Int32;
+  # Live contexts.
+  tokens @1 :Int64;
+  # Sum of the contexts' tokens.
+  keys @2 :Int64;
+  # Sum of layers x kv heads x tokens.
+  segmentBytes @3 :UInt64;
+  # Live versions' segment files.
+  indexBytes @4 :UInt64;
+  # Live versions' encoded indexes and checksums.
+  garbageSegmentBytes @5 :UInt64;
+  # Removed or superseded versions awaiting compaction.
+  catalogBytes @6 :UInt64;
+  # The catalog directory.
+  liveVersions @7 :Int32;
+  # Versions that records point at.
+  garbageVersions @8 :Int32;
+  # Versions awaiting compaction.
+  calibratedContexts @9 :Int32;
+  # Contexts with calibrated thresholds.
 }
 
 struct Response {
@@ -283,7 +397,7 @@ struct Response {
 
   union {
     none @2 :Void;
-    # Failed requests, remove, importChunk.
+    # Failed requests, remove, importChunk, calibrate.
     hello @3 :HelloReply;
     # Answer to hello.
     query @4 :QueryReply;
@@ -291,10 +405,18 @@ struct Response {
     contexts @5 :List(Context);
     # Answer to list.
     context @6 :Context;
-    # Answer to info, and to importEnd (the imported context).
+    # Answer to info, importEnd (the imported context) and rebuild (the new version).
     importBegin @7 :ImportBeginReply;
     # Answer to importBegin.
-    importProgress @8 :ImportProgress;
-    # Sent during importEnd; more Responses with the same id follow.
+    progress @8 :Progress;
+    # Sent during long calls (importEnd, rebuild, verify); more Responses with the same id follow.
+    thresholds @9 :Thresholds;
+    # Answer to getThresholds.
+    verifyReport @10 :VerifyReport;
+    # Answer to verify.
+    compactReport @11 :CompactReport;
+    # Answer to compact.
+    stats @12 :StoreStats;
+    # Answer to stats.
   }
 }

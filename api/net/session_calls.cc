@@ -1,0 +1,350 @@
+#include "api/net/session_calls.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "api/net/server_impl.h"
+
+namespace sqkv::net {
+
+// One import upload: a file being written under the server's upload directory. Destroying it
+// (when imported, abandoned, or its connection closes) removes the file.
+struct Upload {
+  std::string name;
+  std::string dir, path;
+  ImportOptions options;
+  uint64_t total = 0;
+  uint64_t received = 0;
+  int fd = -1;
+
+  ~Upload() {
+    if (fd >= 0) ::close(fd);
+    std::error_code ignored;
+    std::filesystem::remove_all(dir, ignored);
+  }
+};
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// How often a running import reports progress.
+constexpr auto kProgressInterval = std::chrono::milliseconds(250);
+constexpr char kDefaultUploadName[] = "upload.safetensors";
+
+Status Errno(const std::string& what) {
+  return Status::IOError(what + ": " + std::strerror(errno));
+}
+
+Status CreateUploadFile(Upload* up) {
+  std::error_code ec;
+  std::filesystem::create_directories(up->dir, ec);
+  if (ec) return Status::IOError("create " + up->dir + ": " + ec.message());
+  up->fd = ::open(up->path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (up->fd < 0) return Errno("create " + up->path);
+  return Status::Ok();
+}
+
+Status WriteAll(int fd, const char* data, size_t size, uint64_t offset, const std::string& path) {
+  while (size > 0) {
+    const ssize_t n = ::pwrite(fd, data, size, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Errno("write " + path);
+    }
+    data += n;
+    size -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  return Status::Ok();
+}
+
+CallResult Failed(Status s) {
+  CallResult r;
+  r.outcome.status = std::move(s);
+  return r;
+}
+
+}  // namespace
+
+SessionCalls::SessionCalls(ServerImpl* server, boost::asio::any_io_executor ex)
+    : server_(server), ex_(std::move(ex)) {}
+
+SessionCalls::~SessionCalls() = default;
+
+boost::asio::awaitable<CallResult> SessionCalls::Await(std::function<Outcome()> fn,
+                                                       Clock::time_point deadline) {
+  auto call = WorkerCall::Post(server_->workers(), ex_, std::move(fn));
+  CallResult r;
+  if (!co_await call->WaitUntil(deadline)) {
+    r.deadline_exceeded = true;
+    r.outcome.status = Status::Unavailable("deadline exceeded (the server goes on with the call)");
+    co_return r;
+  }
+  r.outcome = std::move(call->outcome());
+  co_return r;
+}
+
+boost::asio::awaitable<CallResult> SessionCalls::Run(Request request, Clock::time_point deadline,
+                                                     ProgressSender progress) {
+  Store* store = server_->store();
+  if (auto* q = std::get_if<QueryCall>(&request.call)) {
+    auto call = std::make_shared<QueryCall>(std::move(*q));
+    co_return co_await Await(
+        [store, call]() {
+          Outcome o;
+          QueryResult result;
+          o.status = store->Query(call->name, call->layer, call->q.data(), call->q_heads, call->n,
+                                  call->head_dim, call->options, &result);
+          if (o.status.ok()) o.body = std::move(result);
+          return o;
+        },
+        deadline);
+  }
+  if (std::holds_alternative<ListCall>(request.call)) {
+    co_return co_await Await(
+        [store]() {
+          Outcome o;
+          std::vector<ContextInfo> all;
+          o.status = store->List(&all);
+          if (o.status.ok()) o.body = std::move(all);
+          return o;
+        },
+        deadline);
+  }
+  if (auto* info = std::get_if<InfoCall>(&request.call)) {
+    co_return co_await Await(
+        [store, name = std::move(info->name)]() {
+          Outcome o;
+          ContextInfo c;
+          o.status = store->Info(name, &c);
+          if (o.status.ok()) o.body = std::move(c);
+          return o;
+        },
+        deadline);
+  }
+  if (auto* rm = std::get_if<RemoveCall>(&request.call)) {
+    co_return co_await Await(
+        [store, name = std::move(rm->name)]() { return Outcome{store->Remove(name), {}}; },
+        deadline);
+  }
+  if (auto* begin = std::get_if<ImportBeginCall>(&request.call)) {
+    co_return co_await ImportBegin(std::move(*begin), deadline);
+  }
+  if (auto* chunk = std::get_if<ImportChunkCall>(&request.call)) {
+    co_return co_await ImportChunk(std::move(*chunk), deadline);
+  }
+  if (auto* end = std::get_if<ImportEndCall>(&request.call)) {
+    co_return co_await ImportEnd(*end, deadline, progress);
+  }
+  if (auto* rb = std::get_if<RebuildCall>(&request.call)) {
+    co_return co_await AwaitWithProgress(
+        [store, c = std::move(*rb)](const ProgressFn& report) {
+          Outcome o;
+          ImportOptions options = c.options;
+          options.progress = report;
+          ContextInfo info;
+          o.status = store->Rebuild(c.name, options, &info);
+          if (o.status.ok()) o.body = std::move(info);
+          return o;
+        },
+        deadline, progress);
+  }
+  if (auto* cal = std::get_if<CalibrateCall>(&request.call)) {
+    auto c = std::make_shared<CalibrateCall>(std::move(*cal));
+    co_return co_await Await(
+        [store, c]() {
+          return Outcome{store->Calibrate(c->name, c->use_stored_queries ? nullptr : &c->queries,
+                                          c->sparsities),
+                         {}};
+        },
+        deadline);
+  }
+  if (auto* th = std::get_if<GetThresholdsCall>(&request.call)) {
+    co_return co_await Await(
+        [store, c = std::move(*th)]() {
+          Outcome o;
+          Thresholds t;
+          o.status = store->GetThresholds(c.name, c.layer, &t);
+          if (o.status.ok()) o.body = std::move(t);
+          return o;
+        },
+        deadline);
+  }
+  if (auto* v = std::get_if<VerifyCall>(&request.call)) {
+    co_return co_await AwaitWithProgress(
+        [store, name = std::move(v->name)](const ProgressFn& report) {
+          Outcome o;
+          VerifyReport rep;
+          o.status = store->Verify(name, report, &rep);
+          if (o.status.ok()) o.body = std::move(rep);
+          return o;
+        },
+        deadline, progress);
+  }
+  if (std::holds_alternative<CompactCall>(request.call)) {
+    co_return co_await Await(
+        [store]() {
+          Outcome o;
+          CompactReport rep;
+          o.status = store->Compact(&rep);
+          if (o.status.ok()) o.body = rep;
+          return o;
+        },
+        deadline);
+  }
+  if (std::holds_alternative<StatsCall>(request.call)) {
+    co_return co_await Await(
+        [store]() {
+          Outcome o;
+          StoreStats st;
+          o.status = store->Stats(&st);
+          if (o.status.ok()) o.body = st;
+          return o;
+        },
+        deadline);
+  }
+  co_return Failed(Status::Internal("call not served"));
+}
+
+boost::asio::awaitable<CallResult> SessionCalls::ImportBegin(ImportBeginCall call,
+                                                             Clock::time_point deadline) {
+  if (Status s = ValidateContextName(call.name); !s.ok()) co_return Failed(s);
+  if (call.total_bytes > server_->options().max_upload_bytes) {
+    co_return Failed(Status::InvalidArgument(
+        "upload of " + std::to_string(call.total_bytes) + " bytes exceeds the server's limit of " +
+        std::to_string(server_->options().max_upload_bytes)));
+  }
+  if (uploads_.size() >= kMaxUploads) {
+    co_return Failed(Status::Unavailable("too many uploads open on this connection"));
+  }
+  auto up = std::make_shared<Upload>();
+  const uint64_t id = server_->NextUploadId();
+  up->name = call.name;
+  up->options = call.options;
+  up->total = call.total_bytes;
+  up->dir = server_->upload_dir() + "/up-" + std::to_string(id);
+  up->path = up->dir + "/" + (call.file_name.empty() ? kDefaultUploadName : call.file_name);
+  CallResult r = co_await Await(
+      [up]() { return Outcome{CreateUploadFile(up.get()), {}}; }, deadline);
+  if (!r.outcome.status.ok()) co_return r;
+  uploads_[id] = up;
+  r.outcome.body = ImportBeginReply{id, server_->options().chunk_bytes};
+  co_return r;
+}
+
+boost::asio::awaitable<CallResult> SessionCalls::ImportChunk(ImportChunkCall call,
+                                                             Clock::time_point deadline) {
+  auto it = uploads_.find(call.upload_id);
+  if (it == uploads_.end()) {
+    co_return Failed(Status::NotFound("no upload " + std::to_string(call.upload_id) +
+                                      " on this connection"));
+  }
+  std::shared_ptr<Upload> up = it->second;
+  Status bad;
+  if (call.offset != up->received) {
+    bad = Status::InvalidArgument("chunk at offset " + std::to_string(call.offset) +
+                                  ", expected " + std::to_string(up->received));
+  } else if (call.data.size() > server_->options().chunk_bytes) {
+    bad = Status::InvalidArgument("chunk of " + std::to_string(call.data.size()) +
+                                  " bytes exceeds the chunk size");
+  } else if (call.data.size() > up->total - up->received) {
+    bad = Status::InvalidArgument("chunk runs past the announced upload size");
+  }
+  if (!bad.ok()) {
+    uploads_.erase(it);  // a broken upload is not resumable
+    co_return Failed(bad);
+  }
+  auto data = std::make_shared<std::string>(std::move(call.data));
+  const uint64_t offset = up->received;
+  CallResult r = co_await Await(
+      [up, data, offset]() {
+        return Outcome{WriteAll(up->fd, data->data(), data->size(), offset, up->path), {}};
+      },
+      deadline);
+  if (!r.outcome.status.ok()) {
+    uploads_.erase(call.upload_id);  // possibly still being written: the worker holds it
+    co_return r;
+  }
+  up->received += data->size();
+  server_->metrics().upload_bytes.fetch_add(data->size());
+  co_return r;
+}
+
+boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(ImportEndCall call,
+                                                           Clock::time_point deadline,
+                                                           ProgressSender& progress) {
+  auto it = uploads_.find(call.upload_id);
+  if (it == uploads_.end()) {
+    co_return Failed(Status::NotFound("no upload " + std::to_string(call.upload_id) +
+                                      " on this connection"));
+  }
+  std::shared_ptr<Upload> up = std::move(it->second);
+  uploads_.erase(it);
+  if (up->received != up->total) {
+    co_return Failed(Status::InvalidArgument("upload ended after " + std::to_string(up->received) +
+                                             " of " + std::to_string(up->total) + " bytes"));
+  }
+  Store* store = server_->store();
+  co_return co_await AwaitWithProgress(
+      [store, up](const ProgressFn& report) {
+        Outcome o;
+        const int fd = up->fd;
+        up->fd = -1;
+        if (::close(fd) != 0) {
+          o.status = Errno("close " + up->path);
+          return o;
+        }
+        ImportOptions options = up->options;
+        options.progress = report;
+        ContextInfo info;
+        o.status = store->Import(up->name, up->path, options, &info);
+        if (o.status.ok()) o.body = std::move(info);
+        return o;  // the upload's file goes with the last reference (the worker's)
+      },
+      deadline, progress);
+}
+
+boost::asio::awaitable<CallResult> SessionCalls::AwaitWithProgress(
+    std::function<Outcome(const ProgressFn&)> fn, Clock::time_point deadline,
+    ProgressSender& progress) {
+  struct Counters {
+    std::atomic<int> done{0}, total{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto call = WorkerCall::Post(server_->workers(), ex_, [fn = std::move(fn), counters]() {
+    return fn([counters](int done, int total) {
+      counters->total.store(total, std::memory_order_relaxed);
+      counters->done.store(done, std::memory_order_relaxed);
+    });
+  });
+  int sent = -1;
+  CallResult r;
+  for (;;) {
+    const auto wake = std::min(deadline, Clock::now() + kProgressInterval);
+    if (co_await call->WaitUntil(wake)) break;
+    if (Clock::now() >= deadline) {
+      r.deadline_exceeded = true;
+      r.outcome.status = Status::Unavailable("deadline exceeded (the server goes on with the call)");
+      co_return r;
+    }
+    const int done = counters->done.load(std::memory_order_relaxed);
+    const int total = counters->total.load(std::memory_order_relaxed);
+    if (total > 0 && done != sent) {
+      sent = done;
+      if (!co_await progress(ProgressReply{done, total})) {
+        r.connection_lost = true;
+        co_return r;
+      }
+    }
+  }
+  r.outcome = std::move(call->outcome());
+  co_return r;
+}
+
+}  // namespace sqkv::net
