@@ -43,12 +43,6 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory");
 }
 
-// Starts pulling `bytes` (a multiple of 16, 16-byte aligned) from global memory into L2; no
-// completion to wait for. Lets a pipeline run further ahead than its shared-memory stages.
-__device__ __forceinline__ void PrefetchL2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-}
-
 // Programmatic dependent launch (sm_90). Wait: blocks until the grid this one depends on has
 // finished and its writes are visible (a no-op when launched without the attribute).
 // Trigger: lets the dependent grid be scheduled once every block has triggered or exited.

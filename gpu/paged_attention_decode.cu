@@ -14,9 +14,6 @@ namespace {
 
 constexpr int kWarps = kThreads / 32;
 constexpr int kStages = 3;
-// Units whose pages are prefetched into L2 beyond the shared-memory stages: the copies then hit
-// L2, and HBM sees about kStages - 1 + kPrefetchAhead units in flight per warp.
-constexpr int kPrefetchAhead = 4;
 
 template <int D, int MT>
 struct DecodeShape {
@@ -94,18 +91,6 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
     next_row = __shfl_sync(0xffffffffu, cur_row, k - base);
     next_valid = __shfl_sync(0xffffffffu, cur_valid, k - base);
   };
-  // L2 prefetch of the valid K and V rows of unit k (k - base in [0, 64)).
-  auto prefetch = [&](int k) {
-    const int j = k - base;
-    const uint32_t row = __shfl_sync(0xffffffffu, j < 32 ? cur_row : nxt_row, j & 31);
-    const int valid = __shfl_sync(0xffffffffu, j < 32 ? cur_valid : nxt_valid, j & 31);
-    if (lane == 0 && valid > 0) {
-      const T* src = pool + static_cast<size_t>(row) * D;
-      const uint32_t bytes = static_cast<uint32_t>(valid) * D * sizeof(T);
-      PrefetchL2(src, bytes);
-      PrefetchL2(src + static_cast<size_t>(page_tokens) * D, bytes);
-    }
-  };
 
   // Q → shared memory in the storage type; rows past the segment are zero.
   for (int i = tid; i < S::kRows * C; i += kThreads) {
@@ -165,8 +150,6 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
   issue(1);
   CpAsyncCommit();
   fetch(2);
-#pragma unroll
-  for (int k = 2; k < 2 + kPrefetchAhead; ++k) prefetch(k);
   int stage = 0;
   for (int k = 0; k < n_mine; ++k) {
     const int stage_new = stage == 0 ? 2 : stage - 1;  // (k + 2) % 3
@@ -174,7 +157,6 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
     issue(stage_new);
     CpAsyncCommit();
     fetch(k + 3);
-    prefetch(k + 2 + kPrefetchAhead);
     CpAsyncWait<kStages - 1>();
     __syncwarp();
 
