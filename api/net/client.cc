@@ -237,12 +237,25 @@ class RemoteStore final : public Store {
     return conn.Call(request, Deadline(), reply, progress);
   }
 
-  // One call on a pooled connection.
+  // One call on a pooled connection. A read-only call that fails on a reused connection (which
+  // the server may have closed for idleness) is tried once more on a fresh one.
   Status RoundTrip(net::Call call, Response* reply,
                    const Connection::OnProgress& progress = nullptr) {
+    const bool read_only = std::holds_alternative<QueryCall>(call) ||
+                           std::holds_alternative<ListCall>(call) ||
+                           std::holds_alternative<InfoCall>(call) ||
+                           std::holds_alternative<GetThresholdsCall>(call) ||
+                           std::holds_alternative<VerifyCall>(call) ||
+                           std::holds_alternative<StatsCall>(call);
     std::unique_ptr<Connection> conn;
-    SQKV_RETURN_IF_ERROR(Acquire(&conn));
-    SQKV_RETURN_IF_ERROR(CallOn(*conn, std::move(call), reply, progress));
+    bool reused = false;
+    SQKV_RETURN_IF_ERROR(Acquire(&conn, &reused));
+    Status s = CallOn(*conn, read_only ? call : std::move(call), reply, progress);
+    if (!s.ok() && reused && read_only) {
+      SQKV_RETURN_IF_ERROR(Connection::Open(host_, port_, options_, &conn));
+      s = CallOn(*conn, std::move(call), reply, progress);
+    }
+    SQKV_RETURN_IF_ERROR(s);
     Release(std::move(conn));
     return Status::Ok();
   }
@@ -270,15 +283,17 @@ class RemoteStore final : public Store {
     return s;
   }
 
-  Status Acquire(std::unique_ptr<Connection>* out) {
+  Status Acquire(std::unique_ptr<Connection>* out, bool* reused = nullptr) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!idle_.empty()) {
         *out = std::move(idle_.back());
         idle_.pop_back();
+        if (reused != nullptr) *reused = true;
         return Status::Ok();
       }
     }
+    if (reused != nullptr) *reused = false;
     return Connection::Open(host_, port_, options_, out);
   }
 

@@ -109,7 +109,21 @@ std::string Metrics::Render(const Gauges& gauges) const {
   counter("sqkv_received_bytes_total", "Bytes of messages received.", bytes_received.load());
   counter("sqkv_sent_bytes_total", "Bytes of messages sent.", bytes_sent.load());
   counter("sqkv_upload_bytes_total", "Bytes of import uploads written.", upload_bytes.load());
-  if (gauges.contexts >= 0) gauge("sqkv_contexts", "Contexts in the store.", gauges.contexts);
+  if (gauges.have_store_stats) {
+    const StoreStats& st = gauges.store;
+    gauge("sqkv_contexts", "Contexts in the store.", st.contexts);
+    gauge("sqkv_keys", "Keys stored: layers x kv heads x tokens, summed over contexts.", st.keys);
+    gauge("sqkv_segment_bytes", "Segment files of live versions.",
+          static_cast<int64_t>(st.segment_bytes));
+    gauge("sqkv_index_bytes", "Encoded indexes and checksums of live versions.",
+          static_cast<int64_t>(st.index_bytes));
+    gauge("sqkv_garbage_segment_bytes", "Segment files awaiting compaction.",
+          static_cast<int64_t>(st.garbage_segment_bytes));
+    gauge("sqkv_catalog_bytes", "Size of the catalog database.",
+          static_cast<int64_t>(st.catalog_bytes));
+    gauge("sqkv_calibrated_contexts", "Contexts with calibrated thresholds.",
+          st.calibrated_contexts);
+  }
   gauge("sqkv_resident_memory_bytes", "Resident set size of the server process.",
         static_cast<int64_t>(ResidentBytes()));
   return out;

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "api/net/messages.h"
+#include "api/store.h"
 #include "common/status.h"
 
 namespace sqkv::net {
@@ -32,8 +33,10 @@ class Histogram {
   std::atomic<uint64_t> sum_ns_{0};
 };
 
+// Sampled at scrape time from Store::Stats (absent when the call failed or timed out).
 struct Gauges {
-  int64_t contexts = -1;  // -1: unknown (the store could not list them)
+  bool have_store_stats = false;
+  StoreStats store;
 };
 
 class Metrics {

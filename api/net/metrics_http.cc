@@ -18,7 +18,7 @@ namespace http = beast::http;
 
 // A scrape must be read and answered within this.
 constexpr auto kHttpTimeout = std::chrono::seconds(10);
-// Counting the contexts (a catalog scan on a worker) may take this long before it is skipped.
+// Store::Stats (a catalog scan on a worker) may take this long before its gauges are skipped.
 constexpr auto kGaugeTimeout = std::chrono::seconds(5);
 constexpr char kContentType[] = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -49,16 +49,19 @@ asio::awaitable<void> RunMetricsSession(ServerImpl* server, tcp::socket socket) 
     Gauges gauges;
     Store* store = server->store();
     auto ex = co_await asio::this_coro::executor;
-    auto call = WorkerCall::Post(server->workers(), ex, [store]() {
-      std::vector<ContextInfo> all;
+    const std::function<Outcome()> sample = [store]() {
       Outcome o;
-      o.status = store->List(&all);
-      if (o.status.ok()) o.body = std::move(all);
+      StoreStats st;
+      o.status = store->Stats(&st);
+      if (o.status.ok()) o.body = st;
       return o;
-    });
-    if (co_await call->WaitUntil(Clock::now() + kGaugeTimeout) && call->outcome().status.ok()) {
-      gauges.contexts =
-          static_cast<int64_t>(std::get<std::vector<ContextInfo>>(call->outcome().body).size());
+    };
+    auto call = WorkerCall::Post(server->workers(), ex, sample);
+    const auto until = Clock::now() + kGaugeTimeout;
+    const bool done = co_await call->WaitUntil(until);
+    if (done && call->outcome().status.ok()) {
+      gauges.have_store_stats = true;
+      gauges.store = std::get<StoreStats>(call->outcome().body);
     }
     res.result(http::status::ok);
     res.set(http::field::content_type, kContentType);

@@ -45,7 +45,7 @@ asio::awaitable<void> Watchdog(ServerImpl* server, std::shared_ptr<SessionState>
     const auto now = Clock::now();
     if (st->deadline <= now) break;
     st->watchdog.expires_at(st->deadline);
-    auto [ec] = co_await st->watchdog.async_wait(as_tuple(use_awaitable));
+    co_await st->watchdog.async_wait(as_tuple(use_awaitable));  // expired or woken
     auto cs = co_await asio::this_coro::cancellation_state;
     if (cs.cancelled() != asio::cancellation_type::none) co_return;  // the session ended
     // Otherwise expired, or woken by SetDeadline: look again.
@@ -79,21 +79,23 @@ class Session {
         // The frame was read whole: its framing is intact, so the connection can go on unless
         // the table itself was bad.
         server_->metrics().protocol_errors.fetch_add(1);
-        if (!co_await Send(Response{0, decoded, {}})) co_return;
-        if (!framing_ok) co_return;
+        const Response error{0, decoded, {}};
+        const bool sent = co_await Send(error);
+        if (!sent || !framing_ok) co_return;
         continue;
       }
       const size_t kind = request.call.index();
       if (!authenticated_ && !std::holds_alternative<HelloCall>(request.call)) {
         server_->metrics().auth_failures.fetch_add(1);
-        co_await Send(Response{request.id,
+        const Response refusal{request.id,
                                Status::Unavailable("authentication required: the server has a "
                                                    "token; send hello with it first"),
-                               {}});
+                               {}};
+        co_await Send(refusal);
         co_return;
       }
       bool keep_open = true;
-      Status answered = co_await Dispatch(std::move(request), &keep_open);
+      const Status answered = co_await Dispatch(request, &keep_open);
       server_->metrics().ObserveCall(
           kind, answered.code(),
           std::chrono::duration<double>(Clock::now() - started).count());
@@ -179,8 +181,10 @@ class Session {
     co_return !ec;
   }
 
-  // Runs one decoded request and writes its answer(s). Returns the status answered.
-  asio::awaitable<Status> Dispatch(Request request, bool* keep_open) {
+  // Runs one decoded request (its arguments are moved out) and writes its answer(s). Returns
+  // the status answered. Arguments of co_await expressions are named variables: GCC 12
+  // mishandles some temporaries that live across a suspension.
+  asio::awaitable<Status> Dispatch(Request& request, bool* keep_open) {
     const uint64_t id = request.id;
     const Clock::time_point deadline = RequestDeadline(request);
     CallResult r;
@@ -189,20 +193,22 @@ class Session {
     } else {
       server_->metrics().requests_in_flight.fetch_add(1);
       SetDeadline(*st_, Clock::time_point::max());  // the request's deadline governs now
-      r = co_await calls_.Run(std::move(request), deadline,
-                              [this, id](const ProgressReply& p) -> asio::awaitable<bool> {
-                                co_return co_await Send(Response{id, Status::Ok(), p});
-                              });
+      ProgressSender progress = [this, id](const ProgressReply& p) -> asio::awaitable<bool> {
+        const Response update{id, Status::Ok(), p};
+        const bool sent = co_await Send(update);
+        co_return sent;
+      };
+      r = co_await calls_.Run(request, deadline, progress);
       server_->metrics().requests_in_flight.fetch_sub(1);
     }
     if (r.deadline_exceeded) server_->metrics().deadline_exceeded.fetch_add(1);
     *keep_open = r.keep_open && !r.connection_lost;
-    const Status status = r.outcome.status;
-    if (!r.connection_lost &&
-        !co_await Send(Response{id, status, std::move(r.outcome.body)})) {
-      *keep_open = false;
+    const Response answer{id, r.outcome.status, std::move(r.outcome.body)};
+    if (!r.connection_lost) {
+      const bool sent = co_await Send(answer);
+      if (!sent) *keep_open = false;
     }
-    co_return status;
+    co_return answer.status;
   }
 
   Clock::time_point RequestDeadline(const Request& request) const {

@@ -70,6 +70,99 @@ CallResult Failed(Status s) {
   return r;
 }
 
+// A call on the store, ready to run on a worker: one of the two functions is set.
+struct StoreCall {
+  std::function<Outcome()> plain;
+  std::function<Outcome(const ProgressFn&)> with_progress;
+};
+
+// Moves the call's arguments into the function that runs it (which may outlive the request when
+// its deadline passes).
+StoreCall MakeStoreCall(Store* store, Call& call) {
+  StoreCall out;
+  if (auto* q = std::get_if<QueryCall>(&call)) {
+    auto c = std::make_shared<QueryCall>(std::move(*q));
+    out.plain = [store, c]() {
+      Outcome o;
+      QueryResult result;
+      o.status = store->Query(c->name, c->layer, c->q.data(), c->q_heads, c->n, c->head_dim,
+                              c->options, &result);
+      if (o.status.ok()) o.body = std::move(result);
+      return o;
+    };
+  } else if (std::holds_alternative<ListCall>(call)) {
+    out.plain = [store]() {
+      Outcome o;
+      std::vector<ContextInfo> all;
+      o.status = store->List(&all);
+      if (o.status.ok()) o.body = std::move(all);
+      return o;
+    };
+  } else if (auto* info = std::get_if<InfoCall>(&call)) {
+    out.plain = [store, name = std::move(info->name)]() {
+      Outcome o;
+      ContextInfo c;
+      o.status = store->Info(name, &c);
+      if (o.status.ok()) o.body = std::move(c);
+      return o;
+    };
+  } else if (auto* rm = std::get_if<RemoveCall>(&call)) {
+    out.plain = [store, name = std::move(rm->name)]() { return Outcome{store->Remove(name), {}}; };
+  } else if (auto* rb = std::get_if<RebuildCall>(&call)) {
+    out.with_progress = [store, c = std::move(*rb)](const ProgressFn& report) {
+      Outcome o;
+      ImportOptions options = c.options;
+      options.progress = report;
+      ContextInfo info;
+      o.status = store->Rebuild(c.name, options, &info);
+      if (o.status.ok()) o.body = std::move(info);
+      return o;
+    };
+  } else if (auto* cal = std::get_if<CalibrateCall>(&call)) {
+    auto c = std::make_shared<CalibrateCall>(std::move(*cal));
+    out.plain = [store, c]() {
+      return Outcome{
+          store->Calibrate(c->name, c->use_stored_queries ? nullptr : &c->queries, c->sparsities),
+          {}};
+    };
+  } else if (auto* th = std::get_if<GetThresholdsCall>(&call)) {
+    out.plain = [store, c = std::move(*th)]() {
+      Outcome o;
+      Thresholds t;
+      o.status = store->GetThresholds(c.name, c.layer, &t);
+      if (o.status.ok()) o.body = std::move(t);
+      return o;
+    };
+  } else if (auto* v = std::get_if<VerifyCall>(&call)) {
+    out.with_progress = [store, name = std::move(v->name)](const ProgressFn& report) {
+      Outcome o;
+      VerifyReport rep;
+      o.status = store->Verify(name, report, &rep);
+      if (o.status.ok()) o.body = std::move(rep);
+      return o;
+    };
+  } else if (std::holds_alternative<CompactCall>(call)) {
+    out.plain = [store]() {
+      Outcome o;
+      CompactReport rep;
+      o.status = store->Compact(&rep);
+      if (o.status.ok()) o.body = rep;
+      return o;
+    };
+  } else if (std::holds_alternative<StatsCall>(call)) {
+    out.plain = [store]() {
+      Outcome o;
+      StoreStats st;
+      o.status = store->Stats(&st);
+      if (o.status.ok()) o.body = st;
+      return o;
+    };
+  } else {
+    out.plain = []() { return Outcome{Status::Internal("call not served by a worker"), {}}; };
+  }
+  return out;
+}
+
 }  // namespace
 
 SessionCalls::SessionCalls(ServerImpl* server, boost::asio::any_io_executor ex)
@@ -77,9 +170,9 @@ SessionCalls::SessionCalls(ServerImpl* server, boost::asio::any_io_executor ex)
 
 SessionCalls::~SessionCalls() = default;
 
-boost::asio::awaitable<CallResult> SessionCalls::Await(std::function<Outcome()> fn,
+boost::asio::awaitable<CallResult> SessionCalls::Await(const std::function<Outcome()>& fn,
                                                        Clock::time_point deadline) {
-  auto call = WorkerCall::Post(server_->workers(), ex_, std::move(fn));
+  auto call = WorkerCall::Post(server_->workers(), ex_, fn);
   CallResult r;
   if (!co_await call->WaitUntil(deadline)) {
     r.deadline_exceeded = true;
@@ -90,129 +183,30 @@ boost::asio::awaitable<CallResult> SessionCalls::Await(std::function<Outcome()> 
   co_return r;
 }
 
-boost::asio::awaitable<CallResult> SessionCalls::Run(Request request, Clock::time_point deadline,
-                                                     ProgressSender progress) {
-  Store* store = server_->store();
-  if (auto* q = std::get_if<QueryCall>(&request.call)) {
-    auto call = std::make_shared<QueryCall>(std::move(*q));
-    co_return co_await Await(
-        [store, call]() {
-          Outcome o;
-          QueryResult result;
-          o.status = store->Query(call->name, call->layer, call->q.data(), call->q_heads, call->n,
-                                  call->head_dim, call->options, &result);
-          if (o.status.ok()) o.body = std::move(result);
-          return o;
-        },
-        deadline);
-  }
-  if (std::holds_alternative<ListCall>(request.call)) {
-    co_return co_await Await(
-        [store]() {
-          Outcome o;
-          std::vector<ContextInfo> all;
-          o.status = store->List(&all);
-          if (o.status.ok()) o.body = std::move(all);
-          return o;
-        },
-        deadline);
-  }
-  if (auto* info = std::get_if<InfoCall>(&request.call)) {
-    co_return co_await Await(
-        [store, name = std::move(info->name)]() {
-          Outcome o;
-          ContextInfo c;
-          o.status = store->Info(name, &c);
-          if (o.status.ok()) o.body = std::move(c);
-          return o;
-        },
-        deadline);
-  }
-  if (auto* rm = std::get_if<RemoveCall>(&request.call)) {
-    co_return co_await Await(
-        [store, name = std::move(rm->name)]() { return Outcome{store->Remove(name), {}}; },
-        deadline);
-  }
+boost::asio::awaitable<CallResult> SessionCalls::Run(Request& request, Clock::time_point deadline,
+                                                     ProgressSender& progress) {
+  // Uploads keep state on the connection; every other call is one store call on a worker.
+  // (Arguments of co_await expressions are named variables throughout: GCC 12 mishandles some
+  // temporaries that live across a suspension.)
+  CallResult r;
   if (auto* begin = std::get_if<ImportBeginCall>(&request.call)) {
-    co_return co_await ImportBegin(std::move(*begin), deadline);
+    r = co_await ImportBegin(*begin, deadline);
+  } else if (auto* chunk = std::get_if<ImportChunkCall>(&request.call)) {
+    r = co_await ImportChunk(*chunk, deadline);
+  } else if (auto* end = std::get_if<ImportEndCall>(&request.call)) {
+    r = co_await ImportEnd(*end, deadline, progress);
+  } else {
+    StoreCall call = MakeStoreCall(server_->store(), request.call);
+    if (call.with_progress) {
+      r = co_await AwaitWithProgress(call.with_progress, deadline, progress);
+    } else {
+      r = co_await Await(call.plain, deadline);
+    }
   }
-  if (auto* chunk = std::get_if<ImportChunkCall>(&request.call)) {
-    co_return co_await ImportChunk(std::move(*chunk), deadline);
-  }
-  if (auto* end = std::get_if<ImportEndCall>(&request.call)) {
-    co_return co_await ImportEnd(*end, deadline, progress);
-  }
-  if (auto* rb = std::get_if<RebuildCall>(&request.call)) {
-    co_return co_await AwaitWithProgress(
-        [store, c = std::move(*rb)](const ProgressFn& report) {
-          Outcome o;
-          ImportOptions options = c.options;
-          options.progress = report;
-          ContextInfo info;
-          o.status = store->Rebuild(c.name, options, &info);
-          if (o.status.ok()) o.body = std::move(info);
-          return o;
-        },
-        deadline, progress);
-  }
-  if (auto* cal = std::get_if<CalibrateCall>(&request.call)) {
-    auto c = std::make_shared<CalibrateCall>(std::move(*cal));
-    co_return co_await Await(
-        [store, c]() {
-          return Outcome{store->Calibrate(c->name, c->use_stored_queries ? nullptr : &c->queries,
-                                          c->sparsities),
-                         {}};
-        },
-        deadline);
-  }
-  if (auto* th = std::get_if<GetThresholdsCall>(&request.call)) {
-    co_return co_await Await(
-        [store, c = std::move(*th)]() {
-          Outcome o;
-          Thresholds t;
-          o.status = store->GetThresholds(c.name, c.layer, &t);
-          if (o.status.ok()) o.body = std::move(t);
-          return o;
-        },
-        deadline);
-  }
-  if (auto* v = std::get_if<VerifyCall>(&request.call)) {
-    co_return co_await AwaitWithProgress(
-        [store, name = std::move(v->name)](const ProgressFn& report) {
-          Outcome o;
-          VerifyReport rep;
-          o.status = store->Verify(name, report, &rep);
-          if (o.status.ok()) o.body = std::move(rep);
-          return o;
-        },
-        deadline, progress);
-  }
-  if (std::holds_alternative<CompactCall>(request.call)) {
-    co_return co_await Await(
-        [store]() {
-          Outcome o;
-          CompactReport rep;
-          o.status = store->Compact(&rep);
-          if (o.status.ok()) o.body = rep;
-          return o;
-        },
-        deadline);
-  }
-  if (std::holds_alternative<StatsCall>(request.call)) {
-    co_return co_await Await(
-        [store]() {
-          Outcome o;
-          StoreStats st;
-          o.status = store->Stats(&st);
-          if (o.status.ok()) o.body = st;
-          return o;
-        },
-        deadline);
-  }
-  co_return Failed(Status::Internal("call not served"));
+  co_return r;
 }
 
-boost::asio::awaitable<CallResult> SessionCalls::ImportBegin(ImportBeginCall call,
+boost::asio::awaitable<CallResult> SessionCalls::ImportBegin(ImportBeginCall& call,
                                                              Clock::time_point deadline) {
   if (Status s = ValidateContextName(call.name); !s.ok()) co_return Failed(s);
   if (call.total_bytes > server_->options().max_upload_bytes) {
@@ -230,15 +224,17 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportBegin(ImportBeginCall cal
   up->total = call.total_bytes;
   up->dir = server_->upload_dir() + "/up-" + std::to_string(id);
   up->path = up->dir + "/" + (call.file_name.empty() ? kDefaultUploadName : call.file_name);
-  CallResult r = co_await Await(
-      [up]() { return Outcome{CreateUploadFile(up.get()), {}}; }, deadline);
+  const std::function<Outcome()> create = [up]() {
+    return Outcome{CreateUploadFile(up.get()), {}};
+  };
+  CallResult r = co_await Await(create, deadline);
   if (!r.outcome.status.ok()) co_return r;
   uploads_[id] = up;
   r.outcome.body = ImportBeginReply{id, server_->options().chunk_bytes};
   co_return r;
 }
 
-boost::asio::awaitable<CallResult> SessionCalls::ImportChunk(ImportChunkCall call,
+boost::asio::awaitable<CallResult> SessionCalls::ImportChunk(ImportChunkCall& call,
                                                              Clock::time_point deadline) {
   auto it = uploads_.find(call.upload_id);
   if (it == uploads_.end()) {
@@ -262,11 +258,10 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportChunk(ImportChunkCall cal
   }
   auto data = std::make_shared<std::string>(std::move(call.data));
   const uint64_t offset = up->received;
-  CallResult r = co_await Await(
-      [up, data, offset]() {
-        return Outcome{WriteAll(up->fd, data->data(), data->size(), offset, up->path), {}};
-      },
-      deadline);
+  const std::function<Outcome()> write = [up, data, offset]() {
+    return Outcome{WriteAll(up->fd, data->data(), data->size(), offset, up->path), {}};
+  };
+  CallResult r = co_await Await(write, deadline);
   if (!r.outcome.status.ok()) {
     uploads_.erase(call.upload_id);  // possibly still being written: the worker holds it
     co_return r;
@@ -276,7 +271,7 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportChunk(ImportChunkCall cal
   co_return r;
 }
 
-boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(ImportEndCall call,
+boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& call,
                                                            Clock::time_point deadline,
                                                            ProgressSender& progress) {
   auto it = uploads_.find(call.upload_id);
@@ -291,38 +286,40 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(ImportEndCall call,
                                              " of " + std::to_string(up->total) + " bytes"));
   }
   Store* store = server_->store();
-  co_return co_await AwaitWithProgress(
-      [store, up](const ProgressFn& report) {
-        Outcome o;
-        const int fd = up->fd;
-        up->fd = -1;
-        if (::close(fd) != 0) {
-          o.status = Errno("close " + up->path);
-          return o;
-        }
-        ImportOptions options = up->options;
-        options.progress = report;
-        ContextInfo info;
-        o.status = store->Import(up->name, up->path, options, &info);
-        if (o.status.ok()) o.body = std::move(info);
-        return o;  // the upload's file goes with the last reference (the worker's)
-      },
-      deadline, progress);
+  const std::function<Outcome(const ProgressFn&)> import = [store, up](const ProgressFn& report) {
+    Outcome o;
+    const int fd = up->fd;
+    up->fd = -1;
+    if (::close(fd) != 0) {
+      o.status = Errno("close " + up->path);
+      return o;
+    }
+    ImportOptions options = up->options;
+    options.progress = report;
+    ContextInfo info;
+    o.status = store->Import(up->name, up->path, options, &info);
+    if (o.status.ok()) o.body = std::move(info);
+    return o;
+  };
+  up.reset();  // the upload's file goes with the last reference (the worker's)
+  CallResult r = co_await AwaitWithProgress(import, deadline, progress);
+  co_return r;
 }
 
 boost::asio::awaitable<CallResult> SessionCalls::AwaitWithProgress(
-    std::function<Outcome(const ProgressFn&)> fn, Clock::time_point deadline,
+    const std::function<Outcome(const ProgressFn&)>& fn, Clock::time_point deadline,
     ProgressSender& progress) {
   struct Counters {
     std::atomic<int> done{0}, total{0};
   };
   auto counters = std::make_shared<Counters>();
-  auto call = WorkerCall::Post(server_->workers(), ex_, [fn = std::move(fn), counters]() {
+  const std::function<Outcome()> run = [fn, counters]() {
     return fn([counters](int done, int total) {
       counters->total.store(total, std::memory_order_relaxed);
       counters->done.store(done, std::memory_order_relaxed);
     });
-  });
+  };
+  auto call = WorkerCall::Post(server_->workers(), ex_, run);
   int sent = -1;
   CallResult r;
   for (;;) {
@@ -337,7 +334,9 @@ boost::asio::awaitable<CallResult> SessionCalls::AwaitWithProgress(
     const int total = counters->total.load(std::memory_order_relaxed);
     if (total > 0 && done != sent) {
       sent = done;
-      if (!co_await progress(ProgressReply{done, total})) {
+      const ProgressReply report{done, total};
+      const bool delivered = co_await progress(report);
+      if (!delivered) {
         r.connection_lost = true;
         co_return r;
       }

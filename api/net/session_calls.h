@@ -37,22 +37,25 @@ class SessionCalls {
   SessionCalls(ServerImpl* server, boost::asio::any_io_executor ex);
   ~SessionCalls();  // drops unfinished uploads (their files are removed)
 
-  // Runs `request` (not hello) on the workers; waits at most until `deadline`.
-  boost::asio::awaitable<CallResult> Run(Request request, std::chrono::steady_clock::time_point deadline,
-                                         ProgressSender progress);
+  // Runs `request` (not hello) on the workers; waits at most until `deadline`. The request's
+  // arguments are moved out.
+  boost::asio::awaitable<CallResult> Run(Request& request,
+                                         std::chrono::steady_clock::time_point deadline,
+                                         ProgressSender& progress);
 
  private:
-  boost::asio::awaitable<CallResult> Await(std::function<Outcome()> fn,
+  boost::asio::awaitable<CallResult> Await(const std::function<Outcome()>& fn,
                                            std::chrono::steady_clock::time_point deadline);
-  boost::asio::awaitable<CallResult> ImportBegin(ImportBeginCall call,
+  boost::asio::awaitable<CallResult> ImportBegin(ImportBeginCall& call,
                                                  std::chrono::steady_clock::time_point deadline);
-  boost::asio::awaitable<CallResult> ImportChunk(ImportChunkCall call,
+  boost::asio::awaitable<CallResult> ImportChunk(ImportChunkCall& call,
                                                  std::chrono::steady_clock::time_point deadline);
   // Like Await, for calls that report progress: sends a progress answer at most every 250 ms.
   boost::asio::awaitable<CallResult> AwaitWithProgress(
-      std::function<Outcome(const ProgressFn&)> fn, std::chrono::steady_clock::time_point deadline,
+      const std::function<Outcome(const ProgressFn&)>& fn,
+      std::chrono::steady_clock::time_point deadline,
       ProgressSender& progress);
-  boost::asio::awaitable<CallResult> ImportEnd(ImportEndCall call,
+  boost::asio::awaitable<CallResult> ImportEnd(const ImportEndCall& call,
                                                std::chrono::steady_clock::time_point deadline,
                                                ProgressSender& progress);
 

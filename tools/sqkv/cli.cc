@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "api/net/client.h"
+
 namespace sqkv::cli {
 
 int ExitCodeFor(const Status& s) {
@@ -27,6 +29,12 @@ int Fail(const Status& s) {
 }
 
 Status OpenStore(const GlobalOptions& g, std::unique_ptr<Store>* out) {
+  if (!g.server.empty()) {
+    std::string token;
+    if (!g.token_file.empty()) SQKV_RETURN_IF_ERROR(net::ReadTokenFile(g.token_file, &token));
+    return net::ConnectStore(g.server, token, out);
+  }
+  if (!g.token_file.empty()) return Status::InvalidArgument("--token-file needs --server");
   StoreOptions options;
   if (!g.data_dir.empty()) {
     options.data_dir = g.data_dir;

@@ -26,12 +26,15 @@ inline constexpr int kExitIOError = 7;
 struct GlobalOptions {
   std::string data_dir;  // --data, else $SQKV_DATA, else ./sqkv-data
   bool json = false;     // --json where the command supports it
+  std::string server;      // --server HOST:PORT: talk to `sqkv serve` instead of opening data_dir
+  std::string token_file;  // --token-file F: the server's token (with --server)
 };
 
 // Prints "sqkv: <message>" to stderr and returns the exit code for the status.
 int Fail(const Status& s);
 int ExitCodeFor(const Status& s);
 
+// The store of --data, or with --server a connection to that server (same interface).
 Status OpenStore(const GlobalOptions& g, std::unique_ptr<Store>* out);
 
 // Prints to stderr a one-line bar, redrawn in place, when stderr is a terminal; silent otherwise.
@@ -55,6 +58,7 @@ void AddImport(CLI::App& app, GlobalOptions& g, Runner* run);
 void AddQuery(CLI::App& app, GlobalOptions& g, Runner* run);
 void AddCatalogCommands(CLI::App& app, GlobalOptions& g, Runner* ls, Runner* info, Runner* rm);
 void AddSynth(CLI::App& app, GlobalOptions& g, Runner* run);
+void AddServe(CLI::App& app, GlobalOptions& g, Runner* run);
 // rebuild, calibrate, verify, compact, stats: registered by name.
 void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Runner>* runners);
 

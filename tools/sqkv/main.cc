@@ -13,12 +13,16 @@ int main(int argc, char** argv) {
   app.fallthrough();  // global options may follow the subcommand
   GlobalOptions g;
   app.add_option("--data", g.data_dir, "Store directory (default: $SQKV_DATA or ./sqkv-data)");
+  app.add_option("--server", g.server,
+                 "Talk to a `sqkv serve` at HOST:PORT instead of opening the store directory");
+  app.add_option("--token-file", g.token_file, "File holding the server's token (with --server)");
 
-  Runner import_run, query_run, ls_run, info_run, rm_run, synth_run;
+  Runner import_run, query_run, ls_run, info_run, rm_run, synth_run, serve_run;
   AddImport(app, g, &import_run);
   AddQuery(app, g, &query_run);
   AddCatalogCommands(app, g, &ls_run, &info_run, &rm_run);
   AddSynth(app, g, &synth_run);
+  AddServe(app, g, &serve_run);
   std::map<std::string, Runner> admin;
   AddAdminCommands(app, g, &admin);
 
@@ -30,7 +34,7 @@ int main(int argc, char** argv) {
   }
   for (const auto& [name, run] : std::initializer_list<std::pair<const char*, Runner*>>{
            {"import", &import_run}, {"query", &query_run}, {"ls", &ls_run}, {"info", &info_run},
-           {"rm", &rm_run}, {"synth", &synth_run}}) {
+           {"rm", &rm_run}, {"synth", &synth_run}, {"serve", &serve_run}}) {
     if (app.got_subcommand(name)) return (*run)();
   }
   for (auto& [name, run] : admin) {
