@@ -29,7 +29,8 @@ struct CostModel {
 
 size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
-Status CheckArgs(const PagedAttentionArgs& a) {
+// What the plan depends on: dtype, sizes and bounds.
+Status CheckShape(const PagedAttentionArgs& a) {
   if (a.dtype != DType::kF32 && a.dtype != DType::kF16 && a.dtype != DType::kBF16) {
     return Status::InvalidArgument("paged attention: unknown dtype");
   }
@@ -46,6 +47,11 @@ Status CheckArgs(const PagedAttentionArgs& a) {
   if (a.num_segments < 0 || a.max_pages_per_segment < 0 || a.max_rows_per_segment < 0) {
     return Status::InvalidArgument("paged attention: negative segment count or bound");
   }
+  return Status::Ok();
+}
+
+// The device pointers: needed to launch, not to size the workspace.
+Status CheckPointers(const PagedAttentionArgs& a) {
   if (a.seg_q_row == nullptr || a.seg_rows == nullptr || a.seg_page_offset == nullptr ||
       a.seg_page_count == nullptr) {
     return Status::InvalidArgument("paged attention: null segment array");
@@ -94,7 +100,7 @@ int ChooseSplits(int64_t base_blocks, int64_t work_total, int64_t slots, const C
 }
 
 Result<Plan> MakePlan(const PagedAttentionArgs& a) {
-  SQKV_RETURN_IF_ERROR(CheckArgs(a));
+  SQKV_RETURN_IF_ERROR(CheckShape(a));
   Plan plan;
   plan.rows_cap = a.max_rows_per_segment;
   plan.units_per_page = (a.page_tokens + detail::kUnitSlots - 1) / detail::kUnitSlots;
@@ -158,6 +164,7 @@ bool NothingToDo(const PagedAttentionArgs& a) {
 
 }  // namespace
 
+// Sizing needs no device pointers: only the fields CheckShape reads, and the device.
 size_t PagedAttentionWorkspaceBytes(const PagedAttentionArgs& args) {
   if (NothingToDo(args)) return 0;
   Result<Plan> plan = MakePlan(args);
@@ -165,10 +172,8 @@ size_t PagedAttentionWorkspaceBytes(const PagedAttentionArgs& args) {
 }
 
 Status LaunchPagedAttention(const PagedAttentionArgs& args, void* stream_ptr) {
-  if (NothingToDo(args)) {
-    if (args.num_segments < 0 || args.max_rows_per_segment < 0) return CheckArgs(args);
-    return Status::Ok();
-  }
+  if (NothingToDo(args)) return CheckShape(args);
+  SQKV_RETURN_IF_ERROR(CheckPointers(args));
   SQKV_ASSIGN_OR_RETURN(const Plan plan, MakePlan(args));
   if (plan.workspace_bytes > 0 && args.workspace == nullptr) {
     return Status::InvalidArgument("paged attention: needs " +

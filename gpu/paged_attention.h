@@ -46,7 +46,9 @@ struct PagedAttentionArgs {
   void* workspace = nullptr;  // device scratch of PagedAttentionWorkspaceBytes(args) bytes
 };
 
-// Scratch the launch needs for these args (split-K partial states and the like).
+// Scratch the launch needs for these args (split-K partial states and the like). Depends only on
+// dtype, head_dim, page_tokens, num_segments and the two host bounds (and the device): the
+// pointers may still be unset. 0 for arguments the launch would reject.
 size_t PagedAttentionWorkspaceBytes(const PagedAttentionArgs& args);
 
 // Enqueues the attention on `stream` (a cudaStream_t; nullptr = default stream). No host

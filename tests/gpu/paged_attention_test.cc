@@ -450,6 +450,18 @@ TEST(PagedAttentionTest, SmallRejectsBadArguments) {
   bad = a;
   bad.num_segments = 0;  // nothing to do
   EXPECT_TRUE(LaunchPagedAttention(bad, nullptr).ok());
+
+  // Sizing needs no pointers, and gives what the full argument set gives.
+  PagedAttentionArgs sizing;
+  sizing.num_segments = 8;
+  sizing.max_rows_per_segment = 300;  // prefill: the compact key lists always need scratch
+  sizing.max_pages_per_segment = 1000;
+  PagedAttentionArgs full = a;
+  full.num_segments = sizing.num_segments;
+  full.max_rows_per_segment = sizing.max_rows_per_segment;
+  full.max_pages_per_segment = sizing.max_pages_per_segment;
+  EXPECT_GT(PagedAttentionWorkspaceBytes(sizing), 0u);
+  EXPECT_EQ(PagedAttentionWorkspaceBytes(sizing), PagedAttentionWorkspaceBytes(full));
 }
 
 // Random states with some empty rows on either side, merged on the device and on the CPU.
