@@ -34,8 +34,10 @@ inline constexpr int kLookupSmallRows = 16;
 
 // Large path arithmetic: false = float32 FMA tiles; true = tensor cores in split precision
 // (3xTF32, float32-level logits; both pass the same reference tests). The default of
-// LookupArgs::split_tf32.
-inline constexpr bool kLookupSplitTf32Default = true;
+// LookupArgs::split_tf32. Measured on an H200 (BENCHMARKS.md): 128K prefill lookup 3.95 ms with
+// FMA tiles, 4.31 ms with 3xTF32 (three mma.sync per product and the split do not pay off in
+// this tile shape), so FMA is the default.
+inline constexpr bool kLookupSplitTf32Default = false;
 
 enum class LookupMode : int32_t {
   kBudget = 0,     // keep-fraction: whole clusters until `budget` tokens (0: none)
