@@ -11,6 +11,10 @@
 //                     captured in a CUDA graph and replayed. Plan (host, synchronous) fixes the
 //                     batch shape (layers, heads, rows, selection options) and owns the workspace.
 //
+// Device: every call other than Run sets EngineOptions::device current; Run and its graph
+// replays enqueue on the calling thread's current device, which must be the engine's.
+// Hierarchical (two-level) indexes are selected on the device too (level 1, then candidates).
+//
 // Thread safety: none. Calls on one Engine must be serialised by the caller; a QueryPlan must not
 // be Run on two streams at once (its workspace is shared between runs).
 #pragma once
