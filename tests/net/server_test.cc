@@ -1,0 +1,385 @@
+// A live server on 127.0.0.1 over an embedded store: every Store call through RemoteStore gives
+// what the embedded call gives (bit for bit), from 64 connections at once too; deadlines; a
+// graceful stop answers the request in flight; metrics; idle connections.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "tests/net/net_testing.h"
+
+namespace sqkv::net {
+namespace {
+
+using sqkv::testing::FreshSeed;
+using sqkv::testing::RandomNormal;
+using testing::ImportSynthetic;
+using testing::LiveServer;
+using testing::RawSocket;
+using testing::SlowStore;
+using testing::SmallContext;
+
+void ExpectSameResult(const QueryResult& remote, const QueryResult& local) {
+  ASSERT_EQ(remote.output.size(), local.output.size());
+  ASSERT_EQ(remote.lse.size(), local.lse.size());
+  EXPECT_EQ(std::memcmp(remote.output.data(), local.output.data(),
+                        local.output.size() * sizeof(float)),
+            0);
+  EXPECT_EQ(std::memcmp(remote.lse.data(), local.lse.data(), local.lse.size() * sizeof(float)), 0);
+  EXPECT_EQ(remote.selected_tokens, local.selected_tokens);
+  EXPECT_EQ(remote.stats.device, local.stats.device);
+  EXPECT_EQ(remote.stats.tokens_selected, local.stats.tokens_selected);
+  EXPECT_EQ(remote.stats.pages_selected, local.stats.pages_selected);
+  EXPECT_EQ(remote.stats.centroids_scored, local.stats.centroids_scored);
+}
+
+void ExpectSameRecord(const ContextInfo& a, const ContextInfo& b) {
+  EXPECT_EQ(a.name, b.name);
+  EXPECT_EQ(a.version, b.version);
+  EXPECT_EQ(a.layers, b.layers);
+  EXPECT_EQ(a.kv_heads, b.kv_heads);
+  EXPECT_EQ(a.tokens, b.tokens);
+  EXPECT_EQ(a.head_dim, b.head_dim);
+  EXPECT_EQ(a.dtype, b.dtype);
+  EXPECT_EQ(a.layer_first_page, b.layer_first_page);
+  EXPECT_EQ(a.segment_bytes, b.segment_bytes);
+  EXPECT_EQ(a.source, b.source);
+}
+
+TEST(ServerTest, EveryCallMatchesTheEmbeddedStore) {
+  LiveServer live;
+  const uint64_t seed = FreshSeed();
+  std::vector<float> q;
+  const SyntheticOptions ctx = SmallContext(seed);
+  ImportSynthetic(live.store(), live.dir(), "doc", ctx, &q);
+  auto remote = live.Connect();
+  ASSERT_NE(remote, nullptr);
+  EXPECT_EQ(remote->data_dir(), live.address());
+
+  std::vector<ContextInfo> local_all, remote_all;
+  ASSERT_TRUE(live.store()->List(&local_all).ok());
+  ASSERT_TRUE(remote->List(&remote_all).ok());
+  ASSERT_EQ(remote_all.size(), 1u);
+  ExpectSameRecord(remote_all[0], local_all[0]);
+
+  ContextInfo info;
+  ASSERT_TRUE(remote->Info("doc", &info).ok());
+  ExpectSameRecord(info, local_all[0]);
+  EXPECT_TRUE(remote->Info("nope", &info).IsNotFound());
+  EXPECT_TRUE(remote->Info("../bad", &info).IsInvalidArgument());
+
+  for (bool dense : {false, true}) {
+    QueryOptions o;
+    o.want_selection = true;
+    o.select.keep_fraction = 0.2f;
+    if (dense) o.select.mode = SelectOptions::Mode::kDense;
+    QueryResult local, got;
+    ASSERT_TRUE(live.store()->Query("doc", 1, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &local).ok());
+    Status s = remote->Query("doc", 1, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &got);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ExpectSameResult(got, local);
+  }
+  // Errors carry the store's code and message.
+  QueryResult r;
+  Status local_err = live.store()->Query("doc", 9, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &r);
+  Status remote_err = remote->Query("doc", 9, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &r);
+  EXPECT_EQ(remote_err.code(), local_err.code());
+  EXPECT_EQ(remote_err.message(), local_err.message());
+  std::vector<float> bad = q;
+  bad[3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_TRUE(remote->Query("doc", 0, bad.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &r)
+                  .IsInvalidArgument());
+  EXPECT_TRUE(remote->Query("doc", 0, q.data(), 3, ctx.n, ctx.head_dim, {}, &r).IsInvalidArgument());
+
+  // Admin calls.
+  StoreStats ls, rs;
+  ASSERT_TRUE(live.store()->Stats(&ls).ok());
+  ASSERT_TRUE(remote->Stats(&rs).ok());
+  EXPECT_EQ(rs.contexts, ls.contexts);
+  EXPECT_EQ(rs.keys, ls.keys);
+  EXPECT_EQ(rs.segment_bytes, ls.segment_bytes);
+  VerifyReport vr;
+  int progress_calls = 0;
+  ASSERT_TRUE(remote->Verify("", [&](int, int) { ++progress_calls; }, &vr).ok());
+  EXPECT_EQ(vr.contexts_checked, 1);
+  EXPECT_GT(vr.pages_checked, 0);
+  EXPECT_TRUE(vr.problems.empty());
+  ASSERT_TRUE(remote->Calibrate("doc", nullptr, {0.5f, 0.9f}).ok());
+  Thresholds lt, rt;
+  ASSERT_TRUE(live.store()->GetThresholds("doc", 1, &lt).ok());
+  ASSERT_TRUE(remote->GetThresholds("doc", 1, &rt).ok());
+  EXPECT_EQ(rt.sparsity, lt.sparsity);
+  EXPECT_EQ(rt.threshold, lt.threshold);
+  {
+    QueryOptions o;
+    o.sparsity = 0.9f;
+    QueryResult local, got;
+    ASSERT_TRUE(live.store()->Query("doc", 1, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &local).ok());
+    ASSERT_TRUE(remote->Query("doc", 1, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &got).ok());
+    ExpectSameResult(got, local);
+  }
+  ImportOptions rebuild;
+  rebuild.centroid_fraction = 0.1f;
+  ContextInfo rebuilt;
+  ASSERT_TRUE(remote->Rebuild("doc", rebuild, &rebuilt).ok());
+  EXPECT_GT(rebuilt.version, local_all[0].version);
+  EXPECT_FLOAT_EQ(rebuilt.centroid_fraction, 0.1f);
+  CompactReport cr;
+  ASSERT_TRUE(remote->Compact(&cr).ok());
+
+  ASSERT_TRUE(remote->Remove("doc").ok());
+  EXPECT_TRUE(remote->Remove("doc").IsNotFound());
+  ASSERT_TRUE(live.store()->List(&local_all).ok());
+  EXPECT_TRUE(local_all.empty());
+}
+
+TEST(ServerTest, ImportUploadsInChunksAndReportsProgress) {
+  ServerOptions options;
+  options.chunk_bytes = 64 * 1024;  // the file needs many chunks
+  LiveServer live(options);
+  const std::string path = live.dir() + "/up.safetensors";
+  SyntheticOptions ctx = SmallContext(FreshSeed());
+  std::vector<float> q;
+  ASSERT_TRUE(WriteSyntheticContext(ctx, path, &q).ok());
+  auto remote = live.Connect();
+  ImportOptions io;
+  int last_done = 0, last_total = 0;
+  io.progress = [&](int done, int total) {
+    last_done = done;
+    last_total = total;
+  };
+  ContextInfo info;
+  Status s = remote->Import("up", path, io, &info);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(info.tokens, ctx.tokens);
+  EXPECT_EQ(info.layers, ctx.layers);
+  EXPECT_LE(last_done, last_total);  // progress may or may not have been sampled: a fast import
+
+  // The same file imported locally gives the same answers (K-means is seeded the same way).
+  ASSERT_TRUE(live.store()->Import("local", path, ImportOptions(), nullptr).ok());
+  QueryOptions o;
+  o.want_selection = true;
+  QueryResult a, b;
+  ASSERT_TRUE(remote->Query("up", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &a).ok());
+  ASSERT_TRUE(live.store()->Query("local", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &b).ok());
+  ExpectSameResult(a, b);
+
+  EXPECT_TRUE(remote->Import("up", path, io, nullptr).code() == Status::Code::kAlreadyExists);
+  EXPECT_TRUE(remote->Import("x", live.dir() + "/missing.safetensors", io, nullptr).IsNotFound());
+  const std::string junk = live.dir() + "/junk.safetensors";
+  {
+    std::ofstream f(junk);
+    f << "definitely not safetensors";
+  }
+  EXPECT_TRUE(remote->Import("junk", junk, io, nullptr).IsInvalidArgument());
+  // Uploads leave nothing behind.
+  size_t leftovers = 0;
+  for (const auto& e : std::filesystem::directory_iterator(live.dir() + "/uploads")) {
+    (void)e;
+    ++leftovers;
+  }
+  EXPECT_EQ(leftovers, 0u);
+}
+
+TEST(ServerTest, SixtyFourConcurrentConnectionsGetTheEmbeddedAnswers) {
+  constexpr int kClients = 64;
+  constexpr int kQueriesPerClient = 3;
+  ServerOptions options;
+  options.io_threads = 2;
+  options.workers = 2;
+  LiveServer live(options);
+  const uint64_t seed = FreshSeed();
+  const SyntheticOptions ctx = SmallContext(seed);
+  ImportSynthetic(live.store(), live.dir(), "doc", ctx, nullptr);
+  std::mt19937_64 rng(seed);
+  const size_t q_size = static_cast<size_t>(ctx.q_heads) * ctx.n * ctx.head_dim;
+  std::vector<std::vector<float>> queries(kClients * kQueriesPerClient);
+  std::vector<QueryResult> expected(queries.size());
+  QueryOptions o;
+  o.want_selection = true;
+  for (size_t i = 0; i < queries.size(); ++i) {
+    queries[i] = RandomNormal(q_size, rng);
+    ASSERT_TRUE(live.store()->Query("doc", static_cast<int>(i % 2), queries[i].data(), ctx.q_heads,
+                                    ctx.n, ctx.head_dim, o, &expected[i]).ok());
+  }
+  std::vector<std::unique_ptr<Store>> clients(kClients);
+  for (auto& c : clients) {
+    c = live.Connect();  // one connection each, opened before any query
+    ASSERT_NE(c, nullptr);
+  }
+  std::vector<QueryResult> got(queries.size());
+  std::vector<Status> status(queries.size());
+  std::atomic<int> ready{0};
+  std::vector<std::thread> threads;
+  for (int c = 0; c < kClients; ++c) {
+    threads.emplace_back([&, c] {
+      ready.fetch_add(1);
+      while (ready.load() < kClients) std::this_thread::yield();
+      for (int k = 0; k < kQueriesPerClient; ++k) {
+        const size_t i = static_cast<size_t>(c) * kQueriesPerClient + k;
+        status[i] = clients[c]->Query("doc", static_cast<int>(i % 2), queries[i].data(),
+                                      ctx.q_heads, ctx.n, ctx.head_dim, o, &got[i]);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < queries.size(); ++i) {
+    ASSERT_TRUE(status[i].ok()) << i << ": " << status[i].ToString();
+    ExpectSameResult(got[i], expected[i]);
+  }
+}
+
+TEST(ServerTest, OneRemoteStoreIsSafeFromManyThreads) {
+  LiveServer live;
+  const SyntheticOptions ctx = SmallContext(FreshSeed());
+  std::vector<float> q;
+  ImportSynthetic(live.store(), live.dir(), "doc", ctx, &q);
+  QueryResult expected;
+  ASSERT_TRUE(live.store()->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &expected).ok());
+  auto remote = live.Connect();
+  constexpr int kThreads = 8, kCalls = 10;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < kCalls; ++i) {
+        QueryResult r;
+        if (!remote->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &r).ok() ||
+            std::memcmp(r.output.data(), expected.output.data(),
+                        expected.output.size() * sizeof(float)) != 0) {
+          failures.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+}
+
+TEST(ServerTest, DeadlineAnswersUnavailableAndTheConnectionStaysUsable) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Store> inner;
+  ASSERT_TRUE(Store::Open(StoreOptions{.data_dir = dir.file("data")}, &inner).ok());
+  const SyntheticOptions ctx = SmallContext(FreshSeed());
+  std::vector<float> q;
+  ImportSynthetic(inner.get(), dir.path().string(), "doc", ctx, &q);
+  SlowStore slow(inner.get(), std::chrono::milliseconds(400));
+  ServerOptions options;
+  options.default_deadline_ms = 100;
+  options.upload_dir = dir.file("uploads");
+  LiveServer live(&slow, options);
+  RawSocket sock(live.address());
+  ASSERT_TRUE(sock.ok());
+  QueryCall call;
+  call.name = "doc";
+  call.q_heads = ctx.q_heads;
+  call.n = ctx.n;
+  call.head_dim = ctx.head_dim;
+  call.q = q;
+  ASSERT_TRUE(sock.SendRequest(Request{7, 0, call}));
+  Response r;
+  const auto started = std::chrono::steady_clock::now();
+  ASSERT_TRUE(sock.ReadResponse(&r));
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::milliseconds(350));
+  EXPECT_EQ(r.id, 7u);
+  EXPECT_TRUE(r.status.IsUnavailable()) << r.status.ToString();
+  EXPECT_NE(r.status.message().find("deadline"), std::string::npos);
+  // Same connection, a longer deadline of its own: answered.
+  ASSERT_TRUE(sock.SendRequest(Request{8, 5000, call}));
+  ASSERT_TRUE(sock.ReadResponse(&r));
+  EXPECT_EQ(r.id, 8u);
+  EXPECT_TRUE(r.status.ok()) << r.status.ToString();
+  EXPECT_TRUE(std::holds_alternative<QueryResult>(r.body));
+}
+
+TEST(ServerTest, ShutdownAnswersTheRequestInFlightThenStops) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Store> inner;
+  ASSERT_TRUE(Store::Open(StoreOptions{.data_dir = dir.file("data")}, &inner).ok());
+  const SyntheticOptions ctx = SmallContext(FreshSeed());
+  std::vector<float> q;
+  ImportSynthetic(inner.get(), dir.path().string(), "doc", ctx, &q);
+  SlowStore slow(inner.get(), std::chrono::milliseconds(500));
+  ServerOptions options;
+  options.upload_dir = dir.file("uploads");
+  LiveServer live(&slow, options);
+  RawSocket busy(live.address()), idle(live.address());
+  ASSERT_TRUE(busy.ok() && idle.ok());
+  QueryCall call;
+  call.name = "doc";
+  call.q_heads = ctx.q_heads;
+  call.n = ctx.n;
+  call.head_dim = ctx.head_dim;
+  call.q = q;
+  ASSERT_TRUE(busy.SendRequest(Request{1, 0, call}));
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));  // the query is on a worker now
+  live.server()->Shutdown();
+  Response r;
+  ASSERT_TRUE(busy.ReadResponse(&r));
+  EXPECT_TRUE(r.status.ok()) << r.status.ToString();
+  EXPECT_TRUE(busy.ClosedByPeer());
+  EXPECT_TRUE(idle.ClosedByPeer());
+  live.Stop();  // Wait() returns
+  RawSocket late(live.address());
+  EXPECT_FALSE(late.ok());
+}
+
+TEST(ServerTest, IdleConnectionsAreClosedAndClientsReconnect) {
+  ServerOptions options;
+  options.idle_timeout_ms = 150;
+  LiveServer live(options);
+  const SyntheticOptions ctx = SmallContext(FreshSeed());
+  std::vector<float> q;
+  ImportSynthetic(live.store(), live.dir(), "doc", ctx, &q);
+  RawSocket sock(live.address());
+  ASSERT_TRUE(sock.ok());
+  EXPECT_TRUE(sock.ClosedByPeer(std::chrono::seconds(5)));
+  // A pooled client connection closed by the server: the next read-only call reconnects.
+  auto remote = live.Connect();
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  std::vector<ContextInfo> all;
+  Status s = remote->List(&all);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(all.size(), 1u);
+}
+
+TEST(ServerTest, MetricsEndpointCountsCallsAndErrors) {
+  ServerOptions options;
+  options.metrics_listen = "127.0.0.1:0";
+  LiveServer live(options);
+  const SyntheticOptions ctx = SmallContext(FreshSeed());
+  std::vector<float> q;
+  ImportSynthetic(live.store(), live.dir(), "doc", ctx, &q);
+  auto remote = live.Connect();
+  QueryResult r;
+  ASSERT_TRUE(remote->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &r).ok());
+  ContextInfo info;
+  EXPECT_TRUE(remote->Info("missing", &info).IsNotFound());
+  {
+    RawSocket junk(live.address());
+    const char garbage[16] = "GET / HTTP/1.1";
+    junk.Send(garbage, sizeof(garbage));
+    EXPECT_TRUE(junk.ClosedByPeer());
+  }
+  RawSocket http(live.server()->metrics_address());
+  ASSERT_TRUE(http.ok());
+  const std::string get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+  ASSERT_TRUE(http.Send(get.data(), get.size()));
+  const std::string text = http.ReadUntilClosed(std::chrono::seconds(10));
+  EXPECT_NE(text.find("HTTP/1.1 200"), std::string::npos);
+  EXPECT_NE(text.find("text/plain; version=0.0.4"), std::string::npos);
+  EXPECT_NE(text.find("sqkv_requests_total{call=\"query\",code=\"OK\"} 1"), std::string::npos);
+  EXPECT_NE(text.find("sqkv_requests_total{call=\"info\",code=\"NotFound\"} 1"), std::string::npos);
+  EXPECT_NE(text.find("sqkv_request_duration_seconds_bucket{call=\"query\",le=\"+Inf\"} 1"),
+            std::string::npos);
+  EXPECT_NE(text.find("sqkv_protocol_errors_total 1"), std::string::npos);
+  EXPECT_NE(text.find("sqkv_contexts 1"), std::string::npos);
+  EXPECT_NE(text.find("sqkv_connections_open"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace sqkv::net
