@@ -56,17 +56,18 @@ TEST_F(AdminTest, CalibrationHitsTargetSparsityOnHeldOutQueries) {
   so.q_heads = 16;
   so.tokens = 4096;
   so.head_dim = 64;
-  so.window = 64;
+  so.window = 256;  // 128 positions to calibrate on, 128 held out: enough topics either way
   so.seed = testing::FreshSeed();
   const std::string file = dir_.file("c.safetensors");
   ASSERT_TRUE(WriteSyntheticContext(so, file, nullptr).ok());
   ImportOptions io;
   ASSERT_TRUE(store_->Import("c", file, io, nullptr).ok());
   Thresholds stored;
-  ASSERT_TRUE(store_->GetThresholds("c", 0, &stored).ok());  // import calibrated on all 64
+  ASSERT_TRUE(store_->GetThresholds("c", 0, &stored).ok());  // import calibrated on all 256
   EXPECT_EQ(stored.sparsity, DefaultSparsities());
 
-  // Split the window queries q.0 (q_heads, 64, d): calibrate on positions 0-31, hold out 32-63.
+  // Split the window queries q.0 (q_heads, 256, d): calibrate on the first half, hold out the
+  // second.
   auto file_or = SafetensorsFile::Open(file);
   ASSERT_TRUE(file_or.ok());
   const TensorInfo* t0 = (*file_or)->Find("q.0");
