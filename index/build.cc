@@ -78,6 +78,27 @@ void AppendMean(const std::vector<double>& sum, int64_t count, std::vector<float
   for (double s : sum) mean->push_back(static_cast<float>(s / static_cast<double>(count)));
 }
 
+// Runs params.kmeans when set, else the CPU SphericalKMeans, and checks what a hook returned so
+// that a faulty one cannot index out of range below. x: (n, d); assign: (n), ids in [0, k).
+Status RunKMeans(const IndexParams& params, const float* x, int n, int d, int k,
+                 const KMeansOptions& options, std::vector<int32_t>* assign) {
+  if (!params.kmeans) return SphericalKMeans(x, n, d, k, options, assign);
+  assign->clear();
+  SQKV_RETURN_IF_ERROR(params.kmeans(x, n, d, k, options, assign));
+  if (assign->size() != static_cast<size_t>(n)) {
+    return Status::Internal("kmeans hook returned " + std::to_string(assign->size()) +
+                            " labels for " + std::to_string(n) + " rows");
+  }
+  for (int i = 0; i < n; ++i) {
+    const int32_t l = (*assign)[i];
+    if (l < 0 || l >= k) {
+      return Status::Internal("kmeans hook put row " + std::to_string(i) + " in cluster " +
+                              std::to_string(l) + ", not in [0, " + std::to_string(k) + ")");
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status BuildHeadIndex(const float* keys, int tokens, int head_dim, const IndexParams& params,
@@ -91,7 +112,7 @@ Status BuildHeadIndex(const float* keys, int tokens, int head_dim, const IndexPa
   const int k2 = CountFor(params.centroid_fraction, tokens);
   std::vector<int32_t> assign;
   SQKV_RETURN_IF_ERROR(
-      SphericalKMeans(keys, tokens, head_dim, k2, km, &assign).WithContext("build index"));
+      RunKMeans(params, keys, tokens, head_dim, k2, km, &assign).WithContext("build index"));
   int nc = 0;
   const std::vector<int32_t> cluster_of = RenumberByFirstAppearance(assign, k2, &nc);
   std::vector<Group> groups(nc);
@@ -117,7 +138,7 @@ Status BuildHeadIndex(const float* keys, int tokens, int head_dim, const IndexPa
     for (const Group& g : groups) AppendMean(g.key_sum, g.tokens.size(), &centroids);
     const int k1 = std::min(CountFor(params.l1_fraction, tokens), nc);
     std::vector<int32_t> parent_assign;
-    SQKV_RETURN_IF_ERROR(SphericalKMeans(centroids.data(), nc, head_dim, k1, km, &parent_assign)
+    SQKV_RETURN_IF_ERROR(RunKMeans(params, centroids.data(), nc, head_dim, k1, km, &parent_assign)
                              .WithContext("build index, level 1"));
     // Clusters are already ordered by smallest position, so parents numbered by first
     // appearance are ordered by the smallest position under them.

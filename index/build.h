@@ -2,15 +2,25 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <vector>
 
 #include "common/status.h"
 #include "index/head_index.h"
+#include "index/kmeans.h"
 
 namespace sqkv {
 
 // Upper bound on IndexParams::page_tokens: keeps page arithmetic far from int32 overflow and the
 // padding of a partial page bounded.
 inline constexpr int kMaxPageTokens = 1 << 16;
+
+// A spherical K-means with the contract of SphericalKMeans (index/kmeans.h): k is clamped to
+// [1, n]; *assign gets n cluster ids in [0, clamped k). Lets a caller put the clustering on
+// another device (gpu/kmeans.h: GpuKMeansFn) without index/ depending on it.
+// x: (n, d) float32, finite; assign: (n).
+using KMeansFn = std::function<Status(const float* x, int n, int d, int k,
+                                      const KMeansOptions& options, std::vector<int32_t>* assign)>;
 
 struct IndexParams {
   // Level-2 clusters = max(1, round(centroid_fraction * tokens)), in (0, 1]. Default: 0.05.
@@ -27,6 +37,9 @@ struct IndexParams {
   int niter = 20;
   // K-means seed; the same keys and params always give the same index. Default: 1234.
   uint64_t seed = 1234;
+  // The clustering used at both levels; its output is checked (size, ids in range). The same
+  // keys, params and function give the same index. Default: empty = SphericalKMeans (FAISS, CPU).
+  KMeansFn kmeans;
 };
 
 // Clusters the keys with spherical K-means and lays the clusters out in pages.
