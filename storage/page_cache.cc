@@ -632,7 +632,7 @@ Entry* PageCacheImpl::SweepProtected() {
   for (size_t n = 2 * protected_.count(); n > 0; --n) {
     Entry* e = protected_.front();
     if (e->pins == 0 && !e->referenced) return e;
-    e->referenced = false;
+    if (e->pins == 0) e->referenced = false;  // a page in use keeps its bit
     Dequeue(e);
     Enqueue(e, Entry::Queue::kProtected);
   }

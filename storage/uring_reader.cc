@@ -69,8 +69,6 @@ class ThreadRing {
 
 thread_local ThreadRing t_ring;
 
-}  // namespace
-
 // One contiguous piece of an op (at most kMaxIovPerRead iovecs), continued after short reads.
 struct ReadPiece {
   bool direct = false;
@@ -79,6 +77,8 @@ struct ReadPiece {
   size_t first_iov = 0;    // iov[first_iov...] are still (partly) unread
   std::vector<iovec> iov;
 };
+
+}  // namespace
 
 // The state of one Read() call: splits ops into pieces, runs them through a ring or preadv and
 // keeps the first error.
