@@ -11,6 +11,7 @@ packages=(
   libboost1.81-dev          # Asio/Beast (1.81: as_tuple, awaitable operators)
   libgtest-dev libgmock-dev # tests
   libcli11-dev nlohmann-json3-dev libxxhash-dev liburing-dev
+  clang libclang-rt-14-dev  # libFuzzer for the decoder fuzzer (tests/net)
 )
 
 SUDO=""
@@ -23,10 +24,20 @@ done
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all ${#packages[@]} packages present"
-  exit 0
+else
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# The Python client (python/) and its tests, for the python3 on PATH: pycapnp and numpy from PyPI,
+# pytest to run them (torch/transformers for the HF export test are optional and not installed).
+if python3 -c 'import capnp, numpy, pytest' 2>/dev/null; then
+  echo "install-deps: python packages present"
+elif python3 -m pip --version >/dev/null 2>&1; then
+  echo "install-deps: installing pycapnp numpy pytest"
+  python3 -m pip install -q pycapnp numpy pytest
+else
+  echo "install-deps: python3 has no pip; the Python client tests will skip"
+fi

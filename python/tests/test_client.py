@@ -1,0 +1,90 @@
+"""The Python client against a live `sqkv serve`: the same answers as the C++ CLI through the
+same server (bit for bit), admin calls, errors, authentication."""
+import json
+import os
+
+import pytest
+
+np = pytest.importorskip("numpy")
+pytest.importorskip("capnp")
+
+from conftest import Server, run  # noqa: E402
+from sqkv import Client, Error  # noqa: E402
+
+
+def test_import_list_info_query_remove(sqkv_bin, server, synth, tmp_path):
+    ctx, qpath = synth
+    with Client(server.address) as c:
+        seen = []
+        info = c.import_file("doc", ctx, progress=lambda d, t: seen.append((d, t)))
+        assert info["name"] == "doc" and info["tokens"] == 400 and info["layers"] == 2
+        assert all(d <= t for d, t in seen)
+        cli_ls = json.loads(run(sqkv_bin, "--server", server.address, "ls", "--json").stdout)
+        assert c.list() == cli_ls
+        cli_info = json.loads(run(sqkv_bin, "--server", server.address, "info", "doc",
+                                  "--json").stdout)
+        assert c.info("doc") == cli_info
+
+        q = np.load(qpath)
+        for dense in (False, True):
+            out_dir = str(tmp_path / f"cli-{dense}")
+            mode = ["--dense"] if dense else ["--keep", "0.2"]
+            run(sqkv_bin, "--server", server.address, "query", "doc", "--layer", "1",
+                "--queries", qpath, "--out", out_dir, *mode)
+            out, lse = c.query("doc", layer=1, q=q, keep=0.2, dense=dense)
+            assert out.shape == (4, 3, 64) and out.dtype == np.float32
+            assert lse.shape == (4, 3)
+            assert np.array_equal(out, np.load(os.path.join(out_dir, "output.npy")))
+            assert np.array_equal(lse, np.load(os.path.join(out_dir, "lse.npy")))
+        out, lse, sel = c.query("doc", layer=0, q=q, keep=0.1, want_selection=True)
+        assert len(sel) == 2 and all(np.all(np.diff(s) > 0) for s in sel)
+
+        assert c.stats()["contexts"] == 1
+        assert c.verify() == []
+        c.calibrate("doc", [0.5, 0.9])
+        out_s, _ = c.query("doc", layer=0, q=q, sparsity=0.9)
+        assert np.all(np.isfinite(out_s))
+        c.compact()
+        c.remove("doc")
+        assert c.list() == []
+
+
+def test_errors_carry_the_store_code(server, synth):
+    ctx, qpath = synth
+    with Client(server.address) as c:
+        with pytest.raises(Error) as e:
+            c.info("missing")
+        assert e.value.code == "notFound"
+        c.import_file("doc", ctx)
+        with pytest.raises(Error) as e:
+            c.import_file("doc", ctx)
+        assert e.value.code == "alreadyExists"
+        q = np.load(qpath)
+        with pytest.raises(Error) as e:
+            c.query("doc", layer=9, q=q)
+        assert e.value.code == "invalidArgument"
+        with pytest.raises(Error) as e:
+            c.query("doc", layer=0, q=q[:3])  # 3 query heads over 2 kv heads
+        assert e.value.code == "invalidArgument"
+        # The connection is still usable after errors.
+        assert [x["name"] for x in c.list()] == ["doc"]
+
+
+def test_token(sqkv_bin, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("py-secret\n")
+    s = Server(sqkv_bin, str(tmp_path / "data"), ["--auth-token-file", str(token)])
+    try:
+        with Client(s.address, token="py-secret") as c:
+            assert c.list() == []
+        for bad in (None, "wrong"):
+            with pytest.raises(Error) as e:
+                Client(s.address, token=bad)
+            assert e.value.code == "unavailable"
+    finally:
+        assert s.stop() == 0
+
+
+def test_bad_address():
+    with pytest.raises(ValueError):
+        Client("no-port")
