@@ -36,7 +36,7 @@ using Clock = std::chrono::steady_clock;
 struct SessionState {
   explicit SessionState(tcp::socket s) : socket(std::move(s)), watchdog(socket.get_executor()) {}
   tcp::socket socket;
-  // The watchdog closes the connection when `deadline` passes (api/net/session.cc).
+  // The watchdog closes the connection when `deadline` passes (checked on a tick, session.cc).
   asio::steady_timer watchdog;
   Clock::time_point deadline = Clock::time_point::max();
   // True from a request's first byte to its answer's last: Shutdown() leaves such a connection
