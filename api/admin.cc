@@ -70,6 +70,7 @@ Status StoreImpl::ReclaimGarbage(CompactReport* report) {
     }
   }
   for (uint64_t v : go) {
+    host_cache_->EraseVersion(v);
     const std::string path = segments_dir() + "/" + SegmentName(v);
     auto size = FileSize(path);
     SQKV_RETURN_IF_ERROR(RemoveFile(path));

@@ -8,6 +8,8 @@
 
 #include "api/store_impl.h"
 #include "index/build.h"
+#include "gpu/device.h"
+#include "gpu/kmeans.h"
 #include "index/calibrate.h"
 #include "index/serialize.h"
 #include "storage/file_util.h"
@@ -244,6 +246,16 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
   params.levels = options.levels;
   params.l1_fraction = options.l1_fraction;
   params.niter = options.kmeans_iterations;
+  switch (options.kmeans_device) {
+    case Device::kCpu: break;  // empty hook: FAISS
+    case Device::kGpu:
+      if (!gpu::DevicePresent()) return Status::Unavailable("--kmeans-device gpu: no CUDA device");
+      params.kmeans = gpu::GpuKMeansFn();
+      break;
+    case Device::kAuto:
+      if (gpu::DevicePresent()) params.kmeans = gpu::GpuOrCpuKMeansFn();
+      break;
+  }
 
   SQKV_ASSIGN_OR_RETURN(uint64_t version, catalog_->AllocateVersion());
   {

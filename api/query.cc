@@ -11,25 +11,6 @@
 namespace sqkv {
 namespace {
 
-// A run of consecutive pages of one head: [begin, end) in head-local page numbers.
-struct PageRun {
-  int32_t begin, end;
-};
-
-// Selected clusters (ascending) → coalesced page runs.
-std::vector<PageRun> CoalesceRuns(const HeadIndex& index, const std::vector<int32_t>& clusters) {
-  std::vector<PageRun> runs;
-  for (int32_t c : clusters) {
-    const int32_t b = index.cluster_page_begin[c], e = index.cluster_page_begin[c + 1];
-    if (!runs.empty() && runs.back().end == b) {
-      runs.back().end = e;
-    } else {
-      runs.push_back({b, e});
-    }
-  }
-  return runs;
-}
-
 void CollectPositions(const HeadIndex& index, const std::vector<int32_t>& clusters,
                       std::vector<int32_t>* out) {
   out->clear();
@@ -138,43 +119,40 @@ Status StoreImpl::QueryCpu(const ContextRecord& r, const LayerData& layer,
   std::vector<int64_t> disk_pages(kv_heads, 0);
   if (options.want_selection) result->selected_tokens.resize(kv_heads);
 
+  std::vector<int64_t> host_pages(kv_heads, 0);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int h = 0; h < kv_heads; ++h) {
     const HeadIndex& index = layer.heads[h];
     const float* qh = q + static_cast<size_t>(h) * rows * d;
     Status s = SelectClusters(index, qh, rows, options.select, &selections[h]);
-    std::vector<uint8_t> buffer(static_cast<size_t>(selections[h].pages) * page_bytes);
-    std::vector<PageRef> refs;
-    refs.reserve(selections[h].pages);
-    size_t filled = 0;
-    const uint64_t head_first = layer.head_first_page[h];
-    const uint64_t layer_first = layer.head_first_page[0];
-    for (const PageRun& run : s.ok() ? CoalesceRuns(index, selections[h].clusters)
-                                     : std::vector<PageRun>()) {
-      const uint64_t count = run.end - run.begin;
-      const uint64_t first = head_first + run.begin;
-      s = segment.ReadPages(first, count, buffer.data() + filled * page_bytes,
-                            layer.checksums.data() + (first - layer_first));
-      if (!s.ok()) break;
-      filled += count;
-    }
+    // The selected pages, cluster by cluster, through the host tier.
+    std::vector<uint64_t> pages;
+    std::vector<int32_t> valid;
     if (s.ok()) {
-      // Valid token counts per page, in the same order the runs were read (ascending clusters).
-      size_t slot = 0;
+      pages.reserve(selections[h].pages);
       for (int32_t c : selections[h].clusters) {
         for (int32_t p = index.cluster_page_begin[c]; p < index.cluster_page_begin[c + 1]; ++p) {
-          refs.push_back({buffer.data() + slot * page_bytes, index.PageValidTokens(c, p)});
-          ++slot;
+          pages.push_back(layer.head_first_page[h] + p);
+          valid.push_back(index.PageValidTokens(c, p));
         }
       }
+    }
+    HostPages hp;
+    if (s.ok() && !pages.empty()) s = AcquireHostPages(r, layer, segment, pages, &hp);
+    if (s.ok()) {
+      std::vector<PageRef> refs(pages.size());
+      for (size_t i = 0; i < pages.size(); ++i) refs[i] = {hp.data[i], valid[i]};
       AttendPages(qh, rows, d, scale, r.dtype, r.page_tokens, refs.data(),
-                  static_cast<int>(refs.size()), result->output.data() + static_cast<size_t>(h) * rows * d,
+                  static_cast<int>(refs.size()),
+                  result->output.data() + static_cast<size_t>(h) * rows * d,
                   result->lse.data() + static_cast<size_t>(h) * rows);
       if (options.want_selection) {
         CollectPositions(index, selections[h].clusters, &result->selected_tokens[h]);
       }
-      disk_pages[h] = static_cast<int64_t>(filled);
+      disk_pages[h] = hp.from_disk;
+      host_pages[h] = hp.from_host;
     }
+    host_cache_->Release(&hp.handles);
     statuses[h] = s;
   }
   for (int h = 0; h < kv_heads; ++h) {
@@ -183,6 +161,7 @@ Status StoreImpl::QueryCpu(const ContextRecord& r, const LayerData& layer,
     result->stats.pages_selected += selections[h].pages;
     result->stats.centroids_scored += selections[h].centroids_scored;
     result->stats.pages_from_disk += disk_pages[h];
+    result->stats.pages_from_host += host_pages[h];
   }
   result->stats.disk_bytes_read = result->stats.pages_from_disk * static_cast<int64_t>(page_bytes);
   result->stats.device = "cpu";

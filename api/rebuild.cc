@@ -13,9 +13,19 @@ Status StoreImpl::Rebuild(const std::string& name, const ImportOptions& options,
   ContextRecord old;
   SQKV_RETURN_IF_ERROR(catalog_->GetContext(name, &old));
   if (!PinVersion(old.version)) return Status::Unavailable("context " + name + " is being replaced");
+  ContextInfo fresh;
   {
     VersionPin pin(this, old.version);
-    SQKV_RETURN_IF_ERROR(RebuildPinned(old, options, info));
+    SQKV_RETURN_IF_ERROR(RebuildPinned(old, options, &fresh));
+  }
+  if (info != nullptr) *info = fresh;
+  // A pinned context stays pinned in its new version.
+  if (host_cache_->IsVersionPinned(old.version)) {
+    SQKV_RETURN_IF_ERROR(host_cache_->PinVersion(fresh.version));
+  }
+  {
+    std::lock_guard<std::mutex> lock(engine_mu_);
+    if (gpu_pinned_versions_.erase(old.version)) gpu_pinned_versions_.insert(fresh.version);
   }
   // The old version is garbage now; its files go at once unless queries still read it.
   return ReclaimGarbage(nullptr);

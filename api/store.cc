@@ -4,6 +4,7 @@
 #include <set>
 
 #include "api/store_impl.h"
+#include "gpu/device.h"
 #include "gpu/engine.h"
 #include "index/serialize.h"
 #include "storage/file_util.h"
@@ -45,22 +46,48 @@ Status ValidateContextName(std::string_view name) {
   return Status::Ok();
 }
 
+namespace {
+Status NoTiers() { return Status::Unavailable("this store has no page tiers (pin, preload)"); }
+}  // namespace
+
+Status Store::Pin(const std::string&, Tier) { return NoTiers(); }
+Status Store::Unpin(const std::string&) { return NoTiers(); }
+Status Store::Preload(const std::string&, Tier) { return NoTiers(); }
+Status Store::ListPins(std::vector<std::pair<std::string, Tier>>*) { return NoTiers(); }
+Status Store::GetTierStats(TierStats*) { return NoTiers(); }
+
 Status Store::Open(const StoreOptions& options, std::unique_ptr<Store>* out) {
   if (options.data_dir.empty()) return Status::InvalidArgument("empty data directory");
   SQKV_RETURN_IF_ERROR(EnsureDir(options.data_dir));
   SQKV_RETURN_IF_ERROR(EnsureDir(options.data_dir + "/segments"));
   std::unique_ptr<Catalog> catalog;
   SQKV_RETURN_IF_ERROR(Catalog::Open(options.data_dir + "/catalog", &catalog));
-  auto impl = std::make_unique<StoreImpl>(options, std::move(catalog));
+  PageCacheOptions cache_options;
+  cache_options.capacity_bytes = options.host_cache_bytes;
+  if (gpu::DevicePresent()) {
+    // Pinned chunks: host→device copies straight from cache slots. Chunks are large because
+    // pinning is slow.
+    cache_options.chunk_bytes = 64ull << 20;
+    cache_options.alloc_chunk = [](size_t bytes) { return gpu::AllocPinnedHost(bytes); };
+    cache_options.free_chunk = [](void* p, size_t) { gpu::FreePinnedHost(p); };
+  }
+  std::unique_ptr<PageCache> cache;
+  SQKV_RETURN_IF_ERROR(PageCache::Open(cache_options, &cache));
+  auto impl = std::make_unique<StoreImpl>(options, std::move(catalog), std::move(cache));
   // Nothing runs yet: every garbage version can go, and so can crash leftovers.
   SQKV_RETURN_IF_ERROR(impl->ReclaimGarbage(nullptr));
   SQKV_RETURN_IF_ERROR(impl->RemoveOrphans(nullptr));
+  SQKV_RETURN_IF_ERROR(impl->RestorePins());
   *out = std::move(impl);
   return Status::Ok();
 }
 
-StoreImpl::StoreImpl(const StoreOptions& options, std::unique_ptr<Catalog> catalog)
-    : Store(options.data_dir), options_(options), catalog_(std::move(catalog)) {}
+StoreImpl::StoreImpl(const StoreOptions& options, std::unique_ptr<Catalog> catalog,
+                     std::unique_ptr<PageCache> host_cache)
+    : Store(options.data_dir),
+      options_(options),
+      catalog_(std::move(catalog)),
+      host_cache_(std::move(host_cache)) {}
 
 StoreImpl::~StoreImpl() = default;
 

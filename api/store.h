@@ -37,7 +37,15 @@ struct StoreOptions {
   std::string data_dir = "./sqkv-data";
   // Decoded layer indexes kept in memory (least recently used go first). Default: 256.
   size_t index_cache_layers = 256;
+  // Bytes of the host page cache between the segment files and the queries (pinned memory when
+  // a GPU is present). Default: 1 GiB.
+  size_t host_cache_bytes = 1ull << 30;
 };
+
+// Where `sqkv pin` keeps a context resident.
+enum class Tier : uint8_t { kHost, kDevice };
+const char* TierName(Tier t);
+bool ParseTier(std::string_view s, Tier* out);
 
 struct ImportOptions {
   // Level-2 centroids per kv head, as a fraction of the tokens. Default: 0.05.
@@ -49,6 +57,9 @@ struct ImportOptions {
   float l1_fraction = 0.01f;
   // K-means iterations. Default: 20.
   int kmeans_iterations = 20;
+  // Where K-means runs: kAuto = the GPU when one is present (falling back to the CPU per call),
+  // kCpu = FAISS, kGpu = the GPU or Unavailable. Default: kAuto.
+  Device kmeans_device = Device::kAuto;
   // Called after each (layer, kv head) is indexed and written: (done, total).
   std::function<void(int, int)> progress;
   // Test hook: called at named points of the import ("segment_written", "segment_published",
@@ -113,9 +124,25 @@ struct QueryStats {
   int64_t tokens_selected = 0;    // summed over kv heads
   int64_t pages_selected = 0;
   int64_t centroids_scored = 0;
-  int64_t pages_from_disk = 0;
+  int64_t pages_from_disk = 0;    // read from the segment file for this query
+  int64_t pages_from_host = 0;    // found in the host page cache
+  int64_t pages_from_device = 0;  // already resident in the device pool
   int64_t disk_bytes_read = 0;
   double total_ms = 0;
+};
+
+// Counters of the tiers since the store opened (gauges are current values).
+struct TierStats {
+  // Host page cache.
+  uint64_t host_hits = 0, host_misses = 0, host_evictions = 0;
+  uint64_t host_bytes_in_use = 0, host_pinned_bytes = 0, host_capacity_bytes = 0;
+  // Disk reads into the host tier.
+  uint64_t disk_reads = 0, disk_bytes = 0, disk_direct_bytes = 0;
+  // Read latency histogram: bucket i counts reads of [2^i, 2^(i+1)) microseconds.
+  std::vector<uint64_t> disk_read_us_log2;
+  // Device tier.
+  uint64_t device_layers_resident = 0, device_pool_bytes_used = 0, device_pool_bytes = 0;
+  uint64_t device_layers_loaded = 0, device_layers_evicted = 0;
 };
 
 struct QueryResult {
@@ -169,6 +196,17 @@ class Store {
   // compacts the catalog.
   virtual Status Compact(CompactReport* report) = 0;
   virtual Status Stats(StoreStats* out) = 0;
+
+  // Tiers. A store that has none (a client of an older server) answers Unavailable.
+  // Keeps the context resident in `tier` (its pages never evicted), persisted across restarts;
+  // loads it now. Unavailable when it does not fit (or, for kDevice, without a GPU).
+  virtual Status Pin(const std::string& name, Tier tier);
+  virtual Status Unpin(const std::string& name);
+  // Warms the context into `tier` without pinning it (it may be evicted later).
+  virtual Status Preload(const std::string& name, Tier tier);
+  // Pinned contexts and their tiers.
+  virtual Status ListPins(std::vector<std::pair<std::string, Tier>>* out);
+  virtual Status GetTierStats(TierStats* out);
 
   const std::string& data_dir() const { return data_dir_; }
 

@@ -1,6 +1,8 @@
 // Private: the Store implementation shared by store.cc, import.cc and query.cc.
 #pragma once
 
+#include <array>
+#include <atomic>
 #include <functional>
 #include <list>
 #include <map>
@@ -14,6 +16,7 @@
 #include "api/store.h"
 #include "index/head_index.h"
 #include "storage/catalog.h"
+#include "storage/page_cache.h"
 #include "storage/segment.h"
 
 namespace sqkv {
@@ -51,7 +54,8 @@ Status ValidateBuildOptions(const ImportOptions& options);
 
 class StoreImpl : public Store {
  public:
-  StoreImpl(const StoreOptions& options, std::unique_ptr<Catalog> catalog);
+  StoreImpl(const StoreOptions& options, std::unique_ptr<Catalog> catalog,
+            std::unique_ptr<PageCache> host_cache);
   ~StoreImpl() override;
 
   Status Import(const std::string& name, const std::string& safetensors_path,
@@ -68,6 +72,13 @@ class StoreImpl : public Store {
   Status Verify(const std::string& name, const ProgressFn& progress, VerifyReport* report) override;
   Status Compact(CompactReport* report) override;
   Status Stats(StoreStats* out) override;
+  Status Pin(const std::string& name, Tier tier) override;
+  Status Unpin(const std::string& name) override;
+  Status Preload(const std::string& name, Tier tier) override;
+  Status ListPins(std::vector<std::pair<std::string, Tier>>* out) override;
+  Status GetTierStats(TierStats* out) override;
+  // Restores the pins recorded in the catalog (called by Open).
+  Status RestorePins();
 
   // Reclaims garbage versions that no query pins: segment file, catalog keys, caches.
   // report may be null.
@@ -95,6 +106,21 @@ class StoreImpl : public Store {
                   const QueryOptions& options, QueryResult* result);
   Result<gpu::Engine*> GetEngine();
   Status RebuildPinned(const ContextRecord& old, const ImportOptions& options, ContextInfo* info);
+  // Pins `pages` (global page numbers of one layer) of a version in the host cache, reading the
+  // missing ones from the segment in one batched read. Falls back to a private buffer when the
+  // cache cannot hold them (Unavailable), so a query larger than the cache still runs.
+  struct HostPages {
+    std::vector<PageHandle> handles;  // from the cache, or
+    std::vector<uint8_t> private_copy;  // (pages, page_bytes) when the cache was bypassed
+    std::vector<const void*> data;   // (pages)
+    int64_t from_disk = 0, from_host = 0;
+  };
+  Status AcquireHostPages(const ContextRecord& r, const LayerData& layer,
+                          const SegmentReader& segment, const std::vector<uint64_t>& pages,
+                          HostPages* out);
+  Status LoadLayerToDevice(const ContextRecord& r, int layer_id, const LayerData& layer,
+                           const SegmentReader& segment, QueryStats* stats);
+  void RecordDiskRead(uint64_t bytes, uint64_t direct_bytes, uint64_t micros);
   // Indexes every layer from `layer_source`, writes a segment and publishes the version
   // (replacing the record of spec.name when `replace`).
   Status BuildVersion(const VersionSpec& spec, const ImportOptions& options,
@@ -103,6 +129,13 @@ class StoreImpl : public Store {
 
   StoreOptions options_;
   std::unique_ptr<Catalog> catalog_;
+  std::unique_ptr<PageCache> host_cache_;
+
+  // Disk counters (TierStats).
+  static constexpr int kLatencyBuckets = 32;
+  std::atomic<uint64_t> disk_reads_{0}, disk_bytes_{0}, disk_direct_bytes_{0};
+  std::array<std::atomic<uint64_t>, kLatencyBuckets> disk_latency_{};
+  std::atomic<uint64_t> device_layers_loaded_{0}, device_layers_evicted_{0};
 
   std::mutex cache_mu_;
   using LayerKey = std::pair<uint64_t, int>;  // (version, layer)
@@ -117,6 +150,7 @@ class StoreImpl : public Store {
   std::mutex engine_mu_;
   std::unique_ptr<gpu::Engine> engine_;
   std::list<uint64_t> gpu_lru_;  // resident layer keys, most recently used first
+  std::set<uint64_t> gpu_pinned_versions_;  // versions pinned in the device tier
 };
 
 // Pins a version for the lifetime of the object (see StoreImpl::PinVersion).

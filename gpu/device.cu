@@ -30,4 +30,18 @@ Result<std::string> DeviceDescription(int device) {
   return std::string(buf);
 }
 
+void* AllocPinnedHost(size_t bytes) {
+  if (!DevicePresent()) return nullptr;
+  void* p = nullptr;
+  if (cudaHostAlloc(&p, bytes, cudaHostAllocPortable) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return p;
+}
+
+void FreePinnedHost(void* p) {
+  if (p != nullptr) cudaFreeHost(p);
+}
+
 }  // namespace sqkv::gpu

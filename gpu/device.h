@@ -1,6 +1,7 @@
 // Whether a CUDA device can be used. Plain C++: no CUDA types.
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 #include "common/status.h"
@@ -12,5 +13,10 @@ bool DevicePresent();
 
 // "NVIDIA H200, 132 SMs, 139.8 GiB" or Unavailable with the reason (no CUDA build, no device).
 Result<std::string> DeviceDescription(int device = 0);
+
+// Page-locked host memory (cudaHostAlloc), so host→device copies run at full speed and
+// asynchronously. Null without a device or on failure; free with FreePinnedHost.
+void* AllocPinnedHost(size_t bytes);
+void FreePinnedHost(void* p);
 
 }  // namespace sqkv::gpu

@@ -9,4 +9,7 @@ Result<std::string> DeviceDescription(int) {
   return Status::Unavailable("this build has no GPU support (built with SQKV_WITH_CUDA=OFF)");
 }
 
+void* AllocPinnedHost(size_t) { return nullptr; }
+void FreePinnedHost(void*) {}
+
 }  // namespace sqkv::gpu

@@ -266,6 +266,27 @@ class CatalogImpl : public Catalog {
     return FromRocks(it->status(), "list garbage");
   }
 
+  Status PutPin(const std::string& name, const std::string& tier) override {
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    return FromRocks(db_->Put(wo, "p/" + name, tier), "pin " + name);
+  }
+
+  Status DeletePin(const std::string& name) override {
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    return FromRocks(db_->Delete(wo, "p/" + name), "unpin " + name);
+  }
+
+  Status ListPins(std::vector<std::pair<std::string, std::string>>* out) override {
+    out->clear();
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+    for (it->Seek("p/"); it->Valid() && it->key().starts_with("p/"); it->Next()) {
+      out->emplace_back(it->key().ToString().substr(2), it->value().ToString());
+    }
+    return FromRocks(it->status(), "list pins");
+  }
+
   Status VerifyChecksums() override {
     return FromRocks(db_->VerifyChecksum(), "catalog checksum scan");
   }
@@ -275,6 +296,7 @@ class CatalogImpl : public Catalog {
     SQKV_RETURN_IF_ERROR(GetContext(name, removed));
     rocksdb::WriteBatch batch;
     batch.Delete(ContextKey(name));
+    batch.Delete("p/" + name);
     batch.Put(GarbageKey(removed->version), "");
     rocksdb::WriteOptions wo;
     wo.sync = true;

@@ -9,6 +9,7 @@
 //        v/<version:016x>/t/<layer:05>  → calibrated thresholds of the layer (Thresholds)
 //        g/<version:016x>               → a removed or superseded version whose files and keys
 //                                         wait to be reclaimed (once no reader uses them)
+//        p/<name>                       → the tier a context is pinned in ("host" or "device")
 //        m/next_version                 → next version number (u64)
 #pragma once
 
@@ -102,6 +103,11 @@ class Catalog {
   virtual Status ListGarbage(std::vector<uint64_t>* out) = 0;
   // Deletes every key of a version (and its garbage mark).
   virtual Status DropVersion(uint64_t version) = 0;
+  // Pins (`sqkv pin`): name → tier. RemoveContext drops the pin in its batch.
+  virtual Status PutPin(const std::string& name, const std::string& tier) = 0;
+  virtual Status DeletePin(const std::string& name) = 0;
+  virtual Status ListPins(std::vector<std::pair<std::string, std::string>>* out) = 0;
+
   // Reads every block of the database and checks RocksDB's own checksums.
   virtual Status VerifyChecksums() = 0;
 

@@ -194,7 +194,46 @@ Status SegmentReader::Open(const std::string& path, std::unique_ptr<SegmentReade
     ::close(fd);
     return s.WithContext("segment " + path);
   }
-  out->reset(new SegmentReader(path, h, fd));
+  std::unique_ptr<BatchReader> batch;
+  if (Status bs = BatchReader::Open(path, /*direct=*/true, &batch); !bs.ok()) {
+    ::close(fd);
+    return bs.WithContext("segment " + path);
+  }
+  out->reset(new SegmentReader(path, h, fd, std::move(batch)));
+  return Status::Ok();
+}
+
+SegmentReader::SegmentReader(std::string path, const SegmentHeader& header, int fd,
+                             std::unique_ptr<BatchReader> batch)
+    : path_(std::move(path)), header_(header), fd_(fd), batch_(std::move(batch)) {}
+
+Status SegmentReader::ReadRuns(const std::vector<Run>& runs,
+                               const std::function<uint64_t(uint64_t)>& expected,
+                               uint64_t* bytes_read, uint64_t* direct_bytes) const {
+  std::vector<ReadOp> ops;
+  ops.reserve(runs.size());
+  for (const Run& run : runs) {
+    if (run.first_page + run.dst.size() > header_.num_pages) {
+      return Status::Corruption("segment " + path_ + ": pages past its end requested");
+    }
+    ReadOp op;
+    op.offset = kSegmentHeaderBytes + run.first_page * header_.page_bytes;
+    for (void* d : run.dst) op.iov.emplace_back(d, header_.page_bytes);
+    ops.push_back(std::move(op));
+  }
+  ReadCallStats call;
+  SQKV_RETURN_IF_ERROR(batch_->Read(ops, &call));
+  if (bytes_read) *bytes_read = call.bytes;
+  if (direct_bytes) *direct_bytes = call.direct_bytes;
+  for (const Run& run : runs) {
+    for (size_t i = 0; i < run.dst.size(); ++i) {
+      const uint64_t page = run.first_page + i;
+      if (Checksum64(run.dst[i], header_.page_bytes) != expected(page)) {
+        return Status::Corruption("segment " + path_ + ": page " + std::to_string(page) +
+                                  " checksum mismatch");
+      }
+    }
+  }
   return Status::Ok();
 }
 

@@ -8,10 +8,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "common/dtype.h"
 #include "common/status.h"
+#include "storage/uring_reader.h"
 
 namespace sqkv {
 
@@ -63,12 +66,24 @@ class SegmentReader {
   // checksums) each page is checked; a mismatch is Corruption naming the page.
   Status ReadPages(uint64_t first, uint64_t count, void* dst, const uint64_t* expected) const;
 
+  // A run of consecutive pages and where each goes (page_bytes each; 4096-aligned destinations
+  // and page sizes let the read bypass the kernel page cache with O_DIRECT).
+  struct Run {
+    uint64_t first_page = 0;
+    std::vector<void*> dst;  // (count)
+  };
+  // Reads every run in one batched submission (io_uring) and checks each page against
+  // expected(page). bytes_read/direct_bytes (may be null) receive what was read.
+  Status ReadRuns(const std::vector<Run>& runs, const std::function<uint64_t(uint64_t)>& expected,
+                  uint64_t* bytes_read, uint64_t* direct_bytes) const;
+
  private:
-  SegmentReader(std::string path, const SegmentHeader& header, int fd)
-      : path_(std::move(path)), header_(header), fd_(fd) {}
+  SegmentReader(std::string path, const SegmentHeader& header, int fd,
+                std::unique_ptr<BatchReader> batch);
   std::string path_;
   SegmentHeader header_;
   int fd_ = -1;
+  std::unique_ptr<BatchReader> batch_;  // direct, batched reads of page runs
 };
 
 // Encodes/decodes the 4096-byte header (magic, format version, fields, checksum).

@@ -61,11 +61,17 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
     cmd->add_option("--page-tokens", a->page_tokens, "Token slots per page (default: unchanged)");
     cmd->add_option("--iterations", a->options.kmeans_iterations, "K-means iterations")
         ->capture_default_str();
+    auto kmeans_device = std::make_shared<std::string>("auto");
+    cmd->add_option("--kmeans-device", *kmeans_device, "Where K-means runs: auto, gpu or cpu")
+        ->capture_default_str();
     cmd->add_flag("--json", g.json, "Print the new version as JSON");
-    (*runners)["rebuild"] = [a, &g]() {
+    (*runners)["rebuild"] = [a, &g, kmeans_device]() {
       std::unique_ptr<Store> store;
       if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
       ImportOptions o = a->options;
+      if (!ParseDevice(*kmeans_device, &o.kmeans_device)) {
+        return Fail(Status::InvalidArgument("--kmeans-device must be auto, gpu or cpu"));
+      }
       ContextInfo old;
       if (Status s = store->Info(a->name, &old); !s.ok()) return Fail(s);
       o.page_tokens = a->page_tokens > 0 ? a->page_tokens : old.page_tokens;
@@ -193,6 +199,42 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
                     r.segment_bytes_reclaimed / 1048576.0, r.catalog_bytes_before / 1048576.0,
                     r.catalog_bytes_after / 1048576.0, -catalog_saved / 1048576.0);
       }
+      return kExitOk;
+    };
+  }
+  // pin, unpin, preload
+  for (const char* verb : {"pin", "preload"}) {
+    const bool pin = std::string(verb) == "pin";
+    auto* cmd = app.add_subcommand(
+        verb, pin ? "Keep a context resident in a tier (persisted; pages never evicted)"
+                  : "Warm a context into a tier (it may be evicted later)");
+    struct Args {
+      std::string name, tier = "host";
+    };
+    auto a = std::make_shared<Args>();
+    cmd->add_option("name", a->name, "Context name")->required();
+    cmd->add_option("--tier", a->tier, "host or device")->capture_default_str();
+    (*runners)[verb] = [a, &g, pin]() {
+      Tier tier;
+      if (!ParseTier(a->tier, &tier)) return Fail(Status::InvalidArgument("--tier must be host or device"));
+      std::unique_ptr<Store> store;
+      if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
+      Status s = pin ? store->Pin(a->name, tier) : store->Preload(a->name, tier);
+      if (!s.ok()) return Fail(s);
+      std::printf("%s %s in the %s tier\n", pin ? "pinned" : "preloaded", a->name.c_str(),
+                  TierName(tier));
+      return kExitOk;
+    };
+  }
+  {
+    auto* cmd = app.add_subcommand("unpin", "Let a pinned context be evicted again");
+    auto name = std::make_shared<std::string>();
+    cmd->add_option("name", *name, "Context name")->required();
+    (*runners)["unpin"] = [name, &g]() {
+      std::unique_ptr<Store> store;
+      if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
+      if (Status s = store->Unpin(*name); !s.ok()) return Fail(s);
+      std::printf("unpinned %s\n", name->c_str());
       return kExitOk;
     };
   }

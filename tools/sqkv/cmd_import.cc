@@ -28,12 +28,18 @@ void AddImport(CLI::App& app, GlobalOptions& g, Runner* run) {
       ->capture_default_str();
   cmd->add_option("--iterations", args->options.kmeans_iterations, "K-means iterations")
       ->capture_default_str();
+  auto kmeans_device = std::make_shared<std::string>("auto");
+  cmd->add_option("--kmeans-device", *kmeans_device, "Where K-means runs: auto, gpu or cpu")
+      ->capture_default_str();
   cmd->add_flag("--json", g.json, "Print the imported context as JSON");
-  *run = [args, &g]() {
+  *run = [args, &g, kmeans_device]() {
     std::unique_ptr<Store> store;
     if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
     ProgressBar bar("import " + args->name);
     ImportOptions options = args->options;
+    if (!ParseDevice(*kmeans_device, &options.kmeans_device)) {
+      return Fail(Status::InvalidArgument("--kmeans-device must be auto, gpu or cpu"));
+    }
     options.progress = [&bar](int done, int total) { bar.Update(done, total); };
     // Test hook: SQKV_TEST_CRASH_AT=<stage> kills the process at that point of the import
     // (segment_written, segment_published, published), to prove publishing is atomic.

@@ -41,6 +41,8 @@ nlohmann::json StatsJson(const QueryStats& s) {
           {"pages_selected", s.pages_selected},
           {"centroids_scored", s.centroids_scored},
           {"pages_from_disk", s.pages_from_disk},
+          {"pages_from_host", s.pages_from_host},
+          {"pages_from_device", s.pages_from_device},
           {"disk_bytes_read", s.disk_bytes_read},
           {"total_ms", s.total_ms}};
 }

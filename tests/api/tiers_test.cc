@@ -1,0 +1,134 @@
+// The host tier through the Store: cold queries read only the selected pages, warm ones none;
+// memory stays bounded over many contexts; results equal the uncached path; pins persist.
+#include <gtest/gtest.h>
+
+#include "api/store.h"
+#include "api/synthetic.h"
+#include "tests/testing/testing.h"
+
+namespace sqkv {
+namespace {
+
+class TiersTest : public ::testing::Test {
+ protected:
+  void Open(size_t cache_bytes) {
+    store_.reset();
+    StoreOptions o;
+    o.data_dir = dir_.file("data");
+    o.host_cache_bytes = cache_bytes;
+    ASSERT_TRUE(Store::Open(o, &store_).ok());
+  }
+  std::vector<float> Import(const std::string& name, int tokens, uint64_t seed) {
+    SyntheticOptions so;
+    so.layers = 2;
+    so.kv_heads = 2;
+    so.q_heads = 8;
+    so.tokens = tokens;
+    so.head_dim = 64;
+    so.window = 0;
+    so.seed = seed;
+    std::vector<float> q;
+    EXPECT_TRUE(WriteSyntheticContext(so, dir_.file(name + ".st"), &q).ok());
+    EXPECT_TRUE(store_->Import(name, dir_.file(name + ".st"), {}, nullptr).ok());
+    return q;
+  }
+  QueryResult Query(const std::string& name, const std::vector<float>& q, float keep) {
+    QueryOptions qo;
+    qo.device = Device::kCpu;
+    qo.select.keep_fraction = keep;
+    QueryResult r;
+    Status s = store_->Query(name, 1, q.data(), 8, 4, 64, qo, &r);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    return r;
+  }
+  testing::ScratchDir dir_;
+  std::unique_ptr<Store> store_;
+};
+
+TEST_F(TiersTest, ColdQueryReadsOnlySelectedPagesWarmQueryReadsNone) {
+  Open(64 << 20);
+  auto q = Import("c", 4096, testing::FreshSeed());
+  ContextInfo info;
+  ASSERT_TRUE(store_->Info("c", &info).ok());
+  QueryResult cold = Query("c", q, 0.1f);
+  const int64_t layer_pages = static_cast<int64_t>(info.layer_first_page[2] - info.layer_first_page[1]);
+  EXPECT_EQ(cold.stats.pages_from_disk, cold.stats.pages_selected);
+  EXPECT_LE(cold.stats.pages_from_disk * 5, layer_pages);  // ~10% of the layer's pages, not all
+  QueryResult warm = Query("c", q, 0.1f);
+  EXPECT_EQ(warm.stats.pages_from_disk, 0);
+  EXPECT_EQ(warm.stats.disk_bytes_read, 0);
+  EXPECT_EQ(warm.stats.pages_from_host, warm.stats.pages_selected);
+  EXPECT_EQ(cold.output, warm.output);
+  EXPECT_EQ(cold.lse, warm.lse);
+  TierStats ts;
+  ASSERT_TRUE(store_->GetTierStats(&ts).ok());
+  EXPECT_EQ(ts.host_misses, static_cast<uint64_t>(cold.stats.pages_selected));
+  EXPECT_GE(ts.host_hits, static_cast<uint64_t>(warm.stats.pages_selected));
+  EXPECT_GT(ts.disk_reads, 0u);
+}
+
+// Many contexts through a cache far smaller than their total: memory never exceeds the bound, and
+// every answer equals the one from a store whose cache holds everything.
+TEST_F(TiersTest, BoundedMemoryOverManyContextsAndSameAnswers) {
+  const size_t small = 2 << 20;  // 2 MiB against ~1 MiB per context x 12
+  Open(small);
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::vector<std::vector<float>> queries;
+  for (int i = 0; i < 12; ++i) queries.push_back(Import("c" + std::to_string(i), 2048, rng()));
+  std::vector<QueryResult> first;
+  std::uniform_int_distribution<int> pick(0, 11);
+  std::vector<int> order;
+  for (int i = 0; i < 60; ++i) order.push_back(pick(rng));
+  for (int i : order) {
+    first.push_back(Query("c" + std::to_string(i), queries[i], 0.3f));
+    TierStats ts;
+    ASSERT_TRUE(store_->GetTierStats(&ts).ok());
+    ASSERT_LE(ts.host_bytes_in_use, small);
+  }
+  TierStats ts;
+  ASSERT_TRUE(store_->GetTierStats(&ts).ok());
+  EXPECT_GT(ts.host_evictions, 0u);
+  Open(1ull << 30);
+  for (size_t k = 0; k < order.size(); ++k) {
+    QueryResult again = Query("c" + std::to_string(order[k]), queries[order[k]], 0.3f);
+    ASSERT_EQ(again.output, first[k].output) << "query " << k;
+    ASSERT_EQ(again.lse, first[k].lse);
+  }
+}
+
+TEST_F(TiersTest, PinSurvivesRestartAndKeepsPagesResident) {
+  Open(4 << 20);
+  auto q = Import("hot", 2048, testing::FreshSeed());
+  ASSERT_TRUE(store_->Pin("hot", Tier::kHost).ok());
+  std::vector<std::pair<std::string, Tier>> pins;
+  ASSERT_TRUE(store_->ListPins(&pins).ok());
+  ASSERT_EQ(pins.size(), 1u);
+  // The pin loaded everything: the first query reads nothing from disk.
+  EXPECT_EQ(Query("hot", q, 0.5f).stats.pages_from_disk, 0);
+  Open(4 << 20);  // restart
+  ASSERT_TRUE(store_->ListPins(&pins).ok());
+  ASSERT_EQ(pins.size(), 1u);
+  EXPECT_EQ(pins[0].first, "hot");
+  EXPECT_EQ(pins[0].second, Tier::kHost);
+  Query("hot", q, 1.0f);  // pages come in once and stay: other traffic cannot evict them
+  for (int i = 0; i < 3; ++i) {
+    auto other = Import("cold" + std::to_string(i), 2048, 100 + i);
+    Query("cold" + std::to_string(i), other, 1.0f);
+  }
+  EXPECT_EQ(Query("hot", q, 1.0f).stats.pages_from_disk, 0);
+  ASSERT_TRUE(store_->Unpin("hot").ok());
+  ASSERT_TRUE(store_->ListPins(&pins).ok());
+  EXPECT_TRUE(pins.empty());
+  // A context too big for the cache cannot be pinned; nothing stays half pinned.
+  Open(1 << 20);
+  auto big = Import("big", 8192, 7);
+  EXPECT_TRUE(store_->Pin("big", Tier::kHost).IsUnavailable());
+  ASSERT_TRUE(store_->ListPins(&pins).ok());
+  EXPECT_TRUE(pins.empty());
+  // Queries larger than the cache still run (read around the cache).
+  QueryResult r = Query("big", big, 1.0f);
+  EXPECT_EQ(r.stats.pages_from_disk, r.stats.pages_selected);
+}
+
+}  // namespace
+}  // namespace sqkv
