@@ -80,7 +80,7 @@ std::string Metrics::Render(const Gauges& gauges) const {
     }
   }
   Header(&out, "sqkv_request_duration_seconds", "histogram",
-         "Time from a request's last byte read to its answer's last byte written.");
+         "Time from a request's last byte read to its answer being ready to write.");
   for (size_t k = 0; k < kNumCallKinds; ++k) {
     latency_[k].Render("sqkv_request_duration_seconds",
                        std::string("call=\"") + CallKindName(k) + "\"", &out);

@@ -95,7 +95,6 @@ class Session {
         if (!sent || !framing_ok) co_return;
         continue;
       }
-      const size_t kind = request.call.index();
       if (!authenticated_ && !std::holds_alternative<HelloCall>(request.call)) {
         server_->metrics().auth_failures.fetch_add(1);
         const Response refusal{request.id,
@@ -106,10 +105,7 @@ class Session {
         co_return;
       }
       bool keep_open = true;
-      const Status answered = co_await Dispatch(request, &keep_open);
-      server_->metrics().ObserveCall(
-          kind, answered.code(),
-          std::chrono::duration<double>(Clock::now() - started).count());
+      co_await Dispatch(request, started, &keep_open);
       if (!keep_open) co_return;
     }
   }
@@ -192,11 +188,13 @@ class Session {
     co_return !ec;
   }
 
-  // Runs one decoded request (its arguments are moved out) and writes its answer(s). Returns
-  // the status answered. Arguments of co_await expressions are named variables: GCC 12
-  // mishandles some temporaries that live across a suspension.
-  asio::awaitable<Status> Dispatch(Request& request, bool* keep_open) {
+  // Runs one decoded request (its arguments are moved out) and writes its answer(s); counts it
+  // in the metrics just before the answer goes out (so a client that got its answer sees it
+  // counted). Arguments of co_await expressions are named variables: GCC 12 mishandles some
+  // temporaries that live across a suspension.
+  asio::awaitable<void> Dispatch(Request& request, Clock::time_point started, bool* keep_open) {
     const uint64_t id = request.id;
+    const size_t kind = request.call.index();
     const Clock::time_point deadline = RequestDeadline(request);
     CallResult r;
     if (const auto* hello = std::get_if<HelloCall>(&request.call)) {
@@ -215,11 +213,12 @@ class Session {
     if (r.deadline_exceeded) server_->metrics().deadline_exceeded.fetch_add(1);
     *keep_open = r.keep_open && !r.connection_lost;
     const Response answer{id, r.outcome.status, std::move(r.outcome.body)};
+    server_->metrics().ObserveCall(
+        kind, answer.status.code(), std::chrono::duration<double>(Clock::now() - started).count());
     if (!r.connection_lost) {
       const bool sent = co_await Send(answer);
       if (!sent) *keep_open = false;
     }
-    co_return answer.status;
   }
 
   Clock::time_point RequestDeadline(const Request& request) const {

@@ -22,8 +22,12 @@ struct Upload {
   uint64_t received = 0;
   int fd = -1;
 
-  ~Upload() {
+  ~Upload() { Discard(); }
+
+  // Closes and removes the file (idempotent).
+  void Discard() {
     if (fd >= 0) ::close(fd);
+    fd = -1;
     std::error_code ignored;
     std::filesystem::remove_all(dir, ignored);
   }
@@ -292,6 +296,7 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& 
     up->fd = -1;
     if (::close(fd) != 0) {
       o.status = Errno("close " + up->path);
+      up->Discard();
       return o;
     }
     ImportOptions options = up->options;
@@ -299,9 +304,10 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& 
     ContextInfo info;
     o.status = store->Import(up->name, up->path, options, &info);
     if (o.status.ok()) o.body = std::move(info);
+    up->Discard();  // before the answer: nothing of the upload is left once the client hears
     return o;
   };
-  up.reset();  // the upload's file goes with the last reference (the worker's)
+  up.reset();
   CallResult r = co_await AwaitWithProgress(import, deadline, progress);
   co_return r;
 }

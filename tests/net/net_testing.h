@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -234,9 +235,13 @@ class SlowStore final : public Store {
 
   Status Query(const std::string& name, int layer, const float* q, int q_heads, int n,
                int head_dim, const QueryOptions& options, QueryResult* result) override {
+    entered_.fetch_add(1);
     std::this_thread::sleep_for(delay_);
     return inner_->Query(name, layer, q, q_heads, n, head_dim, options, result);
   }
+
+  // Queries that have started (on a worker).
+  int entered() const { return entered_.load(); }
   Status Import(const std::string& name, const std::string& path, const ImportOptions& options,
                 ContextInfo* info) override {
     return inner_->Import(name, path, options, info);
@@ -264,6 +269,7 @@ class SlowStore final : public Store {
  private:
   Store* inner_;
   std::chrono::milliseconds delay_;
+  std::atomic<int> entered_{0};
 };
 
 }  // namespace sqkv::net::testing
