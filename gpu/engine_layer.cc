@@ -33,9 +33,9 @@ Status CudaStatus(int err, const char* what) {
 }
 
 Status PrepareLayer(DType dtype, int page_tokens, const std::vector<HeadIndex>& heads,
-                    const void* pages, size_t slot_bytes, ResidentLayer* layer) {
+                    const void* /*pages: may be null (index only)*/, size_t slot_bytes,
+                    ResidentLayer* layer) {
   if (heads.empty()) return Status::InvalidArgument("no kv heads");
-  if (pages == nullptr) return Status::InvalidArgument("null pages");
   if (page_tokens < 1) return Status::InvalidArgument("page_tokens < 1");
   const int d = heads[0].head_dim;
   if (d < 16 || d % 16 != 0) {
@@ -121,7 +121,7 @@ Status UploadLayer(const std::vector<int32_t>& pool_ids, const void* pages, void
   auto* dst = static_cast<uint8_t*>(pool);
   const size_t pb = layer->page_bytes;
   size_t g = 0;
-  while (g < pool_ids.size()) {
+  while (pages != nullptr && g < pool_ids.size()) {
     size_t end = g + 1;
     while (end < pool_ids.size() && pool_ids[end] == pool_ids[end - 1] + 1) ++end;
     SQKV_RETURN_IF_ERROR(

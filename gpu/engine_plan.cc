@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "index/select.h"
 
@@ -71,6 +73,7 @@ Placement Place(const PlanImpl& p) {
   x.rows = take(s * sizeof(int32_t));
   x.page_offset = take(s * sizeof(int32_t));
   x.tables_end = off;
+  // The lookup's outputs, in the order PlanSelectionRange relies on (page_count .. cluster_ids).
   x.page_count = take(s * sizeof(int32_t));
   x.cluster_count = take(s * sizeof(int32_t));
   x.tokens = take(s * sizeof(int32_t));
@@ -243,7 +246,7 @@ Status AllocatePlan(DeviceBuffer* scratch, void* stream_ptr, PlanImpl* plan) {
   return CudaStatus(cudaStreamSynchronize(stream), "upload plan");
 }
 
-Status RunPlan(PlanImpl& plan, const DeviceIO& io, void* stream) {
+Status RunPlanLookup(PlanImpl& plan, const DeviceIO& io, void* stream) {
   if (plan.segments.empty()) return Status::Ok();
   if (io.q == nullptr || io.out == nullptr || io.lse == nullptr) {
     return Status::InvalidArgument("null device q, out or lse");
@@ -252,28 +255,61 @@ Status RunPlan(PlanImpl& plan, const DeviceIO& io, void* stream) {
   plan.attention.q = io.q;
   plan.attention.out = io.out;
   plan.attention.lse = io.lse;
+  return LaunchLookup(plan.lookup, plan.layout, stream);
+}
+
+Status RunPlanAttention(PlanImpl& plan, void* stream) {
+  if (plan.segments.empty()) return Status::Ok();
   // The attention sizes its scratch from the arguments alone; a plan never launches it with less
   // than it asks for.
   if (PagedAttentionWorkspaceBytes(plan.attention) > plan.attention_ws_bytes_) {
     return Status::Internal("attention workspace larger than planned");
   }
-  SQKV_RETURN_IF_ERROR(LaunchLookup(plan.lookup, plan.layout, stream));
   return LaunchPagedAttention(plan.attention, stream);
 }
 
-Status ReadPlanSelections(const PlanImpl& plan, std::vector<std::vector<HeadSelection>>* out) {
-  const size_t n = plan.segments.size();
-  std::vector<int32_t> clusters(n), tokens(n), pages(n), scored(n);
-  std::vector<int32_t> ids(plan.layout.total_cluster_capacity);
+Status RunPlan(PlanImpl& plan, const DeviceIO& io, void* stream) {
+  SQKV_RETURN_IF_ERROR(RunPlanLookup(plan, io, stream));
+  return RunPlanAttention(plan, stream);
+}
+
+SelectionRange PlanSelectionRange(const PlanImpl& plan) {
+  // Place() puts these arrays together in one buffer (page_count first, cluster_ids last); the
+  // range covers them whatever their order.
   const LookupArgs& l = plan.lookup;
-  const auto d2h = cudaMemcpyDeviceToHost;
-  SQKV_RETURN_IF_ERROR(
-      CudaStatus(cudaMemcpy(clusters.data(), l.seg_cluster_count, n * 4, d2h), "read"));
-  SQKV_RETURN_IF_ERROR(CudaStatus(cudaMemcpy(tokens.data(), l.seg_tokens, n * 4, d2h), "read"));
-  SQKV_RETURN_IF_ERROR(CudaStatus(cudaMemcpy(pages.data(), l.seg_page_count, n * 4, d2h), "read"));
-  SQKV_RETURN_IF_ERROR(CudaStatus(cudaMemcpy(scored.data(), l.seg_scored, n * 4, d2h), "read"));
-  SQKV_RETURN_IF_ERROR(
-      CudaStatus(cudaMemcpy(ids.data(), l.cluster_ids, ids.size() * 4, d2h), "read"));
+  const size_t n = plan.segments.size() * sizeof(int32_t);
+  const std::pair<const void*, size_t> arrays[] = {
+      {l.seg_page_count, n},
+      {l.seg_cluster_count, n},
+      {l.seg_tokens, n},
+      {l.seg_scored, n},
+      {l.cluster_ids, plan.layout.total_cluster_capacity * sizeof(int32_t)}};
+  auto addr = [](const void* p) { return reinterpret_cast<uintptr_t>(p); };
+  uintptr_t lo = UINTPTR_MAX, hi = 0;
+  for (const auto& [p, bytes] : arrays) {
+    lo = std::min(lo, addr(p));
+    hi = std::max(hi, addr(p) + bytes);
+  }
+  SelectionRange r;
+  r.device = reinterpret_cast<const void*>(lo);
+  r.bytes = hi - lo;
+  r.page_count = addr(l.seg_page_count) - lo;
+  r.cluster_count = addr(l.seg_cluster_count) - lo;
+  r.tokens = addr(l.seg_tokens) - lo;
+  r.scored = addr(l.seg_scored) - lo;
+  r.cluster_ids = addr(l.cluster_ids) - lo;
+  return r;
+}
+
+void SelectionsFromHost(const PlanImpl& plan, const uint8_t* host,
+                        std::vector<std::vector<HeadSelection>>* out) {
+  const SelectionRange x = PlanSelectionRange(plan);
+  auto ints = [&](size_t off) { return reinterpret_cast<const int32_t*>(host + off); };
+  const int32_t* clusters = ints(x.cluster_count);
+  const int32_t* tokens = ints(x.tokens);
+  const int32_t* pages = ints(x.page_count);
+  const int32_t* scored = ints(x.scored);
+  const int32_t* ids = ints(x.cluster_ids);
   out->assign(plan.row_offsets_.size(), {});
   size_t seg = 0;
   for (size_t r = 0; r < plan.row_offsets_.size(); ++r) {
@@ -281,12 +317,20 @@ Status ReadPlanSelections(const PlanImpl& plan, std::vector<std::vector<HeadSele
     for (int h = 0; h < plan.kv_heads_[r]; ++h, ++seg) {
       HeadSelection& s = (*out)[r][h];
       const int32_t off = plan.segments[seg].cluster_offset;
-      s.clusters.assign(ids.begin() + off, ids.begin() + off + clusters[seg]);
+      s.clusters.assign(ids + off, ids + off + clusters[seg]);
       s.tokens = tokens[seg];
       s.pages = pages[seg];
       s.centroids_scored = scored[seg];
     }
   }
+}
+
+Status ReadPlanSelections(const PlanImpl& plan, std::vector<std::vector<HeadSelection>>* out) {
+  const SelectionRange x = PlanSelectionRange(plan);
+  std::vector<uint8_t> host(x.bytes);
+  SQKV_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpy(host.data(), x.device, x.bytes, cudaMemcpyDeviceToHost), "read selections"));
+  SelectionsFromHost(plan, host.data(), out);
   return Status::Ok();
 }
 

@@ -30,10 +30,13 @@ struct ResidentHead {
   const float* centroids = nullptr;             // (num_clusters, head_dim)
   const int32_t* cluster_size = nullptr;        // (num_clusters)
   const int32_t* cluster_page_begin = nullptr;  // (num_clusters + 1)
-  const int32_t* page_table = nullptr;          // (num_pages): pool page ids
+  // (num_pages): pool page ids. Entries of pages not resident are undefined (the host's
+  // ResidentLayer::pool_page is authoritative); QueryPaged patches them in its page lists.
+  const int32_t* page_table = nullptr;
   const float* l1_centroids = nullptr;          // (num_l1, head_dim)
   const int32_t* l1_size = nullptr;             // (num_l1)
   const int32_t* l1_child_begin = nullptr;      // (num_l1 + 1)
+  std::vector<int32_t> page_begin;              // host copy of cluster_page_begin (num_clusters + 1)
 };
 
 struct ResidentLayer {
@@ -42,18 +45,31 @@ struct ResidentLayer {
   int head_dim = 0;
   size_t page_bytes = 0;
   size_t total_pages = 0;
+  // Changes when the layer is loaded and whenever one of its pages is evicted (plans check it).
   uint64_t generation = 0;
-  std::vector<int32_t> slots;  // pool slots held, in page order
+  // Paging (host side; see gpu/engine_pool.h).
+  uint64_t key = 0;                      // the engine's layer key
+  uint32_t id = 0;                       // PoolOwner::layer
+  std::vector<int32_t> pool_page;        // (total_pages) head-major: pool page id, -1 if absent
+  std::vector<int32_t> head_page_base;   // (kv_heads + 1): prefix sum of the heads' pages
+  size_t resident_pages = 0;
+  bool pinned = false;
+  // PagePool::hand_moves() when every resident page last had its reference bit set; kNever after
+  // a page joined.
+  static constexpr uint64_t kNever = ~0ull;
+  uint64_t referenced_at = kNever;
   std::vector<ResidentHead> heads;
   std::vector<const HeadIndex*> sources;  // valid during LoadLayer only
   DeviceBuffer index;                     // every head's index arrays and page table
 };
 
-// Checks the heads and fills the layer's shape and host-side head data (no device work).
+// Checks the heads and fills the layer's shape and host-side head data (no device work). pages
+// may be null (an index-only layer).
 Status PrepareLayer(DType dtype, int page_tokens, const std::vector<HeadIndex>& heads,
                     const void* pages, size_t slot_bytes, ResidentLayer* layer);
 // Uploads the index (with page tables from pool_ids: global page -> pool page) and copies the
-// pages into the pool; synchronises `stream` (a cudaStream_t) before returning.
+// pages into the pool (none when pages is null); synchronises `stream` (a cudaStream_t) before
+// returning.
 Status UploadLayer(const std::vector<int32_t>& pool_ids, const void* pages, void* pool,
                    void* stream, ResidentLayer* layer);
 
@@ -92,7 +108,23 @@ Status FillPlan(const std::vector<DeviceQuery>& queries,
 Status AllocatePlan(DeviceBuffer* scratch, void* stream, PlanImpl* plan);
 // Enqueues lookup and attention. stream: cudaStream_t.
 Status RunPlan(PlanImpl& plan, const DeviceIO& io, void* stream);
+// The two halves of RunPlan, for the paged path (page lists patched in between).
+Status RunPlanLookup(PlanImpl& plan, const DeviceIO& io, void* stream);
+Status RunPlanAttention(PlanImpl& plan, void* stream);
 // Copies the last run's selections back (the caller has synchronised).
 Status ReadPlanSelections(const PlanImpl& plan, std::vector<std::vector<HeadSelection>>* out);
+
+// The lookup's outputs lie together in the plan's workspace (page counts, cluster counts, tokens,
+// centroids scored, page ids, page validity, cluster ids): one device range that a single copy
+// brings back. Offsets are bytes from `device`.
+struct SelectionRange {
+  const void* device = nullptr;
+  size_t bytes = 0;
+  size_t page_count = 0, cluster_count = 0, tokens = 0, scored = 0, cluster_ids = 0;
+};
+SelectionRange PlanSelectionRange(const PlanImpl& plan);
+// Selections from a host copy of PlanSelectionRange(plan): out[r][h] for request r, kv head h.
+void SelectionsFromHost(const PlanImpl& plan, const uint8_t* host,
+                        std::vector<std::vector<HeadSelection>>* out);
 
 }  // namespace sqkv::gpu
