@@ -1,6 +1,9 @@
 #include "api/synthetic.h"
 
+#include <algorithm>
+#include <atomic>
 #include <random>
+#include <thread>
 
 #include "storage/safetensors.h"
 
@@ -13,12 +16,17 @@ Status WriteSyntheticContext(const SyntheticOptions& a, const std::string& path,
     return Status::InvalidArgument("synthetic context: shapes must be positive and q_heads a "
                                    "multiple of kv_heads");
   }
-  std::mt19937_64 rng(a.seed);
-  std::normal_distribution<float> normal(0.f, 1.f);
   const size_t d = a.head_dim, head = static_cast<size_t>(a.tokens) * d;
   const int group = a.q_heads / a.kv_heads;
-  SafetensorsWriter w;
-  for (int l = 0; l < a.layers; ++l) {
+  // Layers are generated in parallel, each from its own seeded generator (deterministic).
+  struct LayerData {
+    std::vector<uint8_t> k, v, q;
+    std::vector<float> user;
+  };
+  std::vector<LayerData> out(a.layers);
+  auto make_layer = [&](int l) {
+    std::mt19937_64 rng(a.seed * 1000003ull + static_cast<uint64_t>(l));
+    std::normal_distribution<float> normal(0.f, 1.f);
     std::vector<float> k(a.kv_heads * head), v(a.kv_heads * head);
     std::vector<float> q(static_cast<size_t>(a.q_heads) * a.window * d);
     std::vector<float> user(static_cast<size_t>(a.q_heads) * a.n * d);
@@ -57,17 +65,38 @@ Status WriteSyntheticContext(const SyntheticOptions& a, const std::string& path,
       fill_queries(q, a.window, /*topic_per_token=*/true);
       fill_queries(user, a.n, /*topic_per_token=*/false);
     }
-    auto add = [&](const std::string& name, const std::vector<float>& x,
-                   std::vector<int64_t> shape) {
+    auto encode = [&](const std::vector<float>& x) {
       std::vector<uint8_t> bytes(x.size() * DTypeSize(a.dtype));
       FromFloat(a.dtype, x.data(), bytes.data(), x.size());
-      w.Add(name, a.dtype, std::move(shape), bytes.data());
+      return bytes;
     };
-    add("k." + std::to_string(l), k, {a.kv_heads, a.tokens, a.head_dim});
-    add("v." + std::to_string(l), v, {a.kv_heads, a.tokens, a.head_dim});
-    if (a.window > 0) add("q." + std::to_string(l), q, {a.q_heads, a.window, a.head_dim});
-    if (l == 0 && queries != nullptr) *queries = std::move(user);
+    out[l].k = encode(k);
+    out[l].v = encode(v);
+    if (a.window > 0) out[l].q = encode(q);
+    out[l].user = std::move(user);
+  };
+  const int threads = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(), a.layers));
+  std::vector<std::thread> pool;
+  std::atomic<int> next{0};
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&] {
+      for (int l = next++; l < a.layers; l = next++) make_layer(l);
+    });
   }
+  for (auto& t : pool) t.join();
+  SafetensorsWriter w;
+  for (int l = 0; l < a.layers; ++l) {
+    w.Add("k." + std::to_string(l), a.dtype, {a.kv_heads, a.tokens, a.head_dim}, out[l].k.data());
+    w.Add("v." + std::to_string(l), a.dtype, {a.kv_heads, a.tokens, a.head_dim}, out[l].v.data());
+    if (a.window > 0) {
+      w.Add("q." + std::to_string(l), a.dtype, {a.q_heads, a.window, a.head_dim}, out[l].q.data());
+    }
+    out[l].k.clear();
+    out[l].k.shrink_to_fit();
+    out[l].v.clear();
+    out[l].v.shrink_to_fit();
+  }
+  if (queries != nullptr) *queries = std::move(out[0].user);
   w.SetMetadata({{"generator", "sqkv synth"}, {"seed", std::to_string(a.seed)}});
   return w.Write(path);
 }

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Device run for the whole store on the GPU (one call): the GPU test suites, then `sqkv import`
+# of a 32-layer x 8-kv-head x 32K-token bf16 context with GPU K-means (issue 6: <= 60 s including
+# I/O), then GPU and CPU queries of it through the CLI.
+#   bash bench/run_store_gpu.sh [BIN_DIR]     (BIN_DIR holds sqkv, the tests and their libraries)
+set -uo pipefail
+bin="${1:-.devbin-store}"
+out="${OUT:-/tmp/sqkv-out}"
+mkdir -p "$out"
+export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+date -u | tee "$out/summary.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee -a "$out/summary.txt"
+
+echo "== api_gpu_test"
+"$bin/api_gpu_test" 2>&1 | tee "$out/api_gpu_test.log" | grep -E "differ|OK|FAILED|PASSED|Failure" | tail -40
+echo "== gpu_test"
+"$bin/gpu_test" 2>&1 | tee "$out/gpu_test.log" | grep -E "^\[  (PASSED|FAILED)|FAILED|tests ran" | tail -10
+
+work=/tmp/sqkv-big
+rm -rf "$work"
+mkdir -p "$work"
+echo "== synth 32 x 8 x 32768 x 128 bf16"
+s0=$(date +%s.%N)
+"$bin/sqkv" synth "$work/big.st" --queries-out "$work/q.npy" --layers 32 --kv-heads 8 \
+  --q-heads 32 --tokens 32768 --head-dim 128 --window 64 -n 1 | tee -a "$out/summary.txt"
+s1=$(date +%s.%N)
+echo "synth seconds: $(echo "$s1 - $s0" | bc)" | tee -a "$out/summary.txt"
+sync
+echo "== import with GPU K-means (includes reading the file, indexing, writing and publishing)"
+t0=$(date +%s.%N)
+"$bin/sqkv" --data "$work/data" import big "$work/big.st" --kmeans-device gpu --json > "$out/import.json"
+rc=$?
+t1=$(date +%s.%N)
+echo "import rc=$rc wall seconds: $(echo "$t1 - $t0" | bc)" | tee -a "$out/summary.txt"
+grep -E '"build_seconds"|"segment_bytes"|"pages"' "$out/import.json" | tee -a "$out/summary.txt"
+"$bin/sqkv" --data "$work/data" verify | tee -a "$out/summary.txt"
+for dev in gpu cpu; do
+  for mode in "--keep 0.1" "--sparsity 0.9" "--dense"; do
+    echo "== query --device $dev $mode" | tee -a "$out/summary.txt"
+    "$bin/sqkv" --data "$work/data" query big --layer 17 --queries "$work/q.npy" $mode \
+      --out "$work/o-$dev" --device "$dev" --json | grep -E '"device"|kept_fraction|total_ms|pages_from' \
+      | tr -d '\n ' | tee -a "$out/summary.txt"
+    echo | tee -a "$out/summary.txt"
+  done
+done
+python3 - "$work" <<'PY' | tee -a "$out/summary.txt"
+import sys, numpy as np
+w = sys.argv[1]
+a, b = np.load(w + "/o-gpu/output.npy"), np.load(w + "/o-cpu/output.npy")
+print("dense gpu vs cpu: rel err %.2e" % (np.linalg.norm(a - b) / np.linalg.norm(b)))
+PY
