@@ -243,15 +243,14 @@ Status EngineImpl::Query(const std::vector<QueryRequest>& requests) {
 Status EngineImpl::QueryPaged(const std::vector<QueryRequest>& requests,
                               const PageSupplier& supply, PagingStats* stats) {
   SQKV_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(options_.device), "cudaSetDevice"));
-  PagingStats local;
-  PagingStats* s = stats != nullptr ? stats : &local;
-  *s = PagingStats();
+  if (stats != nullptr) *stats = PagingStats();
   std::map<GroupKey, std::vector<int>> groups;
   SQKV_RETURN_IF_ERROR(GroupRequests(requests, /*need_resident=*/false, &groups));
   for (const auto& [key, members] : groups) {
     bool resident = true;
     for (int r : members) resident = resident && FullyResident(*layers_[requests[r].layer_key]);
-    SQKV_RETURN_IF_ERROR(RunGroup(requests, members, resident ? nullptr : &supply, s));
+    // A resident group without stats is exactly Query's path.
+    SQKV_RETURN_IF_ERROR(RunGroup(requests, members, resident ? nullptr : &supply, stats));
   }
   return Status::Ok();
 }
@@ -304,7 +303,8 @@ Status EngineImpl::RunGroup(const std::vector<QueryRequest>& requests,
                                    n_rows * sizeof(float), cudaMemcpyDeviceToHost, s),
                    "download lse"));
   }
-  // A resident group under QueryPaged: its page counts ride along with the outputs (stats).
+  // A resident group under QueryPaged with stats: its page counts ride along with the outputs
+  // (one more small device->host copy before the same synchronisation).
   const size_t n_seg = plan.segments.size();
   const bool count_resident = supply == nullptr && stats != nullptr;
   if (count_resident) {

@@ -120,7 +120,8 @@ struct PagingStats {
 
 // Engine-wide counters since Create (paging counts QueryPaged and PreloadLayer).
 struct EngineCounters {
-  uint64_t hits = 0;              // selected pages found resident
+  uint64_t hits = 0;              // selected pages found resident (the pages of fully resident
+                                  // groups only when QueryPaged was given stats)
   uint64_t misses = 0;            // distinct selected pages that had to be supplied
   uint64_t pages_uploaded = 0;    // by LoadLayer, QueryPaged and PreloadLayer
   uint64_t bytes_uploaded = 0;
@@ -229,7 +230,8 @@ class Engine {
   // must fit in the pool together, next to pinned pages: Unavailable otherwise (nothing of that
   // group is uploaded; the request outputs are unspecified). Errors of Query, plus the supplier's
   // (with the layer and head as context) and InvalidArgument for a supplier answer of the wrong
-  // size or with a null pointer. stats may be null.
+  // size or with a null pointer. stats may be null: a group whose layers are all fully resident
+  // then runs exactly as Query (with stats, one small extra copy reads its page counts).
   virtual Status QueryPaged(const std::vector<QueryRequest>& requests, const PageSupplier& supply,
                             PagingStats* stats) = 0;
 
