@@ -221,6 +221,36 @@ class RemoteStore final : public Store {
     return Take(std::move(reply), "stats", out);
   }
 
+  Status Pin(const std::string& name, Tier tier) override {
+    Response reply;
+    SQKV_RETURN_IF_ERROR(RoundTrip(PinCall{name, tier}, &reply));
+    return reply.status;
+  }
+
+  Status Unpin(const std::string& name) override {
+    Response reply;
+    SQKV_RETURN_IF_ERROR(RoundTrip(UnpinCall{name}, &reply));
+    return reply.status;
+  }
+
+  Status Preload(const std::string& name, Tier tier) override {
+    Response reply;
+    SQKV_RETURN_IF_ERROR(RoundTrip(PreloadCall{name, tier}, &reply));
+    return reply.status;
+  }
+
+  Status ListPins(std::vector<std::pair<std::string, Tier>>* out) override {
+    Response reply;
+    SQKV_RETURN_IF_ERROR(RoundTrip(ListPinsCall{}, &reply));
+    return Take(std::move(reply), "listPins", out);
+  }
+
+  Status GetTierStats(TierStats* out) override {
+    Response reply;
+    SQKV_RETURN_IF_ERROR(RoundTrip(TierStatsCall{}, &reply));
+    return Take(std::move(reply), "tierStats", out);
+  }
+
  private:
   Clock::time_point Deadline() const {
     return options_.deadline_ms == 0
@@ -246,7 +276,9 @@ class RemoteStore final : public Store {
                            std::holds_alternative<InfoCall>(call) ||
                            std::holds_alternative<GetThresholdsCall>(call) ||
                            std::holds_alternative<VerifyCall>(call) ||
-                           std::holds_alternative<StatsCall>(call);
+                           std::holds_alternative<StatsCall>(call) ||
+                           std::holds_alternative<ListPinsCall>(call) ||
+                           std::holds_alternative<TierStatsCall>(call);
     std::unique_ptr<Connection> conn;
     bool reused = false;
     SQKV_RETURN_IF_ERROR(Acquire(&conn, &reused));

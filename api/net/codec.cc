@@ -32,8 +32,9 @@ constexpr uint64_t kTraversalFactor = 2;
 constexpr uint64_t kTraversalSlackWords = 64;
 
 const char* const kCallKindNames[kNumCallKinds] = {
-    "hello",  "query",     "list",           "info",   "remove",  "import_begin", "import_chunk",
-    "import_end", "rebuild", "calibrate", "get_thresholds", "verify", "compact", "stats"};
+    "hello",   "query",     "list",           "info",   "remove",  "import_begin", "import_chunk",
+    "import_end", "rebuild", "calibrate", "get_thresholds", "verify", "compact", "stats",
+    "pin",     "unpin",     "preload",        "list_pins", "tier_stats"};
 
 // ---- small readers ----
 
@@ -81,6 +82,16 @@ Status FromWire(wire::Device d, Device* out) {
     case wire::Device::GPU: *out = Device::kGpu; return Status::Ok();
   }
   return Status::InvalidArgument("unknown device " + std::to_string(static_cast<int>(d)));
+}
+
+wire::Tier ToWire(Tier t) { return t == Tier::kDevice ? wire::Tier::DEVICE : wire::Tier::HOST; }
+
+Status FromWire(wire::Tier t, Tier* out) {
+  switch (t) {
+    case wire::Tier::HOST: *out = Tier::kHost; return Status::Ok();
+    case wire::Tier::DEVICE: *out = Tier::kDevice; return Status::Ok();
+  }
+  return Status::InvalidArgument("unknown tier " + std::to_string(static_cast<int>(t)));
 }
 
 wire::SelectMode ToWire(SelectOptions::Mode m) {
@@ -355,6 +366,33 @@ Status ReadRequest(wire::Request::Reader r, Request* out) {
     case wire::Request::STATS:
       out->call = StatsCall{};
       return Status::Ok();
+    case wire::Request::PIN: {
+      PinCall c;
+      SQKV_RETURN_IF_ERROR(ReadText(r.getPin().getName(), kMaxNameBytes, "pin name", &c.name));
+      SQKV_RETURN_IF_ERROR(FromWire(r.getPin().getTier(), &c.tier));
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::UNPIN: {
+      UnpinCall c;
+      SQKV_RETURN_IF_ERROR(ReadText(r.getUnpin(), kMaxNameBytes, "unpin name", &c.name));
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::PRELOAD: {
+      PreloadCall c;
+      SQKV_RETURN_IF_ERROR(ReadText(r.getPreload().getName(), kMaxNameBytes, "preload name",
+                                    &c.name));
+      SQKV_RETURN_IF_ERROR(FromWire(r.getPreload().getTier(), &c.tier));
+      out->call = std::move(c);
+      return Status::Ok();
+    }
+    case wire::Request::LIST_PINS:
+      out->call = ListPinsCall{};
+      return Status::Ok();
+    case wire::Request::TIER_STATS:
+      out->call = TierStatsCall{};
+      return Status::Ok();
   }
   return Status::InvalidArgument("unknown call " + std::to_string(static_cast<int>(r.which())) +
                                  " (client newer than server?)");
@@ -399,6 +437,19 @@ void WriteRequest(const Request& req, wire::Request::Builder b) {
     void operator()(const VerifyCall& c) { b.setVerify(c.name); }
     void operator()(const CompactCall&) { b.setCompact(); }
     void operator()(const StatsCall&) { b.setStats(); }
+    void operator()(const PinCall& c) {
+      auto w = b.initPin();
+      w.setName(c.name);
+      w.setTier(ToWire(c.tier));
+    }
+    void operator()(const UnpinCall& c) { b.setUnpin(c.name); }
+    void operator()(const PreloadCall& c) {
+      auto w = b.initPreload();
+      w.setName(c.name);
+      w.setTier(ToWire(c.tier));
+    }
+    void operator()(const ListPinsCall&) { b.setListPins(); }
+    void operator()(const TierStatsCall&) { b.setTierStats(); }
   };
   std::visit(Visitor{b}, req.call);
 }
@@ -479,6 +530,8 @@ Status ReadQueryReply(wire::QueryReply::Reader r, QueryResult* out) {
   out->stats.pages_from_disk = s.getPagesFromDisk();
   out->stats.disk_bytes_read = s.getDiskBytesRead();
   out->stats.total_ms = s.getTotalMs();
+  out->stats.pages_from_host = s.getPagesFromHost();
+  out->stats.pages_from_device = s.getPagesFromDevice();
   return Status::Ok();
 }
 
@@ -499,6 +552,8 @@ void WriteQueryReply(const QueryResult& q, wire::QueryReply::Builder b) {
   s.setPagesFromDisk(q.stats.pages_from_disk);
   s.setDiskBytesRead(q.stats.disk_bytes_read);
   s.setTotalMs(q.stats.total_ms);
+  s.setPagesFromHost(q.stats.pages_from_host);
+  s.setPagesFromDevice(q.stats.pages_from_device);
 }
 
 Status ReadResponse(wire::Response::Reader r, Response* out) {
@@ -601,6 +656,39 @@ Status ReadResponse(wire::Response::Reader r, Response* out) {
       out->body = st;
       return Status::Ok();
     }
+    case wire::Response::PINS: {
+      PinList pins;
+      for (auto p : r.getPins()) {
+        auto& [name, tier] = pins.emplace_back();
+        SQKV_RETURN_IF_ERROR(ReadText(p.getName(), kMaxNameBytes, "pinned name", &name));
+        SQKV_RETURN_IF_ERROR(FromWire(p.getTier(), &tier));
+      }
+      out->body = std::move(pins);
+      return Status::Ok();
+    }
+    case wire::Response::TIER_STATS: {
+      auto w = r.getTierStats();
+      TierStats t;
+      t.host_hits = w.getHostHits();
+      t.host_misses = w.getHostMisses();
+      t.host_evictions = w.getHostEvictions();
+      t.host_bytes_in_use = w.getHostBytesInUse();
+      t.host_pinned_bytes = w.getHostPinnedBytes();
+      t.host_capacity_bytes = w.getHostCapacityBytes();
+      t.disk_reads = w.getDiskReads();
+      t.disk_bytes = w.getDiskBytes();
+      t.disk_direct_bytes = w.getDiskDirectBytes();
+      auto hist = w.getDiskReadUsLog2();
+      t.disk_read_us_log2.resize(hist.size());
+      for (uint32_t i = 0; i < hist.size(); ++i) t.disk_read_us_log2[i] = hist[i];
+      t.device_layers_resident = w.getDeviceLayersResident();
+      t.device_pool_bytes_used = w.getDevicePoolBytesUsed();
+      t.device_pool_bytes = w.getDevicePoolBytes();
+      t.device_layers_loaded = w.getDeviceLayersLoaded();
+      t.device_layers_evicted = w.getDeviceLayersEvicted();
+      out->body = std::move(t);
+      return Status::Ok();
+    }
   }
   return Status::InvalidArgument("unknown reply " + std::to_string(static_cast<int>(r.which())) +
                                  " (server newer than client?)");
@@ -673,6 +761,32 @@ void WriteResponse(const Response& resp, wire::Response::Builder b) {
       w.setLiveVersions(st.live_versions);
       w.setGarbageVersions(st.garbage_versions);
       w.setCalibratedContexts(st.calibrated_contexts);
+    }
+    void operator()(const PinList& pins) {
+      auto list = b.initPins(pins.size());
+      for (size_t i = 0; i < pins.size(); ++i) {
+        list[i].setName(pins[i].first);
+        list[i].setTier(ToWire(pins[i].second));
+      }
+    }
+    void operator()(const TierStats& t) {
+      auto w = b.initTierStats();
+      w.setHostHits(t.host_hits);
+      w.setHostMisses(t.host_misses);
+      w.setHostEvictions(t.host_evictions);
+      w.setHostBytesInUse(t.host_bytes_in_use);
+      w.setHostPinnedBytes(t.host_pinned_bytes);
+      w.setHostCapacityBytes(t.host_capacity_bytes);
+      w.setDiskReads(t.disk_reads);
+      w.setDiskBytes(t.disk_bytes);
+      w.setDiskDirectBytes(t.disk_direct_bytes);
+      auto hist = w.initDiskReadUsLog2(t.disk_read_us_log2.size());
+      for (size_t i = 0; i < t.disk_read_us_log2.size(); ++i) hist.set(i, t.disk_read_us_log2[i]);
+      w.setDeviceLayersResident(t.device_layers_resident);
+      w.setDevicePoolBytesUsed(t.device_pool_bytes_used);
+      w.setDevicePoolBytes(t.device_pool_bytes);
+      w.setDeviceLayersLoaded(t.device_layers_loaded);
+      w.setDeviceLayersEvicted(t.device_layers_evicted);
     }
   };
   if (!resp.status.ok()) {
@@ -760,7 +874,8 @@ size_t ResponseSizeHint(const Response& r) {
 bool IsLongCall(const Call& call) {
   return std::holds_alternative<ImportEndCall>(call) || std::holds_alternative<RebuildCall>(call) ||
          std::holds_alternative<CalibrateCall>(call) || std::holds_alternative<VerifyCall>(call) ||
-         std::holds_alternative<CompactCall>(call);
+         std::holds_alternative<CompactCall>(call) || std::holds_alternative<PinCall>(call) ||
+         std::holds_alternative<PreloadCall>(call);
 }
 
 const char* CallKindName(size_t kind) {

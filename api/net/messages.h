@@ -90,18 +90,34 @@ struct VerifyCall {
 struct CompactCall {};
 struct StatsCall {};
 
+struct PinCall {
+  std::string name;
+  Tier tier = Tier::kHost;
+};
+struct UnpinCall {
+  std::string name;
+};
+struct PreloadCall {
+  std::string name;
+  Tier tier = Tier::kHost;
+};
+struct ListPinsCall {};
+struct TierStatsCall {};
+
 using Call = std::variant<HelloCall, QueryCall, ListCall, InfoCall, RemoveCall, ImportBeginCall,
                           ImportChunkCall, ImportEndCall, RebuildCall, CalibrateCall,
-                          GetThresholdsCall, VerifyCall, CompactCall, StatsCall>;
+                          GetThresholdsCall, VerifyCall, CompactCall, StatsCall, PinCall,
+                          UnpinCall, PreloadCall, ListPinsCall, TierStatsCall>;
 
 // Index of each call kind in Call, for tables (metrics) indexed by kind.
 inline constexpr size_t kNumCallKinds = std::variant_size_v<Call>;
 // "hello", "query", "list", "info", "remove", "import_begin", "import_chunk", "import_end",
-// "rebuild", "calibrate", "get_thresholds", "verify", "compact", "stats".
+// "rebuild", "calibrate", "get_thresholds", "verify", "compact", "stats", "pin", "unpin",
+// "preload", "list_pins", "tier_stats".
 const char* CallKindName(size_t kind);
 
-// Calls that may run for minutes (indexing, whole-store scans): no default deadline, and they
-// report progress where the store does.
+// Calls that may run for minutes (indexing, whole-store scans, loading a context into a tier):
+// no default deadline, and they report progress where the store does.
 bool IsLongCall(const Call& call);
 
 struct Request {
@@ -127,9 +143,11 @@ struct ProgressReply {
   int32_t done = 0, total = 0;
 };
 
+using PinList = std::vector<std::pair<std::string, Tier>>;
+
 using Body = std::variant<std::monostate, HelloReply, QueryResult, std::vector<ContextInfo>,
                           ContextInfo, ImportBeginReply, ProgressReply, Thresholds, VerifyReport,
-                          CompactReport, StoreStats>;
+                          CompactReport, StoreStats, PinList, TierStats>;
 
 struct Response {
   uint64_t id = 0;

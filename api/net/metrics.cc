@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cinttypes>
+#include <cmath>
 #include <cstdarg>
 #include <cstdio>
 #include <fstream>
@@ -32,6 +33,45 @@ void Header(std::string* out, const char* name, const char* type, const char* he
 std::string CodeLabel(size_t code) {
   std::string s = Status::CodeName(static_cast<Status::Code>(code));
   return s;
+}
+
+// Per-tier counters of the store (TierStats), labelled by tier.
+void RenderTiers(const TierStats& t, std::string* out) {
+  Header(out, "sqkv_tier_hits_total", "counter", "Pages found in a tier.");
+  Line(out, "sqkv_tier_hits_total{tier=\"host\"} %" PRIu64, t.host_hits);
+  Header(out, "sqkv_tier_misses_total", "counter", "Pages a tier had to fetch.");
+  Line(out, "sqkv_tier_misses_total{tier=\"host\"} %" PRIu64, t.host_misses);
+  Header(out, "sqkv_tier_evictions_total", "counter", "Evictions from a tier (host: pages, device: layers).");
+  Line(out, "sqkv_tier_evictions_total{tier=\"host\"} %" PRIu64, t.host_evictions);
+  Line(out, "sqkv_tier_evictions_total{tier=\"device\"} %" PRIu64, t.device_layers_evicted);
+  Header(out, "sqkv_tier_bytes_in_use", "gauge", "Bytes of a tier holding pages.");
+  Line(out, "sqkv_tier_bytes_in_use{tier=\"host\"} %" PRIu64, t.host_bytes_in_use);
+  Line(out, "sqkv_tier_bytes_in_use{tier=\"device\"} %" PRIu64, t.device_pool_bytes_used);
+  Header(out, "sqkv_tier_capacity_bytes", "gauge", "Size of a tier.");
+  Line(out, "sqkv_tier_capacity_bytes{tier=\"host\"} %" PRIu64, t.host_capacity_bytes);
+  Line(out, "sqkv_tier_capacity_bytes{tier=\"device\"} %" PRIu64, t.device_pool_bytes);
+  Header(out, "sqkv_tier_pinned_bytes", "gauge", "Bytes of a tier held by pinned contexts.");
+  Line(out, "sqkv_tier_pinned_bytes{tier=\"host\"} %" PRIu64, t.host_pinned_bytes);
+  Header(out, "sqkv_device_layers_resident", "gauge", "Layers resident in the device pool.");
+  Line(out, "sqkv_device_layers_resident %" PRIu64, t.device_layers_resident);
+  Header(out, "sqkv_device_layers_loaded_total", "counter", "Layers loaded into the device pool.");
+  Line(out, "sqkv_device_layers_loaded_total %" PRIu64, t.device_layers_loaded);
+  Header(out, "sqkv_disk_reads_total", "counter", "Reads from segment files.");
+  Line(out, "sqkv_disk_reads_total %" PRIu64, t.disk_reads);
+  Header(out, "sqkv_disk_read_bytes_total", "counter", "Bytes read from segment files.");
+  Line(out, "sqkv_disk_read_bytes_total %" PRIu64, t.disk_bytes);
+  Line(out, "sqkv_disk_read_bytes_total{mode=\"direct\"} %" PRIu64, t.disk_direct_bytes);
+  // The store's log2 buckets [2^i, 2^(i+1)) us as a cumulative histogram (le = 2^(i+1) us); its
+  // sum is not known, so only buckets and count are given.
+  Header(out, "sqkv_disk_read_duration_seconds", "histogram", "Latency of segment file reads.");
+  uint64_t cumulative = 0;
+  for (size_t i = 0; i < t.disk_read_us_log2.size(); ++i) {
+    cumulative += t.disk_read_us_log2[i];
+    Line(out, "sqkv_disk_read_duration_seconds_bucket{le=\"%g\"} %" PRIu64,
+         std::ldexp(1.0, static_cast<int>(i) + 1) * 1e-6, cumulative);
+  }
+  Line(out, "sqkv_disk_read_duration_seconds_bucket{le=\"+Inf\"} %" PRIu64, cumulative);
+  Line(out, "sqkv_disk_read_duration_seconds_count %" PRIu64, cumulative);
 }
 
 }  // namespace
@@ -124,6 +164,7 @@ std::string Metrics::Render(const Gauges& gauges) const {
     gauge("sqkv_calibrated_contexts", "Contexts with calibrated thresholds.",
           st.calibrated_contexts);
   }
+  if (gauges.have_tier_stats) RenderTiers(gauges.tiers, &out);
   gauge("sqkv_resident_memory_bytes", "Resident set size of the server process.",
         static_cast<int64_t>(ResidentBytes()));
   return out;

@@ -33,10 +33,13 @@ class Histogram {
   std::atomic<uint64_t> sum_ns_{0};
 };
 
-// Sampled at scrape time from Store::Stats (absent when the call failed or timed out).
+// Sampled at scrape time from Store::Stats and Store::GetTierStats (each absent when its call
+// failed or the sampling timed out).
 struct Gauges {
   bool have_store_stats = false;
   StoreStats store;
+  bool have_tier_stats = false;
+  TierStats tiers;
 };
 
 class Metrics {

@@ -18,7 +18,7 @@ namespace http = beast::http;
 
 // A scrape must be read and answered within this.
 constexpr auto kHttpTimeout = std::chrono::seconds(10);
-// Store::Stats (a catalog scan on a worker) may take this long before its gauges are skipped.
+// Store::Stats and GetTierStats (on a worker) may take this long before their gauges are skipped.
 constexpr auto kGaugeTimeout = std::chrono::seconds(5);
 constexpr char kContentType[] = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -46,26 +46,23 @@ asio::awaitable<void> RunMetricsSession(ServerImpl* server, tcp::socket socket) 
     res.set(http::field::content_type, "text/plain");
     res.body() = "see /metrics\n";
   } else {
-    Gauges gauges;
+    auto gauges = std::make_shared<Gauges>();
     Store* store = server->store();
     auto ex = co_await asio::this_coro::executor;
-    const std::function<Outcome()> sample = [store]() {
-      Outcome o;
-      StoreStats st;
-      o.status = store->Stats(&st);
-      if (o.status.ok()) o.body = st;
-      return o;
+    const std::function<Outcome()> sample = [store, gauges]() {
+      gauges->have_store_stats = store->Stats(&gauges->store).ok();
+      gauges->have_tier_stats = store->GetTierStats(&gauges->tiers).ok();
+      return Outcome{};
     };
     auto call = WorkerCall::Post(server->workers(), ex, sample);
     const auto until = Clock::now() + kGaugeTimeout;
-    const bool done = co_await call->WaitUntil(until);
-    if (done && call->outcome().status.ok()) {
-      gauges.have_store_stats = true;
-      gauges.store = std::get<StoreStats>(call->outcome().body);
-    }
+    const bool sampled = co_await call->WaitUntil(until);
+    // Not sampled in time: the worker may still be writing `gauges`; render without them.
+    const Gauges none;
+    const std::string text = server->metrics().Render(sampled ? *gauges : none);
     res.result(http::status::ok);
     res.set(http::field::content_type, kContentType);
-    res.body() = server->metrics().Render(gauges);
+    res.body() = text;
   }
   res.prepare_payload();
   stream.expires_after(kHttpTimeout);

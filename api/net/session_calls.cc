@@ -161,6 +161,32 @@ StoreCall MakeStoreCall(Store* store, Call& call) {
       if (o.status.ok()) o.body = st;
       return o;
     };
+  } else if (auto* pin = std::get_if<PinCall>(&call)) {
+    out.plain = [store, c = std::move(*pin)]() { return Outcome{store->Pin(c.name, c.tier), {}}; };
+  } else if (auto* unpin = std::get_if<UnpinCall>(&call)) {
+    out.plain = [store, name = std::move(unpin->name)]() {
+      return Outcome{store->Unpin(name), {}};
+    };
+  } else if (auto* pre = std::get_if<PreloadCall>(&call)) {
+    out.plain = [store, c = std::move(*pre)]() {
+      return Outcome{store->Preload(c.name, c.tier), {}};
+    };
+  } else if (std::holds_alternative<ListPinsCall>(call)) {
+    out.plain = [store]() {
+      Outcome o;
+      PinList pins;
+      o.status = store->ListPins(&pins);
+      if (o.status.ok()) o.body = std::move(pins);
+      return o;
+    };
+  } else if (std::holds_alternative<TierStatsCall>(call)) {
+    out.plain = [store]() {
+      Outcome o;
+      TierStats t;
+      o.status = store->GetTierStats(&t);
+      if (o.status.ok()) o.body = std::move(t);
+      return o;
+    };
   } else {
     out.plain = []() { return Outcome{Status::Internal("call not served by a worker"), {}}; };
   }

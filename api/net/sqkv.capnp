@@ -66,7 +66,36 @@ struct Request {
 
     stats @15 :Void;
     # Store::Stats.
+
+    pin @16 :TierCall;
+    # Store::Pin: keep the context resident in a tier (loads it now).
+
+    unpin @17 :Text;
+    # Store::Unpin of the named context.
+
+    preload @18 :TierCall;
+    # Store::Preload: warm the context into a tier without pinning it.
+
+    listPins @19 :Void;
+    # Store::ListPins.
+
+    tierStats @20 :Void;
+    # Store::GetTierStats.
   }
+}
+
+enum Tier {
+  host @0;
+  # The host page cache.
+  device @1;
+  # The GPU's page pool.
+}
+
+struct TierCall {
+  name @0 :Text;
+  # Context name.
+  tier @1 :Tier;
+  # Where to keep it.
 }
 
 struct Hello {
@@ -153,6 +182,10 @@ struct QueryStats {
   # Bytes read from the segment file.
   totalMs @6 :Float64;
   # Time the store spent on the query (the server's overhead is not included).
+  pagesFromHost @7 :Int64;
+  # Pages found in the host page cache.
+  pagesFromDevice @8 :Int64;
+  # Pages already resident in the device pool.
 }
 
 struct QueryReply {
@@ -388,6 +421,48 @@ struct StoreStats {
   # Contexts with calibrated thresholds.
 }
 
+struct PinnedContext {
+  name @0 :Text;
+  # Context name.
+  tier @1 :Tier;
+  # The tier it is pinned in.
+}
+
+struct TierStats {
+  # Counters since the store opened; *InUse, *Capacity, *Resident and *Bytes of the pool are
+  # current values.
+  hostHits @0 :UInt64;
+  # Pages found in the host page cache.
+  hostMisses @1 :UInt64;
+  # Pages that had to be read into it.
+  hostEvictions @2 :UInt64;
+  # Pages evicted from it.
+  hostBytesInUse @3 :UInt64;
+  # Bytes of the host cache holding pages.
+  hostPinnedBytes @4 :UInt64;
+  # Bytes held by pinned contexts.
+  hostCapacityBytes @5 :UInt64;
+  # Size of the host cache.
+  diskReads @6 :UInt64;
+  # Reads from segment files.
+  diskBytes @7 :UInt64;
+  # Bytes read from segment files.
+  diskDirectBytes @8 :UInt64;
+  # Of those, bytes read with O_DIRECT.
+  diskReadUsLog2 @9 :List(UInt64);
+  # Read latency histogram: entry i counts reads of [2^i, 2^(i+1)) microseconds.
+  deviceLayersResident @10 :UInt64;
+  # Layers resident in the device pool.
+  devicePoolBytesUsed @11 :UInt64;
+  # Bytes of the device pool in use.
+  devicePoolBytes @12 :UInt64;
+  # Size of the device pool.
+  deviceLayersLoaded @13 :UInt64;
+  # Layers loaded into the device pool.
+  deviceLayersEvicted @14 :UInt64;
+  # Layers evicted from it.
+}
+
 struct Response {
   id @0 :UInt64;
   # The id of the request answered; 0 when the request could not be decoded.
@@ -397,7 +472,7 @@ struct Response {
 
   union {
     none @2 :Void;
-    # Failed requests, remove, importChunk, calibrate.
+    # Failed requests, remove, importChunk, calibrate, pin, unpin, preload.
     hello @3 :HelloReply;
     # Answer to hello.
     query @4 :QueryReply;
@@ -418,5 +493,9 @@ struct Response {
     # Answer to compact.
     stats @12 :StoreStats;
     # Answer to stats.
+    pins @13 :List(PinnedContext);
+    # Answer to listPins.
+    tierStats @14 :TierStats;
+    # Answer to tierStats.
   }
 }

@@ -326,3 +326,29 @@ class Client:
             for i, v in enumerate(sparsities):
                 s[i] = float(v)
         self._call(build)
+
+    def pin(self, name: str, tier: str = "host") -> None:
+        """Keeps the context resident in `tier` ("host" or "device"), persisted; loads it now."""
+        def build(req):
+            c = req.init("pin")
+            c.name = name
+            c.tier = tier
+        self._call(build)
+
+    def unpin(self, name: str) -> None:
+        def build(req):
+            req.unpin = name
+        self._call(build)
+
+    def preload(self, name: str, tier: str = "host") -> None:
+        """Warms the context into `tier` without pinning it."""
+        def build(req):
+            c = req.init("preload")
+            c.name = name
+            c.tier = tier
+        self._call(build)
+
+    def list_pins(self) -> List[Tuple[str, str]]:
+        def build(req):
+            req.listPins = None
+        return self._call(build, lambda r: [(p.name, str(p.tier)) for p in r.pins])

@@ -44,6 +44,11 @@ def test_import_list_info_query_remove(sqkv_bin, server, synth, tmp_path):
         c.calibrate("doc", [0.5, 0.9])
         out_s, _ = c.query("doc", layer=0, q=q, sparsity=0.9)
         assert np.all(np.isfinite(out_s))
+        c.pin("doc", "host")
+        assert c.list_pins() == [("doc", "host")]
+        c.unpin("doc")
+        c.preload("doc")
+        assert c.list_pins() == []
         c.compact()
         c.remove("doc")
         assert c.list() == []

@@ -198,6 +198,16 @@ TEST(CodecTest, EveryOtherCallRoundTrips) {
   EXPECT_EQ(std::get<VerifyCall>(RoundTrip(Request{11, 0, VerifyCall{""}}).call).name, "");
   RoundTrip(Request{12, 0, CompactCall{}});
   RoundTrip(Request{13, 0, StatsCall{}});
+  {
+    auto d = std::get<PinCall>(RoundTrip(Request{14, 0, PinCall{"p", Tier::kDevice}}).call);
+    EXPECT_EQ(d.name, "p");
+    EXPECT_EQ(d.tier, Tier::kDevice);
+  }
+  EXPECT_EQ(std::get<UnpinCall>(RoundTrip(Request{15, 0, UnpinCall{"u"}}).call).name, "u");
+  EXPECT_EQ(std::get<PreloadCall>(RoundTrip(Request{16, 0, PreloadCall{"w", Tier::kHost}}).call).tier,
+            Tier::kHost);
+  RoundTrip(Request{17, 0, ListPinsCall{}});
+  RoundTrip(Request{18, 0, TierStatsCall{}});
 }
 
 TEST(CodecTest, EveryAnswerRoundTrips) {
@@ -273,6 +283,28 @@ TEST(CodecTest, EveryAnswerRoundTrips) {
     EXPECT_EQ(d.keys, st.keys);
     EXPECT_EQ(d.catalog_bytes, 77u);
     EXPECT_EQ(d.calibrated_contexts, 2);
+  }
+  {
+    PinList pins = {{"a", Tier::kHost}, {"b", Tier::kDevice}};
+    EXPECT_EQ(std::get<PinList>(RoundTrip(Response{12, Status::Ok(), pins}).body), pins);
+    TierStats t;
+    t.host_hits = 5;
+    t.host_capacity_bytes = uint64_t{1} << 30;
+    t.disk_direct_bytes = 77;
+    t.disk_read_us_log2 = {0, 3, 9, 1};
+    t.device_layers_evicted = 2;
+    auto d = std::get<TierStats>(RoundTrip(Response{13, Status::Ok(), t}).body);
+    EXPECT_EQ(d.host_hits, 5u);
+    EXPECT_EQ(d.host_capacity_bytes, t.host_capacity_bytes);
+    EXPECT_EQ(d.disk_direct_bytes, 77u);
+    EXPECT_EQ(d.disk_read_us_log2, t.disk_read_us_log2);
+    EXPECT_EQ(d.device_layers_evicted, 2u);
+    QueryResult q;
+    q.stats.pages_from_host = 11;
+    q.stats.pages_from_device = 12;
+    auto dq = std::get<QueryResult>(RoundTrip(Response{14, Status::Ok(), q}).body);
+    EXPECT_EQ(dq.stats.pages_from_host, 11);
+    EXPECT_EQ(dq.stats.pages_from_device, 12);
   }
   for (Status s : {Status::InvalidArgument("a"), Status::NotFound("b"), Status::AlreadyExists("c"),
                    Status::Corruption("d"), Status::IOError("e"), Status::Unavailable("f"),

@@ -265,6 +265,15 @@ class SlowStore final : public Store {
   }
   Status Compact(CompactReport* report) override { return inner_->Compact(report); }
   Status Stats(StoreStats* out) override { return inner_->Stats(out); }
+  Status Pin(const std::string& name, Tier tier) override { return inner_->Pin(name, tier); }
+  Status Unpin(const std::string& name) override { return inner_->Unpin(name); }
+  Status Preload(const std::string& name, Tier tier) override {
+    return inner_->Preload(name, tier);
+  }
+  Status ListPins(std::vector<std::pair<std::string, Tier>>* out) override {
+    return inner_->ListPins(out);
+  }
+  Status GetTierStats(TierStats* out) override { return inner_->GetTierStats(out); }
 
  private:
   Store* inner_;

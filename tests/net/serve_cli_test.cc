@@ -192,6 +192,18 @@ TEST_F(ServeCliTest, EveryCommandGivesTheEmbeddedResultsThroughTheServer) {
     b = Sqkv({"--server", srv, cmd});
     EXPECT_EQ(b.code, 0) << cmd << ": " << b.err;
   }
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"pin", "doc", "--tier", "host"},
+        std::vector<std::string>{"unpin", "doc"},
+        std::vector<std::string>{"preload", "doc"}}) {
+    std::vector<std::string> la_args = {"--data", local}, lb_args = {"--server", srv};
+    la_args.insert(la_args.end(), args.begin(), args.end());
+    lb_args.insert(lb_args.end(), args.begin(), args.end());
+    a = Sqkv(la_args);
+    b = Sqkv(lb_args);
+    EXPECT_EQ(b.code, 0) << args[0] << ": " << b.err;
+    EXPECT_EQ(a.out, b.out) << args[0];
+  }
   // Same exit codes for the same errors.
   for (const std::vector<std::string>& args :
        {std::vector<std::string>{"info", "missing"}, std::vector<std::string>{"rm", "missing"},

@@ -131,6 +131,37 @@ TEST(ServerTest, EveryCallMatchesTheEmbeddedStore) {
   CompactReport cr;
   ASSERT_TRUE(remote->Compact(&cr).ok());
 
+  // Tiers.
+  ASSERT_TRUE(remote->Pin("doc", Tier::kHost).ok());
+  std::vector<std::pair<std::string, Tier>> lp, rp;
+  ASSERT_TRUE(live.store()->ListPins(&lp).ok());
+  ASSERT_TRUE(remote->ListPins(&rp).ok());
+  EXPECT_EQ(rp, lp);
+  ASSERT_EQ(rp.size(), 1u);
+  EXPECT_EQ(rp[0].first, "doc");
+  {
+    QueryResult local, got;
+    ASSERT_TRUE(live.store()->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &local).ok());
+    ASSERT_TRUE(remote->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &got).ok());
+    ExpectSameResult(got, local);
+    EXPECT_EQ(got.stats.pages_from_host, local.stats.pages_from_host);
+    EXPECT_EQ(got.stats.pages_from_disk, 0);  // pinned: all in the host tier
+  }
+  TierStats lts, rts;
+  ASSERT_TRUE(remote->GetTierStats(&rts).ok());
+  ASSERT_TRUE(live.store()->GetTierStats(&lts).ok());
+  EXPECT_EQ(rts.host_capacity_bytes, lts.host_capacity_bytes);
+  EXPECT_EQ(rts.host_pinned_bytes, lts.host_pinned_bytes);
+  EXPECT_GT(rts.host_pinned_bytes, 0u);
+  ASSERT_TRUE(remote->Unpin("doc").ok());
+  ASSERT_TRUE(remote->ListPins(&rp).ok());
+  EXPECT_TRUE(rp.empty());
+  ASSERT_TRUE(remote->Preload("doc", Tier::kHost).ok());
+  EXPECT_TRUE(remote->Pin("missing", Tier::kHost).IsNotFound());
+  Status no_gpu_local = live.store()->Preload("doc", Tier::kDevice);
+  Status no_gpu_remote = remote->Preload("doc", Tier::kDevice);
+  EXPECT_EQ(no_gpu_remote.code(), no_gpu_local.code());
+
   ASSERT_TRUE(remote->Remove("doc").ok());
   EXPECT_TRUE(remote->Remove("doc").IsNotFound());
   ASSERT_TRUE(live.store()->List(&local_all).ok());
@@ -382,6 +413,9 @@ TEST(ServerTest, MetricsEndpointCountsCallsAndErrors) {
   EXPECT_NE(text.find("sqkv_protocol_errors_total 1"), std::string::npos);
   EXPECT_NE(text.find("sqkv_contexts 1"), std::string::npos);
   EXPECT_NE(text.find("sqkv_connections_open"), std::string::npos);
+  EXPECT_NE(text.find("sqkv_tier_hits_total{tier=\"host\"}"), std::string::npos);
+  EXPECT_NE(text.find("sqkv_tier_capacity_bytes{tier=\"host\"}"), std::string::npos);
+  EXPECT_NE(text.find("sqkv_disk_read_duration_seconds_bucket{le=\"+Inf\"}"), std::string::npos);
 }
 
 }  // namespace
