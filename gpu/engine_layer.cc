@@ -88,13 +88,16 @@ Status UploadLayer(const std::vector<int32_t>& pool_ids, const void* pages, void
   for (size_t h = 0; h < layer->heads.size(); ++h) {
     const HeadIndex& x = *layer->sources[h];
     Offsets& o = off[h];
-    o.centroids = Append(&staging, x.centroids.data(), x.centroids.size() * sizeof(float));
+    // Centroids in the lookup's 16-bit storage (gpu/lookup.h: half the bytes a lookup reads).
+    std::vector<uint16_t> c16, l1_16;
+    layer->heads[h].centroid_scale = CentroidsToF16(x.centroids, x.l1_centroids, &c16, &l1_16);
+    o.centroids = Append(&staging, c16.data(), c16.size() * sizeof(uint16_t));
     o.sizes = Append(&staging, x.cluster_size.data(), x.cluster_size.size() * sizeof(int32_t));
     o.begin = Append(&staging, x.cluster_page_begin.data(),
                      x.cluster_page_begin.size() * sizeof(int32_t));
     o.table = Append(&staging, pool_ids.data() + page_base, x.num_pages() * sizeof(int32_t));
     page_base += x.num_pages();
-    o.l1c = Append(&staging, x.l1_centroids.data(), x.l1_centroids.size() * sizeof(float));
+    o.l1c = Append(&staging, l1_16.data(), l1_16.size() * sizeof(uint16_t));
     o.l1s = Append(&staging, x.l1_size.data(), x.l1_size.size() * sizeof(int32_t));
     o.l1b = Append(&staging, x.l1_child_begin.data(), x.l1_child_begin.size() * sizeof(int32_t));
   }
@@ -106,12 +109,12 @@ Status UploadLayer(const std::vector<int32_t>& pool_ids, const void* pages, void
   for (size_t h = 0; h < layer->heads.size(); ++h) {
     ResidentHead& r = layer->heads[h];
     const Offsets& o = off[h];
-    r.centroids = reinterpret_cast<const float*>(base + o.centroids);
+    r.centroids = reinterpret_cast<const uint16_t*>(base + o.centroids);
     r.cluster_size = reinterpret_cast<const int32_t*>(base + o.sizes);
     r.cluster_page_begin = reinterpret_cast<const int32_t*>(base + o.begin);
     r.page_table = reinterpret_cast<const int32_t*>(base + o.table);
     if (r.num_l1 > 0) {
-      r.l1_centroids = reinterpret_cast<const float*>(base + o.l1c);
+      r.l1_centroids = reinterpret_cast<const uint16_t*>(base + o.l1c);
       r.l1_size = reinterpret_cast<const int32_t*>(base + o.l1s);
       r.l1_child_begin = reinterpret_cast<const int32_t*>(base + o.l1b);
     }

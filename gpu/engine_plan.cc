@@ -150,11 +150,12 @@ Status FillPlan(const std::vector<DeviceQuery>& queries,
     for (int h = 0; h < kv; ++h) {
       const ResidentHead& x = l.heads[h];
       LookupSegment s;
-      s.centroids = x.centroids;
+      s.centroids_f16 = x.centroids;
       s.cluster_size = x.cluster_size;
       s.cluster_page_begin = x.cluster_page_begin;
       s.page_table = x.page_table;
-      s.l1_centroids = x.l1_centroids;
+      s.l1_centroids_f16 = x.l1_centroids;
+      s.centroid_scale = x.centroid_scale;
       s.l1_size = x.l1_size;
       s.l1_child_begin = x.l1_child_begin;
       s.num_clusters = x.num_clusters;

@@ -27,15 +27,17 @@ struct ResidentHead {
   int32_t tokens = 0;
   int32_t num_pages = 0;
   std::vector<int32_t> sorted_sizes;            // cluster sizes ascending (page bound of a budget)
-  const float* centroids = nullptr;             // (num_clusters, head_dim)
+  // Centroids in the lookup's 16-bit storage (gpu/lookup.h): value = stored · centroid_scale.
+  const uint16_t* centroids = nullptr;          // (num_clusters, head_dim)
   const int32_t* cluster_size = nullptr;        // (num_clusters)
   const int32_t* cluster_page_begin = nullptr;  // (num_clusters + 1)
   // (num_pages): pool page ids. Entries of pages not resident are undefined (the host's
   // ResidentLayer::pool_page is authoritative); QueryPaged patches them in its page lists.
   const int32_t* page_table = nullptr;
-  const float* l1_centroids = nullptr;          // (num_l1, head_dim)
+  const uint16_t* l1_centroids = nullptr;       // (num_l1, head_dim)
   const int32_t* l1_size = nullptr;             // (num_l1)
   const int32_t* l1_child_begin = nullptr;      // (num_l1 + 1)
+  float centroid_scale = 1.f;                   // both levels
   std::vector<int32_t> page_begin;              // host copy of cluster_page_begin (num_clusters + 1)
 };
 

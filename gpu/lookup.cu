@@ -1,20 +1,28 @@
-// Lookup planning (host) and the launch sequence. Kernels: lookup_score.cu, lookup_select.cu.
+// Lookup planning (host), the 16-bit centroid storage, and the launch sequence. Kernels:
+// lookup_small.cu (decode, fused), lookup_mma.cu (prefill, 16-bit), lookup_score.cu and
+// lookup_select.cu (prefill, float32).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstring>
 #include <string>
 
+#include "common/dtype.h"
 #include "gpu/lookup.h"
 #include "gpu/lookup_device.cuh"
 
 namespace sqkv::gpu {
 namespace {
 
+using lookup_detail::kMmaRowTile;
 using lookup_detail::kSmallTile;
 using lookup_detail::kTileCols;
 using lookup_detail::kTileRows;
+
+// Largest head_dim the kernels take (16-byte loads by 32 lanes; 16 k-steps of the tensor cores).
+constexpr int kMaxHeadDim = 256;
 
 // Regions of the workspace start on this boundary (bytes).
 constexpr size_t kRegionAlign = 256;
@@ -29,8 +37,10 @@ int64_t Take(int64_t* cursor, int64_t words) {
   return at;
 }
 
+// Tables region: small list, large list, then one arrival counter per segment.
 size_t TablesBytes(const LookupLayout& l) {
-  return AlignUp((l.small_list.size() + l.large_list.size()) * sizeof(int32_t), kRegionAlign);
+  return AlignUp((l.small_list.size() + l.large_list.size() + l.num_segments) * sizeof(int32_t),
+                 kRegionAlign);
 }
 
 Status Bad(int i, const std::string& what) {
@@ -84,6 +94,31 @@ void ChooseRun(LookupSegment* s) {
 
 }  // namespace
 
+float CentroidScaleF16(float max_abs) {
+  if (!(max_abs > 0.f) || !std::isfinite(max_abs)) return 1.f;
+  int ex = 0;
+  std::frexp(max_abs, &ex);  // max_abs = f · 2^ex, f in [0.5, 1)
+  // Stored max = max_abs / scale = f · 2^15 in [2^14, 2^15).
+  return std::ldexp(1.f, ex - 15);
+}
+
+void ToCentroidF16(const float* src, size_t n, float scale, uint16_t* dst) {
+  for (size_t i = 0; i < n; ++i) dst[i] = FloatToHalf(src[i] / scale);
+}
+
+float CentroidsToF16(const std::vector<float>& centroids, const std::vector<float>& l1_centroids,
+                     std::vector<uint16_t>* c16, std::vector<uint16_t>* l1_16) {
+  float max_abs = 0.f;
+  for (float v : centroids) max_abs = std::max(max_abs, std::abs(v));
+  for (float v : l1_centroids) max_abs = std::max(max_abs, std::abs(v));
+  const float scale = CentroidScaleF16(max_abs);
+  c16->resize(centroids.size());
+  l1_16->resize(l1_centroids.size());
+  ToCentroidF16(centroids.data(), centroids.size(), scale, c16->data());
+  ToCentroidF16(l1_centroids.data(), l1_centroids.size(), scale, l1_16->data());
+  return scale;
+}
+
 int32_t BudgetPageBound(const std::vector<int32_t>& sorted_sizes, int32_t budget,
                         int32_t page_tokens, int32_t num_pages) {
   if (budget <= 0 || sorted_sizes.empty()) return 0;
@@ -103,9 +138,10 @@ int32_t BudgetPageBound(const std::vector<int32_t>& sorted_sizes, int32_t budget
 }
 
 Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayout* layout) {
-  if (head_dim < lookup_detail::kTileK || head_dim % lookup_detail::kTileK != 0) {
+  if (head_dim < lookup_detail::kTileK || head_dim % lookup_detail::kTileK != 0 ||
+      head_dim > kMaxHeadDim) {
     return Status::InvalidArgument("lookup: head_dim " + std::to_string(head_dim) +
-                                   " is not a positive multiple of 16");
+                                   " is not a multiple of 16 in [16, 256]");
   }
   LookupLayout l;
   l.num_segments = static_cast<int>(segments->size());
@@ -116,12 +152,18 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
         s.page_capacity < 0) {
       return Bad(i, "non-positive size");
     }
-    if (s.centroids == nullptr || s.cluster_size == nullptr || s.cluster_page_begin == nullptr ||
-        s.page_table == nullptr) {
+    const bool f16 = s.centroids_f16 != nullptr;
+    if ((s.centroids == nullptr) == !f16) return Bad(i, "needs exactly one centroid array");
+    if (i == 0) l.f16 = f16;
+    if (f16 != l.f16) return Bad(i, "float32 and 16-bit centroids in one batch");
+    if (f16 && !(s.centroid_scale > 0.f && std::isfinite(s.centroid_scale))) {
+      return Bad(i, "centroid_scale not positive");
+    }
+    if (s.cluster_size == nullptr || s.cluster_page_begin == nullptr || s.page_table == nullptr) {
       return Bad(i, "missing index array");
     }
-    if (s.num_l1 > 0 &&
-        (s.l1_centroids == nullptr || s.l1_size == nullptr || s.l1_child_begin == nullptr)) {
+    const void* l1 = f16 ? static_cast<const void*>(s.l1_centroids_f16) : s.l1_centroids;
+    if (s.num_l1 > 0 && (l1 == nullptr || s.l1_size == nullptr || s.l1_child_begin == nullptr)) {
       return Bad(i, "missing level-1 array");
     }
     if (s.mode == LookupMode::kBudget && (s.budget < 0 || s.budget > s.tokens)) {
@@ -136,7 +178,13 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     s.entry_capacity = s.num_clusters + (s.run == LookupRun::kTwoLevel ? s.num_l1 : 0);
     s.large = 0;
     s.ctiles = 0;
-    if (s.run == LookupRun::kFixed) continue;
+    s.tiles = 0;
+    if (s.run == LookupRun::kFixed) {
+      // Nothing to score: the fused kernel's grid row only selects.
+      l.small_list.push_back(i);
+      l.max_small_tiles = std::max(l.max_small_tiles, 1);
+      continue;
+    }
     if (s.run == LookupRun::kTwoLevel) {
       s.list_offset = Take(&ints, s.entry_capacity + 2);
       l.any_hierarchical = true;
@@ -144,25 +192,39 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     s.score_offset = Take(&floats, s.entry_capacity);
     l.max_entries = std::max(l.max_entries, s.entry_capacity);
     if (s.rows <= kLookupSmallRows) {
+      s.tiles = (s.entry_capacity + kSmallTile - 1) / kSmallTile;
       s.logit_offset = Take(&floats, static_cast<int64_t>(s.rows) * s.entry_capacity);
+      s.tstat_offset = Take(&floats, static_cast<int64_t>(s.rows) * s.tiles * 2);
       l.small_list.push_back(i);
-      l.max_small_tiles =
-          std::max(l.max_small_tiles, (s.entry_capacity + kSmallTile - 1) / kSmallTile);
+      l.max_small_tiles = std::max(l.max_small_tiles, s.tiles);
       l.max_small_rows = std::max(l.max_small_rows, s.rows);
-    } else {
-      s.large = 1;
-      s.ctiles = (s.entry_capacity + kTileCols - 1) / kTileCols;
-      const int rtiles = (s.rows + kTileRows - 1) / kTileRows;
-      s.stat_offset = Take(&floats, static_cast<int64_t>(s.rows) * s.ctiles * 2);
-      s.rowstat_offset = Take(&floats, static_cast<int64_t>(s.rows) * 2);
-      s.part_offset = Take(&floats, static_cast<int64_t>(rtiles) * s.entry_capacity);
-      l.large_list.push_back(i);
-      l.max_large_ctiles = std::max(l.max_large_ctiles, s.ctiles);
-      l.max_large_rtiles = std::max(l.max_large_rtiles, rtiles);
-      l.max_large_rows = std::max(l.max_large_rows, s.rows);
+      continue;
     }
+    s.large = 1;
+    l.large_list.push_back(i);
+    l.max_large_rows = std::max(l.max_large_rows, s.rows);
+    if (f16) {
+      // binary16 q rows: head_dim / 2 floats each (head_dim is even).
+      s.qh_offset = Take(&floats, static_cast<int64_t>(s.rows) * head_dim / 2);
+      s.info_offset = Take(&floats, static_cast<int64_t>(s.rows) * 4);
+      continue;
+    }
+    s.ctiles = (s.entry_capacity + kTileCols - 1) / kTileCols;
+    const int rtiles = (s.rows + kTileRows - 1) / kTileRows;
+    s.stat_offset = Take(&floats, static_cast<int64_t>(s.rows) * s.ctiles * 2);
+    s.rowstat_offset = Take(&floats, static_cast<int64_t>(s.rows) * 2);
+    s.part_offset = Take(&floats, static_cast<int64_t>(rtiles) * s.entry_capacity);
+    l.max_large_ctiles = std::max(l.max_large_ctiles, s.ctiles);
+    l.max_large_rtiles = std::max(l.max_large_rtiles, rtiles);
   }
-  if (l.max_large_rtiles > 65535) return Status::InvalidArgument("lookup: too many query rows");
+  const int64_t row_blocks =
+      (static_cast<int64_t>(l.max_large_rows) + kMmaRowTile - 1) / kMmaRowTile;
+  if (l.max_large_rtiles > 65535 || row_blocks > INT32_MAX) {
+    return Status::InvalidArgument("lookup: too many query rows");
+  }
+  if (l.small_list.size() > 65535 || l.large_list.size() > 65535) {
+    return Status::InvalidArgument("lookup: more than 65535 segments on one path");
+  }
   l.total_page_capacity = static_cast<int>(pages);
   l.total_cluster_capacity = static_cast<int>(clusters);
   l.float_words = static_cast<size_t>(floats);
@@ -183,6 +245,7 @@ void LookupWorkspaceTables(const LookupLayout& l, std::vector<uint8_t>* table) {
   std::memcpy(p, l.small_list.data(), l.small_list.size() * sizeof(int32_t));
   std::memcpy(p + l.small_list.size() * sizeof(int32_t), l.large_list.data(),
               l.large_list.size() * sizeof(int32_t));
+  // The arrival counters after the lists start at zero (resize filled them).
 }
 
 Status LaunchLookup(const LookupArgs& a, const LookupLayout& l, void* stream) {
@@ -190,22 +253,33 @@ Status LaunchLookup(const LookupArgs& a, const LookupLayout& l, void* stream) {
   if (a.segments == nullptr || a.workspace == nullptr || a.q == nullptr) {
     return Status::InvalidArgument("lookup: missing segments, workspace or queries");
   }
+  if (a.score_only && l.any_hierarchical) {
+    return Status::InvalidArgument("lookup: score_only needs single-level indexes");
+  }
   auto* base = static_cast<uint8_t*>(a.workspace);
   lookup_detail::Workspace w;
-  w.small_list = reinterpret_cast<const int32_t*>(base);
-  w.large_list = w.small_list + l.small_list.size();
+  auto* lists = reinterpret_cast<int32_t*>(base);
+  w.small_list = lists;
+  w.large_list = lists + l.small_list.size();
+  w.counters = lists + l.small_list.size() + l.large_list.size();
   w.floats = reinterpret_cast<float*>(base + TablesBytes(l));
   w.ints = reinterpret_cast<int32_t*>(base + TablesBytes(l) +
                                       AlignUp(l.float_words * sizeof(float), kRegionAlign));
   auto s = static_cast<cudaStream_t>(stream);
-  if (l.any_hierarchical) {
-    SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchSmallLogits(a, l, w, 1, s), "logits L1"));
-    SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchLargeScores(a, l, w, 1, s), "tiled L1"));
-    SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchSelect(a, l, w, 1, s), "select L1"));
+  if (l.f16) {
+    SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchConvertQ(a, l, w, s), "convert q"));
   }
-  SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchSmallLogits(a, l, w, 2, s), "logits"));
-  SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchLargeScores(a, l, w, 2, s), "tiled"));
-  return FromCuda(lookup_detail::LaunchSelect(a, l, w, 2, s), "select");
+  for (int level = l.any_hierarchical ? 1 : 2; level <= 2; ++level) {
+    SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchSmall(a, l, w, level, s), "small"));
+    if (l.f16) {
+      SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchLargeF16(a, l, w, level, s), "large"));
+    } else {
+      SQKV_RETURN_IF_ERROR(
+          FromCuda(lookup_detail::LaunchLargeScoresF32(a, l, w, level, s), "tiled"));
+      SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchSelectLarge(a, l, w, level, s), "select"));
+    }
+  }
+  return Status::Ok();
 }
 
 }  // namespace sqkv::gpu

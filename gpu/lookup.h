@@ -11,13 +11,28 @@
 //   the children of kept parents are scored, the pruned parents joining the normaliser (their
 //   logits alongside the children's, max over both).
 //
-// Pipeline (all on the device, one launch of each kernel for the whole batch):
-//   rows <= kSmallRows ("small" segments, decode): logits (rows, K) into workspace, then the
-//     selection kernel takes the per-row max and normaliser and the mean itself;
-//   rows >  kSmallRows ("large" segments, prefill): a tiled fp32 GEMM pass for per-row max and
-//     normaliser, a combine, a second tiled pass for per-tile column sums, a column reduction;
-//   then one selection block per segment: a weighted radix select finds the cut, a block scan
-//   emits the page list (clusters in ascending id order).
+// Centroid storage: float32 (`centroids`) or 16-bit (`centroids_f16`, IEEE binary16 of c·2^k with
+// one power-of-two scale per head, see CentroidScaleF16). The engine stores the 16-bit copy (half
+// the bytes to read); float32 stays for callers that keep it (tests, benchmarks). One batch holds
+// one kind. With 16-bit centroids a logit is off by at most u·|q_r|·max_j|c_j|/√d (u = 2^-11,
+// 2u where q is rounded to 16 bits too: the large path), so selections equal the reference's up
+// to clusters whose scores lie within a factor e^(4E) of the cut (tests/gpu/lookup_testing.h).
+//
+// Pipeline (all on the device, one launch of each kernel for the whole batch, no host round trip):
+//   rows <= kLookupSmallRows ("small" segments, decode) and unscored (fixed) segments: one fused
+//     kernel. Blocks of 128 centroids read each centroid once for all rows of the segment (16-byte
+//     loads, fp32 FMA with q in registers), write logits and per-tile (max, normaliser); the last
+//     block of a segment to finish (an arrival counter) combines the tiles, computes the scores
+//     and runs the selection.
+//   rows > kLookupSmallRows ("large" segments, prefill), 16-bit centroids: q converted to 16 bits
+//     (per-row power-of-two scale), then two tensor-core passes (mma.sync m16n8k16, fp32
+//     accumulate): row tiles over every centroid for the exact per-row max and normaliser (online),
+//     then centroid tiles over every row for the column sums; the last block of a segment selects.
+//   rows > kLookupSmallRows, float32 centroids: two tiled fp32 FMA passes, combine, column
+//     reduction, then a selection kernel.
+//   Selection (one block per segment): a weighted radix select over the score bits (11-bit digits
+//   below the highest bit in which the scores differ) finds the cut, block scans emit the page
+//   list (clusters in ascending id order).
 // Hierarchical segments run the scoring and selection twice (level 1, then the candidates).
 #pragma once
 
@@ -32,12 +47,17 @@ namespace sqkv::gpu {
 // Segments with at most this many query rows take the small (decode) path.
 inline constexpr int kLookupSmallRows = 16;
 
-// Large path arithmetic: false = float32 FMA tiles; true = tensor cores in split precision
-// (3xTF32, float32-level logits; both pass the same reference tests). The default of
-// LookupArgs::split_tf32. Measured on an H200 (BENCHMARKS.md): 128K prefill lookup 3.95 ms with
-// FMA tiles, 4.31 ms with 3xTF32 (three mma.sync per product and the split do not pay off in
-// this tile shape), so FMA is the default.
-inline constexpr bool kLookupSplitTf32Default = false;
+// 16-bit centroid storage: the largest |c| of a head (both levels) is scaled by a power of two into
+// [2^14, 2^15), so nothing overflows and only components below ~2^-24 of the largest lose relative
+// precision. Returns the factor that turns a stored value back into a centroid (2^-k; 1 when
+// max_abs is 0). max_abs must be finite.
+float CentroidScaleF16(float max_abs);
+// dst[i] = binary16(src[i] / scale), rounded to nearest even. src, dst: (n).
+void ToCentroidF16(const float* src, size_t n, float scale, uint16_t* dst);
+// A head's centroids of both levels in the 16-bit storage under one scale (returned).
+// c16: resized to centroids.size(); l1_16: to l1_centroids.size().
+float CentroidsToF16(const std::vector<float>& centroids, const std::vector<float>& l1_centroids,
+                     std::vector<uint16_t>* c16, std::vector<uint16_t>* l1_16);
 
 enum class LookupMode : int32_t {
   kBudget = 0,     // keep-fraction: whole clusters until `budget` tokens (0: none)
@@ -56,8 +76,11 @@ enum class LookupRun : int32_t {
 // One segment: the query rows of one (request, kv head) and one head's index. Host fills the
 // inputs; PlanLookup fills the workspace offsets. Every pointer is a device pointer.
 struct LookupSegment {
-  // --- the head's index
+  // --- the head's index; exactly one of centroids / centroids_f16 (and of the level-1 pair)
   const float* centroids = nullptr;             // (num_clusters, head_dim)
+  const uint16_t* centroids_f16 = nullptr;      // (num_clusters, head_dim), see CentroidScaleF16
+  const uint16_t* l1_centroids_f16 = nullptr;   // (num_l1, head_dim); hierarchical only
+  float centroid_scale = 1.f;                   // 16-bit storage: centroid = stored · scale
   const int32_t* cluster_size = nullptr;        // (num_clusters), each >= 1
   const int32_t* cluster_page_begin = nullptr;  // (num_clusters + 1)
   const int32_t* page_table = nullptr;          // (num_pages): head-local page -> pool page id
@@ -84,12 +107,16 @@ struct LookupSegment {
   int32_t page_offset = 0;     // into page_ids / page_valid (page_capacity entries)
   int32_t cluster_offset = 0;  // into cluster_ids (num_clusters entries)
   int32_t entry_capacity = 0;  // scoring entries: num_clusters + num_l1
-  int32_t ctiles = 0;          // large: column tiles over entry_capacity
+  int32_t ctiles = 0;          // large fp32: column tiles over entry_capacity
+  int32_t tiles = 0;           // small: tiles of the fused kernel over entry_capacity
   int64_t score_offset = 0;    // floats: (entry_capacity)
-  int64_t logit_offset = 0;    // floats, small: (rows, entry_capacity)
-  int64_t stat_offset = 0;     // floats, large: (rows, ctiles, 2) partial (max, sum)
-  int64_t rowstat_offset = 0;  // floats, large: (rows, 2) final (max, 1/normaliser)
-  int64_t part_offset = 0;     // floats, large: (row tiles, entry_capacity) column partials
+  int64_t logit_offset = 0;    // floats, small: (rows, entry_capacity), base-2 logits
+  int64_t tstat_offset = 0;    // floats, small: (rows, tiles, 2) per-tile (max, normaliser)
+  int64_t qh_offset = 0;       // floats, large 16-bit: (rows, head_dim) binary16 q (2 per float)
+  int64_t info_offset = 0;     // floats, large 16-bit: (rows, 4) (logit factor, max, 1/Z, 0)
+  int64_t stat_offset = 0;     // floats, large fp32: (rows, ctiles, 2) partial (max, sum)
+  int64_t rowstat_offset = 0;  // floats, large fp32: (rows, 2) final (max, 1/normaliser)
+  int64_t part_offset = 0;     // floats, large fp32: (row tiles, entry_capacity) column partials
   int64_t list_offset = 0;     // ints: candidate list (entry_capacity) + 2 counts, hierarchical
 };
 
@@ -101,19 +128,21 @@ struct LookupLayout {
   size_t float_words = 0;  // scores, logits, stats, partials
   size_t int_words = 0;    // candidate lists
   // Grid bounds.
+  bool f16 = false;          // every segment has 16-bit centroids (else every one float32)
   int max_entries = 0;       // max entry_capacity over scored segments
-  int max_small_tiles = 0;   // max ceil(entry_capacity / small tile) over small segments
-  int max_small_rows = 0;    // max rows over small segments
+  int max_small_tiles = 0;   // max tiles over small-list segments (>= 1 when the list is not empty)
+  int max_small_rows = 0;    // max rows over scored small segments
   int max_large_ctiles = 0;  // max ctiles over large segments
   int max_large_rtiles = 0;  // max row tiles over large segments
   int max_large_rows = 0;
   bool any_hierarchical = false;
-  std::vector<int32_t> small_list;  // segment ids on the small path (scored only)
+  std::vector<int32_t> small_list;  // segment ids of the fused kernel: small and fixed (unscored)
   std::vector<int32_t> large_list;  // segment ids on the large path (scored only)
 };
 
 // Fills the workspace offsets of `segments` (host) and the layout. InvalidArgument when a segment
-// is malformed or head_dim is unsupported (a multiple of 16 in [16, 256]).
+// is malformed, the batch mixes float32 and 16-bit centroids, or head_dim is unsupported (a
+// multiple of 16 in [16, 256]).
 Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayout* layout);
 
 // Bytes of device workspace PlanLookup's layout needs (one buffer; LookupArgs takes it carved).
@@ -123,9 +152,11 @@ struct LookupArgs {
   int head_dim = 0;
   int page_tokens = 0;
   int num_segments = 0;
-  const LookupSegment* segments = nullptr;    // device (num_segments), as PlanLookup filled them
-  const float* q = nullptr;                   // device (total_rows, head_dim) float32
-  bool split_tf32 = kLookupSplitTf32Default;  // large path on tensor cores (see above)
+  const LookupSegment* segments = nullptr;  // device (num_segments), as PlanLookup filled them
+  const float* q = nullptr;                 // device (total_rows, head_dim) float32, finite
+  // Benchmarks only: compute the scores (workspace) and stop before the selection; the outputs
+  // below are not written. Single-level indexes only (InvalidArgument otherwise). Default: false.
+  bool score_only = false;
 
   // Outputs, device. Per segment s: seg_page_count[s] pages at page_ids/page_valid
   // [segments[s].page_offset ...]; seg_cluster_count[s] cluster ids (ascending) at
@@ -139,13 +170,15 @@ struct LookupArgs {
   int32_t* seg_tokens = nullptr;         // (num_segments)
   int32_t* seg_scored = nullptr;         // (num_segments)
 
-  // Device workspace of LookupWorkspaceBytes(layout) bytes; small_list and large_list are copied
-  // into it by the caller through LookupWorkspaceTables (they are part of the plan).
+  // Device workspace of LookupWorkspaceBytes(layout) bytes. Its first bytes (the segment lists and
+  // zeroed arrival counters) are uploaded by the caller from LookupWorkspaceTables before the first
+  // launch; every launch leaves the counters at zero again.
   void* workspace = nullptr;
 };
 
 // Host bytes to upload at the start of the workspace before the first LaunchLookup with this
-// layout (the segment lists): append to `table`. Offsets are fixed by the layout.
+// layout (the segment lists and zeroed counters): appended to `table`. Offsets are fixed by the
+// layout.
 void LookupWorkspaceTables(const LookupLayout& layout, std::vector<uint8_t>* table);
 
 // Enqueues the whole lookup for the batch on `stream` (cudaStream_t; nullptr = default).

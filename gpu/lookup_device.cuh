@@ -9,54 +9,71 @@
 
 namespace sqkv::gpu::lookup_detail {
 
-// Small path: centroids per block of the logits kernel.
+// Fused small (decode) kernel: threads per block, centroids per block tile (16 per warp).
+inline constexpr int kSmallThreads = 256;
 inline constexpr int kSmallTile = 128;
-// Large path: rows x entries per block tile of the tiled passes, and the d step.
+// Large path, float32 centroids: rows x entries per block tile of the tiled passes, the d step.
 inline constexpr int kTileRows = 64;
 inline constexpr int kTileCols = 64;
 inline constexpr int kTileK = 16;
 inline constexpr int kTileThreads = 256;
-// Selection: threads per segment block.
-inline constexpr int kSelectThreads = 512;
+// Large path, 16-bit centroids: 16 A rows per warp; pass 1 blocks hold 8 warps of query rows (128
+// rows: each streamed centroid tile serves more rows), pass 2 blocks 4 warps of centroids.
+inline constexpr int kMmaRowThreads = 256;
+inline constexpr int kMmaRowTile = 128;
+inline constexpr int kMmaColThreads = 128;
+inline constexpr int kMmaColTile = 64;
+// Selection kernel of the float32 large path: threads per segment block.
+inline constexpr int kSelectThreads = 256;
+// Segments with at most this many rows use the 4-row variant of the small kernel.
+inline constexpr int kSmallRowsNarrow = 4;
 
 // The carved workspace: where each region starts (device pointers).
 struct Workspace {
   const int32_t* small_list = nullptr;
   const int32_t* large_list = nullptr;
-  float* floats = nullptr;  // base of the float regions (LookupSegment::*_offset)
-  int32_t* ints = nullptr;  // base of the int regions (candidate lists)
+  int32_t* counters = nullptr;  // (num_segments) arrival counters, zero between launches
+  float* floats = nullptr;      // base of the float regions (LookupSegment::*_offset)
+  int32_t* ints = nullptr;      // base of the int regions (candidate lists)
 };
 
 // The entries one scoring level works on. Flat or level 1: entries 0..total-1 of `prim`.
 // Level 2 of a two-level run: entry e < scored is child list[e] (prim), e >= scored is pruned
-// parent list[e] (extra): it only joins the normaliser.
+// parent list[e] (extra): it only joins the normaliser. prim / extra point at float32 or binary16
+// rows of `row_bytes` bytes.
 struct EntrySet {
-  const float* prim = nullptr;
+  const uint8_t* prim = nullptr;
   const int32_t* prim_size = nullptr;
-  const float* extra = nullptr;
+  const uint8_t* extra = nullptr;
   const int32_t* extra_size = nullptr;
   const int32_t* list = nullptr;
+  int row_bytes = 0;
   int scored = 0;
   int total = 0;
 };
 
 // level 1: the parents of a two-level run; level 2: what the segment's selection ranks.
-__device__ inline EntrySet GetEntrySet(const LookupSegment& s, int level, const int32_t* ints) {
+// f16: use the 16-bit centroid copies.
+__device__ inline EntrySet GetEntrySet(const LookupSegment& s, int level, const int32_t* ints,
+                                       int d, bool f16) {
   EntrySet e;
+  e.row_bytes = d * (f16 ? 2 : 4);
+  const void* cent = f16 ? static_cast<const void*>(s.centroids_f16) : s.centroids;
+  const void* l1 = f16 ? static_cast<const void*>(s.l1_centroids_f16) : s.l1_centroids;
   if (level == 1) {
-    e.prim = s.l1_centroids;
+    e.prim = static_cast<const uint8_t*>(l1);
     e.prim_size = s.l1_size;
     e.scored = e.total = s.num_l1;
     return e;
   }
-  e.prim = s.centroids;
+  e.prim = static_cast<const uint8_t*>(cent);
   e.prim_size = s.cluster_size;
   if (s.run != LookupRun::kTwoLevel) {
     e.scored = e.total = s.num_clusters;
     return e;
   }
   const int32_t* list = ints + s.list_offset;
-  e.extra = s.l1_centroids;
+  e.extra = static_cast<const uint8_t*>(l1);
   e.extra_size = s.l1_size;
   e.list = list;
   e.scored = list[s.entry_capacity];
@@ -64,10 +81,15 @@ __device__ inline EntrySet GetEntrySet(const LookupSegment& s, int level, const 
   return e;
 }
 
-__device__ inline const float* EntryCentroid(const EntrySet& e, int i, int d) {
-  if (e.list == nullptr) return e.prim + static_cast<size_t>(i) * d;
+// The centroid row of entry i (float32 or binary16, as the set was made).
+__device__ inline const void* EntryRow(const EntrySet& e, int i) {
+  if (e.list == nullptr) return e.prim + static_cast<size_t>(i) * e.row_bytes;
   const int id = e.list[i];
-  return (i < e.scored ? e.prim : e.extra) + static_cast<size_t>(id) * d;
+  return (i < e.scored ? e.prim : e.extra) + static_cast<size_t>(id) * e.row_bytes;
+}
+
+__device__ inline const float* EntryCentroid(const EntrySet& e, int i) {
+  return static_cast<const float*>(EntryRow(e, i));
 }
 
 __device__ inline int EntrySize(const EntrySet& e, int i) {
@@ -86,16 +108,61 @@ __device__ inline bool ScoredAtLevel(const LookupSegment& s, int level) {
   return s.run != LookupRun::kFixed;
 }
 
-// Kernel launchers (lookup_score.cu, lookup_select.cu). Each enqueues on `stream` and returns the
-// launch error.
-cudaError_t LaunchSmallLogits(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+// Whether a segment takes part in level `level` at all (level 2: every segment selects).
+__device__ inline bool AtLevel(const LookupSegment& s, int level) {
+  return level == 2 || s.run == LookupRun::kTwoLevel;
+}
+
+// Arrival of one block of a segment's grid row: every thread's global writes are made visible,
+// then one atomic increment. True in the last block to arrive (of `blocks`), which also resets
+// the counter for the next launch; the fences order the others' writes before its reads.
+// Every thread of the block must call it; flag: a shared int.
+__device__ inline bool ArriveLast(int32_t* counter, int blocks, int* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int old = atomicAdd(counter, 1);
+    *flag = old == blocks - 1;
+    if (*flag) *counter = 0;
+    __threadfence();
+  }
+  __syncthreads();
+  return *flag != 0;
+}
+
+// Room for a kernel's LookupArgs and Workspace in shared memory: the last block copies its
+// parameters there before calling the out-of-line finishing functions by reference (a reference to
+// a kernel parameter would make every thread of every block copy the parameters to local memory).
+struct alignas(16) ArgsBuffer {
+  unsigned char bytes[sizeof(LookupArgs) + sizeof(Workspace)];
+  __device__ LookupArgs& args() { return *reinterpret_cast<LookupArgs*>(bytes); }
+  __device__ Workspace& ws() { return *reinterpret_cast<Workspace*>(bytes + sizeof(LookupArgs)); }
+  // The whole block calls it; a and w are the kernel's parameters.
+  __device__ __forceinline__ void Fill(const LookupArgs& a, const Workspace& w) {
+    if (threadIdx.x == 0) {
+      args() = a;
+      ws() = w;
+    }
+    __syncthreads();
+  }
+};
+static_assert(sizeof(LookupArgs) % alignof(Workspace) == 0, "Workspace follows LookupArgs");
+
+// Kernel launchers. Each enqueues on `stream` and returns the launch error.
+// The fused small-segment kernel (lookup_small.cu): scores and selection.
+cudaError_t LaunchSmall(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
+                        cudaStream_t stream);
+// Large path, float32 centroids (lookup_score.cu): the tiled passes into scores; then the
+// selection kernel (lookup_select.cu).
+cudaError_t LaunchLargeScoresF32(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                                 int level, cudaStream_t stream);
+cudaError_t LaunchSelectLarge(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                               int level, cudaStream_t stream);
-cudaError_t LaunchLargeScores(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
-                              int level, cudaStream_t stream);
-// The two tiled passes of lookup_tf32.cu (stats: pass 1, else pass 2).
-cudaError_t LaunchTiledTf32(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
-                            int level, bool stats, float scale, cudaStream_t stream);
-cudaError_t LaunchSelect(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
-                         cudaStream_t stream);
+// Large path, 16-bit centroids (lookup_mma.cu): q to binary16 once per launch, then per level the
+// row-statistics pass and the column pass with the selection fused.
+cudaError_t LaunchConvertQ(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                           cudaStream_t stream);
+cudaError_t LaunchLargeF16(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                           int level, cudaStream_t stream);
 
 }  // namespace sqkv::gpu::lookup_detail

@@ -1,5 +1,6 @@
-// Lookup scoring kernels: logits for the small (decode) path; the two tiled fp32 passes for the
-// large (prefill) path. See gpu/lookup.h for the formula.
+// Large (prefill) segments with float32 centroids: two tiled fp32 FMA passes (per-row max and
+// normaliser, then column sums), a combine and a column reduction into the scores; the selection
+// kernel (lookup_select.cu) follows. See gpu/lookup.h for the formula.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -14,70 +15,6 @@ constexpr float kNegInf = -INFINITY;
 __device__ inline float4 Load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
 // ---------------------------------------------------------------------------------------------
-// Small path. One block = kSmallTile entries of one segment; thread t owns entry base + t and
-// keeps its R dot products in registers. logits: (rows, entry_capacity) at logit_offset.
-template <int R>
-__global__ void __launch_bounds__(kSmallTile)
-    SmallLogitsKernel(const LookupSegment* segs, const int32_t* list, const float* q, float* floats,
-                      const int32_t* ints, int d, float scale, int level) {
-  const LookupSegment& s = segs[list[blockIdx.y]];
-  if (!ScoredAtLevel(s, level)) return;
-  const EntrySet e = GetEntrySet(s, level, ints);
-  const int base = blockIdx.x * kSmallTile;
-  if (base >= e.total) return;
-
-  __shared__ float qs[R][kTileK];
-  __shared__ float cs[kSmallTile][kTileK + 1];  // +1: thread t reads row t conflict-free
-  const int t = threadIdx.x;
-  const int rows = s.rows;
-  const float* qbase = q + static_cast<size_t>(s.q_row) * d;
-  // Each thread stages 4 float4 of the centroid chunk: entry idx / 4, quarter idx % 4.
-  constexpr int kLoads = kSmallTile * kTileK / 4 / kSmallTile;
-  const float* crow[kLoads];
-#pragma unroll
-  for (int u = 0; u < kLoads; ++u) {
-    const int idx = t + u * kSmallTile;
-    const int i = base + idx / 4;
-    crow[u] = i < e.total ? EntryCentroid(e, i, d) + (idx % 4) * 4 : nullptr;
-  }
-
-  float acc[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-  for (int k0 = 0; k0 < d; k0 += kTileK) {
-    for (int idx = t; idx < R * kTileK; idx += kSmallTile) {
-      const int r = idx / kTileK, k = idx % kTileK;
-      qs[r][k] = r < rows ? qbase[static_cast<size_t>(r) * d + k0 + k] : 0.f;
-    }
-#pragma unroll
-    for (int u = 0; u < kLoads; ++u) {
-      const int idx = t + u * kSmallTile;
-      const float4 v = crow[u] != nullptr ? Load4(crow[u] + k0) : make_float4(0.f, 0.f, 0.f, 0.f);
-      float* dst = &cs[idx / 4][(idx % 4) * 4];
-      dst[0] = v.x;
-      dst[1] = v.y;
-      dst[2] = v.z;
-      dst[3] = v.w;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kTileK; ++k) {
-      const float c = cs[t][k];
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = fmaf(qs[r][k], c, acc[r]);
-    }
-    __syncthreads();
-  }
-  const int i = base + t;
-  if (i >= e.total) return;
-  float* lg = floats + s.logit_offset + i;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r < rows) lg[static_cast<size_t>(r) * s.entry_capacity] = acc[r] * scale;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Large path. One block = kTileRows query rows x kTileCols entries of one segment, 256 threads,
 // each a 4x4 register tile (rows ty*4.., entries tx*4..). kStats: per-row partial (max, Σ n
 // e^(l-max)) over the tile's entries -> stats (rows, ctiles, 2). Otherwise: Σ over the tile's rows
@@ -88,7 +25,7 @@ __global__ void __launch_bounds__(kTileThreads)
                 const int32_t* ints, int d, float scale, int level) {
   const LookupSegment& s = segs[list[blockIdx.z]];
   if (!ScoredAtLevel(s, level)) return;
-  const EntrySet e = GetEntrySet(s, level, ints);
+  const EntrySet e = GetEntrySet(s, level, ints, d, false);
   const int col0 = blockIdx.x * kTileCols;
   const int row0 = blockIdx.y * kTileRows;
   if (col0 >= (kStats ? e.total : e.scored) || row0 >= s.rows) return;
@@ -100,7 +37,7 @@ __global__ void __launch_bounds__(kTileThreads)
   const int lr = t / 4, lc = (t % 4) * 4;  // this thread's staging row and quarter
   const float* qrow =
       row0 + lr < s.rows ? q + static_cast<size_t>(s.q_row + row0 + lr) * d + lc : nullptr;
-  const float* crow = col0 + lr < e.total ? EntryCentroid(e, col0 + lr, d) + lc : nullptr;
+  const float* crow = col0 + lr < e.total ? EntryCentroid(e, col0 + lr) + lc : nullptr;
 
   float acc[4][4];
 #pragma unroll
@@ -210,7 +147,7 @@ __global__ void CombineRowStatsKernel(const LookupSegment* segs, const int32_t* 
   if (!ScoredAtLevel(s, level)) return;
   const int row = blockIdx.x * blockDim.x + threadIdx.x;
   if (row >= s.rows) return;
-  const EntrySet e = GetEntrySet(s, level, ints);
+  const EntrySet e = GetEntrySet(s, level, ints, 0, false);
   const int tiles = (e.total + kTileCols - 1) / kTileCols;
   const float* st = floats + s.stat_offset + static_cast<size_t>(row) * s.ctiles * 2;
   float m = kNegInf;
@@ -227,7 +164,7 @@ __global__ void ReduceColumnsKernel(const LookupSegment* segs, const int32_t* li
                                     const int32_t* ints, int level) {
   const LookupSegment& s = segs[list[blockIdx.y]];
   if (!ScoredAtLevel(s, level)) return;
-  const EntrySet e = GetEntrySet(s, level, ints);
+  const EntrySet e = GetEntrySet(s, level, ints, 0, false);
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= e.scored) return;
   const int rtiles = (s.rows + kTileRows - 1) / kTileRows;
@@ -241,49 +178,24 @@ float LogitScale(int d) { return 1.f / std::sqrt(static_cast<float>(d)); }
 
 }  // namespace
 
-cudaError_t LaunchSmallLogits(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
-                              int level, cudaStream_t stream) {
-  const int n = static_cast<int>(l.small_list.size());
-  if (n == 0) return cudaSuccess;
-  const dim3 grid(l.max_small_tiles, n);
-  const float scale = LogitScale(a.head_dim);
-  if (l.max_small_rows <= 4) {
-    SmallLogitsKernel<4><<<grid, kSmallTile, 0, stream>>>(a.segments, w.small_list, a.q, w.floats,
-                                                          w.ints, a.head_dim, scale, level);
-  } else {
-    SmallLogitsKernel<kLookupSmallRows><<<grid, kSmallTile, 0, stream>>>(
-        a.segments, w.small_list, a.q, w.floats, w.ints, a.head_dim, scale, level);
-  }
-  return cudaGetLastError();
-}
-
-cudaError_t LaunchLargeScores(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
-                              int level, cudaStream_t stream) {
+cudaError_t LaunchLargeScoresF32(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                                 int level, cudaStream_t stream) {
   const int n = static_cast<int>(l.large_list.size());
   if (n == 0) return cudaSuccess;
   const float scale = LogitScale(a.head_dim);
   const dim3 tiles(l.max_large_ctiles, l.max_large_rtiles, n);
-  cudaError_t err;
-  if (a.split_tf32) {
-    err = LaunchTiledTf32(a, l, w, level, /*stats=*/true, scale, stream);
-  } else {
-    TiledKernel<true><<<tiles, kTileThreads, 0, stream>>>(a.segments, w.large_list, a.q, w.floats,
-                                                          w.ints, a.head_dim, scale, level);
-    err = cudaGetLastError();
-  }
+  TiledKernel<true><<<tiles, kTileThreads, 0, stream>>>(a.segments, w.large_list, a.q, w.floats,
+                                                        w.ints, a.head_dim, scale, level);
+  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   constexpr int kThreads = 256;
   CombineRowStatsKernel<<<dim3((l.max_large_rows + kThreads - 1) / kThreads, n), kThreads, 0,
                           stream>>>(a.segments, w.large_list, w.floats, w.ints, level);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  if (a.split_tf32) {
-    err = LaunchTiledTf32(a, l, w, level, /*stats=*/false, scale, stream);
-  } else {
-    TiledKernel<false><<<tiles, kTileThreads, 0, stream>>>(a.segments, w.large_list, a.q, w.floats,
-                                                           w.ints, a.head_dim, scale, level);
-    err = cudaGetLastError();
-  }
+  TiledKernel<false><<<tiles, kTileThreads, 0, stream>>>(a.segments, w.large_list, a.q, w.floats,
+                                                         w.ints, a.head_dim, scale, level);
+  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   ReduceColumnsKernel<<<dim3((l.max_entries + kThreads - 1) / kThreads, n), kThreads, 0, stream>>>(
       a.segments, w.large_list, w.floats, w.ints, level);

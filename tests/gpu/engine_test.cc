@@ -160,16 +160,20 @@ void CheckRequest(const Req& r, int index) {
                                                            : testing::RefMode::kBudget;
     const float f1 = r.select.l1_keep_fraction > 0.f ? r.select.l1_keep_fraction
                                                      : std::min(1.f, 3.f * r.select.keep_fraction);
+    // The engine scores with 16-bit centroids (gpu/lookup.h): disagreements with the float32
+    // CPU path are allowed within both arithmetics' bounds of the cut.
+    const double sel_tol = testing::LookupTolerance(x, q, rows, true, true, kTieTol) +
+                           testing::LookupTolerance(x, q, rows, false, false, 0.0);
     testing::RefSelection ref =
         testing::RefSelect(x, q, rows, mode, KeepTokenTarget(r.select.keep_fraction, x.tokens),
-                           r.select.threshold, KeepTokenTarget(f1, x.tokens), kTieTol);
+                           r.select.threshold, KeepTokenTarget(f1, x.tokens), sel_tol);
     if (gpu.centroids_scored != cpu.centroids_scored && ref.l1_near_tie) {
       std::fprintf(stderr, "level-1 near-tie; selection comparison skipped\n");
     } else {
       EXPECT_EQ(gpu.centroids_scored, cpu.centroids_scored);
       ref.clusters = cpu.clusters;
       int near = 0;
-      EXPECT_EQ(testing::CompareSelection(ref, gpu.clusters, kTieTol, &near), "");
+      EXPECT_EQ(testing::CompareSelection(ref, gpu.clusters, sel_tol, &near), "");
       if (near == 0) {
         EXPECT_EQ(gpu.tokens, cpu.tokens);
         EXPECT_EQ(gpu.pages, cpu.pages);

@@ -1,5 +1,8 @@
 // The device lookup against a float64 reference of index/select.h: the same clusters (up to
-// near-ties at the cut), the page list those clusters imply, and the centroids scored.
+// clusters whose scores lie within the arithmetic's error bound of the cut: kTieTol for float32
+// centroids, testing::LookupTolerance for the 16-bit storage), the page list those clusters imply,
+// and the centroids scored. "[ metric ]" lines report how many selected clusters differed from the
+// reference (the observed mismatch rate), per test and centroid storage.
 #include "gpu/lookup.h"
 
 #include <gtest/gtest.h>
@@ -7,6 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <iterator>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -35,25 +40,46 @@ struct Head {
   std::vector<int32_t> table;  // head-local page -> pool page
   std::vector<int32_t> sorted_sizes;
   DeviceBuffer centroids, sizes, page_begin, dtable, l1c, l1s, l1b;
+  DeviceBuffer centroids16, l1c16;  // the 16-bit storage (gpu/lookup.h)
+  float scale16 = 1.f;
 };
 
+// Uploads both centroid storages of h->x.
+void UploadCentroids(Head* h) {
+  ASSERT_TRUE(Upload(h->x.centroids, &h->centroids).ok());
+  std::vector<uint16_t> c16, l1_16;
+  h->scale16 = CentroidsToF16(h->x.centroids, h->x.l1_centroids, &c16, &l1_16);
+  ASSERT_TRUE(Upload(c16, &h->centroids16).ok());
+  if (h->x.hierarchical()) {
+    ASSERT_TRUE(Upload(h->x.l1_centroids, &h->l1c).ok());
+    ASSERT_TRUE(Upload(l1_16, &h->l1c16).ok());
+  }
+}
+
 // Pool page ids are a random injection into [0, 4 * pages), so a wrong mapping shows.
+void SetUpHead(Head* h);
+
 void MakeHead(std::mt19937_64& rng, int clusters, int d, int pt, int max_size, int num_l1,
               Head* h) {
   h->x = MakeIndex(rng, clusters, d, pt, max_size, num_l1);
-  const int pages = h->x.num_pages();
-  std::vector<int32_t> ids(4 * pages);
+  std::vector<int32_t> ids(4 * h->x.num_pages());
   std::iota(ids.begin(), ids.end(), 0);
   std::shuffle(ids.begin(), ids.end(), rng);
-  h->table.assign(ids.begin(), ids.begin() + pages);
+  h->table.assign(ids.begin(), ids.begin() + h->x.num_pages());
+  SetUpHead(h);
+}
+
+// Uploads h->x and h->table.
+void SetUpHead(Head* h) {
+  const int pages = h->x.num_pages();
+  ASSERT_EQ(static_cast<int>(h->table.size()), pages);
   h->sorted_sizes = h->x.cluster_size;
   std::sort(h->sorted_sizes.begin(), h->sorted_sizes.end());
-  ASSERT_TRUE(Upload(h->x.centroids, &h->centroids).ok());
+  UploadCentroids(h);
   ASSERT_TRUE(Upload(h->x.cluster_size, &h->sizes).ok());
   ASSERT_TRUE(Upload(h->x.cluster_page_begin, &h->page_begin).ok());
   ASSERT_TRUE(Upload(h->table, &h->dtable).ok());
-  if (num_l1 > 0) {
-    ASSERT_TRUE(Upload(h->x.l1_centroids, &h->l1c).ok());
+  if (h->x.hierarchical()) {
     ASSERT_TRUE(Upload(h->x.l1_size, &h->l1s).ok());
     ASSERT_TRUE(Upload(h->x.l1_child_begin, &h->l1b).ok());
   }
@@ -93,23 +119,31 @@ Seg MakeSeg(std::mt19937_64& rng, const Head& h, int head, int rows, RefMode mod
   return s;
 }
 
-// Runs one lookup launch over every segment; `repeat` launches again on the same workspace and
-// checks the second result equals the first.
+// Runs one lookup launch over every segment (f16: the 16-bit centroid storage, else float32);
+// `repeat` launches again on the same workspace and checks the second result equals the first.
 void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, int pt,
-               std::vector<Out>* out, bool repeat = false,
-               bool split_tf32 = kLookupSplitTf32Default) {
+               std::vector<Out>* out, bool repeat = false, bool f16 = true) {
   std::vector<LookupSegment> ls(segs.size());
   std::vector<float> q;
   for (size_t i = 0; i < segs.size(); ++i) {
     const Seg& s = segs[i];
     Head& h = heads[s.head];
     LookupSegment& l = ls[i];
-    l.centroids = h.centroids.as<float>();
+    if (f16) {
+      l.centroids_f16 = h.centroids16.as<uint16_t>();
+      l.centroid_scale = h.scale16;
+    } else {
+      l.centroids = h.centroids.as<float>();
+    }
     l.cluster_size = h.sizes.as<int32_t>();
     l.cluster_page_begin = h.page_begin.as<int32_t>();
     l.page_table = h.dtable.as<int32_t>();
     if (h.x.hierarchical()) {
-      l.l1_centroids = h.l1c.as<float>();
+      if (f16) {
+        l.l1_centroids_f16 = h.l1c16.as<uint16_t>();
+      } else {
+        l.l1_centroids = h.l1c.as<float>();
+      }
       l.l1_size = h.l1s.as<int32_t>();
       l.l1_child_begin = h.l1b.as<int32_t>();
       l.num_l1 = h.x.num_l1();
@@ -162,7 +196,6 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
   a.num_segments = n;
   a.segments = dsegs.as<LookupSegment>();
   a.q = dq.as<float>();
-  a.split_tf32 = split_tf32;
   a.seg_page_count = seg_pages.as<int32_t>();
   a.page_ids = page_ids.as<int32_t>();
   a.page_valid = page_valid.as<int32_t>();
@@ -213,27 +246,57 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
   }
 }
 
-// Checks one segment against the reference; returns the near-ties tolerated.
-int CheckSegment(const Head& h, const Seg& s, const Out& o, int index) {
+// Agreement counts over the segments of one check.
+struct Agreement {
+  int segments = 0;
+  int64_t selected = 0;    // clusters the reference selected
+  int64_t mismatched = 0;  // clusters in exactly one of the two selections (all within tolerance)
+  int64_t beyond_float32 = 0;  // of those, further than kTieTol from the cut
+  double max_gap = 0;          // largest |score - cut| / cut among them
+  double max_tol = 0;
+};
+
+// The tolerance of one segment's selection (see testing::LookupTolerance).
+double SegmentTolerance(const Head& h, const Seg& s, bool f16) {
+  return testing::LookupTolerance(h.x, s.q.data(), s.rows, f16, f16 && s.rows > kLookupSmallRows,
+                                  kTieTol);
+}
+
+// Checks one segment against the reference.
+void CheckSegment(const Head& h, const Seg& s, const Out& o, int index, bool f16,
+                  Agreement* agree) {
   SCOPED_TRACE("segment " + std::to_string(index) + " rows " + std::to_string(s.rows) +
                " clusters " + std::to_string(h.x.num_clusters()) + " l1 " +
-               std::to_string(h.x.num_l1()));
+               std::to_string(h.x.num_l1()) + (f16 ? " f16" : " f32"));
+  const double tol = SegmentTolerance(h, s, f16);
   const RefSelection ref =
-      RefSelect(h.x, s.q.data(), s.rows, s.mode, s.budget, s.threshold, s.l1_budget, kTieTol);
-  int near = 0;
+      RefSelect(h.x, s.q.data(), s.rows, s.mode, s.budget, s.threshold, s.l1_budget, tol);
   if (ref.kept_children >= 0 && o.scored != ref.scored && ref.l1_near_tie) {
     std::fprintf(stderr, "segment %d: level-1 near-tie changed the kept parents; skipped\n", index);
-    return 1;
+    return;
   }
   EXPECT_EQ(o.scored, ref.scored);
   EXPECT_TRUE(std::is_sorted(o.clusters.begin(), o.clusters.end()));
-  EXPECT_EQ(testing::CompareSelection(ref, o.clusters, kTieTol, &near), "");
+  int near = 0;
+  double gap = 0;
+  EXPECT_EQ(testing::CompareSelection(ref, o.clusters, tol, &near, &gap), "") << "tol " << tol;
+  std::vector<int32_t> diff;
+  std::set_symmetric_difference(ref.clusters.begin(), ref.clusters.end(), o.clusters.begin(),
+                                o.clusters.end(), std::back_inserter(diff));
+  for (int32_t c : diff) {
+    if (std::abs(ref.score[c] - ref.cut) > kTieTol * std::abs(ref.cut)) ++agree->beyond_float32;
+  }
+  ++agree->segments;
+  agree->selected += static_cast<int64_t>(ref.clusters.size());
+  agree->mismatched += near;
+  agree->max_gap = std::max(agree->max_gap, gap);
+  agree->max_tol = std::max(agree->max_tol, tol);
   std::vector<int32_t> ids, valid;
   int tokens = 0;
   for (int32_t c : o.clusters) {
     if (c < 0 || c >= h.x.num_clusters()) {
       ADD_FAILURE() << "cluster id " << c << " out of range";
-      return near;
+      return;
     }
     tokens += h.x.cluster_size[c];
     for (int p = h.x.cluster_page_begin[c]; p < h.x.cluster_page_begin[c + 1]; ++p) {
@@ -244,17 +307,27 @@ int CheckSegment(const Head& h, const Seg& s, const Out& o, int index) {
   EXPECT_EQ(o.tokens, tokens);
   EXPECT_EQ(o.page_ids, ids);
   EXPECT_EQ(o.page_valid, valid);
-  return near;
+}
+
+void Report(const char* what, bool f16, const Agreement& a) {
+  std::printf(
+      "[ metric ] lookup %-30s %-3s segments=%d selected=%lld mismatched=%lld (%.3g%%) "
+      "beyond_1e-5=%lld max_gap=%.3g tol<=%.3g\n",
+      what, f16 ? "f16" : "f32", a.segments, static_cast<long long>(a.selected),
+      static_cast<long long>(a.mismatched),
+      a.selected > 0 ? 100.0 * static_cast<double>(a.mismatched) / a.selected : 0.0,
+      static_cast<long long>(a.beyond_float32), a.max_gap, a.max_tol);
 }
 
 void CheckAll(const std::vector<Head>& heads, const std::vector<Seg>& segs,
-              const std::vector<Out>& out) {
+              const std::vector<Out>& out, bool f16 = true, const char* what = nullptr) {
   ASSERT_EQ(out.size(), segs.size());
-  int near = 0;
+  Agreement agree;
   for (size_t i = 0; i < segs.size(); ++i) {
-    near += CheckSegment(heads[segs[i].head], segs[i], out[i], static_cast<int>(i));
+    CheckSegment(heads[segs[i].head], segs[i], out[i], static_cast<int>(i), f16, &agree);
   }
-  if (near > 0) std::fprintf(stderr, "near-ties at the cut tolerated: %d\n", near);
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  Report(what != nullptr ? what : info->name(), f16, agree);
 }
 
 TEST(GpuLookup, BudgetMatchesReferenceAcrossRowCounts) {
@@ -272,9 +345,11 @@ TEST(GpuLookup, BudgetMatchesReferenceAcrossRowCounts) {
     segs.push_back(
         MakeSeg(rng, heads[i], static_cast<int>(i), rows[i], RefMode::kBudget, frac(rng)));
   }
-  std::vector<Out> out;
-  RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true);
-  CheckAll(heads, segs, out);
+  for (bool f16 : {true, false}) {
+    std::vector<Out> out;
+    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, f16);
+    CheckAll(heads, segs, out, f16);
+  }
 }
 
 TEST(GpuLookup, HeadDim64AndOtherPageSizes) {
@@ -289,10 +364,10 @@ TEST(GpuLookup, HeadDim64AndOtherPageSizes) {
       MakeHead(rng, 300 + 200 * i, 64, pt, 70, 0, &heads[i]);
       segs.push_back(MakeSeg(rng, heads[i], i, rows[i], RefMode::kBudget, 0.05 + 0.1 * i));
     }
-    for (bool tf32 : {false, true}) {
+    for (bool f16 : {true, false}) {
       std::vector<Out> out;
-      RunLookup(heads, segs, 64, pt, &out, false, tf32);
-      CheckAll(heads, segs, out);
+      RunLookup(heads, segs, 64, pt, &out, false, f16);
+      CheckAll(heads, segs, out, f16);
     }
   }
 }
@@ -320,12 +395,14 @@ TEST(GpuLookup, ThresholdAndDenseModes) {
       segs.push_back(MakeSeg(rng, heads[h], h, rows, RefMode::kDense, 0.1));
     }
   }
-  std::vector<Out> out;
-  RunLookup(heads, segs, kD, kPt, &out);
-  CheckAll(heads, segs, out);
-  for (size_t i = 0; i < segs.size(); ++i) {
-    if (segs[i].mode == RefMode::kDense) {
-      EXPECT_EQ(static_cast<int>(out[i].clusters.size()), heads[segs[i].head].x.num_clusters());
+  for (bool f16 : {true, false}) {
+    std::vector<Out> out;
+    RunLookup(heads, segs, kD, kPt, &out, false, f16);
+    CheckAll(heads, segs, out, f16);
+    for (size_t i = 0; i < segs.size(); ++i) {
+      if (segs[i].mode == RefMode::kDense) {
+        EXPECT_EQ(static_cast<int>(out[i].clusters.size()), heads[segs[i].head].x.num_clusters());
+      }
     }
   }
 }
@@ -344,18 +421,22 @@ TEST(GpuLookup, KeepNothingKeepEverythingSingleCluster) {
     segs.push_back(MakeSeg(rng, heads[1], 1, rows, RefMode::kBudget, 0.01));
     segs.push_back(MakeSeg(rng, heads[1], 1, rows, RefMode::kDense, 0.0));
   }
-  std::vector<Out> out;
-  RunLookup(heads, segs, kD, kPt, &out);
-  CheckAll(heads, segs, out);
-  for (size_t i = 0; i < segs.size(); ++i) {
-    if (segs[i].budget == 0 && segs[i].mode == RefMode::kBudget) {
-      EXPECT_TRUE(out[i].clusters.empty());
-      EXPECT_TRUE(out[i].page_ids.empty());
+  for (bool f16 : {true, false}) {
+    std::vector<Out> out;
+    RunLookup(heads, segs, kD, kPt, &out, false, f16);
+    CheckAll(heads, segs, out, f16);
+    for (size_t i = 0; i < segs.size(); ++i) {
+      if (segs[i].budget == 0 && segs[i].mode == RefMode::kBudget) {
+        EXPECT_TRUE(out[i].clusters.empty());
+        EXPECT_TRUE(out[i].page_ids.empty());
+      }
     }
   }
 }
 
-// Duplicated centroids give exactly equal scores: the cut must follow ascending cluster id.
+// Duplicated centroids give exactly equal scores on the device too (same arithmetic wherever an
+// entry sits in a tile): within a group of equal centroids the selection is a prefix in id order.
+// Float32: the selection equals the reference exactly; 16-bit: up to the tolerance.
 TEST(GpuLookup, TiesBreakByAscendingId) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
@@ -367,20 +448,31 @@ TEST(GpuLookup, TiesBreakByAscendingId) {
   for (int c = 0; c < x.num_clusters(); ++c) {
     std::copy_n(x.centroids.begin() + (c / 8 * 8) * kD, kD, x.centroids.begin() + c * kD);
   }
-  ASSERT_TRUE(Upload(x.centroids, &heads[0].centroids).ok());
+  UploadCentroids(&heads[0]);
   std::vector<Seg> segs;
   for (int rows : {3, 40}) {
     for (double f : {0.013, 0.05, 0.11, 0.37}) {
       segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, f));
     }
   }
-  std::vector<Out> out;
-  RunLookup(heads, segs, kD, kPt, &out);
-  // Equal scores are exact ties on both sides: no tolerance needed.
-  for (size_t i = 0; i < segs.size(); ++i) {
-    const RefSelection ref = RefSelect(x, segs[i].q.data(), segs[i].rows, RefMode::kBudget,
-                                       segs[i].budget, 0, 0, kTieTol);
-    EXPECT_EQ(out[i].clusters, ref.clusters) << "segment " << i;
+  for (bool f16 : {true, false}) {
+    std::vector<Out> out;
+    RunLookup(heads, segs, kD, kPt, &out, false, f16);
+    for (size_t i = 0; i < segs.size(); ++i) {
+      const RefSelection ref = RefSelect(x, segs[i].q.data(), segs[i].rows, RefMode::kBudget,
+                                         segs[i].budget, 0, 0, kTieTol);
+      if (!f16) {
+        EXPECT_EQ(out[i].clusters, ref.clusters) << "segment " << i;  // exact ties both sides
+        continue;
+      }
+      CheckAll(heads, {segs[i]}, {out[i]}, true, "TiesBreakByAscendingId");
+      std::vector<uint8_t> sel(x.num_clusters(), 0);
+      for (int32_t c : out[i].clusters) sel[c] = 1;
+      for (int c = 1; c < x.num_clusters(); ++c) {
+        if (c % 8 == 0) continue;
+        EXPECT_LE(sel[c], sel[c - 1]) << "segment " << i << " cluster " << c;
+      }
+    }
   }
 }
 
@@ -400,9 +492,11 @@ TEST(GpuLookup, ManySegmentsMixingContexts) {
     const RefMode rm = m == 0 ? RefMode::kDense : RefMode::kBudget;
     segs.push_back(MakeSeg(rng, heads[h], h, rows[i % 8], rm, frac(rng)));
   }
-  std::vector<Out> out;
-  RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true);
-  CheckAll(heads, segs, out);
+  for (bool f16 : {true, false}) {
+    std::vector<Out> out;
+    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, f16);
+    CheckAll(heads, segs, out, f16);
+  }
 }
 
 TEST(GpuLookup, HierarchicalMatchesReference) {
@@ -430,13 +524,15 @@ TEST(GpuLookup, HierarchicalMatchesReference) {
       segs.push_back(none);
     }
   }
-  std::vector<Out> out;
-  RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true);
-  CheckAll(heads, segs, out);
+  for (bool f16 : {true, false}) {
+    std::vector<Out> out;
+    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, f16);
+    CheckAll(heads, segs, out, f16);
+  }
 }
 
 // The sizes of the benchmarks: 128K tokens at 5% centroids, decode and prefill rows; both
-// arithmetic variants of the prefill path.
+// centroid storages.
 TEST(GpuLookup, ContextSizedIndex) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
@@ -446,16 +542,15 @@ TEST(GpuLookup, ContextSizedIndex) {
   std::vector<Seg> segs;
   segs.push_back(MakeSeg(rng, heads[0], 0, 4, RefMode::kBudget, 0.05));
   segs.push_back(MakeSeg(rng, heads[0], 0, 4096, RefMode::kBudget, 0.05));
-  for (bool tf32 : {false, true}) {
-    SCOPED_TRACE(tf32 ? "split tf32" : "fp32 fma");
+  for (bool f16 : {true, false}) {
     std::vector<Out> out;
-    RunLookup(heads, segs, kD, kPt, &out, false, tf32);
-    CheckAll(heads, segs, out);
+    RunLookup(heads, segs, kD, kPt, &out, false, f16);
+    CheckAll(heads, segs, out, f16);
   }
 }
 
-// The tiled (prefill) passes in both arithmetic variants: flat and two-level, budget and
-// threshold, head_dim 64 and 128, ragged row and entry counts.
+// The prefill paths (tensor cores for 16-bit centroids, fp32 tiles for float32): flat and
+// two-level, budget and threshold, head_dim 64 and 128, ragged row and entry counts.
 TEST(GpuLookup, TiledVariantsMatchReference) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
@@ -473,13 +568,130 @@ TEST(GpuLookup, TiledVariantsMatchReference) {
       s.threshold = 1.f / heads[h].x.tokens;
       segs.push_back(s);
     }
-    for (bool tf32 : {false, true}) {
-      SCOPED_TRACE(std::string(tf32 ? "split tf32" : "fp32 fma") + " d " + std::to_string(d));
+    for (bool f16 : {true, false}) {
+      SCOPED_TRACE("d " + std::to_string(d));
       std::vector<Out> out;
-      RunLookup(heads, segs, d, 16, &out, /*repeat=*/true, tf32);
-      CheckAll(heads, segs, out);
+      RunLookup(heads, segs, d, 16, &out, /*repeat=*/true, f16);
+      CheckAll(heads, segs, out, f16);
     }
   }
+}
+
+// Head dims the kernels pad (16, 48, 96: k-steps and lanes past head_dim read as zero) and the
+// largest (256: a whole warp per centroid, 16 k-steps), small and large paths.
+TEST(GpuLookup, HeadDimsUpTo256) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  for (int d : {16, 48, 96, 256}) {
+    SCOPED_TRACE("d " + std::to_string(d));
+    std::vector<Head> heads(2);
+    MakeHead(rng, 700, d, 16, 40, 0, &heads[0]);
+    MakeHead(rng, 300, d, 16, 40, 20, &heads[1]);
+    std::vector<Seg> segs;
+    for (int h = 0; h < 2; ++h) {
+      for (int rows : {1, 4, 9, 40, 700}) {
+        segs.push_back(MakeSeg(rng, heads[h], h, rows, RefMode::kBudget, 0.1));
+      }
+    }
+    for (bool f16 : {true, false}) {
+      std::vector<Out> out;
+      RunLookup(heads, segs, d, 16, &out, /*repeat=*/true, f16);
+      CheckAll(heads, segs, out, f16);
+    }
+  }
+}
+
+// Clustered synthetic data: centroids gathered tightly around a few topics, queries near one of
+// them, so the cut falls among many nearly equal scores (the hard case for 16-bit arithmetic).
+// Reports the mismatch rate next to the random-data tests'.
+TEST(GpuLookup, ClusteredDataWithinBound) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  for (float spread : {0.02f, 0.1f}) {
+    std::vector<Head> heads(2);
+    std::vector<std::vector<float>> topics(2);
+    std::vector<Seg> segs;
+    for (int h = 0; h < 2; ++h) {
+      heads[h].x = testing::MakeClusteredIndex(rng, 3000, kD, kPt, 39, 16, spread, &topics[h]);
+      heads[h].table.resize(heads[h].x.num_pages());
+      std::iota(heads[h].table.begin(), heads[h].table.end(), 0);
+      SetUpHead(&heads[h]);
+      for (int rows : {1, 4, 16, 64, 1024}) {
+        for (double f : {0.05, 0.1, 0.3}) {
+          Seg sg;
+          sg.head = h;
+          sg.rows = rows;
+          sg.q = testing::QueriesNearTopic(rng, topics[h], kD, rows);
+          sg.budget = Target(f, heads[h].x.tokens);
+          segs.push_back(sg);
+        }
+      }
+    }
+    for (bool f16 : {true, false}) {
+      std::vector<Out> out;
+      RunLookup(heads, segs, kD, kPt, &out, false, f16);
+      CheckAll(heads, segs, out, f16,
+               spread < 0.05f ? "ClusteredData spread 0.02" : "ClusteredData spread 0.1");
+    }
+  }
+}
+
+// Magnitudes binary16 cannot hold directly (centroids near 1e6 and 1e-6, queries near 1e4): the
+// per-head and per-row power-of-two scales keep them exact up to rounding.
+TEST(GpuLookup, LargeAndSmallMagnitudes) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  std::vector<Head> heads(2);
+  for (int h = 0; h < 2; ++h) {
+    heads[h].x = MakeIndex(rng, 900, kD, kPt, 30);
+    const float m = h == 0 ? 1e6f : 1e-6f;
+    for (float& v : heads[h].x.centroids) v *= m;
+    heads[h].table.resize(heads[h].x.num_pages());
+    std::iota(heads[h].table.begin(), heads[h].table.end(), 0);
+    SetUpHead(&heads[h]);
+  }
+  std::vector<Seg> segs;
+  for (int h = 0; h < 2; ++h) {
+    for (int rows : {4, 300}) {
+      Seg sg = MakeSeg(rng, heads[h], h, rows, RefMode::kBudget, 0.1);
+      // Logits of order 1: q scaled against the centroids' magnitude.
+      const float qm = h == 0 ? 1e-6f : 1e4f;
+      for (float& v : sg.q) v *= qm;
+      segs.push_back(sg);
+    }
+  }
+  std::vector<Out> out;
+  RunLookup(heads, segs, kD, kPt, &out, false, true);
+  CheckAll(heads, segs, out, true);
+}
+
+TEST(GpuLookup, CentroidScaleF16) {
+  // The scale is a power of two that puts the largest |c| in [2^14, 2^15); values round to
+  // nearest with 11 significant bits.
+  std::mt19937_64 rng(testing::FreshSeed());
+  for (float m : {1e-30f, 3e-5f, 1.f, 1.7f, 6e4f, 1e6f, 1e37f}) {
+    std::vector<float> c = testing::RandomNormal(512, rng);
+    float max_abs = 0;
+    for (float& v : c) v *= m;
+    for (float v : c) max_abs = std::max(max_abs, std::abs(v));
+    std::vector<uint16_t> h, none;
+    const float scale = CentroidsToF16(c, {}, &h, &none);
+    int ex = 0;
+    EXPECT_EQ(std::frexp(scale, &ex), 0.5f) << "scale " << scale << " is not a power of two";
+    EXPECT_GE(max_abs / scale, 16384.f);
+    EXPECT_LT(max_abs / scale, 32768.f);
+    for (size_t i = 0; i < c.size(); ++i) {
+      const double back = static_cast<double>(HalfToFloat(h[i])) * scale;
+      // Relative 2^-11 for normal binary16 values; absolute 2^-25 · scale below 2^-14 · scale.
+      EXPECT_LE(std::abs(back - c[i]),
+                std::max(std::ldexp(std::abs(static_cast<double>(c[i])), -11),
+                         std::ldexp(static_cast<double>(scale), -25)))
+          << "value " << c[i] << " scale " << scale;
+    }
+  }
+  EXPECT_EQ(CentroidScaleF16(0.f), 1.f);
 }
 
 TEST(GpuLookup, BudgetPageBoundIsAnUpperBound) {
@@ -508,6 +720,7 @@ TEST(GpuLookup, RejectsMalformedPlans) {
   std::vector<LookupSegment> segs(1);
   LookupLayout layout;
   EXPECT_TRUE(PlanLookup(100, &segs, &layout).IsInvalidArgument());  // head_dim
+  EXPECT_TRUE(PlanLookup(272, &segs, &layout).IsInvalidArgument());  // head_dim > 256
   EXPECT_TRUE(PlanLookup(128, &segs, &layout).IsInvalidArgument());  // empty segment
 }
 

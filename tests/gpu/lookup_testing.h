@@ -69,6 +69,36 @@ inline HeadIndex MakeIndex(std::mt19937_64& rng, int clusters, int d, int page_t
   return x;
 }
 
+// A "clustered" index: the centroids gather around `topics` random directions (each centroid its
+// topic plus noise of standard deviation `spread`), so many clusters of a topic score nearly alike.
+// queries: (rows, d) near one of the topics (noise 0.3), drawn by QueriesNearTopic.
+inline HeadIndex MakeClusteredIndex(std::mt19937_64& rng, int clusters, int d, int page_tokens,
+                                    int max_size, int topics, float spread,
+                                    std::vector<float>* topic_centres) {
+  HeadIndex x = MakeIndex(rng, clusters, d, page_tokens, max_size);
+  *topic_centres = RandomNormal(static_cast<size_t>(topics) * d, rng);
+  std::uniform_int_distribution<int> pick(0, topics - 1);
+  std::normal_distribution<float> noise(0.f, spread);
+  for (int c = 0; c < clusters; ++c) {
+    const float* t = topic_centres->data() + static_cast<size_t>(pick(rng)) * d;
+    for (int i = 0; i < d; ++i) x.centroids[static_cast<size_t>(c) * d + i] = t[i] + noise(rng);
+  }
+  return x;
+}
+
+inline std::vector<float> QueriesNearTopic(std::mt19937_64& rng, const std::vector<float>& topics,
+                                           int d, int rows) {
+  const int n = static_cast<int>(topics.size()) / d;
+  const float* t =
+      topics.data() + static_cast<size_t>(std::uniform_int_distribution<int>(0, n - 1)(rng)) * d;
+  std::normal_distribution<float> noise(0.f, 0.3f);
+  std::vector<float> q(static_cast<size_t>(rows) * d);
+  for (int r = 0; r < rows; ++r) {
+    for (int i = 0; i < d; ++i) q[static_cast<size_t>(r) * d + i] = t[i] + noise(rng);
+  }
+  return q;
+}
+
 // Scores of entries 0..scored-1, normaliser over every entry. cents: (entries) pointers to d
 // floats; sizes: (entries). q: (rows, d).
 inline std::vector<double> RefScores(const float* q, int rows, int d,
@@ -209,15 +239,54 @@ inline RefSelection RefSelect(const HeadIndex& x, const float* q, int rows, RefM
   return out;
 }
 
+// Relative tolerance at the cut for the device lookup (gpu/lookup.h) over index x and query rows
+// q: (rows, head_dim). Every logit q_r·c_j/√d is off by at most
+//   E_r = (u_c + u_q + d·2^-24) · |q_r| · max_j |c_j| / √d,
+// u = 2^-11 for an operand rounded to binary16 (centroids: f16_centroids; q: q_rounded, the large
+// path), d·2^-24 for float32 accumulation (and the scaled binary16 subnormals, far below it).
+// A score is a mean over rows of softmax terms, each off by a factor within e^(±2E) (numerator
+// and normaliser), so two clusters can change places in the ranking only when their scores lie
+// within a factor e^(4E) of each other, E = max_r E_r: a budget selection can then differ from the
+// reference only in clusters within that factor of the cut (and a threshold selection only within
+// e^(2E) of the threshold). `base` is added for float32 scores and exponentials.
+inline double LookupTolerance(const HeadIndex& x, const float* q, int rows, bool f16_centroids,
+                              bool q_rounded, double base) {
+  const int d = x.head_dim;
+  auto max_norm = [d](const std::vector<float>& v) {
+    double m = 0;
+    for (size_t r = 0; r + d <= v.size(); r += d) {
+      double n = 0;
+      for (int i = 0; i < d; ++i) n += static_cast<double>(v[r + i]) * v[r + i];
+      m = std::max(m, n);
+    }
+    return std::sqrt(m);
+  };
+  const double c = std::max(max_norm(x.centroids), max_norm(x.l1_centroids));
+  double qn = 0;
+  for (int r = 0; r < rows; ++r) {
+    double n = 0;
+    for (int i = 0; i < d; ++i) n += static_cast<double>(q[r * d + i]) * q[r * d + i];
+    qn = std::max(qn, n);
+  }
+  const double u = (f16_centroids ? std::ldexp(1.0, -11) : 0.0) +
+                   (q_rounded ? std::ldexp(1.0, -11) : 0.0) + d * std::ldexp(1.0, -24);
+  const double e = u * std::sqrt(qn) * c / std::sqrt(static_cast<double>(d));
+  return base + std::expm1(4 * e);
+}
+
 // Empty when `got` equals the reference up to clusters whose score is within tol (relative) of
-// the cut; else a message naming the first disagreement. near_ties counts the tolerated ones.
+// the cut; else a message naming the first disagreement. near_ties counts the tolerated ones;
+// max_gap (optional) the largest |score - cut| / cut among them.
 inline std::string CompareSelection(const RefSelection& ref, const std::vector<int32_t>& got,
-                                    double tol, int* near_ties) {
+                                    double tol, int* near_ties, double* max_gap = nullptr) {
   std::vector<int32_t> diff;
   std::set_symmetric_difference(ref.clusters.begin(), ref.clusters.end(), got.begin(), got.end(),
                                 std::back_inserter(diff));
   for (int32_t c : diff) {
     const double s = ref.score[c];
+    if (max_gap != nullptr && !std::isnan(s) && ref.cut != 0) {
+      *max_gap = std::max(*max_gap, std::abs(s - ref.cut) / std::abs(ref.cut));
+    }
     if (std::isnan(s) || std::abs(s - ref.cut) > tol * std::abs(ref.cut)) {
       return "cluster " + std::to_string(c) + " (score " + std::to_string(s) + ", cut " +
              std::to_string(ref.cut) + ") " +
