@@ -1,7 +1,12 @@
 // Device lookup and the whole engine path (lookup + paged attention), timed with CUDA events on
 // device buffers (no host copies): 32K and 128K-token contexts, 5% centroids, 8 kv heads,
-// head_dim 128, bf16 pages of 16 tokens; decode (1 query x 32 heads, batch 8 distinct contexts)
-// and prefill (1,024 queries x 32 heads, one context).
+// head_dim 128, bf16 pages of 16 tokens; decode batch 1 (1 query x 32 heads, one context) and
+// batch 8 (8 distinct contexts), prefill (1,024 queries x 32 heads, one context). Eight contexts
+// are resident; batch-1 and prefill launches rotate over them, so centroids come from HBM, not L2.
+//
+// Per case: the engine's lookup (16-bit centroids) in full, its scoring alone (score_only: the
+// selection is the difference), the same lookup over float32 copies of the centroids, each also
+// as a replayed CUDA graph; then Engine::Run (lookup + attention) and its graph.
 //
 // Usage: gpu_lookup_bench [--iters N] [--keep F]
 #include <algorithm>
@@ -10,6 +15,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,8 +39,9 @@ constexpr int kHeadDim = 128;
 constexpr int kPageTokens = 16;
 constexpr int kQHeads = 32;
 constexpr double kCentroidFraction = 0.05;
-constexpr int kDecodeBatch = 8;
+constexpr int kContexts = 8;
 constexpr int kPrefillQueries = 1024;
+constexpr int kWarmup = 3;
 
 // splitmix64: fast fresh inputs for gigabytes of pages.
 struct Rng {
@@ -74,7 +82,6 @@ HeadIndex MakeHead(Rng& rng, int tokens) {
                                    (n + kPageTokens - 1) / kPageTokens);
   }
   x.centroids.resize(x.cluster_size.size() * kHeadDim);
-  for (float& v : x.centroids) v = rng.Normal();
   x.positions.assign(static_cast<size_t>(x.num_pages()) * kPageTokens, -1);
   int pos = 0;
   for (int c = 0; c < x.num_clusters(); ++c) {
@@ -98,26 +105,106 @@ double Median(std::vector<float> v) {
     }                                                                                \
   } while (0)
 
-struct Row {
-  std::string name;
-  double lookup_us, lookup_alt_us, whole_us, graph_us;
-  double centroid_mb, pages_mb, gflop;
+// One resident context: its engine key and float32 device copies of its centroids.
+struct Context {
+  uint64_t key = 0;
+  std::vector<gpu::DeviceBuffer> centroids32;  // (kv heads) of (clusters, head_dim)
 };
 
-Row RunCase(gpu::Engine* engine, const std::string& name, const std::vector<uint64_t>& layers,
-            int n, float keep, int iters, Rng& rng) {
-  std::vector<gpu::DeviceQuery> dq;
-  for (uint64_t key : layers) {
-    gpu::DeviceQuery q;
-    q.layer_key = key;
-    q.q_heads = kQHeads;
-    q.n = n;
-    q.select.keep_fraction = keep;
-    dq.push_back(q);
+// A lookup of a plan's segments over float32 centroids, with its own workspace and outputs.
+struct F32Lookup {
+  std::vector<gpu::LookupSegment> segments;
+  gpu::LookupLayout layout;
+  gpu::LookupArgs args;
+  gpu::DeviceBuffer dsegs, ws, outputs;
+};
+
+void MakeF32Lookup(const gpu::PlanImpl& plan, const std::vector<const Context*>& ctx,
+                   F32Lookup* f) {
+  f->segments = plan.segments;
+  for (size_t i = 0; i < f->segments.size(); ++i) {
+    gpu::LookupSegment& s = f->segments[i];
+    s.centroids = ctx[i / kKvHeads]->centroids32[i % kKvHeads].as<float>();
+    s.centroids_f16 = nullptr;
+    s.centroid_scale = 1.f;
   }
-  std::unique_ptr<gpu::QueryPlan> plan;
-  CHECK_OK(engine->Plan(dq, &plan));
-  const size_t rows = plan->total_rows();
+  CHECK_OK(gpu::PlanLookup(kHeadDim, &f->segments, &f->layout));
+  const int n = static_cast<int>(f->segments.size());
+  CHECK_OK(f->dsegs.Allocate(n * sizeof(gpu::LookupSegment)));
+  CHECK_OK(f->dsegs.CopyFromHost(f->segments.data(), n * sizeof(gpu::LookupSegment)));
+  CHECK_OK(f->ws.Allocate(gpu::LookupWorkspaceBytes(f->layout)));
+  std::vector<uint8_t> tables;
+  gpu::LookupWorkspaceTables(f->layout, &tables);
+  CHECK_OK(f->ws.CopyFromHost(tables.data(), tables.size()));
+  const size_t pc = std::max(1, f->layout.total_page_capacity);
+  const size_t cc = std::max(1, f->layout.total_cluster_capacity);
+  CHECK_OK(f->outputs.Allocate((4 * n + 2 * pc + cc) * sizeof(int32_t)));
+  auto* o = f->outputs.as<int32_t>();
+  f->args = plan.lookup;
+  f->args.segments = f->dsegs.as<gpu::LookupSegment>();
+  f->args.seg_page_count = o;
+  f->args.seg_cluster_count = o + n;
+  f->args.seg_tokens = o + 2 * n;
+  f->args.seg_scored = o + 3 * n;
+  f->args.page_ids = o + 4 * n;
+  f->args.page_valid = o + 4 * n + pc;
+  f->args.cluster_ids = o + 4 * n + 2 * pc;
+  f->args.workspace = f->ws.get();
+}
+
+struct Row {
+  std::string name;
+  double lookup_us = 0, lookup_graph_us = 0, score_us = 0, score_graph_us = 0, f32_us = 0,
+         f32_graph_us = 0, whole_us = 0, whole_graph_us = 0;
+  double centroid_mb = 0, pages_mb = 0, gflop = 0;
+};
+
+// Median µs of `calls` enqueued back to back (call i gets i), then of graph replays of each
+// call's capture (-1 when capture fails).
+void Time(gpu::Stream& stream, int reps, int variants, const std::function<Status(int)>& call,
+          double* us, double* graph_us) {
+  int next = 0;
+  std::vector<float> ms;
+  CHECK_OK(gpu::TimeOnStream(
+      stream.get(), kWarmup, reps, [&] { return call(next++ % variants); }, &ms));
+  *us = Median(ms);
+  std::vector<std::unique_ptr<gpu::CapturedGraph>> graphs(variants);
+  for (int v = 0; v < variants; ++v) {
+    Status st = gpu::CapturedGraph::Capture(
+        stream.get(), [&] { return call(v); }, &graphs[v]);
+    if (!st.ok()) {
+      std::fprintf(stderr, "graph capture: %s\n", st.ToString().c_str());
+      *graph_us = -1;
+      return;
+    }
+  }
+  next = 0;
+  CHECK_OK(gpu::TimeOnStream(
+      stream.get(), kWarmup, reps, [&] { return graphs[next++ % variants]->Replay(stream.get()); },
+      &ms));
+  *graph_us = Median(ms);
+}
+
+// groups: the requests of each plan (a plan per group; launches rotate over the groups).
+Row RunCase(gpu::Engine* engine, const std::string& name,
+            const std::vector<std::vector<const Context*>>& groups, int n, float keep, int iters,
+            Rng& rng) {
+  std::vector<std::unique_ptr<gpu::QueryPlan>> plans;
+  std::vector<F32Lookup> f32(groups.size());
+  for (size_t g = 0; g < groups.size(); ++g) {
+    std::vector<gpu::DeviceQuery> dq;
+    for (const Context* c : groups[g]) {
+      gpu::DeviceQuery q;
+      q.layer_key = c->key;
+      q.q_heads = kQHeads;
+      q.n = n;
+      q.select.keep_fraction = keep;
+      dq.push_back(q);
+    }
+    plans.emplace_back();
+    CHECK_OK(engine->Plan(dq, &plans.back()));
+  }
+  const size_t rows = plans[0]->total_rows();
   std::vector<float> hq(rows * kHeadDim);
   for (float& v : hq) v = 1.5f * rng.Normal();
   gpu::DeviceBuffer q, out, lse;
@@ -127,60 +214,59 @@ Row RunCase(gpu::Engine* engine, const std::string& name, const std::vector<uint
   gpu::Stream stream;
   CHECK_OK(gpu::Stream::Create(&stream));
   const gpu::DeviceIO io{q.as<float>(), out.as<float>(), lse.as<float>()};
-  CHECK_OK(gpu::Synchronize());  // the upload ran on the legacy stream
-  auto& impl = static_cast<gpu::PlanImpl&>(*plan);
-  impl.lookup.q = q.as<float>();
-  const int warmup = 3;
+  std::vector<gpu::LookupArgs> score_only(groups.size());
+  for (size_t g = 0; g < groups.size(); ++g) {
+    auto& impl = static_cast<gpu::PlanImpl&>(*plans[g]);
+    impl.lookup.q = q.as<float>();
+    score_only[g] = impl.lookup;
+    score_only[g].score_only = true;
+    MakeF32Lookup(impl, groups[g], &f32[g]);
+  }
+  CHECK_OK(gpu::Synchronize());  // uploads ran on the legacy stream
   const int reps = n > 1 ? std::max(5, iters / 5) : iters;
-
-  std::vector<float> ms;
-  CHECK_OK(gpu::TimeOnStream(
-      stream.get(), warmup, reps,
-      [&] { return gpu::LaunchLookup(impl.lookup, impl.layout, stream.get()); }, &ms));
+  const int variants = static_cast<int>(groups.size());
+  auto impl = [&](int v) -> gpu::PlanImpl& { return static_cast<gpu::PlanImpl&>(*plans[v]); };
   Row row;
   row.name = name;
-  row.lookup_us = Median(ms);
-  // The other arithmetic of the tiled (prefill) passes.
-  row.lookup_alt_us = 0;
-  if (!impl.layout.large_list.empty()) {
-    gpu::LookupArgs alt = impl.lookup;
-    alt.split_tf32 = !alt.split_tf32;
-    CHECK_OK(gpu::TimeOnStream(
-        stream.get(), warmup, reps,
-        [&] { return gpu::LaunchLookup(alt, impl.layout, stream.get()); }, &ms));
-    row.lookup_alt_us = Median(ms);
-  }
-  CHECK_OK(gpu::TimeOnStream(
-      stream.get(), warmup, reps, [&] { return engine->Run(*plan, io, stream.get()); }, &ms));
-  row.whole_us = Median(ms);
-  std::unique_ptr<gpu::CapturedGraph> graph;
-  Status st = gpu::CapturedGraph::Capture(
-      stream.get(), [&] { return engine->Run(*plan, io, stream.get()); }, &graph);
-  if (st.ok()) {
-    st = gpu::TimeOnStream(
-        stream.get(), warmup, reps, [&] { return graph->Replay(stream.get()); }, &ms);
-  }
-  row.graph_us = st.ok() ? Median(ms) : -1;  // -1: the graph path failed (reported)
-  if (!st.ok()) std::fprintf(stderr, "%s: graph: %s\n", name.c_str(), st.ToString().c_str());
+  Time(
+      stream, reps, variants,
+      [&](int v) { return gpu::LaunchLookup(impl(v).lookup, impl(v).layout, stream.get()); },
+      &row.lookup_us, &row.lookup_graph_us);
+  Time(
+      stream, reps, variants,
+      [&](int v) { return gpu::LaunchLookup(score_only[v], impl(v).layout, stream.get()); },
+      &row.score_us, &row.score_graph_us);
+  Time(
+      stream, reps, variants,
+      [&](int v) { return gpu::LaunchLookup(f32[v].args, f32[v].layout, stream.get()); },
+      &row.f32_us, &row.f32_graph_us);
+  Time(
+      stream, reps, variants, [&](int v) { return engine->Run(*plans[v], io, stream.get()); },
+      &row.whole_us, &row.whole_graph_us);
 
+  // Bytes and work of one launch (the first group; all groups have the same shape).
   std::vector<std::vector<sqkv::HeadSelection>> sel;
-  CHECK_OK(engine->ReadSelections(*plan, stream.get(), &sel));
+  CHECK_OK(engine->Run(*plans[0], io, stream.get()));
+  CHECK_OK(engine->ReadSelections(*plans[0], stream.get(), &sel));
   double pages = 0, centroids = 0, gflop = 0;
   for (size_t r = 0; r < sel.size(); ++r) {
     for (const auto& h : sel[r]) {
       pages += h.pages;
       centroids += h.centroids_scored;
-      // Large path: two tiled passes of 2 * rows * centroids * d.
+      // Large path: two passes of 2 * rows * centroids * d.
       const double seg_rows = static_cast<double>(kQHeads / kKvHeads) * n;
       gflop += (seg_rows > gpu::kLookupSmallRows ? 4.0 : 2.0) * seg_rows * h.centroids_scored *
                kHeadDim * 1e-9;
     }
   }
-  row.centroid_mb = centroids * kHeadDim * 4 / 1e6;
+  row.centroid_mb = centroids * kHeadDim * 2 / 1e6;  // 16-bit storage
   row.pages_mb = pages * sqkv::PageBytes(kPageTokens, kHeadDim, DType::kBF16) / 1e6;
   row.gflop = gflop;
-  std::fprintf(stderr, "%s: lookup %.1f us (alt %.1f), whole %.1f us, graph %.1f us\n",
-               name.c_str(), row.lookup_us, row.lookup_alt_us, row.whole_us, row.graph_us);
+  std::fprintf(stderr,
+               "%s: lookup %.1f us (graph %.1f), scores %.1f (graph %.1f), f32 %.1f (graph %.1f), "
+               "whole %.1f (graph %.1f)\n",
+               name.c_str(), row.lookup_us, row.lookup_graph_us, row.score_us, row.score_graph_us,
+               row.f32_us, row.f32_graph_us, row.whole_us, row.whole_graph_us);
   return row;
 }
 
@@ -217,31 +303,40 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < pages.size(); ++i) {
       pages[i] = static_cast<uint16_t>(0x3c00 + (rng.Next() & 0x3ff)) ^ ((i & 1) << 15);
     }
-    std::vector<uint64_t> keys;
-    for (int c = 0; c < kDecodeBatch; ++c) {
+    std::vector<Context> ctx(kContexts);
+    for (Context& c : ctx) {
       // Each context gets its own centroids (its own index), the same page contents.
       for (HeadIndex& x : heads) {
         for (float& v : x.centroids) v = rng.Normal();
+        c.centroids32.emplace_back();
+        CHECK_OK(gpu::Upload(x.centroids, &c.centroids32.back()));
       }
-      CHECK_OK(engine->LoadLayer(next_key, DType::kBF16, kPageTokens, heads, pages.data()));
-      keys.push_back(next_key++);
+      c.key = next_key++;
+      CHECK_OK(engine->LoadLayer(c.key, DType::kBF16, kPageTokens, heads, pages.data()));
+    }
+    std::vector<std::vector<const Context*>> singles, batch(1);
+    for (const Context& c : ctx) {
+      singles.push_back({&c});
+      batch[0].push_back(&c);
     }
     const std::string t = tokens == 32768 ? "32K" : "128K";
-    rows.push_back(RunCase(engine.get(), t + " decode b8", keys, 1, keep, iters, rng));
+    rows.push_back(RunCase(engine.get(), t + " decode b1", singles, 1, keep, iters, rng));
+    rows.push_back(RunCase(engine.get(), t + " decode b8", batch, 1, keep, iters, rng));
     rows.push_back(
-        RunCase(engine.get(), t + " prefill 1024", {keys[0]}, kPrefillQueries, keep, iters, rng));
-    for (uint64_t k : keys) engine->EvictLayer(k);
+        RunCase(engine.get(), t + " prefill 1024", singles, kPrefillQueries, keep, iters, rng));
+    for (const Context& c : ctx) engine->EvictLayer(c.key);
   }
   std::printf("\nkeep_fraction %.3f, 8 kv heads, 32 q heads, d 128, bf16, 16-token pages\n", keep);
-  std::printf("tiled passes: %s (alt_us: %s)\n",
-              gpu::kLookupSplitTf32Default ? "split tf32" : "fp32 fma",
-              gpu::kLookupSplitTf32Default ? "fp32 fma" : "split tf32");
-  std::printf("%-18s %10s %10s %10s %10s %9s %9s %8s %8s\n", "case", "lookup_us", "alt_us",
-              "whole_us", "graph_us", "cent_MB", "pages_MB", "lk_GB/s", "lk_TF/s");
+  std::printf(
+      "lookup: 16-bit centroids (the engine's); score: its scoring alone (score_only); "
+      "f32: float32 centroids; g: graph replay\n");
+  std::printf("%-17s %8s %8s %8s %8s %8s %8s %8s %8s %7s %8s %8s %7s\n", "case", "lookup", "g",
+              "score", "g", "f32", "g", "whole", "g", "cent_MB", "pages_MB", "lk_GB/s", "lk_TF/s");
   for (const Row& r : rows) {
-    std::printf("%-18s %10.1f %10.1f %10.1f %10.1f %9.1f %9.1f %8.0f %8.1f\n", r.name.c_str(),
-                r.lookup_us, r.lookup_alt_us, r.whole_us, r.graph_us, r.centroid_mb, r.pages_mb,
-                r.centroid_mb / r.lookup_us * 1e3, r.gflop / r.lookup_us * 1e3);
+    std::printf("%-17s %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %7.1f %8.1f %8.0f %7.1f\n",
+                r.name.c_str(), r.lookup_us, r.lookup_graph_us, r.score_us, r.score_graph_us,
+                r.f32_us, r.f32_graph_us, r.whole_us, r.whole_graph_us, r.centroid_mb, r.pages_mb,
+                r.centroid_mb / r.lookup_graph_us * 1e3, r.gflop / r.lookup_graph_us * 1e3);
   }
   return 0;
 }
