@@ -39,12 +39,13 @@ class AsioConnection final : public Connection {
     tcp::resolver resolver(io_);
     auto endpoints = resolver.resolve(host, port, tcp::resolver::numeric_service, ec);
     if (ec) return Status::Unavailable("cannot resolve " + peer_ + ": " + ec.message());
-    Status result = Status::Unavailable("connect to " + peer_ + ": timed out");
-    RunUntil(deadline, [&]() -> asio::awaitable<void> {
+    Status result;
+    const bool finished = RunUntil(deadline, [&]() -> asio::awaitable<void> {
       auto [cec, ep] = co_await asio::async_connect(socket_, endpoints, as_tuple(use_awaitable));
       result = cec ? Status::Unavailable("connect to " + peer_ + ": " + cec.message())
                    : Status::Ok();
     });
+    if (!finished) result = Status::Unavailable("connect to " + peer_ + ": timed out");
     if (!result.ok()) {
       broken_ = true;
       return result;
@@ -57,8 +58,8 @@ class AsioConnection final : public Connection {
               const OnProgress& on_progress) override {
     if (broken_) return Status::Unavailable("connection to " + peer_ + " is closed");
     SQKV_RETURN_IF_ERROR(EncodeRequest(request, &out_));
-    Status result = Status::Unavailable("server " + peer_ + ": deadline exceeded");
-    RunUntil(deadline, [&]() -> asio::awaitable<void> {
+    Status result = Status::Internal("call to " + peer_ + " ended without a result");
+    const bool finished = RunUntil(deadline, [&]() -> asio::awaitable<void> {
       auto [wec, wn] = co_await asio::async_write(
           socket_, asio::buffer(out_.data(), out_.size() * kWordBytes), as_tuple(use_awaitable));
       if (wec) {
@@ -96,6 +97,7 @@ class AsioConnection final : public Connection {
         co_return;
       }
     });
+    if (!finished) result = Status::Unavailable("server " + peer_ + ": deadline exceeded");
     if (!result.ok()) broken_ = true;  // the stream position is unknown: never reuse
     if (out_.capacity() > kKeepBufferWords) std::vector<uint64_t>().swap(out_);
     if (in_.capacity() > kKeepBufferWords) std::vector<uint64_t>().swap(in_);
@@ -137,10 +139,10 @@ class AsioConnection final : public Connection {
     co_return Status::Ok();
   }
 
-  // Runs `body` on the private io_context until it ends or `deadline` passes; then the socket is
-  // closed, which ends any operation in flight.
+  // Runs `body` on the private io_context until it ends (true) or `deadline` passes (false); then
+  // the socket is closed, which ends any operation in flight.
   template <typename Body>
-  void RunUntil(Clock::time_point deadline, Body body) {
+  bool RunUntil(Clock::time_point deadline, Body body) {
     bool finished = false;
     io_.restart();
     asio::co_spawn(io_, body, [&finished](std::exception_ptr) { finished = true; });
@@ -155,7 +157,9 @@ class AsioConnection final : public Connection {
       socket_.close(ignored);
       io_.restart();
       io_.run();  // lets the coroutine see the closed socket and end
+      return false;
     }
+    return true;
   }
 
   std::string peer_;

@@ -187,6 +187,14 @@ asio::awaitable<void> ServerImpl::MetricsAcceptLoop() {
   }
 }
 
+bool ServerImpl::ReserveFrameBytes(uint64_t bytes) {
+  uint64_t used = frame_bytes_.load();
+  do {
+    if (used + bytes > options_.max_inflight_message_bytes) return false;
+  } while (!frame_bytes_.compare_exchange_weak(used, used + bytes));
+  return true;
+}
+
 void ServerImpl::Unregister(uint64_t session_id) {
   std::lock_guard<std::mutex> lock(sessions_mu_);
   sessions_.erase(session_id);

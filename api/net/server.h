@@ -38,6 +38,10 @@ struct ServerOptions {
   int workers = 0;
   // Largest message accepted (and sent). Default: 256 MiB.
   uint64_t max_message_bytes = uint64_t{256} << 20;
+  // Bytes of large messages (over 1 MiB) being read at once, over all connections; a message
+  // that would exceed it is refused (Unavailable) and its connection closed, so a few huge
+  // messages cannot exhaust memory. Default: 1 GiB.
+  uint64_t max_inflight_message_bytes = uint64_t{1} << 30;
   // Largest data of one upload chunk (must fit in a message). Default: 8 MiB.
   uint32_t chunk_bytes = 8u << 20;
   // Largest file one import may upload. Default: 64 GiB.

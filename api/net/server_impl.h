@@ -66,6 +66,9 @@ class ServerImpl final : public Server {
   bool stopping() const { return stopping_.load(std::memory_order_acquire); }
   const std::string& upload_dir() const { return upload_dir_; }
   uint64_t NextUploadId() { return next_upload_id_.fetch_add(1) + 1; }
+  // Reserves `bytes` of the large-message budget (max_inflight_message_bytes); false when full.
+  bool ReserveFrameBytes(uint64_t bytes);
+  void ReleaseFrameBytes(uint64_t bytes) { frame_bytes_.fetch_sub(bytes); }
   void Log(const std::string& line) const;
   void Unregister(uint64_t session_id);
 
@@ -91,6 +94,7 @@ class ServerImpl final : public Server {
 
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> next_upload_id_{0};
+  std::atomic<uint64_t> frame_bytes_{0};
   std::mutex sessions_mu_;
   uint64_t next_session_id_ = 0;  // under sessions_mu_
   std::unordered_map<uint64_t, std::weak_ptr<SessionState>> sessions_;

@@ -26,6 +26,8 @@ using asio::use_awaitable;
 
 // A frame buffer kept for the connection's life; shrunk after an unusually large message.
 constexpr size_t kKeepBufferWords = (size_t{4} << 20) / kWordBytes;
+// Frames larger than this count against the server's max_inflight_message_bytes.
+constexpr uint64_t kLargeFrameBytes = uint64_t{1} << 20;
 
 constexpr char kServerName[] = "sqkv-serve 0.1.0";
 
@@ -73,6 +75,12 @@ class Session {
         st_(std::move(st)),
         calls_(server, st_->socket.get_executor()),
         authenticated_(server->options().auth_token.empty()) {}
+
+  ~Session() {
+    if (reserved_ > 0) server_->ReleaseFrameBytes(reserved_);  // the connection died mid-frame
+  }
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
 
   asio::awaitable<void> Serve() {
     for (;;) {
@@ -138,6 +146,13 @@ class Session {
       *status = total.status();
       co_return true;
     }
+    if (*total > kLargeFrameBytes) {
+      if (!server_->ReserveFrameBytes(*total)) {
+        *status = Status::Unavailable("server busy: too many large messages in flight");
+        co_return true;  // answered, then closed (framing_ok stays false)
+      }
+      reserved_ = *total;
+    }
     EnsureBuffer(*total / kWordBytes);
     if (*total > *table) {
       auto [ec3, n3] = co_await asio::async_read(
@@ -162,6 +177,10 @@ class Session {
   }
 
   void ShrinkBuffer() {
+    if (reserved_ > 0) {
+      server_->ReleaseFrameBytes(reserved_);
+      reserved_ = 0;
+    }
     if (capacity_ > kKeepBufferWords) {
       frame_.reset();
       capacity_ = 0;
@@ -256,6 +275,7 @@ class Session {
   bool authenticated_;
   std::unique_ptr<uint64_t[]> frame_;
   size_t capacity_ = 0, frame_words_ = 0;
+  uint64_t reserved_ = 0;  // of the server's large-message budget, held by frame_
   std::vector<uint64_t> out_;
 };
 

@@ -185,3 +185,41 @@ TEST(GarbageTest, UploadsRefuseGapsOverrunsAndStrangers) {
 
 }  // namespace
 }  // namespace sqkv::net
+
+namespace sqkv::net {
+namespace {
+
+TEST(GarbageTest, LargeMessagesShareABudget) {
+  ServerOptions o;
+  o.max_message_bytes = 4 << 20;
+  o.chunk_bytes = 1 << 16;
+  o.max_inflight_message_bytes = 2 << 20;
+  LiveServer live(o);
+  constexpr uint32_t kWords = (3 << 20) / 2 / 8;  // 1.5 MiB announced
+  const uint32_t header[2] = {0, kWords};
+  RawSocket hog(live.address());
+  ASSERT_TRUE(hog.Send(header, sizeof(header)));
+  const std::string some(4096, 'x');
+  ASSERT_TRUE(hog.Send(some.data(), some.size()));  // and then stalls, holding 1.5 MiB
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+
+  RawSocket second(live.address());
+  ASSERT_TRUE(second.Send(header, sizeof(header)));
+  Response r;
+  ASSERT_TRUE(second.ReadResponse(&r));
+  EXPECT_TRUE(r.status.IsUnavailable()) << r.status.ToString();
+  EXPECT_NE(r.status.message().find("busy"), std::string::npos);
+  EXPECT_TRUE(second.ClosedByPeer());
+
+  hog.ShutdownWrite();  // the hog goes away: its reservation is returned
+  EXPECT_TRUE(hog.ClosedByPeer());
+  RawSocket third(live.address());
+  ASSERT_TRUE(third.Send(header, sizeof(header)));
+  const std::vector<char> body(size_t{kWords} * 8, '\x01');
+  third.Send(body.data(), body.size());
+  ASSERT_TRUE(third.ReadResponse(&r));
+  EXPECT_TRUE(r.status.IsInvalidArgument()) << r.status.ToString();  // read, then undecodable
+}
+
+}  // namespace
+}  // namespace sqkv::net
