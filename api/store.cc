@@ -129,6 +129,9 @@ Result<std::shared_ptr<SegmentReader>> StoreImpl::GetSegment(const ContextRecord
   std::unique_ptr<SegmentReader> reader;
   SQKV_RETURN_IF_ERROR(SegmentReader::Open(SegmentPath(r), &reader).WithContext("context " + r.name));
   std::shared_ptr<SegmentReader> shared(std::move(reader));
+  // Each reader holds three descriptors: keep a bounded set open (queries in flight keep theirs
+  // through the shared_ptr).
+  if (segments_.size() >= options_.open_segments) segments_.erase(segments_.begin());
   segments_[r.version] = shared;
   return shared;
 }

@@ -40,6 +40,8 @@ struct StoreOptions {
   // Bytes of the host page cache between the segment files and the queries (pinned memory when
   // a GPU is present). Default: 1 GiB.
   size_t host_cache_bytes = 1ull << 30;
+  // Segment files kept open (three descriptors each). Default: 256.
+  size_t open_segments = 256;
 };
 
 // Where `sqkv pin` keeps a context resident.
@@ -142,7 +144,9 @@ struct TierStats {
   std::vector<uint64_t> disk_read_us_log2;
   // Device tier.
   uint64_t device_layers_resident = 0, device_pool_bytes_used = 0, device_pool_bytes = 0;
-  uint64_t device_layers_loaded = 0, device_layers_evicted = 0;
+  uint64_t device_layers_loaded = 0, device_layers_evicted = 0;  // layer indexes
+  uint64_t device_hits = 0, device_misses = 0;  // pages
+  uint64_t device_pages_uploaded = 0, device_bytes_uploaded = 0, device_pages_evicted = 0;
 };
 
 struct QueryResult {

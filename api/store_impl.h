@@ -2,6 +2,7 @@
 #pragma once
 
 #include <array>
+#include <deque>
 #include <atomic>
 #include <functional>
 #include <list>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "api/store.h"
+#include "gpu/engine.h"
 #include "index/head_index.h"
 #include "storage/catalog.h"
 #include "storage/page_cache.h"
@@ -118,8 +120,17 @@ class StoreImpl : public Store {
   Status AcquireHostPages(const ContextRecord& r, const LayerData& layer,
                           const SegmentReader& segment, const std::vector<uint64_t>& pages,
                           HostPages* out);
+  // Device tier (caller holds engine_mu_).
+  static uint64_t DeviceKey(uint64_t version, int layer) {
+    return (version << 16) | static_cast<uint64_t>(layer);
+  }
+  Status EnsureDeviceIndex(const ContextRecord& r, int layer_id, const LayerData& layer);
   Status LoadLayerToDevice(const ContextRecord& r, int layer_id, const LayerData& layer,
-                           const SegmentReader& segment, QueryStats* stats);
+                           const SegmentReader& segment, bool pin);
+  gpu::PageSupplier HostSupplier(const ContextRecord& r, const LayerData& layer,
+                                 const SegmentReader& segment, std::deque<HostPages>* held,
+                                 QueryStats* stats);
+  void ReleaseHeld(std::deque<HostPages>* held);
   void RecordDiskRead(uint64_t bytes, uint64_t direct_bytes, uint64_t micros);
   // Indexes every layer from `layer_source`, writes a segment and publishes the version
   // (replacing the record of spec.name when `replace`).

@@ -94,7 +94,8 @@ Status StoreImpl::Preload(const std::string& name, Tier tier) {
     SQKV_ASSIGN_OR_RETURN(auto layer, GetLayer(r, l));
     if (tier == Tier::kDevice) {
       std::lock_guard<std::mutex> lock(engine_mu_);
-      SQKV_RETURN_IF_ERROR(LoadLayerToDevice(r, l, *layer, *segment, nullptr));
+      SQKV_RETURN_IF_ERROR(LoadLayerToDevice(r, l, *layer, *segment,
+                                             /*pin=*/gpu_pinned_versions_.count(r.version) > 0));
       continue;
     }
     const uint64_t first = layer->head_first_page[0], end = layer->head_first_page.back();
@@ -135,6 +136,12 @@ Status StoreImpl::Pin(const std::string& name, Tier tier) {
     } else {
       std::lock_guard<std::mutex> lock(engine_mu_);
       gpu_pinned_versions_.erase(r.version);
+      if (engine_) {
+        for (int l = 0; l < r.layers; ++l) {
+          const uint64_t key = DeviceKey(r.version, l);
+          if (engine_->HasLayer(key)) engine_->UnpinLayer(key).PermitUncheckedError();
+        }
+      }
     }
   }
   return s;
@@ -148,6 +155,12 @@ Status StoreImpl::Unpin(const std::string& name) {
   {
     std::lock_guard<std::mutex> lock(engine_mu_);
     gpu_pinned_versions_.erase(r.version);
+    if (engine_) {
+      for (int l = 0; l < r.layers; ++l) {
+        const uint64_t key = DeviceKey(r.version, l);
+        if (engine_->HasLayer(key)) engine_->UnpinLayer(key).PermitUncheckedError();
+      }
+    }
   }
   return catalog_->DeletePin(name);
 }
@@ -203,8 +216,14 @@ Status StoreImpl::GetTierStats(TierStats* out) {
   out->device_layers_loaded = device_layers_loaded_.load();
   out->device_layers_evicted = device_layers_evicted_.load();
   if (engine_) {
-    out->device_pool_bytes_used = engine_->pool_used_bytes();
-    out->device_pool_bytes = engine_->pool_bytes();
+    const gpu::EngineCounters c = engine_->counters();
+    out->device_pool_bytes_used = c.pool_used_bytes;
+    out->device_pool_bytes = c.pool_bytes;
+    out->device_hits = c.hits;
+    out->device_misses = c.misses;
+    out->device_pages_uploaded = c.pages_uploaded;
+    out->device_bytes_uploaded = c.bytes_uploaded;
+    out->device_pages_evicted = c.pages_evicted;
   }
   return Status::Ok();
 }
