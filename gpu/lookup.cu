@@ -183,6 +183,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
       // Nothing to score: the fused kernel's grid row only selects.
       l.small_list.push_back(i);
       l.max_small_tiles = std::max(l.max_small_tiles, 1);
+      l.max_small_clusters = std::max(l.max_small_clusters, s.num_clusters);
       continue;
     }
     if (s.run == LookupRun::kTwoLevel) {
@@ -198,6 +199,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
       l.small_list.push_back(i);
       l.max_small_tiles = std::max(l.max_small_tiles, s.tiles);
       l.max_small_rows = std::max(l.max_small_rows, s.rows);
+      l.max_small_clusters = std::max(l.max_small_clusters, s.num_clusters);
       continue;
     }
     s.large = 1;

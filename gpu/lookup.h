@@ -19,11 +19,16 @@
 // to clusters whose scores lie within a factor e^(4E) of the cut (tests/gpu/lookup_testing.h).
 //
 // Pipeline (all on the device, one launch of each kernel for the whole batch, no host round trip):
-//   rows <= kLookupSmallRows ("small" segments, decode) and unscored (fixed) segments: one fused
-//     kernel. Blocks of 128 centroids read each centroid once for all rows of the segment (16-byte
-//     loads, fp32 FMA with q in registers), write logits and per-tile (max, normaliser); the last
-//     block of a segment to finish (an arrival counter) combines the tiles, computes the scores
-//     and runs the selection.
+//   rows <= kLookupSmallRows ("small" segments, decode) and unscored (fixed) segments: blocks of
+//     128 centroids read each centroid once for all rows of the segment (16-byte loads, fp32 FMA
+//     with q in registers) and write logits and per-tile (max, normaliser). Staged selection (the
+//     default for single-level batches whose segments fit in shared memory, see
+//     LookupArgs::staged_select): a second kernel, one block of 1,024 threads per segment, reads
+//     the segment's sizes, page offsets and logits with coalesced loads into shared memory,
+//     finishes the scores there, runs the radix select over shared memory and emits the page list
+//     with block scans. Otherwise (two-level batches, segments too large for shared memory): the
+//     last block of a segment to finish (an arrival counter) combines the tiles, computes the
+//     scores and selects from global memory.
 //   rows > kLookupSmallRows ("large" segments, prefill), 16-bit centroids: q converted to 16 bits
 //     (per-row power-of-two scale), then two tensor-core passes (mma.sync m16n8k16, fp32
 //     accumulate): row tiles over every centroid for the exact per-row max and normaliser (online),
@@ -132,6 +137,7 @@ struct LookupLayout {
   int max_entries = 0;       // max entry_capacity over scored segments
   int max_small_tiles = 0;   // max tiles over small-list segments (>= 1 when the list is not empty)
   int max_small_rows = 0;    // max rows over scored small segments
+  int max_small_clusters = 0;  // max num_clusters over small-list segments (fixed ones too)
   int max_large_ctiles = 0;  // max ctiles over large segments
   int max_large_rtiles = 0;  // max row tiles over large segments
   int max_large_rows = 0;
@@ -157,6 +163,11 @@ struct LookupArgs {
   // Benchmarks only: compute the scores (workspace) and stop before the selection; the outputs
   // below are not written. Single-level indexes only (InvalidArgument otherwise). Default: false.
   bool score_only = false;
+  // Small segments: the staged selection (shared memory, 1,024 threads per segment) where the
+  // batch allows it (single level, the largest small segment's 16 bytes per cluster within the
+  // device's shared-memory limit); false: always the last scoring block's global-memory
+  // selection. Both give the same outputs. Default: true.
+  bool staged_select = true;
 
   // Outputs, device. Per segment s: seg_page_count[s] pages at page_ids/page_valid
   // [segments[s].page_offset ...]; seg_cluster_count[s] cluster ids (ascending) at

@@ -149,9 +149,16 @@ struct alignas(16) ArgsBuffer {
 static_assert(sizeof(LookupArgs) % alignof(Workspace) == 0, "Workspace follows LookupArgs");
 
 // Kernel launchers. Each enqueues on `stream` and returns the launch error.
-// The fused small-segment kernel (lookup_small.cu): scores and selection.
+// The small-segment kernels (lookup_small.cu): scores, then the selection (in the last block, or
+// by the staged selection kernel).
 cudaError_t LaunchSmall(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                         cudaStream_t stream);
+// The staged selection of the small list (lookup_staged.cu): whether this launch takes it
+// (LookupArgs::staged_select, single level, shared memory enough), and its kernel, launched after
+// the scoring kernel ran with finish = false.
+bool UseStagedSelect(const LookupArgs& a, const LookupLayout& l);
+cudaError_t LaunchStagedSelect(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                               cudaStream_t stream);
 // Large path, float32 centroids (lookup_score.cu): the tiled passes into scores; then the
 // selection kernel (lookup_select.cu).
 cudaError_t LaunchLargeScoresF32(const LookupArgs& a, const LookupLayout& l, const Workspace& w,

@@ -81,25 +81,31 @@ struct SelectShared {
   int rem;
 };
 
-__device__ __forceinline__ uint32_t ScoreBits(const float* sc, int i) {
-  return __float_as_uint(sc[i]);
-}
+// Where FindCut reads the scores and sizes of the ranked entries: the workspace and the entry set
+// (global memory), or shared memory (the staged selection, gpu/lookup_staged.cu).
+struct GlobalEntries {
+  const EntrySet& e;
+  const float* sc;
+  __device__ __forceinline__ uint32_t Bits(int i) const { return __float_as_uint(sc[i]); }
+  __device__ __forceinline__ int Size(int i) const { return EntrySize(e, i); }
+};
 
-// Weighted radix select: the ranking cut at which the kept tokens first reach `budget` (>= 1).
-// Scores are >= 0, so their bits order like the values; ranking is descending bits, ties by
-// ascending entry (= ascending id). kAll when every scored entry together holds <= budget tokens.
-// The digits start below the highest bit in which the scores differ (min / max first).
-template <int T>
-__device__ Cut FindCut(const EntrySet& e, const float* sc, int budget, SelectShared<T>& sh) {
+// Weighted radix select over entries 0..n-1 of `src`: the ranking cut at which the kept tokens
+// first reach `budget` (>= 1). Scores are >= 0, so their bits order like the values; ranking is
+// descending bits, ties by ascending entry (= ascending id). kAll when every entry together holds
+// <= budget tokens. The digits start below the highest bit in which the scores differ (min / max
+// first).
+template <int T, class Src>
+__device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh) {
   constexpr int kWarps = T / 32;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   uint32_t umin = 0xffffffffu, umax = 0;
   int total = 0;
-  for (int i = t; i < e.scored; i += T) {
-    const uint32_t u = ScoreBits(sc, i);
+  for (int i = t; i < n; i += T) {
+    const uint32_t u = src.Bits(i);
     umin = min(umin, u);
     umax = max(umax, u);
-    total += EntrySize(e, i);
+    total += src.Size(i);
   }
   umin = __reduce_min_sync(0xffffffffu, umin);
   umax = __reduce_max_sync(0xffffffffu, umax);
@@ -136,10 +142,10 @@ __device__ Cut FindCut(const EntrySet& e, const float* sc, int budget, SelectSha
     const int bins = 1 << width;
     for (int i = t; i < bins; i += T) sh.hist[i] = 0;
     __syncthreads();
-    for (int i = t; i < e.scored; i += T) {
-      const uint32_t u = ScoreBits(sc, i);
+    for (int i = t; i < n; i += T) {
+      const uint32_t u = src.Bits(i);
       if (hi >= 32 || (u >> hi) == (prefix >> hi)) {
-        atomicAdd(&sh.hist[(u >> shift) & (bins - 1)], EntrySize(e, i));
+        atomicAdd(&sh.hist[(u >> shift) & (bins - 1)], src.Size(i));
       }
     }
     __syncthreads();
@@ -329,7 +335,7 @@ __device__ __noinline__ void SelectSegment(const LookupArgs& a, const Workspace&
       cut.rule = Rule::kThreshold;
       cut.threshold = s.threshold;
     } else if (budget > 0) {
-      cut = FindCut<T>(e, sc, budget, sh);
+      cut = FindCut<T>(GlobalEntries{e, sc}, e.scored, budget, sh);
     }
   }
   if (level == 1) {

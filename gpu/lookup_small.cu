@@ -212,7 +212,8 @@ __device__ __noinline__ void FinishScores(const LookupArgs& a, const Workspace& 
     float sum = 0.f;
 #pragma unroll 4
     for (int r = 0; r < s.rows; ++r) {
-      sum += exp2f(__ldcg(lg + r * ld + i) - row_max[r]) * row_inv_z[r];
+      // The staged selection (lookup_staged.cu) rounds the same way: explicit fma.
+      sum = __fmaf_rn(exp2f(__ldcg(lg + r * ld + i) - row_max[r]), row_inv_z[r], sum);
     }
     sc[i] = sum * inv_rows;
   }
@@ -229,7 +230,7 @@ constexpr int SmallMinBlocks() {
 
 template <typename C, int R, int kLpc>
 __global__ void __launch_bounds__(kSmallThreads, (SmallMinBlocks<C, R>()))
-    SmallKernel(LookupArgs a, Workspace w, int level) {
+    SmallKernel(LookupArgs a, Workspace w, int level, bool finish) {
   __shared__ float lgs[R][kSmallTile];
   __shared__ int last;
   constexpr bool kF16 = std::is_same_v<C, uint16_t>;
@@ -242,6 +243,7 @@ __global__ void __launch_bounds__(kSmallThreads, (SmallMinBlocks<C, R>()))
     const int base = blockIdx.x * kSmallTile;
     if (base < e.total) ScoreTile<C, R, kLpc>(a, w, s, e, base, lgs);
   }
+  if (!finish) return;  // the staged selection kernel finishes the segment
   if (!ArriveLast(w.counters + seg, gridDim.x, &last)) return;
   __shared__ ArgsBuffer args;
   args.Fill(a, w);
@@ -252,22 +254,22 @@ __global__ void __launch_bounds__(kSmallThreads, (SmallMinBlocks<C, R>()))
 
 template <typename C, int R>
 cudaError_t LaunchR(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
-                    cudaStream_t stream) {
+                    bool finish, cudaStream_t stream) {
   const dim3 grid(l.max_small_tiles, static_cast<unsigned>(l.small_list.size()));
   if (a.head_dim <= 128) {
-    SmallKernel<C, R, 16><<<grid, kSmallThreads, 0, stream>>>(a, w, level);
+    SmallKernel<C, R, 16><<<grid, kSmallThreads, 0, stream>>>(a, w, level, finish);
   } else {
-    SmallKernel<C, R, 32><<<grid, kSmallThreads, 0, stream>>>(a, w, level);
+    SmallKernel<C, R, 32><<<grid, kSmallThreads, 0, stream>>>(a, w, level, finish);
   }
   return cudaGetLastError();
 }
 
 template <typename C>
 cudaError_t LaunchC(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
-                    cudaStream_t stream) {
+                    bool finish, cudaStream_t stream) {
   if (l.max_small_rows <= kSmallRowsNarrow)
-    return LaunchR<C, kSmallRowsNarrow>(a, l, w, level, stream);
-  return LaunchR<C, kLookupSmallRows>(a, l, w, level, stream);
+    return LaunchR<C, kSmallRowsNarrow>(a, l, w, level, finish, stream);
+  return LaunchR<C, kLookupSmallRows>(a, l, w, level, finish, stream);
 }
 
 }  // namespace
@@ -275,8 +277,11 @@ cudaError_t LaunchC(const LookupArgs& a, const LookupLayout& l, const Workspace&
 cudaError_t LaunchSmall(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                         cudaStream_t stream) {
   if (l.small_list.empty()) return cudaSuccess;
-  if (l.f16) return LaunchC<uint16_t>(a, l, w, level, stream);
-  return LaunchC<float>(a, l, w, level, stream);
+  const bool staged = level == 2 && UseStagedSelect(a, l);
+  const cudaError_t err = l.f16 ? LaunchC<uint16_t>(a, l, w, level, !staged, stream)
+                                : LaunchC<float>(a, l, w, level, !staged, stream);
+  if (err != cudaSuccess || !staged) return err;
+  return LaunchStagedSelect(a, l, w, stream);
 }
 
 }  // namespace sqkv::gpu::lookup_detail

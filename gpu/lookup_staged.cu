@@ -1,0 +1,286 @@
+// The staged selection of small (decode) segments: one block of kStageThreads per segment of the
+// small list, launched after the scoring kernel (lookup_small.cu) wrote the segment's base-2
+// logits and per-tile (max, normaliser). The block
+//   1. reads the segment's cluster sizes and page offsets into shared memory (coalesced, every
+//      thread's loads issued together) while one warp per row combines the tile statistics;
+//   2. finishes the scores in shared memory (each thread's logits loaded before their use);
+//   3. runs the weighted radix select (lookup_select.cuh, FindCut) over shared memory;
+//   4. emits the selection in ascending id order: thread t decides a contiguous run of entries,
+//      block scans give the output positions, then the selected clusters are written one per
+//      thread (cluster id, its pages from the page table, valid counts).
+// The arithmetic of the scores is that of FinishScores (lookup_small.cu), so both selections give
+// the same outputs. The previous design walked 26-32 entries per thread with dependent global
+// loads in the last scoring block (256 threads): bench/NOTES-gpu-lookup.md.
+#include <cuda_runtime.h>
+
+#include <mutex>
+
+#include "gpu/lookup_select.cuh"
+
+namespace sqkv::gpu::lookup_detail {
+namespace {
+
+constexpr int kStageThreads = 1024;
+constexpr int kStageWarps = kStageThreads / 32;
+// Entries one thread decides in the emission: a bit mask holds them.
+constexpr int kStageMaxPer = 32;
+// Shared memory per cluster: score (reused for selected ids), size, page begin, output position.
+constexpr size_t kStageBytesPerCluster = 16;
+// Pages written per step of a selected cluster (their page-table loads issued together).
+constexpr int kPageBatch = 4;
+
+size_t StagedBytes(const LookupLayout& l) {
+  // page begins hold num_clusters + 1 entries; keep 16-byte alignment.
+  return (static_cast<size_t>(l.max_small_clusters) * kStageBytesPerCluster + 16 + 15) / 16 * 16;
+}
+
+// FindCut's entries in shared memory.
+struct SharedEntries {
+  const float* score;
+  const int* size;
+  __device__ __forceinline__ uint32_t Bits(int i) const { return __float_as_uint(score[i]); }
+  __device__ __forceinline__ int Size(int i) const { return size[i]; }
+};
+
+// R: the largest row count of the launch's small segments (4 or kLookupSmallRows), as the scoring
+// kernel's variant.
+template <int R>
+__global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArgs a, Workspace w) {
+  extern __shared__ __align__(16) unsigned char stage[];
+  __shared__ SelectShared<kStageThreads> sh;
+  __shared__ __align__(16) LookupSegment seg_sh;
+  __shared__ float row_max[kLookupSmallRows];
+  __shared__ float row_inv_z[kLookupSmallRows];
+  constexpr int T = kStageThreads;
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  const int seg = w.small_list[blockIdx.x];
+  {
+    static_assert(sizeof(LookupSegment) % 4 == 0, "segment copied as words");
+    constexpr int kWords = sizeof(LookupSegment) / 4;
+    const auto* src = reinterpret_cast<const int32_t*>(a.segments + seg);
+    if (t < kWords) reinterpret_cast<int32_t*>(&seg_sh)[t] = src[t];
+  }
+  __syncthreads();
+  const LookupSegment& s = seg_sh;
+  const int n = s.num_clusters;
+  const bool scored = s.run != LookupRun::kFixed;  // kFlat otherwise (single-level launches)
+  float* score = reinterpret_cast<float*>(stage);       // (n); selected ids after the decisions
+  int* size = reinterpret_cast<int*>(stage) + n;        // (n)
+  int* pbeg = size + n;                                 // (n + 1)
+  int* out_pos = pbeg + n + 1;                          // (n): page position of selected cluster c
+  int* sel_id = reinterpret_cast<int*>(stage);          // (clusters selected), aliases score
+
+  // 1. Row statistics (warps 0..rows-1), sizes and page begins (every thread).
+  if (scored) {
+    const float* ts = w.floats + s.tstat_offset;
+    const int tiles = (n + kSmallTile - 1) / kSmallTile;
+    for (int r = warp; r < s.rows; r += kStageWarps) {
+      const float* row = ts + static_cast<size_t>(r) * s.tiles * 2;
+      float m = -INFINITY;
+      for (int c = lane; c < tiles; c += 32) m = fmaxf(m, __ldcg(row + 2 * c));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      float z = 0.f;
+      for (int c = lane; c < tiles; c += 32)
+        z += __ldcg(row + 2 * c + 1) * exp2f(__ldcg(row + 2 * c) - m);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
+      if (lane == 0) {
+        row_max[r] = m;
+        row_inv_z[r] = 1.f / z;  // z >= the size of the arg-max entry >= 1
+      }
+    }
+  }
+#pragma unroll 4
+  for (int i = t; i <= n; i += T) {
+    if (i < n) size[i] = __ldg(s.cluster_size + i);
+    pbeg[i] = __ldg(s.cluster_page_begin + i);
+  }
+  __syncthreads();
+
+  // 2. Scores: kPer entries per thread per step, all their logits (kPer * R) loaded first.
+  if (scored) {
+    constexpr int kPer = R >= kLookupSmallRows ? 1 : 16 / R;
+    const size_t ld = static_cast<size_t>(s.entry_capacity);
+    const float* lg = w.floats + s.logit_offset;
+    const int rows = s.rows;
+    const float inv_rows = 1.f / static_cast<float>(rows);
+    for (int base = 0; base < n; base += T * kPer) {
+      float l[kPer][R];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int i = base + j * T + t;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          l[j][r] = i < n && r < rows ? __ldcg(lg + r * ld + i) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int i = base + j * T + t;
+        if (i >= n) continue;
+        float sum = 0.f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (r < rows) sum = __fmaf_rn(exp2f(l[j][r] - row_max[r]), row_inv_z[r], sum);
+        }
+        score[i] = sum * inv_rows;
+      }
+    }
+    __syncthreads();
+    if (a.score_only) {
+      float* sc = w.floats + s.score_offset;
+      for (int i = t; i < n; i += T) sc[i] = score[i];
+      return;
+    }
+  } else if (a.score_only) {
+    return;
+  }
+
+  // 3. The cut (same rules as SelectSegment at level 2).
+  Cut cut;
+  if (!scored) {
+    cut.rule = s.mode == LookupMode::kDense ? Rule::kAll : Rule::kNone;
+  } else if (s.mode != LookupMode::kBudget) {
+    cut.rule = Rule::kThreshold;
+    cut.threshold = s.threshold;
+  } else if (s.budget > 0) {
+    cut = FindCut<T>(SharedEntries{score, size}, n, s.budget, sh);
+  }
+
+  // 4. Emission. Thread t decides entries [i0, i0 + cnt), ascending.
+  const int per = (n + T - 1) / T;  // <= kStageMaxPer (UseStagedSelect)
+  const int i0 = min(n, t * per);
+  const int cnt = min(per, n - i0);
+  int tb = 0;  // tokens of tied entries before the next one of this thread
+  if (cut.rule == Rule::kCut) {  // uniform over the block
+    int tie[1] = {0};
+    int tie_total[1];
+    for (int j = 0; j < cnt; ++j) {
+      if (IsTie(cut, score[i0 + j])) tie[0] += size[i0 + j];
+    }
+    BlockExclusiveScan<T, 1>(tie, tie_total, sh.scan);
+    tb = tie[0];
+  }
+  uint32_t mask = 0;
+  int v[3] = {0, 0, 0};  // pages, clusters, tokens
+  for (int j = 0; j < cnt; ++j) {
+    const int i = i0 + j;
+    const float sc = scored ? score[i] : 0.f;
+    const int tokens = size[i];
+    if (Selected(cut, sc, tb)) {
+      mask |= 1u << j;
+      v[0] += pbeg[i + 1] - pbeg[i];
+      v[1] += 1;
+      v[2] += tokens;
+    }
+    if (IsTie(cut, sc)) tb += tokens;
+  }
+  int tot[3];
+  BlockExclusiveScan<T, 3>(v, tot, sh.scan);  // ends with a barrier: scores are no longer read
+  int pos = v[0], cpos = v[1];
+  while (mask != 0) {
+    const int i = i0 + __ffs(mask) - 1;
+    mask &= mask - 1;
+    sel_id[cpos] = i;
+    out_pos[cpos] = pos;
+    pos += pbeg[i + 1] - pbeg[i];
+    ++cpos;
+  }
+  __syncthreads();
+  const int pt = a.page_tokens;
+  const int cap = s.page_capacity;
+  const int clusters = tot[1];
+  for (int c = t; c < clusters; c += T) {
+    const int id = sel_id[c];
+    a.cluster_ids[s.cluster_offset + c] = id;
+    const int first = pbeg[id];
+    const int pages = pbeg[id + 1] - first;
+    const int tokens = size[id];
+    const int at = out_pos[c];
+    for (int p0 = 0; p0 < pages && at + p0 < cap; p0 += kPageBatch) {
+      int ids[kPageBatch];
+#pragma unroll
+      for (int k = 0; k < kPageBatch; ++k) {
+        const int p = p0 + k;
+        ids[k] = p < pages && at + p < cap ? __ldg(s.page_table + first + p) : 0;
+      }
+#pragma unroll
+      for (int k = 0; k < kPageBatch; ++k) {
+        const int p = p0 + k;
+        if (p < pages && at + p < cap) {
+          a.page_ids[s.page_offset + at + p] = ids[k];
+          const int rest = tokens - p * pt;
+          a.page_valid[s.page_offset + at + p] = rest < pt ? rest : pt;
+        }
+      }
+    }
+  }
+  if (t == 0) {
+    a.seg_page_count[seg] = tot[0] < cap ? tot[0] : cap;
+    a.seg_cluster_count[seg] = tot[1];
+    a.seg_tokens[seg] = tot[2];
+    a.seg_scored[seg] = s.run == LookupRun::kFlat ? s.num_clusters + s.scored_extra : s.scored_fixed;
+  }
+}
+
+// The dynamic shared memory a StagedSelectKernel<R> block may take on the current device (0: the
+// staged selection is unavailable). The first call per device raises the kernel's limit to it
+// (outside any graph capture in practice: the first lookup of a process runs before captures).
+template <int R>
+size_t StagedLimit() {
+  constexpr int kMaxDevices = 64;
+  static std::mutex mu;
+  static size_t limit[kMaxDevices];
+  static bool known[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    cudaGetLastError();
+    return 0;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  if (known[dev]) return limit[dev];
+  int optin = 0;
+  cudaFuncAttributes attr;
+  size_t lim = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) ==
+          cudaSuccess &&
+      cudaFuncGetAttributes(&attr, StagedSelectKernel<R>) == cudaSuccess &&
+      static_cast<size_t>(optin) > attr.sharedSizeBytes) {
+    lim = static_cast<size_t>(optin) - attr.sharedSizeBytes;
+    if (cudaFuncSetAttribute(StagedSelectKernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(lim)) != cudaSuccess) {
+      lim = 0;
+    }
+  }
+  cudaGetLastError();  // a failed query leaves the global-memory path, not an error
+  limit[dev] = lim;
+  known[dev] = true;
+  return lim;
+}
+
+template <int R>
+cudaError_t LaunchStagedR(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                          cudaStream_t stream) {
+  StagedSelectKernel<R><<<static_cast<unsigned>(l.small_list.size()), kStageThreads,
+                          StagedBytes(l), stream>>>(a, w);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool UseStagedSelect(const LookupArgs& a, const LookupLayout& l) {
+  if (!a.staged_select || l.any_hierarchical || l.small_list.empty()) return false;
+  if (l.max_small_clusters > kStageThreads * kStageMaxPer) return false;
+  const size_t limit = l.max_small_rows <= kSmallRowsNarrow ? StagedLimit<kSmallRowsNarrow>()
+                                                            : StagedLimit<kLookupSmallRows>();
+  return StagedBytes(l) <= limit;
+}
+
+cudaError_t LaunchStagedSelect(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                               cudaStream_t stream) {
+  if (l.max_small_rows <= kSmallRowsNarrow) return LaunchStagedR<kSmallRowsNarrow>(a, l, w, stream);
+  return LaunchStagedR<kLookupSmallRows>(a, l, w, stream);
+}
+
+}  // namespace sqkv::gpu::lookup_detail
