@@ -121,6 +121,8 @@ Seg MakeSeg(std::mt19937_64& rng, const Head& h, int head, int rows, RefMode mod
 
 // Runs one lookup launch over every segment (f16: the 16-bit centroid storage, else float32);
 // `repeat` launches again on the same workspace and checks the second result equals the first.
+// A last launch takes the global-memory selection (staged_select = false) and must give exactly
+// the outputs of the default (staged, where the batch allows it) launches.
 void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, int pt,
                std::vector<Out>* out, bool repeat = false, bool f16 = true) {
   std::vector<LookupSegment> ls(segs.size());
@@ -206,7 +208,14 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
   a.workspace = ws.get();
 
   std::vector<Out> first;
-  for (int round = 0; round < (repeat ? 2 : 1); ++round) {
+  const int rounds = (repeat ? 2 : 1) + 1;
+  for (int round = 0; round < rounds; ++round) {
+    const bool legacy = round == rounds - 1;
+    a.staged_select = !legacy;
+    for (DeviceBuffer* b : {&seg_pages, &page_ids, &page_valid, &seg_clusters, &cluster_ids,
+                            &seg_tokens, &seg_scored}) {
+      ASSERT_TRUE(b->Fill(0xff).ok());  // poison again: each round writes every output
+    }
     st = LaunchLookup(a, layout, nullptr);
     ASSERT_TRUE(st.ok()) << st.ToString();
     st = Synchronize();
@@ -238,12 +247,17 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
     if (round == 0) {
       first = *out;
     } else {
+      const char* what = legacy ? "global-memory selection differs" : "relaunch differs";
       for (int i = 0; i < n; ++i) {
-        EXPECT_EQ((*out)[i].clusters, first[i].clusters) << "relaunch differs, segment " << i;
-        EXPECT_EQ((*out)[i].page_ids, first[i].page_ids) << "relaunch differs, segment " << i;
+        EXPECT_EQ((*out)[i].clusters, first[i].clusters) << what << ", segment " << i;
+        EXPECT_EQ((*out)[i].page_ids, first[i].page_ids) << what << ", segment " << i;
+        EXPECT_EQ((*out)[i].page_valid, first[i].page_valid) << what << ", segment " << i;
+        EXPECT_EQ((*out)[i].tokens, first[i].tokens) << what << ", segment " << i;
+        EXPECT_EQ((*out)[i].scored, first[i].scored) << what << ", segment " << i;
       }
     }
   }
+  *out = first;
 }
 
 // Agreement counts over the segments of one check.
