@@ -24,14 +24,14 @@ s0=$(date +%s.%N)
 "$bin/sqkv" synth "$work/big.st" --queries-out "$work/q.npy" --layers 32 --kv-heads 8 \
   --q-heads 32 --tokens 32768 --head-dim 128 --window 64 -n 1 | tee -a "$out/summary.txt"
 s1=$(date +%s.%N)
-echo "synth seconds: $(echo "$s1 - $s0" | bc)" | tee -a "$out/summary.txt"
+echo "synth seconds: $(python3 -c "print(round($s1 - $s0, 2))")" | tee -a "$out/summary.txt"
 sync
 echo "== import with GPU K-means (includes reading the file, indexing, writing and publishing)"
 t0=$(date +%s.%N)
 "$bin/sqkv" --data "$work/data" import big "$work/big.st" --kmeans-device gpu --json > "$out/import.json"
 rc=$?
 t1=$(date +%s.%N)
-echo "import rc=$rc wall seconds: $(echo "$t1 - $t0" | bc)" | tee -a "$out/summary.txt"
+echo "import rc=$rc wall seconds: $(python3 -c "print(round($t1 - $t0, 2))")" | tee -a "$out/summary.txt"
 grep -E '"build_seconds"|"segment_bytes"|"pages"' "$out/import.json" | tee -a "$out/summary.txt"
 "$bin/sqkv" --data "$work/data" verify | tee -a "$out/summary.txt"
 for dev in gpu cpu; do
