@@ -48,14 +48,30 @@ Status Server::Start(const ServerOptions& options, Store* store, std::unique_ptr
   return Status::Ok();
 }
 
+namespace {
+
+// Each io_context is run by exactly one thread (other threads only post to it).
+constexpr int kOneThreadPerContext = 1;
+
+std::vector<std::unique_ptr<asio::io_context>> MakeContexts(int n) {
+  std::vector<std::unique_ptr<asio::io_context>> ios;
+  for (int i = 0; i < std::max(1, n); ++i) {
+    ios.push_back(std::make_unique<asio::io_context>(kOneThreadPerContext));
+  }
+  return ios;
+}
+
+}  // namespace
+
 ServerImpl::ServerImpl(const ServerOptions& options, Store* store)
     : options_(options),
       store_(store),
-      io_(options.io_threads),
-      control_(asio::make_strand(io_)),
+      ios_(MakeContexts(options.io_threads)),
+      control_(ios_[0]->get_executor()),
       acceptor_(control_),
       metrics_acceptor_(control_),
       workers_(WorkerCount(options.workers)) {
+  for (auto& io : ios_) guards_.push_back(std::make_unique<WorkGuard>(io->get_executor()));
   limits_.max_message_bytes = options.max_message_bytes;
   upload_dir_ = options.upload_dir.empty() ? store->data_dir() + "/uploads" : options.upload_dir;
 }
@@ -74,7 +90,7 @@ Status ServerImpl::Bind(const std::string& host_port, tcp::acceptor* acceptor,
   std::string host, port;
   SQKV_RETURN_IF_ERROR(SplitHostPort(host_port, &host, &port));
   boost::system::error_code ec;
-  tcp::resolver resolver(io_);
+  tcp::resolver resolver(control_);
   auto results = resolver.resolve(host, port, tcp::resolver::numeric_service, ec);
   if (ec || results.empty()) {
     return Status::InvalidArgument("cannot resolve listen address " + host_port + ": " +
@@ -123,7 +139,7 @@ Status ServerImpl::Start() {
   }
   asio::co_spawn(control_, AcceptLoop(), asio::detached);
   if (metrics_acceptor_.is_open()) asio::co_spawn(control_, MetricsAcceptLoop(), asio::detached);
-  for (int i = 0; i < options_.io_threads; ++i) io_threads_.emplace_back([this] { io_.run(); });
+  for (auto& io : ios_) io_threads_.emplace_back([ctx = io.get()] { ctx->run(); });
   Log("serving " + store_->data_dir() + " on " + address_ +
       (metrics_address_.empty() ? "" : ", metrics on http://" + metrics_address_ + "/metrics") +
       (options_.auth_token.empty() ? "" : ", token required"));
@@ -133,7 +149,7 @@ Status ServerImpl::Start() {
 asio::awaitable<void> ServerImpl::AcceptLoop() {
   asio::steady_timer backoff(control_);
   while (!stopping()) {
-    auto [ec, socket] = co_await acceptor_.async_accept(asio::make_strand(io_),
+    auto [ec, socket] = co_await acceptor_.async_accept(NextIo(),
                                                         asio::as_tuple(asio::use_awaitable));
     if (stopping()) break;
     if (ec) {
@@ -175,7 +191,7 @@ asio::awaitable<void> ServerImpl::MetricsAcceptLoop() {
   asio::steady_timer backoff(control_);
   while (!stopping()) {
     auto [ec, socket] = co_await metrics_acceptor_.async_accept(
-        asio::make_strand(io_), asio::as_tuple(asio::use_awaitable));
+        NextIo(), asio::as_tuple(asio::use_awaitable));
     if (stopping()) break;
     if (ec) {
       backoff.expires_after(kAcceptBackoff);
@@ -212,6 +228,10 @@ void ServerImpl::Shutdown() {
       signals_->clear(ignored);
     }
   });
+  // Each context ends once its connections have (the guard is dropped on its own thread).
+  for (size_t i = 0; i < ios_.size(); ++i) {
+    asio::post(*ios_[i], [guard = guards_[i].get()] { guard->reset(); });
+  }
   std::lock_guard<std::mutex> lock(sessions_mu_);
   for (auto& [id, weak] : sessions_) {
     auto state = weak.lock();

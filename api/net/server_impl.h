@@ -15,11 +15,11 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
 
 #include "api/net/messages.h"
@@ -32,7 +32,7 @@ namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 using Clock = std::chrono::steady_clock;
 
-// One client connection. Every field is touched only on the socket's strand.
+// One client connection. Every field is touched only on the thread of the socket's io_context.
 struct SessionState {
   explicit SessionState(tcp::socket s) : socket(std::move(s)), watchdog(socket.get_executor()) {}
   tcp::socket socket;
@@ -77,6 +77,7 @@ class ServerImpl final : public Server {
   asio::awaitable<void> MetricsAcceptLoop();
   Status Bind(const std::string& host_port, tcp::acceptor* acceptor, std::string* bound);
   Status PrepareUploadDir();
+  asio::io_context::executor_type NextIo() { return ios_[next_io_++ % ios_.size()]->get_executor(); }
 
   ServerOptions options_;
   Limits limits_;
@@ -84,8 +85,14 @@ class ServerImpl final : public Server {
   Metrics metrics_;
   std::string address_, metrics_address_, upload_dir_;
 
-  asio::io_context io_;
-  asio::strand<asio::io_context::executor_type> control_;  // acceptors and signals
+  // One io_context per I/O thread (Asio's io_context-per-thread pool): a connection lives on one
+  // of them for its whole life, so its completions never hop between I/O threads and need no
+  // strand. Context 0 also runs the acceptors and the signal set.
+  using WorkGuard = asio::executor_work_guard<asio::io_context::executor_type>;
+  std::vector<std::unique_ptr<asio::io_context>> ios_;
+  std::vector<std::unique_ptr<WorkGuard>> guards_;  // keep idle contexts running until Shutdown
+  size_t next_io_ = 0;                              // round robin; touched by the accept loops
+  asio::io_context::executor_type control_;
   tcp::acceptor acceptor_;
   tcp::acceptor metrics_acceptor_;
   std::optional<asio::signal_set> signals_;

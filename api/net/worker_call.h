@@ -33,7 +33,7 @@ class WorkerCall {
   using Channel = boost::asio::experimental::concurrent_channel<void(
       boost::system::error_code, std::shared_ptr<Outcome>)>;
 
-  // Posts fn() to `pool`; the caller waits on `ex` (its strand).
+  // Posts fn() to `pool`; the caller waits on `ex` (its connection's io_context).
   static std::shared_ptr<WorkerCall> Post(boost::asio::thread_pool& pool,
                                           const boost::asio::any_io_executor& ex,
                                           std::function<Outcome()> fn) {
