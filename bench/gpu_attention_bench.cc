@@ -23,6 +23,7 @@
 #if defined(SQKV_HAVE_CUDA)
 #include <cuda_runtime.h>
 
+#include "bench/bench_util.h"
 #include "common/dtype.h"
 #include "compute/attention.h"
 #include "gpu/device.h"
@@ -51,11 +52,7 @@ constexpr size_t kPageBytes = PageBytes(kPageTokens, kHeadDim, kDType);
     }                                                                                            \
   } while (0)
 
-void Check(const Status& st, const char* what) {
-  if (st.ok()) return;
-  std::fprintf(stderr, "%s: %s\n", what, st.ToString().c_str());
-  std::exit(1);
-}
+using ::sqkv::bench::Check;
 
 // Clusters of one (context, kv head): sizes and first pool page of each.
 struct HeadLayout {
@@ -286,23 +283,11 @@ double CopyBandwidthGBs(cudaStream_t stream) {
   Check(a.Allocate(bytes), "alloc");
   Check(b.Allocate(bytes), "alloc");
   Check(a.Fill(1), "fill");
-  cudaEvent_t e0, e1;
-  CUDA_CHECK(cudaEventCreate(&e0));
-  CUDA_CHECK(cudaEventCreate(&e1));
-  std::vector<double> gbs;
-  for (int i = 0; i < 6; ++i) {
-    CUDA_CHECK(cudaEventRecord(e0, stream));
+  // One untimed copy, the median of 5 timed.
+  return bench::MedianGBs(stream, 1, 5, 2.0 * bytes, [&] {
     CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream));
-    CUDA_CHECK(cudaEventRecord(e1, stream));
-    CUDA_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    if (i > 0) gbs.push_back(2.0 * bytes / (ms * 1e6));
-  }
-  CUDA_CHECK(cudaEventDestroy(e0));
-  CUDA_CHECK(cudaEventDestroy(e1));
-  std::sort(gbs.begin(), gbs.end());
-  return gbs[gbs.size() / 2];
+    return Status::Ok();
+  });
 }
 
 int Run(int argc, char** argv) {

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "gpu/device.h"
 #include "gpu/kmeans.h"
 #include "index/build.h"
@@ -33,6 +34,8 @@ namespace {
 
 using sqkv::KMeansOptions;
 using sqkv::Status;
+using sqkv::bench::Check;
+using sqkv::bench::Rng;
 namespace gpu = sqkv::gpu;
 
 constexpr int kHeadDim = 128;
@@ -47,20 +50,6 @@ struct Args {
   int layers = 32, heads = 8, context_tokens = 32768;
   bool context = true;
   bool only_cpu = false;  // CPU rows alone (the run script times them last, under a timeout)
-};
-
-// splitmix64: fast fresh inputs.
-struct Rng {
-  uint64_t s;
-  uint64_t Next() {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  float Uniform() { return static_cast<float>(Next() >> 40) / static_cast<float>(1 << 24); }
-  // Approximately N(0, 1): a scaled sum of four uniforms.
-  float Normal() { return (Uniform() + Uniform() + Uniform() + Uniform() - 2.f) * 1.7320508f; }
 };
 
 // Key-like rows: x: (n, d).
@@ -115,12 +104,6 @@ double Quality(const std::vector<float>& x, int n, int d, const std::vector<int3
 
 double Seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-void Die(const Status& st, const char* what) {
-  if (st.ok()) return;
-  std::fprintf(stderr, "%s: %s\n", what, st.ToString().c_str());
-  std::exit(1);
 }
 
 std::vector<int> ParseList(const char* s) {
@@ -191,12 +174,12 @@ void PerHead(const Args& a) {
           std::printf("%-8d %-17s unavailable: %s\n", n, v.name, warm.ToString().c_str());
           continue;
         }
-        Die(warm, v.name);
+        Check(warm, v.name);
         std::vector<double> wall;
         std::vector<gpu::GpuKMeansStats> all;
         for (int r = 0; r < a.repeats; ++r) {
           const auto t0 = std::chrono::steady_clock::now();
-          Die(gpu::SphericalKMeans(x.data(), n, kHeadDim, k, km, v.options, &assign, &stats),
+          Check(gpu::SphericalKMeans(x.data(), n, kHeadDim, k, km, v.options, &assign, &stats),
               v.name);
           wall.push_back(1e3 * Seconds(t0));
           all.push_back(stats);
@@ -214,7 +197,7 @@ void PerHead(const Args& a) {
     }
     if (n <= a.cpu_max) {
       const auto t0 = std::chrono::steady_clock::now();
-      Die(sqkv::SphericalKMeans(x.data(), n, kHeadDim, k, km, &assign), "cpu kmeans");
+      Check(sqkv::SphericalKMeans(x.data(), n, kHeadDim, k, km, &assign), "cpu kmeans");
       const double ms = 1e3 * Seconds(t0);
       const double q = Quality(x, n, kHeadDim, assign, k, &used);
       std::printf("%-8d %-17s %10.2f %10s %10s %9.5f %8d   (one run)\n", n, "cpu faiss", ms, "-",
@@ -242,7 +225,7 @@ void Context(const Args& a) {
   for (int l = 0; l < a.layers; ++l) {
     for (int h = 0; h < a.heads; ++h) {
       const KMeansOptions km{.niter = kIterations, .seed = 1234u + l};
-      Die(gpu::SphericalKMeans(keys[h].data(), n, kHeadDim, k, km, {}, &assign, &stats),
+      Check(gpu::SphericalKMeans(keys[h].data(), n, kHeadDim, k, km, {}, &assign, &stats),
           "context kmeans");
       sum.upload_ms += stats.upload_ms;
       sum.seed_ms += stats.seed_ms;
@@ -270,7 +253,7 @@ void Context(const Args& a) {
     for (int l = 0; l < a.layers; ++l) {
       p.seed = 1234u + l;
       for (int h = 0; h < a.heads; ++h) {
-        Die(sqkv::BuildHeadIndex(keys[h].data(), n, kHeadDim, p, &index), "build index");
+        Check(sqkv::BuildHeadIndex(keys[h].data(), n, kHeadDim, p, &index), "build index");
         clusters += index.num_clusters();
       }
     }

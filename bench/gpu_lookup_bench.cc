@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "gpu/device.h"
 #include "gpu/device_buffer.h"
 #include "gpu/engine.h"
@@ -34,6 +35,8 @@ namespace {
 using sqkv::DType;
 using sqkv::HeadIndex;
 using sqkv::Status;
+using sqkv::bench::Median;
+using sqkv::bench::Rng;
 namespace gpu = sqkv::gpu;
 
 constexpr int kKvHeads = 8;
@@ -44,68 +47,6 @@ constexpr double kCentroidFraction = 0.05;
 constexpr int kContexts = 8;
 constexpr int kPrefillQueries = 1024;
 constexpr int kWarmup = 3;
-
-// splitmix64: fast fresh inputs for gigabytes of pages.
-struct Rng {
-  uint64_t s;
-  uint64_t Next() {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  float Uniform() { return static_cast<float>(Next() >> 40) / static_cast<float>(1 << 24); }
-  // Approximately N(0, 1): a scaled sum of four uniforms.
-  float Normal() { return (Uniform() + Uniform() + Uniform() + Uniform() - 2.f) * 1.7320508f; }
-};
-
-HeadIndex MakeHead(Rng& rng, int tokens) {
-  HeadIndex x;
-  x.head_dim = kHeadDim;
-  x.page_tokens = kPageTokens;
-  x.tokens = tokens;
-  // Sizes: a uniform random composition of `tokens` into `clusters` parts (mean 20, >= 1).
-  const int clusters = static_cast<int>(std::lround(kCentroidFraction * tokens));
-  std::vector<int32_t> cuts(tokens - 1);
-  for (int i = 0; i < tokens - 1; ++i) cuts[i] = i + 1;
-  for (int i = 0; i < clusters - 1; ++i) {
-    std::swap(cuts[i], cuts[i + rng.Next() % (cuts.size() - i)]);
-  }
-  cuts.resize(clusters - 1);
-  std::sort(cuts.begin(), cuts.end());
-  cuts.push_back(tokens);
-  x.cluster_page_begin.push_back(0);
-  int prev = 0;
-  for (int32_t c : cuts) {
-    const int n = c - prev;
-    prev = c;
-    x.cluster_size.push_back(n);
-    x.cluster_page_begin.push_back(x.cluster_page_begin.back() +
-                                   (n + kPageTokens - 1) / kPageTokens);
-  }
-  x.centroids.resize(x.cluster_size.size() * kHeadDim);
-  x.positions.assign(static_cast<size_t>(x.num_pages()) * kPageTokens, -1);
-  int pos = 0;
-  for (int c = 0; c < x.num_clusters(); ++c) {
-    const size_t at = static_cast<size_t>(x.cluster_page_begin[c]) * kPageTokens;
-    for (int i = 0; i < x.cluster_size[c]; ++i) x.positions[at + i] = pos++;
-  }
-  return x;
-}
-
-double Median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2] * 1e3;  // microseconds
-}
-
-#define CHECK_OK(expr)                                                               \
-  do {                                                                               \
-    Status _s = (expr);                                                              \
-    if (!_s.ok()) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, _s.ToString().c_str()); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
 
 // One resident context: its engine key and float32 device copies of its centroids.
 struct Context {
@@ -170,7 +111,7 @@ void Time(gpu::Stream& stream, int reps, int variants, const std::function<Statu
   std::vector<float> ms;
   CHECK_OK(gpu::TimeOnStream(
       stream.get(), kWarmup, reps, [&] { return call(next++ % variants); }, &ms));
-  *us = Median(ms);
+  *us = Median(ms) * 1e3;  // microseconds
   std::vector<std::unique_ptr<gpu::CapturedGraph>> graphs(variants);
   for (int v = 0; v < variants; ++v) {
     Status st = gpu::CapturedGraph::Capture(
@@ -185,7 +126,7 @@ void Time(gpu::Stream& stream, int reps, int variants, const std::function<Statu
   CHECK_OK(gpu::TimeOnStream(
       stream.get(), kWarmup, reps, [&] { return graphs[next++ % variants]->Replay(stream.get()); },
       &ms));
-  *graph_us = Median(ms);
+  *graph_us = Median(ms) * 1e3;
 }
 
 // groups: the requests of each plan (a plan per group; launches rotate over the groups).
@@ -312,7 +253,8 @@ int main(int argc, char** argv) {
     std::vector<HeadIndex> heads;
     size_t total_pages = 0;
     for (int h = 0; h < kKvHeads; ++h) {
-      heads.push_back(MakeHead(rng, tokens));
+      heads.push_back(
+          sqkv::bench::SyntheticHead(rng, tokens, kHeadDim, kPageTokens, kCentroidFraction));
       total_pages += heads.back().num_pages();
     }
     const size_t pb = sqkv::PageBytes(kPageTokens, kHeadDim, DType::kBF16);

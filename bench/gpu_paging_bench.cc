@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "gpu/device.h"
 #include "gpu/engine.h"
 
@@ -38,6 +39,8 @@ namespace {
 using sqkv::DType;
 using sqkv::HeadIndex;
 using sqkv::Status;
+using sqkv::bench::Median;
+using sqkv::bench::Rng;
 namespace gpu = sqkv::gpu;
 
 constexpr int kKvHeads = 8;
@@ -47,14 +50,6 @@ constexpr int kQHeads = 32;
 constexpr double kCentroidFraction = 0.05;
 constexpr size_t kPageBytes = sqkv::PageBytes(kPageTokens, kHeadDim, DType::kBF16);
 
-#define CHECK_OK(expr)                                                         \
-  do {                                                                         \
-    const Status _st = (expr);                                                 \
-    if (!_st.ok()) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, _st.ToString().c_str()); \
-      std::exit(1);                                                            \
-    }                                                                          \
-  } while (0)
 #define CHECK_CUDA(expr)                                                                     \
   do {                                                                                       \
     const cudaError_t _e = (expr);                                                           \
@@ -64,56 +59,6 @@ constexpr size_t kPageBytes = sqkv::PageBytes(kPageTokens, kHeadDim, DType::kBF1
     }                                                                                        \
   } while (0)
 
-// splitmix64.
-struct Rng {
-  uint64_t s;
-  uint64_t Next() {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  float Uniform() { return static_cast<float>(Next() >> 40) / static_cast<float>(1 << 24); }
-  float Normal() { return (Uniform() + Uniform() + Uniform() + Uniform() - 2.f) * 1.7320508f; }
-};
-
-// One head's index: cluster sizes a random composition of `tokens` (mean 20).
-HeadIndex MakeHead(Rng& rng, int tokens) {
-  HeadIndex x;
-  x.head_dim = kHeadDim;
-  x.page_tokens = kPageTokens;
-  x.tokens = tokens;
-  const int clusters = static_cast<int>(std::lround(kCentroidFraction * tokens));
-  std::vector<int32_t> cuts(tokens - 1);
-  for (int i = 0; i < tokens - 1; ++i) cuts[i] = i + 1;
-  for (int i = 0; i < clusters - 1; ++i) std::swap(cuts[i], cuts[i + rng.Next() % (cuts.size() - i)]);
-  cuts.resize(clusters - 1);
-  std::sort(cuts.begin(), cuts.end());
-  cuts.push_back(tokens);
-  x.cluster_page_begin.push_back(0);
-  int prev = 0;
-  for (int32_t c : cuts) {
-    x.cluster_size.push_back(c - prev);
-    x.cluster_page_begin.push_back(x.cluster_page_begin.back() +
-                                   (c - prev + kPageTokens - 1) / kPageTokens);
-    prev = c;
-  }
-  x.centroids.resize(x.cluster_size.size() * kHeadDim);
-  for (float& v : x.centroids) v = rng.Normal();
-  x.positions.assign(static_cast<size_t>(x.num_pages()) * kPageTokens, -1);
-  int pos = 0;
-  for (int c = 0; c < x.num_clusters(); ++c) {
-    const size_t at = static_cast<size_t>(x.cluster_page_begin[c]) * kPageTokens;
-    for (int i = 0; i < x.cluster_size[c]; ++i) x.positions[at + i] = pos++;
-  }
-  return x;
-}
-
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -206,7 +151,11 @@ int main(int argc, char** argv) {
     host.heads.emplace_back();
     host.head_base.emplace_back(1, 0);
     for (int h = 0; h < kKvHeads; ++h) {
-      host.heads[l].push_back(MakeHead(rng, tokens));
+      // Cluster sizes a random composition of `tokens` (mean 20), then the centroids.
+      HeadIndex x =
+          sqkv::bench::SyntheticHead(rng, tokens, kHeadDim, kPageTokens, kCentroidFraction);
+      for (float& v : x.centroids) v = rng.Normal();
+      host.heads[l].push_back(std::move(x));
       host.head_base[l].push_back(host.head_base[l].back() + host.heads[l][h].num_pages());
     }
     host.pages += host.head_base[l].back();
@@ -236,21 +185,11 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMalloc(&dev, layer_bytes));
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  auto memcpy_gbs = [&](size_t bytes) {
-    std::vector<double> gbs;
-    for (int i = 0; i < 12; ++i) {
-      CHECK_CUDA(cudaEventRecord(e0, stream));
+  auto memcpy_gbs = [&](size_t bytes) {  // 2 untimed copies, the median of 10 timed
+    return sqkv::bench::MedianGBs(stream, 2, 10, static_cast<double>(bytes), [&] {
       CHECK_CUDA(cudaMemcpyAsync(dev, host.pinned, bytes, cudaMemcpyHostToDevice, stream));
-      CHECK_CUDA(cudaEventRecord(e1, stream));
-      CHECK_CUDA(cudaEventSynchronize(e1));
-      float ms = 0;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      if (i >= 2) gbs.push_back(bytes / (ms * 1e6));
-    }
-    return Median(gbs);
+      return Status::Ok();
+    });
   };
   const size_t head_bytes = layer_bytes / kKvHeads;
   const double ceiling_head = memcpy_gbs(head_bytes);

@@ -123,7 +123,7 @@ Context MakeContext(std::mt19937_64& rng, int kv_heads, int clusters, int d, int
   const size_t pb = c.page_bytes();
   const size_t block = static_cast<size_t>(pt) * d;
   for (int h = 0; h < kv_heads; ++h) {
-    c.heads.push_back(testing::MakeIndex(rng, clusters, d, pt, 40, num_l1));
+    c.heads.push_back(testing::SyntheticIndex(rng, clusters, d, pt, 40, num_l1));
     const HeadIndex& x = c.heads.back();
     c.head_page_base.push_back(c.pages.size() / pb);
     const size_t at = c.pages.size();

@@ -25,7 +25,7 @@
 namespace sqkv::gpu {
 namespace {
 
-using testing::MakeIndex;
+using testing::SyntheticIndex;
 using testing::RefMode;
 using testing::RefSelect;
 using testing::RefSelection;
@@ -61,7 +61,7 @@ void SetUpHead(Head* h);
 
 void MakeHead(std::mt19937_64& rng, int clusters, int d, int pt, int max_size, int num_l1,
               Head* h) {
-  h->x = MakeIndex(rng, clusters, d, pt, max_size, num_l1);
+  h->x = SyntheticIndex(rng, clusters, d, pt, max_size, num_l1);
   std::vector<int32_t> ids(4 * h->x.num_pages());
   std::iota(ids.begin(), ids.end(), 0);
   std::shuffle(ids.begin(), ids.end(), rng);
@@ -659,7 +659,7 @@ TEST(GpuLookup, LargeAndSmallMagnitudes) {
   constexpr int kD = 128, kPt = 16;
   std::vector<Head> heads(2);
   for (int h = 0; h < 2; ++h) {
-    heads[h].x = MakeIndex(rng, 900, kD, kPt, 30);
+    heads[h].x = SyntheticIndex(rng, 900, kD, kPt, 30);
     const float m = h == 0 ? 1e6f : 1e-6f;
     for (float& v : heads[h].x.centroids) v *= m;
     heads[h].table.resize(heads[h].x.num_pages());
@@ -713,7 +713,7 @@ TEST(GpuLookup, BudgetPageBoundIsAnUpperBound) {
   std::mt19937_64 rng(testing::FreshSeed());
   for (int trial = 0; trial < 200; ++trial) {
     const int pt = 1 << (trial % 6);
-    const HeadIndex x = MakeIndex(rng, 1 + trial, 16, pt, 1 + trial % 50);
+    const HeadIndex x = SyntheticIndex(rng, 1 + trial, 16, pt, 1 + trial % 50);
     std::vector<int32_t> sorted = x.cluster_size;
     std::sort(sorted.begin(), sorted.end());
     std::vector<double> s(x.num_clusters());

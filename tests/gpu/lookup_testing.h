@@ -1,5 +1,6 @@
-// Helpers for the GPU lookup and engine tests: synthetic head indexes and a float64 reference of
-// the selection rule of index/select.h, written independently of the code under test.
+// Helpers for the GPU lookup and engine tests: clustered head indexes (over SyntheticIndex of
+// tests/testing/synthetic_index.h) and a float64 reference of the selection rule of
+// index/select.h, written independently of the code under test.
 #pragma once
 
 #include <algorithm>
@@ -13,61 +14,10 @@
 #include <vector>
 
 #include "index/head_index.h"
+#include "tests/testing/synthetic_index.h"
 #include "tests/testing/testing.h"
 
 namespace sqkv::testing {
-
-// A valid HeadIndex: random centroids, sizes uniform in [1, max_size] (so partial pages), a
-// random token permutation in `positions`. num_l1 > 0 adds num_l1 parents over contiguous runs of
-// children, each the size-weighted mean of its children.
-inline HeadIndex MakeIndex(std::mt19937_64& rng, int clusters, int d, int page_tokens, int max_size,
-                           int num_l1 = 0) {
-  HeadIndex x;
-  x.head_dim = d;
-  x.page_tokens = page_tokens;
-  x.centroids = RandomNormal(static_cast<size_t>(clusters) * d, rng);
-  std::uniform_int_distribution<int> size(1, max_size);
-  x.cluster_page_begin.push_back(0);
-  for (int c = 0; c < clusters; ++c) {
-    const int n = size(rng);
-    x.cluster_size.push_back(n);
-    x.tokens += n;
-    x.cluster_page_begin.push_back(x.cluster_page_begin.back() +
-                                   (n + page_tokens - 1) / page_tokens);
-  }
-  std::vector<int32_t> perm(x.tokens);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng);
-  x.positions.assign(static_cast<size_t>(x.num_pages()) * page_tokens, -1);
-  int next = 0;
-  for (int c = 0; c < clusters; ++c) {
-    const size_t at = static_cast<size_t>(x.cluster_page_begin[c]) * page_tokens;
-    for (int i = 0; i < x.cluster_size[c]; ++i) x.positions[at + i] = perm[next++];
-  }
-  if (num_l1 <= 0) return x;
-  std::vector<int32_t> cuts(clusters - 1);
-  std::iota(cuts.begin(), cuts.end(), 1);
-  std::shuffle(cuts.begin(), cuts.end(), rng);
-  cuts.resize(num_l1 - 1);
-  std::sort(cuts.begin(), cuts.end());
-  x.l1_child_begin.push_back(0);
-  x.l1_child_begin.insert(x.l1_child_begin.end(), cuts.begin(), cuts.end());
-  x.l1_child_begin.push_back(clusters);
-  for (int p = 0; p < num_l1; ++p) {
-    std::vector<double> sum(d, 0.0);
-    int32_t n = 0;
-    for (int c = x.l1_child_begin[p]; c < x.l1_child_begin[p + 1]; ++c) {
-      n += x.cluster_size[c];
-      for (int i = 0; i < d; ++i) {
-        sum[i] +=
-            static_cast<double>(x.cluster_size[c]) * x.centroids[static_cast<size_t>(c) * d + i];
-      }
-    }
-    x.l1_size.push_back(n);
-    for (int i = 0; i < d; ++i) x.l1_centroids.push_back(static_cast<float>(sum[i] / n));
-  }
-  return x;
-}
 
 // A "clustered" index: the centroids gather around `topics` random directions (each centroid its
 // topic plus noise of standard deviation `spread`), so many clusters of a topic score nearly alike.
@@ -75,7 +25,7 @@ inline HeadIndex MakeIndex(std::mt19937_64& rng, int clusters, int d, int page_t
 inline HeadIndex MakeClusteredIndex(std::mt19937_64& rng, int clusters, int d, int page_tokens,
                                     int max_size, int topics, float spread,
                                     std::vector<float>* topic_centres) {
-  HeadIndex x = MakeIndex(rng, clusters, d, page_tokens, max_size);
+  HeadIndex x = SyntheticIndex(rng, clusters, d, page_tokens, max_size);
   *topic_centres = RandomNormal(static_cast<size_t>(topics) * d, rng);
   std::uniform_int_distribution<int> pick(0, topics - 1);
   std::normal_distribution<float> noise(0.f, spread);

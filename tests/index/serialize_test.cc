@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "index/build.h"
-#include "tests/index/synthetic_index.h"
+#include "tests/testing/synthetic_index.h"
 #include "tests/testing/testing.h"
 
 namespace sqkv {

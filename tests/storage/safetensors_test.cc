@@ -4,7 +4,6 @@
 
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <iterator>
 #include <map>
@@ -20,18 +19,9 @@ namespace {
 
 using ::sqkv::testing::FreshSeed;
 using ::sqkv::testing::RandomNormal;
+using ::sqkv::testing::ReadBytes;
 using ::sqkv::testing::ScratchDir;
-
-void WriteBytes(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  ASSERT_TRUE(f.good()) << path;
-}
-
-std::string ReadBytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
+using ::sqkv::testing::WriteBytes;
 
 std::string LengthPrefix(uint64_t n) {
   std::string s(8, '\0');

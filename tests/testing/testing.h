@@ -36,6 +36,12 @@ class ScratchDir {
   std::filesystem::path path_;
 };
 
+// Writes `bytes` to `path` (replacing it); a failed write fails the calling test.
+void WriteBytes(const std::string& path, const std::string& bytes);
+
+// The whole file at `path`; empty if it cannot be read.
+std::string ReadBytes(const std::string& path);
+
 // Float64 exact attention of rows of q over the listed keys.
 // q: (rows, d); keys, values: (tokens, d); use: indices into keys (any order);
 // out: (rows, d); lse: (rows), natural log of Σ exp(scale·q·k). Empty `use`: lse = -inf, out = 0.

@@ -1,5 +1,5 @@
-// A structurally valid HeadIndex with random centroids and sizes, built without K-means, for
-// selection and serialisation tests.
+// A structurally valid HeadIndex with random centroids and sizes, built without K-means, for the
+// selection, serialisation, GPU lookup and engine tests.
 #pragma once
 
 #include <algorithm>
@@ -13,8 +13,10 @@
 
 namespace sqkv::testing {
 
-// num_l1 > 0 makes it hierarchical: children are split into num_l1 contiguous non-empty runs and
-// each parent centroid is the size-weighted mean of its children's centroids.
+// Centroids from RandomNormal, sizes uniform in [1, max_cluster_size] (so partial pages), a random
+// token permutation in `positions`. num_l1 > 0 makes it hierarchical: children are split into
+// num_l1 contiguous non-empty runs and each parent centroid is the size-weighted mean of its
+// children's centroids.
 // Requires 1 <= num_l1 <= num_clusters when num_l1 > 0.
 inline HeadIndex SyntheticIndex(std::mt19937_64& rng, int num_clusters, int head_dim,
                                 int page_tokens, int max_cluster_size, int num_l1 = 0) {
