@@ -64,9 +64,10 @@ template <typename T>
 class [[nodiscard]] Result {
  public:
   Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
-  Result(Status status) : status_(std::move(status)) {  // NOLINT
-    assert(!status_.ok() && "Result built from an OK status carries no value");
-    if (status_.ok()) status_ = Status::Internal("Result built from an OK status");
+  Result(Status status)  // NOLINT
+      : status_(status.ok() ? Status::Internal("Result built from an OK status")
+                            : std::move(status)) {
+    assert(!status.ok() && "Result built from an OK status carries no value");
   }
   bool ok() const { return status_.ok(); }
   const Status& status() const { return status_; }

@@ -6,8 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash tools/install-deps.sh
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build build --target sqkv
+mkdir -p build
+echo "== building sqkv (log: build/demo-build.log)"
+if ! { cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release &&
+       cmake --build build --target sqkv; } >build/demo-build.log 2>&1; then
+  tail -40 build/demo-build.log
+  echo "build failed: see build/demo-build.log" >&2
+  exit 1
+fi
 
 sqkv=build/tools/sqkv
 export SQKV_DATA="${SQKV_DATA:-$PWD/sqkv-data}"
