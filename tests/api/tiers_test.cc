@@ -2,6 +2,9 @@
 // memory stays bounded over many contexts; results equal the uncached path; pins persist.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <thread>
+
 #include "api/store.h"
 #include "api/synthetic.h"
 #include "tests/testing/testing.h"
@@ -128,6 +131,47 @@ TEST_F(TiersTest, PinSurvivesRestartAndKeepsPagesResident) {
   // Queries larger than the cache still run (read around the cache).
   QueryResult r = Query("big", big, 1.0f);
   EXPECT_EQ(r.stats.pages_from_disk, r.stats.pages_selected);
+}
+
+// Several threads query different contexts through a cache too small for them all (evictions
+// while other threads hold pages), each answer checked against the one computed alone first.
+// Run under ThreadSanitizer with -DSQKV_SANITIZE=thread (see README).
+TEST_F(TiersTest, ConcurrentQueriesOnManyContexts) {
+  Open(1 << 20);
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kContexts = 6, kThreads = 4, kRounds = 12;
+  std::vector<std::vector<float>> queries;
+  std::vector<QueryResult> alone;
+  for (int i = 0; i < kContexts; ++i) {
+    queries.push_back(Import("c" + std::to_string(i), 1024, rng()));
+    alone.push_back(Query("c" + std::to_string(i), queries.back(), 0.5f));
+  }
+  std::atomic<int> mismatches{0}, failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < kRounds; ++round) {
+        const int c = (t * 7 + round * 3) % kContexts;
+        QueryOptions qo;
+        qo.device = Device::kCpu;
+        qo.select.keep_fraction = 0.5f;
+        QueryResult r;
+        Status s = store_->Query("c" + std::to_string(c), 1, queries[c].data(), 8, 4, 64, qo, &r);
+        if (!s.ok()) {
+          ++failures;
+          continue;
+        }
+        if (r.output != alone[c].output || r.lse != alone[c].lse) ++mismatches;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(mismatches.load(), 0);
+  TierStats ts;
+  ASSERT_TRUE(store_->GetTierStats(&ts).ok());
+  EXPECT_GT(ts.host_evictions, 0u);
+  EXPECT_LE(ts.host_bytes_in_use, 1u << 20);
 }
 
 }  // namespace
