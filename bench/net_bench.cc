@@ -3,7 +3,8 @@
 // clients (one connection each), and the per-request overhead of the server over the embedded
 // call, measured side by side in the same run (alternating calls on one thread).
 //
-//   net_bench [--tokens 4096] [--seconds 3] [--io-threads 2] [--workers 0] [--dir /tmp/sqkv-net-bench]
+//   net_bench [--tokens 4096] [--seconds 3] [--io-threads 2] [--workers 0] [--dir
+//   /tmp/sqkv-net-bench]
 //
 // Everything (store, server, clients) runs in this process on this machine; the server goes
 // through its real TCP path on 127.0.0.1.
@@ -63,8 +64,8 @@ std::pair<double, double> LoopbackRoundTrip(int rounds) {
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t len = sizeof(a);
-  if (ls < 0 || ::bind(ls, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || ::listen(ls, 1) != 0 ||
-      ::getsockname(ls, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+  if (ls < 0 || ::bind(ls, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 ||
+      ::listen(ls, 1) != 0 || ::getsockname(ls, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
     return {0, 0};
   }
   const int one = 1;
@@ -88,7 +89,8 @@ std::pair<double, double> LoopbackRoundTrip(int rounds) {
           ::recv(c, buf, kBytes, MSG_WAITALL) != static_cast<ssize_t>(kBytes)) {
         break;
       }
-      us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+      us.push_back(
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
     }
   }
   ::close(c);
@@ -163,19 +165,20 @@ int main(int argc, char** argv) {
   for (int i = 0; i < 50; ++i) {
     QueryResult r;
     if (Status s = embedded(i % kQueryVariants, &r); !s.ok()) Die(s);
-    if (Status s = remote->Query("ctx", 0, queries[i % kQueryVariants].data(), kQHeads, 1,
-                                 kHeadDim, qo, &r);
+    if (Status s = remote->Query("ctx", 0, queries[i % kQueryVariants].data(), kQHeads, 1, kHeadDim,
+                                 qo, &r);
         !s.ok()) {
       Die(s);
     }
   }
 
-  std::printf("context: 1 layer x %d kv heads x %d tokens x %d (bf16); query: %d heads x 1 token, "
-              "keep %.2f, cpu; server: %d io threads, %d workers; %d s per row\n",
-              kKvHeads, tokens, kHeadDim, kQHeads, kKeep, server_options.io_threads,
-              server_options.workers > 0 ? server_options.workers
-                                         : static_cast<int>(std::thread::hardware_concurrency()),
-              seconds);
+  std::printf(
+      "context: 1 layer x %d kv heads x %d tokens x %d (bf16); query: %d heads x 1 token, "
+      "keep %.2f, cpu; server: %d io threads, %d workers; %d s per row\n",
+      kKvHeads, tokens, kHeadDim, kQHeads, kKeep, server_options.io_threads,
+      server_options.workers > 0 ? server_options.workers
+                                 : static_cast<int>(std::thread::hardware_concurrency()),
+      seconds);
 
   // Side by side, one thread: embedded and remote calls alternate, same arguments. The query is
   // the decode-sized one; Info (a catalog read) shows the server's fixed cost per request.
@@ -198,11 +201,13 @@ int main(int argc, char** argv) {
   };
   constexpr int kPingPongs = 20000;
   const auto [rtt50, rtt99] = LoopbackRoundTrip(kPingPongs);
-  std::printf("\nloopback TCP round trip of 64 bytes between two threads (the floor): p50 %.1f us, "
-              "p99 %.1f us\n", rtt50, rtt99);
+  std::printf(
+      "\nloopback TCP round trip of 64 bytes between two threads (the floor): p50 %.1f us, "
+      "p99 %.1f us\n",
+      rtt50, rtt99);
   std::printf("\nside by side, 1 thread (calls alternate)\n");
-  std::printf("%-6s %8s %12s %12s %12s %12s %14s\n", "call", "pairs", "emb p50 us",
-              "srv p50 us", "emb p99 us", "srv p99 us", "overhead p50");
+  std::printf("%-6s %8s %12s %12s %12s %12s %14s\n", "call", "pairs", "emb p50 us", "srv p50 us",
+              "emb p99 us", "srv p99 us", "overhead p50");
   side_by_side(
       "query",
       [&](int i) {

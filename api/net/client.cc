@@ -103,11 +103,12 @@ class RemoteStore final : public Store {
       piece.data.resize(n);
       size_t got = 0;
       while (got < n) {
-        const ssize_t r = ::pread(fd, piece.data.data() + got, n - got,
-                                  static_cast<off_t>(offset + got));
+        const ssize_t r =
+            ::pread(fd, piece.data.data() + got, n - got, static_cast<off_t>(offset + got));
         if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return r < 0 ? FileError("read", path)
-                                 : Status::IOError(path + " shrank while being uploaded");
+        if (r <= 0)
+          return r < 0 ? FileError("read", path)
+                       : Status::IOError(path + " shrank while being uploaded");
         got += static_cast<size_t>(r);
       }
       SQKV_RETURN_IF_ERROR(CallOn(*conn, piece, &reply, nullptr));
@@ -122,8 +123,8 @@ class RemoteStore final : public Store {
     return Done(std::move(conn), Status::Ok());
   }
 
-  Status Query(const std::string& name, int layer, const float* q, int q_heads, int n,
-               int head_dim, const QueryOptions& options, QueryResult* result) override {
+  Status Query(const std::string& name, int layer, const float* q, int q_heads, int n, int head_dim,
+               const QueryOptions& options, QueryResult* result) override {
     QueryCall call;
     call.name = name;
     call.layer = layer;
@@ -271,14 +272,11 @@ class RemoteStore final : public Store {
   // the server may have closed for idleness) is tried once more on a fresh one.
   Status RoundTrip(net::Call call, Response* reply,
                    const Connection::OnProgress& progress = nullptr) {
-    const bool read_only = std::holds_alternative<QueryCall>(call) ||
-                           std::holds_alternative<ListCall>(call) ||
-                           std::holds_alternative<InfoCall>(call) ||
-                           std::holds_alternative<GetThresholdsCall>(call) ||
-                           std::holds_alternative<VerifyCall>(call) ||
-                           std::holds_alternative<StatsCall>(call) ||
-                           std::holds_alternative<ListPinsCall>(call) ||
-                           std::holds_alternative<TierStatsCall>(call);
+    const bool read_only =
+        std::holds_alternative<QueryCall>(call) || std::holds_alternative<ListCall>(call) ||
+        std::holds_alternative<InfoCall>(call) || std::holds_alternative<GetThresholdsCall>(call) ||
+        std::holds_alternative<VerifyCall>(call) || std::holds_alternative<StatsCall>(call) ||
+        std::holds_alternative<ListPinsCall>(call) || std::holds_alternative<TierStatsCall>(call);
     std::unique_ptr<Connection> conn;
     bool reused = false;
     SQKV_RETURN_IF_ERROR(Acquire(&conn, &reused));
@@ -354,7 +352,8 @@ Status SplitHostPort(const std::string& host_port, std::string* host, std::strin
   size_t colon;
   if (!host_port.empty() && host_port[0] == '[') {
     const size_t close = host_port.find(']');
-    if (close == std::string::npos || close + 1 >= host_port.size() || host_port[close + 1] != ':') {
+    if (close == std::string::npos || close + 1 >= host_port.size() ||
+        host_port[close + 1] != ':') {
       return bad("has a malformed [IPv6] host");
     }
     *host = host_port.substr(1, close - 1);

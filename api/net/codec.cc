@@ -26,9 +26,10 @@ constexpr uint64_t kTraversalFactor = 2;
 constexpr uint64_t kTraversalSlackWords = 64;
 
 const char* const kCallKindNames[kNumCallKinds] = {
-    "hello",   "query",     "list",           "info",   "remove",  "import_begin", "import_chunk",
-    "import_end", "rebuild", "calibrate", "get_thresholds", "verify", "compact", "stats",
-    "pin",     "unpin",     "preload",        "list_pins", "tier_stats"};
+    "hello",          "query",        "list",       "info",      "remove",
+    "import_begin",   "import_chunk", "import_end", "rebuild",   "calibrate",
+    "get_thresholds", "verify",       "compact",    "stats",     "pin",
+    "unpin",          "preload",      "list_pins",  "tier_stats"};
 
 uint32_t LowHalf(uint64_t w) { return static_cast<uint32_t>(w); }
 uint32_t HighHalf(uint64_t w) { return static_cast<uint32_t>(w >> 32); }
@@ -150,8 +151,7 @@ Status DecodeRequest(const uint64_t* frame, size_t words, const Limits& limits, 
 }
 
 Status DecodeResponse(const uint64_t* frame, size_t words, const Limits& limits, Response* out) {
-  return DecodeFrame<wire::Response>(frame, words, limits, "response", out,
-                                     wire_io::ReadResponse);
+  return DecodeFrame<wire::Response>(frame, words, limits, "response", out, wire_io::ReadResponse);
 }
 
 Status EncodeRequest(const Request& request, std::vector<uint64_t>* frame) {

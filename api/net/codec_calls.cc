@@ -12,8 +12,8 @@ Status ReadQuery(wire::QueryCall::Reader r, QueryCall* out) {
   out->head_dim = r.getHeadDim();
   if (out->q_heads <= 0 || out->n <= 0 || out->head_dim <= 0) {
     return Status::InvalidArgument("query shape (" + std::to_string(out->q_heads) + ", " +
-                                   std::to_string(out->n) + ", " +
-                                   std::to_string(out->head_dim) + ") has a non-positive dim");
+                                   std::to_string(out->n) + ", " + std::to_string(out->head_dim) +
+                                   ") has a non-positive dim");
   }
   uint64_t elements = 0;
   if (!ElementCount(out->q_heads, out->n, out->head_dim, &elements)) {
@@ -112,8 +112,8 @@ void WriteCalibrate(const CalibrateCall& c, wire::CalibrateCall::Builder b) {
 
 Status ReadImportBegin(wire::ImportBegin::Reader r, ImportBeginCall* out) {
   SQKV_RETURN_IF_ERROR(ReadText(r.getName(), kMaxNameBytes, "import name", &out->name));
-  SQKV_RETURN_IF_ERROR(ReadText(r.getFileName(), kMaxNameBytes, "import file name",
-                                &out->file_name));
+  SQKV_RETURN_IF_ERROR(
+      ReadText(r.getFileName(), kMaxNameBytes, "import file name", &out->file_name));
   if (out->file_name.find('/') != std::string::npos || out->file_name == "." ||
       out->file_name == ".." || out->file_name.find('\0') != std::string::npos) {
     return Status::InvalidArgument("import file name must be a plain base name");
@@ -236,8 +236,8 @@ Status ReadRequest(wire::Request::Reader r, Request* out) {
     }
     case wire::Request::PRELOAD: {
       PreloadCall c;
-      SQKV_RETURN_IF_ERROR(ReadText(r.getPreload().getName(), kMaxNameBytes, "preload name",
-                                    &c.name));
+      SQKV_RETURN_IF_ERROR(
+          ReadText(r.getPreload().getName(), kMaxNameBytes, "preload name", &c.name));
       SQKV_RETURN_IF_ERROR(FromWire(r.getPreload().getTier(), &c.tier));
       out->call = std::move(c);
       return Status::Ok();
@@ -261,8 +261,8 @@ void WriteRequest(const Request& req, wire::Request::Builder b) {
     void operator()(const HelloCall& c) {
       auto h = b.initHello();
       h.setProtocolVersion(c.protocol_version);
-      h.setToken(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(c.token.data()),
-                                     c.token.size()));
+      h.setToken(
+          capnp::Data::Reader(reinterpret_cast<const kj::byte*>(c.token.data()), c.token.size()));
       h.setClient(c.client);
     }
     void operator()(const QueryCall& c) { WriteQuery(c, b.initQuery()); }
@@ -274,8 +274,8 @@ void WriteRequest(const Request& req, wire::Request::Builder b) {
       auto ch = b.initImportChunk();
       ch.setUploadId(c.upload_id);
       ch.setOffset(c.offset);
-      ch.setData(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(c.data.data()),
-                                     c.data.size()));
+      ch.setData(
+          capnp::Data::Reader(reinterpret_cast<const kj::byte*>(c.data.data()), c.data.size()));
     }
     void operator()(const ImportEndCall& c) { b.initImportEnd().setUploadId(c.upload_id); }
     void operator()(const RebuildCall& c) {
@@ -308,6 +308,5 @@ void WriteRequest(const Request& req, wire::Request::Builder b) {
   };
   std::visit(Visitor{b}, req.call);
 }
-
 
 }  // namespace sqkv::net::wire_io

@@ -173,7 +173,8 @@ Status ReadResponse(wire::Response::Reader r, Response* out) {
       rep.pages_checked = v.getPagesChecked();
       rep.bytes_checked = v.getBytesChecked();
       for (auto p : v.getProblems()) {
-        SQKV_RETURN_IF_ERROR(ReadText(p, kMaxMessageText, "verify problem", &rep.problems.emplace_back()));
+        SQKV_RETURN_IF_ERROR(
+            ReadText(p, kMaxMessageText, "verify problem", &rep.problems.emplace_back()));
       }
       out->body = std::move(rep);
       return Status::Ok();
@@ -345,6 +346,5 @@ void WriteResponse(const Response& resp, wire::Response::Builder b) {
   }
   std::visit(Visitor{b}, resp.body);
 }
-
 
 }  // namespace sqkv::net::wire_io

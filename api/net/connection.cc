@@ -42,8 +42,8 @@ class AsioConnection final : public Connection {
     Status result;
     const bool finished = RunUntil(deadline, [&]() -> asio::awaitable<void> {
       auto [cec, ep] = co_await asio::async_connect(socket_, endpoints, as_tuple(use_awaitable));
-      result = cec ? Status::Unavailable("connect to " + peer_ + ": " + cec.message())
-                   : Status::Ok();
+      result =
+          cec ? Status::Unavailable("connect to " + peer_ + ": " + cec.message()) : Status::Ok();
     });
     if (!finished) result = Status::Unavailable("connect to " + peer_ + ": timed out");
     if (!result.ok()) {
@@ -131,8 +131,7 @@ class AsioConnection final : public Connection {
     in_.resize(*total / kWordBytes);
     if (*total > *table) {
       auto [ec3, n3] = co_await asio::async_read(
-          socket_,
-          asio::buffer(reinterpret_cast<uint8_t*>(in_.data()) + *table, *total - *table),
+          socket_, asio::buffer(reinterpret_cast<uint8_t*>(in_.data()) + *table, *total - *table),
           as_tuple(use_awaitable));
       if (ec3) co_return Lost("reading", ec3);
     }
@@ -174,7 +173,8 @@ class AsioConnection final : public Connection {
 
 Status Connection::Open(const std::string& host, const std::string& port,
                         const ClientOptions& options, std::unique_ptr<Connection>* out) {
-  const std::string peer = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + port;
+  const std::string peer =
+      (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + port;
   auto conn = std::make_unique<AsioConnection>(peer, options);
   const auto deadline = Clock::now() + std::chrono::milliseconds(options.connect_timeout_ms);
   SQKV_RETURN_IF_ERROR(conn->Connect(host, port, deadline));

@@ -18,8 +18,8 @@ class Connection {
   using OnProgress = std::function<void(const ProgressReply&)>;
 
   // Connects to host:port and says hello (with options.token) within options.connect_timeout_ms.
-  static Status Open(const std::string& host, const std::string& port,
-                     const ClientOptions& options, std::unique_ptr<Connection>* out);
+  static Status Open(const std::string& host, const std::string& port, const ClientOptions& options,
+                     std::unique_ptr<Connection>* out);
   virtual ~Connection() = default;
 
   // Sends `request` and reads the answer to it (progress answers go to on_progress, may be null).

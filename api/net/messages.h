@@ -106,8 +106,8 @@ struct TierStatsCall {};
 
 using Call = std::variant<HelloCall, QueryCall, ListCall, InfoCall, RemoveCall, ImportBeginCall,
                           ImportChunkCall, ImportEndCall, RebuildCall, CalibrateCall,
-                          GetThresholdsCall, VerifyCall, CompactCall, StatsCall, PinCall,
-                          UnpinCall, PreloadCall, ListPinsCall, TierStatsCall>;
+                          GetThresholdsCall, VerifyCall, CompactCall, StatsCall, PinCall, UnpinCall,
+                          PreloadCall, ListPinsCall, TierStatsCall>;
 
 // Index of each call kind in Call, for tables (metrics) indexed by kind.
 inline constexpr size_t kNumCallKinds = std::variant_size_v<Call>;

@@ -41,7 +41,8 @@ void RenderTiers(const TierStats& t, std::string* out) {
   Line(out, "sqkv_tier_hits_total{tier=\"host\"} %" PRIu64, t.host_hits);
   Header(out, "sqkv_tier_misses_total", "counter", "Pages a tier had to fetch.");
   Line(out, "sqkv_tier_misses_total{tier=\"host\"} %" PRIu64, t.host_misses);
-  Header(out, "sqkv_tier_evictions_total", "counter", "Evictions from a tier (host: pages, device: layers).");
+  Header(out, "sqkv_tier_evictions_total", "counter",
+         "Evictions from a tier (host: pages, device: layers).");
   Line(out, "sqkv_tier_evictions_total{tier=\"host\"} %" PRIu64, t.host_evictions);
   Line(out, "sqkv_tier_evictions_total{tier=\"device\"} %" PRIu64, t.device_layers_evicted);
   Header(out, "sqkv_tier_bytes_in_use", "gauge", "Bytes of a tier holding pages.");
@@ -85,8 +86,7 @@ void Histogram::Observe(double seconds) {
                     std::memory_order_relaxed);
 }
 
-void Histogram::Render(const std::string& name, const std::string& labels,
-                       std::string* out) const {
+void Histogram::Render(const std::string& name, const std::string& labels, std::string* out) const {
   uint64_t cumulative = 0;
   for (size_t i = 0; i < kLatencyBuckets.size(); ++i) {
     cumulative += buckets_[i].load(std::memory_order_relaxed);

@@ -51,9 +51,9 @@ class Metrics {
   std::atomic<int64_t> connections_open{0};
   std::atomic<uint64_t> connections_refused{0};  // over max_connections
   std::atomic<uint64_t> auth_failures{0};
-  std::atomic<uint64_t> protocol_errors{0};      // undecodable frames or messages
+  std::atomic<uint64_t> protocol_errors{0};  // undecodable frames or messages
   std::atomic<uint64_t> deadline_exceeded{0};
-  std::atomic<uint64_t> timeouts{0};             // connections closed for idleness or slow I/O
+  std::atomic<uint64_t> timeouts{0};  // connections closed for idleness or slow I/O
   std::atomic<int64_t> requests_in_flight{0};
   std::atomic<uint64_t> bytes_received{0};
   std::atomic<uint64_t> bytes_sent{0};

@@ -1,11 +1,10 @@
 // The Prometheus endpoint: GET /metrics over HTTP/1.1 (Boost.Beast), one request per connection.
-#include <chrono>
-
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http.hpp>
+#include <chrono>
 
 #include "api/net/server_impl.h"
 #include "api/net/worker_call.h"

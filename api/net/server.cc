@@ -1,13 +1,12 @@
 // Listeners, threads, signals and graceful shutdown of the server.
 #include <algorithm>
-#include <csignal>
-#include <filesystem>
-
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <csignal>
+#include <filesystem>
 
 #include "api/net/client.h"
 #include "api/net/server_impl.h"
@@ -39,7 +38,8 @@ Status Server::Start(const ServerOptions& options, Store* store, std::unique_ptr
   if (options.max_message_bytes < (uint64_t{1} << 16)) {
     return Status::InvalidArgument("max message size must be at least 64 KiB");
   }
-  if (options.chunk_bytes == 0 || options.chunk_bytes + (uint64_t{1} << 12) > options.max_message_bytes) {
+  if (options.chunk_bytes == 0 ||
+      options.chunk_bytes + (uint64_t{1} << 12) > options.max_message_bytes) {
     return Status::InvalidArgument("chunk size must be positive and fit in a message");
   }
   auto impl = std::make_unique<ServerImpl>(options, store);
@@ -85,8 +85,7 @@ void ServerImpl::Log(const std::string& line) const {
   if (options_.log) options_.log(line);
 }
 
-Status ServerImpl::Bind(const std::string& host_port, tcp::acceptor* acceptor,
-                        std::string* bound) {
+Status ServerImpl::Bind(const std::string& host_port, tcp::acceptor* acceptor, std::string* bound) {
   std::string host, port;
   SQKV_RETURN_IF_ERROR(SplitHostPort(host_port, &host, &port));
   boost::system::error_code ec;
@@ -149,8 +148,8 @@ Status ServerImpl::Start() {
 asio::awaitable<void> ServerImpl::AcceptLoop() {
   asio::steady_timer backoff(control_);
   while (!stopping()) {
-    auto [ec, socket] = co_await acceptor_.async_accept(NextIo(),
-                                                        asio::as_tuple(asio::use_awaitable));
+    auto [ec, socket] =
+        co_await acceptor_.async_accept(NextIo(), asio::as_tuple(asio::use_awaitable));
     if (stopping()) break;
     if (ec) {
       Log("accept: " + ec.message());
@@ -190,8 +189,8 @@ asio::awaitable<void> ServerImpl::AcceptLoop() {
 asio::awaitable<void> ServerImpl::MetricsAcceptLoop() {
   asio::steady_timer backoff(control_);
   while (!stopping()) {
-    auto [ec, socket] = co_await metrics_acceptor_.async_accept(
-        NextIo(), asio::as_tuple(asio::use_awaitable));
+    auto [ec, socket] =
+        co_await metrics_acceptor_.async_accept(NextIo(), asio::as_tuple(asio::use_awaitable));
     if (stopping()) break;
     if (ec) {
       backoff.expires_after(kAcceptBackoff);

@@ -4,15 +4,6 @@
 #pragma once
 
 #include <atomic>
-#include <chrono>
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <string>
-#include <thread>
-#include <unordered_map>
-#include <vector>
-
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/executor_work_guard.hpp>
@@ -21,6 +12,14 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
 
 #include "api/net/messages.h"
 #include "api/net/metrics.h"
@@ -77,7 +76,9 @@ class ServerImpl final : public Server {
   asio::awaitable<void> MetricsAcceptLoop();
   Status Bind(const std::string& host_port, tcp::acceptor* acceptor, std::string* bound);
   Status PrepareUploadDir();
-  asio::io_context::executor_type NextIo() { return ios_[next_io_++ % ios_.size()]->get_executor(); }
+  asio::io_context::executor_type NextIo() {
+    return ios_[next_io_++ % ios_.size()]->get_executor();
+  }
 
   ServerOptions options_;
   Limits limits_;

@@ -2,9 +2,6 @@
 // write the answer; repeat. A watchdog beside it closes the connection when the current I/O
 // deadline passes (idle between requests, or a frame or answer that is too slow).
 #include <algorithm>
-#include <limits>
-#include <memory>
-
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
@@ -12,6 +9,8 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
+#include <limits>
+#include <memory>
 
 #include "api/net/codec.h"
 #include "api/net/server_impl.h"
@@ -92,7 +91,8 @@ class Session {
       bool framing_ok = false;
       if (!co_await ReadFrame(&decoded, &framing_ok)) co_return;  // closed, timed out, stopped
       const auto started = Clock::now();
-      if (decoded.ok()) decoded = DecodeRequest(frame_.get(), frame_words_, server_->limits(), &request);
+      if (decoded.ok())
+        decoded = DecodeRequest(frame_.get(), frame_words_, server_->limits(), &request);
       ShrinkBuffer();
       if (!decoded.ok()) {
         // The frame was read whole: its framing is intact, so the connection can go on unless
@@ -100,7 +100,7 @@ class Session {
         server_->metrics().protocol_errors.fetch_add(1);
         const Response error{0, decoded, {}};
         const bool sent = co_await Send(error);
-        if (!sent || !framing_ok) co_return;
+        if (!sent || !framing_ok || !authenticated_) co_return;  // strangers get one chance
         continue;
       }
       if (!authenticated_ && !std::holds_alternative<HelloCall>(request.call)) {
@@ -123,8 +123,8 @@ class Session {
   // a request began). A bad table is answered with an error and *framing_ok false.
   asio::awaitable<bool> ReadFrame(Status* status, bool* framing_ok) {
     EnsureBuffer(1);
-    auto [ec, n] = co_await asio::async_read(
-        st_->socket, asio::buffer(frame_.get(), kWordBytes), as_tuple(use_awaitable));
+    auto [ec, n] = co_await asio::async_read(st_->socket, asio::buffer(frame_.get(), kWordBytes),
+                                             as_tuple(use_awaitable));
     if (ec) co_return false;
     st_->busy = true;
     SetDeadline(*st_, After(server_->options().io_timeout_ms));
@@ -137,7 +137,8 @@ class Session {
     EnsureBuffer(*table / kWordBytes);
     if (*table > kWordBytes) {
       auto [ec2, n2] = co_await asio::async_read(
-          st_->socket, asio::buffer(frame_.get() + 1, *table - kWordBytes), as_tuple(use_awaitable));
+          st_->socket, asio::buffer(frame_.get() + 1, *table - kWordBytes),
+          as_tuple(use_awaitable));
       if (ec2) co_return false;
       server_->metrics().bytes_received.fetch_add(n2);
     }
@@ -156,7 +157,8 @@ class Session {
     EnsureBuffer(*total / kWordBytes);
     if (*total > *table) {
       auto [ec3, n3] = co_await asio::async_read(
-          st_->socket, asio::buffer(reinterpret_cast<uint8_t*>(frame_.get()) + *table, *total - *table),
+          st_->socket,
+          asio::buffer(reinterpret_cast<uint8_t*>(frame_.get()) + *table, *total - *table),
           as_tuple(use_awaitable));
       if (ec3) co_return false;
       server_->metrics().bytes_received.fetch_add(n3);
@@ -232,8 +234,8 @@ class Session {
     if (r.deadline_exceeded) server_->metrics().deadline_exceeded.fetch_add(1);
     *keep_open = r.keep_open && !r.connection_lost;
     const Response answer{id, r.outcome.status, std::move(r.outcome.body)};
-    server_->metrics().ObserveCall(
-        kind, answer.status.code(), std::chrono::duration<double>(Clock::now() - started).count());
+    server_->metrics().ObserveCall(kind, answer.status.code(),
+                                   std::chrono::duration<double>(Clock::now() - started).count());
     if (!r.connection_lost) {
       const bool sent = co_await Send(answer);
       if (!sent) *keep_open = false;
@@ -249,9 +251,11 @@ class Session {
   CallResult Hello(const HelloCall& hello) {
     CallResult r;
     if (hello.protocol_version != kProtocolVersion) {
-      r.outcome.status = Status::InvalidArgument(
-          "protocol version " + std::to_string(hello.protocol_version) + " not supported (server "
-          "speaks " + std::to_string(kProtocolVersion) + ")");
+      r.outcome.status =
+          Status::InvalidArgument("protocol version " + std::to_string(hello.protocol_version) +
+                                  " not supported (server "
+                                  "speaks " +
+                                  std::to_string(kProtocolVersion) + ")");
       r.keep_open = false;
       return r;
     }

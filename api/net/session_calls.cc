@@ -240,9 +240,9 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportBegin(ImportBeginCall& ca
                                                              Clock::time_point deadline) {
   if (Status s = ValidateContextName(call.name); !s.ok()) co_return Failed(s);
   if (call.total_bytes > server_->options().max_upload_bytes) {
-    co_return Failed(Status::InvalidArgument(
-        "upload of " + std::to_string(call.total_bytes) + " bytes exceeds the server's limit of " +
-        std::to_string(server_->options().max_upload_bytes)));
+    co_return Failed(Status::InvalidArgument("upload of " + std::to_string(call.total_bytes) +
+                                             " bytes exceeds the server's limit of " +
+                                             std::to_string(server_->options().max_upload_bytes)));
   }
   if (uploads_.size() >= kMaxUploads) {
     co_return Failed(Status::Unavailable("too many uploads open on this connection"));
@@ -268,14 +268,14 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportChunk(ImportChunkCall& ca
                                                              Clock::time_point deadline) {
   auto it = uploads_.find(call.upload_id);
   if (it == uploads_.end()) {
-    co_return Failed(Status::NotFound("no upload " + std::to_string(call.upload_id) +
-                                      " on this connection"));
+    co_return Failed(
+        Status::NotFound("no upload " + std::to_string(call.upload_id) + " on this connection"));
   }
   std::shared_ptr<Upload> up = it->second;
   Status bad;
   if (call.offset != up->received) {
-    bad = Status::InvalidArgument("chunk at offset " + std::to_string(call.offset) +
-                                  ", expected " + std::to_string(up->received));
+    bad = Status::InvalidArgument("chunk at offset " + std::to_string(call.offset) + ", expected " +
+                                  std::to_string(up->received));
   } else if (call.data.size() > server_->options().chunk_bytes) {
     bad = Status::InvalidArgument("chunk of " + std::to_string(call.data.size()) +
                                   " bytes exceeds the chunk size");
@@ -306,8 +306,8 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& 
                                                            ProgressSender& progress) {
   auto it = uploads_.find(call.upload_id);
   if (it == uploads_.end()) {
-    co_return Failed(Status::NotFound("no upload " + std::to_string(call.upload_id) +
-                                      " on this connection"));
+    co_return Failed(
+        Status::NotFound("no upload " + std::to_string(call.upload_id) + " on this connection"));
   }
   std::shared_ptr<Upload> up = std::move(it->second);
   uploads_.erase(it);
@@ -359,7 +359,8 @@ boost::asio::awaitable<CallResult> SessionCalls::AwaitWithProgress(
     if (co_await call->WaitUntil(wake)) break;
     if (Clock::now() >= deadline) {
       r.deadline_exceeded = true;
-      r.outcome.status = Status::Unavailable("deadline exceeded (the server goes on with the call)");
+      r.outcome.status =
+          Status::Unavailable("deadline exceeded (the server goes on with the call)");
       co_return r;
     }
     const int done = counters->done.load(std::memory_order_relaxed);

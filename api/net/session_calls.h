@@ -2,14 +2,13 @@
 // with the request's deadline, and the connection's import uploads.
 #pragma once
 
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
 #include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
 #include <string_view>
-
-#include <boost/asio/any_io_executor.hpp>
-#include <boost/asio/awaitable.hpp>
 
 #include "api/net/messages.h"
 #include "api/net/worker_call.h"
@@ -53,8 +52,7 @@ class SessionCalls {
   // Like Await, for calls that report progress: sends a progress answer at most every 250 ms.
   boost::asio::awaitable<CallResult> AwaitWithProgress(
       const std::function<Outcome(const ProgressFn&)>& fn,
-      std::chrono::steady_clock::time_point deadline,
-      ProgressSender& progress);
+      std::chrono::steady_clock::time_point deadline, ProgressSender& progress);
   boost::asio::awaitable<CallResult> ImportEnd(const ImportEndCall& call,
                                                std::chrono::steady_clock::time_point deadline,
                                                ProgressSender& progress);

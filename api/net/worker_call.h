@@ -2,12 +2,6 @@
 // with a deadline, without blocking its I/O thread.
 #pragma once
 
-#include <chrono>
-#include <exception>
-#include <functional>
-#include <memory>
-#include <string>
-
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/experimental/concurrent_channel.hpp>
@@ -15,6 +9,11 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <string>
 
 #include "api/net/messages.h"
 
@@ -30,8 +29,8 @@ struct Outcome {
 // gave up (deadline) may go away; the call still runs to its end and its result is dropped.
 class WorkerCall {
  public:
-  using Channel = boost::asio::experimental::concurrent_channel<void(
-      boost::system::error_code, std::shared_ptr<Outcome>)>;
+  using Channel = boost::asio::experimental::concurrent_channel<void(boost::system::error_code,
+                                                                     std::shared_ptr<Outcome>)>;
 
   // Posts fn() to `pool`; the caller waits on `ex` (its connection's io_context).
   static std::shared_ptr<WorkerCall> Post(boost::asio::thread_pool& pool,

@@ -27,7 +27,7 @@ TEST(AuthTest, RightTokenWorksWrongOrMissingTokenIsRefused) {
   EXPECT_TRUE(remote->List(&all).ok());
 
   for (const std::string& bad : {std::string(""), std::string("s3cret-token-0123456788"),
-                                std::string("s3cret"), std::string(kToken) + "x"}) {
+                                 std::string("s3cret"), std::string(kToken) + "x"}) {
     std::unique_ptr<Store> refused;
     Status s = ConnectStore(live.address(), bad, &refused);
     EXPECT_TRUE(s.IsUnavailable()) << bad << ": " << s.ToString();

@@ -204,8 +204,9 @@ TEST(CodecTest, EveryOtherCallRoundTrips) {
     EXPECT_EQ(d.tier, Tier::kDevice);
   }
   EXPECT_EQ(std::get<UnpinCall>(RoundTrip(Request{15, 0, UnpinCall{"u"}}).call).name, "u");
-  EXPECT_EQ(std::get<PreloadCall>(RoundTrip(Request{16, 0, PreloadCall{"w", Tier::kHost}}).call).tier,
-            Tier::kHost);
+  EXPECT_EQ(
+      std::get<PreloadCall>(RoundTrip(Request{16, 0, PreloadCall{"w", Tier::kHost}}).call).tier,
+      Tier::kHost);
   RoundTrip(Request{17, 0, ListPinsCall{}});
   RoundTrip(Request{18, 0, TierStatsCall{}});
 }
@@ -251,10 +252,13 @@ TEST(CodecTest, EveryAnswerRoundTrips) {
     EXPECT_EQ(d.server, "s");
     EXPECT_EQ(d.max_message_bytes, 123u);
   }
-  EXPECT_EQ(std::get<ImportBeginReply>(RoundTrip(Response{5, Status::Ok(), ImportBeginReply{7, 99}}).body)
-                .chunk_bytes,
-            99u);
-  EXPECT_EQ(std::get<ProgressReply>(RoundTrip(Response{6, Status::Ok(), ProgressReply{3, 8}}).body).total, 8);
+  EXPECT_EQ(
+      std::get<ImportBeginReply>(RoundTrip(Response{5, Status::Ok(), ImportBeginReply{7, 99}}).body)
+          .chunk_bytes,
+      99u);
+  EXPECT_EQ(
+      std::get<ProgressReply>(RoundTrip(Response{6, Status::Ok(), ProgressReply{3, 8}}).body).total,
+      8);
   {
     Thresholds t{{0.5f, 0.9f}, {1e-4f, 3e-3f}};
     auto d = std::get<Thresholds>(RoundTrip(Response{7, Status::Ok(), t}).body);

@@ -39,7 +39,9 @@ TEST(GarbageTest, RandomBytesNeverHurtTheServerOrOtherConnections) {
   std::vector<float> q;
   ImportSynthetic(live.store(), live.dir(), "doc", ctx, &q);
   QueryResult expected;
-  ASSERT_TRUE(live.store()->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &expected).ok());
+  ASSERT_TRUE(live.store()
+                  ->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &expected)
+                  .ok());
   auto bystander = live.Connect();  // connected during the whole attack
 
   QueryCall valid;

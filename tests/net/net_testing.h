@@ -3,6 +3,7 @@
 #pragma once
 
 #include <arpa/inet.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -16,8 +17,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "api/net/client.h"
 #include "api/net/codec.h"
@@ -233,8 +232,8 @@ class SlowStore final : public Store {
   SlowStore(Store* inner, std::chrono::milliseconds query_delay)
       : Store(inner->data_dir()), inner_(inner), delay_(query_delay) {}
 
-  Status Query(const std::string& name, int layer, const float* q, int q_heads, int n,
-               int head_dim, const QueryOptions& options, QueryResult* result) override {
+  Status Query(const std::string& name, int layer, const float* q, int q_heads, int n, int head_dim,
+               const QueryOptions& options, QueryResult* result) override {
     entered_.fetch_add(1);
     std::this_thread::sleep_for(delay_);
     return inner_->Query(name, layer, q, q_heads, n, head_dim, options, result);
@@ -247,9 +246,12 @@ class SlowStore final : public Store {
     return inner_->Import(name, path, options, info);
   }
   Status List(std::vector<ContextInfo>* out) override { return inner_->List(out); }
-  Status Info(const std::string& name, ContextInfo* out) override { return inner_->Info(name, out); }
+  Status Info(const std::string& name, ContextInfo* out) override {
+    return inner_->Info(name, out);
+  }
   Status Remove(const std::string& name) override { return inner_->Remove(name); }
-  Status Rebuild(const std::string& name, const ImportOptions& options, ContextInfo* info) override {
+  Status Rebuild(const std::string& name, const ImportOptions& options,
+                 ContextInfo* info) override {
     return inner_->Rebuild(name, options, info);
   }
   Status Calibrate(const std::string& name, const std::vector<WindowQueries>* queries,

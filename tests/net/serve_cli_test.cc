@@ -1,7 +1,7 @@
 // `sqkv serve` as a process, and the other commands with --server: the same files, JSON and exit
 // codes as on an embedded store; token files; SIGTERM answers what is in flight and exits 0.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -56,7 +56,7 @@ class ServeProcess {
  public:
   explicit ServeProcess(const std::vector<std::string>& extra) {
     const std::string out = dir_.file("serve.out"), err = dir_.file("serve.err");
-    std::vector<std::string> args = {Binary(), "serve", "--listen", "127.0.0.1:0",
+    std::vector<std::string> args = {Binary(),           "serve", "--listen", "127.0.0.1:0",
                                      "--metrics-listen", "off"};
     args.insert(args.end(), extra.begin(), extra.end());
     std::vector<char*> argv;
@@ -65,8 +65,10 @@ class ServeProcess {
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
     const int rc = posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ);
     posix_spawn_file_actions_destroy(&fa);
     if (rc != 0) {
@@ -158,10 +160,12 @@ TEST_F(ServeCliTest, EveryCommandGivesTheEmbeddedResultsThroughTheServer) {
 
   for (const std::vector<std::string>& mode :
        {std::vector<std::string>{"--keep", "0.2"}, std::vector<std::string>{"--dense"}}) {
-    std::vector<std::string> qa = {"--data", local, "query", "doc", "--layer", "1", "--queries",
-                                   q_, "--out", dir_.file("qa"), "--device", "cpu", "--json"};
-    std::vector<std::string> qb = {"--server", srv, "query", "doc", "--layer", "1", "--queries",
-                                   q_, "--out", dir_.file("qb"), "--device", "cpu", "--json"};
+    std::vector<std::string> qa = {"--data",   local,       "query", "doc",   "--layer",
+                                   "1",        "--queries", q_,      "--out", dir_.file("qa"),
+                                   "--device", "cpu",       "--json"};
+    std::vector<std::string> qb = {"--server", srv,         "query", "doc",   "--layer",
+                                   "1",        "--queries", q_,      "--out", dir_.file("qb"),
+                                   "--device", "cpu",       "--json"};
     qa.insert(qa.end(), mode.begin(), mode.end());
     qb.insert(qb.end(), mode.begin(), mode.end());
     a = Sqkv(qa);
@@ -194,8 +198,7 @@ TEST_F(ServeCliTest, EveryCommandGivesTheEmbeddedResultsThroughTheServer) {
   }
   for (const std::vector<std::string>& args :
        {std::vector<std::string>{"pin", "doc", "--tier", "host"},
-        std::vector<std::string>{"unpin", "doc"},
-        std::vector<std::string>{"preload", "doc"}}) {
+        std::vector<std::string>{"unpin", "doc"}, std::vector<std::string>{"preload", "doc"}}) {
     std::vector<std::string> la_args = {"--data", local}, lb_args = {"--server", srv};
     la_args.insert(la_args.end(), args.begin(), args.end());
     lb_args.insert(lb_args.end(), args.begin(), args.end());
@@ -244,8 +247,8 @@ TEST_F(ServeCliTest, SigtermAnswersInFlightRequestsAndExitsZero) {
   ASSERT_FALSE(serve.address().empty()) << serve.log();
   CmdResult r = Sqkv({"--server", serve.address(), "import", "doc", ctx_});
   ASSERT_EQ(r.code, 0) << r.err;
-  r = Sqkv({"--server", serve.address(), "query", "doc", "--layer", "0", "--queries", q_,
-            "--keep", "0.1", "--out", dir_.file("q0")});
+  r = Sqkv({"--server", serve.address(), "query", "doc", "--layer", "0", "--queries", q_, "--keep",
+            "0.1", "--out", dir_.file("q0")});
   ASSERT_EQ(r.code, 0) << r.err;
 
   RawSocket idle(serve.address()), busy(serve.address());

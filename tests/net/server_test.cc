@@ -26,9 +26,9 @@ using testing::SmallContext;
 void ExpectSameResult(const QueryResult& remote, const QueryResult& local) {
   ASSERT_EQ(remote.output.size(), local.output.size());
   ASSERT_EQ(remote.lse.size(), local.lse.size());
-  EXPECT_EQ(std::memcmp(remote.output.data(), local.output.data(),
-                        local.output.size() * sizeof(float)),
-            0);
+  EXPECT_EQ(
+      std::memcmp(remote.output.data(), local.output.data(), local.output.size() * sizeof(float)),
+      0);
   EXPECT_EQ(std::memcmp(remote.lse.data(), local.lse.data(), local.lse.size() * sizeof(float)), 0);
   EXPECT_EQ(remote.selected_tokens, local.selected_tokens);
   EXPECT_EQ(remote.stats.device, local.stats.device);
@@ -78,14 +78,16 @@ TEST(ServerTest, EveryCallMatchesTheEmbeddedStore) {
     o.select.keep_fraction = 0.2f;
     if (dense) o.select.mode = SelectOptions::Mode::kDense;
     QueryResult local, got;
-    ASSERT_TRUE(live.store()->Query("doc", 1, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &local).ok());
+    ASSERT_TRUE(
+        live.store()->Query("doc", 1, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &local).ok());
     Status s = remote->Query("doc", 1, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &got);
     ASSERT_TRUE(s.ok()) << s.ToString();
     ExpectSameResult(got, local);
   }
   // Errors carry the store's code and message.
   QueryResult r;
-  Status local_err = live.store()->Query("doc", 9, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &r);
+  Status local_err =
+      live.store()->Query("doc", 9, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &r);
   Status remote_err = remote->Query("doc", 9, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &r);
   EXPECT_EQ(remote_err.code(), local_err.code());
   EXPECT_EQ(remote_err.message(), local_err.message());
@@ -93,7 +95,8 @@ TEST(ServerTest, EveryCallMatchesTheEmbeddedStore) {
   bad[3] = std::numeric_limits<float>::quiet_NaN();
   EXPECT_TRUE(remote->Query("doc", 0, bad.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &r)
                   .IsInvalidArgument());
-  EXPECT_TRUE(remote->Query("doc", 0, q.data(), 3, ctx.n, ctx.head_dim, {}, &r).IsInvalidArgument());
+  EXPECT_TRUE(
+      remote->Query("doc", 0, q.data(), 3, ctx.n, ctx.head_dim, {}, &r).IsInvalidArgument());
 
   // Admin calls.
   StoreStats ls, rs;
@@ -104,7 +107,10 @@ TEST(ServerTest, EveryCallMatchesTheEmbeddedStore) {
   EXPECT_EQ(rs.segment_bytes, ls.segment_bytes);
   VerifyReport vr;
   int progress_calls = 0;
-  ASSERT_TRUE(remote->Verify("", [&](int, int) { ++progress_calls; }, &vr).ok());
+  ASSERT_TRUE(remote
+                  ->Verify(
+                      "", [&](int, int) { ++progress_calls; }, &vr)
+                  .ok());
   EXPECT_EQ(vr.contexts_checked, 1);
   EXPECT_GT(vr.pages_checked, 0);
   EXPECT_TRUE(vr.problems.empty());
@@ -118,7 +124,8 @@ TEST(ServerTest, EveryCallMatchesTheEmbeddedStore) {
     QueryOptions o;
     o.sparsity = 0.9f;
     QueryResult local, got;
-    ASSERT_TRUE(live.store()->Query("doc", 1, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &local).ok());
+    ASSERT_TRUE(
+        live.store()->Query("doc", 1, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &local).ok());
     ASSERT_TRUE(remote->Query("doc", 1, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &got).ok());
     ExpectSameResult(got, local);
   }
@@ -141,7 +148,8 @@ TEST(ServerTest, EveryCallMatchesTheEmbeddedStore) {
   EXPECT_EQ(rp[0].first, "doc");
   {
     QueryResult local, got;
-    ASSERT_TRUE(live.store()->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &local).ok());
+    ASSERT_TRUE(
+        live.store()->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &local).ok());
     ASSERT_TRUE(remote->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &got).ok());
     ExpectSameResult(got, local);
     EXPECT_EQ(got.stats.pages_from_host, local.stats.pages_from_host);
@@ -196,7 +204,8 @@ TEST(ServerTest, ImportUploadsInChunksAndReportsProgress) {
   o.want_selection = true;
   QueryResult a, b;
   ASSERT_TRUE(remote->Query("up", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &a).ok());
-  ASSERT_TRUE(live.store()->Query("local", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &b).ok());
+  ASSERT_TRUE(
+      live.store()->Query("local", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, o, &b).ok());
   ExpectSameResult(a, b);
 
   EXPECT_TRUE(remote->Import("up", path, io, nullptr).code() == Status::Code::kAlreadyExists);
@@ -234,8 +243,10 @@ TEST(ServerTest, SixtyFourConcurrentConnectionsGetTheEmbeddedAnswers) {
   o.want_selection = true;
   for (size_t i = 0; i < queries.size(); ++i) {
     queries[i] = RandomNormal(q_size, rng);
-    ASSERT_TRUE(live.store()->Query("doc", static_cast<int>(i % 2), queries[i].data(), ctx.q_heads,
-                                    ctx.n, ctx.head_dim, o, &expected[i]).ok());
+    ASSERT_TRUE(live.store()
+                    ->Query("doc", static_cast<int>(i % 2), queries[i].data(), ctx.q_heads, ctx.n,
+                            ctx.head_dim, o, &expected[i])
+                    .ok());
   }
   std::vector<std::unique_ptr<Store>> clients(kClients);
   for (auto& c : clients) {
@@ -270,7 +281,9 @@ TEST(ServerTest, OneRemoteStoreIsSafeFromManyThreads) {
   std::vector<float> q;
   ImportSynthetic(live.store(), live.dir(), "doc", ctx, &q);
   QueryResult expected;
-  ASSERT_TRUE(live.store()->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &expected).ok());
+  ASSERT_TRUE(live.store()
+                  ->Query("doc", 0, q.data(), ctx.q_heads, ctx.n, ctx.head_dim, {}, &expected)
+                  .ok());
   auto remote = live.Connect();
   constexpr int kThreads = 8, kCalls = 10;
   std::atomic<int> failures{0};

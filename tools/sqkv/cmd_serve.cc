@@ -58,8 +58,9 @@ int RunServe(ServeArgs a, const GlobalOptions& g) {
 
 void AddServe(CLI::App& app, GlobalOptions& g, Runner* run) {
   auto* cmd = app.add_subcommand(
-      "serve", "Serve the store over TCP (Cap'n Proto) until SIGINT/SIGTERM; other sqkv commands "
-               "reach it with --server");
+      "serve",
+      "Serve the store over TCP (Cap'n Proto) until SIGINT/SIGTERM; other sqkv commands "
+      "reach it with --server");
   auto a = std::make_shared<ServeArgs>();
   net::ServerOptions& o = a->options;
   cmd->add_option("--listen", o.listen, "HOST:PORT to accept clients on (port 0: any free one)")
@@ -81,7 +82,8 @@ void AddServe(CLI::App& app, GlobalOptions& g, Runner* run) {
   cmd->add_option("--idle-timeout-ms", o.idle_timeout_ms,
                   "Close connections silent this long between requests")
       ->capture_default_str();
-  cmd->add_option("--upload-dir", o.upload_dir, "Where imports are uploaded (default: DATA/uploads)");
+  cmd->add_option("--upload-dir", o.upload_dir,
+                  "Where imports are uploaded (default: DATA/uploads)");
   *run = [a, &g]() { return RunServe(*a, g); };
 }
 
