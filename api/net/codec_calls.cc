@@ -47,12 +47,13 @@ void WriteQuery(const QueryCall& c, wire::QueryCall::Builder b) {
   b.setSparsity(c.options.sparsity);
 }
 
-void ReadImportOptions(wire::ImportOptions::Reader o, ImportOptions* out) {
+Status ReadImportOptions(wire::ImportOptions::Reader o, ImportOptions* out) {
   out->centroid_fraction = o.getCentroidFraction();
   out->page_tokens = o.getPageTokens();
   out->levels = o.getLevels();
   out->l1_fraction = o.getL1Fraction();
   out->kmeans_iterations = o.getKmeansIterations();
+  return FromWire(o.getKmeansDevice(), &out->kmeans_device);
 }
 
 void WriteImportOptions(const ImportOptions& o, wire::ImportOptions::Builder b) {
@@ -61,6 +62,7 @@ void WriteImportOptions(const ImportOptions& o, wire::ImportOptions::Builder b) 
   b.setLevels(o.levels);
   b.setL1Fraction(o.l1_fraction);
   b.setKmeansIterations(o.kmeans_iterations);
+  b.setKmeansDevice(ToWire(o.kmeans_device));
 }
 
 Status ReadCalibrate(wire::CalibrateCall::Reader r, CalibrateCall* out) {
@@ -119,8 +121,7 @@ Status ReadImportBegin(wire::ImportBegin::Reader r, ImportBeginCall* out) {
     return Status::InvalidArgument("import file name must be a plain base name");
   }
   out->total_bytes = r.getTotalBytes();
-  ReadImportOptions(r.getOptions(), &out->options);
-  return Status::Ok();
+  return ReadImportOptions(r.getOptions(), &out->options);
 }
 
 void WriteImportBegin(const ImportBeginCall& c, wire::ImportBegin::Builder b) {
@@ -191,7 +192,7 @@ Status ReadRequest(wire::Request::Reader r, Request* out) {
       auto rb = r.getRebuild();
       RebuildCall c;
       SQKV_RETURN_IF_ERROR(ReadText(rb.getName(), kMaxNameBytes, "rebuild name", &c.name));
-      ReadImportOptions(rb.getOptions(), &c.options);
+      SQKV_RETURN_IF_ERROR(ReadImportOptions(rb.getOptions(), &c.options));
       out->call = std::move(c);
       return Status::Ok();
     }

@@ -237,6 +237,11 @@ Status ReadResponse(wire::Response::Reader r, Response* out) {
       t.device_pool_bytes = w.getDevicePoolBytes();
       t.device_layers_loaded = w.getDeviceLayersLoaded();
       t.device_layers_evicted = w.getDeviceLayersEvicted();
+      t.device_hits = w.getDeviceHits();
+      t.device_misses = w.getDeviceMisses();
+      t.device_pages_uploaded = w.getDevicePagesUploaded();
+      t.device_bytes_uploaded = w.getDeviceBytesUploaded();
+      t.device_pages_evicted = w.getDevicePagesEvicted();
       out->body = std::move(t);
       return Status::Ok();
     }
@@ -338,6 +343,11 @@ void WriteResponse(const Response& resp, wire::Response::Builder b) {
       w.setDevicePoolBytes(t.device_pool_bytes);
       w.setDeviceLayersLoaded(t.device_layers_loaded);
       w.setDeviceLayersEvicted(t.device_layers_evicted);
+      w.setDeviceHits(t.device_hits);
+      w.setDeviceMisses(t.device_misses);
+      w.setDevicePagesUploaded(t.device_pages_uploaded);
+      w.setDeviceBytesUploaded(t.device_bytes_uploaded);
+      w.setDevicePagesEvicted(t.device_pages_evicted);
     }
   };
   if (!resp.status.ok()) {

@@ -39,8 +39,10 @@ std::string CodeLabel(size_t code) {
 void RenderTiers(const TierStats& t, std::string* out) {
   Header(out, "sqkv_tier_hits_total", "counter", "Pages found in a tier.");
   Line(out, "sqkv_tier_hits_total{tier=\"host\"} %" PRIu64, t.host_hits);
+  Line(out, "sqkv_tier_hits_total{tier=\"device\"} %" PRIu64, t.device_hits);
   Header(out, "sqkv_tier_misses_total", "counter", "Pages a tier had to fetch.");
   Line(out, "sqkv_tier_misses_total{tier=\"host\"} %" PRIu64, t.host_misses);
+  Line(out, "sqkv_tier_misses_total{tier=\"device\"} %" PRIu64, t.device_misses);
   Header(out, "sqkv_tier_evictions_total", "counter",
          "Evictions from a tier (host: pages, device: layers).");
   Line(out, "sqkv_tier_evictions_total{tier=\"host\"} %" PRIu64, t.host_evictions);

@@ -213,6 +213,8 @@ struct ImportOptions {
   # With 2 levels: level-1 parents as a fraction of the tokens.
   kmeansIterations @4 :Int32;
   # K-means iterations.
+  kmeansDevice @5 :Device;
+  # Where the server runs K-means (auto: its GPU when it has one).
 }
 
 struct ImportBegin {
@@ -461,6 +463,16 @@ struct TierStats {
   # Layers loaded into the device pool.
   deviceLayersEvicted @14 :UInt64;
   # Layers evicted from it.
+  deviceHits @15 :UInt64;
+  # Pages found resident in the device pool.
+  deviceMisses @16 :UInt64;
+  # Pages the device pool had to upload.
+  devicePagesUploaded @17 :UInt64;
+  # Pages uploaded to the device pool.
+  deviceBytesUploaded @18 :UInt64;
+  # Bytes uploaded to the device pool.
+  devicePagesEvicted @19 :UInt64;
+  # Pages evicted from the device pool.
 }
 
 struct Response {

@@ -252,7 +252,7 @@ class Client:
 
     def import_file(self, name: str, path: str, centroid_fraction: float = 0.05,
                     page_tokens: int = 16, levels: int = 1, l1_fraction: float = 0.01,
-                    kmeans_iterations: int = 20,
+                    kmeans_iterations: int = 20, kmeans_device: str = "auto",
                     progress: Optional[Callable[[int, int], None]] = None) -> Dict:
         """Uploads a safetensors context (k.<l>, v.<l>, optional q.<l>; see the README's import
         format) and imports it as `name`. Returns the new context's dict."""
@@ -269,6 +269,7 @@ class Client:
             o.levels = levels
             o.l1Fraction = l1_fraction
             o.kmeansIterations = kmeans_iterations
+            o.kmeansDevice = kmeans_device
 
         upload_id, chunk = self._call(
             begin, lambda r: (r.importBegin.uploadId, r.importBegin.chunkBytes))

@@ -144,6 +144,7 @@ TEST(CodecTest, EveryOtherCallRoundTrips) {
     b.options.levels = 2;
     b.options.l1_fraction = 0.02f;
     b.options.kmeans_iterations = 7;
+    b.options.kmeans_device = Device::kCpu;
     auto d = std::get<ImportBeginCall>(RoundTrip(Request{5, 0, b}).call);
     EXPECT_EQ(d.name, b.name);
     EXPECT_EQ(d.file_name, b.file_name);
@@ -153,6 +154,7 @@ TEST(CodecTest, EveryOtherCallRoundTrips) {
     EXPECT_EQ(d.options.levels, 2);
     EXPECT_EQ(d.options.l1_fraction, 0.02f);
     EXPECT_EQ(d.options.kmeans_iterations, 7);
+    EXPECT_EQ(d.options.kmeans_device, Device::kCpu);
   }
   {
     ImportChunkCall c{9, 1 << 20, std::string(1000, '\0')};
@@ -297,12 +299,16 @@ TEST(CodecTest, EveryAnswerRoundTrips) {
     t.disk_direct_bytes = 77;
     t.disk_read_us_log2 = {0, 3, 9, 1};
     t.device_layers_evicted = 2;
+    t.device_hits = 31;
+    t.device_bytes_uploaded = 1 << 20;
     auto d = std::get<TierStats>(RoundTrip(Response{13, Status::Ok(), t}).body);
     EXPECT_EQ(d.host_hits, 5u);
     EXPECT_EQ(d.host_capacity_bytes, t.host_capacity_bytes);
     EXPECT_EQ(d.disk_direct_bytes, 77u);
     EXPECT_EQ(d.disk_read_us_log2, t.disk_read_us_log2);
     EXPECT_EQ(d.device_layers_evicted, 2u);
+    EXPECT_EQ(d.device_hits, 31u);
+    EXPECT_EQ(d.device_bytes_uploaded, 1u << 20);
     QueryResult q;
     q.stats.pages_from_host = 11;
     q.stats.pages_from_device = 12;
