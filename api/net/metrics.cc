@@ -43,10 +43,14 @@ void RenderTiers(const TierStats& t, std::string* out) {
   Header(out, "sqkv_tier_misses_total", "counter", "Pages a tier had to fetch.");
   Line(out, "sqkv_tier_misses_total{tier=\"host\"} %" PRIu64, t.host_misses);
   Line(out, "sqkv_tier_misses_total{tier=\"device\"} %" PRIu64, t.device_misses);
-  Header(out, "sqkv_tier_evictions_total", "counter",
-         "Evictions from a tier (host: pages, device: layers).");
+  Header(out, "sqkv_tier_evictions_total", "counter", "Pages evicted from a tier.");
   Line(out, "sqkv_tier_evictions_total{tier=\"host\"} %" PRIu64, t.host_evictions);
-  Line(out, "sqkv_tier_evictions_total{tier=\"device\"} %" PRIu64, t.device_layers_evicted);
+  Line(out, "sqkv_tier_evictions_total{tier=\"device\"} %" PRIu64, t.device_pages_evicted);
+  Header(out, "sqkv_device_uploaded_bytes_total", "counter", "Bytes uploaded to the device pool.");
+  Line(out, "sqkv_device_uploaded_bytes_total %" PRIu64, t.device_bytes_uploaded);
+  Header(out, "sqkv_device_layers_evicted_total", "counter",
+         "Layer indexes evicted from the device.");
+  Line(out, "sqkv_device_layers_evicted_total %" PRIu64, t.device_layers_evicted);
   Header(out, "sqkv_tier_bytes_in_use", "gauge", "Bytes of a tier holding pages.");
   Line(out, "sqkv_tier_bytes_in_use{tier=\"host\"} %" PRIu64, t.host_bytes_in_use);
   Line(out, "sqkv_tier_bytes_in_use{tier=\"device\"} %" PRIu64, t.device_pool_bytes_used);
