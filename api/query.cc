@@ -23,6 +23,8 @@ void CollectPositions(const HeadIndex& index, const std::vector<int32_t>& cluste
 
 }  // namespace
 
+bool GpuRunsShape(const ContextRecord& r) { return r.head_dim == 64 || r.head_dim == 128; }
+
 Status ValidateQuery(const ContextRecord& r, int layer, const float* q, int q_heads, int n,
                      int head_dim) {
   if (layer < 0 || layer >= r.layers) {
@@ -87,10 +89,19 @@ Status StoreImpl::Query(const std::string& name, int layer, const float* q, int 
     return Status::InvalidArgument("keep fraction must be in [0, 1]");
   }
   Device device = options.device;
-  if (device == Device::kAuto) device = gpu::DevicePresent() ? Device::kGpu : Device::kCpu;
-  if (device == Device::kGpu && !gpu::DevicePresent()) {
-    auto why = gpu::DeviceDescription();
-    return Status::Unavailable("--device gpu: " + why.status().message());
+  if (device == Device::kAuto) {
+    device = gpu::DevicePresent() && GpuRunsShape(r) ? Device::kGpu : Device::kCpu;
+  }
+  if (device == Device::kGpu) {
+    if (!gpu::DevicePresent()) {
+      auto why = gpu::DeviceDescription();
+      return Status::Unavailable("--device gpu: " + why.status().message());
+    }
+    if (!GpuRunsShape(r)) {
+      return Status::InvalidArgument("--device gpu: the GPU backend runs head_dim 64 and 128; "
+                                     "context " + name + " has " + std::to_string(r.head_dim) +
+                                     " (use --device cpu or auto)");
+    }
   }
   SQKV_ASSIGN_OR_RETURN(auto layer_data, GetLayer(r, layer));
   SQKV_ASSIGN_OR_RETURN(auto segment, GetSegment(r));

@@ -177,6 +177,10 @@ class VersionPin {
   uint64_t version_;
 };
 
+// Whether the GPU backend's kernels run this context's shape (head_dim 64 or 128); --device
+// auto answers on the CPU otherwise.
+bool GpuRunsShape(const ContextRecord& r);
+
 // Query input checks shared by every device. q: (q_heads, n, head_dim).
 Status ValidateQuery(const ContextRecord& r, int layer, const float* q, int q_heads, int n,
                      int head_dim);

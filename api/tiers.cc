@@ -122,6 +122,10 @@ Status StoreImpl::Pin(const std::string& name, Tier tier) {
   if (tier == Tier::kDevice && !gpu::DevicePresent()) {
     return Status::Unavailable("--tier device: no CUDA device");
   }
+  if (tier == Tier::kDevice && !GpuRunsShape(r)) {
+    return Status::InvalidArgument("--tier device: the GPU backend runs head_dim 64 and 128; " +
+                                   name + " has " + std::to_string(r.head_dim));
+  }
   if (tier == Tier::kHost) {
     SQKV_RETURN_IF_ERROR(host_cache_->PinVersion(r.version));
   } else {

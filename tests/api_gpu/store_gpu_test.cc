@@ -120,5 +120,26 @@ TEST_F(StoreGpuTest, DevicePinKeepsLayersResident) {
   EXPECT_GT(ts.device_pool_bytes_used, 0u);
 }
 
+// Shapes the GPU kernels do not run (head_dim 16 here) are answered on the CPU under --device
+// auto, and refused clearly under --device gpu (found by the Hugging Face export test on the
+// H200: a tiny model's head_dim 16 failed under auto).
+TEST_F(StoreGpuTest, AutoFallsBackToCpuForShapesTheGpuDoesNotRun) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.tokens = 300;
+  so.head_dim = 16;
+  so.window = 0;
+  std::vector<float> q;
+  ASSERT_TRUE(WriteSyntheticContext(so, dir_.file("s.st"), &q).ok());
+  ASSERT_TRUE(store_->Import("s", dir_.file("s.st"), {}, nullptr).ok());
+  QueryOptions qo;
+  QueryResult r;
+  ASSERT_TRUE(store_->Query("s", 0, q.data(), so.q_heads, so.n, 16, qo, &r).ok());
+  EXPECT_EQ(r.stats.device, "cpu");
+  qo.device = Device::kGpu;
+  EXPECT_TRUE(store_->Query("s", 0, q.data(), so.q_heads, so.n, 16, qo, &r).IsInvalidArgument());
+  EXPECT_TRUE(store_->Pin("s", Tier::kDevice).IsInvalidArgument());
+}
+
 }  // namespace
 }  // namespace sqkv
