@@ -46,6 +46,8 @@ struct Rng {
   float Uniform() { return static_cast<float>(Next() >> 40) / static_cast<float>(1 << 24); }
   // Approximately N(0, 1): a scaled sum of four uniforms.
   float Normal() { return (Uniform() + Uniform() + Uniform() + Uniform() - 2.f) * 1.7320508f; }
+  // Uniform in [0, n).
+  int Pick(int n) { return static_cast<int>(Next() % static_cast<uint64_t>(n)); }
 };
 
 // One head's index over `tokens` keys: round(centroid_fraction * tokens) clusters whose sizes are

@@ -40,6 +40,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "common/dtype.h"
 #include "gpu/device.h"
 #include "gpu/device_buffer.h"
@@ -73,29 +74,7 @@ constexpr int kWarmup = 3;
 constexpr float kKeyNoise = 0.35f;
 constexpr float kQueryMain = 1.2f, kQuerySecond = 0.6f, kQueryNoise = 0.5f;
 
-#define CHECK_OK(expr)                                                               \
-  do {                                                                               \
-    Status _s = (expr);                                                              \
-    if (!_s.ok()) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, _s.ToString().c_str()); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
-
-// splitmix64 with an approximately normal draw (a scaled sum of four uniforms): fast enough for
-// gigabytes of keys.
-struct Rng {
-  uint64_t s;
-  uint64_t Next() {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  float Uniform() { return static_cast<float>(Next() >> 40) / static_cast<float>(1 << 24); }
-  float Normal() { return (Uniform() + Uniform() + Uniform() + Uniform() - 2.f) * 1.7320508f; }
-  int Pick(int n) { return static_cast<int>(Next() % static_cast<uint64_t>(n)); }
-};
+using sqkv::bench::Rng;
 
 // The K-means hook with a memo of its level-2 call (rows == `keys`): a second build over the same
 // keys reuses the labels instead of clustering again.
