@@ -5,6 +5,11 @@
 //
 //   tiered_bench [--contexts 1000] [--tokens 4096] [--layers 4] [--kv-heads 8] [--cache-mb 1024]
 //                [--queries 400] [--keep 0.1] [--iterations 4] [--dir /tmp/sqkv-tiered] [--reuse]
+//                [--device cpu|gpu]
+//
+// With --device gpu the queries run on the GPU through the device tier (pages disk → host → GPU
+// on demand), and the baseline is the whole context read and copied to the device (no attention
+// time counted: a lower bound on what restoring the whole context costs).
 //
 // --reuse keeps an existing store (importing 1,000 contexts takes minutes). Cold means: the
 // segment pages are not in the host cache and are read with O_DIRECT (the OS page cache is
@@ -27,6 +32,10 @@
 #include "api/store.h"
 #include "api/synthetic.h"
 #include "compute/attention.h"
+#include "gpu/device.h"
+#if defined(SQKV_HAVE_CUDA)
+#include "gpu/device_buffer.h"
+#endif
 #include "index/head_index.h"
 
 namespace {
@@ -61,7 +70,7 @@ bool Flag(int argc, char** argv, const char* name) {
 
 // Baseline: read the whole context with one direct read and run dense attention over the layer.
 double BaselineMs(const std::string& seg, const sqkv::ContextInfo& c, int layer, const float* q,
-                  int q_heads, int n, uint64_t* bytes) {
+                  int q_heads, int n, uint64_t* bytes, bool to_device) {
   const auto t0 = Clock::now();
   const size_t page_bytes = sqkv::PageBytes(c.page_tokens, c.head_dim, c.dtype);
   // The whole context: every layer's pages, as a KV-offloading system restores a context.
@@ -79,6 +88,16 @@ double BaselineMs(const std::string& seg, const sqkv::ContextInfo& c, int layer,
   }
   ::close(fd);
   *bytes = len;
+#if defined(SQKV_HAVE_CUDA)
+  if (to_device) {  // the whole context onto the GPU; attention over it not counted
+    sqkv::gpu::DeviceBuffer d;
+    if (!d.Allocate(len).ok() || !d.CopyFromHost(buf, len).ok()) std::abort();
+    std::free(buf);
+    return Ms(t0, Clock::now());
+  }
+#else
+  (void)to_device;  // never true: main refuses --device gpu without a device
+#endif
   // Dense attention: every page of each head (valid counts are not needed for a timing peer:
   // padding slots hold zeros, which only perturb the numbers, not the work).
   const int g = q_heads / c.kv_heads, rows = g * n, d = c.head_dim;
@@ -170,8 +189,13 @@ int main(int argc, char** argv) {
 
   std::mt19937_64 rng(42);
   std::uniform_int_distribution<int> pick(0, contexts - 1);
+  const bool on_gpu = std::string(ArgS(argc, argv, "--device", "cpu")) == "gpu";
+  if (on_gpu && !gpu::DevicePresent()) {
+    std::fprintf(stderr, "--device gpu: no CUDA device\n");
+    return 1;
+  }
   QueryOptions qo;
-  qo.device = Device::kCpu;
+  qo.device = on_gpu ? Device::kGpu : Device::kCpu;
   qo.select.keep_fraction = static_cast<float>(keep);
   std::vector<double> cold_ms, warm_ms, base_ms, cold_frac;
   std::vector<int> seen(contexts, 0);
@@ -188,7 +212,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "%s\n", s.ToString().c_str());
       return 1;
     }
-    if (r.stats.pages_from_disk > 0 && r.stats.pages_from_host == 0) {
+    if (r.stats.pages_from_disk > 0 && r.stats.pages_from_host == 0 &&
+        r.stats.pages_from_device == 0) {
       cold_ms.push_back(ms);
       cold_bytes += r.stats.disk_bytes_read;
       ContextInfo info;
@@ -198,7 +223,7 @@ int main(int argc, char** argv) {
       // O_DIRECT whatever the host cache holds).
       uint64_t bb = 0;
       base_ms.push_back(BaselineMs(dir + "/data/segments/" + info.SegmentFileName(), info, 0, q.data(),
-                                   so.q_heads, so.n, &bb));
+                                   so.q_heads, so.n, &bb, on_gpu));
       base_bytes_total += bb;
     } else if (r.stats.pages_from_disk == 0) {
       warm_ms.push_back(ms);
@@ -220,15 +245,25 @@ int main(int argc, char** argv) {
     if (v.empty()) return;
     std::printf("%-34s n=%4zu  p50 %8.2f ms  p99 %8.2f ms\n", what, v.size(), Pct(v, 0.5), Pct(v, 0.99));
   };
-  std::printf("keep %.2f, 1 query token x %d q heads, head_dim 128, bf16\n", keep, so.q_heads);
+  std::printf("keep %.2f, 1 query token x %d q heads, head_dim 128, bf16, on the %s\n", keep,
+              so.q_heads, on_gpu ? "GPU (device tier)" : "CPU");
   row("cold query (selected pages only)", cold_ms);
-  row("baseline: whole context, then dense", base_ms);
-  row("warm query (host cache)", warm_ms);
+  row(on_gpu ? "baseline: whole context to the GPU" : "baseline: whole context, then dense",
+      base_ms);
+  row(on_gpu ? "warm query (resident on the GPU)" : "warm query (host cache)", warm_ms);
   if (!cold_ms.empty()) {
     std::printf("cold query reads %.1f%% of the context's bytes (mean), baseline 100%%; "
                 "median speedup %.2fx\n",
                 100 * std::accumulate(cold_frac.begin(), cold_frac.end(), 0.0) / cold_frac.size(),
                 Pct(base_ms, 0.5) / Pct(cold_ms, 0.5));
+  }
+  if (on_gpu) {
+    std::printf("device: %llu page hits, %llu misses, %llu pages uploaded (%.1f MB), %llu evicted, "
+                "pool %.0f MB of %.0f MB\n",
+                (unsigned long long)ts.device_hits, (unsigned long long)ts.device_misses,
+                (unsigned long long)ts.device_pages_uploaded, ts.device_bytes_uploaded / 1e6,
+                (unsigned long long)ts.device_pages_evicted, ts.device_pool_bytes_used / 1e6,
+                ts.device_pool_bytes / 1e6);
   }
   std::printf("host cache: %llu hits, %llu misses, %llu evictions, %.0f MB in use; disk: %llu reads, "
               "%.1f MB (%.0f%% direct)\n",
