@@ -30,7 +30,8 @@ struct PagedInput {
 PagedInput MakePages(int tokens, int d, int page_tokens, DType dtype, std::mt19937_64& rng,
                      float key_scale = 1.f) {
   PagedInput in;
-  in.keys = testing::RoundTrip(dtype, RandomNormal(static_cast<size_t>(tokens) * d, rng, key_scale));
+  in.keys =
+      testing::RoundTrip(dtype, RandomNormal(static_cast<size_t>(tokens) * d, rng, key_scale));
   in.values = testing::RoundTrip(dtype, RandomNormal(static_cast<size_t>(tokens) * d, rng));
   // Pages of random fill (1..page_tokens valid), tokens in shuffled order.
   std::vector<int32_t> order(tokens);
@@ -68,20 +69,24 @@ TEST_P(AttendPagesTest, MatchesFloat64Reference) {
   const DType dtype = GetParam();
   std::mt19937_64 rng(FreshSeed());
   for (int d : {64, 128}) {
-    for (int tokens : {1, 15, 300}) {
-      const int rows = 7, page_tokens = 16;
-      PagedInput in = MakePages(tokens, d, page_tokens, dtype, rng);
-      auto q = RandomNormal(static_cast<size_t>(rows) * d, rng);
-      std::vector<float> out(rows * d, std::nanf("")), lse(rows, std::nanf(""));
-      const float scale = 1.f / std::sqrt(static_cast<float>(d));
-      AttendPages(q.data(), rows, d, scale, dtype, page_tokens, in.refs.data(),
-                  static_cast<int>(in.refs.size()), out.data(), lse.data());
-      std::vector<double> ref_out, ref_lse;
-      ReferenceAttention(q.data(), rows, d, in.keys.data(), in.values.data(), in.used, scale,
-                         &ref_out, &ref_lse);
-      const double err = RelativeError(out.data(), ref_out.data(), out.size());
-      EXPECT_LT(err, 1e-5) << "d=" << d << " tokens=" << tokens;
-      for (int r = 0; r < rows; ++r) EXPECT_NEAR(lse[r], ref_lse[r], 1e-4 * std::abs(ref_lse[r]) + 1e-4);
+    for (int tokens : {1, 15, 300, 1500}) {
+      for (int rows : {7, 64}) {  // 64 rows take the BLAS-tiled path; 1500 tokens span tiles
+        const int page_tokens = 16;
+        PagedInput in = MakePages(tokens, d, page_tokens, dtype, rng);
+        auto q = RandomNormal(static_cast<size_t>(rows) * d, rng);
+        std::vector<float> out(rows * d, std::nanf("")), lse(rows, std::nanf(""));
+        const float scale = 1.f / std::sqrt(static_cast<float>(d));
+        AttendPages(q.data(), rows, d, scale, dtype, page_tokens, in.refs.data(),
+                    static_cast<int>(in.refs.size()), out.data(), lse.data());
+        std::vector<double> ref_out, ref_lse;
+        ReferenceAttention(q.data(), rows, d, in.keys.data(), in.values.data(), in.used, scale,
+                           &ref_out, &ref_lse);
+        const double err = RelativeError(out.data(), ref_out.data(), out.size());
+        EXPECT_LT(err, 1e-5) << "d=" << d << " tokens=" << tokens << " rows=" << rows;
+        for (int r = 0; r < rows; ++r)
+          EXPECT_NEAR(lse[r], ref_lse[r], 1e-4 * std::abs(ref_lse[r]) + 1e-4);
+        for (float x : out) ASSERT_FALSE(std::isnan(x));
+      }
     }
   }
 }
@@ -92,18 +97,21 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, AttendPagesTest,
 
 TEST(AttendPages, LargeLogitsStayFinite) {
   std::mt19937_64 rng(FreshSeed());
-  const int d = 64, rows = 3;
-  PagedInput in = MakePages(200, d, 16, DType::kF32, rng, /*key_scale=*/300.f);
-  auto q = RandomNormal(static_cast<size_t>(rows) * d, rng, 30.f);
-  std::vector<float> out(rows * d), lse(rows);
-  AttendPages(q.data(), rows, d, 0.125f, DType::kF32, 16, in.refs.data(),
-              static_cast<int>(in.refs.size()), out.data(), lse.data());
-  std::vector<double> ref_out, ref_lse;
-  ReferenceAttention(q.data(), rows, d, in.keys.data(), in.values.data(), in.used, 0.125, &ref_out,
-                     &ref_lse);
-  for (float x : out) ASSERT_TRUE(std::isfinite(x));
-  EXPECT_LT(RelativeError(out.data(), ref_out.data(), out.size()), 1e-4);
-  for (int r = 0; r < rows; ++r) EXPECT_NEAR(lse[r], ref_lse[r], 1e-5 * std::abs(ref_lse[r]) + 1e-3);
+  for (const int rows : {3, 48}) {  // the loop path and the tiled path
+    const int d = 64;
+    PagedInput in = MakePages(200, d, 16, DType::kF32, rng, /*key_scale=*/300.f);
+    auto q = RandomNormal(static_cast<size_t>(rows) * d, rng, 30.f);
+    std::vector<float> out(rows * d), lse(rows);
+    AttendPages(q.data(), rows, d, 0.125f, DType::kF32, 16, in.refs.data(),
+                static_cast<int>(in.refs.size()), out.data(), lse.data());
+    std::vector<double> ref_out, ref_lse;
+    ReferenceAttention(q.data(), rows, d, in.keys.data(), in.values.data(), in.used, 0.125,
+                       &ref_out, &ref_lse);
+    for (float x : out) ASSERT_TRUE(std::isfinite(x));
+    EXPECT_LT(RelativeError(out.data(), ref_out.data(), out.size()), 1e-4);
+    for (int r = 0; r < rows; ++r)
+      EXPECT_NEAR(lse[r], ref_lse[r], 1e-5 * std::abs(ref_lse[r]) + 1e-3);
+  }
 }
 
 TEST(AttendPages, NoPagesIsTheEmptyState) {
@@ -117,21 +125,24 @@ TEST(AttendPages, NoPagesIsTheEmptyState) {
 // Attention over A ∪ B equals the merge of attention over A and over B.
 TEST(MergeStates, SplitThenMergeEqualsWhole) {
   std::mt19937_64 rng(FreshSeed());
-  const int d = 128, rows = 5;
-  PagedInput in = MakePages(500, d, 16, DType::kF32, rng);
-  auto q = RandomNormal(static_cast<size_t>(rows) * d, rng);
-  const float scale = 1.f / std::sqrt(128.f);
-  const int split = static_cast<int>(in.refs.size()) / 3;
-  std::vector<float> oa(rows * d), la(rows), ob(rows * d), lb(rows);
-  AttendPages(q.data(), rows, d, scale, DType::kF32, 16, in.refs.data(), split, oa.data(), la.data());
-  AttendPages(q.data(), rows, d, scale, DType::kF32, 16, in.refs.data() + split,
-              static_cast<int>(in.refs.size()) - split, ob.data(), lb.data());
-  MergeStates(oa.data(), la.data(), ob.data(), lb.data(), rows, d);
-  std::vector<double> ref_out, ref_lse;
-  ReferenceAttention(q.data(), rows, d, in.keys.data(), in.values.data(), in.used, scale, &ref_out,
-                     &ref_lse);
-  EXPECT_LT(RelativeError(oa.data(), ref_out.data(), oa.size()), 1e-5);
-  for (int r = 0; r < rows; ++r) EXPECT_NEAR(la[r], ref_lse[r], 1e-4);
+  for (const int rows : {5, 40}) {
+    const int d = 128;
+    PagedInput in = MakePages(500, d, 16, DType::kF32, rng);
+    auto q = RandomNormal(static_cast<size_t>(rows) * d, rng);
+    const float scale = 1.f / std::sqrt(128.f);
+    const int split = static_cast<int>(in.refs.size()) / 3;
+    std::vector<float> oa(rows * d), la(rows), ob(rows * d), lb(rows);
+    AttendPages(q.data(), rows, d, scale, DType::kF32, 16, in.refs.data(), split, oa.data(),
+                la.data());
+    AttendPages(q.data(), rows, d, scale, DType::kF32, 16, in.refs.data() + split,
+                static_cast<int>(in.refs.size()) - split, ob.data(), lb.data());
+    MergeStates(oa.data(), la.data(), ob.data(), lb.data(), rows, d);
+    std::vector<double> ref_out, ref_lse;
+    ReferenceAttention(q.data(), rows, d, in.keys.data(), in.values.data(), in.used, scale,
+                       &ref_out, &ref_lse);
+    EXPECT_LT(RelativeError(oa.data(), ref_out.data(), oa.size()), 1e-5);
+    for (int r = 0; r < rows; ++r) EXPECT_NEAR(la[r], ref_lse[r], 1e-4);
+  }
 }
 
 TEST(MergeStates, EmptyStatesAreNeutral) {
