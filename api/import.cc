@@ -246,14 +246,19 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
   params.levels = options.levels;
   params.l1_fraction = options.l1_fraction;
   params.niter = options.kmeans_iterations;
+  std::string kmeans = "cpu";
   switch (options.kmeans_device) {
     case Device::kCpu: break;  // empty hook: FAISS
     case Device::kGpu:
       if (!gpu::DevicePresent()) return Status::Unavailable("--kmeans-device gpu: no CUDA device");
       params.kmeans = gpu::GpuKMeansFn();
+      kmeans = "gpu";
       break;
     case Device::kAuto:
-      if (gpu::DevicePresent()) params.kmeans = gpu::GpuOrCpuKMeansFn();
+      if (gpu::DevicePresent()) {
+        params.kmeans = gpu::GpuOrCpuKMeansFn();
+        kmeans = "gpu (cpu fallback)";
+      }
       break;
   }
 
@@ -284,6 +289,7 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
   r.levels = options.levels;
   r.l1_fraction = options.levels == 2 ? options.l1_fraction : 0.f;
   r.source = spec.source;
+  r.kmeans = kmeans;
   pub.window_queries = spec.window_queries;
   if (!spec.window_queries.empty()) {
     r.window_q_heads = spec.window_queries[0].q_heads;

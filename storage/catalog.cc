@@ -53,6 +53,7 @@ std::string EncodeRecord(const ContextRecord& r) {
       {"created_unix", r.created_unix},
       {"build_seconds", r.build_seconds},
       {"source", r.source},
+      {"kmeans", r.kmeans},
   };
   return j.dump();
 }
@@ -81,6 +82,7 @@ Status DecodeRecord(const std::string& bytes, ContextRecord* r) {
     r->created_unix = j.at("created_unix").get<int64_t>();
     r->build_seconds = j.at("build_seconds").get<double>();
     r->source = j.at("source").get<std::string>();
+    r->kmeans = j.value("kmeans", std::string());  // absent in records of older builds
   } catch (const std::exception& e) {
     return Status::Corruption(std::string("context record: ") + e.what());
   }

@@ -45,6 +45,7 @@ struct ContextRecord {
   int64_t created_unix = 0;
   double build_seconds = 0;
   std::string source;  // file it was imported from
+  std::string kmeans;  // where the index was clustered: "cpu" (FAISS) or "gpu"; may be empty
 
   std::string SegmentFileName() const;  // "<version:016x>.seg"
 };

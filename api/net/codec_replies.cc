@@ -29,7 +29,8 @@ Status ReadContext(wire::Context::Reader r, ContextInfo* out) {
   out->window = r.getWindow();
   out->created_unix = r.getCreatedUnix();
   out->build_seconds = r.getBuildSeconds();
-  return ReadText(r.getSource(), kMaxMessageText, "context source", &out->source);
+  SQKV_RETURN_IF_ERROR(ReadText(r.getSource(), kMaxMessageText, "context source", &out->source));
+  return ReadText(r.getKmeans(), kMaxMessageText, "context kmeans", &out->kmeans);
 }
 
 void WriteContext(const ContextInfo& c, wire::Context::Builder b) {
@@ -53,6 +54,7 @@ void WriteContext(const ContextInfo& c, wire::Context::Builder b) {
   b.setCreatedUnix(c.created_unix);
   b.setBuildSeconds(c.build_seconds);
   b.setSource(c.source);
+  b.setKmeans(c.kmeans);
 }
 
 Status ReadQueryReply(wire::QueryReply::Reader r, QueryResult* out) {

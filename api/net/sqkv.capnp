@@ -342,6 +342,8 @@ struct Context {
   # Import duration.
   source @18 :Text;
   # The file the context was imported from (on the server's side).
+  kmeans @19 :Text;
+  # Where the index was clustered: "cpu", "gpu" or "gpu (cpu fallback)"; empty for older records.
 }
 
 struct HelloReply {

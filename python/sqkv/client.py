@@ -89,6 +89,7 @@ def _context(c) -> Dict:
         "created_unix": c.createdUnix,
         "build_seconds": c.buildSeconds,
         "source": c.source,
+        "kmeans": c.kmeans,
     }
 
 

@@ -85,6 +85,7 @@ nlohmann::json ContextJson(const ContextInfo& c) {
       {"created_unix", c.created_unix},
       {"build_seconds", c.build_seconds},
       {"source", c.source},
+      {"kmeans", c.kmeans},
   };
 }
 
