@@ -15,16 +15,6 @@ namespace {
 constexpr size_t kMaxProblems = 100;  // a badly damaged store need not list every page
 constexpr uint64_t kVerifyChunkPages = 256;
 
-uint64_t DirBytes(const std::string& dir) {
-  uint64_t total = 0;
-  std::error_code ec;
-  for (auto it = std::filesystem::recursive_directory_iterator(dir, ec);
-       !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec)) {
-    if (it->is_regular_file(ec)) total += it->file_size(ec);
-  }
-  return total;
-}
-
 std::string SegmentName(uint64_t version) {
   ContextRecord r;
   r.version = version;
@@ -154,7 +144,7 @@ Status StoreImpl::Stats(StoreStats* out) {
     auto size = FileSize(segments_dir() + "/" + SegmentName(v));
     if (size.ok()) out->garbage_segment_bytes += *size;
   }
-  out->catalog_bytes = DirBytes(data_dir() + "/catalog");
+  out->catalog_bytes = DirectoryBytes(data_dir() + "/catalog");
   return Status::Ok();
 }
 

@@ -9,19 +9,7 @@
 #include "index/calibrate.h"
 
 namespace sqkv {
-namespace {
-
-void CollectPositions(const HeadIndex& index, const std::vector<int32_t>& clusters,
-                      std::vector<int32_t>* out) {
-  out->clear();
-  for (int32_t c : clusters) {
-    const size_t b = static_cast<size_t>(index.cluster_page_begin[c]) * index.page_tokens;
-    for (int32_t i = 0; i < index.cluster_size[c]; ++i) out->push_back(index.positions[b + i]);
-  }
-  std::sort(out->begin(), out->end());
-}
-
-}  // namespace
+namespace {}  // namespace
 
 bool GpuRunsShape(const ContextRecord& r) { return r.head_dim == 64 || r.head_dim == 128; }
 
@@ -74,7 +62,8 @@ Status StoreImpl::Query(const std::string& name, int layer, const float* q, int 
     Thresholds t;
     Status s = catalog_->GetThresholds(r.version, layer, &t);
     if (s.IsNotFound()) {
-      return Status::InvalidArgument("context " + name + " has no calibrated thresholds: import it "
+      return Status::InvalidArgument("context " + name +
+                                     " has no calibrated thresholds: import it "
                                      "with window queries (q.<layer>) or run `sqkv calibrate " +
                                      name + " --queries FILE`");
     }
@@ -98,9 +87,10 @@ Status StoreImpl::Query(const std::string& name, int layer, const float* q, int 
       return Status::Unavailable("--device gpu: " + why.status().message());
     }
     if (!GpuRunsShape(r)) {
-      return Status::InvalidArgument("--device gpu: the GPU backend runs head_dim 64 and 128; "
-                                     "context " + name + " has " + std::to_string(r.head_dim) +
-                                     " (use --device cpu or auto)");
+      return Status::InvalidArgument(
+          "--device gpu: the GPU backend runs head_dim 64 and 128; "
+          "context " +
+          name + " has " + std::to_string(r.head_dim) + " (use --device cpu or auto)");
     }
   }
   SQKV_ASSIGN_OR_RETURN(auto layer_data, GetLayer(r, layer));
@@ -111,7 +101,8 @@ Status StoreImpl::Query(const std::string& name, int layer, const float* q, int 
   Status s = device == Device::kGpu
                  ? QueryGpu(r, layer, *layer_data, *segment, q, q_heads, n, effective, result)
                  : QueryCpu(r, *layer_data, *segment, q, q_heads, n, effective, result);
-  SQKV_RETURN_IF_ERROR(s.WithContext("query of context " + name + " layer " + std::to_string(layer)));
+  SQKV_RETURN_IF_ERROR(
+      s.WithContext("query of context " + name + " layer " + std::to_string(layer)));
   result->stats.total_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
   return Status::Ok();
@@ -158,7 +149,7 @@ Status StoreImpl::QueryCpu(const ContextRecord& r, const LayerData& layer,
                   result->output.data() + static_cast<size_t>(h) * rows * d,
                   result->lse.data() + static_cast<size_t>(h) * rows);
       if (options.want_selection) {
-        CollectPositions(index, selections[h].clusters, &result->selected_tokens[h]);
+        result->selected_tokens[h] = SortedPositions(index, selections[h].clusters);
       }
       disk_pages[h] = hp.from_disk;
       host_pages[h] = hp.from_host;

@@ -53,13 +53,14 @@ Status StoreImpl::EnsureDeviceIndex(const ContextRecord& r, int layer_id, const 
 // A PageSupplier answering from the host tier. The handles stay pinned in `held` until the
 // caller releases them, after the engine has copied the pages.
 gpu::PageSupplier StoreImpl::HostSupplier(const ContextRecord& r, const LayerData& layer,
-                                          const SegmentReader& segment,
-                                          std::deque<HostPages>* held, QueryStats* stats) {
+                                          const SegmentReader& segment, std::deque<HostPages>* held,
+                                          QueryStats* stats) {
   return [this, &r, &layer, &segment, held, stats](uint64_t, int head,
                                                    const std::vector<int32_t>& head_pages,
                                                    std::vector<const void*>* host_pages) {
     std::vector<uint64_t> pages(head_pages.size());
-    for (size_t i = 0; i < pages.size(); ++i) pages[i] = layer.head_first_page[head] + head_pages[i];
+    for (size_t i = 0; i < pages.size(); ++i)
+      pages[i] = layer.head_first_page[head] + head_pages[i];
     held->emplace_back();
     HostPages& hp = held->back();
     SQKV_RETURN_IF_ERROR(AcquireHostPages(r, layer, segment, pages, &hp));
@@ -112,7 +113,8 @@ Status StoreImpl::QueryGpu(const ContextRecord& r, int layer_id, const LayerData
     req.selection = &selection;
     std::deque<HostPages> held;
     gpu::PagingStats ps;
-    Status s = engine_->QueryPaged({req}, HostSupplier(r, layer, segment, &held, &result->stats), &ps);
+    Status s =
+        engine_->QueryPaged({req}, HostSupplier(r, layer, segment, &held, &result->stats), &ps);
     ReleaseHeld(&held);
     if (s.IsUnavailable()) {
       // The device pool cannot hold this query's pages next to the pinned ones: answer on the CPU.
@@ -132,13 +134,7 @@ Status StoreImpl::QueryGpu(const ContextRecord& r, int layer_id, const LayerData
   if (options.want_selection) {
     result->selected_tokens.resize(r.kv_heads);
     for (int h = 0; h < r.kv_heads && h < static_cast<int>(selection.size()); ++h) {
-      auto& out = result->selected_tokens[h];
-      const HeadIndex& index = layer.heads[h];
-      for (int32_t c : selection[h].clusters) {
-        const size_t b = static_cast<size_t>(index.cluster_page_begin[c]) * index.page_tokens;
-        for (int32_t i = 0; i < index.cluster_size[c]; ++i) out.push_back(index.positions[b + i]);
-      }
-      std::sort(out.begin(), out.end());
+      result->selected_tokens[h] = SortedPositions(layer.heads[h], selection[h].clusters);
     }
   }
   result->stats.device = "gpu";

@@ -131,6 +131,8 @@ class StoreImpl : public Store {
                                  const SegmentReader& segment, std::deque<HostPages>* held,
                                  QueryStats* stats);
   void ReleaseHeld(std::deque<HostPages>* held);
+  // Lets the version's layers be evicted from the device again.
+  void UnpinDeviceLocked(const ContextRecord& r);
   void RecordDiskRead(uint64_t bytes, uint64_t direct_bytes, uint64_t micros);
   // Indexes every layer from `layer_source`, writes a segment and publishes the version
   // (replacing the record of spec.name when `replace`).

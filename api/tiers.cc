@@ -17,9 +17,12 @@ constexpr uint64_t kPreloadChunkPages = 4096;  // pages pinned at once while pre
 const char* TierName(Tier t) { return t == Tier::kHost ? "host" : "device"; }
 
 bool ParseTier(std::string_view s, Tier* out) {
-  if (s == "host") *out = Tier::kHost;
-  else if (s == "device") *out = Tier::kDevice;
-  else return false;
+  if (s == "host")
+    *out = Tier::kHost;
+  else if (s == "device")
+    *out = Tier::kDevice;
+  else
+    return false;
   return true;
 }
 
@@ -33,8 +36,8 @@ void StoreImpl::RecordDiskRead(uint64_t bytes, uint64_t direct_bytes, uint64_t m
 }
 
 Status StoreImpl::AcquireHostPages(const ContextRecord& r, const LayerData& layer,
-                                   const SegmentReader& segment,
-                                   const std::vector<uint64_t>& pages, HostPages* out) {
+                                   const SegmentReader& segment, const std::vector<uint64_t>& pages,
+                                   HostPages* out) {
   const size_t page_bytes = segment.header().page_bytes;
   const uint64_t layer_first = layer.head_first_page[0];
   auto expected = [&layer, layer_first](uint64_t page) {
@@ -47,10 +50,10 @@ Status StoreImpl::AcquireHostPages(const ContextRecord& r, const LayerData& laye
     const auto t0 = std::chrono::steady_clock::now();
     uint64_t bytes = 0, direct = 0;
     Status s = segment.ReadRuns(rr, expected, &bytes, &direct);
-    RecordDiskRead(bytes, direct,
-                   std::chrono::duration_cast<std::chrono::microseconds>(
-                       std::chrono::steady_clock::now() - t0)
-                       .count());
+    RecordDiskRead(
+        bytes, direct,
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
+            .count());
     return s.WithContext("context " + r.name);
   };
   AcquireStats st;
@@ -75,10 +78,12 @@ Status StoreImpl::AcquireHostPages(const ContextRecord& r, const LayerData& laye
     }
   }
   uint64_t bytes = 0;
-  SQKV_RETURN_IF_ERROR(segment.ReadRuns(runs, expected, &bytes, nullptr).WithContext("context " + r.name));
+  SQKV_RETURN_IF_ERROR(
+      segment.ReadRuns(runs, expected, &bytes, nullptr).WithContext("context " + r.name));
   RecordDiskRead(bytes, 0, 0);
   out->data.resize(pages.size());
-  for (size_t i = 0; i < pages.size(); ++i) out->data[i] = out->private_copy.data() + i * page_bytes;
+  for (size_t i = 0; i < pages.size(); ++i)
+    out->data[i] = out->private_copy.data() + i * page_bytes;
   out->from_disk = static_cast<int64_t>(pages.size());
   return Status::Ok();
 }
@@ -139,16 +144,20 @@ Status StoreImpl::Pin(const std::string& name, Tier tier) {
       host_cache_->UnpinVersion(r.version);
     } else {
       std::lock_guard<std::mutex> lock(engine_mu_);
-      gpu_pinned_versions_.erase(r.version);
-      if (engine_) {
-        for (int l = 0; l < r.layers; ++l) {
-          const uint64_t key = DeviceKey(r.version, l);
-          if (engine_->HasLayer(key)) engine_->UnpinLayer(key).PermitUncheckedError();
-        }
-      }
+      UnpinDeviceLocked(r);
     }
   }
   return s;
+}
+
+// Caller holds engine_mu_.
+void StoreImpl::UnpinDeviceLocked(const ContextRecord& r) {
+  gpu_pinned_versions_.erase(r.version);
+  if (!engine_) return;
+  for (int l = 0; l < r.layers; ++l) {
+    const uint64_t key = DeviceKey(r.version, l);
+    if (engine_->HasLayer(key)) engine_->UnpinLayer(key).PermitUncheckedError();
+  }
 }
 
 Status StoreImpl::Unpin(const std::string& name) {
@@ -158,13 +167,7 @@ Status StoreImpl::Unpin(const std::string& name) {
   host_cache_->UnpinVersion(r.version);
   {
     std::lock_guard<std::mutex> lock(engine_mu_);
-    gpu_pinned_versions_.erase(r.version);
-    if (engine_) {
-      for (int l = 0; l < r.layers; ++l) {
-        const uint64_t key = DeviceKey(r.version, l);
-        if (engine_->HasLayer(key)) engine_->UnpinLayer(key).PermitUncheckedError();
-      }
-    }
+    UnpinDeviceLocked(r);
   }
   return catalog_->DeletePin(name);
 }

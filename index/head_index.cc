@@ -1,5 +1,6 @@
 #include "index/head_index.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -9,6 +10,17 @@ namespace {
 Status Bad(const std::string& what) { return Status::Corruption("head index: " + what); }
 
 }  // namespace
+
+std::vector<int32_t> SortedPositions(const HeadIndex& index, const std::vector<int32_t>& clusters) {
+  std::vector<int32_t> out;
+  for (int32_t c : clusters) {
+    const size_t b = static_cast<size_t>(index.cluster_page_begin[c]) * index.page_tokens;
+    out.insert(out.end(), index.positions.begin() + b,
+               index.positions.begin() + b + index.cluster_size[c]);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
 
 Status ValidateHeadIndex(const HeadIndex& x) {
   if (x.head_dim <= 0 || x.page_tokens <= 0 || x.tokens <= 0) return Bad("non-positive shape");

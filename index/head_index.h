@@ -73,4 +73,7 @@ namespace sqkv {
 // consistent sizes. Corruption naming the first violation otherwise.
 Status ValidateHeadIndex(const HeadIndex& index);
 
+// The original token positions held by `clusters`, sorted ascending (padding excluded).
+std::vector<int32_t> SortedPositions(const HeadIndex& index, const std::vector<int32_t>& clusters);
+
 }  // namespace sqkv

@@ -1,5 +1,7 @@
 #include "storage/catalog.h"
 
+#include "storage/file_util.h"
+
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
@@ -338,26 +340,17 @@ class CatalogImpl : public Catalog {
   }
 
   Status CompactAll(uint64_t* bytes_before, uint64_t* bytes_after) override {
-    *bytes_before = DirBytes();
+    *bytes_before = DirectoryBytes(dir_);
     SQKV_RETURN_IF_ERROR(
         FromRocks(db_->CompactRange(rocksdb::CompactRangeOptions(), nullptr, nullptr),
                   "compact catalog"));
-    *bytes_after = DirBytes();
+    *bytes_after = DirectoryBytes(dir_);
     return Status::Ok();
   }
 
  private:
   void AddVersionDeletes(uint64_t version, rocksdb::WriteBatch* batch) {
     batch->DeleteRange(VersionPrefix(version), VersionPrefix(version + 1));
-  }
-
-  uint64_t DirBytes() const {
-    uint64_t total = 0;
-    std::error_code ec;
-    for (const auto& e : std::filesystem::directory_iterator(dir_, ec)) {
-      if (e.is_regular_file(ec)) total += e.file_size(ec);
-    }
-    return total;
   }
 
   std::unique_ptr<rocksdb::DB> db_;

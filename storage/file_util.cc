@@ -66,6 +66,35 @@ Result<uint64_t> FileSize(const std::string& path) {
   return static_cast<uint64_t>(st.st_size);
 }
 
+Status OpenRegularFile(const std::string& path, int* fd, uint64_t* size) {
+  *fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (*fd < 0) return ErrnoStatus("cannot open", path, errno);
+  struct stat st {};
+  if (::fstat(*fd, &st) != 0) {
+    Status s = ErrnoStatus("cannot stat", path, errno);
+    ::close(*fd);
+    *fd = -1;
+    return s;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(*fd);
+    *fd = -1;
+    return Status::InvalidArgument(path + ": not a regular file");
+  }
+  *size = static_cast<uint64_t>(st.st_size);
+  return Status::Ok();
+}
+
+uint64_t DirectoryBytes(const std::string& dir) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (auto it = std::filesystem::recursive_directory_iterator(dir, ec);
+       !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec)) {
+    if (it->is_regular_file(ec)) total += it->file_size(ec);
+  }
+  return total;
+}
+
 Status WriteFileAtomically(const std::string& path, const std::vector<std::string_view>& parts) {
   std::string tmp = path + ".tmp-XXXXXX";
   const int fd = mkstemp(tmp.data());

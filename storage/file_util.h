@@ -26,6 +26,11 @@ Status RemoveFile(const std::string& path);
 // Names (not paths) of the regular files in `dir`.
 Status ListFiles(const std::string& dir, std::vector<std::string>* names);
 Result<uint64_t> FileSize(const std::string& path);
+// Opens `path` read-only and checks it is a regular file; *fd must be closed by the caller.
+// NotFound/IOError from the OS ("cannot open <path>: ..."), InvalidArgument for a non-file.
+Status OpenRegularFile(const std::string& path, int* fd, uint64_t* size);
+// Bytes of the regular files under `dir`, recursively; 0 for a missing directory.
+uint64_t DirectoryBytes(const std::string& dir);
 
 // Writes `parts` one after another to `path` through a temporary file in the same directory:
 // fsync, rename, then fsync of the directory, so readers see the old file or the whole new one.

@@ -228,32 +228,18 @@ void ConvertToFloat(const uint8_t* src, size_t size, size_t n, float* dst) {
   }
 }
 
-Status ErrnoStatus(const std::string& what, const std::string& path) {
-  const int err = errno;
-  std::string m = what + " " + path + ": " + std::strerror(err);
-  return err == ENOENT ? Status::NotFound(m) : Status::IOError(m);
-}
 
 Result<std::string> ReadWholeFile(const std::string& path) {
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoStatus("cannot open", path);
-  struct stat st;
-  if (fstat(fd, &st) != 0) {
-    Status s = ErrnoStatus("cannot stat", path);
-    close(fd);
-    return s;
-  }
-  if (!S_ISREG(st.st_mode)) {
-    close(fd);
-    return Status::InvalidArgument(path + ": not a regular file");
-  }
-  std::string bytes(static_cast<size_t>(st.st_size), '\0');
+  int fd = -1;
+  uint64_t size = 0;
+  SQKV_RETURN_IF_ERROR(OpenRegularFile(path, &fd, &size));
+  std::string bytes(static_cast<size_t>(size), '\0');
   size_t done = 0;
   while (done < bytes.size()) {
     const ssize_t n = read(fd, bytes.data() + done, bytes.size() - done);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
-      Status s = ErrnoStatus("cannot read", path);
+      Status s = ErrnoStatus("cannot read", path, errno);
       close(fd);
       return s;
     }

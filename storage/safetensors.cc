@@ -287,11 +287,6 @@ Status CheckNoOverlap(const std::vector<TensorInfo>& tensors) {
   return Status::Ok();
 }
 
-Status ErrnoStatus(const std::string& what, const std::string& path) {
-  const int err = errno;
-  std::string m = what + " " + path + ": " + std::strerror(err);
-  return err == ENOENT ? Status::NotFound(m) : Status::IOError(m);
-}
 
 
 }  // namespace
@@ -305,19 +300,9 @@ size_t TensorInfo::num_elements() const {
 size_t TensorInfo::nbytes() const { return num_elements() * DTypeSize(dtype); }
 
 Result<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoStatus("cannot open", path);
-  struct stat st;
-  if (fstat(fd, &st) != 0) {
-    Status s = ErrnoStatus("cannot stat", path);
-    close(fd);
-    return s;
-  }
-  if (!S_ISREG(st.st_mode)) {
-    close(fd);
-    return Status::InvalidArgument(path + ": not a regular file");
-  }
-  const auto size = static_cast<uint64_t>(st.st_size);
+  int fd = -1;
+  uint64_t size = 0;
+  SQKV_RETURN_IF_ERROR(OpenRegularFile(path, &fd, &size));
   if (size < kHeaderLengthBytes) {
     close(fd);
     return Status::InvalidArgument(path + ": file is " + std::to_string(size) +
@@ -326,7 +311,7 @@ Result<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
   void* map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  Status map_status = map == MAP_FAILED ? ErrnoStatus("cannot mmap", path) : Status::Ok();
+  Status map_status = map == MAP_FAILED ? ErrnoStatus("cannot mmap", path, errno) : Status::Ok();
   close(fd);  // the mapping keeps the file alive
   SQKV_RETURN_IF_ERROR(map_status);
   file->map_ = map;
