@@ -23,33 +23,16 @@ namespace {
 using testing::RawSocket;
 using testing::ScratchDir;
 
-std::string Binary() {
-  const char* dir = std::getenv("SQKV_BIN_DIR");
-  return std::string(dir ? dir : ".") + "/tools/sqkv";
-}
-
-struct CmdResult {
-  int code = -1;
-  std::string out, err;
-};
-
 std::string ReadFile(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(f), {});
 }
 
-CmdResult Sqkv(const std::vector<std::string>& args) {
-  ScratchDir io;
-  std::string cmd = "'" + Binary() + "'";
-  for (const auto& a : args) cmd += " '" + a + "'";
-  cmd += " >" + io.file("out") + " 2>" + io.file("err") + " </dev/null";
-  CmdResult r;
-  const int status = std::system(cmd.c_str());
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  r.out = ReadFile(io.file("out"));
-  r.err = ReadFile(io.file("err"));
-  return r;
-}
+using ::sqkv::testing::CmdResult;
+
+std::string Binary() { return ::sqkv::testing::SqkvBinary(); }
+
+CmdResult Sqkv(const std::vector<std::string>& args) { return ::sqkv::testing::RunSqkv(args); }
 
 // `sqkv serve` on 127.0.0.1 with a free port; killed (SIGKILL) if a test leaves it running.
 class ServeProcess {

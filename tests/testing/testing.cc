@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <sys/wait.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -105,6 +107,27 @@ double RelativeError(const float* a, const double* b, size_t n) {
   }
   if (den == 0) return std::sqrt(num);
   return std::sqrt(num / den);
+}
+
+std::string SqkvBinary() {
+  const char* dir = std::getenv("SQKV_BIN_DIR");
+  return std::string(dir ? dir : ".") + "/tools/sqkv";
+}
+
+CmdResult RunSqkv(const std::vector<std::string>& args, const std::vector<std::string>& extra_env) {
+  ScratchDir io;
+  std::string cmd;
+  for (const auto& e : extra_env) cmd += e + " ";
+  cmd += "'" + SqkvBinary() + "'";
+  for (const auto& a : args) cmd += " '" + a + "'";
+  cmd += " >" + io.file("out") + " 2>" + io.file("err") + " </dev/null";
+  CmdResult r;
+  const int status = std::system(cmd.c_str());
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  std::ifstream o(io.file("out"), std::ios::binary), e(io.file("err"), std::ios::binary);
+  r.out.assign(std::istreambuf_iterator<char>(o), {});
+  r.err.assign(std::istreambuf_iterator<char>(e), {});
+  return r;
 }
 
 }  // namespace sqkv::testing

@@ -52,4 +52,17 @@ void ReferenceAttention(const float* q, int rows, int d, const float* keys, cons
 // ‖a − b‖ / ‖b‖ (b the reference); +inf if either holds a NaN.
 double RelativeError(const float* a, const double* b, size_t n);
 
+// The sqkv executable of this build ($SQKV_BIN_DIR/tools/sqkv, as ctest sets it).
+std::string SqkvBinary();
+
+struct CmdResult {
+  int code = -1;  // exit status, or 128 + signal
+  std::string out, err;
+};
+
+// Runs sqkv with `args` (stdin /dev/null) and captures its output; extra_env entries like
+// "SQKV_TEST_CRASH_AT=published" are set for that run only.
+CmdResult RunSqkv(const std::vector<std::string>& args,
+                  const std::vector<std::string>& extra_env = {});
+
 }  // namespace sqkv::testing

@@ -23,31 +23,12 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string Binary() {
-  const char* dir = std::getenv("SQKV_BIN_DIR");
-  return std::string(dir ? dir : ".") + "/tools/sqkv";
-}
+using testing::CmdResult;
 
-struct CmdResult {
-  int code = -1;
-  std::string out, err;
-};
+std::string Binary() { return testing::SqkvBinary(); }
 
-// Runs sqkv with args; extra_env like "SQKV_TEST_CRASH_AT=published".
 CmdResult Sqkv(const std::vector<std::string>& args, const std::vector<std::string>& extra_env = {}) {
-  testing::ScratchDir io;
-  std::string cmd;
-  for (const auto& e : extra_env) cmd += e + " ";
-  cmd += "'" + Binary() + "'";
-  for (const auto& a : args) cmd += " '" + a + "'";
-  cmd += " >" + io.file("out") + " 2>" + io.file("err");
-  CmdResult r;
-  int status = std::system(cmd.c_str());
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  std::ifstream o(io.file("out")), e(io.file("err"));
-  r.out.assign(std::istreambuf_iterator<char>(o), {});
-  r.err.assign(std::istreambuf_iterator<char>(e), {});
-  return r;
+  return testing::RunSqkv(args, extra_env);
 }
 
 class CliTest : public ::testing::Test {
