@@ -121,8 +121,9 @@ Seg MakeSeg(std::mt19937_64& rng, const Head& h, int head, int rows, RefMode mod
 
 // Runs one lookup launch over every segment (f16: the 16-bit centroid storage, else float32);
 // `repeat` launches again on the same workspace and checks the second result equals the first.
-// A last launch takes the global-memory selection (staged_select = false) and must give exactly
-// the outputs of the default (staged, where the batch allows it) launches.
+// Two last launches take the two-kernel path (cluster_small = false: the staged selection where
+// the batch allows it), then the global-memory selection (staged_select = false too); both must
+// give exactly the outputs of the default launches (the cluster path where the batch allows it).
 void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, int pt,
                std::vector<Out>* out, bool repeat = false, bool f16 = true) {
   std::vector<LookupSegment> ls(segs.size());
@@ -208,9 +209,11 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
   a.workspace = ws.get();
 
   std::vector<Out> first;
-  const int rounds = (repeat ? 2 : 1) + 1;
+  const int rounds = (repeat ? 2 : 1) + 2;
   for (int round = 0; round < rounds; ++round) {
     const bool legacy = round == rounds - 1;
+    const bool two_kernel = round >= rounds - 2;
+    a.cluster_small = !two_kernel;
     a.staged_select = !legacy;
     for (DeviceBuffer* b : {&seg_pages, &page_ids, &page_valid, &seg_clusters, &cluster_ids,
                             &seg_tokens, &seg_scored}) {
@@ -247,7 +250,9 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
     if (round == 0) {
       first = *out;
     } else {
-      const char* what = legacy ? "global-memory selection differs" : "relaunch differs";
+      const char* what = legacy       ? "global-memory selection differs"
+                         : two_kernel ? "two-kernel (staged) path differs"
+                                      : "relaunch differs";
       for (int i = 0; i < n; ++i) {
         EXPECT_EQ((*out)[i].clusters, first[i].clusters) << what << ", segment " << i;
         EXPECT_EQ((*out)[i].page_ids, first[i].page_ids) << what << ", segment " << i;
@@ -486,6 +491,42 @@ TEST(GpuLookup, TiesBreakByAscendingId) {
         if (c % 8 == 0) continue;
         EXPECT_LE(sel[c], sel[c - 1]) << "segment " << i << " cluster " << c;
       }
+    }
+  }
+}
+
+// Every centroid equal: every score ties, so a budget keeps the lowest ids until it is met. With
+// thousands of clusters the tied run crosses the blocks of a segment's cluster (the cluster
+// path's tie counts come from the lower-ranked blocks), on both centroid storages.
+TEST(GpuLookup, TiesAcrossBlocksKeepLowestIds) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  std::vector<Head> heads(1);
+  MakeHead(rng, 3000, kD, kPt, 30, 0, &heads[0]);
+  HeadIndex& x = heads[0].x;
+  for (int c = 1; c < x.num_clusters(); ++c) {
+    std::copy_n(x.centroids.begin(), kD, x.centroids.begin() + c * kD);
+  }
+  UploadCentroids(&heads[0]);
+  std::vector<Seg> segs;
+  for (int rows : {1, 4, 16}) {
+    for (double f : {0.013, 0.3, 0.77}) {
+      segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, f));
+    }
+  }
+  for (bool f16 : {true, false}) {
+    std::vector<Out> out;
+    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, f16);
+    for (size_t i = 0; i < segs.size(); ++i) {
+      std::vector<int32_t> want;
+      int tokens = 0;
+      for (int c = 0; c < x.num_clusters() && tokens < segs[i].budget; ++c) {
+        want.push_back(c);
+        tokens += x.cluster_size[c];
+      }
+      EXPECT_EQ(out[i].clusters, want) << "segment " << i << (f16 ? " f16" : " f32");
+      EXPECT_EQ(out[i].tokens, tokens) << "segment " << i;
     }
   }
 }
