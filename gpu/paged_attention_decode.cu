@@ -6,6 +6,8 @@
 // keeps its own online-softmax state for every row of the segment, computed with m16n8k16
 // tensor-core products (rows padded to 16 or 32). The warps' states are merged in shared memory
 // at the end; with one split the block writes out / lse, else a partial state for the merge.
+// A split's run of units is cut from the segment's page count on the device (SplitOf), so the
+// blocks of a segment carry equal shares whatever the host bound.
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
 
@@ -44,9 +46,9 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
   // Counts past the host bound are a contract violation; the extra pages are ignored.
   const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
   const int work = count * p.units_per_page;
-  const int u0 = split * p.work_per_split;
-  if (split > 0 && u0 >= work) return;  // split 0 always runs: it writes the empty state
-  const int u1 = min(u0 + p.work_per_split, work);
+  const SplitRange range = SplitOf(work, p.splits, split);
+  if (split > 0 && range.begin >= work) return;  // split 0 always runs: it writes the empty state
+  const int u0 = range.begin, u1 = range.end;
   const int rows = max(0, min(p.seg_rows[seg], S::kRows));
   if (rows == 0) return;
   const int q_row = p.seg_q_row[seg];

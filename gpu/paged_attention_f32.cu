@@ -37,9 +37,9 @@ __global__ void __launch_bounds__(kThreads) F32Kernel(const KernelParams p) {
   if (r0 >= rows) return;
   const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
   const int work = count * p.units_per_page;
-  const int u0 = split * p.work_per_split;
-  if (split > 0 && u0 >= work) return;
-  const int u1 = min(u0 + p.work_per_split, work);
+  const SplitRange range = SplitOf(work, p.splits, split);  // even shares of the actual units
+  if (split > 0 && range.begin >= work) return;
+  const int u0 = range.begin, u1 = range.end;
   const int q_row = p.seg_q_row[seg];
   const int page_off = p.seg_page_offset[seg];
   const int page_tokens = p.page_tokens;

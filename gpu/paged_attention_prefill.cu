@@ -109,9 +109,9 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
   GridDependencyWait();  // the compact lists of the pre-pass
   const int ntok = static_cast<int>(min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
   const int tiles = (ntok + kPrefillKeys - 1) / kPrefillKeys;
-  const int t0 = split * p.work_per_split;
-  if (split > 0 && t0 >= tiles) return;
-  const int t1 = min(t0 + p.work_per_split, tiles);
+  const SplitRange range = SplitOf(tiles, p.splits, split);  // even shares of the actual tiles
+  if (split > 0 && range.begin >= tiles) return;
+  const int t0 = range.begin, t1 = range.end;
   const uint32_t* toks = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
   const T* pool = static_cast<const T*>(p.pool);
   const size_t v_offset = static_cast<size_t>(p.page_tokens) * D;
