@@ -134,6 +134,7 @@ Result<Plan> MakePlan(const PagedAttentionArgs& a) {
   const int64_t base_blocks = static_cast<int64_t>(a.num_segments) * plan.row_tiles;
   const int64_t slots = static_cast<int64_t>(sms) * info.blocks_per_sm;
   plan.splits = ChooseSplits(base_blocks, plan.work_total, slots, cost);
+  plan.dependent_first = a.overlap_previous_kernel;
   if (base_blocks * plan.splits > std::numeric_limits<int32_t>::max()) {
     return Status::InvalidArgument("paged attention: too many segments × rows for one grid");
   }

@@ -48,6 +48,9 @@ struct Plan {
   // Workspace byte offsets (0 size when unused).
   size_t part_o_offset = 0, part_lse_offset = 0, tok_rows_offset = 0, tok_count_offset = 0;
   size_t workspace_bytes = 0;
+  // The first kernel is a programmatic dependent launch (PagedAttentionArgs::
+  // overlap_previous_kernel): it stages q, then waits for the kernel before it.
+  bool dependent_first = false;
   int64_t blocks() const { return static_cast<int64_t>(row_tiles) * splits; }
 };
 
@@ -112,12 +115,17 @@ struct KernelInfo {
   int smem_bytes = 0;
 };
 
-// Per kernel file. Info calls raise the kernel's dynamic shared-memory limit once.
+// Per kernel file. Info calls raise the kernel's dynamic shared-memory limit once. The first
+// kernel of each launch is a programmatic dependent launch when plan.dependent_first; it stages q
+// (independent of the kernel before it) and then waits (GridDependencyWait) before its first read
+// of seg_page_count, page_ids, page_valid or the pool, in every block, so no later kernel can
+// overtake the one before it.
 Status DecodeInfo(DType dtype, int head_dim, int mtiles, KernelInfo* info);
 Status LaunchDecode(DType dtype, int head_dim, int mtiles, const KernelParams& p,
                     const Plan& plan, cudaStream_t stream);
 Status PrefillInfo(DType dtype, int head_dim, KernelInfo* info);
 // Enqueues the compaction pre-pass, then the prefill kernel (as a programmatic dependent launch).
+// The pre-pass has no q to stage: it waits first.
 Status LaunchPrefill(DType dtype, int head_dim, const KernelParams& p, const Plan& plan,
                      cudaStream_t stream);
 Status F32Info(int head_dim, KernelInfo* info);
