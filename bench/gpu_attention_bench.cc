@@ -8,8 +8,11 @@
 // launches rotate through them so a launch reads HBM, not what the previous one left in L2.
 // Prints a table; with --json PATH also writes one JSON object per line.
 //
-// Usage: gpu_attention_bench [--json PATH] [--quick] [--only MODE:TOKENS:KEEP] [--iters N]
-//   --only runs one configuration (e.g. decode_b1:131072:0.1), for a profiler.
+// Usage: gpu_attention_bench [--json PATH] [--quick] [--only MODE:TOKENS:KEEP[,...]] [--iters N]
+//                            [--bound-slack F]
+//   --only runs the configurations listed (e.g. decode_b1:131072:0.1), for a profiler.
+//   --bound-slack F plans the grid for F times the largest page count (default 1): the engine's
+//   host bound is the lookup's page capacity, about 1.3 times the pages it selects.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -134,8 +137,8 @@ struct Launch {
   std::vector<PageList> lists;                           // per segment (for the check)
 };
 
-void BuildLaunch(Mode mode, int rotation, const PoolLayout& pl, double keep, const void* pool,
-                 std::mt19937_64& rng, Launch* l) {
+void BuildLaunch(Mode mode, int rotation, const PoolLayout& pl, double keep, double bound_slack,
+                 const void* pool, std::mt19937_64& rng, Launch* l) {
   const int requests = mode == Mode::kDecode8 ? 8 : 1;
   const int n = mode == Mode::kPrefill ? 1024 : 1;  // queries per request
   const int rows = kGroup * n;
@@ -180,7 +183,8 @@ void BuildLaunch(Mode mode, int rotation, const PoolLayout& pl, double keep, con
   a.seg_page_count = l->seg_count.as<int32_t>();
   a.page_ids = l->ids.as<int32_t>();
   a.page_valid = l->valid.as<int32_t>();
-  a.max_pages_per_segment = *std::max_element(count.begin(), count.end());
+  a.max_pages_per_segment = static_cast<int>(
+      std::ceil(bound_slack * *std::max_element(count.begin(), count.end())));
   a.max_rows_per_segment = rows;
   a.q = l->q.as<float>();
 }
@@ -294,6 +298,7 @@ int Run(int argc, char** argv) {
   std::string json_path, only;
   bool quick = false;
   int iters_override = 0;
+  double bound_slack = 1.0;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
@@ -303,19 +308,22 @@ int Run(int argc, char** argv) {
       only = argv[++i];
     } else if (std::strcmp(argv[i], "--iters") == 0 && i + 1 < argc) {
       iters_override = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--bound-slack") == 0 && i + 1 < argc) {
+      bound_slack = std::max(1.0, std::atof(argv[++i]));
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--json PATH] [--quick] [--only MODE:TOKENS:KEEP] [--iters N]\n",
+                   "usage: %s [--json PATH] [--quick] [--only MODE:TOKENS:KEEP[,...]] [--iters N] "
+                   "[--bound-slack F]\n",
                    argv[0]);
       return 2;
     }
   }
-  // "decode_b1:131072:0.1" → the one configuration to run.
+  // "decode_b1:131072:0.1,decode_b8:131072:0.1" → the configurations to run.
   auto wanted = [&](Mode mode, int tokens, double keep) {
     if (only.empty()) return true;
     char buf[64];
     std::snprintf(buf, sizeof(buf), "%s:%d:%g", ModeName(mode), tokens, keep);
-    return only == buf;
+    return ("," + only + ",").find("," + std::string(buf) + ",") != std::string::npos;
   };
   if (!DevicePresent()) {
     std::fprintf(stderr, "no CUDA device\n");
@@ -328,6 +336,7 @@ int Run(int argc, char** argv) {
   const auto stream = static_cast<cudaStream_t>(stream_owner.get());
   const double copy_gbs = CopyBandwidthGBs(stream);
   std::printf("device-to-device copy: %.0f GB/s (read + write)\n", copy_gbs);
+  std::printf("host page bound: %.2f x the largest segment's page count\n", bound_slack);
   if (json) std::fprintf(json, "{\"impl\":\"copy\",\"gbps\":%.1f}\n", copy_gbs);
 
   DeviceBuffer head_start, out, lse, ws;
@@ -375,7 +384,7 @@ int Run(int argc, char** argv) {
         std::vector<Launch> launches(kContexts);
         size_t ws_bytes = 0;
         for (int r = 0; r < kContexts; ++r) {
-          BuildLaunch(mode, r, layout, keep, pool.get(), rng, &launches[r]);
+          BuildLaunch(mode, r, layout, keep, bound_slack, pool.get(), rng, &launches[r]);
           launches[r].args.out = out.as<float>();
           launches[r].args.lse = lse.as<float>();
           ws_bytes = std::max(ws_bytes, PagedAttentionWorkspaceBytes(launches[r].args));

@@ -10,7 +10,9 @@
 // engine's lookup with cluster_small = false (decode: the scoring kernel, then the staged
 // selection kernel: the design before the one-launch cluster path), for before/after in one run.
 //
-// Usage: gpu_lookup_bench [--iters N] [--keep F]
+// Usage: gpu_lookup_bench [--iters N] [--keep F] [--tokens N] [--whole-only]
+//   --tokens N: one context size only (32768 or 131072; default both)
+//   --whole-only: time the lookup and the whole path only (score, two-kernel and f32 columns 0)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -132,7 +134,7 @@ void Time(gpu::Stream& stream, int reps, int variants, const std::function<Statu
 // groups: the requests of each plan (a plan per group; launches rotate over the groups).
 Row RunCase(gpu::Engine* engine, const std::string& name,
             const std::vector<std::vector<const Context*>>& groups, int n, float keep, int iters,
-            Rng& rng) {
+            bool whole_only, Rng& rng) {
   std::vector<std::unique_ptr<gpu::QueryPlan>> plans;
   std::vector<F32Lookup> f32(groups.size());
   for (size_t g = 0; g < groups.size(); ++g) {
@@ -181,22 +183,24 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
       stream, reps, variants,
       [&](int v) { return gpu::LaunchLookup(impl(v).lookup, impl(v).layout, stream.get()); },
       &row.lookup_us, &row.lookup_graph_us);
-  Time(
-      stream, reps, variants,
-      [&](int v) { return gpu::LaunchLookup(score_only[v], impl(v).layout, stream.get()); },
-      &row.score_us, &row.score_graph_us);
-  Time(
-      stream, reps, variants,
-      [&](int v) { return gpu::LaunchLookup(two_kernel[v], impl(v).layout, stream.get()); },
-      &row.tk_us, &row.tk_graph_us);
-  Time(
-      stream, reps, variants,
-      [&](int v) { return gpu::LaunchLookup(tk_score[v], impl(v).layout, stream.get()); },
-      &row.tk_score_us, &row.tk_score_graph_us);
-  Time(
-      stream, reps, variants,
-      [&](int v) { return gpu::LaunchLookup(f32[v].args, f32[v].layout, stream.get()); },
-      &row.f32_us, &row.f32_graph_us);
+  if (!whole_only) {
+    Time(
+        stream, reps, variants,
+        [&](int v) { return gpu::LaunchLookup(score_only[v], impl(v).layout, stream.get()); },
+        &row.score_us, &row.score_graph_us);
+    Time(
+        stream, reps, variants,
+        [&](int v) { return gpu::LaunchLookup(two_kernel[v], impl(v).layout, stream.get()); },
+        &row.tk_us, &row.tk_graph_us);
+    Time(
+        stream, reps, variants,
+        [&](int v) { return gpu::LaunchLookup(tk_score[v], impl(v).layout, stream.get()); },
+        &row.tk_score_us, &row.tk_score_graph_us);
+    Time(
+        stream, reps, variants,
+        [&](int v) { return gpu::LaunchLookup(f32[v].args, f32[v].layout, stream.get()); },
+        &row.f32_us, &row.f32_graph_us);
+  }
   Time(
       stream, reps, variants, [&](int v) { return engine->Run(*plans[v], io, stream.get()); },
       &row.whole_us, &row.whole_graph_us);
@@ -234,9 +238,23 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
 int main(int argc, char** argv) {
   int iters = 200;
   float keep = 0.1f;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (std::strcmp(argv[i], "--iters") == 0) iters = std::atoi(argv[i + 1]);
-    if (std::strcmp(argv[i], "--keep") == 0) keep = static_cast<float>(std::atof(argv[i + 1]));
+  int only_tokens = 0;
+  bool whole_only = false;
+  for (int i = 1; i < argc; ++i) {
+    const bool has_value = i + 1 < argc;
+    if (std::strcmp(argv[i], "--whole-only") == 0) {
+      whole_only = true;
+    } else if (has_value && std::strcmp(argv[i], "--iters") == 0) {
+      iters = std::atoi(argv[++i]);
+    } else if (has_value && std::strcmp(argv[i], "--keep") == 0) {
+      keep = static_cast<float>(std::atof(argv[++i]));
+    } else if (has_value && std::strcmp(argv[i], "--tokens") == 0) {
+      only_tokens = std::atoi(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: %s [--iters N] [--keep F] [--tokens N] [--whole-only]\n",
+                   argv[0]);
+      return 2;
+    }
   }
   if (!gpu::DevicePresent()) {
     std::printf("no CUDA device: nothing to measure\n");
@@ -250,6 +268,7 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   uint64_t next_key = 1;
   for (int tokens : {32768, 131072}) {
+    if (only_tokens != 0 && tokens != only_tokens) continue;
     // Pages are shared content (generated once), resident once per context.
     std::vector<HeadIndex> heads;
     size_t total_pages = 0;
@@ -280,10 +299,12 @@ int main(int argc, char** argv) {
       batch[0].push_back(&c);
     }
     const std::string t = tokens == 32768 ? "32K" : "128K";
-    rows.push_back(RunCase(engine.get(), t + " decode b1", singles, 1, keep, iters, rng));
-    rows.push_back(RunCase(engine.get(), t + " decode b8", batch, 1, keep, iters, rng));
     rows.push_back(
-        RunCase(engine.get(), t + " prefill 1024", singles, kPrefillQueries, keep, iters, rng));
+        RunCase(engine.get(), t + " decode b1", singles, 1, keep, iters, whole_only, rng));
+    rows.push_back(
+        RunCase(engine.get(), t + " decode b8", batch, 1, keep, iters, whole_only, rng));
+    rows.push_back(RunCase(engine.get(), t + " prefill 1024", singles, kPrefillQueries, keep, iters,
+                           whole_only, rng));
     for (const Context& c : ctx) engine->EvictLayer(c.key);
   }
   std::printf("\nkeep_fraction %.3f, 8 kv heads, 32 q heads, d 128, bf16, 16-token pages\n", keep);

@@ -189,6 +189,9 @@ Status FillPlan(const std::vector<DeviceQuery>& queries,
   a.num_segments = static_cast<int>(plan->segments.size());
   a.max_pages_per_segment = max_pages;
   a.max_rows_per_segment = max_rows;
+  // The kernel before the attention is the lookup (or, paged, the page gather): it writes page
+  // lists, counts and pool pages, never q or the segment tables (uploaded with the plan).
+  a.overlap_previous_kernel = true;
   return Status::Ok();
 }
 

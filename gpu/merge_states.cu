@@ -55,10 +55,8 @@ __global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const Spl
   const int rows = max(0, min(mp.seg_rows[seg], mp.rows_cap));
   if (r >= rows) return;
   const int64_t count = min(static_cast<int64_t>(max(__ldcg(mp.counts + seg), 0)), mp.count_cap);
-  const int64_t work = (count * mp.count_mult + mp.count_div - 1) / mp.count_div;
-  const int active = static_cast<int>(
-      max(int64_t{1}, min(static_cast<int64_t>(mp.splits),
-                          (work + mp.work_per_split - 1) / mp.work_per_split)));
+  const int work = static_cast<int>((count * mp.count_mult + mp.count_div - 1) / mp.count_div);
+  const int active = ActiveSplits(work, mp.splits);  // the attention kernel's cut
   const size_t base = static_cast<size_t>(seg) * mp.splits * mp.rows_cap + r;  // split 0
   const size_t split_stride = mp.rows_cap;
 

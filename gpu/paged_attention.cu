@@ -77,7 +77,8 @@ Status SmCount(int* sms) {
                             "cudaDeviceGetAttribute");
 }
 
-// Picks the splits that minimise waves × (work per split + overhead) + merge cost.
+// Picks the splits that minimise waves × (work per split + overhead) + merge cost, for the work
+// the host bound allows (the device then cuts each segment's actual work evenly across them).
 int ChooseSplits(int64_t base_blocks, int64_t work_total, int64_t slots, const CostModel& cost) {
   if (work_total <= 1 || base_blocks <= 0) return 1;
   int best = 1;
@@ -133,8 +134,7 @@ Result<Plan> MakePlan(const PagedAttentionArgs& a) {
   const int64_t base_blocks = static_cast<int64_t>(a.num_segments) * plan.row_tiles;
   const int64_t slots = static_cast<int64_t>(sms) * info.blocks_per_sm;
   plan.splits = ChooseSplits(base_blocks, plan.work_total, slots, cost);
-  plan.work_per_split =
-      plan.work_total == 0 ? 0 : (plan.work_total + plan.splits - 1) / plan.splits;
+  plan.dependent_first = a.overlap_previous_kernel;
   if (base_blocks * plan.splits > std::numeric_limits<int32_t>::max()) {
     return Status::InvalidArgument("paged attention: too many segments × rows for one grid");
   }
@@ -201,7 +201,6 @@ Status LaunchPagedAttention(const PagedAttentionArgs& args, void* stream_ptr) {
   p.rows_cap = plan.rows_cap;
   p.row_tiles = plan.row_tiles;
   p.splits = plan.splits;
-  p.work_per_split = plan.work_per_split;
   p.units_per_page = plan.units_per_page;
   if (plan.splits > 1) {
     p.part_o = reinterpret_cast<float*>(ws + plan.part_o_offset);
@@ -231,7 +230,6 @@ Status LaunchPagedAttention(const PagedAttentionArgs& args, void* stream_ptr) {
   mp.num_segments = args.num_segments;
   mp.rows_cap = plan.rows_cap;
   mp.splits = plan.splits;
-  mp.work_per_split = plan.work_per_split;
   mp.seg_q_row = args.seg_q_row;
   mp.seg_rows = args.seg_rows;
   if (plan.kind == PathKind::kPrefill) {

@@ -44,6 +44,13 @@ struct PagedAttentionArgs {
   float* lse = nullptr;      // device (total_rows) float32, natural log; -inf for no pages
 
   void* workspace = nullptr;  // device scratch of PagedAttentionWorkspaceBytes(args) bytes
+
+  // When true, the first attention kernel is a programmatic dependent launch: it may start while
+  // the kernel enqueued just before it on the stream drains (the engine's lookup) and stage q
+  // meanwhile; it waits for that kernel before reading seg_page_count, page_ids, page_valid or
+  // the pool, and before writing anything. Set it only when that kernel writes none of q,
+  // seg_q_row, seg_rows and seg_page_offset. Default: false (the stream's usual order).
+  bool overlap_previous_kernel = false;
 };
 
 // Scratch the launch needs for these args (split-K partial states and the like). Depends only on

@@ -130,17 +130,22 @@ struct LdmAddr {
   }
 };
 
-// Loads 8 consecutive floats (16-byte aligned) and packs them as 8 16-bit values.
+// Packs 8 floats (a then b) as 8 16-bit values.
 template <typename T>
-__device__ __forceinline__ uint4 LoadConvert8(const float* src) {
-  const float4 a = *reinterpret_cast<const float4*>(src);
-  const float4 b = *reinterpret_cast<const float4*>(src + 4);
+__device__ __forceinline__ uint4 Convert8(const float4& a, const float4& b) {
   uint4 r;
   r.x = Half16<T>::Pack(a.x, a.y);
   r.y = Half16<T>::Pack(a.z, a.w);
   r.z = Half16<T>::Pack(b.x, b.y);
   r.w = Half16<T>::Pack(b.z, b.w);
   return r;
+}
+
+// Loads 8 consecutive floats (16-byte aligned) and packs them as 8 16-bit values.
+template <typename T>
+__device__ __forceinline__ uint4 LoadConvert8(const float* src) {
+  return Convert8<T>(*reinterpret_cast<const float4*>(src),
+                     *reinterpret_cast<const float4*>(src + 4));
 }
 
 __device__ __forceinline__ float QuadMax(float v) {

@@ -6,6 +6,8 @@
 // keeps its own online-softmax state for every row of the segment, computed with m16n8k16
 // tensor-core products (rows padded to 16 or 32). The warps' states are merged in shared memory
 // at the end; with one split the block writes out / lse, else a partial state for the merge.
+// A split's run of units is cut from the segment's page count on the device (SplitOf), so the
+// blocks of a segment carry equal shares whatever the host bound.
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
 
@@ -34,6 +36,8 @@ template <typename T, int D, int MT>
 __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p) {
   using S = DecodeShape<D, MT>;
   constexpr int C = S::kChunks;
+  constexpr int kQLoads = S::kRows * C / kThreads;  // 16-byte Q chunks staged per thread
+  static_assert(S::kRows * C % kThreads == 0, "Q chunks must spread evenly over the threads");
   extern __shared__ __align__(16) unsigned char smem[];
   T* sq = reinterpret_cast<T*>(smem);
   T* spipe = reinterpret_cast<T*>(smem + S::kQBytes);
@@ -41,16 +45,39 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
   const int seg = blockIdx.x / p.splits;
   const int split = blockIdx.x % p.splits;
 
-  // Counts past the host bound are a contract violation; the extra pages are ignored.
-  const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
-  const int work = count * p.units_per_page;
-  const int u0 = split * p.work_per_split;
-  if (split > 0 && u0 >= work) return;  // split 0 always runs: it writes the empty state
-  const int u1 = min(u0 + p.work_per_split, work);
+  // Before the wait, only what the kernel before this one (the lookup, in a dependent launch)
+  // does not write: the segment's rows and its Q rows. Q is loaded into registers here and
+  // converted after the page count's load is issued, so the two loads overlap.
   const int rows = max(0, min(p.seg_rows[seg], S::kRows));
-  if (rows == 0) return;
   const int q_row = p.seg_q_row[seg];
   const int page_off = p.seg_page_offset[seg];
+  float4 q_lo[kQLoads], q_hi[kQLoads];
+#pragma unroll
+  for (int j = 0; j < kQLoads; ++j) {
+    const int i = tid + j * kThreads, r = i / C, c = i % C;
+    q_lo[j] = q_hi[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < rows) {
+      const float* src = p.q + static_cast<size_t>(q_row + r) * D + c * 8;
+      q_lo[j] = *reinterpret_cast<const float4*>(src);
+      q_hi[j] = *reinterpret_cast<const float4*>(src + 4);
+    }
+  }
+  // Every block waits (none returns before), so this grid, and the split merge that depends on
+  // it, never finish before the kernel before it.
+  GridDependencyWait();
+  // Counts past the host bound are a contract violation; the extra pages are ignored.
+  const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
+  // Q → shared memory in the storage type; rows past the segment are zero.
+#pragma unroll
+  for (int j = 0; j < kQLoads; ++j) {
+    const int i = tid + j * kThreads, r = i / C, c = i % C;
+    reinterpret_cast<uint4*>(sq)[Swizzle<C>(r, c)] = Convert8<T>(q_lo[j], q_hi[j]);
+  }
+  if (rows == 0) return;
+  const int work = count * p.units_per_page;
+  const SplitRange range = SplitOf(work, p.splits, split);
+  if (split > 0 && range.begin >= work) return;  // split 0 always runs: it writes the empty state
+  const int u0 = range.begin, u1 = range.end;
   const int page_tokens = p.page_tokens;
   const T* pool = static_cast<const T*>(p.pool);
 
@@ -91,15 +118,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
     next_row = __shfl_sync(0xffffffffu, cur_row, k - base);
     next_valid = __shfl_sync(0xffffffffu, cur_valid, k - base);
   };
-
-  // Q → shared memory in the storage type; rows past the segment are zero.
-  for (int i = tid; i < S::kRows * C; i += kThreads) {
-    const int r = i / C, c = i % C;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < rows) v = LoadConvert8<T>(p.q + static_cast<size_t>(q_row + r) * D + c * 8);
-    reinterpret_cast<uint4*>(sq)[Swizzle<C>(r, c)] = v;
-  }
-  __syncthreads();
+  __syncthreads();  // Q is in shared memory
 
   T* wpipe = spipe + warp * S::kWarpElems;
   const uint32_t wpipe_addr = SmemAddr(wpipe);
@@ -330,7 +349,7 @@ Status Launch(const KernelParams& p, const Plan& plan, cudaStream_t stream) {
   SQKV_RETURN_IF_ERROR((Info<T, D, MT>(&info)));
   const int64_t blocks = static_cast<int64_t>(p.num_segments) * plan.splits;
   return LaunchKernel(DecodeKernel<T, D, MT>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
-                      DecodeShape<D, MT>::kSmemBytes, stream, /*dependent=*/false,
+                      DecodeShape<D, MT>::kSmemBytes, stream, plan.dependent_first,
                       "decode attention kernel", p);
 }
 

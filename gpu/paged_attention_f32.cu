@@ -34,23 +34,29 @@ __global__ void __launch_bounds__(kThreads) F32Kernel(const KernelParams p) {
 
   const int rows = max(0, min(p.seg_rows[seg], p.rows_cap));
   const int r0 = rt * kF32Rows;
-  if (r0 >= rows) return;
-  const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
-  const int work = count * p.units_per_page;
-  const int u0 = split * p.work_per_split;
-  if (split > 0 && u0 >= work) return;
-  const int u1 = min(u0 + p.work_per_split, work);
   const int q_row = p.seg_q_row[seg];
   const int page_off = p.seg_page_offset[seg];
   const int page_tokens = p.page_tokens;
   const float* pool = static_cast<const float*>(p.pool);
 
-  for (int i = tid; i < kF32Rows * S::kVec; i += kThreads) {
-    const int r = i / S::kVec, c = i % S::kVec;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r0 + r < rows) v = *reinterpret_cast<const float4*>(p.q + static_cast<size_t>(q_row + r0 + r) * D + c * 4);
-    *reinterpret_cast<float4*>(sq + r * S::kStride + c * 4) = v;
+  // Q tile → shared memory: independent of the kernel before (the lookup, in a dependent launch).
+  if (r0 < rows) {
+    for (int i = tid; i < kF32Rows * S::kVec; i += kThreads) {
+      const int r = i / S::kVec, c = i % S::kVec;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (r0 + r < rows) {
+        v = *reinterpret_cast<const float4*>(p.q + static_cast<size_t>(q_row + r0 + r) * D + c * 4);
+      }
+      *reinterpret_cast<float4*>(sq + r * S::kStride + c * 4) = v;
+    }
   }
+  GridDependencyWait();  // every block waits before it returns or reads the page lists
+  if (r0 >= rows) return;
+  const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
+  const int work = count * p.units_per_page;
+  const SplitRange range = SplitOf(work, p.splits, split);  // even shares of the actual units
+  if (split > 0 && range.begin >= work) return;
+  const int u0 = range.begin, u1 = range.end;
 
   uint32_t next_row = 0;
   int next_valid = 0;
@@ -190,8 +196,8 @@ Status Launch(const KernelParams& p, const Plan& plan, cudaStream_t stream) {
   SQKV_RETURN_IF_ERROR(Info<D>(&info));
   const int64_t blocks = static_cast<int64_t>(p.num_segments) * plan.splits * plan.row_tiles;
   return LaunchKernel(F32Kernel<D>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
-                      F32Shape<D>::kSmemBytes, stream, /*dependent=*/false,
-                      "f32 attention kernel", p);
+                      F32Shape<D>::kSmemBytes, stream, plan.dependent_first, "f32 attention kernel",
+                      p);
 }
 
 }  // namespace

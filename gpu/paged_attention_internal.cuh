@@ -11,6 +11,8 @@
 //   f32     (float32 storage, any rows): CUDA-core kernel over 16-row tiles and key units.
 // Any of them may split a segment's keys across blocks (splits > 1): each block then writes a
 // partial state (normalised o, natural-log lse) to the workspace and a merge kernel combines them.
+// The host plans how many splits (from the host bound on pages per segment); the device cuts each
+// segment's actual work evenly across them (SplitOf below).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,15 +42,43 @@ struct Plan {
   int rows_cap = 0;         // rows per segment the grid covers (= max_rows_per_segment)
   int row_tiles = 1;        // row tiles per segment
   int splits = 1;           // key splits per (segment, row tile)
-  int work_total = 0;       // work items of the largest segment (units or key tiles)
-  int work_per_split = 0;   // work items per split
+  int work_total = 0;       // work items of the largest segment the bound allows (units or tiles)
   int units_per_page = 1;   // decode / f32: ceil(page_tokens / 16)
   int64_t tok_cap = 0;      // prefill: token slots per segment in the compact list
   // Workspace byte offsets (0 size when unused).
   size_t part_o_offset = 0, part_lse_offset = 0, tok_rows_offset = 0, tok_count_offset = 0;
   size_t workspace_bytes = 0;
+  // The first kernel is a programmatic dependent launch (PagedAttentionArgs::
+  // overlap_previous_kernel): it stages q, then waits for the kernel before it.
+  bool dependent_first = false;
   int64_t blocks() const { return static_cast<int64_t>(row_tiles) * splits; }
 };
+
+// How a segment's work (decode / f32: 16-slot key units; prefill: 64-key tiles) is cut across the
+// `splits` blocks planned for it. The cut is made on the device from the segment's actual work,
+// not the host bound, so the splits that run carry equal shares: per = max(1, ceil(work /
+// splits)); split s takes [s·per, min((s+1)·per, work)); the active splits are
+// max(1, min(splits, ceil(work / per))) — split 0 always runs (with no work it writes the empty
+// state). The attention kernels and the split merge both use these, so they agree.
+struct SplitRange {
+  int begin = 0, end = 0;  // work items [begin, end)
+};
+__host__ __device__ __forceinline__ int SplitShare(int work, int splits) {
+  const int per = (work + splits - 1) / splits;
+  return per > 1 ? per : 1;
+}
+__host__ __device__ __forceinline__ SplitRange SplitOf(int work, int splits, int split) {
+  const int per = SplitShare(work, splits);
+  SplitRange r;
+  r.begin = split * per;
+  r.end = r.begin + per < work ? r.begin + per : work;
+  return r;
+}
+__host__ __device__ __forceinline__ int ActiveSplits(int work, int splits) {
+  const int per = SplitShare(work, splits);
+  const int used = (work + per - 1) / per;
+  return used < 1 ? 1 : (used < splits ? used : splits);
+}
 
 struct KernelParams {
   const void* pool = nullptr;
@@ -66,7 +96,7 @@ struct KernelParams {
   float* out = nullptr;
   float* lse = nullptr;
   // From the plan.
-  int rows_cap = 0, row_tiles = 1, splits = 1, work_per_split = 0, units_per_page = 1;
+  int rows_cap = 0, row_tiles = 1, splits = 1, units_per_page = 1;
   // Split partial states: part_o (num_segments, splits, rows_cap, head_dim), part_lse
   // (num_segments, splits, rows_cap).
   float* part_o = nullptr;
@@ -85,23 +115,28 @@ struct KernelInfo {
   int smem_bytes = 0;
 };
 
-// Per kernel file. Info calls raise the kernel's dynamic shared-memory limit once.
+// Per kernel file. Info calls raise the kernel's dynamic shared-memory limit once. The first
+// kernel of each launch is a programmatic dependent launch when plan.dependent_first; it stages q
+// (independent of the kernel before it) and then waits (GridDependencyWait) before its first read
+// of seg_page_count, page_ids, page_valid or the pool, in every block, so no later kernel can
+// overtake the one before it.
 Status DecodeInfo(DType dtype, int head_dim, int mtiles, KernelInfo* info);
 Status LaunchDecode(DType dtype, int head_dim, int mtiles, const KernelParams& p,
                     const Plan& plan, cudaStream_t stream);
 Status PrefillInfo(DType dtype, int head_dim, KernelInfo* info);
 // Enqueues the compaction pre-pass, then the prefill kernel (as a programmatic dependent launch).
+// The pre-pass has no q to stage: it waits first.
 Status LaunchPrefill(DType dtype, int head_dim, const KernelParams& p, const Plan& plan,
                      cudaStream_t stream);
 Status F32Info(int head_dim, KernelInfo* info);
 Status LaunchF32(int head_dim, const KernelParams& p, const Plan& plan, cudaStream_t stream);
 
 // Combines the split partial states of every (segment, row) into out / lse. For segment s the
-// splits that ran are max(1, min(splits, ceil(work_s / work_per_split))) with
-// work_s = ceil(min(counts[s], count_cap) · count_mult / count_div). Launched as a programmatic
-// dependent of the attention kernel.
+// splits that ran are ActiveSplits(work_s, splits) with
+// work_s = ceil(min(counts[s], count_cap) · count_mult / count_div), the work the attention
+// kernel cut. Launched as a programmatic dependent of the attention kernel.
 struct SplitMergeParams {
-  int num_segments = 0, rows_cap = 0, splits = 1, work_per_split = 1;
+  int num_segments = 0, rows_cap = 0, splits = 1;
   const int32_t* seg_q_row = nullptr;
   const int32_t* seg_rows = nullptr;
   const int32_t* counts = nullptr;

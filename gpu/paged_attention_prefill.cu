@@ -24,8 +24,11 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelPar
   GridDependencyTrigger();  // the prefill kernel may start loading its Q tile now
   const int seg = blockIdx.x;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
   const int page_off = p.seg_page_offset[seg];
+  // The page lists of the kernel before (the lookup, in a dependent launch). Every block waits,
+  // so the prefill kernel, which waits for this grid, also comes after that kernel.
+  GridDependencyWait();
+  const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
   const int page_tokens = p.page_tokens;
   uint32_t* dst = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
   auto load = [&](int i, int& valid, uint32_t& row) {
@@ -109,9 +112,9 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
   GridDependencyWait();  // the compact lists of the pre-pass
   const int ntok = static_cast<int>(min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
   const int tiles = (ntok + kPrefillKeys - 1) / kPrefillKeys;
-  const int t0 = split * p.work_per_split;
-  if (split > 0 && t0 >= tiles) return;
-  const int t1 = min(t0 + p.work_per_split, tiles);
+  const SplitRange range = SplitOf(tiles, p.splits, split);  // even shares of the actual tiles
+  if (split > 0 && range.begin >= tiles) return;
+  const int t0 = range.begin, t1 = range.end;
   const uint32_t* toks = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
   const T* pool = static_cast<const T*>(p.pool);
   const size_t v_offset = static_cast<size_t>(p.page_tokens) * D;
@@ -344,7 +347,7 @@ Status Launch(const KernelParams& p, const Plan& plan, cudaStream_t stream) {
   static const Status carveout = PreferShared(CompactKernel);
   SQKV_RETURN_IF_ERROR(carveout);
   SQKV_RETURN_IF_ERROR(LaunchKernel(CompactKernel, dim3(p.num_segments), dim3(kCompactThreads), 0,
-                                    stream, /*dependent=*/false, "prefill compaction kernel", p));
+                                    stream, plan.dependent_first, "prefill compaction kernel", p));
   const int64_t blocks = static_cast<int64_t>(p.num_segments) * plan.splits * plan.row_tiles;
   return LaunchKernel(PrefillKernel<T, D>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
                       PrefillShape<D>::kSmemBytes, stream, /*dependent=*/true,

@@ -38,6 +38,7 @@ struct CaseSpec {
   int extra_max_pages = 0;  // slack on the host bounds
   int extra_max_rows = 0;
   float q_stddev = 1.f;
+  bool overlap_previous_kernel = false;  // PagedAttentionArgs::overlap_previous_kernel
 };
 
 // Error bounds per storage dtype: ‖out − ref‖/‖ref‖ and max |lse − lse_ref|.
@@ -170,6 +171,7 @@ DeviceResult RunOnDevice(const HostCase& c) {
   a.page_valid = valid.as<int32_t>();
   a.max_pages_per_segment = c.max_pages;
   a.max_rows_per_segment = c.max_rows;
+  a.overlap_previous_kernel = s.overlap_previous_kernel;
   a.q = q.as<float>();
   a.out = out.as<float>();
   a.lse = lse.as<float>();
@@ -375,6 +377,42 @@ TEST(PagedAttentionTest, DecodeManySplits) {
   spec.dtype = DType::kF32;
   spec.segments = {{4, 1500}, {7, 10}};
   CheckCase(spec, "decode long lists (splits)");
+}
+
+// Scratch bytes of a spec's launch (the sizing needs no device pointers).
+size_t WorkspaceBytesFor(const CaseSpec& spec, int max_pages, int max_rows) {
+  PagedAttentionArgs a;
+  a.dtype = spec.dtype;
+  a.head_dim = spec.head_dim;
+  a.page_tokens = spec.page_tokens;
+  a.scale = 0.1f;
+  a.num_segments = static_cast<int>(spec.segments.size());
+  a.max_pages_per_segment = max_pages;
+  a.max_rows_per_segment = max_rows;
+  return PagedAttentionWorkspaceBytes(a);
+}
+
+// The engine plans the grid from the lookup's page capacity, well above the pages it lists: the
+// keys are cut across the splits from the device counts, so the splits of a segment share them
+// evenly and the merge must count the same splits. Host bounds 2-4x the largest list, several
+// splits per segment, with and without the dependent launch.
+TEST(PagedAttentionTest, SplitsUnderLooseBound) {
+  SKIP_WITHOUT_DEVICE();
+  for (DType t : kAllDTypes) {
+    for (bool overlap : {false, true}) {
+      CaseSpec spec;
+      spec.dtype = t;
+      spec.overlap_previous_kernel = overlap;
+      spec.segments = {{4, 600}, {4, 37}, {1, 0}, {16, 350}, {32, 3}};
+      spec.extra_max_pages = 1400;
+      // Decode scratch holds only split partial states: more than none means splits > 1.
+      EXPECT_GT(WorkspaceBytesFor(spec, 2000, 32), 0u) << DTypeName(t);
+      CheckCase(spec, overlap ? "decode loose bound, dependent" : "decode loose bound");
+      spec.segments = {{300, 400}, {150, 40}, {50, 0}, {40, 2}};
+      spec.extra_max_pages = 800;
+      CheckCase(spec, overlap ? "prefill loose bound, dependent" : "prefill loose bound");
+    }
+  }
 }
 
 TEST(PagedAttentionTest, PrefillSplits) {
