@@ -6,13 +6,14 @@
 //
 // Per case: the engine's lookup (16-bit centroids) in full, its scoring alone (score_only: the
 // selection is the difference), the same lookup over float32 copies of the centroids, each also
-// as a replayed CUDA graph; then Engine::Run (lookup + attention) and its graph. "two-kernel": the
-// engine's lookup with cluster_small = false (decode: the scoring kernel, then the staged
-// selection kernel: the design before the one-launch cluster path), for before/after in one run.
+// as a replayed CUDA graph; then Engine::Run (lookup + attention) and its graph. "global": the
+// engine's lookup with staged_select = false (the last scoring block selects from global memory:
+// the design before the staged selection), for before/after in one run.
 //
-// Usage: gpu_lookup_bench [--iters N] [--keep F] [--tokens N] [--whole-only]
+// Usage: gpu_lookup_bench [--iters N] [--keep F] [--tokens N] [--case b1|b8|prefill] [--whole-only]
 //   --tokens N: one context size only (32768 or 131072; default both)
-//   --whole-only: time the lookup and the whole path only (score, two-kernel and f32 columns 0)
+//   --case C: one case only (decode batch 1, decode batch 8 or prefill; default all)
+//   --whole-only: time the lookup and the whole path only (score, global and f32 columns are 0)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -100,8 +101,8 @@ void MakeF32Lookup(const gpu::PlanImpl& plan, const std::vector<const Context*>&
 struct Row {
   std::string name;
   double lookup_us = 0, lookup_graph_us = 0, score_us = 0, score_graph_us = 0, f32_us = 0,
-         f32_graph_us = 0, whole_us = 0, whole_graph_us = 0, tk_us = 0, tk_graph_us = 0,
-         tk_score_us = 0, tk_score_graph_us = 0;
+         f32_graph_us = 0, whole_us = 0, whole_graph_us = 0, global_us = 0, global_graph_us = 0,
+         global_score_us = 0, global_score_graph_us = 0;
   double centroid_mb = 0, pages_mb = 0, gflop = 0;
 };
 
@@ -160,17 +161,17 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
   gpu::Stream stream;
   CHECK_OK(gpu::Stream::Create(&stream));
   const gpu::DeviceIO io{q.as<float>(), out.as<float>(), lse.as<float>()};
-  std::vector<gpu::LookupArgs> score_only(groups.size()), two_kernel(groups.size()),
-      tk_score(groups.size());
+  std::vector<gpu::LookupArgs> score_only(groups.size()), global(groups.size()),
+      global_score(groups.size());
   for (size_t g = 0; g < groups.size(); ++g) {
     auto& impl = static_cast<gpu::PlanImpl&>(*plans[g]);
     impl.lookup.q = q.as<float>();
     score_only[g] = impl.lookup;
     score_only[g].score_only = true;
-    two_kernel[g] = impl.lookup;
-    two_kernel[g].cluster_small = false;
-    tk_score[g] = score_only[g];
-    tk_score[g].cluster_small = false;
+    global[g] = impl.lookup;
+    global[g].staged_select = false;
+    global_score[g] = score_only[g];
+    global_score[g].staged_select = false;
     MakeF32Lookup(impl, groups[g], &f32[g]);
   }
   CHECK_OK(gpu::Synchronize());  // uploads ran on the legacy stream
@@ -190,12 +191,12 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
         &row.score_us, &row.score_graph_us);
     Time(
         stream, reps, variants,
-        [&](int v) { return gpu::LaunchLookup(two_kernel[v], impl(v).layout, stream.get()); },
-        &row.tk_us, &row.tk_graph_us);
+        [&](int v) { return gpu::LaunchLookup(global[v], impl(v).layout, stream.get()); },
+        &row.global_us, &row.global_graph_us);
     Time(
         stream, reps, variants,
-        [&](int v) { return gpu::LaunchLookup(tk_score[v], impl(v).layout, stream.get()); },
-        &row.tk_score_us, &row.tk_score_graph_us);
+        [&](int v) { return gpu::LaunchLookup(global_score[v], impl(v).layout, stream.get()); },
+        &row.global_score_us, &row.global_score_graph_us);
     Time(
         stream, reps, variants,
         [&](int v) { return gpu::LaunchLookup(f32[v].args, f32[v].layout, stream.get()); },
@@ -225,11 +226,10 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
   row.gflop = gflop;
   std::fprintf(stderr,
                "%s: lookup %.1f us (graph %.1f), scores %.1f (graph %.1f), f32 %.1f (graph %.1f), "
-               "whole %.1f (graph %.1f), two-kernel %.1f (graph %.1f), two-kernel scores %.1f (graph "
-               "%.1f)\n",
+               "whole %.1f (graph %.1f), global %.1f (graph %.1f), global scores %.1f (graph %.1f)\n",
                name.c_str(), row.lookup_us, row.lookup_graph_us, row.score_us, row.score_graph_us,
-               row.f32_us, row.f32_graph_us, row.whole_us, row.whole_graph_us, row.tk_us,
-               row.tk_graph_us, row.tk_score_us, row.tk_score_graph_us);
+               row.f32_us, row.f32_graph_us, row.whole_us, row.whole_graph_us, row.global_us,
+               row.global_graph_us, row.global_score_us, row.global_score_graph_us);
   return row;
 }
 
@@ -239,6 +239,7 @@ int main(int argc, char** argv) {
   int iters = 200;
   float keep = 0.1f;
   int only_tokens = 0;
+  std::string only_case;
   bool whole_only = false;
   for (int i = 1; i < argc; ++i) {
     const bool has_value = i + 1 < argc;
@@ -250,8 +251,12 @@ int main(int argc, char** argv) {
       keep = static_cast<float>(std::atof(argv[++i]));
     } else if (has_value && std::strcmp(argv[i], "--tokens") == 0) {
       only_tokens = std::atoi(argv[++i]);
+    } else if (has_value && std::strcmp(argv[i], "--case") == 0) {
+      only_case = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--iters N] [--keep F] [--tokens N] [--whole-only]\n",
+      std::fprintf(stderr,
+                   "usage: %s [--iters N] [--keep F] [--tokens N] [--case b1|b8|prefill] "
+                   "[--whole-only]\n",
                    argv[0]);
       return 2;
     }
@@ -299,28 +304,34 @@ int main(int argc, char** argv) {
       batch[0].push_back(&c);
     }
     const std::string t = tokens == 32768 ? "32K" : "128K";
-    rows.push_back(
-        RunCase(engine.get(), t + " decode b1", singles, 1, keep, iters, whole_only, rng));
-    rows.push_back(
-        RunCase(engine.get(), t + " decode b8", batch, 1, keep, iters, whole_only, rng));
-    rows.push_back(RunCase(engine.get(), t + " prefill 1024", singles, kPrefillQueries, keep, iters,
-                           whole_only, rng));
+    auto wanted = [&](const char* c) { return only_case.empty() || only_case == c; };
+    if (wanted("b1")) {
+      rows.push_back(
+          RunCase(engine.get(), t + " decode b1", singles, 1, keep, iters, whole_only, rng));
+    }
+    if (wanted("b8")) {
+      rows.push_back(
+          RunCase(engine.get(), t + " decode b8", batch, 1, keep, iters, whole_only, rng));
+    }
+    if (wanted("prefill")) {
+      rows.push_back(RunCase(engine.get(), t + " prefill 1024", singles, kPrefillQueries, keep,
+                             iters, whole_only, rng));
+    }
     for (const Context& c : ctx) engine->EvictLayer(c.key);
   }
   std::printf("\nkeep_fraction %.3f, 8 kv heads, 32 q heads, d 128, bf16, 16-token pages\n", keep);
   std::printf(
       "lookup: 16-bit centroids (the engine's); score: its scoring alone (score_only); "
-      "f32: float32 centroids; tk/tksc: cluster_small off, the two-kernel path (lookup, score); "
-      "g: graph replay\n");
+      "f32: float32 centroids; glob/gsc: staged_select off (lookup, score); g: graph replay\n");
   std::printf("%-17s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %7s %8s %8s %7s\n", "case", "lookup",
-              "g", "score", "g", "tk_g", "tksc_g", "f32", "g", "whole", "g", "cent_MB",
+              "g", "score", "g", "glob_g", "gsc_g", "f32", "g", "whole", "g", "cent_MB",
               "pages_MB", "lk_GB/s", "lk_TF/s");
   for (const Row& r : rows) {
     std::printf(
         "%-17s %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %7.1f %8.1f %8.0f "
         "%7.1f\n",
         r.name.c_str(), r.lookup_us, r.lookup_graph_us, r.score_us, r.score_graph_us,
-        r.tk_graph_us, r.tk_score_graph_us, r.f32_us, r.f32_graph_us, r.whole_us,
+        r.global_graph_us, r.global_score_graph_us, r.f32_us, r.f32_graph_us, r.whole_us,
         r.whole_graph_us, r.centroid_mb, r.pages_mb, r.centroid_mb / r.lookup_graph_us * 1e3,
         r.gflop / r.lookup_graph_us * 1e3);
   }

@@ -19,11 +19,7 @@
 // to clusters whose scores lie within a factor e^(4E) of the cut (tests/gpu/lookup_testing.h).
 //
 // Pipeline (all on the device, one launch of each kernel for the whole batch, no host round trip):
-//   rows <= kLookupSmallRows ("small" segments, decode) and unscored (fixed) segments of a
-//     single-level batch, by default (LookupArgs::cluster_small): one launch, a thread-block cluster
-//     of up to 16 blocks per segment that scores its share of the tiles below, combines the tile
-//     statistics and runs the radix select across the cluster through distributed shared memory,
-//     and emits the page list (gpu/lookup_cluster.cu). Otherwise two kernels: blocks of
+//   rows <= kLookupSmallRows ("small" segments, decode) and unscored (fixed) segments: blocks of
 //     128 centroids read each centroid once for all rows of the segment (16-byte loads, fp32 FMA
 //     with q in registers) and write logits and per-tile (max, normaliser). Staged selection (the
 //     default for single-level batches whose segments fit in shared memory, see
@@ -172,10 +168,6 @@ struct LookupArgs {
   // device's shared-memory limit); false: always the last scoring block's global-memory
   // selection. Both give the same outputs. Default: true.
   bool staged_select = true;
-  // Small segments of a single-level batch: score, select and emit in one launch, a thread-block
-  // cluster per segment (gpu/lookup_cluster.cu; compute capability 9.0 and up, where the shapes
-  // fit); false: the two-kernel paths above. All give the same outputs. Default: true.
-  bool cluster_small = true;
 
   // Outputs, device. Per segment s: seg_page_count[s] pages at page_ids/page_valid
   // [segments[s].page_offset ...]; seg_cluster_count[s] cluster ids (ascending) at

@@ -153,11 +153,6 @@ static_assert(sizeof(LookupArgs) % alignof(Workspace) == 0, "Workspace follows L
 // by the staged selection kernel).
 cudaError_t LaunchSmall(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                         cudaStream_t stream);
-// The one-launch cluster path of the small list (lookup_cluster.cu): false when it does not take
-// this launch (LookupArgs::cluster_small off, two levels, no cluster support, shapes too large);
-// else it was enqueued and *err is the launch error.
-bool LaunchSmallCluster(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
-                        cudaStream_t stream, cudaError_t* err);
 // The staged selection of the small list (lookup_staged.cu): whether this launch takes it
 // (LookupArgs::staged_select, single level, shared memory enough), and its kernel, launched after
 // the scoring kernel ran with finish = false.

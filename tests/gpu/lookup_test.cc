@@ -121,9 +121,8 @@ Seg MakeSeg(std::mt19937_64& rng, const Head& h, int head, int rows, RefMode mod
 
 // Runs one lookup launch over every segment (f16: the 16-bit centroid storage, else float32);
 // `repeat` launches again on the same workspace and checks the second result equals the first.
-// Two last launches take the two-kernel path (cluster_small = false: the staged selection where
-// the batch allows it), then the global-memory selection (staged_select = false too); both must
-// give exactly the outputs of the default launches (the cluster path where the batch allows it).
+// A last launch takes the global-memory selection (staged_select = false) and must give exactly
+// the outputs of the default (staged, where the batch allows it) launches.
 void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, int pt,
                std::vector<Out>* out, bool repeat = false, bool f16 = true) {
   std::vector<LookupSegment> ls(segs.size());
@@ -209,11 +208,9 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
   a.workspace = ws.get();
 
   std::vector<Out> first;
-  const int rounds = (repeat ? 2 : 1) + 2;
+  const int rounds = (repeat ? 2 : 1) + 1;
   for (int round = 0; round < rounds; ++round) {
     const bool legacy = round == rounds - 1;
-    const bool two_kernel = round >= rounds - 2;
-    a.cluster_small = !two_kernel;
     a.staged_select = !legacy;
     for (DeviceBuffer* b : {&seg_pages, &page_ids, &page_valid, &seg_clusters, &cluster_ids,
                             &seg_tokens, &seg_scored}) {
@@ -250,9 +247,7 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
     if (round == 0) {
       first = *out;
     } else {
-      const char* what = legacy       ? "global-memory selection differs"
-                         : two_kernel ? "two-kernel (staged) path differs"
-                                      : "relaunch differs";
+      const char* what = legacy ? "global-memory selection differs" : "relaunch differs";
       for (int i = 0; i < n; ++i) {
         EXPECT_EQ((*out)[i].clusters, first[i].clusters) << what << ", segment " << i;
         EXPECT_EQ((*out)[i].page_ids, first[i].page_ids) << what << ", segment " << i;
@@ -496,9 +491,9 @@ TEST(GpuLookup, TiesBreakByAscendingId) {
 }
 
 // Every centroid equal: every score ties, so a budget keeps the lowest ids until it is met. With
-// thousands of clusters the tied run crosses the blocks of a segment's cluster (the cluster
-// path's tie counts come from the lower-ranked blocks), on both centroid storages.
-TEST(GpuLookup, TiesAcrossBlocksKeepLowestIds) {
+// thousands of clusters the tied run crosses many scoring tiles and the selection's per-thread
+// runs (the tie counts before each come from block scans), on both centroid storages.
+TEST(GpuLookup, TiesAcrossTilesKeepLowestIds) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
   constexpr int kD = 128, kPt = 16;
