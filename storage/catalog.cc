@@ -7,11 +7,12 @@
 #include <rocksdb/write_batch.h>
 
 #include <cinttypes>
-#include <mutex>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <unordered_map>
 
 namespace sqkv {
 namespace {
@@ -183,15 +184,37 @@ class CatalogImpl : public Catalog {
     batch.Put(ContextKey(r.name), EncodeRecord(r));  // the record makes it visible
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    return FromRocks(db_->Write(wo, &batch), "publish context " + r.name);
+    const Status written = FromRocks(db_->Write(wo, &batch), "publish context " + r.name);
+    ForgetRecords();
+    return written;
   }
 
+  // Every query reads its context's record: decoded records are kept in memory. This process is
+  // the catalog's only writer (RocksDB's lock), and every write of a record key drops the cache
+  // after the write (ForgetRecords); a read that raced with such a write does not store what it
+  // read (the generation changed), so a cached record is never older than the last write.
   Status GetContext(const std::string& name, ContextRecord* out) override {
+    uint64_t generation = 0;
+    {
+      std::lock_guard<std::mutex> lock(cache_mu_);
+      auto it = records_.find(name);
+      if (it != records_.end()) {
+        *out = it->second;
+        return Status::Ok();
+      }
+      generation = generation_;
+    }
     std::string v;
     rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), ContextKey(name), &v);
     if (s.IsNotFound()) return Status::NotFound("no context named '" + name + "'");
     SQKV_RETURN_IF_ERROR(FromRocks(s, "read context " + name));
-    return DecodeRecord(v, out);
+    SQKV_RETURN_IF_ERROR(DecodeRecord(v, out));
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    if (generation == generation_) {
+      if (records_.size() >= kMaxCachedRecords) records_.clear();
+      records_[name] = *out;
+    }
+    return Status::Ok();
   }
 
   Status ListContexts(std::vector<ContextRecord>* out) override {
@@ -304,7 +327,9 @@ class CatalogImpl : public Catalog {
     batch.Put(GarbageKey(removed->version), "");
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    return FromRocks(db_->Write(wo, &batch), "remove context " + name);
+    const Status written = FromRocks(db_->Write(wo, &batch), "remove context " + name);
+    ForgetRecords();
+    return written;
   }
 
   Status DropVersion(uint64_t version) override {
@@ -323,7 +348,9 @@ class CatalogImpl : public Catalog {
   Status PutRaw(const std::string& key, const std::string& value) override {
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    return FromRocks(db_->Put(wo, key, value), "put " + key);
+    const Status written = FromRocks(db_->Put(wo, key, value), "put " + key);
+    ForgetRecords();  // the key may be a record's
+    return written;
   }
 
   Status ListStoredVersions(std::vector<uint64_t>* out) override {
@@ -349,14 +376,26 @@ class CatalogImpl : public Catalog {
   }
 
  private:
+  static constexpr size_t kMaxCachedRecords = 65536;
+
   void AddVersionDeletes(uint64_t version, rocksdb::WriteBatch* batch) {
     batch->DeleteRange(VersionPrefix(version), VersionPrefix(version + 1));
+  }
+
+  // After any write that may change a record (whether or not it succeeded).
+  void ForgetRecords() {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    ++generation_;
+    records_.clear();
   }
 
   std::unique_ptr<rocksdb::DB> db_;
   std::string dir_;
   std::mutex version_mu_;
   std::mutex publish_mu_;
+  std::mutex cache_mu_;  // guards records_ and generation_
+  std::unordered_map<std::string, ContextRecord> records_;
+  uint64_t generation_ = 0;
 };
 
 }  // namespace
