@@ -163,6 +163,10 @@ struct LookupArgs {
   // Benchmarks only: compute the scores (workspace) and stop before the selection; the outputs
   // below are not written. Single-level indexes only (InvalidArgument otherwise). Default: false.
   bool score_only = false;
+  // Benchmarks only, with score_only: large segments with 16-bit centroids stop after this many of
+  // their steps (0: none, 1: the q conversion, 2: the row-statistics pass, 3: the column pass), so
+  // a benchmark times each step as a difference. Ignored without score_only. Default: 3.
+  int large_steps = 3;
   // Small segments: the staged selection (shared memory, 1,024 threads per segment) where the
   // batch allows it (single level, the largest small segment's 16 bytes per cluster within the
   // device's shared-memory limit); false: always the last scoring block's global-memory

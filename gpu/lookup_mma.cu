@@ -302,10 +302,12 @@ template <int KS>
 cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                      cudaStream_t stream) {
   const unsigned n = static_cast<unsigned>(l.large_list.size());
+  const int steps = a.score_only ? a.large_steps : 3;  // LookupArgs::large_steps
+  if (steps < 2) return cudaSuccess;
   const dim3 rows((l.max_large_rows + kMmaRowTile - 1) / kMmaRowTile, n);
   RowStatsKernel<KS><<<rows, kMmaRowThreads, 0, stream>>>(a, w, level);
   const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || steps < 3) return err;
   const dim3 cols((l.max_entries + kMmaColTile - 1) / kMmaColTile, n);
   ColumnKernel<KS><<<cols, kMmaColThreads, 0, stream>>>(a, w, level);
   return cudaGetLastError();
