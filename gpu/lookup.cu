@@ -205,6 +205,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     s.large = 1;
     l.large_list.push_back(i);
     l.max_large_rows = std::max(l.max_large_rows, s.rows);
+    l.max_large_clusters = std::max(l.max_large_clusters, s.num_clusters);
     if (f16) {
       // binary16 q rows: head_dim / 2 floats each (head_dim is even).
       s.qh_offset = Take(&floats, static_cast<int64_t>(s.rows) * head_dim / 2);

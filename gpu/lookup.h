@@ -32,9 +32,13 @@
 //   rows > kLookupSmallRows ("large" segments, prefill), 16-bit centroids: q converted to 16 bits
 //     (per-row power-of-two scale), then two tensor-core passes (mma.sync m16n8k16, fp32
 //     accumulate): row tiles over every centroid for the exact per-row max and normaliser (online),
-//     then centroid tiles over every row for the column sums; the last block of a segment selects.
+//     then centroid tiles over every row for the column sums into the workspace.
 //   rows > kLookupSmallRows, float32 centroids: two tiled fp32 FMA passes, combine, column
-//     reduction, then a selection kernel.
+//     reduction into the workspace.
+//   Large segments then select like small ones: the staged selection kernel where the batch
+//   allows it (single level, shared memory enough; it reads the finished scores), otherwise the
+//   column pass's last block of a segment (16-bit) or a selection kernel (float32) selects from
+//   global memory.
 //   Selection (one block per segment): a weighted radix select over the score bits (11-bit digits
 //   below the highest bit in which the scores differ) finds the cut, block scans emit the page
 //   list (clusters in ascending id order).
@@ -141,6 +145,7 @@ struct LookupLayout {
   int max_large_ctiles = 0;  // max ctiles over large segments
   int max_large_rtiles = 0;  // max row tiles over large segments
   int max_large_rows = 0;
+  int max_large_clusters = 0;  // max num_clusters over large segments
   bool any_hierarchical = false;
   std::vector<int32_t> small_list;  // segment ids of the fused kernel: small and fixed (unscored)
   std::vector<int32_t> large_list;  // segment ids on the large path (scored only)
@@ -167,10 +172,11 @@ struct LookupArgs {
   // their steps (0: none, 1: the q conversion, 2: the row-statistics pass, 3: the column pass), so
   // a benchmark times each step as a difference. Ignored without score_only. Default: 3.
   int large_steps = 3;
-  // Small segments: the staged selection (shared memory, 1,024 threads per segment) where the
-  // batch allows it (single level, the largest small segment's 16 bytes per cluster within the
-  // device's shared-memory limit); false: always the last scoring block's global-memory
-  // selection. Both give the same outputs. Default: true.
+  // The staged selection (shared memory, 1,024 threads per segment) where the batch allows it
+  // (single level, the largest segment's 16 bytes per cluster within the device's shared-memory
+  // limit; small and large lists decided apart); false: always the global-memory selection (the
+  // last scoring block's, or the float32 large path's selection kernel). Both give the same
+  // outputs. Default: true.
   bool staged_select = true;
 
   // Outputs, device. Per segment s: seg_page_count[s] pages at page_ids/page_valid

@@ -8,8 +8,9 @@
 //     max and normaliser, kept online, to info.y / info.z.
 //   ColumnKernel (pass 2): a block holds 64 centroids as A fragments and streams every query row
 //     (with its info) through shared memory: S^T tiles, so each thread sums its two centroids'
-//     2^(l - max) / Z over the rows in registers. Scores go to the workspace; the last block of the
-//     segment to arrive selects.
+//     2^(l - max) / Z over the rows in registers. Scores go to the workspace; then the staged
+//     selection kernel (lookup_staged.cu) selects, or (finish) the last block of the segment to
+//     arrive.
 // head_dim up to 64, 128 and 256 runs as 4, 8 and 16 k-steps (components past head_dim read as 0).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -222,7 +223,7 @@ __global__ void __launch_bounds__(kMmaRowThreads)
 
 template <int KS>
 __global__ void __launch_bounds__(kMmaColThreads)
-    ColumnKernel(LookupArgs a, Workspace w, int level) {
+    ColumnKernel(LookupArgs a, Workspace w, int level, bool finish) {
   constexpr int kRows = StageRows<KS>();
   constexpr int kChunks = KS * 2;
   constexpr int kNT = kRows / 8;
@@ -291,6 +292,7 @@ __global__ void __launch_bounds__(kMmaColThreads)
     if (tq == 0 && ea < e.scored) sc[ea] = c0 * inv_rows;
     if (tq == 0 && eb < e.scored) sc[eb] = c1 * inv_rows;
   }
+  if (!finish) return;  // the staged selection kernel selects
   if (!ArriveLast(w.counters + seg, gridDim.x, &last)) return;
   if (a.score_only) return;
   __shared__ ArgsBuffer args;
@@ -306,11 +308,14 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
   if (steps < 2) return cudaSuccess;
   const dim3 rows((l.max_large_rows + kMmaRowTile - 1) / kMmaRowTile, n);
   RowStatsKernel<KS><<<rows, kMmaRowThreads, 0, stream>>>(a, w, level);
-  const cudaError_t err = cudaGetLastError();
+  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || steps < 3) return err;
+  const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
   const dim3 cols((l.max_entries + kMmaColTile - 1) / kMmaColTile, n);
-  ColumnKernel<KS><<<cols, kMmaColThreads, 0, stream>>>(a, w, level);
-  return cudaGetLastError();
+  ColumnKernel<KS><<<cols, kMmaColThreads, 0, stream>>>(a, w, level, !staged);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || !staged || a.score_only) return err;
+  return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
 }
 
 }  // namespace

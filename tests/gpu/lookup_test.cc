@@ -121,8 +121,9 @@ Seg MakeSeg(std::mt19937_64& rng, const Head& h, int head, int rows, RefMode mod
 
 // Runs one lookup launch over every segment (f16: the 16-bit centroid storage, else float32);
 // `repeat` launches again on the same workspace and checks the second result equals the first.
-// A last launch takes the global-memory selection (staged_select = false) and must give exactly
-// the outputs of the default (staged, where the batch allows it) launches.
+// A last launch takes the global-memory selection (staged_select = false, for small and large
+// segments alike) and must give exactly the outputs of the default (staged, where the batch allows
+// it) launches.
 void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, int pt,
                std::vector<Out>* out, bool repeat = false, bool f16 = true) {
   std::vector<LookupSegment> ls(segs.size());
