@@ -327,8 +327,9 @@ int main(int argc, char** argv) {
         r.whole_graph_us, r.centroid_mb, r.pages_mb, r.centroid_mb / r.lookup_graph_us * 1e3,
         r.gflop / r.lookup_graph_us * 1e3);
   }
-  std::printf("\nprefill steps, 16-bit (graph replay, us): conv = q to binary16; p1 = row statistics;"
-              " p2 = column pass; sel = lookup - score\n");
+  std::printf(
+      "\nprefill steps, 16-bit (graph replay, us): conv = q to binary16; p1 = row statistics;"
+      " p2 = column pass; sel = lookup - score\n");
   std::printf("%-17s %8s %8s %8s %8s %8s\n", "case", "conv", "p1", "p2", "sel", "p1+p2 TF/s");
   for (const Row& r : rows) {
     if (r.p1_graph_us < 0) continue;

@@ -12,8 +12,9 @@
 //      block scans give the output positions, then the selected clusters are written one per
 //      thread (cluster id, its pages from the page table, valid counts).
 // The arithmetic of the scores is that of FinishScores (lookup_small.cu), and the large scores are
-// read as written, so both selections (this one and SelectSegment's) give the same outputs. The previous design walked 26-32 entries per thread with dependent global
-// loads in the last scoring block (256 threads): bench/NOTES-gpu-lookup.md.
+// read as written, so both selections (this one and SelectSegment's) give the same outputs. The
+// previous design walked 26-32 entries per thread with dependent global loads in the last scoring
+// block (256 threads): bench/NOTES-gpu-lookup.md.
 #include <cuda_runtime.h>
 
 #include <mutex>
