@@ -12,7 +12,8 @@
 // the steps of the 16-bit large path (LookupArgs::large_steps): the q conversion, the
 // row-statistics pass (p1) and the column pass (p2), each as the difference of score_only runs.
 //
-// Usage: gpu_lookup_bench [--iters N] [--keep F] [--cases all|decode|prefill]
+// Usage: gpu_lookup_bench [--iters N] [--keep F] [--cases all|decode|prefill] [--tokens N]
+// (--tokens: only that context size, 32768 or 131072; default both)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -253,10 +254,12 @@ int main(int argc, char** argv) {
   int iters = 200;
   float keep = 0.1f;
   std::string cases = "all";
+  int only_tokens = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (std::strcmp(argv[i], "--iters") == 0) iters = std::atoi(argv[i + 1]);
     if (std::strcmp(argv[i], "--keep") == 0) keep = static_cast<float>(std::atof(argv[i + 1]));
     if (std::strcmp(argv[i], "--cases") == 0) cases = argv[i + 1];
+    if (std::strcmp(argv[i], "--tokens") == 0) only_tokens = std::atoi(argv[i + 1]);
   }
   const bool decode = cases != "prefill", prefill = cases != "decode";
   if (!gpu::DevicePresent()) {
@@ -271,6 +274,7 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   uint64_t next_key = 1;
   for (int tokens : {32768, 131072}) {
+    if (only_tokens != 0 && tokens != only_tokens) continue;
     // Pages are shared content (generated once), resident once per context.
     std::vector<HeadIndex> heads;
     size_t total_pages = 0;
