@@ -55,6 +55,11 @@ namespace sqkv::gpu {
 
 // Segments with at most this many query rows take the small (decode) path.
 inline constexpr int kLookupSmallRows = 16;
+// Large segments, 16-bit centroids: pass 1 cuts the entries into pieces of at most this many, pass
+// 2 the query rows, one block each, so the grid fills the device in small, even blocks; the last
+// block of a tile to arrive combines the pieces in a fixed order (gpu/lookup_mma.cu).
+inline constexpr int kLookupPieceEntries = 2048;
+inline constexpr int kLookupPieceRows = 512;
 
 // 16-bit centroid storage: the largest |c| of a head (both levels) is scaled by a power of two into
 // [2^14, 2^15), so nothing overflows and only components below ~2^-24 of the largest lose relative
@@ -123,9 +128,16 @@ struct LookupSegment {
   int64_t tstat_offset = 0;    // floats, small: (rows, tiles, 2) per-tile (max, normaliser)
   int64_t qh_offset = 0;       // floats, large 16-bit: (rows, head_dim) binary16 q (2 per float)
   int64_t info_offset = 0;     // floats, large 16-bit: (rows, 4) (logit factor, max, 1/Z, 0)
-  int64_t stat_offset = 0;     // floats, large fp32: (rows, ctiles, 2) partial (max, sum)
+  int32_t row_splits = 0;      // large 16-bit: pieces of the entries in pass 1 (>= 1)
+  int32_t col_splits = 0;      // large 16-bit: pieces of the query rows in pass 2 (>= 1)
+  int32_t tile_counter = 0;    // large 16-bit: first arrival counter (row tiles, then entry tiles)
+  // floats, large fp32: (rows, ctiles, 2) partial (max, sum); large 16-bit, row_splits > 1:
+  // (row_splits, rows, 2) partial (max, normaliser)
+  int64_t stat_offset = 0;
   int64_t rowstat_offset = 0;  // floats, large fp32: (rows, 2) final (max, 1/normaliser)
-  int64_t part_offset = 0;     // floats, large fp32: (row tiles, entry_capacity) column partials
+  // floats, large fp32: (row tiles, entry_capacity) column partials; large 16-bit,
+  // col_splits > 1: (col_splits, entry_capacity)
+  int64_t part_offset = 0;
   int64_t list_offset = 0;     // ints: candidate list (entry_capacity) + 2 counts, hierarchical
 };
 
@@ -146,6 +158,9 @@ struct LookupLayout {
   int max_large_rtiles = 0;  // max row tiles over large segments
   int max_large_rows = 0;
   int max_large_clusters = 0;  // max num_clusters over large segments
+  int max_mma_row_blocks = 0;  // large 16-bit: max row tiles x row_splits (pass 1 grid)
+  int max_mma_col_blocks = 0;  // large 16-bit: max entry tiles x col_splits (pass 2 grid)
+  int tile_counters = 0;       // large 16-bit: arrival counters after the segments'
   bool any_hierarchical = false;
   std::vector<int32_t> small_list;  // segment ids of the fused kernel: small and fixed (unscored)
   std::vector<int32_t> large_list;  // segment ids on the large path (scored only)

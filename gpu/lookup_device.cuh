@@ -17,12 +17,12 @@ inline constexpr int kTileRows = 64;
 inline constexpr int kTileCols = 64;
 inline constexpr int kTileK = 16;
 inline constexpr int kTileThreads = 256;
-// Large path, 16-bit centroids: 16 A rows per warp; pass 1 blocks hold 8 warps of query rows (128
-// rows: each streamed centroid tile serves more rows), pass 2 blocks 4 warps of centroids.
-inline constexpr int kMmaRowThreads = 256;
+// Large path, 16-bit centroids: a pass 1 block holds 128 query rows, a pass 2 block 128 entries,
+// as A fragments in registers (two m16 tiles per warp, so each streamed B fragment feeds four mma;
+// one at head_dim > 128). The streamed dimension is cut into pieces (kLookupPieceEntries,
+// kLookupPieceRows).
 inline constexpr int kMmaRowTile = 128;
-inline constexpr int kMmaColThreads = 128;
-inline constexpr int kMmaColTile = 64;
+inline constexpr int kMmaColTile = 128;
 // Selection kernel of the float32 large path: threads per segment block.
 inline constexpr int kSelectThreads = 256;
 // Segments with at most this many rows use the 4-row variant of the small kernel.

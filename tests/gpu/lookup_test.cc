@@ -592,6 +592,30 @@ TEST(GpuLookup, TiledVariantsMatchReference) {
   }
 }
 
+// The 16-bit prefill passes cut their streamed dimension into pieces (kLookupPieceEntries entries
+// in pass 1, kLookupPieceRows query rows in pass 2) whose partial statistics and column sums the
+// last block of a tile combines: flat and two-level indexes with several pieces in both passes,
+// ragged last pieces.
+TEST(GpuLookup, SplitTensorPassesMatchReference) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  std::vector<Head> heads(2);
+  MakeHead(rng, 2 * kLookupPieceEntries + 301, kD, kPt, 40, 0, &heads[0]);
+  MakeHead(rng, kLookupPieceEntries + 555, kD, kPt, 40, 45, &heads[1]);
+  std::vector<Seg> segs;
+  for (int h = 0; h < 2; ++h) {
+    for (int rows : {kLookupPieceRows + 90, 2 * kLookupPieceRows + 7}) {
+      for (double f : {0.03, 0.2}) {
+        segs.push_back(MakeSeg(rng, heads[h], h, rows, RefMode::kBudget, f));
+      }
+    }
+  }
+  std::vector<Out> out;
+  RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, /*f16=*/true);
+  CheckAll(heads, segs, out, true);
+}
+
 // Head dims the kernels pad (16, 48, 96: k-steps and lanes past head_dim read as zero) and the
 // largest (256: a whole warp per centroid, 16 k-steps), small and large paths.
 TEST(GpuLookup, HeadDimsUpTo256) {
