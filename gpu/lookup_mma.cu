@@ -5,9 +5,10 @@
 //     goes to info.x.
 //   RowStatsKernel (pass 1): a block holds 128 query rows as A fragments in registers (two m16
 //     tiles per warp) and streams one piece of the level's entries (row_splits pieces) through
-//     shared memory (cp.async, two stages), 32 entries per product step: the exact per-row max and
-//     normaliser of the piece, kept online. One piece: to info.y / info.z; several: to the
-//     workspace, and the last block of the row tile to arrive combines them in piece order.
+//     shared memory (cp.async, two stages) in groups of 16 entries: the exact per-row max and
+//     normaliser of the piece, kept online per lane and combined over the quad at the end. One
+//     piece: to info.y / info.z; several: to the workspace, and the last block of the row tile to
+//     arrive combines them in piece order.
 //   ColumnKernel (pass 2): a block holds 128 entries as A fragments and streams one piece of the
 //     query rows (col_splits pieces, each row with its info): S^T tiles, so each thread sums its
 //     entries' 2^(l - max) / Z over the rows in registers. Scores (several pieces: their sums in
@@ -39,9 +40,10 @@ using detail::SmemAddr;
 using Mma16 = detail::Half16<__half>;
 
 constexpr float kLog2e = 1.4426950408889634f;
-// Streamed rows (entries in pass 1, query rows in pass 2) per product step: four n8 tiles.
-constexpr int kStep = 32;
-constexpr int kStepTiles = kStep / 8;
+// Streamed rows (entries in pass 1, query rows in pass 2) per group: two n8 tiles, one ldmatrix.x4
+// per k-step. A stage's groups are software-pipelined: the mma of group p + 1 are issued before
+// the exp2 work of group p, so a warp's tensor and special-function work overlap.
+constexpr int kGroup = 16;
 
 // m16 tiles per warp: two where their A fragments fit in registers (KS <= 8: 64 registers).
 template <int KS>
@@ -105,34 +107,40 @@ __device__ __forceinline__ void LoadFragments(const uint16_t* row_a, const uint1
   }
 }
 
-// acc[m][n] = frag[m] · (rows row0 .. row0 + kStep - 1 of the stage tile)^T over all k-steps;
-// tile: StageRows<KS>() rows of Pitch<KS>() halves at shared address `tile`.
-template <int KS, int MT>
-__device__ __forceinline__ void StepProduct(const uint32_t (&frag)[MT][KS][4], uint32_t tile,
-                                            int row0, int lane, float (&acc)[MT][kStepTiles][4]) {
+// No work between a group's k-steps.
+struct NoWork {
+  __device__ __forceinline__ void operator()(int) const {}
+};
+
+// acc[m][n] = frag[m] · (rows row0 + 8n .. row0 + 8n + 7 of the stage tile)^T over all k-steps;
+// tile: StageRows<KS>() rows of Pitch<KS>() halves at shared address `tile`. between(ks) runs
+// after the mma of k-step ks: the exp2 work of the previous group, so that the warp's instruction
+// stream alternates tensor and special-function work (each in flight while the other issues).
+template <int KS, int MT, class Between>
+__device__ __forceinline__ void GroupProduct(const uint32_t (&frag)[MT][KS][4], uint32_t tile,
+                                             int row0, int lane, float (&acc)[MT][2][4],
+                                             const Between& between) {
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
 #pragma unroll
-    for (int n = 0; n < kStepTiles; ++n) {
+    for (int n = 0; n < 2; ++n) {
 #pragma unroll
       for (int v = 0; v < 4; ++v) acc[m][n][v] = 0.f;
     }
   }
   const int mi = lane / 8, r8 = lane % 8;
+  const int row = row0 + (mi >> 1) * 8 + r8;
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
+    const int col = ks * 16 + (mi & 1) * 8;
+    uint32_t b[4];
+    LdMatrixX4(b, tile + static_cast<uint32_t>(row * Pitch<KS>() + col) * 2);
 #pragma unroll
-    for (int np = 0; np < kStepTiles / 2; ++np) {
-      const int row = row0 + np * 16 + (mi >> 1) * 8 + r8;
-      const int col = ks * 16 + (mi & 1) * 8;
-      uint32_t b[4];
-      LdMatrixX4(b, tile + static_cast<uint32_t>(row * Pitch<KS>() + col) * 2);
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        Mma16::Mma(acc[m][2 * np], frag[m][ks], b[0], b[1]);
-        Mma16::Mma(acc[m][2 * np + 1], frag[m][ks], b[2], b[3]);
-      }
+    for (int m = 0; m < MT; ++m) {
+      Mma16::Mma(acc[m][0], frag[m][ks], b[0], b[1]);
+      Mma16::Mma(acc[m][1], frag[m][ks], b[2], b[3]);
     }
+    between(ks);
   }
 }
 
@@ -167,45 +175,80 @@ __global__ void __launch_bounds__(256) ConvertQKernel(LookupArgs a, Workspace w)
   }
 }
 
-// Pass 1's online update of one product step: rows (m, h) of the thread (m16 tile m, row g or
-// g + 8) take the step's logits l = acc · f into their running max and normaliser. n: the
-// entries' sizes (kTail: 0 past the end of the piece, those entries left out; at least one entry
-// of the step is valid).
+// Pass 1's online update by one group, in three parts: the thread's rows (m, h) (m16 tile m, row
+// g or g + 8) take the logits l = acc · f of the thread's four entries of the group into their
+// running max (GroupMax, RaiseMax) and normaliser (AddTerm, one entry of one row each). Each lane
+// keeps its own max (no shuffles per group; the quad combines at the end); a rescale runs only
+// where a max grew (one vote per group). n: the entries' sizes (kTail: 0 past the end of the
+// piece, those entries left out).
+template <int MT>
+constexpr int RowTerms() {
+  return MT * 8;  // (m, h, j, c)
+}
+
 template <bool kTail, int MT>
-__device__ __forceinline__ void UpdateRowStats(const float (&acc)[MT][kStepTiles][4],
-                                               const float (&n)[kStepTiles][2],
-                                               const float (&f)[MT][2], float (&m_run)[MT][2],
-                                               float (&z_run)[MT][2]) {
+__device__ __forceinline__ void GroupMax(const float (&acc)[MT][2][4], const float (&n)[2][2],
+                                         const float (&f)[MT][2], float (&tmax)[MT][2]) {
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // rows g (c0, c1) and g + 8 (c2, c3)
-      float amax = -INFINITY;
+      float a[2][2];
 #pragma unroll
-      for (int j = 0; j < kStepTiles; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          if (!kTail || n[j][c] > 0.f) amax = fmaxf(amax, acc[m][j][2 * h + c]);
-        }
-      }
-      // The step's largest logit: f > 0 and rounding is monotone, so max(acc) · f = max(acc · f).
-      const float tmax = QuadMax(amax) * f[m][h];  // finite: the step holds a valid entry
-      const float m_new = fmaxf(m_run[m][h], tmax);
-      float z = z_run[m][h] * FastExp2(m_run[m][h] - m_new);  // -inf - finite: 2^-inf = 0
-#pragma unroll
-      for (int j = 0; j < kStepTiles; ++j) {
+      for (int j = 0; j < 2; ++j) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          // Past-the-end entries (size 0) hold logit 0, which may lie far above the max.
-          if (!kTail || n[j][c] > 0.f) {
-            z = fmaf(n[j][c], FastExp2(fmaf(acc[m][j][2 * h + c], f[m][h], -m_new)), z);
-          }
+          a[j][c] = !kTail || n[j][c] > 0.f ? acc[m][j][2 * h + c] : -INFINITY;
         }
       }
-      m_run[m][h] = m_new;
-      z_run[m][h] = z;
+      const float amax = fmaxf(fmaxf(a[0][0], a[0][1]), fmaxf(a[1][0], a[1][1]));
+      // The largest logit: f > 0 and rounding is monotone, so max(acc) · f = max(acc · f).
+      tmax[m][h] = !kTail || amax > -INFINITY ? amax * f[m][h] : -INFINITY;
     }
   }
+}
+
+template <int MT>
+__device__ __forceinline__ void RaiseMax(const float (&tmax)[MT][2], float (&m_run)[MT][2],
+                                         float (&z_run)[MT][2]) {
+  bool grow = false;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) grow |= tmax[m][0] > m_run[m][0] || tmax[m][1] > m_run[m][1];
+  if (!__any_sync(0xffffffffu, grow)) return;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (tmax[m][h] > m_run[m][h]) {
+        z_run[m][h] *= FastExp2(m_run[m][h] - tmax[m][h]);  // from -inf: 2^-inf = 0
+        m_run[m][h] = tmax[m][h];
+      }
+    }
+  }
+}
+
+// Term e of RowTerms: row (m, h) takes entry (j, c). Consecutive terms go to different rows.
+template <bool kTail, int MT>
+__device__ __forceinline__ void AddTerm(const float (&acc)[MT][2][4], const float (&n)[2][2],
+                                        const float (&f)[MT][2], const float (&m_run)[MT][2],
+                                        float (&z_run)[MT][2], int e) {
+  const int h = e % 2, m = e / 2 % MT, j = e / (2 * MT) / 2, c = e / (2 * MT) % 2;
+  // Past-the-end entries (size 0) hold logit 0, which may lie far above the max.
+  if (!kTail || n[j][c] > 0.f) {
+    z_run[m][h] =
+        fmaf(n[j][c], FastExp2(fmaf(acc[m][j][2 * h + c], f[m][h], -m_run[m][h])), z_run[m][h]);
+  }
+}
+
+template <bool kTail, int MT>
+__device__ __forceinline__ void UpdateRowStats(const float (&acc)[MT][2][4], const float (&n)[2][2],
+                                               const float (&f)[MT][2], float (&m_run)[MT][2],
+                                               float (&z_run)[MT][2]) {
+  float tmax[MT][2];
+  GroupMax<kTail, MT>(acc, n, f, tmax);
+  RaiseMax<MT>(tmax, m_run, z_run);
+#pragma unroll
+  for (int e = 0; e < RowTerms<MT>(); ++e) AddTerm<kTail, MT>(acc, n, f, m_run, z_run, e);
 }
 
 template <int KS>
@@ -227,9 +270,9 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   if (row0 >= s.rows) return;
   const int d = a.head_dim;
   const EntrySet e = GetEntrySet(s, level, w.ints, d, true);
-  // Pieces of whole product steps (the last may be shorter; at level 2 of a two-level run, where
+  // Pieces of whole groups (the last may be shorter; at level 2 of a two-level run, where
   // the candidates are fewer than planned for, some may be empty).
-  const int per = CeilDiv(CeilDiv(e.total, splits), kStep) * kStep;
+  const int per = CeilDiv(CeilDiv(e.total, splits), kGroup) * kGroup;
   const int begin = min(e.total, piece * per), end = min(e.total, begin + per);
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
   const uint16_t* qh = reinterpret_cast<const uint16_t*>(w.floats + s.qh_offset);
@@ -282,23 +325,40 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
       CpAsyncWait<0>();
     }
     __syncthreads();
+    // Entries of the stage from group p on (uniform over the block).
+    const int left = end - (begin + it * kRows);
+    const uint32_t base = SmemAddr(tile[buf]);
+    float acc[2][MT][2][4];
+    GroupProduct<KS, MT>(frag, base, 0, lane, acc[0], NoWork());
 #pragma unroll
-    for (int c = 0; c < kRows / kStep; ++c) {
-      const int valid = end - (begin + it * kRows + c * kStep);  // uniform over the block
+    for (int p = 0; p < kRows / kGroup; ++p) {
+      const int valid = left - p * kGroup;
       if (valid <= 0) break;
-      float acc[MT][kStepTiles][4];
-      StepProduct<KS, MT>(frag, SmemAddr(tile[buf]), c * kStep, lane, acc);
-      float n[kStepTiles][2];
+      float n[2][2];
 #pragma unroll
-      for (int j = 0; j < kStepTiles; ++j) {
-        const int2 v = *reinterpret_cast<const int2*>(&sizes[buf][c * kStep + j * 8 + 2 * tq]);
+      for (int j = 0; j < 2; ++j) {
+        const int2 v = *reinterpret_cast<const int2*>(&sizes[buf][p * kGroup + j * 8 + 2 * tq]);
         n[j][0] = static_cast<float>(v.x);
         n[j][1] = static_cast<float>(v.y);
       }
-      if (valid >= kStep) {
-        UpdateRowStats<false, MT>(acc, n, f, m_run, z_run);
+      const float(&a)[MT][2][4] = acc[p & 1];
+      if (valid < kGroup) {  // the piece's last group, partial: nothing follows it
+        UpdateRowStats<true, MT>(a, n, f, m_run, z_run);
+      } else if (p + 1 < kRows / kGroup && valid > kGroup) {
+        // Group p's update runs between group p + 1's k-steps: its max (k-step 0), the rescale
+        // (1), then its terms over the remaining k-steps.
+        float tmax[MT][2];
+        GroupProduct<KS, MT>(frag, base, (p + 1) * kGroup, lane, acc[(p + 1) & 1], [&](int ks) {
+          if (ks == 0) GroupMax<false, MT>(a, n, f, tmax);
+          if (ks == 1) RaiseMax<MT>(tmax, m_run, z_run);
+          if (ks < 2) return;
+#pragma unroll
+          for (int e = ks - 2; e < RowTerms<MT>(); e += KS - 2) {
+            AddTerm<false, MT>(a, n, f, m_run, z_run, e);
+          }
+        });
       } else {
-        UpdateRowStats<true, MT>(acc, n, f, m_run, z_run);
+        UpdateRowStats<false, MT>(a, n, f, m_run, z_run);
       }
     }
     __syncthreads();  // the buffer is staged again next iteration
@@ -308,7 +368,12 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   for (int m = 0; m < MT; ++m) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float z = QuadSum(z_run[m][h]);
+      // The quad's lanes saw different entries: the row's max, and each lane's normaliser moved
+      // to it (a lane that saw no entry holds (-inf, 0)). An empty piece leaves (-inf, 0).
+      const float mx = QuadMax(m_run[m][h]);
+      const float z =
+          QuadSum(m_run[m][h] > -INFINITY ? z_run[m][h] * FastExp2(m_run[m][h] - mx) : 0.f);
+      m_run[m][h] = mx;
       const int row = rows_of[m][h];
       if (tq != 0 || row >= s.rows) continue;
       if (splits == 1) {
@@ -362,7 +427,7 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
     const uint16_t* qh = reinterpret_cast<const uint16_t*>(w.floats + s.qh_offset);
     const float4* info = reinterpret_cast<const float4*>(w.floats + s.info_offset);
     const int rows = s.rows;
-    const int per = CeilDiv(CeilDiv(rows, splits), kStep) * kStep;  // whole product steps
+    const int per = CeilDiv(CeilDiv(rows, splits), kGroup) * kGroup;  // whole groups
     const int begin = min(rows, piece * per), end = min(rows, begin + per);
     uint32_t frag[MT][KS][4];
     int ent[MT][2];
@@ -404,22 +469,37 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
         CpAsyncWait<0>();
       }
       __syncthreads();
+      const int left = end - (begin + it * kRows);  // rows of the stage (uniform)
+      const uint32_t base = SmemAddr(tile[buf]);
+      float acc[2][MT][2][4];
+      GroupProduct<KS, MT>(frag, base, 0, lane, acc[0], NoWork());
 #pragma unroll
-      for (int c = 0; c < kRows / kStep; ++c) {
-        if (begin + it * kRows + c * kStep >= end) break;  // uniform over the block
-        float acc[MT][kStepTiles][4];
-        StepProduct<KS, MT>(frag, SmemAddr(tile[buf]), c * kStep, lane, acc);
+      for (int p = 0; p < kRows / kGroup; ++p) {
+        if (left <= p * kGroup) break;
+        // Query rows j*8 + 2tq (c0, c2: info i[j][0]) and + 1 (c1, c3: i[j][1]) of the group.
+        float4 i[2][2];
 #pragma unroll
-        for (int j = 0; j < kStepTiles; ++j) {  // query rows j*8 + 2tq (c0, c2) and + 1 (c1, c3)
-          const float4 i0 = row_info[buf][c * kStep + j * 8 + 2 * tq];
-          const float4 i1 = row_info[buf][c * kStep + j * 8 + 2 * tq + 1];
+        for (int j = 0; j < 2; ++j) {
+          i[j][0] = row_info[buf][p * kGroup + j * 8 + 2 * tq];
+          i[j][1] = row_info[buf][p * kGroup + j * 8 + 2 * tq + 1];
+        }
+        const float(&a)[MT][2][4] = acc[p & 1];
+        // Term e: entry (m, h) takes query rows (j, 0) and (j, 1).
+        auto term = [&](int e) {
+          const int h = e % 2, m = e / 2 % MT, j = e / (2 * MT);
+          col[m][h] += FastExp2(fmaf(a[m][j][2 * h], i[j][0].x, -i[j][0].y)) * i[j][0].z +
+                       FastExp2(fmaf(a[m][j][2 * h + 1], i[j][1].x, -i[j][1].y)) * i[j][1].z;
+        };
+        constexpr int kTerms = MT * 4;  // (m, h, j)
+        if (p + 1 < kRows / kGroup && left > (p + 1) * kGroup) {
+          // Group p's terms run between group p + 1's k-steps.
+          GroupProduct<KS, MT>(frag, base, (p + 1) * kGroup, lane, acc[(p + 1) & 1], [&](int ks) {
 #pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            col[m][0] += FastExp2(fmaf(acc[m][j][0], i0.x, -i0.y)) * i0.z +
-                         FastExp2(fmaf(acc[m][j][1], i1.x, -i1.y)) * i1.z;
-            col[m][1] += FastExp2(fmaf(acc[m][j][2], i0.x, -i0.y)) * i0.z +
-                         FastExp2(fmaf(acc[m][j][3], i1.x, -i1.y)) * i1.z;
-          }
+            for (int e = ks; e < kTerms; e += KS) term(e);
+          });
+        } else {
+#pragma unroll
+          for (int e = 0; e < kTerms; ++e) term(e);
         }
       }
       __syncthreads();
