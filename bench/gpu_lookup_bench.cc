@@ -8,12 +8,14 @@
 // selection is the difference), the same lookup over float32 copies of the centroids, each also
 // as a replayed CUDA graph; then Engine::Run (lookup + attention) and its graph. "global": the
 // engine's lookup with staged_select = false (the last scoring block selects from global memory:
-// the design before the staged selection), for before/after in one run.
+// the design before the staged selection), for before/after in one run. Prefill cases also time
+// the steps of the 16-bit large path (LookupArgs::large_steps): the q conversion, the
+// row-statistics pass (p1) and the column pass (p2), each as the difference of score_only runs.
 //
-// Usage: gpu_lookup_bench [--iters N] [--keep F] [--tokens N] [--case b1|b8|prefill] [--whole-only]
+// Usage: gpu_lookup_bench [--iters N] [--keep F] [--tokens N] [--cases C] [--whole-only]
 //   --tokens N: one context size only (32768 or 131072; default both)
-//   --case C: one case only (decode batch 1, decode batch 8 or prefill; default all)
-//   --whole-only: time the lookup and the whole path only (score, global and f32 columns are 0)
+//   --cases C: all (default), decode, prefill, b1 or b8 (decode batch 1 / batch 8 only)
+//   --whole-only: time the lookup and the whole path only (score, global, step and f32 columns 0)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -103,6 +105,8 @@ struct Row {
   double lookup_us = 0, lookup_graph_us = 0, score_us = 0, score_graph_us = 0, f32_us = 0,
          f32_graph_us = 0, whole_us = 0, whole_graph_us = 0, global_us = 0, global_graph_us = 0,
          global_score_us = 0, global_score_graph_us = 0;
+  // Prefill, graph replays of score_only stopped after the q conversion / after pass 1 (else -1).
+  double conv_graph_us = -1, p1_graph_us = -1;
   double centroid_mb = 0, pages_mb = 0, gflop = 0;
 };
 
@@ -162,7 +166,7 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
   CHECK_OK(gpu::Stream::Create(&stream));
   const gpu::DeviceIO io{q.as<float>(), out.as<float>(), lse.as<float>()};
   std::vector<gpu::LookupArgs> score_only(groups.size()), global(groups.size()),
-      global_score(groups.size());
+      global_score(groups.size()), conv_only(groups.size()), pass1_only(groups.size());
   for (size_t g = 0; g < groups.size(); ++g) {
     auto& impl = static_cast<gpu::PlanImpl&>(*plans[g]);
     impl.lookup.q = q.as<float>();
@@ -172,6 +176,10 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
     global[g].staged_select = false;
     global_score[g] = score_only[g];
     global_score[g].staged_select = false;
+    conv_only[g] = score_only[g];
+    conv_only[g].large_steps = 1;
+    pass1_only[g] = score_only[g];
+    pass1_only[g].large_steps = 2;
     MakeF32Lookup(impl, groups[g], &f32[g]);
   }
   CHECK_OK(gpu::Synchronize());  // uploads ran on the legacy stream
@@ -197,6 +205,17 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
         stream, reps, variants,
         [&](int v) { return gpu::LaunchLookup(global_score[v], impl(v).layout, stream.get()); },
         &row.global_score_us, &row.global_score_graph_us);
+    if (n > gpu::kLookupSmallRows) {
+      double direct_us = 0;
+      Time(
+          stream, reps, variants,
+          [&](int v) { return gpu::LaunchLookup(conv_only[v], impl(v).layout, stream.get()); },
+          &direct_us, &row.conv_graph_us);
+      Time(
+          stream, reps, variants,
+          [&](int v) { return gpu::LaunchLookup(pass1_only[v], impl(v).layout, stream.get()); },
+          &direct_us, &row.p1_graph_us);
+    }
     Time(
         stream, reps, variants,
         [&](int v) { return gpu::LaunchLookup(f32[v].args, f32[v].layout, stream.get()); },
@@ -238,8 +257,8 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
 int main(int argc, char** argv) {
   int iters = 200;
   float keep = 0.1f;
+  std::string cases = "all";
   int only_tokens = 0;
-  std::string only_case;
   bool whole_only = false;
   for (int i = 1; i < argc; ++i) {
     const bool has_value = i + 1 < argc;
@@ -251,16 +270,19 @@ int main(int argc, char** argv) {
       keep = static_cast<float>(std::atof(argv[++i]));
     } else if (has_value && std::strcmp(argv[i], "--tokens") == 0) {
       only_tokens = std::atoi(argv[++i]);
-    } else if (has_value && std::strcmp(argv[i], "--case") == 0) {
-      only_case = argv[++i];
+    } else if (has_value && std::strcmp(argv[i], "--cases") == 0) {
+      cases = argv[++i];
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--iters N] [--keep F] [--tokens N] [--case b1|b8|prefill] "
-                   "[--whole-only]\n",
+                   "usage: %s [--iters N] [--keep F] [--tokens N] "
+                   "[--cases all|decode|prefill|b1|b8] [--whole-only]\n",
                    argv[0]);
       return 2;
     }
   }
+  const bool b1 = cases == "all" || cases == "decode" || cases == "b1";
+  const bool b8 = cases == "all" || cases == "decode" || cases == "b8";
+  const bool prefill = cases == "all" || cases == "prefill";
   if (!gpu::DevicePresent()) {
     std::printf("no CUDA device: nothing to measure\n");
     return 0;
@@ -304,16 +326,15 @@ int main(int argc, char** argv) {
       batch[0].push_back(&c);
     }
     const std::string t = tokens == 32768 ? "32K" : "128K";
-    auto wanted = [&](const char* c) { return only_case.empty() || only_case == c; };
-    if (wanted("b1")) {
+    if (b1) {
       rows.push_back(
           RunCase(engine.get(), t + " decode b1", singles, 1, keep, iters, whole_only, rng));
     }
-    if (wanted("b8")) {
+    if (b8) {
       rows.push_back(
           RunCase(engine.get(), t + " decode b8", batch, 1, keep, iters, whole_only, rng));
     }
-    if (wanted("prefill")) {
+    if (prefill) {
       rows.push_back(RunCase(engine.get(), t + " prefill 1024", singles, kPrefillQueries, keep,
                              iters, whole_only, rng));
     }
@@ -334,6 +355,16 @@ int main(int argc, char** argv) {
         r.global_graph_us, r.global_score_graph_us, r.f32_us, r.f32_graph_us, r.whole_us,
         r.whole_graph_us, r.centroid_mb, r.pages_mb, r.centroid_mb / r.lookup_graph_us * 1e3,
         r.gflop / r.lookup_graph_us * 1e3);
+  }
+  std::printf(
+      "\nprefill steps, 16-bit (graph replay, us): conv = q to binary16; p1 = row statistics;"
+      " p2 = column pass; sel = lookup - score\n");
+  std::printf("%-17s %8s %8s %8s %8s %8s\n", "case", "conv", "p1", "p2", "sel", "p1+p2 TF/s");
+  for (const Row& r : rows) {
+    if (r.p1_graph_us < 0) continue;
+    const double p1 = r.p1_graph_us - r.conv_graph_us, p2 = r.score_graph_us - r.p1_graph_us;
+    std::printf("%-17s %8.1f %8.1f %8.1f %8.1f %8.1f\n", r.name.c_str(), r.conv_graph_us, p1, p2,
+                r.lookup_graph_us - r.score_graph_us, r.gflop / (p1 + p2) * 1e3);
   }
   return 0;
 }

@@ -16,6 +16,7 @@
 namespace sqkv::gpu {
 namespace {
 
+using lookup_detail::kMmaColTile;
 using lookup_detail::kMmaRowTile;
 using lookup_detail::kSmallTile;
 using lookup_detail::kTileCols;
@@ -37,11 +38,15 @@ int64_t Take(int64_t* cursor, int64_t words) {
   return at;
 }
 
-// Tables region: small list, large list, then one arrival counter per segment.
+// Tables region: small list, large list, then one arrival counter per segment and the tile
+// counters of the 16-bit large path.
 size_t TablesBytes(const LookupLayout& l) {
-  return AlignUp((l.small_list.size() + l.large_list.size() + l.num_segments) * sizeof(int32_t),
+  return AlignUp((l.small_list.size() + l.large_list.size() + l.num_segments + l.tile_counters) *
+                     sizeof(int32_t),
                  kRegionAlign);
 }
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 Status Bad(int i, const std::string& what) {
   return Status::InvalidArgument("lookup segment " + std::to_string(i) + ": " + what);
@@ -145,7 +150,8 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   }
   LookupLayout l;
   l.num_segments = static_cast<int>(segments->size());
-  int64_t pages = 0, clusters = 0, floats = 0, ints = 0;
+  int64_t pages = 0, clusters = 0, floats = 0, ints = 0, tile_counters = 0;
+  int64_t mma_row_blocks = 0, mma_col_blocks = 0;
   for (int i = 0; i < l.num_segments; ++i) {
     LookupSegment& s = (*segments)[i];
     if (s.num_clusters < 1 || s.tokens < 1 || s.rows < 1 || s.q_row < 0 || s.num_l1 < 0 ||
@@ -205,10 +211,26 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     s.large = 1;
     l.large_list.push_back(i);
     l.max_large_rows = std::max(l.max_large_rows, s.rows);
+    l.max_large_clusters = std::max(l.max_large_clusters, s.num_clusters);
     if (f16) {
       // binary16 q rows: head_dim / 2 floats each (head_dim is even).
       s.qh_offset = Take(&floats, static_cast<int64_t>(s.rows) * head_dim / 2);
       s.info_offset = Take(&floats, static_cast<int64_t>(s.rows) * 4);
+      const int64_t rtiles = CeilDiv(s.rows, kMmaRowTile);
+      const int64_t etiles = CeilDiv(s.entry_capacity, kMmaColTile);
+      s.row_splits = static_cast<int32_t>(CeilDiv(s.entry_capacity, kLookupPieceEntries));
+      s.col_splits = static_cast<int32_t>(CeilDiv(s.rows, kLookupPieceRows));
+      if (s.row_splits > 1) {
+        s.stat_offset = Take(&floats, static_cast<int64_t>(s.row_splits) * s.rows * 2);
+      }
+      if (s.col_splits > 1) {
+        s.part_offset = Take(&floats, static_cast<int64_t>(s.col_splits) * s.entry_capacity);
+      }
+      s.tile_counter = static_cast<int32_t>(l.num_segments + tile_counters);
+      tile_counters += rtiles + etiles;
+      mma_row_blocks = std::max(mma_row_blocks, rtiles * s.row_splits);
+      mma_col_blocks = std::max(mma_col_blocks, etiles * s.col_splits);
+      if (l.num_segments + tile_counters > INT32_MAX) return Bad(i, "batch too large");
       continue;
     }
     s.ctiles = (s.entry_capacity + kTileCols - 1) / kTileCols;
@@ -219,11 +241,12 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     l.max_large_ctiles = std::max(l.max_large_ctiles, s.ctiles);
     l.max_large_rtiles = std::max(l.max_large_rtiles, rtiles);
   }
-  const int64_t row_blocks =
-      (static_cast<int64_t>(l.max_large_rows) + kMmaRowTile - 1) / kMmaRowTile;
-  if (l.max_large_rtiles > 65535 || row_blocks > INT32_MAX) {
+  if (l.max_large_rtiles > 65535 || mma_row_blocks > INT32_MAX || mma_col_blocks > INT32_MAX) {
     return Status::InvalidArgument("lookup: too many query rows");
   }
+  l.max_mma_row_blocks = static_cast<int>(mma_row_blocks);
+  l.max_mma_col_blocks = static_cast<int>(mma_col_blocks);
+  l.tile_counters = static_cast<int>(tile_counters);
   if (l.small_list.size() > 65535 || l.large_list.size() > 65535) {
     return Status::InvalidArgument("lookup: more than 65535 segments on one path");
   }
@@ -268,7 +291,7 @@ Status LaunchLookup(const LookupArgs& a, const LookupLayout& l, void* stream) {
   w.ints = reinterpret_cast<int32_t*>(base + TablesBytes(l) +
                                       AlignUp(l.float_words * sizeof(float), kRegionAlign));
   auto s = static_cast<cudaStream_t>(stream);
-  if (l.f16) {
+  if (l.f16 && (!a.score_only || a.large_steps >= 1)) {
     SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchConvertQ(a, l, w, s), "convert q"));
   }
   for (int level = l.any_hierarchical ? 1 : 2; level <= 2; ++level) {

@@ -32,9 +32,13 @@
 //   rows > kLookupSmallRows ("large" segments, prefill), 16-bit centroids: q converted to 16 bits
 //     (per-row power-of-two scale), then two tensor-core passes (mma.sync m16n8k16, fp32
 //     accumulate): row tiles over every centroid for the exact per-row max and normaliser (online),
-//     then centroid tiles over every row for the column sums; the last block of a segment selects.
+//     then centroid tiles over every row for the column sums into the workspace.
 //   rows > kLookupSmallRows, float32 centroids: two tiled fp32 FMA passes, combine, column
-//     reduction, then a selection kernel.
+//     reduction into the workspace.
+//   Large segments then select like small ones: the staged selection kernel where the batch
+//   allows it (single level, shared memory enough; it reads the finished scores), otherwise the
+//   column pass's last block of a segment (16-bit) or a selection kernel (float32) selects from
+//   global memory.
 //   Selection (one block per segment): a weighted radix select over the score bits (11-bit digits
 //   below the highest bit in which the scores differ) finds the cut, block scans emit the page
 //   list (clusters in ascending id order).
@@ -51,6 +55,11 @@ namespace sqkv::gpu {
 
 // Segments with at most this many query rows take the small (decode) path.
 inline constexpr int kLookupSmallRows = 16;
+// Large segments, 16-bit centroids: pass 1 cuts the entries into pieces of at most this many, pass
+// 2 the query rows, one block each, so the grid fills the device in small, even blocks; the last
+// block of a tile to arrive combines the pieces in a fixed order (gpu/lookup_mma.cu).
+inline constexpr int kLookupPieceEntries = 2048;
+inline constexpr int kLookupPieceRows = 512;
 
 // 16-bit centroid storage: the largest |c| of a head (both levels) is scaled by a power of two into
 // [2^14, 2^15), so nothing overflows and only components below ~2^-24 of the largest lose relative
@@ -119,9 +128,16 @@ struct LookupSegment {
   int64_t tstat_offset = 0;    // floats, small: (rows, tiles, 2) per-tile (max, normaliser)
   int64_t qh_offset = 0;       // floats, large 16-bit: (rows, head_dim) binary16 q (2 per float)
   int64_t info_offset = 0;     // floats, large 16-bit: (rows, 4) (logit factor, max, 1/Z, 0)
-  int64_t stat_offset = 0;     // floats, large fp32: (rows, ctiles, 2) partial (max, sum)
+  int32_t row_splits = 0;      // large 16-bit: pieces of the entries in pass 1 (>= 1)
+  int32_t col_splits = 0;      // large 16-bit: pieces of the query rows in pass 2 (>= 1)
+  int32_t tile_counter = 0;    // large 16-bit: first arrival counter (row tiles, then entry tiles)
+  // floats, large fp32: (rows, ctiles, 2) partial (max, sum); large 16-bit, row_splits > 1:
+  // (row_splits, rows, 2) partial (max, normaliser)
+  int64_t stat_offset = 0;
   int64_t rowstat_offset = 0;  // floats, large fp32: (rows, 2) final (max, 1/normaliser)
-  int64_t part_offset = 0;     // floats, large fp32: (row tiles, entry_capacity) column partials
+  // floats, large fp32: (row tiles, entry_capacity) column partials; large 16-bit,
+  // col_splits > 1: (col_splits, entry_capacity)
+  int64_t part_offset = 0;
   int64_t list_offset = 0;     // ints: candidate list (entry_capacity) + 2 counts, hierarchical
 };
 
@@ -141,6 +157,10 @@ struct LookupLayout {
   int max_large_ctiles = 0;  // max ctiles over large segments
   int max_large_rtiles = 0;  // max row tiles over large segments
   int max_large_rows = 0;
+  int max_large_clusters = 0;  // max num_clusters over large segments
+  int max_mma_row_blocks = 0;  // large 16-bit: max row tiles x row_splits (pass 1 grid)
+  int max_mma_col_blocks = 0;  // large 16-bit: max entry tiles x col_splits (pass 2 grid)
+  int tile_counters = 0;       // large 16-bit: arrival counters after the segments'
   bool any_hierarchical = false;
   std::vector<int32_t> small_list;  // segment ids of the fused kernel: small and fixed (unscored)
   std::vector<int32_t> large_list;  // segment ids on the large path (scored only)
@@ -163,10 +183,15 @@ struct LookupArgs {
   // Benchmarks only: compute the scores (workspace) and stop before the selection; the outputs
   // below are not written. Single-level indexes only (InvalidArgument otherwise). Default: false.
   bool score_only = false;
-  // Small segments: the staged selection (shared memory, 1,024 threads per segment) where the
-  // batch allows it (single level, the largest small segment's 16 bytes per cluster within the
-  // device's shared-memory limit); false: always the last scoring block's global-memory
-  // selection. Both give the same outputs. Default: true.
+  // Benchmarks only, with score_only: large segments with 16-bit centroids stop after this many of
+  // their steps (0: none, 1: the q conversion, 2: the row-statistics pass, 3: the column pass), so
+  // a benchmark times each step as a difference. Ignored without score_only. Default: 3.
+  int large_steps = 3;
+  // The staged selection (shared memory, 1,024 threads per segment) where the batch allows it
+  // (single level, the largest segment's 16 bytes per cluster within the device's shared-memory
+  // limit; small and large lists decided apart); false: always the global-memory selection (the
+  // last scoring block's, or the float32 large path's selection kernel). Both give the same
+  // outputs. Default: true.
   bool staged_select = true;
 
   // Outputs, device. Per segment s: seg_page_count[s] pages at page_ids/page_valid

@@ -17,12 +17,12 @@ inline constexpr int kTileRows = 64;
 inline constexpr int kTileCols = 64;
 inline constexpr int kTileK = 16;
 inline constexpr int kTileThreads = 256;
-// Large path, 16-bit centroids: 16 A rows per warp; pass 1 blocks hold 8 warps of query rows (128
-// rows: each streamed centroid tile serves more rows), pass 2 blocks 4 warps of centroids.
-inline constexpr int kMmaRowThreads = 256;
+// Large path, 16-bit centroids: a pass 1 block holds 128 query rows, a pass 2 block 128 entries,
+// as A fragments in registers (two m16 tiles per warp, so each streamed B fragment feeds four mma;
+// one at head_dim > 128). The streamed dimension is cut into pieces (kLookupPieceEntries,
+// kLookupPieceRows).
 inline constexpr int kMmaRowTile = 128;
-inline constexpr int kMmaColThreads = 128;
-inline constexpr int kMmaColTile = 64;
+inline constexpr int kMmaColTile = 128;
 // Selection kernel of the float32 large path: threads per segment block.
 inline constexpr int kSelectThreads = 256;
 // Segments with at most this many rows use the 4-row variant of the small kernel.
@@ -153,20 +153,23 @@ static_assert(sizeof(LookupArgs) % alignof(Workspace) == 0, "Workspace follows L
 // by the staged selection kernel).
 cudaError_t LaunchSmall(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                         cudaStream_t stream);
-// The staged selection of the small list (lookup_staged.cu): whether this launch takes it
-// (LookupArgs::staged_select, single level, shared memory enough), and its kernel, launched after
-// the scoring kernel ran with finish = false.
-bool UseStagedSelect(const LookupArgs& a, const LookupLayout& l);
+// The staged selection (lookup_staged.cu) of the small list (after the scoring kernel ran with
+// finish = false) or of the large list (after the column pass wrote the scores, without its
+// last-block selection): whether this launch takes it (LookupArgs::staged_select, single level,
+// shared memory enough), and its kernel.
+enum class SegmentList : int { kSmall, kLarge };
+bool UseStagedSelect(const LookupArgs& a, const LookupLayout& l, SegmentList list);
 cudaError_t LaunchStagedSelect(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
-                               cudaStream_t stream);
+                               SegmentList list, cudaStream_t stream);
 // Large path, float32 centroids (lookup_score.cu): the tiled passes into scores; then the
-// selection kernel (lookup_select.cu).
+// selection kernel (lookup_select.cu), or the staged selection where the batch allows it.
 cudaError_t LaunchLargeScoresF32(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                                  int level, cudaStream_t stream);
 cudaError_t LaunchSelectLarge(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                               int level, cudaStream_t stream);
 // Large path, 16-bit centroids (lookup_mma.cu): q to binary16 once per launch, then per level the
-// row-statistics pass and the column pass with the selection fused.
+// row-statistics pass and the column pass, then the staged selection where the batch allows it,
+// else the column pass's last block per segment selects.
 cudaError_t LaunchConvertQ(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                            cudaStream_t stream);
 cudaError_t LaunchLargeF16(const LookupArgs& a, const LookupLayout& l, const Workspace& w,

@@ -3,13 +3,20 @@
 //   ConvertQKernel: each query row to binary16 after a power-of-two scale that puts its largest
 //     |component| in [2^14, 2^15); the row's logit factor (undoing both scales, times log2 e/√d)
 //     goes to info.x.
-//   RowStatsKernel (pass 1): a block holds 128 query rows as A fragments in registers and streams
-//     every centroid of the level through shared memory (cp.async, two stages): the exact per-row
-//     max and normaliser, kept online, to info.y / info.z.
-//   ColumnKernel (pass 2): a block holds 64 centroids as A fragments and streams every query row
-//     (with its info) through shared memory: S^T tiles, so each thread sums its two centroids'
-//     2^(l - max) / Z over the rows in registers. Scores go to the workspace; the last block of the
-//     segment to arrive selects.
+//   RowStatsKernel (pass 1): a block holds 128 query rows as A fragments in registers (two m16
+//     tiles per warp) and streams one piece of the level's entries (row_splits pieces) through
+//     shared memory (cp.async, two stages) in groups of 16 entries: the exact per-row max and
+//     normaliser of the piece, kept online per lane and combined over the quad at the end. One
+//     piece: to info.y / info.z; several: to the workspace, and the last block of the row tile to
+//     arrive combines them in piece order.
+//   ColumnKernel (pass 2): a block holds 128 entries as A fragments and streams one piece of the
+//     query rows (col_splits pieces, each row with its info): S^T tiles, so each thread sums its
+//     entries' 2^(l - max) / Z over the rows in registers. Scores (several pieces: their sums in
+//     piece order, by the last block of the entry tile to arrive) go to the workspace; then the
+//     staged selection kernel (lookup_staged.cu) selects, or (finish) the last block of the
+//     segment to arrive.
+// Two m16 tiles per warp: each ldmatrix.x4 of the streamed operand feeds four mma (one tile, and
+// two mma, at head_dim > 128, where two tiles' fragments would not fit in registers).
 // head_dim up to 64, 128 and 256 runs as 4, 8 and 16 k-steps (components past head_dim read as 0).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,12 +40,32 @@ using detail::SmemAddr;
 using Mma16 = detail::Half16<__half>;
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kWarpRows = 16;  // A rows per warp (one m16 tile)
-static_assert(kMmaRowTile == kWarpRows * kMmaRowThreads / 32, "pass 1: 16 rows per warp");
-static_assert(kMmaColTile == kWarpRows * kMmaColThreads / 32, "pass 2: 16 entries per warp");
+// Streamed rows (entries in pass 1, query rows in pass 2) per group: two n8 tiles, one ldmatrix.x4
+// per k-step. A stage's groups are software-pipelined: the mma of group p + 1 are issued before
+// the exp2 work of group p, so a warp's tensor and special-function work overlap.
+constexpr int kGroup = 16;
 
-// Streamed tile rows (entries in pass 1, query rows in pass 2) per stage: 64, or 32 at 16 k-steps
-// (keeps two stages under the 48 KB static limit).
+// m16 tiles per warp: two where their A fragments fit in registers (KS <= 8: 64 registers).
+template <int KS>
+constexpr int WarpTiles() {
+  return KS == 16 ? 1 : 2;
+}
+// Threads of a block of either pass (128 A rows).
+template <int KS>
+constexpr int BlockThreads() {
+  return 32 * kMmaRowTile / (16 * WarpTiles<KS>());
+}
+static_assert(kMmaRowTile == kMmaColTile, "both passes: one block shape");
+// Blocks per SM the launch bounds ask for: 12 warps of up to 168 registers (two m16 tiles: 64
+// registers of A fragments, 32 of accumulators, the B fragments in flight; at 128 registers the
+// compiler spills in the product loop), or 16 warps of 128 registers (one tile, 8 warps a block).
+template <int KS>
+constexpr int MinBlocks() {
+  return WarpTiles<KS>() == 2 ? 3 : 2;
+}
+
+// Streamed rows per stage: 64, or 32 at 16 k-steps (keeps two stages under the 48 KB static
+// limit).
 template <int KS>
 constexpr int StageRows() {
   return KS == 16 ? 32 : 64;
@@ -48,6 +75,20 @@ constexpr int StageRows() {
 template <int KS>
 constexpr int Pitch() {
   return KS * 16 + 8;
+}
+
+__device__ __forceinline__ int CeilDiv(int a, int b) { return (a + b - 1) / b; }
+
+// Copies 4 bytes global -> shared (through L1); src_bytes 0 writes a zero.
+__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+// Where entry i's cluster size lies.
+__device__ __forceinline__ const int32_t* EntrySizePtr(const EntrySet& e, int i) {
+  if (e.list == nullptr) return e.prim_size + i;
+  return (i < e.scored ? e.prim_size : e.extra_size) + e.list[i];
 }
 
 // A fragments (m16 x k16 per k-step, row-major) of rows a and b = a + 8, straight from global
@@ -66,29 +107,40 @@ __device__ __forceinline__ void LoadFragments(const uint16_t* row_a, const uint1
   }
 }
 
-// acc[n] (n8 tiles of the stage's rows) += frag · tile^T over all k-steps; tile: StageRows<KS>()
-// rows of Pitch<KS>() halves at shared address `tile`.
-template <int KS>
-__device__ __forceinline__ void TileProduct(const uint32_t (&frag)[KS][4], uint32_t tile, int lane,
-                                            float (&acc)[StageRows<KS>() / 8][4]) {
-  constexpr int kNT = StageRows<KS>() / 8;
+// No work between a group's k-steps.
+struct NoWork {
+  __device__ __forceinline__ void operator()(int) const {}
+};
+
+// acc[m][n] = frag[m] · (rows row0 + 8n .. row0 + 8n + 7 of the stage tile)^T over all k-steps;
+// tile: StageRows<KS>() rows of Pitch<KS>() halves at shared address `tile`. between(ks) runs
+// after the mma of k-step ks: the exp2 work of the previous group, so that the warp's instruction
+// stream alternates tensor and special-function work (each in flight while the other issues).
+template <int KS, int MT, class Between>
+__device__ __forceinline__ void GroupProduct(const uint32_t (&frag)[MT][KS][4], uint32_t tile,
+                                             int row0, int lane, float (&acc)[MT][2][4],
+                                             const Between& between) {
 #pragma unroll
-  for (int n = 0; n < kNT; ++n) {
+  for (int m = 0; m < MT; ++m) {
 #pragma unroll
-    for (int v = 0; v < 4; ++v) acc[n][v] = 0.f;
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[m][n][v] = 0.f;
+    }
   }
   const int mi = lane / 8, r8 = lane % 8;
+  const int row = row0 + (mi >> 1) * 8 + r8;
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
+    const int col = ks * 16 + (mi & 1) * 8;
+    uint32_t b[4];
+    LdMatrixX4(b, tile + static_cast<uint32_t>(row * Pitch<KS>() + col) * 2);
 #pragma unroll
-    for (int np = 0; np < kNT / 2; ++np) {
-      const int row = np * 16 + (mi >> 1) * 8 + r8;
-      const int col = ks * 16 + (mi & 1) * 8;
-      uint32_t b[4];
-      LdMatrixX4(b, tile + static_cast<uint32_t>(row * Pitch<KS>() + col) * 2);
-      Mma16::Mma(acc[2 * np], frag[ks], b[0], b[1]);
-      Mma16::Mma(acc[2 * np + 1], frag[ks], b[2], b[3]);
+    for (int m = 0; m < MT; ++m) {
+      Mma16::Mma(acc[m][0], frag[m][ks], b[0], b[1]);
+      Mma16::Mma(acc[m][1], frag[m][ks], b[2], b[3]);
     }
+    between(ks);
   }
 }
 
@@ -123,49 +175,147 @@ __global__ void __launch_bounds__(256) ConvertQKernel(LookupArgs a, Workspace w)
   }
 }
 
+// Pass 1's online update by one group, in three parts: the thread's rows (m, h) (m16 tile m, row
+// g or g + 8) take the logits l = acc · f of the thread's four entries of the group into their
+// running max (GroupMax, RaiseMax) and normaliser (AddTerm, one entry of one row each). Each lane
+// keeps its own max (no shuffles per group; the quad combines at the end); a rescale runs only
+// where a max grew (one vote per group). n: the entries' sizes (kTail: 0 past the end of the
+// piece, those entries left out).
+template <int MT>
+constexpr int RowTerms() {
+  return MT * 8;  // (m, h, j, c)
+}
+
+template <bool kTail, int MT>
+__device__ __forceinline__ void GroupMax(const float (&acc)[MT][2][4], const float (&n)[2][2],
+                                         const float (&f)[MT][2], float (&tmax)[MT][2]) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // rows g (c0, c1) and g + 8 (c2, c3)
+      float a[2][2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          a[j][c] = !kTail || n[j][c] > 0.f ? acc[m][j][2 * h + c] : -INFINITY;
+        }
+      }
+      const float amax = fmaxf(fmaxf(a[0][0], a[0][1]), fmaxf(a[1][0], a[1][1]));
+      // The largest logit: f > 0 and rounding is monotone, so max(acc) · f = max(acc · f).
+      tmax[m][h] = !kTail || amax > -INFINITY ? amax * f[m][h] : -INFINITY;
+    }
+  }
+}
+
+template <int MT>
+__device__ __forceinline__ void RaiseMax(const float (&tmax)[MT][2], float (&m_run)[MT][2],
+                                         float (&z_run)[MT][2]) {
+  bool grow = false;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) grow |= tmax[m][0] > m_run[m][0] || tmax[m][1] > m_run[m][1];
+  if (!__any_sync(0xffffffffu, grow)) return;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (tmax[m][h] > m_run[m][h]) {
+        z_run[m][h] *= FastExp2(m_run[m][h] - tmax[m][h]);  // from -inf: 2^-inf = 0
+        m_run[m][h] = tmax[m][h];
+      }
+    }
+  }
+}
+
+// Term e of RowTerms: row (m, h) takes entry (j, c). Consecutive terms go to different rows.
+template <bool kTail, int MT>
+__device__ __forceinline__ void AddTerm(const float (&acc)[MT][2][4], const float (&n)[2][2],
+                                        const float (&f)[MT][2], const float (&m_run)[MT][2],
+                                        float (&z_run)[MT][2], int e) {
+  const int h = e % 2, m = e / 2 % MT, j = e / (2 * MT) / 2, c = e / (2 * MT) % 2;
+  // Past-the-end entries (size 0) hold logit 0, which may lie far above the max.
+  if (!kTail || n[j][c] > 0.f) {
+    z_run[m][h] =
+        fmaf(n[j][c], FastExp2(fmaf(acc[m][j][2 * h + c], f[m][h], -m_run[m][h])), z_run[m][h]);
+  }
+}
+
+template <bool kTail, int MT>
+__device__ __forceinline__ void UpdateRowStats(const float (&acc)[MT][2][4], const float (&n)[2][2],
+                                               const float (&f)[MT][2], float (&m_run)[MT][2],
+                                               float (&z_run)[MT][2]) {
+  float tmax[MT][2];
+  GroupMax<kTail, MT>(acc, n, f, tmax);
+  RaiseMax<MT>(tmax, m_run, z_run);
+#pragma unroll
+  for (int e = 0; e < RowTerms<MT>(); ++e) AddTerm<kTail, MT>(acc, n, f, m_run, z_run, e);
+}
+
 template <int KS>
-__global__ void __launch_bounds__(kMmaRowThreads)
+__global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
     RowStatsKernel(LookupArgs a, Workspace w, int level) {
+  constexpr int MT = WarpTiles<KS>();
+  constexpr int kThreads = BlockThreads<KS>();
   constexpr int kRows = StageRows<KS>();
   constexpr int kChunks = KS * 2;  // 16-byte chunks per streamed row
-  constexpr int kNT = kRows / 8;
   __shared__ __align__(16) uint16_t tile[2][kRows * Pitch<KS>()];
-  __shared__ __align__(16) float sizes[2][kRows];
+  __shared__ __align__(16) int32_t sizes[2][kRows];
+  __shared__ int last;
   const int seg = w.large_list[blockIdx.y];
   const LookupSegment& s = a.segments[seg];
   if (!ScoredAtLevel(s, level)) return;
-  const int row0 = blockIdx.x * kMmaRowTile;
+  const int splits = s.row_splits;
+  const int rtile = blockIdx.x / splits, piece = blockIdx.x % splits;
+  const int row0 = rtile * kMmaRowTile;
   if (row0 >= s.rows) return;
   const int d = a.head_dim;
   const EntrySet e = GetEntrySet(s, level, w.ints, d, true);
+  // Pieces of whole groups (the last may be shorter; at level 2 of a two-level run, where
+  // the candidates are fewer than planned for, some may be empty).
+  const int per = CeilDiv(CeilDiv(e.total, splits), kGroup) * kGroup;
+  const int begin = min(e.total, piece * per), end = min(e.total, begin + per);
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
   const uint16_t* qh = reinterpret_cast<const uint16_t*>(w.floats + s.qh_offset);
   float4* info = reinterpret_cast<float4*>(w.floats + s.info_offset);
-  const int ra = row0 + warp * kWarpRows + g, rb = ra + 8;
-  uint32_t frag[KS][4];
-  LoadFragments<KS>(ra < s.rows ? qh + static_cast<size_t>(ra) * d : nullptr,
-                    rb < s.rows ? qh + static_cast<size_t>(rb) * d : nullptr, d, tq, frag);
-  const float f[2] = {ra < s.rows ? info[ra].x : 0.f, rb < s.rows ? info[rb].x : 0.f};
+  uint32_t frag[MT][KS][4];
+  float f[MT][2];
+  int rows_of[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const int ra = row0 + (warp * MT + m) * 16 + g, rb = ra + 8;
+    rows_of[m][0] = ra;
+    rows_of[m][1] = rb;
+    LoadFragments<KS>(ra < s.rows ? qh + static_cast<size_t>(ra) * d : nullptr,
+                      rb < s.rows ? qh + static_cast<size_t>(rb) * d : nullptr, d, tq, frag[m]);
+    f[m][0] = ra < s.rows ? info[ra].x : 0.f;
+    f[m][1] = rb < s.rows ? info[rb].x : 0.f;
+  }
 
-  const int ntiles = (e.total + kRows - 1) / kRows;
+  const int ntiles = CeilDiv(end - begin, kRows);
   auto stage = [&](int it, int buf) {
-    for (int idx = t; idx < kRows * kChunks; idx += kMmaRowThreads) {
+    for (int idx = t; idx < kRows * kChunks; idx += kThreads) {
       const int r = idx / kChunks, ch = idx % kChunks;
-      const int i = it * kRows + r;
-      const bool ok = i < e.total && ch * 8 < d;
+      const int i = begin + it * kRows + r;
+      const bool ok = i < end && ch * 8 < d;
       const void* src =
           ok ? static_cast<const uint8_t*>(EntryRow(e, i)) + ch * 16 : static_cast<const void*>(qh);
       CpAsync16(SmemAddr(&tile[buf][r * Pitch<KS>() + ch * 8]), src, ok ? 16 : 0);
     }
     if (t < kRows) {
-      const int i = it * kRows + t;
-      sizes[buf][t] = i < e.total ? static_cast<float>(EntrySize(e, i)) : 0.f;
+      const int i = begin + it * kRows + t;
+      const bool ok = i < end;
+      CpAsync4(SmemAddr(&sizes[buf][t]), ok ? EntrySizePtr(e, i) : e.prim_size, ok ? 4 : 0);
     }
     CpAsyncCommit();
   };
 
-  float m_run[2] = {-INFINITY, -INFINITY}, z_run[2] = {0.f, 0.f};
-  stage(0, 0);
+  float m_run[MT][2], z_run[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    m_run[m][0] = m_run[m][1] = -INFINITY;
+    z_run[m][0] = z_run[m][1] = 0.f;
+  }
+  if (ntiles > 0) stage(0, 0);
   for (int it = 0; it < ntiles; ++it) {
     const int buf = it & 1;
     if (it + 1 < ntiles) {
@@ -175,94 +325,141 @@ __global__ void __launch_bounds__(kMmaRowThreads)
       CpAsyncWait<0>();
     }
     __syncthreads();
-    float acc[kNT][4];
-    TileProduct<KS>(frag, SmemAddr(tile[buf]), lane, acc);
-    float n[kNT][2];
+    // Entries of the stage from group p on (uniform over the block).
+    const int left = end - (begin + it * kRows);
+    const uint32_t base = SmemAddr(tile[buf]);
+    float acc[2][MT][2][4];
+    GroupProduct<KS, MT>(frag, base, 0, lane, acc[0], NoWork());
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      const float2 v = *reinterpret_cast<const float2*>(&sizes[buf][j * 8 + 2 * tq]);
-      n[j][0] = v.x;
-      n[j][1] = v.y;
-    }
+    for (int p = 0; p < kRows / kGroup; ++p) {
+      const int valid = left - p * kGroup;
+      if (valid <= 0) break;
+      float n[2][2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // rows g (c0, c1) and g + 8 (c2, c3)
-      float l[kNT][2];
-      float tmax = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          l[j][c] = acc[j][2 * h + c] * f[h];
-          if (n[j][c] > 0.f) tmax = fmaxf(tmax, l[j][c]);
-        }
+      for (int j = 0; j < 2; ++j) {
+        const int2 v = *reinterpret_cast<const int2*>(&sizes[buf][p * kGroup + j * 8 + 2 * tq]);
+        n[j][0] = static_cast<float>(v.x);
+        n[j][1] = static_cast<float>(v.y);
       }
-      tmax = QuadMax(tmax);  // finite: every streamed tile holds a valid entry
-      const float m_new = fmaxf(m_run[h], tmax);
-      float z = z_run[h] * FastExp2(m_run[h] - m_new);  // -inf - finite: 2^-inf = 0
+      const float(&a)[MT][2][4] = acc[p & 1];
+      if (valid < kGroup) {  // the piece's last group, partial: nothing follows it
+        UpdateRowStats<true, MT>(a, n, f, m_run, z_run);
+      } else if (p + 1 < kRows / kGroup && valid > kGroup) {
+        // Group p's update runs between group p + 1's k-steps: its max (k-step 0), the rescale
+        // (1), then its terms over the remaining k-steps.
+        float tmax[MT][2];
+        GroupProduct<KS, MT>(frag, base, (p + 1) * kGroup, lane, acc[(p + 1) & 1], [&](int ks) {
+          if (ks == 0) GroupMax<false, MT>(a, n, f, tmax);
+          if (ks == 1) RaiseMax<MT>(tmax, m_run, z_run);
+          if (ks < 2) return;
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          // Past-the-end entries (size 0) hold logit 0, which may lie far above the max.
-          if (n[j][c] > 0.f) z += n[j][c] * FastExp2(l[j][c] - m_new);
-        }
+          for (int e = ks - 2; e < RowTerms<MT>(); e += KS - 2) {
+            AddTerm<false, MT>(a, n, f, m_run, z_run, e);
+          }
+        });
+      } else {
+        UpdateRowStats<false, MT>(a, n, f, m_run, z_run);
       }
-      m_run[h] = m_new;
-      z_run[h] = z;
     }
     __syncthreads();  // the buffer is staged again next iteration
   }
+  float2* part = reinterpret_cast<float2*>(w.floats + s.stat_offset);  // (splits, rows)
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float z = QuadSum(z_run[h]);
-    const int row = h == 0 ? ra : rb;
-    if (tq == 0 && row < s.rows) info[row] = make_float4(f[h], m_run[h], 1.f / z, 0.f);
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // The quad's lanes saw different entries: the row's max, and each lane's normaliser moved
+      // to it (a lane that saw no entry holds (-inf, 0)). An empty piece leaves (-inf, 0).
+      const float mx = QuadMax(m_run[m][h]);
+      const float z =
+          QuadSum(m_run[m][h] > -INFINITY ? z_run[m][h] * FastExp2(m_run[m][h] - mx) : 0.f);
+      m_run[m][h] = mx;
+      const int row = rows_of[m][h];
+      if (tq != 0 || row >= s.rows) continue;
+      if (splits == 1) {
+        info[row] = make_float4(f[m][h], m_run[m][h], 1.f / z, 0.f);
+      } else {
+        part[static_cast<size_t>(piece) * s.rows + row] = make_float2(m_run[m][h], z);
+      }
+    }
+  }
+  if (splits == 1) return;
+  if (!ArriveLast(w.counters + s.tile_counter + rtile, splits, &last)) return;
+  // The last piece of the row tile: max over the pieces, normaliser Σ z_p 2^(m_p - max), in
+  // piece order. An empty piece holds (-inf, 0).
+  for (int r = t; r < kMmaRowTile; r += kThreads) {
+    const int row = row0 + r;
+    if (row >= s.rows) break;
+    float mx = -INFINITY;
+    for (int p = 0; p < splits; ++p) {
+      mx = fmaxf(mx, __ldcg(&part[static_cast<size_t>(p) * s.rows + row].x));
+    }
+    float z = 0.f;
+    for (int p = 0; p < splits; ++p) {
+      const float2 v = __ldcg(&part[static_cast<size_t>(p) * s.rows + row]);
+      if (v.y > 0.f) z = fmaf(v.y, FastExp2(v.x - mx), z);
+    }
+    // z >= the size of the arg-max entry >= 1
+    info[row] = make_float4(__ldcg(&info[row].x), mx, 1.f / z, 0.f);
   }
 }
 
 template <int KS>
-__global__ void __launch_bounds__(kMmaColThreads)
-    ColumnKernel(LookupArgs a, Workspace w, int level) {
+__global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
+    ColumnKernel(LookupArgs a, Workspace w, int level, bool finish) {
+  constexpr int MT = WarpTiles<KS>();
+  constexpr int kThreads = BlockThreads<KS>();
   constexpr int kRows = StageRows<KS>();
   constexpr int kChunks = KS * 2;
-  constexpr int kNT = kRows / 8;
   __shared__ __align__(16) uint16_t tile[2][kRows * Pitch<KS>()];
   __shared__ __align__(16) float4 row_info[2][kRows];
   __shared__ int last;
   const int seg = w.large_list[blockIdx.y];
   const LookupSegment& s = a.segments[seg];
-  if (!ScoredAtLevel(s, level)) return;  // the whole grid row: its counter stays untouched
+  if (!ScoredAtLevel(s, level)) return;  // the whole grid row: its counters stay untouched
   const int d = a.head_dim;
   const EntrySet e = GetEntrySet(s, level, w.ints, d, true);
-  const int col0 = blockIdx.x * kMmaColTile;
+  const int splits = s.col_splits;
+  const int etile = blockIdx.x / splits, piece = blockIdx.x % splits;
+  const int col0 = etile * kMmaColTile;
   if (col0 < e.scored) {
     const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
     const uint16_t* qh = reinterpret_cast<const uint16_t*>(w.floats + s.qh_offset);
     const float4* info = reinterpret_cast<const float4*>(w.floats + s.info_offset);
-    const int ea = col0 + warp * kWarpRows + g, eb = ea + 8;
-    uint32_t frag[KS][4];
-    LoadFragments<KS>(ea < e.scored ? static_cast<const uint16_t*>(EntryRow(e, ea)) : nullptr,
-                      eb < e.scored ? static_cast<const uint16_t*>(EntryRow(e, eb)) : nullptr, d,
-                      tq, frag);
     const int rows = s.rows;
-    const int ntiles = (rows + kRows - 1) / kRows;
+    const int per = CeilDiv(CeilDiv(rows, splits), kGroup) * kGroup;  // whole groups
+    const int begin = min(rows, piece * per), end = min(rows, begin + per);
+    uint32_t frag[MT][KS][4];
+    int ent[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const int ea = col0 + (warp * MT + m) * 16 + g, eb = ea + 8;
+      ent[m][0] = ea;
+      ent[m][1] = eb;
+      LoadFragments<KS>(ea < e.scored ? static_cast<const uint16_t*>(EntryRow(e, ea)) : nullptr,
+                        eb < e.scored ? static_cast<const uint16_t*>(EntryRow(e, eb)) : nullptr, d,
+                        tq, frag[m]);
+    }
+    const int ntiles = CeilDiv(end - begin, kRows);
     auto stage = [&](int it, int buf) {
-      for (int idx = t; idx < kRows * kChunks; idx += kMmaColThreads) {
+      for (int idx = t; idx < kRows * kChunks; idx += kThreads) {
         const int r = idx / kChunks, ch = idx % kChunks;
-        const int row = it * kRows + r;
-        const bool ok = row < rows && ch * 8 < d;
+        const int row = begin + it * kRows + r;
+        const bool ok = row < end && ch * 8 < d;
         const uint16_t* src = ok ? qh + static_cast<size_t>(row) * d + ch * 8 : qh;
         CpAsync16(SmemAddr(&tile[buf][r * Pitch<KS>() + ch * 8]), src, ok ? 16 : 0);
       }
       if (t < kRows) {
-        const int row = it * kRows + t;
+        const int row = begin + it * kRows + t;
         // Rows past the end read as (0, 0, 0): they add 2^0 · 0.
-        CpAsync16(SmemAddr(&row_info[buf][t]), row < rows ? info + row : info, row < rows ? 16 : 0);
+        CpAsync16(SmemAddr(&row_info[buf][t]), row < end ? info + row : info, row < end ? 16 : 0);
       }
       CpAsyncCommit();
     };
-    float col[2] = {0.f, 0.f};  // entries g and g + 8
-    stage(0, 0);
+    float col[MT][2];  // entries g and g + 8 of each m16 tile
+#pragma unroll
+    for (int m = 0; m < MT; ++m) col[m][0] = col[m][1] = 0.f;
+    if (ntiles > 0) stage(0, 0);
     for (int it = 0; it < ntiles; ++it) {
       const int buf = it & 1;
       if (it + 1 < ntiles) {
@@ -272,43 +469,95 @@ __global__ void __launch_bounds__(kMmaColThreads)
         CpAsyncWait<0>();
       }
       __syncthreads();
-      float acc[kNT][4];
-      TileProduct<KS>(frag, SmemAddr(tile[buf]), lane, acc);
+      const int left = end - (begin + it * kRows);  // rows of the stage (uniform)
+      const uint32_t base = SmemAddr(tile[buf]);
+      float acc[2][MT][2][4];
+      GroupProduct<KS, MT>(frag, base, 0, lane, acc[0], NoWork());
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {  // query rows j*8 + 2tq (c0, c2) and + 1 (c1, c3)
-        const float4 i0 = row_info[buf][j * 8 + 2 * tq];
-        const float4 i1 = row_info[buf][j * 8 + 2 * tq + 1];
-        col[0] += FastExp2(fmaf(acc[j][0], i0.x, -i0.y)) * i0.z +
-                  FastExp2(fmaf(acc[j][1], i1.x, -i1.y)) * i1.z;
-        col[1] += FastExp2(fmaf(acc[j][2], i0.x, -i0.y)) * i0.z +
-                  FastExp2(fmaf(acc[j][3], i1.x, -i1.y)) * i1.z;
+      for (int p = 0; p < kRows / kGroup; ++p) {
+        if (left <= p * kGroup) break;
+        // Query rows j*8 + 2tq (c0, c2: info i[j][0]) and + 1 (c1, c3: i[j][1]) of the group.
+        float4 i[2][2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          i[j][0] = row_info[buf][p * kGroup + j * 8 + 2 * tq];
+          i[j][1] = row_info[buf][p * kGroup + j * 8 + 2 * tq + 1];
+        }
+        const float(&a)[MT][2][4] = acc[p & 1];
+        // Term e: entry (m, h) takes query rows (j, 0) and (j, 1).
+        auto term = [&](int e) {
+          const int h = e % 2, m = e / 2 % MT, j = e / (2 * MT);
+          col[m][h] += FastExp2(fmaf(a[m][j][2 * h], i[j][0].x, -i[j][0].y)) * i[j][0].z +
+                       FastExp2(fmaf(a[m][j][2 * h + 1], i[j][1].x, -i[j][1].y)) * i[j][1].z;
+        };
+        constexpr int kTerms = MT * 4;  // (m, h, j)
+        if (p + 1 < kRows / kGroup && left > (p + 1) * kGroup) {
+          // Group p's terms run between group p + 1's k-steps.
+          GroupProduct<KS, MT>(frag, base, (p + 1) * kGroup, lane, acc[(p + 1) & 1], [&](int ks) {
+#pragma unroll
+            for (int e = ks; e < kTerms; e += KS) term(e);
+          });
+        } else {
+#pragma unroll
+          for (int e = 0; e < kTerms; ++e) term(e);
+        }
       }
       __syncthreads();
     }
     float* sc = w.floats + s.score_offset;
+    float* part = w.floats + s.part_offset;  // (splits, entry_capacity)
     const float inv_rows = 1.f / static_cast<float>(rows);
-    const float c0 = QuadSum(col[0]), c1 = QuadSum(col[1]);
-    if (tq == 0 && ea < e.scored) sc[ea] = c0 * inv_rows;
-    if (tq == 0 && eb < e.scored) sc[eb] = c1 * inv_rows;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float c = QuadSum(col[m][h]);
+        const int i = ent[m][h];
+        if (tq != 0 || i >= e.scored) continue;
+        if (splits == 1) {
+          sc[i] = c * inv_rows;
+        } else {
+          part[static_cast<size_t>(piece) * s.entry_capacity + i] = c;
+        }
+      }
+    }
+    if (splits > 1) {
+      const int rtiles = CeilDiv(rows, kMmaRowTile);
+      if (ArriveLast(w.counters + s.tile_counter + rtiles + etile, splits, &last)) {
+        // The last piece of the entry tile: the pieces' sums in piece order.
+        for (int i = col0 + t; i < min(col0 + kMmaColTile, e.scored); i += kThreads) {
+          float sum = 0.f;
+          for (int p = 0; p < splits; ++p) {
+            sum += __ldcg(part + static_cast<size_t>(p) * s.entry_capacity + i);
+          }
+          sc[i] = sum * inv_rows;
+        }
+      }
+    }
   }
+  if (!finish) return;  // the staged selection kernel selects
   if (!ArriveLast(w.counters + seg, gridDim.x, &last)) return;
   if (a.score_only) return;
   __shared__ ArgsBuffer args;
   args.Fill(a, w);
-  SelectSegment<kMmaColThreads>(args.args(), args.ws(), seg, level, true);
+  SelectSegment<kThreads>(args.args(), args.ws(), seg, level, true);
 }
 
 template <int KS>
 cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                      cudaStream_t stream) {
   const unsigned n = static_cast<unsigned>(l.large_list.size());
-  const dim3 rows((l.max_large_rows + kMmaRowTile - 1) / kMmaRowTile, n);
-  RowStatsKernel<KS><<<rows, kMmaRowThreads, 0, stream>>>(a, w, level);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const dim3 cols((l.max_entries + kMmaColTile - 1) / kMmaColTile, n);
-  ColumnKernel<KS><<<cols, kMmaColThreads, 0, stream>>>(a, w, level);
-  return cudaGetLastError();
+  const int steps = a.score_only ? a.large_steps : 3;  // LookupArgs::large_steps
+  if (steps < 2) return cudaSuccess;
+  RowStatsKernel<KS><<<dim3(l.max_mma_row_blocks, n), BlockThreads<KS>(), 0, stream>>>(a, w, level);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || steps < 3) return err;
+  const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
+  ColumnKernel<KS>
+      <<<dim3(l.max_mma_col_blocks, n), BlockThreads<KS>(), 0, stream>>>(a, w, level, !staged);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || !staged || a.score_only) return err;
+  return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // The selection kernel of the float32 large path: one block per large segment, after the tiled
-// passes wrote its scores (the other paths select inside their last kernel). gpu/lookup_select.cuh
-// holds the selection itself.
+// passes wrote its scores, where the staged selection (lookup_staged.cu) does not take the batch.
+// gpu/lookup_select.cuh holds the selection itself.
 #include <cuda_runtime.h>
 
 #include "gpu/lookup_select.cuh"
@@ -21,6 +21,9 @@ __global__ void __launch_bounds__(kSelectThreads)
 cudaError_t LaunchSelectLarge(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                               int level, cudaStream_t stream) {
   if (l.large_list.empty() || a.score_only) return cudaSuccess;
+  if (level == 2 && UseStagedSelect(a, l, SegmentList::kLarge)) {
+    return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
+  }
   SelectLargeKernel<<<static_cast<unsigned>(l.large_list.size()), kSelectThreads, 0, stream>>>(
       a, w, level);
   return cudaGetLastError();

@@ -277,11 +277,11 @@ cudaError_t LaunchC(const LookupArgs& a, const LookupLayout& l, const Workspace&
 cudaError_t LaunchSmall(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                         cudaStream_t stream) {
   if (l.small_list.empty()) return cudaSuccess;
-  const bool staged = level == 2 && UseStagedSelect(a, l);
+  const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kSmall);
   const cudaError_t err = l.f16 ? LaunchC<uint16_t>(a, l, w, level, !staged, stream)
                                 : LaunchC<float>(a, l, w, level, !staged, stream);
   if (err != cudaSuccess || !staged) return err;
-  return LaunchStagedSelect(a, l, w, stream);
+  return LaunchStagedSelect(a, l, w, SegmentList::kSmall, stream);
 }
 
 }  // namespace sqkv::gpu::lookup_detail

@@ -1,16 +1,20 @@
-// The staged selection of small (decode) segments: one block of kStageThreads per segment of the
-// small list, launched after the scoring kernel (lookup_small.cu) wrote the segment's base-2
-// logits and per-tile (max, normaliser). The block
-//   1. reads the segment's cluster sizes and page offsets into shared memory (coalesced, every
-//      thread's loads issued together) while one warp per row combines the tile statistics;
-//   2. finishes the scores in shared memory (each thread's logits loaded before their use);
+// The staged selection: one block of kStageThreads per segment of a list, launched after the
+// scoring kernels. Small (decode) segments: the scoring kernel (lookup_small.cu) wrote base-2
+// logits and per-tile (max, normaliser), which this block finishes. Large (prefill) segments: the
+// column pass (lookup_mma.cu, or lookup_score.cu for float32 centroids) wrote the final scores.
+// The block
+//   1. reads the segment's cluster sizes and page offsets (large: and scores) into shared memory
+//      (coalesced, every thread's loads issued together) while, small, one warp per row combines
+//      the tile statistics;
+//   2. small: finishes the scores in shared memory (each thread's logits loaded before their use);
 //   3. runs the weighted radix select (lookup_select.cuh, FindCut) over shared memory;
 //   4. emits the selection in ascending id order: thread t decides a contiguous run of entries,
 //      block scans give the output positions, then the selected clusters are written one per
 //      thread (cluster id, its pages from the page table, valid counts).
-// The arithmetic of the scores is that of FinishScores (lookup_small.cu), so both selections give
-// the same outputs. The previous design walked 26-32 entries per thread with dependent global
-// loads in the last scoring block (256 threads): bench/NOTES-gpu-lookup.md.
+// The arithmetic of the scores is that of FinishScores (lookup_small.cu), and the large scores are
+// read as written, so both selections (this one and SelectSegment's) give the same outputs. The
+// previous design walked 26-32 entries per thread with dependent global loads in the last scoring
+// block (256 threads): bench/NOTES-gpu-lookup.md.
 #include <cuda_runtime.h>
 
 #include <mutex>
@@ -29,9 +33,17 @@ constexpr size_t kStageBytesPerCluster = 16;
 // Pages written per step of a selected cluster (their page-table loads issued together).
 constexpr int kPageBatch = 4;
 
-size_t StagedBytes(const LookupLayout& l) {
+// R of StagedSelectKernel for large segments: nothing to finish, the scores are in the workspace.
+constexpr int kScoresReady = 0;
+
+// Dynamic shared memory of a block over segments of at most `clusters` clusters.
+size_t StagedBytes(int clusters) {
   // page begins hold num_clusters + 1 entries; keep 16-byte alignment.
-  return (static_cast<size_t>(l.max_small_clusters) * kStageBytesPerCluster + 16 + 15) / 16 * 16;
+  return (static_cast<size_t>(clusters) * kStageBytesPerCluster + 16 + 15) / 16 * 16;
+}
+
+int MaxClusters(const LookupLayout& l, SegmentList list) {
+  return list == SegmentList::kSmall ? l.max_small_clusters : l.max_large_clusters;
 }
 
 // FindCut's entries in shared memory.
@@ -43,7 +55,7 @@ struct SharedEntries {
 };
 
 // R: the largest row count of the launch's small segments (4 or kLookupSmallRows), as the scoring
-// kernel's variant.
+// kernel's variant; kScoresReady: the large list, whose scores are final in the workspace.
 template <int R>
 __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArgs a, Workspace w) {
   extern __shared__ __align__(16) unsigned char stage[];
@@ -53,7 +65,8 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   __shared__ float row_inv_z[kLookupSmallRows];
   constexpr int T = kStageThreads;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-  const int seg = w.small_list[blockIdx.x];
+  constexpr bool kFinish = R != kScoresReady;  // scores to finish from logits
+  const int seg = kFinish ? w.small_list[blockIdx.x] : w.large_list[blockIdx.x];
   {
     static_assert(sizeof(LookupSegment) % 4 == 0, "segment copied as words");
     constexpr int kWords = sizeof(LookupSegment) / 4;
@@ -63,15 +76,16 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   __syncthreads();
   const LookupSegment& s = seg_sh;
   const int n = s.num_clusters;
-  const bool scored = s.run != LookupRun::kFixed;  // kFlat otherwise (single-level launches)
+  // kFlat otherwise (single-level launches); the large list holds scored segments only.
+  const bool scored = s.run != LookupRun::kFixed;
   float* score = reinterpret_cast<float*>(stage);       // (n); selected ids after the decisions
   int* size = reinterpret_cast<int*>(stage) + n;        // (n)
   int* pbeg = size + n;                                 // (n + 1)
   int* out_pos = pbeg + n + 1;                          // (n): page position of selected cluster c
   int* sel_id = reinterpret_cast<int*>(stage);          // (clusters selected), aliases score
 
-  // 1. Row statistics (warps 0..rows-1), sizes and page begins (every thread).
-  if (scored) {
+  // 1. Row statistics (small: warps 0..rows-1), sizes and page begins (large: and scores).
+  if (kFinish && scored) {
     const float* ts = w.floats + s.tstat_offset;
     const int tiles = (n + kSmallTile - 1) / kSmallTile;
     for (int r = warp; r < s.rows; r += kStageWarps) {
@@ -91,50 +105,55 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
       }
     }
   }
+  const float* ready = w.floats + s.score_offset;  // large: written by the column pass
 #pragma unroll 4
   for (int i = t; i <= n; i += T) {
     if (i < n) size[i] = __ldg(s.cluster_size + i);
+    if (!kFinish && i < n) score[i] = __ldcg(ready + i);
     pbeg[i] = __ldg(s.cluster_page_begin + i);
   }
   __syncthreads();
 
-  // 2. Scores: kPer entries per thread per step, all their logits (kPer * R) loaded first.
-  if (scored) {
-    constexpr int kPer = R >= kLookupSmallRows ? 1 : 16 / R;
-    const size_t ld = static_cast<size_t>(s.entry_capacity);
-    const float* lg = w.floats + s.logit_offset;
-    const int rows = s.rows;
-    const float inv_rows = 1.f / static_cast<float>(rows);
-    for (int base = 0; base < n; base += T * kPer) {
-      float l[kPer][R];
+  // 2. Small: scores, kPer entries per thread per step, all their logits (kPer * R) loaded first.
+  // (The large list is launched without score_only: its scores are the column pass's output.)
+  if constexpr (kFinish) {
+    if (scored) {
+      constexpr int kPer = R >= kLookupSmallRows ? 1 : 16 / R;
+      const size_t ld = static_cast<size_t>(s.entry_capacity);
+      const float* lg = w.floats + s.logit_offset;
+      const int rows = s.rows;
+      const float inv_rows = 1.f / static_cast<float>(rows);
+      for (int base = 0; base < n; base += T * kPer) {
+        float l[kPer][R];
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        const int i = base + j * T + t;
+        for (int j = 0; j < kPer; ++j) {
+          const int i = base + j * T + t;
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          l[j][r] = i < n && r < rows ? __ldcg(lg + r * ld + i) : 0.f;
+          for (int r = 0; r < R; ++r) {
+            l[j][r] = i < n && r < rows ? __ldcg(lg + r * ld + i) : 0.f;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const int i = base + j * T + t;
+          if (i >= n) continue;
+          float sum = 0.f;
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            if (r < rows) sum = __fmaf_rn(exp2f(l[j][r] - row_max[r]), row_inv_z[r], sum);
+          }
+          score[i] = sum * inv_rows;
         }
       }
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        const int i = base + j * T + t;
-        if (i >= n) continue;
-        float sum = 0.f;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          if (r < rows) sum = __fmaf_rn(exp2f(l[j][r] - row_max[r]), row_inv_z[r], sum);
-        }
-        score[i] = sum * inv_rows;
+      __syncthreads();
+      if (a.score_only) {
+        float* sc = w.floats + s.score_offset;
+        for (int i = t; i < n; i += T) sc[i] = score[i];
+        return;
       }
-    }
-    __syncthreads();
-    if (a.score_only) {
-      float* sc = w.floats + s.score_offset;
-      for (int i = t; i < n; i += T) sc[i] = score[i];
+    } else if (a.score_only) {
       return;
     }
-  } else if (a.score_only) {
-    return;
   }
 
   // 3. The cut (same rules as SelectSegment at level 2).
@@ -261,26 +280,50 @@ size_t StagedLimit() {
 
 template <int R>
 cudaError_t LaunchStagedR(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
-                          cudaStream_t stream) {
-  StagedSelectKernel<R><<<static_cast<unsigned>(l.small_list.size()), kStageThreads,
-                          StagedBytes(l), stream>>>(a, w);
+                          SegmentList list, cudaStream_t stream) {
+  const size_t segs = list == SegmentList::kSmall ? l.small_list.size() : l.large_list.size();
+  StagedSelectKernel<R><<<static_cast<unsigned>(segs), kStageThreads,
+                          StagedBytes(MaxClusters(l, list)), stream>>>(a, w);
   return cudaGetLastError();
+}
+
+// The kernel variant for a list: kScoresReady for the large list, else by the small rows.
+int VariantRows(const LookupLayout& l, SegmentList list) {
+  if (list == SegmentList::kLarge) return kScoresReady;
+  return l.max_small_rows <= kSmallRowsNarrow ? kSmallRowsNarrow : kLookupSmallRows;
 }
 
 }  // namespace
 
-bool UseStagedSelect(const LookupArgs& a, const LookupLayout& l) {
-  if (!a.staged_select || l.any_hierarchical || l.small_list.empty()) return false;
-  if (l.max_small_clusters > kStageThreads * kStageMaxPer) return false;
-  const size_t limit = l.max_small_rows <= kSmallRowsNarrow ? StagedLimit<kSmallRowsNarrow>()
-                                                            : StagedLimit<kLookupSmallRows>();
-  return StagedBytes(l) <= limit;
+bool UseStagedSelect(const LookupArgs& a, const LookupLayout& l, SegmentList list) {
+  const bool empty = list == SegmentList::kSmall ? l.small_list.empty() : l.large_list.empty();
+  if (!a.staged_select || l.any_hierarchical || empty) return false;
+  const int clusters = MaxClusters(l, list);
+  if (clusters > kStageThreads * kStageMaxPer) return false;
+  size_t limit = 0;
+  switch (VariantRows(l, list)) {
+    case kScoresReady:
+      limit = StagedLimit<kScoresReady>();
+      break;
+    case kSmallRowsNarrow:
+      limit = StagedLimit<kSmallRowsNarrow>();
+      break;
+    default:
+      limit = StagedLimit<kLookupSmallRows>();
+  }
+  return StagedBytes(clusters) <= limit;
 }
 
 cudaError_t LaunchStagedSelect(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
-                               cudaStream_t stream) {
-  if (l.max_small_rows <= kSmallRowsNarrow) return LaunchStagedR<kSmallRowsNarrow>(a, l, w, stream);
-  return LaunchStagedR<kLookupSmallRows>(a, l, w, stream);
+                               SegmentList list, cudaStream_t stream) {
+  switch (VariantRows(l, list)) {
+    case kScoresReady:
+      return LaunchStagedR<kScoresReady>(a, l, w, list, stream);
+    case kSmallRowsNarrow:
+      return LaunchStagedR<kSmallRowsNarrow>(a, l, w, list, stream);
+    default:
+      return LaunchStagedR<kLookupSmallRows>(a, l, w, list, stream);
+  }
 }
 
 }  // namespace sqkv::gpu::lookup_detail

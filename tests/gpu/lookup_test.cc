@@ -121,8 +121,9 @@ Seg MakeSeg(std::mt19937_64& rng, const Head& h, int head, int rows, RefMode mod
 
 // Runs one lookup launch over every segment (f16: the 16-bit centroid storage, else float32);
 // `repeat` launches again on the same workspace and checks the second result equals the first.
-// A last launch takes the global-memory selection (staged_select = false) and must give exactly
-// the outputs of the default (staged, where the batch allows it) launches.
+// A last launch takes the global-memory selection (staged_select = false, for small and large
+// segments alike) and must give exactly the outputs of the default (staged, where the batch allows
+// it) launches.
 void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, int pt,
                std::vector<Out>* out, bool repeat = false, bool f16 = true) {
   std::vector<LookupSegment> ls(segs.size());
@@ -625,6 +626,30 @@ TEST(GpuLookup, TiledVariantsMatchReference) {
       CheckAll(heads, segs, out, f16);
     }
   }
+}
+
+// The 16-bit prefill passes cut their streamed dimension into pieces (kLookupPieceEntries entries
+// in pass 1, kLookupPieceRows query rows in pass 2) whose partial statistics and column sums the
+// last block of a tile combines: flat and two-level indexes with several pieces in both passes,
+// ragged last pieces.
+TEST(GpuLookup, SplitTensorPassesMatchReference) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16;
+  std::vector<Head> heads(2);
+  MakeHead(rng, 2 * kLookupPieceEntries + 301, kD, kPt, 40, 0, &heads[0]);
+  MakeHead(rng, kLookupPieceEntries + 555, kD, kPt, 40, 45, &heads[1]);
+  std::vector<Seg> segs;
+  for (int h = 0; h < 2; ++h) {
+    for (int rows : {kLookupPieceRows + 90, 2 * kLookupPieceRows + 7}) {
+      for (double f : {0.03, 0.2}) {
+        segs.push_back(MakeSeg(rng, heads[h], h, rows, RefMode::kBudget, f));
+      }
+    }
+  }
+  std::vector<Out> out;
+  RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, /*f16=*/true);
+  CheckAll(heads, segs, out, true);
 }
 
 // Head dims the kernels pad (16, 48, 96: k-steps and lanes past head_dim read as zero) and the
