@@ -19,9 +19,11 @@
 // to clusters whose scores lie within a factor e^(4E) of the cut (tests/gpu/lookup_testing.h).
 //
 // Pipeline (all on the device, one launch of each kernel for the whole batch, no host round trip):
-//   rows <= kLookupSmallRows ("small" segments, decode) and unscored (fixed) segments: blocks of
+//   rows <= kLookupSmallRows ("small" segments, decode) and unscored (fixed) segments: tiles of
 //     128 centroids read each centroid once for all rows of the segment (16-byte loads, fp32 FMA
-//     with q in registers) and write logits and per-tile (max, normaliser). Staged selection (the
+//     with q in registers) and write logits and per-tile (max, normaliser); 16-bit centroids with
+//     at most 4 rows and head_dim <= 128 run a persistent grid (about two blocks per SM, the next
+//     tile's loads in flight), the other variants one tile per block. Staged selection (the
 //     default for single-level batches whose segments fit in shared memory, see
 //     LookupArgs::staged_select): a second kernel, one block of 1,024 threads per segment, reads
 //     the segment's sizes, page offsets and logits with coalesced loads into shared memory,
