@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "gpu/lookup_select.cuh"
+#include "gpu/paged_attention_common.cuh"
 
 namespace sqkv::gpu::lookup_detail {
 namespace {
@@ -276,6 +277,9 @@ __global__ void __launch_bounds__(kSmallThreads, (SmallMinBlocks<C, R>()))
   __shared__ float lgs[R][kSmallTile];
   __shared__ int last;
   constexpr bool kF16 = std::is_same_v<C, uint16_t>;
+  // The staged selection kernel that follows waits for this grid's completion before it reads
+  // what this grid writes; letting it launch now lets its blocks stage index data as SMs free up.
+  if (!finish) detail::GridDependencyTrigger();
   const int seg = w.small_list[blockIdx.y];
   const LookupSegment& s = a.segments[seg];
   if (!AtLevel(s, level)) return;  // the whole grid row: its counter stays untouched

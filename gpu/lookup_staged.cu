@@ -20,6 +20,7 @@
 #include <mutex>
 
 #include "gpu/lookup_select.cuh"
+#include "gpu/paged_attention_common.cuh"
 
 namespace sqkv::gpu::lookup_detail {
 namespace {
@@ -84,7 +85,15 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   int* out_pos = pbeg + n + 1;                          // (n): page position of selected cluster c
   int* sel_id = reinterpret_cast<int*>(stage);          // (clusters selected), aliases score
 
-  // 1. Row statistics (small: warps 0..rows-1), sizes and page begins (large: and scores).
+  // 1. Sizes and page begins (index data: issued before waiting for the scoring kernel, which
+  // this kernel follows as a programmatic dependent), then the row statistics (small: warps
+  // 0..rows-1) or the scores (large) that kernel wrote.
+#pragma unroll 4
+  for (int i = t; i <= n; i += T) {
+    if (i < n) size[i] = __ldg(s.cluster_size + i);
+    pbeg[i] = __ldg(s.cluster_page_begin + i);
+  }
+  detail::GridDependencyWait();
   if (kFinish && scored) {
     const float* ts = w.floats + s.tstat_offset;
     const int tiles = (n + kSmallTile - 1) / kSmallTile;
@@ -105,12 +114,10 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
       }
     }
   }
-  const float* ready = w.floats + s.score_offset;  // large: written by the column pass
+  if constexpr (!kFinish) {
+    const float* ready = w.floats + s.score_offset;  // written by the column pass
 #pragma unroll 4
-  for (int i = t; i <= n; i += T) {
-    if (i < n) size[i] = __ldg(s.cluster_size + i);
-    if (!kFinish && i < n) score[i] = __ldcg(ready + i);
-    pbeg[i] = __ldg(s.cluster_page_begin + i);
+    for (int i = t; i < n; i += T) score[i] = __ldcg(ready + i);
   }
   __syncthreads();
 
@@ -282,9 +289,19 @@ template <int R>
 cudaError_t LaunchStagedR(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                           SegmentList list, cudaStream_t stream) {
   const size_t segs = list == SegmentList::kSmall ? l.small_list.size() : l.large_list.size();
-  StagedSelectKernel<R><<<static_cast<unsigned>(segs), kStageThreads,
-                          StagedBytes(MaxClusters(l, list)), stream>>>(a, w);
-  return cudaGetLastError();
+  // A programmatic dependent of the scoring kernel before it: its blocks may start (and stage the
+  // index data) while that kernel's last blocks finish; GridDependencyWait orders the rest.
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.gridDim = dim3(static_cast<unsigned>(segs));
+  cfg.blockDim = dim3(kStageThreads);
+  cfg.dynamicSmemBytes = StagedBytes(MaxClusters(l, list));
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, StagedSelectKernel<R>, a, w);
 }
 
 // The kernel variant for a list: kScoresReady for the large list, else by the small rows.
