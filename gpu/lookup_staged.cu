@@ -67,6 +67,9 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   constexpr int T = kStageThreads;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   constexpr bool kFinish = R != kScoresReady;  // scores to finish from logits
+  // The attention that follows is a programmatic dependent: it waits for this grid's completion
+  // before reading the page lists, so it may launch now and stage its queries on the free SMs.
+  detail::GridDependencyTrigger();
   const int seg = kFinish ? w.small_list[blockIdx.x] : w.large_list[blockIdx.x];
   {
     static_assert(sizeof(LookupSegment) % 4 == 0, "segment copied as words");
