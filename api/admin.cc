@@ -39,6 +39,7 @@ Status StoreImpl::ReclaimGarbage(CompactReport* report) {
       for (auto it = layers_.begin(); it != layers_.end();) {
         if (it->first.first == v) {
           layer_lru_.erase(it->second.second);
+          layer_bytes_ -= it->second.first->bytes;
           it = layers_.erase(it);
         } else {
           ++it;

@@ -136,6 +136,27 @@ Result<std::shared_ptr<SegmentReader>> StoreImpl::GetSegment(const ContextRecord
   return shared;
 }
 
+namespace {
+
+template <typename T>
+size_t VectorBytes(const std::vector<T>& v) {
+  return v.capacity() * sizeof(T);
+}
+
+// What a decoded layer holds on the heap: the index cache's charge for it.
+size_t LayerDataBytes(const LayerData& d) {
+  size_t bytes = sizeof(LayerData) + VectorBytes(d.checksums) + VectorBytes(d.head_first_page) +
+                 VectorBytes(d.heads);
+  for (const HeadIndex& h : d.heads) {
+    bytes += VectorBytes(h.centroids) + VectorBytes(h.cluster_size) +
+             VectorBytes(h.cluster_page_begin) + VectorBytes(h.positions) +
+             VectorBytes(h.l1_centroids) + VectorBytes(h.l1_size) + VectorBytes(h.l1_child_begin);
+  }
+  return bytes;
+}
+
+}  // namespace
+
 Result<std::shared_ptr<const LayerData>> StoreImpl::GetLayer(const ContextRecord& r, int layer) {
   const LayerKey key{r.version, layer};
   {
@@ -169,14 +190,23 @@ Result<std::shared_ptr<const LayerData>> StoreImpl::GetLayer(const ContextRecord
       data->checksums.size() != r.layer_first_page[layer + 1] - r.layer_first_page[layer]) {
     return Status::Corruption(ctx + ": page counts disagree with the record");
   }
+  data->bytes = LayerDataBytes(*data);
   std::lock_guard<std::mutex> lock(cache_mu_);
   auto it = layers_.find(key);
   if (it != layers_.end()) return it->second.first;  // another thread won the race
+  ++layers_decoded_;
   layer_lru_.push_front(key);
   layers_[key] = {data, layer_lru_.begin()};
-  while (layers_.size() > std::max<size_t>(1, options_.index_cache_layers)) {
-    layers_.erase(layer_lru_.back());
+  layer_bytes_ += data->bytes;
+  // Evict from the back; the layer just added (front) stays even when it alone is over the bound.
+  // Queries holding an evicted layer keep it alive through their shared_ptr.
+  while (layers_.size() > 1 && (layers_.size() > options_.index_cache_layers ||
+                                layer_bytes_ > options_.index_cache_bytes)) {
+    auto victim = layers_.find(layer_lru_.back());
+    layer_bytes_ -= victim->second.first->bytes;
+    layers_.erase(victim);
     layer_lru_.pop_back();
+    ++layers_evicted_;
   }
   return std::shared_ptr<const LayerData>(data);
 }

@@ -35,8 +35,12 @@ struct StoreOptions {
   // Directory holding the catalog and the segment files; created when missing.
   // Default: "./sqkv-data".
   std::string data_dir = "./sqkv-data";
-  // Decoded layer indexes kept in memory (least recently used go first). Default: 256.
+  // Decoded layer indexes kept in memory (centroids, sizes, token positions and page checksums of
+  // one layer of one context version), bounded both in layers and in bytes; the least recently
+  // used go first, and the layer a query is using always stays. Defaults: 256 layers, 1 GiB (a
+  // 128K-token layer of 8 kv heads at 5% centroids, head_dim 128, is about 31 MB).
   size_t index_cache_layers = 256;
+  size_t index_cache_bytes = 1ull << 30;
   // Bytes of the host page cache between the segment files and the queries (pinned memory when
   // a GPU is present). Default: 1 GiB.
   size_t host_cache_bytes = 1ull << 30;
@@ -147,6 +151,9 @@ struct TierStats {
   uint64_t device_layers_loaded = 0, device_layers_evicted = 0;  // layer indexes
   uint64_t device_hits = 0, device_misses = 0;  // pages
   uint64_t device_pages_uploaded = 0, device_bytes_uploaded = 0, device_pages_evicted = 0;
+  // Decoded layer indexes in host memory (StoreOptions::index_cache_layers / _bytes).
+  uint64_t index_layers_cached = 0, index_bytes_cached = 0, index_capacity_bytes = 0;
+  uint64_t index_layers_decoded = 0, index_layers_evicted = 0;  // counters
 };
 
 struct QueryResult {

@@ -32,6 +32,7 @@ struct LayerData {
   std::vector<HeadIndex> heads;          // (kv_heads)
   std::vector<uint64_t> checksums;       // (pages of the layer), head-major
   std::vector<uint64_t> head_first_page;  // (kv_heads + 1) segment page of each head's page 0
+  size_t bytes = 0;                         // heap bytes of the above (the index cache's charge)
 };
 
 // What a new version of a context is built from (import or rebuild).
@@ -155,6 +156,8 @@ class StoreImpl : public Store {
   std::list<LayerKey> layer_lru_;             // front = most recent
   std::map<LayerKey, std::pair<std::shared_ptr<const LayerData>, std::list<LayerKey>::iterator>>
       layers_;
+  size_t layer_bytes_ = 0;  // sum of LayerData::bytes over layers_
+  uint64_t layers_decoded_ = 0, layers_evicted_ = 0;
   std::unordered_map<uint64_t, std::shared_ptr<SegmentReader>> segments_;
   std::map<uint64_t, int> pins_;  // version → queries using it
   std::set<uint64_t> reclaimed_;  // versions whose files are gone

@@ -218,6 +218,14 @@ Status StoreImpl::GetTierStats(TierStats* out) {
   out->disk_direct_bytes = disk_direct_bytes_.load();
   out->disk_read_us_log2.resize(kLatencyBuckets);
   for (int i = 0; i < kLatencyBuckets; ++i) out->disk_read_us_log2[i] = disk_latency_[i].load();
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    out->index_layers_cached = layers_.size();
+    out->index_bytes_cached = layer_bytes_;
+    out->index_capacity_bytes = options_.index_cache_bytes;
+    out->index_layers_decoded = layers_decoded_;
+    out->index_layers_evicted = layers_evicted_;
+  }
   std::lock_guard<std::mutex> lock(engine_mu_);
   out->device_layers_resident = gpu_lru_.size();
   out->device_layers_loaded = device_layers_loaded_.load();

@@ -244,6 +244,11 @@ Status ReadResponse(wire::Response::Reader r, Response* out) {
       t.device_pages_uploaded = w.getDevicePagesUploaded();
       t.device_bytes_uploaded = w.getDeviceBytesUploaded();
       t.device_pages_evicted = w.getDevicePagesEvicted();
+      t.index_layers_cached = w.getIndexLayersCached();
+      t.index_bytes_cached = w.getIndexBytesCached();
+      t.index_capacity_bytes = w.getIndexCapacityBytes();
+      t.index_layers_decoded = w.getIndexLayersDecoded();
+      t.index_layers_evicted = w.getIndexLayersEvicted();
       out->body = std::move(t);
       return Status::Ok();
     }
@@ -350,6 +355,11 @@ void WriteResponse(const Response& resp, wire::Response::Builder b) {
       w.setDevicePagesUploaded(t.device_pages_uploaded);
       w.setDeviceBytesUploaded(t.device_bytes_uploaded);
       w.setDevicePagesEvicted(t.device_pages_evicted);
+      w.setIndexLayersCached(t.index_layers_cached);
+      w.setIndexBytesCached(t.index_bytes_cached);
+      w.setIndexCapacityBytes(t.index_capacity_bytes);
+      w.setIndexLayersDecoded(t.index_layers_decoded);
+      w.setIndexLayersEvicted(t.index_layers_evicted);
     }
   };
   if (!resp.status.ok()) {

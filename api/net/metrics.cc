@@ -63,6 +63,18 @@ void RenderTiers(const TierStats& t, std::string* out) {
   Line(out, "sqkv_device_layers_resident %" PRIu64, t.device_layers_resident);
   Header(out, "sqkv_device_layers_loaded_total", "counter", "Layers loaded into the device pool.");
   Line(out, "sqkv_device_layers_loaded_total %" PRIu64, t.device_layers_loaded);
+  Header(out, "sqkv_index_layers_cached", "gauge", "Decoded layer indexes in host memory.");
+  Line(out, "sqkv_index_layers_cached %" PRIu64, t.index_layers_cached);
+  Header(out, "sqkv_index_cached_bytes", "gauge", "Bytes of the decoded layer indexes.");
+  Line(out, "sqkv_index_cached_bytes %" PRIu64, t.index_bytes_cached);
+  Header(out, "sqkv_index_capacity_bytes", "gauge", "Byte bound of the layer index cache.");
+  Line(out, "sqkv_index_capacity_bytes %" PRIu64, t.index_capacity_bytes);
+  Header(out, "sqkv_index_layers_decoded_total", "counter",
+         "Layer indexes read from the catalog and decoded.");
+  Line(out, "sqkv_index_layers_decoded_total %" PRIu64, t.index_layers_decoded);
+  Header(out, "sqkv_index_layers_evicted_total", "counter",
+         "Layer indexes dropped from the cache.");
+  Line(out, "sqkv_index_layers_evicted_total %" PRIu64, t.index_layers_evicted);
   Header(out, "sqkv_disk_reads_total", "counter", "Reads from segment files.");
   Line(out, "sqkv_disk_reads_total %" PRIu64, t.disk_reads);
   Header(out, "sqkv_disk_read_bytes_total", "counter", "Bytes read from segment files.");

@@ -475,6 +475,16 @@ struct TierStats {
   # Bytes uploaded to the device pool.
   devicePagesEvicted @19 :UInt64;
   # Pages evicted from the device pool.
+  indexLayersCached @20 :UInt64;
+  # Decoded layer indexes in host memory.
+  indexBytesCached @21 :UInt64;
+  # Their bytes.
+  indexCapacityBytes @22 :UInt64;
+  # The index cache's byte bound.
+  indexLayersDecoded @23 :UInt64;
+  # Layer indexes read from the catalog and decoded.
+  indexLayersEvicted @24 :UInt64;
+  # Layer indexes dropped from the cache.
 }
 
 struct Response {

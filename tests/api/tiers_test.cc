@@ -14,11 +14,12 @@ namespace {
 
 class TiersTest : public ::testing::Test {
  protected:
-  void Open(size_t cache_bytes) {
+  void Open(size_t cache_bytes, size_t index_bytes = size_t{1} << 30) {
     store_.reset();
     StoreOptions o;
     o.data_dir = dir_.file("data");
     o.host_cache_bytes = cache_bytes;
+    o.index_cache_bytes = index_bytes;
     ASSERT_TRUE(Store::Open(o, &store_).ok());
   }
   std::vector<float> Import(const std::string& name, int tokens, uint64_t seed) {
@@ -35,12 +36,13 @@ class TiersTest : public ::testing::Test {
     EXPECT_TRUE(store_->Import(name, dir_.file(name + ".st"), {}, nullptr).ok());
     return q;
   }
-  QueryResult Query(const std::string& name, const std::vector<float>& q, float keep) {
+  QueryResult Query(const std::string& name, const std::vector<float>& q, float keep,
+                    int layer = 1) {
     QueryOptions qo;
     qo.device = Device::kCpu;
     qo.select.keep_fraction = keep;
     QueryResult r;
-    Status s = store_->Query(name, 1, q.data(), 8, 4, 64, qo, &r);
+    Status s = store_->Query(name, layer, q.data(), 8, 4, 64, qo, &r);
     EXPECT_TRUE(s.ok()) << s.ToString();
     return r;
   }
@@ -68,6 +70,61 @@ TEST_F(TiersTest, ColdQueryReadsOnlySelectedPagesWarmQueryReadsNone) {
   EXPECT_EQ(ts.host_misses, static_cast<uint64_t>(cold.stats.pages_selected));
   EXPECT_GE(ts.host_hits, static_cast<uint64_t>(warm.stats.pages_selected));
   EXPECT_GT(ts.disk_reads, 0u);
+}
+
+// The decoded layer indexes stay within their byte bound (one layer's worth here: every query
+// decodes again), answers equal those of a store that keeps every index, and the stats count
+// what happened.
+TEST_F(TiersTest, LayerIndexCacheStaysWithinItsByteBound) {
+  Open(64 << 20);
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::vector<std::vector<float>> queries;
+  for (int i = 0; i < 3; ++i) queries.push_back(Import("c" + std::to_string(i), 2048, rng()));
+  std::vector<QueryResult> want;
+  for (int i = 0; i < 3; ++i) {
+    for (int layer = 0; layer < 2; ++layer) {
+      want.push_back(Query("c" + std::to_string(i), queries[i], 0.2f, layer));
+    }
+  }
+  TierStats big;
+  ASSERT_TRUE(store_->GetTierStats(&big).ok());
+  EXPECT_EQ(big.index_layers_cached, 6u);
+  EXPECT_EQ(big.index_layers_decoded, 6u);
+  EXPECT_EQ(big.index_layers_evicted, 0u);
+  const uint64_t per_layer = big.index_bytes_cached / 6;
+  ASSERT_GT(per_layer, 0u);
+
+  // A bound of about 2.5 layers: at most two stay.
+  const size_t bound = static_cast<size_t>(per_layer * 5 / 2);
+  Open(64 << 20, bound);
+  size_t k = 0;
+  for (int round = 0; round < 2; ++round) {
+    k = 0;
+    for (int i = 0; i < 3; ++i) {
+      for (int layer = 0; layer < 2; ++layer, ++k) {
+        QueryResult got = Query("c" + std::to_string(i), queries[i], 0.2f, layer);
+        EXPECT_EQ(got.output, want[k].output) << "context " << i << " layer " << layer;
+        EXPECT_EQ(got.lse, want[k].lse);
+        TierStats ts;
+        ASSERT_TRUE(store_->GetTierStats(&ts).ok());
+        EXPECT_LE(ts.index_bytes_cached, bound);
+        EXPECT_LE(ts.index_layers_cached, 2u);
+        EXPECT_EQ(ts.index_capacity_bytes, bound);
+      }
+    }
+  }
+  TierStats small;
+  ASSERT_TRUE(store_->GetTierStats(&small).ok());
+  EXPECT_EQ(small.index_layers_decoded, 12u);  // 6 layers cycled twice through room for 2
+  EXPECT_EQ(small.index_layers_evicted, 10u);
+
+  // A bound below one layer still answers: the layer in use stays, alone.
+  Open(64 << 20, 1);
+  QueryResult got = Query("c0", queries[0], 0.2f, 0);
+  EXPECT_EQ(got.output, want[0].output);
+  TierStats one;
+  ASSERT_TRUE(store_->GetTierStats(&one).ok());
+  EXPECT_EQ(one.index_layers_cached, 1u);
 }
 
 // Many contexts through a cache far smaller than their total: memory never exceeds the bound, and

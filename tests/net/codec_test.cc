@@ -301,6 +301,11 @@ TEST(CodecTest, EveryAnswerRoundTrips) {
     t.device_layers_evicted = 2;
     t.device_hits = 31;
     t.device_bytes_uploaded = 1 << 20;
+    t.index_layers_cached = 3;
+    t.index_bytes_cached = 123456;
+    t.index_capacity_bytes = uint64_t{1} << 31;
+    t.index_layers_decoded = 9;
+    t.index_layers_evicted = 6;
     auto d = std::get<TierStats>(RoundTrip(Response{13, Status::Ok(), t}).body);
     EXPECT_EQ(d.host_hits, 5u);
     EXPECT_EQ(d.host_capacity_bytes, t.host_capacity_bytes);
@@ -309,6 +314,11 @@ TEST(CodecTest, EveryAnswerRoundTrips) {
     EXPECT_EQ(d.device_layers_evicted, 2u);
     EXPECT_EQ(d.device_hits, 31u);
     EXPECT_EQ(d.device_bytes_uploaded, 1u << 20);
+    EXPECT_EQ(d.index_layers_cached, 3u);
+    EXPECT_EQ(d.index_bytes_cached, 123456u);
+    EXPECT_EQ(d.index_capacity_bytes, t.index_capacity_bytes);
+    EXPECT_EQ(d.index_layers_decoded, 9u);
+    EXPECT_EQ(d.index_layers_evicted, 6u);
     QueryResult q;
     q.stats.pages_from_host = 11;
     q.stats.pages_from_device = 12;

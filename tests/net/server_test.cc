@@ -161,6 +161,8 @@ TEST(ServerTest, EveryCallMatchesTheEmbeddedStore) {
   EXPECT_EQ(rts.host_capacity_bytes, lts.host_capacity_bytes);
   EXPECT_EQ(rts.host_pinned_bytes, lts.host_pinned_bytes);
   EXPECT_GT(rts.host_pinned_bytes, 0u);
+  EXPECT_EQ(rts.index_bytes_cached, lts.index_bytes_cached);
+  EXPECT_GT(rts.index_layers_cached, 0u);
   ASSERT_TRUE(remote->Unpin("doc").ok());
   ASSERT_TRUE(remote->ListPins(&rp).ok());
   EXPECT_TRUE(rp.empty());
