@@ -192,7 +192,7 @@ Status StoreImpl::Import(const std::string& name, const std::string& path,
   spec.tokens = ct.tokens;
   spec.head_dim = ct.head_dim;
   spec.dtype = ct.dtype;
-  spec.source = path;
+  spec.source = options.source.empty() ? path : options.source;
   for (int l = 0; l < ct.layers && ct.q[l] != nullptr; ++l) {
     const TensorInfo& t = *ct.q[l];
     WindowQueries w;

@@ -66,6 +66,10 @@ struct ImportOptions {
   // Where K-means runs: kAuto = the GPU when one is present (falling back to the CPU per call),
   // kCpu = FAISS, kGpu = the GPU or Unavailable. Default: kAuto.
   Device kmeans_device = Device::kAuto;
+  // Recorded as the context's source (ContextInfo::source) instead of the imported path; the
+  // server sets the client's file name here for uploads. Not carried over the wire. Default:
+  // empty (the path).
+  std::string source;
   // Called after each (layer, kv head) is indexed and written: (done, total).
   std::function<void(int, int)> progress;
   // Test hook: called at named points of the import ("segment_written", "segment_published",

@@ -251,6 +251,8 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportBegin(ImportBeginCall& ca
   const uint64_t id = server_->NextUploadId();
   up->name = call.name;
   up->options = call.options;
+  // The context's source is the client's file name (importBegin.fileName), not the upload path.
+  up->options.source = call.file_name.empty() ? kDefaultUploadName : call.file_name;
   up->total = call.total_bytes;
   up->dir = server_->upload_dir() + "/up-" + std::to_string(id);
   up->path = up->dir + "/" + (call.file_name.empty() ? kDefaultUploadName : call.file_name);

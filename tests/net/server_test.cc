@@ -198,6 +198,11 @@ TEST(ServerTest, ImportUploadsInChunksAndReportsProgress) {
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_EQ(info.tokens, ctx.tokens);
   EXPECT_EQ(info.layers, ctx.layers);
+  // The source is the client's file name, not where the server kept the upload.
+  EXPECT_EQ(info.source, "up.safetensors");
+  ContextInfo again;
+  ASSERT_TRUE(remote->Info("up", &again).ok());
+  EXPECT_EQ(again.source, "up.safetensors");
   EXPECT_LE(last_done, last_total);  // progress may or may not have been sampled: a fast import
 
   // The same file imported locally gives the same answers (K-means is seeded the same way).
