@@ -3,6 +3,9 @@
 // query tokens, dense and keep 0.1, measured side by side in one run.
 //
 //   cpu_query_bench [--tokens 32768] [--layers 2] [--reps 7] [--dir /tmp/sqkv-bench]
+//                   [--n 0|1|512] [--reuse 0|1]
+//   --n: only that many query tokens (0: both 1 and 512); --reuse 1: keep the directory and import
+//   only when the context is not there yet (for profiling the queries alone).
 //
 // A query touches one layer, so the context has fewer layers than a real model's 32 (indexing
 // 32 x 8 heads of 32K keys takes ~20 min on 2 cores); per-layer latency does not depend on it.
@@ -40,11 +43,13 @@ int main(int argc, char** argv) {
   const int tokens = Arg(argc, argv, "--tokens", 32768);
   const int layers = Arg(argc, argv, "--layers", 2);
   const int reps = Arg(argc, argv, "--reps", 7);
+  const int only_n = Arg(argc, argv, "--n", 0);
+  const bool reuse = Arg(argc, argv, "--reuse", 0) != 0;
   std::string dir = "/tmp/sqkv-bench";
   for (int i = 1; i + 1 < argc; ++i) {
     if (std::strcmp(argv[i], "--dir") == 0) dir = argv[i + 1];
   }
-  std::filesystem::remove_all(dir);
+  if (!reuse) std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
 
   SyntheticOptions so;
@@ -71,7 +76,10 @@ int main(int argc, char** argv) {
     return 1;
   }
   const auto t0 = Clock::now();
-  if (Status s = store->Import("bench", file, ImportOptions(), nullptr); !s.ok()) {
+  ContextInfo existing;
+  if (reuse && store->Info("bench", &existing).ok() && existing.tokens == tokens) {
+    std::printf("reusing the imported context in %s\n", dir.c_str());
+  } else if (Status s = store->Import("bench", file, ImportOptions(), nullptr); !s.ok()) {
     std::fprintf(stderr, "%s\n", s.ToString().c_str());
     return 1;
   }
@@ -85,6 +93,7 @@ int main(int argc, char** argv) {
 
   std::printf("\n%-6s %-10s %12s %12s %14s\n", "n", "mode", "median_ms", "kept_frac", "MB_from_disk");
   for (int n : {1, 512}) {
+    if (only_n != 0 && n != only_n) continue;
     // q: (32, n, 128) — the first n of the 512 synthetic user queries of each head.
     std::vector<float> q(static_cast<size_t>(32) * n * 128);
     for (int h = 0; h < 32; ++h) {

@@ -7,6 +7,8 @@
 #include <limits>
 #include <vector>
 
+#include "common/dot.h"
+
 namespace sqkv {
 namespace {
 
@@ -79,21 +81,19 @@ void AttendPagesTiled(const float* q, int rows, int head_dim, float scale, DType
   }
 }
 
-}  // namespace
-
-void AttendPages(const float* q, int rows, int head_dim, float scale, DType dtype, int page_tokens,
-                 const PageRef* pages, int num_pages, float* out, float* lse) {
-  if (rows >= kGemmMinRows) {
-    AttendPagesTiled(q, rows, head_dim, scale, dtype, page_tokens, pages, num_pages, out, lse);
-    return;
-  }
+// The per-row loop (decode batches). For each page: its keys and values to float32 once, every
+// row's scaled scores, then per row the online-softmax update. Built twice (AVX2 + FMA and the
+// baseline), the first the CPU runs chosen at load time.
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void AttendPagesLoop(
+    const float* q, int rows, int head_dim, float scale, DType dtype, int page_tokens,
+    const PageRef* pages, int num_pages, float* out, float* lse) {
   const size_t d = static_cast<size_t>(head_dim);
   const size_t block_bytes = static_cast<size_t>(page_tokens) * d * DTypeSize(dtype);
   std::vector<float> k(static_cast<size_t>(page_tokens) * d);
   std::vector<float> v(static_cast<size_t>(page_tokens) * d);
   std::vector<float> m(rows, kNegInf);  // running max of scaled scores
   std::vector<float> l(rows, 0.f);      // running Σ exp(s - m)
-  std::vector<float> s(page_tokens);
+  std::vector<float> s(static_cast<size_t>(rows) * page_tokens);  // (rows, page_tokens)
   std::fill(out, out + rows * d, 0.f);
 
   for (int p = 0; p < num_pages; ++p) {
@@ -101,24 +101,22 @@ void AttendPages(const float* q, int rows, int head_dim, float scale, DType dtyp
     const auto* base = static_cast<const uint8_t*>(pages[p].data);
     LoadBlock(dtype, base, valid, head_dim, k.data());
     LoadBlock(dtype, base + block_bytes, valid, head_dim, v.data());
+    for (int t = 0; t < valid; ++t) {
+      const float* kt = k.data() + t * d;
+      for (int r = 0; r < rows; ++r) s[r * page_tokens + t] = Dot(q + r * d, kt, d) * scale;
+    }
     for (int r = 0; r < rows; ++r) {
-      const float* qr = q + r * d;
       float* o = out + r * d;
+      const float* sr = s.data() + r * page_tokens;
       float page_max = kNegInf;
-      for (int t = 0; t < valid; ++t) {
-        const float* kt = k.data() + t * d;
-        float dot = 0.f;
-        for (size_t c = 0; c < d; ++c) dot += qr[c] * kt[c];
-        s[t] = dot * scale;
-        page_max = std::max(page_max, s[t]);
-      }
+      for (int t = 0; t < valid; ++t) page_max = std::max(page_max, sr[t]);
       const float new_m = std::max(m[r], page_max);
       // Rescale what was accumulated under the old max (exp(-inf) = 0 on the first page).
       const float correction = std::exp(m[r] - new_m);
       l[r] *= correction;
       for (size_t c = 0; c < d; ++c) o[c] *= correction;
       for (int t = 0; t < valid; ++t) {
-        const float w = std::exp(s[t] - new_m);
+        const float w = std::exp(sr[t] - new_m);
         l[r] += w;
         const float* vt = v.data() + t * d;
         for (size_t c = 0; c < d; ++c) o[c] += w * vt[c];
@@ -135,6 +133,17 @@ void AttendPages(const float* q, int rows, int head_dim, float scale, DType dtyp
     for (size_t c = 0; c < d; ++c) out[r * d + c] *= inv;
     lse[r] = m[r] + std::log(l[r]);
   }
+}
+
+}  // namespace
+
+void AttendPages(const float* q, int rows, int head_dim, float scale, DType dtype, int page_tokens,
+                 const PageRef* pages, int num_pages, float* out, float* lse) {
+  if (rows >= kGemmMinRows) {
+    AttendPagesTiled(q, rows, head_dim, scale, dtype, page_tokens, pages, num_pages, out, lse);
+    return;
+  }
+  AttendPagesLoop(q, rows, head_dim, scale, dtype, page_tokens, pages, num_pages, out, lse);
 }
 
 void MergeStates(float* out_a, float* lse_a, const float* out_b, const float* lse_b, int rows,

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "common/dot.h"
+
 namespace sqkv {
 namespace {
 
@@ -32,6 +34,24 @@ struct Candidates {
 };
 
 float LogitScale(int d) { return 1.f / std::sqrt(static_cast<float>(d)); }
+
+// Fewer query rows than this (decode) take SmallLogits: a BLAS call for a handful of rows costs
+// more than it saves (OpenBLAS also wakes its threads for it).
+constexpr int kGemmMinRows = 32;
+
+// logits (rows, count) = scale · q (rows, d) · centroidsᵀ, one dot product at a time. Built for
+// AVX2 + FMA and for the baseline; the CPU's best runs.
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void SmallLogits(
+    const float* q, int rows, int d, const float* centroids, int count, float scale,
+    float* logits) {
+  for (int j = 0; j < count; ++j) {
+    const float* c = centroids + static_cast<size_t>(j) * d;
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<size_t>(r) * d;
+      logits[static_cast<size_t>(r) * count + j] = Dot(qr, c, d) * scale;
+    }
+  }
+}
 
 // Float64 fallback for one query whose float32 logits overflowed: recomputes every logit in
 // float64 and accumulates that query's per-key scores. q: (d); acc: (set.count).
@@ -112,8 +132,12 @@ void ScoreCandidates(const float* queries, int num_queries, int d, const Candida
     float* logits = logits_out != nullptr ? logits_out->data() + static_cast<size_t>(q0) * set.count
                                           : block.data();
     // logits (rows, count) = scale * q (rows, d) · centroidsᵀ (d, count).
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, set.count, d, scale, q, d,
-                set.centroids, d, 0.f, logits, set.count);
+    if (rows < kGemmMinRows) {
+      SmallLogits(q, rows, d, set.centroids, set.count, scale, logits);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, set.count, d, scale, q, d,
+                  set.centroids, d, 0.f, logits, set.count);
+    }
     for (int r = 0; r < rows; ++r) {
       const size_t qi = static_cast<size_t>(q0) + r;
       for (int j = 0; j < set.extra_count; ++j) {
