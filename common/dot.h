@@ -6,6 +6,14 @@
 
 #include <cstddef>
 
+// On x86-64, a function marked SQKV_CPU_CLONES is built twice (AVX2 + FMA, and the baseline) and
+// the loader picks the one the CPU runs; elsewhere it is built once.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SQKV_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SQKV_CPU_CLONES
+#endif
+
 namespace sqkv {
 
 // Σ a[i]·b[i] over n components with kDotLanes independent partial sums (vectorised without

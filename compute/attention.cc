@@ -84,7 +84,7 @@ void AttendPagesTiled(const float* q, int rows, int head_dim, float scale, DType
 // The per-row loop (decode batches). For each page: its keys and values to float32 once, every
 // row's scaled scores, then per row the online-softmax update. Built twice (AVX2 + FMA and the
 // baseline), the first the CPU runs chosen at load time.
-__attribute__((target_clones("arch=x86-64-v3", "default"))) void AttendPagesLoop(
+SQKV_CPU_CLONES void AttendPagesLoop(
     const float* q, int rows, int head_dim, float scale, DType dtype, int page_tokens,
     const PageRef* pages, int num_pages, float* out, float* lse) {
   const size_t d = static_cast<size_t>(head_dim);

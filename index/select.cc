@@ -41,7 +41,7 @@ constexpr int kGemmMinRows = 32;
 
 // logits (rows, count) = scale · q (rows, d) · centroidsᵀ, one dot product at a time. Built for
 // AVX2 + FMA and for the baseline; the CPU's best runs.
-__attribute__((target_clones("arch=x86-64-v3", "default"))) void SmallLogits(
+SQKV_CPU_CLONES void SmallLogits(
     const float* q, int rows, int d, const float* centroids, int count, float scale,
     float* logits) {
   for (int j = 0; j < count; ++j) {
