@@ -3,7 +3,44 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define SQKV_HAVE_F16C_PATH 1
+#endif
+
 namespace sqkv {
+namespace {
+
+#ifdef SQKV_HAVE_F16C_PATH
+// binary16 → float32 eight at a time with the F16C conversion (exact, like HalfToFloat; a
+// signalling NaN comes out quiet). Used when the CPU has F16C.
+__attribute__((target("avx,f16c"))) void HalvesToFloatF16C(const uint16_t* src, float* dst,
+                                                          size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+}
+
+// CPUID leaf 1: F16C and AVX present, and the OS saves the YMM registers (OSXSAVE, XCR0 bits 1-2).
+bool HasF16C() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid(1, &a, &b, &c, &d) == 0) return false;
+    const unsigned need = (1u << 27) | (1u << 28) | (1u << 29);  // OSXSAVE, AVX, F16C
+    if ((c & need) != need) return false;
+    unsigned lo = 0, hi = 0;
+    __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 6u) == 6u;
+  }();
+  return has;
+}
+#endif
+
+}  // namespace
 
 const char* DTypeName(DType t) {
   switch (t) {
@@ -84,6 +121,12 @@ void ToFloat(DType t, const void* src, float* dst, size_t n) {
       return;
     case DType::kF16: {
       auto* s = static_cast<const uint16_t*>(src);
+#ifdef SQKV_HAVE_F16C_PATH
+      if (HasF16C()) {
+        HalvesToFloatF16C(s, dst, n);
+        return;
+      }
+#endif
       for (size_t i = 0; i < n; ++i) dst[i] = HalfToFloat(s[i]);
       return;
     }

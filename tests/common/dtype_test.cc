@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "tests/testing/testing.h"
 
@@ -20,6 +21,26 @@ TEST(DType, HalfRoundTripsEveryPattern) {
       continue;
     }
     ASSERT_EQ(FloatToHalf(f), b) << "pattern " << b;
+  }
+}
+
+// The bulk conversion (vectorised where the CPU has F16C) gives what the scalar one gives for
+// every pattern, at every position of a vector (the vector loop and its scalar tail).
+TEST(DType, BulkHalfConversionEqualsScalar) {
+  std::vector<uint16_t> all(65536 + 5);
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<uint16_t>(i * 40503u);
+  for (size_t offset : {0, 1, 3}) {
+    const size_t n = all.size() - offset;
+    std::vector<float> got(n);
+    ToFloat(DType::kF16, all.data() + offset, got.data(), n);
+    for (size_t i = 0; i < n; ++i) {
+      const float want = HalfToFloat(all[offset + i]);
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(got[i])) << "pattern " << all[offset + i];
+      } else {
+        ASSERT_EQ(std::memcmp(&got[i], &want, 4), 0) << "pattern " << all[offset + i];
+      }
+    }
   }
 }
 
