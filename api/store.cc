@@ -9,6 +9,9 @@
 #include "index/serialize.h"
 #include "storage/file_util.h"
 
+// OpenBLAS's thread control, when OpenBLAS is the BLAS linked in (weak: null otherwise).
+extern "C" void openblas_set_num_threads(int threads) __attribute__((weak));
+
 namespace sqkv {
 
 const char* DeviceName(Device d) {
@@ -58,6 +61,10 @@ Status Store::GetTierStats(TierStats*) { return NoTiers(); }
 
 Status Store::Open(const StoreOptions& options, std::unique_ptr<Store>* out) {
   if (options.data_dir.empty()) return Status::InvalidArgument("empty data directory");
+  if (options.blas_threads < 0) return Status::InvalidArgument("negative blas_threads");
+  if (options.blas_threads > 0 && openblas_set_num_threads != nullptr) {
+    openblas_set_num_threads(options.blas_threads);
+  }
   SQKV_RETURN_IF_ERROR(EnsureDir(options.data_dir));
   SQKV_RETURN_IF_ERROR(EnsureDir(options.data_dir + "/segments"));
   std::unique_ptr<Catalog> catalog;

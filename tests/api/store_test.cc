@@ -18,6 +18,9 @@
 #include "storage/safetensors.h"
 #include "tests/testing/testing.h"
 
+extern "C" int openblas_get_num_threads() __attribute__((weak));
+extern "C" void openblas_set_num_threads(int threads) __attribute__((weak));
+
 namespace sqkv {
 namespace {
 
@@ -275,6 +278,34 @@ TEST_F(StoreTest, CallerMergeEqualsAttentionOverTheUnion) {
                               &ref_lse);
   EXPECT_LT(testing::RelativeError(r.output.data(), ref_out.data(), rows * d), 1e-5);
   for (int i = 0; i < rows; ++i) EXPECT_NEAR(r.lse[i], ref_lse[i], 1e-4);
+}
+
+// Open sets OpenBLAS's thread count from StoreOptions::blas_threads (0 leaves it alone; negative
+// is refused).
+TEST(StoreOptionsTest, BlasThreads) {
+  if (openblas_get_num_threads == nullptr || openblas_set_num_threads == nullptr) {
+    GTEST_SKIP() << "the BLAS linked in is not OpenBLAS";
+  }
+  testing::ScratchDir dir;
+  openblas_set_num_threads(2);
+  StoreOptions o;
+  o.data_dir = dir.file("a");
+  o.blas_threads = 0;
+  std::unique_ptr<Store> store;
+  ASSERT_TRUE(Store::Open(o, &store).ok());
+  const int untouched = openblas_get_num_threads();  // 2, or fewer on a 1-core machine
+  store.reset();
+  o.blas_threads = 1;
+  ASSERT_TRUE(Store::Open(o, &store).ok());
+  EXPECT_EQ(openblas_get_num_threads(), 1);
+  store.reset();
+  openblas_set_num_threads(untouched);
+  o.blas_threads = 0;
+  ASSERT_TRUE(Store::Open(o, &store).ok());
+  EXPECT_EQ(openblas_get_num_threads(), untouched);
+  store.reset();
+  o.blas_threads = -1;
+  EXPECT_TRUE(Store::Open(o, &store).IsInvalidArgument());
 }
 
 TEST_F(StoreTest, BadQueriesAreRejected) {
