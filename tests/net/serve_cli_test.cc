@@ -179,6 +179,13 @@ TEST_F(ServeCliTest, EveryCommandGivesTheEmbeddedResultsThroughTheServer) {
     b = Sqkv({"--server", srv, cmd});
     EXPECT_EQ(b.code, 0) << cmd << ": " << b.err;
   }
+  // The server's tiers, after the queries above went through it.
+  b = Sqkv({"--server", srv, "stats", "--json"});
+  ASSERT_EQ(b.code, 0) << b.err;
+  const auto tiers = nlohmann::json::parse(b.out)["tiers"];
+  EXPECT_GE(tiers["index"]["layers_cached"].get<uint64_t>(), 1u);
+  EXPECT_GT(tiers["index"]["bytes_cached"].get<uint64_t>(), 0u);
+  EXPECT_GT(tiers["host"]["hits"].get<uint64_t>() + tiers["host"]["misses"].get<uint64_t>(), 0u);
   for (const std::vector<std::string>& args :
        {std::vector<std::string>{"pin", "doc", "--tier", "host"},
         std::vector<std::string>{"unpin", "doc"}, std::vector<std::string>{"preload", "doc"}}) {

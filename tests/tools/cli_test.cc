@@ -221,6 +221,10 @@ TEST_F(CliTest, RebuildCalibrateVerifyCompactStats) {
   auto st = nlohmann::json::parse(r.out);
   EXPECT_EQ(st["contexts"], 1);
   EXPECT_EQ(st["versions"]["garbage"], 0);  // the old version went when the rebuild ended
+  // This process's tiers: fresh, with the default bounds.
+  EXPECT_EQ(st["tiers"]["index"]["layers_cached"], 0);
+  EXPECT_EQ(st["tiers"]["index"]["capacity_bytes"], uint64_t{1} << 30);
+  EXPECT_EQ(st["tiers"]["host"]["capacity_bytes"], uint64_t{1} << 30);
   r = Sqkv({"--data", Data(), "verify", "--json"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_TRUE(nlohmann::json::parse(r.out)["ok"].get<bool>());

@@ -38,6 +38,32 @@ nlohmann::json StatsJson(const StoreStats& s) {
           {"calibrated_contexts", s.calibrated_contexts}};
 }
 
+// The tiers of the store that answered: the server's (with --server, since it started) or this
+// process's (fresh: capacities, nothing cached yet).
+nlohmann::json TiersJson(const TierStats& t) {
+  return {{"host", {{"hits", t.host_hits},
+                    {"misses", t.host_misses},
+                    {"evictions", t.host_evictions},
+                    {"bytes_in_use", t.host_bytes_in_use},
+                    {"pinned_bytes", t.host_pinned_bytes},
+                    {"capacity_bytes", t.host_capacity_bytes}}},
+          {"disk", {{"reads", t.disk_reads},
+                    {"bytes", t.disk_bytes},
+                    {"direct_bytes", t.disk_direct_bytes}}},
+          {"device", {{"layers_resident", t.device_layers_resident},
+                      {"pool_bytes_used", t.device_pool_bytes_used},
+                      {"pool_bytes", t.device_pool_bytes},
+                      {"hits", t.device_hits},
+                      {"misses", t.device_misses},
+                      {"bytes_uploaded", t.device_bytes_uploaded},
+                      {"pages_evicted", t.device_pages_evicted}}},
+          {"index", {{"layers_cached", t.index_layers_cached},
+                     {"bytes_cached", t.index_bytes_cached},
+                     {"capacity_bytes", t.index_capacity_bytes},
+                     {"layers_decoded", t.index_layers_decoded},
+                     {"layers_evicted", t.index_layers_evicted}}}};
+}
+
 }  // namespace
 
 void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Runner>* runners) {
@@ -240,15 +266,22 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
   }
   // stats
   {
-    auto* cmd = app.add_subcommand("stats", "Contexts, keys, bytes on disk by kind, versions");
+    auto* cmd = app.add_subcommand(
+        "stats",
+        "Contexts, keys, bytes on disk by kind, versions; the tiers' caches and counters (those "
+        "of the server with --server)");
     cmd->add_flag("--json", g.json, "Print JSON");
     (*runners)["stats"] = [&g]() {
       std::unique_ptr<Store> store;
       if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
       StoreStats st;
       if (Status s = store->Stats(&st); !s.ok()) return Fail(s);
+      TierStats ts;
+      if (Status s = store->GetTierStats(&ts); !s.ok()) return Fail(s);
       if (g.json) {
-        std::printf("%s\n", StatsJson(st).dump(2).c_str());
+        nlohmann::json j = StatsJson(st);
+        j["tiers"] = TiersJson(ts);
+        std::printf("%s\n", j.dump(2).c_str());
       } else {
         std::printf("contexts           %d (%d calibrated)\nkeys               %lld\n"
                     "segments           %.1f MiB\nindexes            %.1f MiB\n"
@@ -258,6 +291,16 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
                     st.segment_bytes / 1048576.0, st.index_bytes / 1048576.0,
                     st.garbage_segment_bytes / 1048576.0, st.garbage_versions,
                     st.catalog_bytes / 1048576.0);
+        std::printf("host cache         %.1f of %.1f MiB, %llu hits, %llu misses\n"
+                    "index cache        %llu layers, %.1f of %.1f MiB\n"
+                    "device pool        %llu layers, %.1f of %.1f MiB\n",
+                    ts.host_bytes_in_use / 1048576.0, ts.host_capacity_bytes / 1048576.0,
+                    static_cast<unsigned long long>(ts.host_hits),
+                    static_cast<unsigned long long>(ts.host_misses),
+                    static_cast<unsigned long long>(ts.index_layers_cached),
+                    ts.index_bytes_cached / 1048576.0, ts.index_capacity_bytes / 1048576.0,
+                    static_cast<unsigned long long>(ts.device_layers_resident),
+                    ts.device_pool_bytes_used / 1048576.0, ts.device_pool_bytes / 1048576.0);
       }
       return kExitOk;
     };
