@@ -305,6 +305,19 @@ class Client:
                 "catalogBytes", "liveVersions", "garbageVersions", "calibratedContexts")}
         return self._call(build, read)
 
+    def tier_stats(self) -> Dict:
+        """The server's tiers since it started: host page cache, disk reads, device pool and
+        layer index cache (counters and current sizes; field names as in the schema)."""
+        def build(req):
+            req.tierStats = None
+
+        def read(r):
+            t = r.tierStats
+            out = {f: getattr(t, f) for f in t.schema.fieldnames}
+            out["diskReadUsLog2"] = list(out["diskReadUsLog2"])
+            return out
+        return self._call(build, read)
+
     def verify(self, name: str = "",
                progress: Optional[Callable[[int, int], None]] = None) -> List[str]:
         """Checks checksums and index invariants of `name` (all contexts when empty); returns

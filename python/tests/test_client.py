@@ -40,6 +40,10 @@ def test_import_list_info_query_remove(sqkv_bin, server, synth, tmp_path):
         assert len(sel) == 2 and all(np.all(np.diff(s) > 0) for s in sel)
 
         assert c.stats()["contexts"] == 1
+        tiers = c.tier_stats()
+        assert tiers["indexLayersCached"] >= 1 and tiers["indexBytesCached"] > 0
+        assert tiers["hostHits"] + tiers["hostMisses"] > 0
+        assert tiers["indexCapacityBytes"] == 1 << 30
         assert c.verify() == []
         c.calibrate("doc", [0.5, 0.9])
         out_s, _ = c.query("doc", layer=0, q=q, sparsity=0.9)
