@@ -179,6 +179,35 @@ __device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh) {
   return c;
 }
 
+// Per-row max and 1/normaliser of a small segment from its first `tiles` per-tile statistics
+// (floats + s.tstat_offset: (rows, s.tiles, 2) base-2 (max, normaliser)), one warp per row, the
+// block's warps striding by `warps`; lane 0 writes row_max[r] and row_inv_z[r]. Both selections
+// of small segments (the last scoring block's and the staged kernel's) combine through here, so
+// their scores agree bit for bit. The caller synchronises before reading the results.
+__device__ __forceinline__ void CombineTileStats(const LookupSegment& s, const float* floats,
+                                                 int tiles, int warps, float* row_max,
+                                                 float* row_inv_z) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const float* ts = floats + s.tstat_offset;
+  for (int r = warp; r < s.rows; r += warps) {
+    const float* row = ts + static_cast<size_t>(r) * s.tiles * 2;
+    float m = -INFINITY;
+    for (int c = lane; c < tiles; c += 32) m = fmaxf(m, __ldcg(row + 2 * c));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float z = 0.f;
+    for (int c = lane; c < tiles; c += 32) {
+      z += __ldcg(row + 2 * c + 1) * exp2f(__ldcg(row + 2 * c) - m);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
+    if (lane == 0) {
+      row_max[r] = m;
+      row_inv_z[r] = 1.f / z;  // z >= the size of the arg-max entry >= 1
+    }
+  }
+}
+
 // Selection of an entry under the cut; tie_before: tokens of tied entries before it (ascending).
 __device__ __forceinline__ bool Selected(const Cut& c, float score, int tie_before) {
   switch (c.rule) {

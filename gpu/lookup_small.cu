@@ -219,25 +219,8 @@ __device__ __noinline__ void FinishScores(const LookupArgs& a, const Workspace& 
   __shared__ float row_inv_z[kLookupSmallRows];
   const LookupSegment& s = a.segments[seg];
   const EntrySet e = GetEntrySet(s, level, w.ints, a.head_dim, f16);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int tiles = (e.total + kSmallTile - 1) / kSmallTile;
-  const float* ts = w.floats + s.tstat_offset;
-  for (int r = warp; r < s.rows; r += kWarps) {
-    const float* row = ts + static_cast<size_t>(r) * s.tiles * 2;
-    float m = -INFINITY;
-    for (int c = lane; c < tiles; c += 32) m = fmaxf(m, __ldcg(row + 2 * c));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float z = 0.f;
-    for (int c = lane; c < tiles; c += 32)
-      z += __ldcg(row + 2 * c + 1) * exp2f(__ldcg(row + 2 * c) - m);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
-    if (lane == 0) {
-      row_max[r] = m;
-      row_inv_z[r] = 1.f / z;  // z >= the size of the arg-max entry >= 1
-    }
-  }
+  CombineTileStats(s, w.floats, tiles, kWarps, row_max, row_inv_z);
   __syncthreads();
   const size_t ld = static_cast<size_t>(s.entry_capacity);
   const float* lg = w.floats + s.logit_offset;

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   __shared__ float row_max[kLookupSmallRows];
   __shared__ float row_inv_z[kLookupSmallRows];
   constexpr int T = kStageThreads;
-  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  const int t = threadIdx.x;
   constexpr bool kFinish = R != kScoresReady;  // scores to finish from logits
   // The attention that follows is a programmatic dependent: it waits for this grid's completion
   // before reading the page lists, so it may launch now and stage its queries on the free SMs.
@@ -98,24 +98,8 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   }
   detail::GridDependencyWait();
   if (kFinish && scored) {
-    const float* ts = w.floats + s.tstat_offset;
     const int tiles = (n + kSmallTile - 1) / kSmallTile;
-    for (int r = warp; r < s.rows; r += kStageWarps) {
-      const float* row = ts + static_cast<size_t>(r) * s.tiles * 2;
-      float m = -INFINITY;
-      for (int c = lane; c < tiles; c += 32) m = fmaxf(m, __ldcg(row + 2 * c));
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-      float z = 0.f;
-      for (int c = lane; c < tiles; c += 32)
-        z += __ldcg(row + 2 * c + 1) * exp2f(__ldcg(row + 2 * c) - m);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
-      if (lane == 0) {
-        row_max[r] = m;
-        row_inv_z[r] = 1.f / z;  // z >= the size of the arg-max entry >= 1
-      }
-    }
+    CombineTileStats(s, w.floats, tiles, kStageWarps, row_max, row_inv_z);
   }
   if constexpr (!kFinish) {
     const float* ready = w.floats + s.score_offset;  // written by the column pass
