@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -104,6 +105,33 @@ inline double MedianGBs(void* stream, int warmup, int iters, double bytes,
   std::vector<double> gbs;
   for (float t : ms) gbs.push_back(bytes / (t * 1e6));
   return Median(gbs);
+}
+
+// Median µs of `call(i % variants)` enqueued back to back on `stream` (a cudaStream_t) after
+// `warmup` untimed calls, then of graph replays of each variant's capture (-1 when a capture
+// fails), by gpu::TimeOnStream.
+inline void TimeWithGraphs(void* stream, int warmup, int reps, int variants,
+                           const std::function<Status(int)>& call, double* us,
+                           double* graph_us) {
+  int next = 0;
+  std::vector<float> ms;
+  CHECK_OK(gpu::TimeOnStream(
+      stream, warmup, reps, [&] { return call(next++ % variants); }, &ms));
+  *us = Median(ms) * 1e3;
+  std::vector<std::unique_ptr<gpu::CapturedGraph>> graphs(variants);
+  for (int v = 0; v < variants; ++v) {
+    Status st = gpu::CapturedGraph::Capture(
+        stream, [&] { return call(v); }, &graphs[v]);
+    if (!st.ok()) {
+      std::fprintf(stderr, "graph capture: %s\n", st.ToString().c_str());
+      *graph_us = -1;
+      return;
+    }
+  }
+  next = 0;
+  CHECK_OK(gpu::TimeOnStream(
+      stream, warmup, reps, [&] { return graphs[next++ % variants]->Replay(stream); }, &ms));
+  *graph_us = Median(ms) * 1e3;
 }
 
 }  // namespace sqkv::bench

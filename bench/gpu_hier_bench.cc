@@ -208,35 +208,10 @@ void MakeContext(gpu::Engine* engine, int tokens, int topics, uint64_t seed, uin
   CHECK_OK(engine->LoadLayer(ctx->hier_key, DType::kBF16, kPageTokens, hier, hier_pages.data()));
 }
 
-double MedianUs(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2] * 1e3;
-}
-
-// Median µs of `call(i % variants)` enqueued back to back, then of graph replays of each
-// variant's capture (-1 when capture fails).
+// TimeWithGraphs on `stream` with kWarmup untimed calls.
 void Time(gpu::Stream& stream, int reps, int variants, const std::function<Status(int)>& call,
           double* us, double* graph_us) {
-  int next = 0;
-  std::vector<float> ms;
-  CHECK_OK(gpu::TimeOnStream(
-      stream.get(), kWarmup, reps, [&] { return call(next++ % variants); }, &ms));
-  *us = MedianUs(ms);
-  std::vector<std::unique_ptr<gpu::CapturedGraph>> graphs(variants);
-  for (int v = 0; v < variants; ++v) {
-    Status st = gpu::CapturedGraph::Capture(
-        stream.get(), [&] { return call(v); }, &graphs[v]);
-    if (!st.ok()) {
-      std::fprintf(stderr, "graph capture: %s\n", st.ToString().c_str());
-      *graph_us = -1;
-      return;
-    }
-  }
-  next = 0;
-  CHECK_OK(gpu::TimeOnStream(
-      stream.get(), kWarmup, reps, [&] { return graphs[next++ % variants]->Replay(stream.get()); },
-      &ms));
-  *graph_us = MedianUs(ms);
+  sqkv::bench::TimeWithGraphs(stream.get(), kWarmup, reps, variants, call, us, graph_us);
 }
 
 struct Row {

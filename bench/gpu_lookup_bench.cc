@@ -110,30 +110,10 @@ struct Row {
   double centroid_mb = 0, pages_mb = 0, gflop = 0;
 };
 
-// Median µs of `calls` enqueued back to back (call i gets i), then of graph replays of each
-// call's capture (-1 when capture fails).
+// TimeWithGraphs on `stream` with kWarmup untimed calls.
 void Time(gpu::Stream& stream, int reps, int variants, const std::function<Status(int)>& call,
           double* us, double* graph_us) {
-  int next = 0;
-  std::vector<float> ms;
-  CHECK_OK(gpu::TimeOnStream(
-      stream.get(), kWarmup, reps, [&] { return call(next++ % variants); }, &ms));
-  *us = Median(ms) * 1e3;  // microseconds
-  std::vector<std::unique_ptr<gpu::CapturedGraph>> graphs(variants);
-  for (int v = 0; v < variants; ++v) {
-    Status st = gpu::CapturedGraph::Capture(
-        stream.get(), [&] { return call(v); }, &graphs[v]);
-    if (!st.ok()) {
-      std::fprintf(stderr, "graph capture: %s\n", st.ToString().c_str());
-      *graph_us = -1;
-      return;
-    }
-  }
-  next = 0;
-  CHECK_OK(gpu::TimeOnStream(
-      stream.get(), kWarmup, reps, [&] { return graphs[next++ % variants]->Replay(stream.get()); },
-      &ms));
-  *graph_us = Median(ms) * 1e3;
+  sqkv::bench::TimeWithGraphs(stream.get(), kWarmup, reps, variants, call, us, graph_us);
 }
 
 // groups: the requests of each plan (a plan per group; launches rotate over the groups).
