@@ -2,8 +2,6 @@
 .layers[i].keys/.values, older .key_cache/.value_cache, legacy tuples) built from numpy arrays are
 written in the import format, read back unchanged, and (when the sqkv binary is built) served:
 dense attention over them matches a float64 reference."""
-import json
-import struct
 from types import SimpleNamespace
 
 import pytest
@@ -11,23 +9,9 @@ import pytest
 np = pytest.importorskip("numpy")
 
 from sqkv.hf_export import cache_layers, export_past_key_values  # noqa: E402
+from safetensors_reader import read_safetensors  # noqa: E402
 
 LAYERS, KV_HEADS, TOKENS, HEAD_DIM, Q_HEADS = 2, 2, 40, 16, 4
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = t["data_offsets"]
-        a = np.frombuffer(data[b:e], {"F16": "<f2", "F32": "<f4"}[t["dtype"]])
-        out[name] = a.reshape(t["shape"]).astype(np.float32)
-    return out
 
 
 def fake_pairs(rng):

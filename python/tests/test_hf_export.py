@@ -3,8 +3,6 @@ never downloaded) runs a prompt; its past_key_values are exported, read back and
 binary is built) imported into a server and queried densely against a float64 reference.
 
 Runs only where torch and transformers are installed; skipped otherwise."""
-import json
-import struct
 
 import pytest
 
@@ -13,6 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from sqkv.hf_export import cache_layers, export_past_key_values  # noqa: E402
+from safetensors_reader import read_safetensors  # noqa: E402
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, TOKENS = 2, 4, 2, 16, 48
 
@@ -24,25 +23,6 @@ def tiny_llama():
         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
         max_position_embeddings=256)
     return transformers.LlamaForCausalLM(config).eval()
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = t["data_offsets"]
-        raw = data[b:e]
-        if t["dtype"] == "BF16":
-            a = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            a = np.frombuffer(raw, {"F16": "<f2", "F32": "<f4"}[t["dtype"]]).astype(np.float32)
-        out[name] = a.reshape(t["shape"])
-    return out
 
 
 @pytest.fixture(scope="module")
