@@ -25,10 +25,13 @@ inline constexpr int kRadixBins = 1 << kRadixBits;
 inline constexpr int kEmitPer = 32;
 
 // Exclusive scan of N ints per thread over the block of T threads, in thread order; total: the
-// block sums. smem: (T / 32) * N ints. Ends with a barrier, so smem can be reused at once.
-template <int T, int N>
+// block sums. smem: (T / 32) * N ints. The warp totals are combined lane-parallel (lane w holds
+// warp w's total), not by every thread walking all of them. kReuse: end with a barrier, so smem
+// can be written again at once.
+template <int T, int N, bool kReuse = true>
 __device__ __forceinline__ void BlockExclusiveScan(int (&v)[N], int (&total)[N], int* smem) {
   constexpr int kWarps = T / 32;
+  static_assert(kWarps <= 32, "one warp combines the warp totals");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int incl[N];
 #pragma unroll
@@ -48,17 +51,18 @@ __device__ __forceinline__ void BlockExclusiveScan(int (&v)[N], int (&total)[N],
   __syncthreads();
 #pragma unroll
   for (int n = 0; n < N; ++n) {
-    int before = 0, sum = 0;
+    const int wv = lane < kWarps ? smem[lane * N + n] : 0;
+    int wi = wv;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const int x = smem[w * N + n];
-      before += w < warp ? x : 0;
-      sum += x;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int x = __shfl_up_sync(0xffffffffu, wi, o);
+      if (lane >= o) wi += x;
     }
+    const int before = __shfl_sync(0xffffffffu, wi - wv, warp);  // warps before this one
+    total[n] = __shfl_sync(0xffffffffu, wi, 31);
     v[n] = incl[n] - v[n] + before;
-    total[n] = sum;
   }
-  __syncthreads();
+  if constexpr (kReuse) __syncthreads();
 }
 
 enum class Rule : int { kNone, kAll, kCut, kThreshold };
@@ -67,8 +71,15 @@ struct Cut {
   Rule rule = Rule::kNone;
   uint32_t key = 0;  // kCut: score bits of the last entry taken
   int rem = 0;       // kCut: tokens still needed among the entries whose bits equal key
+  // kCut: no other entry has bits equal to key, so the tie counts of the emission are all zero.
+  bool unique = false;
   float threshold = 0.f;
 };
+
+// Entries FindCut ranks directly (each against all the others) once the first digit has found the
+// bin holding the cut; a bin with more goes through the remaining radix passes.
+template <int T>
+inline constexpr int kCutCandidates = T < 256 ? T : 256;
 
 template <int T>
 struct SelectShared {
@@ -77,8 +88,14 @@ struct SelectShared {
   uint32_t red_min[T / 32];
   uint32_t red_max[T / 32];
   int red_sum[T / 32];
+  uint32_t cand_bits[kCutCandidates<T>];
+  int cand_size[kCutCandidates<T>];
+  int cand_entry[kCutCandidates<T>];
+  int cands;
   int digit;
   int rem;
+  uint32_t key;
+  int unique;
 };
 
 // Where FindCut reads the scores and sizes of the ranked entries: the workspace and the entry set
@@ -94,10 +111,13 @@ struct GlobalEntries {
 // first reach `budget` (>= 1). Scores are >= 0, so their bits order like the values; ranking is
 // descending bits, ties by ascending entry (= ascending id). kAll when every entry together holds
 // <= budget tokens. The digits start below the highest bit in which the scores differ (min / max
-// first).
+// first). After the first digit, the entries of the bin that holds the cut (typically a few dozen
+// of thousands) are gathered and ranked against each other directly: two barriers instead of a
+// radix pass (four) per remaining digit; a fuller bin takes the remaining passes.
 template <int T, class Src>
 __device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh) {
   constexpr int kWarps = T / 32;
+  constexpr int kCand = kCutCandidates<T>;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   uint32_t umin = 0xffffffffu, umax = 0;
   int total = 0;
@@ -115,16 +135,12 @@ __device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh) {
     sh.red_max[warp] = umax;
     sh.red_sum[warp] = total;
   }
+  for (int i = t; i < kRadixBins; i += T) sh.hist[i] = 0;  // the first digit's bins
+  if (t == 0) sh.cands = 0;
   __syncthreads();
-  umin = 0xffffffffu;
-  umax = 0;
-  total = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    umin = min(umin, sh.red_min[w]);
-    umax = max(umax, sh.red_max[w]);
-    total += sh.red_sum[w];
-  }
+  umin = __reduce_min_sync(0xffffffffu, lane < kWarps ? sh.red_min[lane] : 0xffffffffu);
+  umax = __reduce_max_sync(0xffffffffu, lane < kWarps ? sh.red_max[lane] : 0u);
+  total = __reduce_add_sync(0xffffffffu, lane < kWarps ? sh.red_sum[lane] : 0);
   Cut c;
   if (total <= budget) {
     c.rule = Rule::kAll;
@@ -135,13 +151,16 @@ __device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh) {
   int shift = 32 - __clz(static_cast<int>(umin ^ umax));  // bits >= shift are common to all
   uint32_t prefix = shift >= 32 ? 0u : (umin >> shift) << shift;
   constexpr int kPer = (kRadixBins + T - 1) / T;  // bins per thread in the scan
+  bool first = true;
   while (shift > 0) {
     const int width = min(kRadixBits, shift);
     shift -= width;
     const int hi = shift + width;
     const int bins = 1 << width;
-    for (int i = t; i < bins; i += T) sh.hist[i] = 0;
-    __syncthreads();
+    if (!first) {
+      for (int i = t; i < bins; i += T) sh.hist[i] = 0;
+      __syncthreads();
+    }
     for (int i = t; i < n; i += T) {
       const uint32_t u = src.Bits(i);
       if (hi >= 32 || (u >> hi) == (prefix >> hi)) {
@@ -157,7 +176,7 @@ __device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh) {
       if (pos < bins) v[0] += sh.hist[bins - 1 - pos];
     }
     int tot[1];
-    BlockExclusiveScan<T, 1>(v, tot, sh.scan);
+    BlockExclusiveScan<T, 1, false>(v, tot, sh.scan);  // sh.scan is next written after barriers
     int before = v[0];
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
@@ -172,7 +191,47 @@ __device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh) {
     __syncthreads();
     prefix |= static_cast<uint32_t>(sh.digit) << shift;
     rem = sh.rem;
-    // The next writes of digit / rem and hist follow two more barriers.
+    if (!first || shift == 0) continue;
+    first = false;
+    // The entries of the cut's bin (their bits agree with prefix above `shift`).
+    for (int i = t; i < n; i += T) {
+      const uint32_t u = src.Bits(i);
+      if ((u >> shift) == (prefix >> shift)) {
+        const int k = atomicAdd(&sh.cands, 1);
+        if (k < kCand) {
+          sh.cand_bits[k] = u;
+          sh.cand_size[k] = src.Size(i);
+          sh.cand_entry[k] = i;
+        }
+      }
+    }
+    __syncthreads();  // also: every thread has read sh.digit and sh.rem
+    const int cands = sh.cands;
+    if (cands > kCand) continue;  // uniform
+    if (t < cands) {
+      // Tokens ranked before this candidate (greater bits, or equal bits and a lower entry) and
+      // those with strictly greater bits; the candidate whose tokens reach rem is the cut.
+      const uint32_t u = sh.cand_bits[t];
+      const int entry = sh.cand_entry[t];
+      int above = 0, greater = 0, equal = 0;
+      for (int j = 0; j < cands; ++j) {
+        const uint32_t uj = sh.cand_bits[j];
+        const int sj = sh.cand_size[j];
+        above += uj > u || (uj == u && sh.cand_entry[j] < entry) ? sj : 0;
+        greater += uj > u ? sj : 0;
+        equal += uj == u ? 1 : 0;
+      }
+      if (above < rem && rem <= above + sh.cand_size[t]) {
+        sh.key = u;
+        sh.rem = rem - greater;
+        sh.unique = equal == 1;
+      }
+    }
+    __syncthreads();
+    c.key = sh.key;
+    c.rem = sh.rem;
+    c.unique = sh.unique != 0;
+    return c;
   }
   c.key = prefix;
   c.rem = rem;
@@ -187,17 +246,38 @@ __device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh) {
 __device__ __forceinline__ void CombineTileStats(const LookupSegment& s, const float* floats,
                                                  int tiles, int warps, float* row_max,
                                                  float* row_inv_z) {
+  // Up to 32 * kHeld tiles, a lane loads all of its (max, normaliser) pairs at once, so a row costs
+  // one trip to L2; the sums run in the same order either way.
+  constexpr int kHeld = 4;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const float* ts = floats + s.tstat_offset;
   for (int r = warp; r < s.rows; r += warps) {
     const float* row = ts + static_cast<size_t>(r) * s.tiles * 2;
     float m = -INFINITY;
-    for (int c = lane; c < tiles; c += 32) m = fmaxf(m, __ldcg(row + 2 * c));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     float z = 0.f;
-    for (int c = lane; c < tiles; c += 32) {
-      z += __ldcg(row + 2 * c + 1) * exp2f(__ldcg(row + 2 * c) - m);
+    if (tiles <= 32 * kHeld) {
+      float tm[kHeld], tz[kHeld];
+#pragma unroll
+      for (int k = 0; k < kHeld; ++k) {
+        const int c = lane + 32 * k;
+        tm[k] = c < tiles ? __ldcg(row + 2 * c) : -INFINITY;
+        tz[k] = c < tiles ? __ldcg(row + 2 * c + 1) : 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < kHeld; ++k) m = fmaxf(m, tm[k]);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+#pragma unroll
+      for (int k = 0; k < kHeld; ++k) {
+        if (lane + 32 * k < tiles) z += tz[k] * exp2f(tm[k] - m);
+      }
+    } else {
+      for (int c = lane; c < tiles; c += 32) m = fmaxf(m, __ldcg(row + 2 * c));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      for (int c = lane; c < tiles; c += 32) {
+        z += __ldcg(row + 2 * c + 1) * exp2f(__ldcg(row + 2 * c) - m);
+      }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
@@ -283,7 +363,7 @@ __device__ void EmitPages(const LookupArgs& a, const LookupSegment& s, int seg, 
     const int cnt = max(0, min(kEmitPer, e.scored - i0));
     int tie[1] = {0};
     int tie_total[1] = {0};
-    if (cut.rule == Rule::kCut) {  // uniform over the block
+    if (cut.rule == Rule::kCut && !cut.unique) {  // uniform over the block
       for (int j = 0; j < cnt; ++j) {
         if (IsTie(cut, sc[i0 + j])) tie[0] += EntrySize(e, i0 + j);
       }

@@ -97,7 +97,26 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
     pbeg[i] = __ldg(s.cluster_page_begin + i);
   }
   detail::GridDependencyWait();
+  // Small: the first step's logits (kPer entries per thread, all rows) are loaded before the row
+  // statistics are combined, so the two trips to L2 overlap.
+  constexpr int kPer = R >= kLookupSmallRows ? 1 : (R > 0 ? 16 / R : 1);
+  constexpr int kRows = R > 0 ? R : 1;
+  const size_t ld = static_cast<size_t>(s.entry_capacity);
+  const float* lg = w.floats + s.logit_offset;
+  const int rows = s.rows;
+  float l[kPer][kRows];
+  auto load_logits = [&](int base) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int i = base + j * T + t;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        l[j][r] = i < n && r < rows ? __ldcg(lg + r * ld + i) : 0.f;
+      }
+    }
+  };
   if (kFinish && scored) {
+    load_logits(0);
     const int tiles = (n + kSmallTile - 1) / kSmallTile;
     CombineTileStats(s, w.floats, tiles, kStageWarps, row_max, row_inv_z);
   }
@@ -112,21 +131,9 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   // (The large list is launched without score_only: its scores are the column pass's output.)
   if constexpr (kFinish) {
     if (scored) {
-      constexpr int kPer = R >= kLookupSmallRows ? 1 : 16 / R;
-      const size_t ld = static_cast<size_t>(s.entry_capacity);
-      const float* lg = w.floats + s.logit_offset;
-      const int rows = s.rows;
       const float inv_rows = 1.f / static_cast<float>(rows);
       for (int base = 0; base < n; base += T * kPer) {
-        float l[kPer][R];
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) {
-          const int i = base + j * T + t;
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            l[j][r] = i < n && r < rows ? __ldcg(lg + r * ld + i) : 0.f;
-          }
-        }
+        if (base > 0) load_logits(base);
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
           const int i = base + j * T + t;
@@ -166,7 +173,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   const int i0 = min(n, t * per);
   const int cnt = min(per, n - i0);
   int tb = 0;  // tokens of tied entries before the next one of this thread
-  if (cut.rule == Rule::kCut) {  // uniform over the block
+  if (cut.rule == Rule::kCut && !cut.unique) {  // uniform over the block
     int tie[1] = {0};
     int tie_total[1];
     for (int j = 0; j < cnt; ++j) {
