@@ -527,6 +527,47 @@ TEST(GpuLookup, TiesAcrossTilesKeepLowestIds) {
   }
 }
 
+// Two thirds of the clusters share one centroid, the rest are distinct: whenever the cut falls
+// among the tied ones, the bin of its first radix digit holds far more entries than the selection
+// ranks directly (kCutCandidates), so the remaining radix passes decide it. A keep fraction of
+// 0.5 always cuts inside the tied run (the distinct clusters hold about a third of the tokens).
+TEST(GpuLookup, CrowdedCutBinKeepsLowestTiedIds) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 128, kPt = 16, kFirstTied = 1000;
+  std::vector<Head> heads(1);
+  MakeHead(rng, 3000, kD, kPt, 30, 0, &heads[0]);
+  HeadIndex& x = heads[0].x;
+  for (int c = kFirstTied + 1; c < x.num_clusters(); ++c) {
+    std::copy_n(x.centroids.begin() + kFirstTied * kD, kD, x.centroids.begin() + c * kD);
+  }
+  UploadCentroids(&heads[0]);
+  std::vector<Seg> segs;
+  for (int rows : {1, 4, 16}) {
+    for (double f : {0.1, 0.5, 0.8}) {
+      segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, f));
+    }
+  }
+  for (bool f16 : {true, false}) {
+    std::vector<Out> out;
+    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/false, f16);
+    CheckAll(heads, segs, out, f16, "CrowdedCutBinKeepsLowestTiedIds");
+    for (size_t i = 0; i < segs.size(); ++i) {
+      std::vector<uint8_t> sel(x.num_clusters(), 0);
+      for (int32_t c : out[i].clusters) sel[c] = 1;
+      int tied = sel[kFirstTied];
+      for (int c = kFirstTied + 1; c < x.num_clusters(); ++c) {
+        EXPECT_LE(sel[c], sel[c - 1]) << "segment " << i << " cluster " << c;
+        tied += sel[c];
+      }
+      if (i % 3 == 1) {  // keep 0.5: the cut lies inside the tied run
+        EXPECT_GT(tied, 0) << "segment " << i;
+        EXPECT_LT(tied, x.num_clusters() - kFirstTied) << "segment " << i;
+      }
+    }
+  }
+}
+
 TEST(GpuLookup, ManySegmentsMixingContexts) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
