@@ -15,22 +15,25 @@
 // one power-of-two scale per head, see CentroidScaleF16). The engine stores the 16-bit copy (half
 // the bytes to read); float32 stays for callers that keep it (tests, benchmarks). One batch holds
 // one kind. With 16-bit centroids a logit is off by at most u·|q_r|·max_j|c_j|/√d (u = 2^-11,
-// 2u where q is rounded to 16 bits too: the large path), so selections equal the reference's up
-// to clusters whose scores lie within a factor e^(4E) of the cut (tests/gpu/lookup_testing.h).
+// 2u where q is rounded to 16 bits too: the tensor-core paths, large and narrow small), so
+// selections equal the reference's up to clusters whose scores lie within a factor e^(4E) of the
+// cut (tests/gpu/lookup_testing.h).
 //
 // Pipeline (all on the device, one launch of each kernel for the whole batch, no host round trip):
 //   rows <= kLookupSmallRows ("small" segments, decode) and unscored (fixed) segments: tiles of
-//     128 centroids read each centroid once for all rows of the segment (16-byte loads, fp32 FMA
-//     with q in registers) and write logits and per-tile (max, normaliser); 16-bit centroids with
-//     at most 4 rows and head_dim <= 128 run a persistent grid (about two blocks per SM, the next
-//     tile's loads in flight), the other variants one tile per block. Staged selection (the
-//     default for single-level batches whose segments fit in shared memory, see
-//     LookupArgs::staged_select): a second kernel, one block of 1,024 threads per segment, reads
-//     the segment's sizes, page offsets and logits with coalesced loads into shared memory,
-//     finishes the scores there, runs the radix select over shared memory and emits the page list
-//     with block scans. Otherwise (two-level batches, segments too large for shared memory): the
-//     last block of a segment to finish (an arrival counter) combines the tiles, computes the
-//     scores and selects from global memory.
+//     128 centroids read each centroid once for all rows of the segment and write logits and
+//     per-tile (max, normaliser). 16-bit centroids with at most kLookupNarrowRows rows and
+//     head_dim <= 128 (the engine's decode): tensor cores (mma.sync m16n8k16, the centroids'
+//     fragments loaded straight from global memory, q in binary16 with a per-row power-of-two
+//     scale, fp32 accumulate) in a persistent grid (about two blocks per SM, the next tile's
+//     loads in flight); the other variants fp32 FMA with q in registers (16-byte loads), one
+//     tile per block. Staged selection (the default for single-level batches whose segments fit
+//     in shared memory, see LookupArgs::staged_select): a second kernel, one block of 1,024
+//     threads per segment, reads the segment's sizes, page offsets and logits with coalesced
+//     loads into shared memory, finishes the scores there, runs the radix select over shared
+//     memory and emits the page list with block scans. Otherwise (two-level batches, segments
+//     too large for shared memory): the last block of a segment to finish (an arrival counter)
+//     combines the tiles, computes the scores and selects from global memory.
 //   rows > kLookupSmallRows ("large" segments, prefill), 16-bit centroids: q converted to 16 bits
 //     (per-row power-of-two scale), then two tensor-core passes (mma.sync m16n8k16, fp32
 //     accumulate): row tiles over every centroid for the exact per-row max and normaliser (online),
@@ -57,6 +60,9 @@ namespace sqkv::gpu {
 
 // Segments with at most this many query rows take the small (decode) path.
 inline constexpr int kLookupSmallRows = 16;
+// A launch whose scored small segments all have at most this many rows runs the narrow variant of
+// the small path: on tensor cores, q rounded to binary16, for 16-bit centroids and head_dim <= 128.
+inline constexpr int kLookupNarrowRows = 4;
 // Large segments, 16-bit centroids: pass 1 cuts the entries into pieces of at most this many, pass
 // 2 the query rows, one block each, so the grid fills the device in small, even blocks; the last
 // block of a tile to arrive combines the pieces in a fixed order (gpu/lookup_mma.cu).

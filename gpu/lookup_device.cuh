@@ -25,8 +25,6 @@ inline constexpr int kMmaRowTile = 128;
 inline constexpr int kMmaColTile = 128;
 // Selection kernel of the float32 large path: threads per segment block.
 inline constexpr int kSelectThreads = 256;
-// Segments with at most this many rows use the 4-row variant of the small kernel.
-inline constexpr int kSmallRowsNarrow = 4;
 
 // The carved workspace: where each region starts (device pointers).
 struct Workspace {

@@ -1,13 +1,25 @@
 // The fused lookup kernel of small (decode) segments and of unscored (fixed) segments; see
 // gpu/lookup.h. A tile = kSmallTile centroids of one segment, read once for all of the segment's
-// rows: a half warp (or a warp, head_dim > 128) shares one centroid, each lane 8 of its
-// components (one 16-byte load of binary16, two of float32) against the same components of every
-// query row held in registers; the partial dot products are reduced by a butterfly that leaves
-// one (centroid, row) logit per lane. A block writes the base-2 logits and per-row
-// (max, Σ n·2^(l - max)) of its tiles: one tile per block, or (the engine's variant) a persistent
-// grid of about two blocks per SM, each scoring every gridDim.x-th tile of its segment with the
-// next tile's loads in flight. Then the staged selection kernel, or the last block of the segment
-// to arrive, combines the tiles, computes the scores and selects.
+// rows, 16 centroids per warp. Two ways to score it:
+//   Tensor cores (the engine's decode: 16-bit centroids, every small segment of the launch with
+//     at most kLookupNarrowRows rows, head_dim <= 128). A warp's 16 centroids are the A operand of mma.sync m16n8k16 (binary16, float32
+//     accumulation), the query rows the columns of B (n = 8, columns past the rows zero). A dot
+//     product does not depend on the order of its components, so the k order is the one in which
+//     every lane loads its A fragments straight from global memory, 16 bytes at a time, with no
+//     shared-memory staging: lane 4g + c reads 16-byte chunks c, c + 4, c + 8, c + 12 of centroid
+//     rows g and g + 8, components 0-3 of a chunk being one k-step and 4-7 the next; its B
+//     fragments hold the same components of query row g. q is rounded to binary16 after a per-row
+//     power-of-two scale (as the large path's, gpu/lookup_mma.cu), once per block; the logit
+//     factor undoes it. A persistent grid of about two blocks per SM, each scoring every
+//     gridDim.x-th tile of its segment with the next tile's loads in flight (in registers).
+//   float32 FMA (every other variant: float32 centroids, launches with more rows, head_dim
+//     > 128). A half warp (or a warp, head_dim > 128) shares one centroid, each lane 8 of its
+//     components (one 16-byte load of binary16, two of float32) against the same components of
+//     every query row held in registers; a butterfly reduces the partial dot products to one
+//     (centroid, row) logit per lane. One tile per block.
+// Either way the tile's base-2 logits go to shared memory; the block writes them and the tile's
+// per-row (max, Σ n·2^(l - max)) to the workspace. Then the staged selection kernel, or the last
+// block of the segment to arrive, combines the tiles, computes the scores and selects.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -21,10 +33,224 @@
 namespace sqkv::gpu::lookup_detail {
 namespace {
 
+using detail::QuadMax;
+using Mma16 = detail::Half16<__half>;
+
 constexpr int kWarps = kSmallThreads / 32;
 constexpr int kWarpEntries = kSmallTile / kWarps;  // centroids per warp
+constexpr int kLaneEntries = kSmallTile / 32;      // entries per lane in the tile statistics
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kLookupSmallRows <= 2 * kWarps, "stats: two rows per warp at most");
+static_assert(kWarpEntries == 16, "tensor cores: a warp's centroids are one m16 tile");
+static_assert(kLookupNarrowRows % 2 == 0 && kLookupNarrowRows <= 8,
+              "tensor cores: the rows are n8 columns, two per lane");
+
+// The sizes of the entries a lane takes in the tile statistics (base + lane + 32 j; 0 past the
+// end).
+__device__ __forceinline__ void LoadSizes(const EntrySet& e, int base, float (&n)[kLaneEntries]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < kLaneEntries; ++j) {
+    const int i = base + lane + 32 * j;
+    n[j] = i < e.total ? static_cast<float>(EntrySize(e, i)) : 0.f;
+  }
+}
+
+// The tile's logits (lgs, written by the whole block before the call) to the workspace, with the
+// tile's per-row statistics; n: LoadSizes of the tile. The caller separates two calls on the same
+// lgs by a barrier.
+template <int R>
+__device__ __forceinline__ void TileStats(const Workspace& w, const LookupSegment& s,
+                                          const EntrySet& e, int tile,
+                                          const float (&n)[kLaneEntries],
+                                          const float (&lgs)[R][kSmallTile]) {
+  __syncthreads();
+  const int base = tile * kSmallTile;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // Per row: logits to the workspace (lane + 32 j, coalesced) and the tile's (max, normaliser).
+  const size_t ldw = static_cast<size_t>(s.entry_capacity);
+  float* lg = w.floats + s.logit_offset;
+  float* ts = w.floats + s.tstat_offset;
+  for (int r = warp; r < s.rows; r += kWarps) {
+    float l[kLaneEntries];
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kLaneEntries; ++j) {
+      const int i = base + lane + 32 * j;
+      l[j] = lgs[r][lane + 32 * j];
+      if (i < e.total) {
+        m = fmaxf(m, l[j]);
+        lg[r * ldw + i] = l[j];
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float z = 0.f;
+#pragma unroll
+    for (int j = 0; j < kLaneEntries; ++j) {
+      // past-the-end slots may lie above the max
+      if (n[j] > 0.f) z += n[j] * exp2f(l[j] - m);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
+    if (lane == 0) {
+      float* dst = ts + (static_cast<size_t>(r) * s.tiles + tile) * 2;
+      dst[0] = m;
+      dst[1] = z;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor cores. Lane = 4g + c; KS k-steps (4: head_dim <= 64, 8: <= 128), two per 16-byte chunk,
+// so a lane reads KS / 2 chunks (c + 4 j) of each of its two centroid rows. In k-step 2j + t the
+// quad's logical k = 2c + {0, 1} is component 8 (c + 4j) + 4t + {0, 1} and k = 2c + 8 + {0, 1} is
+// component 8 (c + 4j) + 4t + {2, 3}: a function of k alone (as the product needs, A and B
+// holding each k in different lanes), and each of the d components exactly once.
+
+// The query side, built once per block. b[k]: the B fragment of k-step k, column g = query row g
+// (zero past the segment's rows), components as above; f[h]: the logit factor of query row
+// 2c + h, the accumulator columns of this lane (unused for c >= kLookupNarrowRows / 2).
+template <int KS>
+struct MmaQuery {
+  uint32_t b[KS][2];
+  float f[2];
+};
+
+template <int KS>
+__device__ __forceinline__ void LoadMmaQuery(const LookupArgs& a, const LookupSegment& s,
+                                             MmaQuery<KS>& mq) {
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int d = a.head_dim;
+  float x[KS / 2][8];
+  float m = 0.f;
+#pragma unroll
+  for (int j = 0; j < KS / 2; ++j) {
+    const int k = 8 * (c + 4 * j);
+    float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+    if (g < s.rows && k < d) {
+      const float4* p =
+          reinterpret_cast<const float4*>(a.q + static_cast<size_t>(s.q_row + g) * d + k);
+      lo = __ldg(p);
+      hi = __ldg(p + 1);
+    }
+    x[j][0] = lo.x, x[j][1] = lo.y, x[j][2] = lo.z, x[j][3] = lo.w;
+    x[j][4] = hi.x, x[j][5] = hi.y, x[j][6] = hi.z, x[j][7] = hi.w;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[j][i]));
+  }
+  // The quad holds the whole row. As ConvertQKernel (gpu/lookup_mma.cu) scales the large path's
+  // rows: the largest |component| times 2^e2 in [2^14, 2^15), so binary16 neither overflows nor
+  // loses the small components of the row, and both paths round q alike.
+  m = QuadMax(m);
+  int ex = 0;
+  frexpf(m, &ex);                        // m = f · 2^ex, f in [0.5, 1)
+  const int e2 = m > 0.f ? 15 - ex : 0;  // max |q| · 2^e2 in [2^14, 2^15)
+#pragma unroll
+  for (int j = 0; j < KS / 2; ++j) {
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      const float* v = x[j] + 4 * t;
+      mq.b[2 * j + t][0] = Mma16::Pack(ldexpf(v[0], e2), ldexpf(v[1], e2));
+      mq.b[2 * j + t][1] = Mma16::Pack(ldexpf(v[2], e2), ldexpf(v[3], e2));
+    }
+  }
+  // Row g's factor: undoes both power-of-two scales and turns q·c into a base-2 logit. Row r's
+  // lives in lanes 4r .. 4r + 3.
+  const float f = ldexpf(s.centroid_scale * (kLog2e / sqrtf(static_cast<float>(d))), -e2);
+  mq.f[0] = __shfl_sync(0xffffffffu, f, 4 * (2 * c));
+  mq.f[1] = __shfl_sync(0xffffffffu, f, 4 * (2 * c + 1));
+}
+
+// What a lane loads for one tile: LoadSizes, and chunks c + 4j of centroid rows g (v[0]) and
+// g + 8 (v[1]) of its warp's 16 (zero past the entries and past head_dim).
+template <int KS>
+struct MmaLoads {
+  float n[kLaneEntries];
+  uint4 v[2][KS / 2];
+};
+
+template <int KS>
+__device__ __forceinline__ void LoadMmaTile(const LookupArgs& a, const EntrySet& e, int base,
+                                            MmaLoads<KS>& ld) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
+  LoadSizes(e, base, ld.n);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int i = base + warp * kWarpEntries + g + 8 * h;
+    const uint4* row = i < e.total ? static_cast<const uint4*>(EntryRow(e, i)) : nullptr;
+#pragma unroll
+    for (int j = 0; j < KS / 2; ++j) {
+      const int ch = c + 4 * j;
+      ld.v[h][j] =
+          row != nullptr && 8 * ch < a.head_dim ? __ldg(row + ch) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+// The warp's 16 logits of each query row into lgs.
+template <int KS>
+__device__ __forceinline__ void MmaLogits(const MmaQuery<KS>& mq, const MmaLoads<KS>& ld,
+                                          float (&lgs)[kLookupNarrowRows][kSmallTile]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < KS / 2; ++j) {
+    const uint4 ra = ld.v[0][j], rb = ld.v[1][j];
+    // (row g, k 2c..), (row g + 8, k 2c..), (row g, k 2c + 8..), (row g + 8, k 2c + 8..):
+    // components 0-3 of the chunk, then 4-7.
+    const uint32_t lo[4] = {ra.x, rb.x, ra.y, rb.y};
+    const uint32_t hi[4] = {ra.z, rb.z, ra.w, rb.w};
+    Mma16::Mma(acc, lo, mq.b[2 * j][0], mq.b[2 * j][1]);
+    Mma16::Mma(acc, hi, mq.b[2 * j + 1][0], mq.b[2 * j + 1][1]);
+  }
+  // acc: centroids g (0, 1) and g + 8 (2, 3) against query rows 2c (0, 2) and 2c + 1 (1, 3).
+  if (2 * c >= kLookupNarrowRows) return;  // the zero columns
+  const int i = warp * kWarpEntries + g;
+  lgs[2 * c][i] = acc[0] * mq.f[0];
+  lgs[2 * c + 1][i] = acc[1] * mq.f[1];
+  lgs[2 * c][i + 8] = acc[2] * mq.f[0];
+  lgs[2 * c + 1][i + 8] = acc[3] * mq.f[1];
+}
+
+// Scores tiles blockIdx.x, + gridDim.x, ... of the segment, the next tile's loads in flight while
+// the current one is computed (two blocks per SM fit the registers of both tiles' loads).
+template <int KS>
+struct MmaScorer {
+  static constexpr bool kF16 = true;
+  static constexpr int kRows = kLookupNarrowRows;
+  static constexpr int kMinBlocks = 2;
+  __device__ __forceinline__ static void Score(const LookupArgs& a, const Workspace& w,
+                                               const LookupSegment& s, const EntrySet& e,
+                                               float (&lgs)[kRows][kSmallTile]) {
+    const int tiles = (e.total + kSmallTile - 1) / kSmallTile;
+    int tile = blockIdx.x;
+    if (tile >= tiles) return;
+    // The two tiles' loads alternate between ld0 and ld1 (no copy from one to the other: a copy
+    // would wait for the loads in flight before the next ones could be issued).
+    MmaLoads<KS> ld0, ld1;
+    // The first tile's loads go out before the query's, whose conversion then overlaps them.
+    LoadMmaTile<KS>(a, e, tile * kSmallTile, ld0);
+    MmaQuery<KS> mq;
+    LoadMmaQuery<KS>(a, s, mq);
+    // Scores `tile` from cur with the next tile's loads into nxt; false after the last tile.
+    auto step = [&](const MmaLoads<KS>& cur, MmaLoads<KS>& nxt) {
+      const int next = tile + static_cast<int>(gridDim.x);
+      if (next < tiles) LoadMmaTile<KS>(a, e, next * kSmallTile, nxt);
+      MmaLogits<KS>(mq, cur, lgs);
+      TileStats<kRows>(w, s, e, tile, cur.n, lgs);
+      if (next >= tiles) return false;
+      __syncthreads();  // lgs is rewritten by the next tile
+      tile = next;
+      return true;
+    };
+    while (step(ld0, ld1) && step(ld1, ld0)) {
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// float32 FMA.
 
 // 8 consecutive centroid components, as loaded and as floats.
 template <typename C>
@@ -87,11 +313,10 @@ struct TileShape {
   static constexpr int kGroups = kLoads / kU;
 };
 
-// What a lane loads for one tile: the sizes of the entries it reduces in the statistics (lane +
-// 32 j) and its 8 components of each centroid it multiplies.
+// What a lane loads for one tile: LoadSizes and its 8 components of each centroid it multiplies.
 template <typename C, int R, int kLpc>
 struct TileLoads {
-  float n[kSmallTile / 32];
+  float n[kLaneEntries];
   Components<C> raw[TileShape<C, R, kLpc>::kLoads];
 };
 
@@ -124,11 +349,7 @@ __device__ __forceinline__ void LoadTile(const LookupArgs& a, const EntrySet& e,
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int k = 8 * (lane % kLpc), gq = lane / kLpc;
   const bool k_in = k < a.head_dim;
-#pragma unroll
-  for (int j = 0; j < kSmallTile / 32; ++j) {
-    const int i = base + lane + 32 * j;
-    ld.n[j] = i < e.total ? static_cast<float>(EntrySize(e, i)) : 0.f;
-  }
+  LoadSizes(e, base, ld.n);
 #pragma unroll
   for (int p = 0; p < S::kLoads; ++p) {
     const int i = base + warp * kWarpEntries + p * S::kPerLoad + gq;
@@ -140,20 +361,14 @@ __device__ __forceinline__ void LoadTile(const LookupArgs& a, const EntrySet& e,
   }
 }
 
-// Logits of tile `tile` (entries from base = tile · kSmallTile) from its loads into lgs, then to
-// the workspace with the tile's per-row statistics. The caller separates two calls on the same lgs
-// by a barrier.
+// The logits of the tile from its loads into lgs.
 template <typename C, int R, int kLpc>
-__device__ __forceinline__ void ScoreTile(const LookupArgs& a, const Workspace& w,
-                                          const LookupSegment& s, const EntrySet& e, int tile,
-                                          const float (&q)[R][8],
-                                          const TileLoads<C, R, kLpc>& ld,
+__device__ __forceinline__ void FmaLogits(const LookupArgs& a, const LookupSegment& s,
+                                          const float (&q)[R][8], const TileLoads<C, R, kLpc>& ld,
                                           float (&lgs)[R][kSmallTile]) {
   using S = TileShape<C, R, kLpc>;
-  const int base = tile * kSmallTile;
-  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int sub = lane % kLpc, gq = lane / kLpc;
-  const int rows = s.rows;
   const float scale = (std::is_same_v<C, uint16_t> ? s.centroid_scale : 1.f) * kLog2e *
                       rsqrtf(static_cast<float>(a.head_dim));
 #pragma unroll
@@ -175,41 +390,30 @@ __device__ __forceinline__ void ScoreTile(const LookupArgs& a, const Workspace& 
     const int u = sub / R, r = sub % R;
     lgs[r][warp * kWarpEntries + (grp * S::kU + u) * S::kPerLoad + gq] = val[0] * scale;
   }
-  __syncthreads();
-
-  // Per row: logits to the workspace (lane + 32 j, coalesced) and the tile's (max, normaliser).
-  const size_t ldw = static_cast<size_t>(s.entry_capacity);
-  float* lg = w.floats + s.logit_offset;
-  float* ts = w.floats + s.tstat_offset;
-  for (int r = warp; r < rows; r += kWarps) {
-    float l[kSmallTile / 32];
-    float m = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kSmallTile / 32; ++j) {
-      const int i = base + lane + 32 * j;
-      l[j] = lgs[r][lane + 32 * j];
-      if (i < e.total) {
-        m = fmaxf(m, l[j]);
-        lg[r * ldw + i] = l[j];
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float z = 0.f;
-#pragma unroll
-    for (int j = 0; j < kSmallTile / 32; ++j) {
-      // past-the-end slots may lie above the max
-      if (ld.n[j] > 0.f) z += ld.n[j] * exp2f(l[j] - m);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
-    if (lane == 0) {
-      float* dst = ts + (static_cast<size_t>(r) * s.tiles + tile) * 2;
-      dst[0] = m;
-      dst[1] = z;
-    }
-  }
 }
+
+// Scores tile blockIdx.x of the segment (gridDim.x covers the tiles).
+template <typename C, int R, int kLpc>
+struct FmaScorer {
+  static constexpr bool kF16 = std::is_same_v<C, uint16_t>;
+  static constexpr int kRows = R;
+  // Resident blocks per SM the register budget aims at: two for four rows, one for sixteen.
+  static constexpr int kMinBlocks = R > kLookupNarrowRows ? 1 : 2;
+  __device__ __forceinline__ static void Score(const LookupArgs& a, const Workspace& w,
+                                               const LookupSegment& s, const EntrySet& e,
+                                               float (&lgs)[R][kSmallTile]) {
+    const int tile = blockIdx.x;
+    if (tile * kSmallTile >= e.total) return;
+    float q[R][8];
+    LoadQuery<R, kLpc>(a, s, q);
+    TileLoads<C, R, kLpc> ld;
+    LoadTile<C, R, kLpc>(a, e, tile * kSmallTile, ld);
+    FmaLogits<C, R, kLpc>(a, s, q, ld, lgs);
+    TileStats<R>(w, s, e, tile, ld.n, lgs);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 
 // The last block: per-row max and 1/normaliser over the tiles, then the scores of the scored
 // entries into the workspace (visible to the whole block on return).
@@ -238,28 +442,12 @@ __device__ __noinline__ void FinishScores(const LookupArgs& a, const Workspace& 
   __syncthreads();
 }
 
-// The engine's case (16-bit centroids, four rows, head_dim <= 128) runs a persistent grid: each block scores tiles
-// blockIdx.x, + gridDim.x, ... of its segment with the next tile's loads in flight while it
-// computes the current one (two blocks per SM fit the registers of both tiles' loads). Other
-// variants run one tile per block.
-template <typename C, int R, int kLpc>
-constexpr bool SmallPrefetch() {
-  return std::is_same_v<C, uint16_t> && R <= kSmallRowsNarrow && kLpc == 16;
-}
-
-// Resident blocks per SM the register budget aims at: two for four rows (the prefetching variant
-// holds two tiles' loads; float32 components need the registers), one for sixteen.
-template <typename C, int R>
-constexpr int SmallMinBlocks() {
-  return R > kSmallRowsNarrow ? 1 : 2;
-}
-
-template <typename C, int R, int kLpc>
-__global__ void __launch_bounds__(kSmallThreads, (SmallMinBlocks<C, R>()))
+// Sc: MmaScorer or FmaScorer, how the block scores its tiles of the segment.
+template <class Sc>
+__global__ void __launch_bounds__(kSmallThreads, Sc::kMinBlocks)
     SmallKernel(LookupArgs a, Workspace w, int level, bool finish) {
-  __shared__ float lgs[R][kSmallTile];
+  __shared__ float lgs[Sc::kRows][kSmallTile];
   __shared__ int last;
-  constexpr bool kF16 = std::is_same_v<C, uint16_t>;
   // The staged selection kernel that follows waits for this grid's completion before it reads
   // what this grid writes; letting it launch now lets its blocks stage index data as SMs free up.
   if (!finish) detail::GridDependencyTrigger();
@@ -267,38 +455,14 @@ __global__ void __launch_bounds__(kSmallThreads, (SmallMinBlocks<C, R>()))
   const LookupSegment& s = a.segments[seg];
   if (!AtLevel(s, level)) return;  // the whole grid row: its counter stays untouched
   const bool scoring = ScoredAtLevel(s, level);
-  if (scoring) {
-    const EntrySet e = GetEntrySet(s, level, w.ints, a.head_dim, kF16);
-    const int tiles = (e.total + kSmallTile - 1) / kSmallTile;
-    int tile = blockIdx.x;
-    if (tile < tiles) {
-      float q[R][8];
-      LoadQuery<R, kLpc>(a, s, q);
-      TileLoads<C, R, kLpc> cur;
-      LoadTile<C, R, kLpc>(a, e, tile * kSmallTile, cur);
-      if constexpr (SmallPrefetch<C, R, kLpc>()) {
-        for (;;) {
-          const int next = tile + static_cast<int>(gridDim.x);
-          TileLoads<C, R, kLpc> nxt;
-          if (next < tiles) LoadTile<C, R, kLpc>(a, e, next * kSmallTile, nxt);
-          ScoreTile<C, R, kLpc>(a, w, s, e, tile, q, cur, lgs);
-          if (next >= tiles) break;
-          __syncthreads();  // lgs is rewritten by the next tile
-          cur = nxt;
-          tile = next;
-        }
-      } else {
-        ScoreTile<C, R, kLpc>(a, w, s, e, tile, q, cur, lgs);  // gridDim.x covers the tiles
-      }
-    }
-  }
+  if (scoring) Sc::Score(a, w, s, GetEntrySet(s, level, w.ints, a.head_dim, Sc::kF16), lgs);
   if (!finish) return;  // the staged selection kernel finishes the segment
   if (!ArriveLast(w.counters + seg, gridDim.x, &last)) return;
   __shared__ ArgsBuffer args;
   args.Fill(a, w);
-  if (scoring) FinishScores(args.args(), args.ws(), seg, level, kF16);
+  if (scoring) FinishScores(args.args(), args.ws(), seg, level, Sc::kF16);
   if (a.score_only) return;
-  SelectSegment<kSmallThreads>(args.args(), args.ws(), seg, level, kF16);
+  SelectSegment<kSmallThreads>(args.args(), args.ws(), seg, level, Sc::kF16);
 }
 
 // Blocks per segment of the persistent grid: about two per SM over the whole launch, at most one
@@ -314,25 +478,34 @@ int PersistentBlocks(const LookupLayout& l) {
   return std::max(1, std::min(l.max_small_tiles, 2 * sms / std::max(1, segs)));
 }
 
+template <class Sc>
+cudaError_t Launch(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
+                   bool finish, int blocks, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(l.small_list.size()));
+  SmallKernel<Sc><<<grid, kSmallThreads, 0, stream>>>(a, w, level, finish);
+  return cudaGetLastError();
+}
+
 template <typename C, int R>
 cudaError_t LaunchR(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                     bool finish, cudaStream_t stream) {
-  const bool persistent = a.head_dim <= 128 && SmallPrefetch<C, R, 16>();
-  const int bx = persistent ? PersistentBlocks(l) : l.max_small_tiles;
-  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(l.small_list.size()));
-  if (a.head_dim <= 128) {
-    SmallKernel<C, R, 16><<<grid, kSmallThreads, 0, stream>>>(a, w, level, finish);
-  } else {
-    SmallKernel<C, R, 32><<<grid, kSmallThreads, 0, stream>>>(a, w, level, finish);
+  if (a.head_dim > 128) {
+    return Launch<FmaScorer<C, R, 32>>(a, l, w, level, finish, l.max_small_tiles, stream);
   }
-  return cudaGetLastError();
+  if constexpr (std::is_same_v<C, uint16_t> && R <= kLookupNarrowRows) {
+    const int blocks = PersistentBlocks(l);
+    if (a.head_dim <= 64) return Launch<MmaScorer<4>>(a, l, w, level, finish, blocks, stream);
+    return Launch<MmaScorer<8>>(a, l, w, level, finish, blocks, stream);
+  } else {
+    return Launch<FmaScorer<C, R, 16>>(a, l, w, level, finish, l.max_small_tiles, stream);
+  }
 }
 
 template <typename C>
 cudaError_t LaunchC(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                     bool finish, cudaStream_t stream) {
-  if (l.max_small_rows <= kSmallRowsNarrow)
-    return LaunchR<C, kSmallRowsNarrow>(a, l, w, level, finish, stream);
+  if (l.max_small_rows <= kLookupNarrowRows)
+    return LaunchR<C, kLookupNarrowRows>(a, l, w, level, finish, stream);
   return LaunchR<C, kLookupSmallRows>(a, l, w, level, finish, stream);
 }
 

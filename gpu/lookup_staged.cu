@@ -301,7 +301,7 @@ cudaError_t LaunchStagedR(const LookupArgs& a, const LookupLayout& l, const Work
 // The kernel variant for a list: kScoresReady for the large list, else by the small rows.
 int VariantRows(const LookupLayout& l, SegmentList list) {
   if (list == SegmentList::kLarge) return kScoresReady;
-  return l.max_small_rows <= kSmallRowsNarrow ? kSmallRowsNarrow : kLookupSmallRows;
+  return l.max_small_rows <= kLookupNarrowRows ? kLookupNarrowRows : kLookupSmallRows;
 }
 
 }  // namespace
@@ -316,8 +316,8 @@ bool UseStagedSelect(const LookupArgs& a, const LookupLayout& l, SegmentList lis
     case kScoresReady:
       limit = StagedLimit<kScoresReady>();
       break;
-    case kSmallRowsNarrow:
-      limit = StagedLimit<kSmallRowsNarrow>();
+    case kLookupNarrowRows:
+      limit = StagedLimit<kLookupNarrowRows>();
       break;
     default:
       limit = StagedLimit<kLookupSmallRows>();
@@ -330,8 +330,8 @@ cudaError_t LaunchStagedSelect(const LookupArgs& a, const LookupLayout& l, const
   switch (VariantRows(l, list)) {
     case kScoresReady:
       return LaunchStagedR<kScoresReady>(a, l, w, list, stream);
-    case kSmallRowsNarrow:
-      return LaunchStagedR<kSmallRowsNarrow>(a, l, w, list, stream);
+    case kLookupNarrowRows:
+      return LaunchStagedR<kLookupNarrowRows>(a, l, w, list, stream);
     default:
       return LaunchStagedR<kLookupSmallRows>(a, l, w, list, stream);
   }

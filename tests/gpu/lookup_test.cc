@@ -271,10 +271,15 @@ struct Agreement {
   double max_tol = 0;
 };
 
-// The tolerance of one segment's selection (see testing::LookupTolerance).
+// The tolerance of one segment's selection (see testing::LookupTolerance). q is rounded to
+// binary16 with 16-bit centroids on the large path and on the small path's tensor-core variant
+// (head_dim <= 128), which a segment of at most kLookupNarrowRows rows takes when every scored
+// small segment of its launch has that few: the bound counts the rounding for every such segment,
+// a looser bound where its launch ran the float32 FMA variant instead.
 double SegmentTolerance(const Head& h, const Seg& s, bool f16) {
-  return testing::LookupTolerance(h.x, s.q.data(), s.rows, f16, f16 && s.rows > kLookupSmallRows,
-                                  kTieTol);
+  const bool narrow = s.rows <= kLookupNarrowRows && h.x.head_dim <= 128;
+  const bool q_rounded = f16 && (s.rows > kLookupSmallRows || narrow);
+  return testing::LookupTolerance(h.x, s.q.data(), s.rows, f16, q_rounded, kTieTol);
 }
 
 // Checks one segment against the reference.
@@ -713,6 +718,44 @@ TEST(GpuLookup, HeadDimsUpTo256) {
       std::vector<Out> out;
       RunLookup(heads, segs, d, 16, &out, /*repeat=*/true, f16);
       CheckAll(heads, segs, out, f16);
+    }
+  }
+}
+
+// The small path's tensor-core variant (every small segment of the launch with at most
+// kLookupNarrowRows rows; float32 centroids run the same segments through FMA): head dims it pads
+// (16, 48, 96: chunks past head_dim read as zero) and fills (64, 128), one to kLookupNarrowRows
+// rows (columns past the rows zero), entry counts that end mid-warp and a head of fewer centroids
+// than one warp's 16, and enough segments that a block of the persistent grid scores several
+// tiles of its segment, the number odd or even. Flat heads alone (the staged selection), then with
+// a two-level head (level-2 entries through the candidate list; the last-block selection).
+TEST(GpuLookup, NarrowRowsAcrossHeadDims) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kPt = 16;
+  std::uniform_real_distribution<double> frac(0.01, 0.3);
+  for (int d : {16, 48, 64, 96, 128}) {
+    SCOPED_TRACE("d " + std::to_string(d));
+    std::vector<Head> heads(3);
+    MakeHead(rng, 5000 + 37 * (d / 16), d, kPt, 40, 0, &heads[0]);
+    MakeHead(rng, 9, d, kPt, 40, 0, &heads[1]);
+    MakeHead(rng, 1203, d, kPt, 40, 40, &heads[2]);
+    for (int num_heads : {2, 3}) {
+      SCOPED_TRACE(num_heads == 2 ? "flat" : "with two-level");
+      std::vector<Seg> segs;
+      for (int i = 0; i < 60; ++i) {
+        const int h = i % num_heads;
+        const int rows = 1 + i % kLookupNarrowRows;
+        const RefMode mode = i % 5 == 4 ? RefMode::kThreshold : RefMode::kBudget;
+        Seg s = MakeSeg(rng, heads[h], h, rows, mode, frac(rng));
+        if (mode == RefMode::kThreshold) s.threshold = 1.f / heads[h].x.tokens;
+        segs.push_back(s);
+      }
+      for (bool f16 : {true, false}) {
+        std::vector<Out> out;
+        RunLookup(heads, segs, d, kPt, &out, /*repeat=*/true, f16);
+        CheckAll(heads, segs, out, f16);
+      }
     }
   }
 }

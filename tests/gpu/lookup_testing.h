@@ -192,8 +192,9 @@ inline RefSelection RefSelect(const HeadIndex& x, const float* q, int rows, RefM
 // Relative tolerance at the cut for the device lookup (gpu/lookup.h) over index x and query rows
 // q: (rows, head_dim). Every logit q_r·c_j/√d is off by at most
 //   E_r = (u_c + u_q + d·2^-24) · |q_r| · max_j |c_j| / √d,
-// u = 2^-11 for an operand rounded to binary16 (centroids: f16_centroids; q: q_rounded, the large
-// path), d·2^-24 for float32 accumulation (and the scaled binary16 subnormals, far below it).
+// u = 2^-11 for an operand rounded to binary16 (centroids: f16_centroids; q: q_rounded, the
+// tensor-core paths: large segments and the narrow small variant), d·2^-24 for float32
+// accumulation (and the scaled binary16 subnormals, far below it).
 // A score is a mean over rows of softmax terms, each off by a factor within e^(±2E) (numerator
 // and normaliser), so two clusters can change places in the ranking only when their scores lie
 // within a factor e^(4E) of each other, E = max_r E_r: a budget selection can then differ from the
