@@ -108,7 +108,10 @@ __device__ __forceinline__ void MergeSplitRows(SplitMergeSmem<D, NR>& sm, const 
   float4 acc[NR];
 #pragma unroll
   for (int rr = 0; rr < NR; ++rr) acc[rr] = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
+  // Loads in flight per thread: 4 splits of a lone row, or 2 splits of each of NR rows (which
+  // keeps the decode kernel's fused merge within the registers its main loop needs).
+  constexpr int kUnroll = NR == 1 ? 4 : 2;
+#pragma unroll kUnroll
   for (int i = group; i < active; i += Smem::kGroups) {
 #pragma unroll
     for (int rr = 0; rr < NR; ++rr) {

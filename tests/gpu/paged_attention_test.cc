@@ -137,10 +137,17 @@ struct DeviceResult {
   std::vector<float> out, lse;
 };
 
-// Uploads, poisons out / lse / workspace with 0xff (NaN) and runs the attention.
-DeviceResult RunOnDevice(const HostCase& c) {
+// Launches in a row on one workspace, each with its PagedAttentionArgs::fuse_split_merge.
+using LaunchSequence = std::vector<bool>;
+
+// Uploads, poisons the workspace with 0xff, prepares it (InitPagedAttentionWorkspace: the arrival
+// counters at its start become zero) and launches the attention once per entry of `fused`, with
+// out / lse poisoned (NaN) before each launch, so every launch must write them all again. One
+// result per launch. counters_left: the counters after the last launch, to check they are zero.
+std::vector<DeviceResult> RunLaunches(const HostCase& c, const LaunchSequence& fused,
+                                      std::vector<int32_t>* counters_left = nullptr) {
   const auto& s = c.spec;
-  DeviceResult res;
+  std::vector<DeviceResult> results;
   DeviceBuffer pool, seg_q_row, seg_rows, seg_off, seg_count, ids, valid, q, out, lse, ws;
   EXPECT_TRUE(Upload(c.pool, &pool).ok());
   EXPECT_TRUE(Upload(c.seg_q_row, &seg_q_row).ok());
@@ -153,8 +160,6 @@ DeviceResult RunOnDevice(const HostCase& c) {
   const size_t out_elems = static_cast<size_t>(c.total_rows) * s.head_dim;
   EXPECT_TRUE(out.Allocate(out_elems * sizeof(float)).ok());
   EXPECT_TRUE(lse.Allocate(c.total_rows * sizeof(float)).ok());
-  EXPECT_TRUE(out.Fill(0xff).ok());
-  EXPECT_TRUE(lse.Fill(0xff).ok());
 
   PagedAttentionArgs a;
   a.dtype = s.dtype;
@@ -178,20 +183,38 @@ DeviceResult RunOnDevice(const HostCase& c) {
   const size_t ws_bytes = PagedAttentionWorkspaceBytes(a);
   EXPECT_TRUE(ws.Allocate(ws_bytes).ok());
   EXPECT_TRUE(ws.Fill(0xff).ok());
+  EXPECT_TRUE(Synchronize().ok());  // the fill (legacy stream) before the stream's work
   a.workspace = ws.get();
 
   Stream stream;
   EXPECT_TRUE(Stream::Create(&stream).ok());
-  const Status st = LaunchPagedAttention(a, stream.get());
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  const Status sync = stream.Sync();
-  EXPECT_TRUE(sync.ok()) << sync.ToString();
-  res.out.resize(out_elems);
-  res.lse.resize(c.total_rows);
-  EXPECT_TRUE(out.CopyToHost(res.out.data(), out_elems * sizeof(float)).ok());
-  EXPECT_TRUE(lse.CopyToHost(res.lse.data(), c.total_rows * sizeof(float)).ok());
-  return res;
+  const Status init = InitPagedAttentionWorkspace(a, stream.get());
+  EXPECT_TRUE(init.ok()) << init.ToString();
+  for (bool fuse : fused) {
+    EXPECT_TRUE(stream.Sync().ok());  // the previous launch, before out / lse are poisoned
+    EXPECT_TRUE(out.Fill(0xff).ok());
+    EXPECT_TRUE(lse.Fill(0xff).ok());
+    EXPECT_TRUE(Synchronize().ok());
+    a.fuse_split_merge = fuse;
+    const Status st = LaunchPagedAttention(a, stream.get());
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    const Status sync = stream.Sync();
+    EXPECT_TRUE(sync.ok()) << sync.ToString();
+    DeviceResult& res = results.emplace_back();
+    res.out.resize(out_elems);
+    res.lse.resize(c.total_rows);
+    EXPECT_TRUE(out.CopyToHost(res.out.data(), out_elems * sizeof(float)).ok());
+    EXPECT_TRUE(lse.CopyToHost(res.lse.data(), c.total_rows * sizeof(float)).ok());
+  }
+  if (counters_left != nullptr) {
+    counters_left->assign(ws_bytes > 0 ? c.seg_rows.size() : 0, 0);
+    EXPECT_TRUE(ws.CopyToHost(counters_left->data(), counters_left->size() * sizeof(int32_t)).ok());
+  }
+  return results;
 }
+
+// One fused launch.
+DeviceResult RunOnDevice(const HostCase& c) { return RunLaunches(c, {true})[0]; }
 
 bool IsPoison(float x) {
   uint32_t u;
@@ -199,11 +222,9 @@ bool IsPoison(float x) {
   return u == 0xffffffffu;
 }
 
-// Runs one case and checks it against the float64 reference and compute/AttendPages.
-void CheckCase(const CaseSpec& spec, const std::string& name) {
-  std::mt19937_64 rng(testing::FreshSeed());
-  const HostCase c = MakeCase(spec, rng);
-  const DeviceResult got = RunOnDevice(c);
+// Checks one launch's result against the float64 reference and compute/AttendPages.
+void CheckResult(const HostCase& c, const DeviceResult& got, const std::string& name) {
+  const CaseSpec& spec = c.spec;
   const int d = spec.head_dim, pt = spec.page_tokens;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const size_t page_elems = 2ull * pt * d;
@@ -278,6 +299,13 @@ void CheckCase(const CaseSpec& spec, const std::string& name) {
   EXPECT_LE(rel_cpu, tol.rel) << name;
   EXPECT_LE(lse_err, lse_tol) << name;
   EXPECT_LE(lse_cpu_err, lse_tol) << name;
+}
+
+// Runs one case (one launch, fused split merge) and checks it.
+void CheckCase(const CaseSpec& spec, const std::string& name) {
+  std::mt19937_64 rng(testing::FreshSeed());
+  const HostCase c = MakeCase(spec, rng);
+  CheckResult(c, RunOnDevice(c), name);
 }
 
 constexpr DType kAllDTypes[] = {DType::kBF16, DType::kF16, DType::kF32};
