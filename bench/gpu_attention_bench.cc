@@ -6,16 +6,13 @@
 // Modes: decode batch 1 (8 segments of 4 rows), decode batch 8 (64 segments of 4 rows), prefill of
 // 1,024 queries (8 segments of 4,096 rows). Eight contexts have their own pools; consecutive
 // launches rotate through them so a launch reads HBM, not what the previous one left in L2.
-// Decode runs twice, with the split merge fused into the attention kernel ("fused") and as its
-// own kernel ("kernel"): PagedAttentionArgs::fuse_split_merge. Prefill always uses the kernel.
 // Prints a table; with --json PATH also writes one JSON object per line.
 //
 // Usage: gpu_attention_bench [--json PATH] [--quick] [--only MODE:TOKENS:KEEP[,...]] [--iters N]
-//                            [--bound-slack F] [--merge fused|kernel|both]
+//                            [--bound-slack F]
 //   --only runs the configurations listed (e.g. decode_b1:131072:0.1), for a profiler.
 //   --bound-slack F plans the grid for F times the largest page count (default 1): the engine's
 //   host bound is the lookup's page capacity, about 1.3 times the pages it selects.
-//   --merge the decode split merge variants to time (default both).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -302,7 +299,6 @@ int Run(int argc, char** argv) {
   bool quick = false;
   int iters_override = 0;
   double bound_slack = 1.0;
-  std::vector<bool> decode_fuse = {true, false};  // fuse_split_merge values timed for decode
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
@@ -314,17 +310,10 @@ int Run(int argc, char** argv) {
       iters_override = std::atoi(argv[++i]);
     } else if (std::strcmp(argv[i], "--bound-slack") == 0 && i + 1 < argc) {
       bound_slack = std::max(1.0, std::atof(argv[++i]));
-    } else if (std::strcmp(argv[i], "--merge") == 0 && i + 1 < argc &&
-               (std::strcmp(argv[i + 1], "fused") == 0 || std::strcmp(argv[i + 1], "kernel") == 0 ||
-                std::strcmp(argv[i + 1], "both") == 0)) {
-      const std::string m = argv[++i];
-      decode_fuse = m == "fused"    ? std::vector<bool>{true}
-                    : m == "kernel" ? std::vector<bool>{false}
-                                    : std::vector<bool>{true, false};
     } else {
       std::fprintf(stderr,
                    "usage: %s [--json PATH] [--quick] [--only MODE:TOKENS:KEEP[,...]] [--iters N] "
-                   "[--bound-slack F] [--merge fused|kernel|both]\n",
+                   "[--bound-slack F]\n",
                    argv[0]);
       return 2;
     }
@@ -358,9 +347,9 @@ int Run(int argc, char** argv) {
   Check(lse.Allocate(max_rows * 4), "alloc");
 
   std::mt19937_64 rng(20261128);
-  std::printf("\n%7s %5s %-13s %-6s %5s %9s %8s %10s %10s %10s %8s %8s %9s\n", "tokens", "keep",
-              "mode", "merge", "segs", "keys/seg", "MB_read", "median_us", "p90_us", "graph_us",
-              "GB/s", "TFLOP/s", "check_rel");
+  std::printf("\n%7s %5s %-13s %5s %9s %8s %10s %10s %10s %8s %8s %9s\n", "tokens", "keep", "mode",
+              "segs", "keys/seg", "MB_read", "median_us", "p90_us", "graph_us", "GB/s", "TFLOP/s",
+              "check_rel");
   const std::vector<int> token_counts =
       quick ? std::vector<int>{32768} : std::vector<int>{32768, 131072};
   for (int tokens : token_counts) {
@@ -402,9 +391,16 @@ int Run(int argc, char** argv) {
         }
         if (ws.size() < ws_bytes) Check(ws.Allocate(ws_bytes), "workspace alloc");
         for (auto& l : launches) l.args.workspace = ws.get();
-        // The rotations share the workspace (same num_segments): one preparation serves them all,
-        // fused or not; the previous configuration may have left anything there.
-        Check(InitPagedAttentionWorkspace(launches[0].args, stream), "workspace init");
+
+        double check = -1;  // AttendPages on segment 0 of rotation 0 (skipped where too slow)
+        const int check_rows = mode == Mode::kPrefill ? 16 : kGroup;
+        if (keep < 1.0 || mode != Mode::kPrefill) {
+          Check(LaunchPagedAttention(launches[0].args, stream), "check launch");
+          CUDA_CHECK(cudaStreamSynchronize(stream));
+          check = CheckAgainstCpu(launches[0], pool.get(), out.as<float>(), check_rows);
+        }
+        const int iters = iters_override > 0 ? iters_override : mode == Mode::kPrefill ? 24 : 200;
+        const Timing t = TimeLaunches(launches, iters, stream, head_start.get(), head_start_bytes);
 
         double keys = 0, pages = 0, rows = 0, flop_keys = 0;
         for (const auto& l : launches) {
@@ -423,45 +419,21 @@ int Run(int argc, char** argv) {
         const double bytes = keys * kHeadDim * 2.0 * DTypeSize(kDType) + pages * 8.0 +
                              rows * kHeadDim * 4.0 * 2 + rows * 4.0;
         const double flops = 4.0 * flop_keys * kHeadDim;
-
-        // The merge variants: prefill has no fused merge (the flag changes nothing there).
-        const std::vector<bool> fuse_values =
-            mode == Mode::kPrefill ? std::vector<bool>{false} : decode_fuse;
-        for (bool fuse : fuse_values) {
-          for (auto& l : launches) l.args.fuse_split_merge = fuse;
-          const char* merge = fuse ? "fused" : "kernel";
-
-          double check = -1;  // AttendPages on segment 0 of rotation 0 (skipped where too slow)
-          const int check_rows = mode == Mode::kPrefill ? 16 : kGroup;
-          if (keep < 1.0 || mode != Mode::kPrefill) {
-            // Poisoned first, so rows this variant leaves unwritten cannot pass on what the
-            // previous one wrote.
-            CUDA_CHECK(cudaMemsetAsync(out.get(), 0xff, size_t{4} * check_rows * kHeadDim, stream));
-            Check(LaunchPagedAttention(launches[0].args, stream), "check launch");
-            CUDA_CHECK(cudaStreamSynchronize(stream));
-            check = CheckAgainstCpu(launches[0], pool.get(), out.as<float>(), check_rows);
-          }
-          const int iters = iters_override > 0 ? iters_override : mode == Mode::kPrefill ? 24 : 200;
-          const Timing t =
-              TimeLaunches(launches, iters, stream, head_start.get(), head_start_bytes);
-
-          const double gbs = bytes / (t.median_us * 1e3);
-          const double tflops = flops / (t.median_us * 1e6);
-          std::printf(
-              "%7d %5.2f %-13s %-6s %5d %9.0f %8.1f %10.2f %10.2f %10.2f %8.0f %8.1f %9.2g\n",
-              tokens, keep, ModeName(mode), merge, segs, keys / segs, bytes / 1e6, t.median_us,
-              t.p90_us, t.graph_us, gbs, tflops, check);
-          std::fflush(stdout);
-          if (json) {
-            std::fprintf(json,
-                         "{\"impl\":\"sqkv\",\"mode\":\"%s\",\"merge\":\"%s\",\"tokens\":%d,"
-                         "\"keep\":%.2f,\"segments\":%d,\"keys_per_segment\":%.0f,\"bytes\":%.0f,"
-                         "\"flops\":%.0f,\"median_us\":%.3f,\"p10_us\":%.3f,\"p90_us\":%.3f,"
-                         "\"graph_us\":%.3f,\"gbps\":%.1f,\"tflops\":%.2f,\"check_rel\":%.3g}\n",
-                         ModeName(mode), merge, tokens, keep, segs, keys / segs, bytes, flops,
-                         t.median_us, t.p10_us, t.p90_us, t.graph_us, gbs, tflops, check);
-            std::fflush(json);
-          }
+        const double gbs = bytes / (t.median_us * 1e3);
+        const double tflops = flops / (t.median_us * 1e6);
+        std::printf("%7d %5.2f %-13s %5d %9.0f %8.1f %10.2f %10.2f %10.2f %8.0f %8.1f %9.2g\n",
+                    tokens, keep, ModeName(mode), segs, keys / segs, bytes / 1e6, t.median_us,
+                    t.p90_us, t.graph_us, gbs, tflops, check);
+        std::fflush(stdout);
+        if (json) {
+          std::fprintf(json,
+                       "{\"impl\":\"sqkv\",\"mode\":\"%s\",\"tokens\":%d,\"keep\":%.2f,"
+                       "\"segments\":%d,\"keys_per_segment\":%.0f,\"bytes\":%.0f,\"flops\":%.0f,"
+                       "\"median_us\":%.3f,\"p10_us\":%.3f,\"p90_us\":%.3f,\"graph_us\":%.3f,"
+                       "\"gbps\":%.1f,\"tflops\":%.2f,\"check_rel\":%.3g}\n",
+                       ModeName(mode), tokens, keep, segs, keys / segs, bytes, flops, t.median_us,
+                       t.p10_us, t.p90_us, t.graph_us, gbs, tflops, check);
+          std::fflush(json);
         }
       }
     }

@@ -7,8 +7,7 @@
 # Binaries come prebuilt in $BIN (default .devbin-attn: gpu_test, gpu_attention_bench and the
 # shared libraries they need). Logs and JSON lines go to $OUT (default ./attn-out).
 #   bench/run_gpu_attention.sh [--quick] [--skip-tests] [--skip-sanitizer] [--ncu]
-# --ncu adds Nsight Compute sections for the decode (batch 1; split merge fused, then as its own
-# kernel) and prefill kernels at 128K / 10%.
+# --ncu adds Nsight Compute sections for the decode (batch 1) and prefill kernels at 128K / 10%.
 set -uo pipefail
 BIN=${BIN:-.devbin-attn}
 OUT=${OUT:-./attn-out}
@@ -59,7 +58,7 @@ if [ "$RUN_SANITIZER" = 1 ]; then
   {
     echo "--- memcheck"
     timeout 120 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 \
-      "$BIN/gpu_test" --gtest_filter='*Small*:*FusedMergeRepeatedLaunches'
+      "$BIN/gpu_test" --gtest_filter='*Small*'
     echo "memcheck rc=$?"
     echo "--- racecheck"
     timeout 100 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
@@ -67,7 +66,7 @@ if [ "$RUN_SANITIZER" = 1 ]; then
     echo "racecheck rc=$?"
     echo "--- synccheck"
     timeout 60 compute-sanitizer --tool synccheck --error-exitcode 3 \
-      "$BIN/gpu_test" --gtest_filter='*SmallDecode:*SmallPrefill:*FusedMergeRepeatedLaunches'
+      "$BIN/gpu_test" --gtest_filter='*SmallDecode:*SmallPrefill'
     echo "synccheck rc=$?"
   } > "$OUT/sanitizer.log" 2>&1
   grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|FAILED \]|PASSED" "$OUT/sanitizer.log"
@@ -78,12 +77,8 @@ if [ "$RUN_NCU" = 1 ]; then
   SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
     --section LaunchStats --section WarpStateStats --section SchedulerStats"
   {
-    timeout 150 ncu --clock-control none -k 'regex:DecodeKernel' --launch-skip 40 \
-      --launch-count 1 $SECTIONS "$BIN/gpu_attention_bench" --only decode_b1:131072:0.1 --iters 24 \
-      --merge fused
     timeout 150 ncu --clock-control none -k 'regex:DecodeKernel|SplitMerge' --launch-skip 40 \
-      --launch-count 2 $SECTIONS "$BIN/gpu_attention_bench" --only decode_b1:131072:0.1 --iters 24 \
-      --merge kernel
+      --launch-count 2 $SECTIONS "$BIN/gpu_attention_bench" --only decode_b1:131072:0.1 --iters 24
     timeout 150 ncu --clock-control none -k 'regex:PrefillKernel|CompactKernel' --launch-skip 8 \
       --launch-count 2 $SECTIONS "$BIN/gpu_attention_bench" --only prefill_1024:131072:0.1 \
       --iters 4

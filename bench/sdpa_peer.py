@@ -106,7 +106,7 @@ def run_peer(tokens_list, json_out):
 
 def compare(ours_path, peer_rows):
     best = {(r["mode"], r["tokens"]): r for r in peer_rows if r["backend"].startswith("best:")}
-    print(f"\n{'tokens':>7} {'keep':>5} {'mode':13s} {'merge':6s} {'sqkv_us':>10} {'graph_us':>10} "
+    print(f"\n{'tokens':>7} {'keep':>5} {'mode':13s} {'sqkv_us':>10} {'graph_us':>10} "
           f"{'GB/s':>7} {'sdpa_us':>10} {'backend':>16} {'speedup':>8}")
     with open(ours_path) as f:
         for line in f:
@@ -117,8 +117,7 @@ def compare(ours_path, peer_rows):
             sdpa_us = peer["median_us"] if peer else float("nan")
             backend = peer["backend"] + ("(exp)" if peer and peer["expanded_kv"] else "") \
                 if peer else "-"
-            print(f"{r['tokens']:7d} {r['keep']:5.2f} {r['mode']:13s} {r.get('merge', '-'):6s} "
-                  f"{r['median_us']:10.2f} "
+            print(f"{r['tokens']:7d} {r['keep']:5.2f} {r['mode']:13s} {r['median_us']:10.2f} "
                   f"{r['graph_us']:10.2f} {r['gbps']:7.0f} {sdpa_us:10.2f} {backend:>16} "
                   f"{sdpa_us / r['median_us']:7.1f}x")
 

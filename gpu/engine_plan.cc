@@ -247,9 +247,6 @@ Status AllocatePlan(DeviceBuffer* scratch, void* stream_ptr, PlanImpl* plan) {
   SQKV_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(base + x.lookup_ws, lists.data(), lists.size(),
                                                   cudaMemcpyHostToDevice, stream),
                                   "upload plan"));
-  // The attention's arrival counters start at zero; every run leaves them so. The buffer may be
-  // Query's scratch, last used by another plan, so this is needed at every placement.
-  SQKV_RETURN_IF_ERROR(InitPagedAttentionWorkspace(a, stream).WithContext("upload plan"));
   return CudaStatus(cudaStreamSynchronize(stream), "upload plan");
 }
 

@@ -6,7 +6,6 @@
 #include <cstdint>
 
 #include "gpu/lookup.h"
-#include "gpu/paged_attention_common.cuh"
 
 namespace sqkv::gpu::lookup_detail {
 
@@ -112,7 +111,22 @@ __device__ inline bool AtLevel(const LookupSegment& s, int level) {
   return level == 2 || s.run == LookupRun::kTwoLevel;
 }
 
-using detail::ArriveLast;  // the last block of a segment's grid row to arrive finishes it
+// Arrival of one block of a segment's grid row: every thread's global writes are made visible,
+// then one atomic increment. True in the last block to arrive (of `blocks`), which also resets
+// the counter for the next launch; the fences order the others' writes before its reads.
+// Every thread of the block must call it; flag: a shared int.
+__device__ inline bool ArriveLast(int32_t* counter, int blocks, int* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int old = atomicAdd(counter, 1);
+    *flag = old == blocks - 1;
+    if (*flag) *counter = 0;
+    __threadfence();
+  }
+  __syncthreads();
+  return *flag != 0;
+}
 
 // Room for a kernel's LookupArgs and Workspace in shared memory: the last block copies its
 // parameters there before calling the out-of-line finishing functions by reference (a reference to

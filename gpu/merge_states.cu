@@ -1,17 +1,16 @@
 // Merging attention states on the device: the public two-state merge (LaunchMergeStates) and
-// the split merge kernel that the paged-attention launcher enqueues after a split attention
-// kernel (its arithmetic is MergeSplitRows, gpu/split_merge.cuh).
+// the merge of a segment's split partial states that the paged-attention launcher enqueues.
 // States are (o normalised, lse natural log); an empty state has lse = -inf and is skipped.
 #include "gpu/paged_attention.h"
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
-#include "gpu/split_merge.cuh"
 
 namespace sqkv::gpu {
 namespace detail {
 namespace {
 
 constexpr int kMergeWarps = 4;
+constexpr int kSplitMergeThreads = 128;
 
 // One warp per row: a ← merge(a, b), the same arithmetic as compute/MergeStates.
 __global__ void __launch_bounds__(kMergeWarps * 32)
@@ -38,11 +37,19 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
   if (lane == 0) lse_a[row] = new_lse;
 }
 
-// One block per (segment, row).
+// One block per (segment, row). Threads read the split lse values in parallel, then each owns a
+// float4 column of the output and a share of the splits (split group g = tid / (D / 4)), so the
+// partial rows are read with many loads in flight instead of one split after another.
 template <int D>
-__global__ void __launch_bounds__(kThreads) SplitMergeKernel(const SplitMergeParams mp) {
-  __shared__ SplitMergeSmem<D, 1> sm;
+__global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const SplitMergeParams mp) {
+  constexpr int kCols = D / 4;                         // float4 columns of a row
+  constexpr int kGroups = kSplitMergeThreads / kCols;  // splits handled side by side
+  constexpr int kWarps = kSplitMergeThreads / 32;
+  __shared__ float s_w[kMaxSplits];
+  __shared__ float4 s_acc[kGroups][kCols];
+  __shared__ float s_red[kWarps];
   GridDependencyWait();  // the partial states of the attention kernel
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int seg = static_cast<int>(blockIdx.x / mp.rows_cap);
   const int r = static_cast<int>(blockIdx.x % mp.rows_cap);
   const int rows = max(0, min(mp.seg_rows[seg], mp.rows_cap));
@@ -51,16 +58,72 @@ __global__ void __launch_bounds__(kThreads) SplitMergeKernel(const SplitMergePar
   const int work = static_cast<int>((count * mp.count_mult + mp.count_div - 1) / mp.count_div);
   const int active = ActiveSplits(work, mp.splits);  // the attention kernel's cut
   const size_t base = static_cast<size_t>(seg) * mp.splits * mp.rows_cap + r;  // split 0
+  const size_t split_stride = mp.rows_cap;
+
+  // Block-wide max of the lse values, then the weights e^(lse - max) and their sum.
+  float mx = NegInf();
+  for (int i = tid; i < active; i += kSplitMergeThreads) {
+    s_w[i] = __ldcg(mp.part_lse + base + i * split_stride);
+    mx = fmaxf(mx, s_w[i]);
+  }
+#pragma unroll
+  for (int x = 1; x < 32; x *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
+  if (lane == 0) s_red[warp] = mx;
+  __syncthreads();
+  mx = s_red[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) mx = fmaxf(mx, s_red[w]);
+  __syncthreads();  // s_red is reused for the sum
+  float sum = 0.f;
+  for (int i = tid; i < active; i += kSplitMergeThreads) {
+    const float w = mx == NegInf() ? 0.f : expf(s_w[i] - mx);
+    s_w[i] = w;
+    sum += w;
+  }
+#pragma unroll
+  for (int x = 1; x < 32; x *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+  if (lane == 0) s_red[warp] = sum;
+  __syncthreads();
+  sum = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += s_red[w];
+
+  // Every active split wrote its partial (o = 0 for an empty one), so o is always finite.
+  const int col = tid % kCols, group = tid / kCols;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+  for (int i = group; i < active; i += kGroups) {
+    const float w = s_w[i];
+    const float4 v =
+        __ldcg(reinterpret_cast<const float4*>(mp.part_o + (base + i * split_stride) * D) + col);
+    acc.x += w * v.x;
+    acc.y += w * v.y;
+    acc.z += w * v.z;
+    acc.w += w * v.w;
+  }
+  s_acc[group][col] = acc;
+  __syncthreads();
+  if (group != 0) return;
+#pragma unroll
+  for (int g = 1; g < kGroups; ++g) {
+    const float4 v = s_acc[g][col];
+    acc.x += v.x;
+    acc.y += v.y;
+    acc.z += v.z;
+    acc.w += v.w;
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
   const int q_row = mp.seg_q_row[seg];
-  MergeSplitRows<D, 1>(sm, mp.part_o, mp.part_lse, base, mp.rows_cap, active, /*nrows=*/1,
-                       mp.out + static_cast<size_t>(q_row + r) * D, mp.lse + q_row + r);
+  reinterpret_cast<float4*>(mp.out + static_cast<size_t>(q_row + r) * D)[col] =
+      make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+  if (col == 0) mp.lse[q_row + r] = sum > 0.f ? mx + logf(sum) : NegInf();
 }
 
 }  // namespace
 
 Status LaunchSplitMerge(int head_dim, const SplitMergeParams& mp, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(mp.num_segments) * mp.rows_cap));
-  const dim3 block(kThreads);
+  const dim3 block(kSplitMergeThreads);
   static const Status carveout = [] {
     SQKV_RETURN_IF_ERROR(PreferShared(SplitMergeKernel<64>));
     return PreferShared(SplitMergeKernel<128>);

@@ -1,7 +1,6 @@
 // Host side of the paged attention: checks the arguments, plans the grid (which kernel, how many
-// key splits, whether the decode kernel merges its splits itself) and enqueues the kernels. The
-// plan depends only on the arguments and the device, so PagedAttentionWorkspaceBytes,
-// InitPagedAttentionWorkspace and LaunchPagedAttention agree on it.
+// key splits) and enqueues the kernels. The plan depends only on the arguments and the device,
+// so PagedAttentionWorkspaceBytes and LaunchPagedAttention agree on it.
 #include <cmath>
 #include <limits>
 #include <string>
@@ -22,12 +21,9 @@ constexpr size_t kAlign = 256;
 
 // Cost model for choosing the key splits, in work items of the kernel (decode / f32: a 16-slot
 // unit ≈ 0.5 µs of one block's share of HBM; prefill: a 64-key tile ≈ 3 µs of tensor work).
-// The decode merge_fixed stands for the merge kernel's launch and tail; the fused merge (decode,
-// by default) saves the launch but keeps a tail (one block per segment merges at the grid's end).
-// It is left as it was until the fused merge is measured.
 struct CostModel {
   double block_overhead;    // start, Q load, epilogue of one block
-  double merge_fixed;       // the merge's launch and tail
+  double merge_fixed;       // the merge kernel's launch and tail
   double merge_per_split;   // writing and reading one split's partial states
 };
 
@@ -138,21 +134,12 @@ Result<Plan> MakePlan(const PagedAttentionArgs& a) {
   const int64_t base_blocks = static_cast<int64_t>(a.num_segments) * plan.row_tiles;
   const int64_t slots = static_cast<int64_t>(sms) * info.blocks_per_sm;
   plan.splits = ChooseSplits(base_blocks, plan.work_total, slots, cost);
-  plan.fused_merge = plan.kind == PathKind::kDecode && plan.splits > 1 && a.fuse_split_merge;
   plan.dependent_first = a.overlap_previous_kernel;
   if (base_blocks * plan.splits > std::numeric_limits<int32_t>::max()) {
     return Status::InvalidArgument("paged attention: too many segments × rows for one grid");
   }
 
   size_t off = 0;
-  // The arrival counters come first whenever there is a workspace, whether the fused merge uses
-  // them or not: the layout does not depend on fuse_split_merge, and launches with the same
-  // num_segments that share a workspace never write over each other's counters (see
-  // InitPagedAttentionWorkspace).
-  if (plan.splits > 1 || plan.kind == PathKind::kPrefill) {
-    plan.counters_offset = off;
-    off = AlignUp(off + static_cast<size_t>(a.num_segments) * sizeof(int32_t));
-  }
   if (plan.splits > 1) {
     const size_t part_rows =
         static_cast<size_t>(a.num_segments) * plan.splits * static_cast<size_t>(plan.rows_cap);
@@ -182,22 +169,6 @@ size_t PagedAttentionWorkspaceBytes(const PagedAttentionArgs& args) {
   if (NothingToDo(args)) return 0;
   Result<Plan> plan = MakePlan(args);
   return plan.ok() ? plan->workspace_bytes : 0;
-}
-
-Status InitPagedAttentionWorkspace(const PagedAttentionArgs& args, void* stream) {
-  if (NothingToDo(args)) return CheckShape(args);
-  SQKV_ASSIGN_OR_RETURN(const Plan plan, MakePlan(args));
-  if (plan.workspace_bytes == 0) return Status::Ok();
-  if (args.workspace == nullptr) {
-    return Status::InvalidArgument("paged attention: needs " +
-                                   std::to_string(plan.workspace_bytes) +
-                                   " bytes of workspace, got none");
-  }
-  return detail::CudaStatus(
-      cudaMemsetAsync(static_cast<char*>(args.workspace) + plan.counters_offset, 0,
-                      static_cast<size_t>(args.num_segments) * sizeof(int32_t),
-                      static_cast<cudaStream_t>(stream)),
-      "paged attention: zeroing the arrival counters");
 }
 
 Status LaunchPagedAttention(const PagedAttentionArgs& args, void* stream_ptr) {
@@ -235,7 +206,6 @@ Status LaunchPagedAttention(const PagedAttentionArgs& args, void* stream_ptr) {
     p.part_o = reinterpret_cast<float*>(ws + plan.part_o_offset);
     p.part_lse = reinterpret_cast<float*>(ws + plan.part_lse_offset);
   }
-  if (plan.fused_merge) p.split_counters = reinterpret_cast<int32_t*>(ws + plan.counters_offset);
   if (plan.kind == PathKind::kPrefill) {
     p.tok_rows = reinterpret_cast<uint32_t*>(ws + plan.tok_rows_offset);
     p.tok_count = reinterpret_cast<int32_t*>(ws + plan.tok_count_offset);
@@ -254,7 +224,7 @@ Status LaunchPagedAttention(const PagedAttentionArgs& args, void* stream_ptr) {
       SQKV_RETURN_IF_ERROR(detail::LaunchF32(args.head_dim, p, plan, stream));
       break;
   }
-  if (plan.splits == 1 || plan.fused_merge) return Status::Ok();
+  if (plan.splits == 1) return Status::Ok();
 
   detail::SplitMergeParams mp;
   mp.num_segments = args.num_segments;

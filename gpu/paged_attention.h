@@ -43,9 +43,7 @@ struct PagedAttentionArgs {
   float* out = nullptr;      // device (total_rows, head_dim) float32
   float* lse = nullptr;      // device (total_rows) float32, natural log; -inf for no pages
 
-  // Device scratch of PagedAttentionWorkspaceBytes(args) bytes, prepared once with
-  // InitPagedAttentionWorkspace.
-  void* workspace = nullptr;
+  void* workspace = nullptr;  // device scratch of PagedAttentionWorkspaceBytes(args) bytes
 
   // When true, the first attention kernel is a programmatic dependent launch: it may start while
   // the kernel enqueued just before it on the stream drains (the engine's lookup) and stage q
@@ -53,34 +51,12 @@ struct PagedAttentionArgs {
   // the pool, and before writing anything. Set it only when that kernel writes none of q,
   // seg_q_row, seg_rows and seg_page_offset. Default: false (the stream's usual order).
   bool overlap_previous_kernel = false;
-
-  // Decode path (16-bit storage, <= 32 rows per segment) with its keys split across blocks: the
-  // last block of each segment to finish merges the segment's split states itself (arrival
-  // counters in the workspace) instead of a separate merge kernel; same results, bit for bit.
-  // False: the merge kernel runs (the prefill and f32 paths always use it). Fused, a kernel
-  // launched after the attention as a programmatic dependent may be scheduled while the merging
-  // blocks still run: as any such kernel must, it waits for the attention (griddepcontrol.wait)
-  // before reading out / lse. Default: true.
-  bool fuse_split_merge = true;
 };
 
 // Scratch the launch needs for these args (split-K partial states and the like). Depends only on
 // dtype, head_dim, page_tokens, num_segments and the two host bounds (and the device): the
 // pointers may still be unset. 0 for arguments the launch would reject.
 size_t PagedAttentionWorkspaceBytes(const PagedAttentionArgs& args);
-
-// Prepares args.workspace for launches with these args: enqueues on `stream` the zeroing of the
-// arrival counters at its start (4 · num_segments bytes; nothing when the launch needs no
-// workspace). They must be zero when a launch starts, and a launch that runs to completion leaves
-// them zero, so one call after the workspace is placed serves every later launch on it. Launches
-// with the same num_segments (fused or not, whatever the other args) may share a workspace: their
-// counters lie at the same place and no launch writes anything else there. Call it again when
-// something else may have written there (another use of the memory, a launch with a different
-// num_segments). A launch that fails to enqueue touches nothing; a kernel that dies (a device
-// fault) may leave counters nonzero, but it also leaves the CUDA context unusable, so the memory
-// is new anyway. InvalidArgument for arguments a launch would reject, apart from the pointers
-// other than workspace, which may be unset.
-Status InitPagedAttentionWorkspace(const PagedAttentionArgs& args, void* stream);
 
 // Enqueues the attention on `stream` (a cudaStream_t; nullptr = default stream). No host
 // synchronisation; errors from the launch configuration come back as a Status.

@@ -1,6 +1,6 @@
-// Device helpers shared by the paged-attention kernels (and the lookup's): 16-byte asynchronous
-// copies, ldmatrix, the m16n8k16 tensor-core product, conversions, the shared-memory swizzle, the
-// programmatic dependent launch controls and the last-block arrival. Internal to gpu/.
+// Device helpers shared by the paged-attention kernels: 16-byte asynchronous copies, ldmatrix,
+// the m16n8k16 tensor-core product, conversions, the shared-memory swizzle and the programmatic
+// dependent launch controls. Internal to gpu/.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -51,26 +51,6 @@ __device__ __forceinline__ void GridDependencyWait() {
 }
 __device__ __forceinline__ void GridDependencyTrigger() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-}
-
-// Arrival of one block of a group of `blocks` blocks (a segment's splits, a tile's pieces) at an
-// arrival counter: every thread's global writes are made visible, then one atomic increment. True
-// in the last block to arrive, which also resets the counter to zero for the next launch; the
-// fences order the others' writes before its reads (which should go to L2: __ldcg, or loads of
-// lines its L1 has not held). Every thread of the block must call it; flag: a shared int.
-// The counter must be zero before the group's first block arrives, and exactly `blocks` blocks
-// must arrive: a block that never arrives leaves it nonzero, and so does a launch that dies.
-__device__ inline bool ArriveLast(int32_t* counter, int blocks, int* flag) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int old = atomicAdd(counter, 1);
-    *flag = old == blocks - 1;
-    if (*flag) *counter = 0;
-    __threadfence();
-  }
-  __syncthreads();
-  return *flag != 0;
 }
 
 // Four 8×8 matrices of 16-bit elements; lane l gives the row address of matrix l / 8.

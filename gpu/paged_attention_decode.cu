@@ -8,25 +8,14 @@
 // at the end; with one split the block writes out / lse, else a partial state for the merge.
 // A split's run of units is cut from the segment's page count on the device (SplitOf), so the
 // blocks of a segment carry equal shares whatever the host bound.
-//
-// Fused split merge (KernelParams::split_counters set): a block that wrote a partial state
-// arrives at its segment's counter, and the last of the segment's active splits to arrive merges
-// them all (MergeSplitRows, the split merge kernel's arithmetic, so the bits are the same) and
-// resets the counter; a segment with one active split writes out / lse directly. No merge kernel
-// follows, so its launch and dependent-load chain leave the critical path; the cost is the merge
-// running in one block per segment at the grid's tail.
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
-#include "gpu/split_merge.cuh"
 
 namespace sqkv::gpu::detail {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
 constexpr int kStages = 3;
-// Rows the fused merge handles side by side (a decode segment of one token has group = 4 rows):
-// their partial-state loads are in flight together. More would hold more registers.
-constexpr int kFusedMergeRows = 4;
 
 template <int D, int MT>
 struct DecodeShape {
@@ -41,17 +30,10 @@ struct DecodeShape {
   static constexpr size_t kCombineBytes = size_t{kWarps} * kRows * (kOStride + 2) * 4;
   static constexpr size_t kSmemBytes =
       kQBytes + (kPipeBytes > kCombineBytes ? kPipeBytes : kCombineBytes);
-  // Resident blocks per SM the registers must allow: what the main loop alone reaches (at most
-  // 128 registers for D = 64 with one m tile, 4 blocks; 2 otherwise), so the fused merge, whose
-  // loads in flight could use more, is compiled within it rather than costing occupancy.
-  static constexpr int kMinBlocks = D == 64 && MT == 1 ? 4 : 2;
-  static_assert(sizeof(SplitMergeSmem<D, kFusedMergeRows>) <= kSmemBytes,
-                "the fused merge reuses the dynamic shared memory");
 };
 
 template <typename T, int D, int MT>
-__global__ void __launch_bounds__(kThreads, DecodeShape<D, MT>::kMinBlocks)
-    DecodeKernel(const KernelParams p) {
+__global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p) {
   using S = DecodeShape<D, MT>;
   constexpr int C = S::kChunks;
   constexpr int kQLoads = S::kRows * C / kThreads;  // 16-byte Q chunks staged per thread
@@ -65,10 +47,8 @@ __global__ void __launch_bounds__(kThreads, DecodeShape<D, MT>::kMinBlocks)
 
   // Before the wait, only what the kernel before this one (the lookup, in a dependent launch)
   // does not write: the segment's rows and its Q rows. Q is loaded into registers here and
-  // converted after the page count's load is issued, so the two loads overlap. Rows past the host
-  // bound (a contract violation) are ignored: the partial states have room for rows_cap rows, and
-  // rows_cap <= kRows (the plan picks MT from it).
-  const int rows = max(0, min(p.seg_rows[seg], p.rows_cap));
+  // converted after the page count's load is issued, so the two loads overlap.
+  const int rows = max(0, min(p.seg_rows[seg], S::kRows));
   const int q_row = p.seg_q_row[seg];
   const int page_off = p.seg_page_offset[seg];
   float4 q_lo[kQLoads], q_hi[kQLoads];
@@ -97,10 +77,6 @@ __global__ void __launch_bounds__(kThreads, DecodeShape<D, MT>::kMinBlocks)
   const int work = count * p.units_per_page;
   const SplitRange range = SplitOf(work, p.splits, split);
   if (split > 0 && range.begin >= work) return;  // split 0 always runs: it writes the empty state
-  // The splits that run (this one among them); with the fused merge, the arrivals to wait for.
-  // Kept in shared memory over the main loop, where the largest variant has no register to spare.
-  __shared__ int seg_active;
-  if (tid == 0) seg_active = ActiveSplits(work, p.splits);
   const int u0 = range.begin, u1 = range.end;
   const int page_tokens = p.page_tokens;
   const T* pool = static_cast<const T*>(p.pool);
@@ -293,19 +269,11 @@ __global__ void __launch_bounds__(kThreads, DecodeShape<D, MT>::kMinBlocks)
     stage = stage == 2 ? 0 : stage + 1;
   }
   CpAsyncWait<0>();
-  // The next kernel (the split merge, or whatever follows a fused launch) may be scheduled from
-  // here; it waits for this whole grid, the fused merge included, before it reads the results.
   GridDependencyTrigger();
   __syncthreads();  // every warp is done with its pipeline: reuse it for the combine
 
   float* so = reinterpret_cast<float*>(spipe);        // (kWarps, kRows, kOStride)
   float* sml = so + kWarps * S::kRows * S::kOStride;  // (kWarps, kRows, 2): m, l
-  const int active = seg_active;
-  // Out / lse directly when this block holds the segment's whole state: one split planned, or
-  // (fused) one active. The merge of a single state would give the same bits (weight e^0 = 1,
-  // sum 1, lse + log 1; o is never -0, its sums start at +0), so the split merge kernel's path
-  // and this one agree.
-  const bool final_state = p.splits == 1 || (p.split_counters != nullptr && active == 1);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -355,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, DecodeShape<D, MT>::kMinBlocks)
       acc.w *= inv;
       lse_val = (mx + log2f(lsum)) * kLn2;
     }
-    if (final_state) {
+    if (p.splits == 1) {
       *reinterpret_cast<float4*>(p.out + static_cast<size_t>(q_row + r) * D + c) = acc;
       if (c == 0) p.lse[q_row + r] = lse_val;
     } else {
@@ -363,21 +331,6 @@ __global__ void __launch_bounds__(kThreads, DecodeShape<D, MT>::kMinBlocks)
       *reinterpret_cast<float4*>(p.part_o + prow * D + c) = acc;
       if (c == 0) p.part_lse[prow] = lse_val;
     }
-  }
-  if (final_state || p.split_counters == nullptr) return;
-
-  // Fused split merge. ArriveLast fences this block's partial writes before its arrival and, in
-  // the last block, the others' before its reads (MergeSplitRows reads them through L2); its
-  // barriers also end every read of the combine buffers, which the merge reuses.
-  __shared__ int last;
-  if (!ArriveLast(p.split_counters + seg, active, &last)) return;
-  auto& sm = *reinterpret_cast<SplitMergeSmem<D, kFusedMergeRows>*>(smem);
-  const size_t seg_base = static_cast<size_t>(seg) * p.splits * p.rows_cap;  // split 0, row 0
-  for (int r0 = 0; r0 < rows; r0 += kFusedMergeRows) {
-    MergeSplitRows<D, kFusedMergeRows>(sm, p.part_o, p.part_lse, seg_base + r0, p.rows_cap, active,
-                                       min(kFusedMergeRows, rows - r0),
-                                       p.out + static_cast<size_t>(q_row + r0) * D,
-                                       p.lse + q_row + r0);
   }
 }
 

@@ -10,11 +10,9 @@
 //           over a compacted list of the segment's valid token slots (written by a pre-pass).
 //   f32     (float32 storage, any rows): CUDA-core kernel over 16-row tiles and key units.
 // Any of them may split a segment's keys across blocks (splits > 1): each block then writes a
-// partial state (normalised o, natural-log lse) to the workspace, and the split merge kernel
-// (merge_states.cu) combines them; the decode kernel can instead merge them itself (fused split
-// merge: the last of a segment's split blocks to finish, counted by an arrival counter in the
-// workspace, merges the segment's rows). The host plans how many splits (from the host bound on
-// pages per segment); the device cuts each segment's actual work evenly across them (SplitOf).
+// partial state (normalised o, natural-log lse) to the workspace and a merge kernel combines them.
+// The host plans how many splits (from the host bound on pages per segment); the device cuts each
+// segment's actual work evenly across them (SplitOf below).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -47,13 +45,8 @@ struct Plan {
   int work_total = 0;       // work items of the largest segment the bound allows (units or tiles)
   int units_per_page = 1;   // decode / f32: ceil(page_tokens / 16)
   int64_t tok_cap = 0;      // prefill: token slots per segment in the compact list
-  // Decode with splits > 1 and PagedAttentionArgs::fuse_split_merge: the decode kernel merges the
-  // splits (arrival counters at counters_offset); otherwise the split merge kernel does.
-  bool fused_merge = false;
-  // Workspace byte offsets (0 size when unused). The counters, when there is a workspace at all,
-  // come first (see PagedAttentionWorkspaceBytes).
-  size_t counters_offset = 0, part_o_offset = 0, part_lse_offset = 0, tok_rows_offset = 0,
-         tok_count_offset = 0;
+  // Workspace byte offsets (0 size when unused).
+  size_t part_o_offset = 0, part_lse_offset = 0, tok_rows_offset = 0, tok_count_offset = 0;
   size_t workspace_bytes = 0;
   // The first kernel is a programmatic dependent launch (PagedAttentionArgs::
   // overlap_previous_kernel): it stages q, then waits for the kernel before it.
@@ -108,10 +101,6 @@ struct KernelParams {
   // (num_segments, splits, rows_cap).
   float* part_o = nullptr;
   float* part_lse = nullptr;
-  // Decode, fused split merge (null: the split merge kernel runs): (num_segments) arrival
-  // counters, zero before the launch; the last active split of segment s to arrive at
-  // split_counters[s] merges the segment and sets it back to zero.
-  int32_t* split_counters = nullptr;
   // Prefill compact key lists: tok_rows (num_segments, tok_cap) holds, for each valid key of the
   // segment in page-list order, its K row in the pool counted in head_dim-element rows
   // (page_id · 2 · page_tokens + slot); tok_count (num_segments) how many there are.

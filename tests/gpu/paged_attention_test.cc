@@ -1,7 +1,5 @@
 // GPU paged attention and state merging against the float64 reference and the CPU kernels, on
-// fresh random pools with scattered page lists, partial pages, empty segments and NaN padding;
-// the decode split merge fused and as a kernel (same bits), over repeated and back-to-back
-// launches on one workspace.
+// fresh random pools with scattered page lists, partial pages, empty segments and NaN padding.
 #include "gpu/paged_attention.h"
 
 #include <gtest/gtest.h>
@@ -139,108 +137,60 @@ struct DeviceResult {
   std::vector<float> out, lse;
 };
 
-// A HostCase on the device and the arguments of its launch: out / lse allocated (not written),
-// the workspace poisoned with 0xff and then prepared (InitPagedAttentionWorkspace zeroes the
-// arrival counters at its start) on `stream`, all done when UploadCase returns.
-struct DeviceCase {
-  DeviceBuffer pool, seg_q_row, seg_rows, seg_off, seg_count, ids, valid, q, out, lse, ws;
-  PagedAttentionArgs args;
-  Stream stream;
-};
-
-void UploadCase(const HostCase& c, DeviceCase* d) {
+// Uploads, poisons out / lse / workspace with 0xff (NaN) and runs the attention.
+DeviceResult RunOnDevice(const HostCase& c) {
   const auto& s = c.spec;
-  EXPECT_TRUE(Upload(c.pool, &d->pool).ok());
-  EXPECT_TRUE(Upload(c.seg_q_row, &d->seg_q_row).ok());
-  EXPECT_TRUE(Upload(c.seg_rows, &d->seg_rows).ok());
-  EXPECT_TRUE(Upload(c.seg_page_offset, &d->seg_off).ok());
-  EXPECT_TRUE(Upload(c.seg_page_count, &d->seg_count).ok());
-  EXPECT_TRUE(Upload(c.page_ids, &d->ids).ok());
-  EXPECT_TRUE(Upload(c.page_valid, &d->valid).ok());
-  EXPECT_TRUE(Upload(c.q, &d->q).ok());
-  EXPECT_TRUE(d->out.Allocate(static_cast<size_t>(c.total_rows) * s.head_dim * sizeof(float)).ok());
-  EXPECT_TRUE(d->lse.Allocate(c.total_rows * sizeof(float)).ok());
+  DeviceResult res;
+  DeviceBuffer pool, seg_q_row, seg_rows, seg_off, seg_count, ids, valid, q, out, lse, ws;
+  EXPECT_TRUE(Upload(c.pool, &pool).ok());
+  EXPECT_TRUE(Upload(c.seg_q_row, &seg_q_row).ok());
+  EXPECT_TRUE(Upload(c.seg_rows, &seg_rows).ok());
+  EXPECT_TRUE(Upload(c.seg_page_offset, &seg_off).ok());
+  EXPECT_TRUE(Upload(c.seg_page_count, &seg_count).ok());
+  EXPECT_TRUE(Upload(c.page_ids, &ids).ok());
+  EXPECT_TRUE(Upload(c.page_valid, &valid).ok());
+  EXPECT_TRUE(Upload(c.q, &q).ok());
+  const size_t out_elems = static_cast<size_t>(c.total_rows) * s.head_dim;
+  EXPECT_TRUE(out.Allocate(out_elems * sizeof(float)).ok());
+  EXPECT_TRUE(lse.Allocate(c.total_rows * sizeof(float)).ok());
+  EXPECT_TRUE(out.Fill(0xff).ok());
+  EXPECT_TRUE(lse.Fill(0xff).ok());
 
-  PagedAttentionArgs& a = d->args;
+  PagedAttentionArgs a;
   a.dtype = s.dtype;
   a.head_dim = s.head_dim;
   a.page_tokens = s.page_tokens;
   a.scale = 1.f / std::sqrt(static_cast<float>(s.head_dim));
-  a.pool = d->pool.get();
+  a.pool = pool.get();
   a.num_segments = static_cast<int>(c.seg_rows.size());
-  a.seg_q_row = d->seg_q_row.as<int32_t>();
-  a.seg_rows = d->seg_rows.as<int32_t>();
-  a.seg_page_offset = d->seg_off.as<int32_t>();
-  a.seg_page_count = d->seg_count.as<int32_t>();
-  a.page_ids = d->ids.as<int32_t>();
-  a.page_valid = d->valid.as<int32_t>();
+  a.seg_q_row = seg_q_row.as<int32_t>();
+  a.seg_rows = seg_rows.as<int32_t>();
+  a.seg_page_offset = seg_off.as<int32_t>();
+  a.seg_page_count = seg_count.as<int32_t>();
+  a.page_ids = ids.as<int32_t>();
+  a.page_valid = valid.as<int32_t>();
   a.max_pages_per_segment = c.max_pages;
   a.max_rows_per_segment = c.max_rows;
   a.overlap_previous_kernel = s.overlap_previous_kernel;
-  a.q = d->q.as<float>();
-  a.out = d->out.as<float>();
-  a.lse = d->lse.as<float>();
-  EXPECT_TRUE(d->ws.Allocate(PagedAttentionWorkspaceBytes(a)).ok());
-  EXPECT_TRUE(d->ws.Fill(0xff).ok());
-  EXPECT_TRUE(Synchronize().ok());  // the fill (legacy stream) before the stream's work
-  a.workspace = d->ws.get();
+  a.q = q.as<float>();
+  a.out = out.as<float>();
+  a.lse = lse.as<float>();
+  const size_t ws_bytes = PagedAttentionWorkspaceBytes(a);
+  EXPECT_TRUE(ws.Allocate(ws_bytes).ok());
+  EXPECT_TRUE(ws.Fill(0xff).ok());
+  a.workspace = ws.get();
 
-  EXPECT_TRUE(Stream::Create(&d->stream).ok());
-  const Status init = InitPagedAttentionWorkspace(a, d->stream.get());
-  EXPECT_TRUE(init.ok()) << init.ToString();
-  EXPECT_TRUE(d->stream.Sync().ok());
-}
-
-// out (total_rows, head_dim) and lse (total_rows) of a launch of case c, copied back.
-DeviceResult Download(const DeviceBuffer& out, const DeviceBuffer& lse, const HostCase& c) {
-  DeviceResult res;
-  res.out.resize(static_cast<size_t>(c.total_rows) * c.spec.head_dim);
+  Stream stream;
+  EXPECT_TRUE(Stream::Create(&stream).ok());
+  const Status st = LaunchPagedAttention(a, stream.get());
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  const Status sync = stream.Sync();
+  EXPECT_TRUE(sync.ok()) << sync.ToString();
+  res.out.resize(out_elems);
   res.lse.resize(c.total_rows);
-  EXPECT_TRUE(out.CopyToHost(res.out.data(), res.out.size() * sizeof(float)).ok());
-  EXPECT_TRUE(lse.CopyToHost(res.lse.data(), res.lse.size() * sizeof(float)).ok());
+  EXPECT_TRUE(out.CopyToHost(res.out.data(), out_elems * sizeof(float)).ok());
+  EXPECT_TRUE(lse.CopyToHost(res.lse.data(), c.total_rows * sizeof(float)).ok());
   return res;
-}
-
-// The arrival counters at the start of the workspace (none when there is no workspace).
-std::vector<int32_t> Counters(const DeviceCase& d) {
-  std::vector<int32_t> counters(d.ws.size() > 0 ? d.args.num_segments : 0);
-  EXPECT_TRUE(d.ws.CopyToHost(counters.data(), counters.size() * sizeof(int32_t)).ok());
-  return counters;
-}
-
-// Launches in a row on one workspace, each with its PagedAttentionArgs::fuse_split_merge.
-using LaunchSequence = std::vector<bool>;
-
-// Runs the case once per entry of `fused` on one prepared workspace, with out / lse poisoned
-// (NaN) before each launch, so every launch must write them all again. One result per launch;
-// counters_left: the arrival counters after the last launch (they must be zero).
-std::vector<DeviceResult> RunLaunches(const HostCase& c, const LaunchSequence& fused,
-                                      std::vector<int32_t>* counters_left = nullptr) {
-  DeviceCase d;
-  UploadCase(c, &d);
-  std::vector<DeviceResult> results;
-  for (bool fuse : fused) {
-    EXPECT_TRUE(d.out.Fill(0xff).ok());
-    EXPECT_TRUE(d.lse.Fill(0xff).ok());
-    EXPECT_TRUE(Synchronize().ok());
-    d.args.fuse_split_merge = fuse;
-    const Status st = LaunchPagedAttention(d.args, d.stream.get());
-    EXPECT_TRUE(st.ok()) << st.ToString();
-    const Status sync = d.stream.Sync();
-    EXPECT_TRUE(sync.ok()) << sync.ToString();
-    results.push_back(Download(d.out, d.lse, c));
-  }
-  if (counters_left != nullptr) *counters_left = Counters(d);
-  return results;
-}
-
-// One fused launch.
-DeviceResult RunOnDevice(const HostCase& c) { return RunLaunches(c, {true})[0]; }
-
-bool SameBits(const DeviceResult& a, const DeviceResult& b) {
-  return a.out.size() == b.out.size() && a.lse.size() == b.lse.size() &&
-         std::memcmp(a.out.data(), b.out.data(), a.out.size() * sizeof(float)) == 0 &&
-         std::memcmp(a.lse.data(), b.lse.data(), a.lse.size() * sizeof(float)) == 0;
 }
 
 bool IsPoison(float x) {
@@ -249,9 +199,11 @@ bool IsPoison(float x) {
   return u == 0xffffffffu;
 }
 
-// Checks one launch's result against the float64 reference and compute/AttendPages.
-void CheckResult(const HostCase& c, const DeviceResult& got, const std::string& name) {
-  const CaseSpec& spec = c.spec;
+// Runs one case and checks it against the float64 reference and compute/AttendPages.
+void CheckCase(const CaseSpec& spec, const std::string& name) {
+  std::mt19937_64 rng(testing::FreshSeed());
+  const HostCase c = MakeCase(spec, rng);
+  const DeviceResult got = RunOnDevice(c);
   const int d = spec.head_dim, pt = spec.page_tokens;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const size_t page_elems = 2ull * pt * d;
@@ -326,13 +278,6 @@ void CheckResult(const HostCase& c, const DeviceResult& got, const std::string& 
   EXPECT_LE(rel_cpu, tol.rel) << name;
   EXPECT_LE(lse_err, lse_tol) << name;
   EXPECT_LE(lse_cpu_err, lse_tol) << name;
-}
-
-// Runs one case (one launch, fused split merge) and checks it.
-void CheckCase(const CaseSpec& spec, const std::string& name) {
-  std::mt19937_64 rng(testing::FreshSeed());
-  const HostCase c = MakeCase(spec, rng);
-  CheckResult(c, RunOnDevice(c), name);
 }
 
 constexpr DType kAllDTypes[] = {DType::kBF16, DType::kF16, DType::kF32};
@@ -460,147 +405,12 @@ TEST(PagedAttentionTest, SplitsUnderLooseBound) {
       spec.overlap_previous_kernel = overlap;
       spec.segments = {{4, 600}, {4, 37}, {1, 0}, {16, 350}, {32, 3}};
       spec.extra_max_pages = 1400;
-      // Decode scratch (split partial states, arrival counters) exists only with splits > 1.
+      // Decode scratch holds only split partial states: more than none means splits > 1.
       EXPECT_GT(WorkspaceBytesFor(spec, 2000, 32), 0u) << DTypeName(t);
       CheckCase(spec, overlap ? "decode loose bound, dependent" : "decode loose bound");
       spec.segments = {{300, 400}, {150, 40}, {50, 0}, {40, 2}};
       spec.extra_max_pages = 800;
       CheckCase(spec, overlap ? "prefill loose bound, dependent" : "prefill loose bound");
-    }
-  }
-}
-
-// Decode cases whose plans split the keys: long lists (many splits), lists of 1 page (one active
-// split: the block writes out / lse itself) and 2 or 3 (2 or 3 active splits), empty segments (no
-// pages; no rows), 1..32 rows (the fused merge takes 4 rows at a time, so groups of 1..3 rows
-// too), head_dim 64 and 128, and a loose host bound (more splits planned than a list fills).
-std::vector<CaseSpec> SplitDecodeSpecs() {
-  std::vector<CaseSpec> specs;
-  for (DType t : {DType::kBF16, DType::kF16}) {
-    for (int d : {64, 128}) {
-      CaseSpec spec;
-      spec.dtype = t;
-      spec.head_dim = d;
-      spec.segments = {{4, 2500}, {1, 0}, {7, 900}, {0, 40}, {4, 1}, {3, 60}, {16, 2}};
-      specs.push_back(spec);
-      spec.segments = {{32, 1700}, {17, 2}, {20, 0}, {25, 400}};
-      specs.push_back(spec);
-    }
-  }
-  CaseSpec loose;
-  loose.segments = {{4, 600}, {4, 37}, {2, 0}, {13, 350}, {32, 3}};
-  loose.extra_max_pages = 1400;
-  specs.push_back(loose);
-  return specs;
-}
-
-std::string Describe(const CaseSpec& spec) {
-  std::string s =
-      std::string(DTypeName(spec.dtype)) + " d=" + std::to_string(spec.head_dim) + " rows/pages";
-  for (const SegmentSpec& g : spec.segments) {
-    s += " " + std::to_string(g.rows) + "/" + std::to_string(g.pages);
-  }
-  if (spec.extra_max_pages > 0) s += " bound +" + std::to_string(spec.extra_max_pages);
-  return s;
-}
-
-// The counters go back to zero: the same launch two and three times on one workspace, out / lse
-// poisoned before each. A counter left nonzero would keep the next launch's merge from running
-// (its rows stay NaN). The first launch is checked against the references, the others must give
-// its bits; the counters must be zero at the end.
-TEST(PagedAttentionTest, FusedMergeRepeatedLaunches) {
-  SKIP_WITHOUT_DEVICE();
-  for (const CaseSpec& spec : SplitDecodeSpecs()) {
-    std::mt19937_64 rng(testing::FreshSeed());
-    const HostCase c = MakeCase(spec, rng);
-    const std::string name = Describe(spec);
-    ASSERT_GT(WorkspaceBytesFor(spec, c.max_pages, c.max_rows), 0u) << name << ": one split";
-    for (int launches : {2, 3}) {
-      std::vector<int32_t> counters;
-      const std::vector<DeviceResult> got =
-          RunLaunches(c, LaunchSequence(launches, true), &counters);
-      CheckResult(c, got[0], "fused repeated");
-      for (int i = 1; i < launches; ++i) {
-        EXPECT_TRUE(SameBits(got[i], got[0])) << name << ": launch " << i + 1 << " of " << launches;
-      }
-      EXPECT_EQ(counters, std::vector<int32_t>(spec.segments.size(), 0)) << name;
-    }
-  }
-}
-
-// The fused merge and the merge kernel give the same bits (one MergeSplitRows; a lone active
-// split's direct write equals the merge of one state), also alternating on one workspace. The
-// flag changes nothing where the merge kernel always runs (f32, prefill).
-TEST(PagedAttentionTest, FusedMergeMatchesMergeKernel) {
-  SKIP_WITHOUT_DEVICE();
-  std::vector<CaseSpec> specs = SplitDecodeSpecs();
-  CaseSpec f32;
-  f32.dtype = DType::kF32;
-  f32.segments = {{4, 1500}, {7, 10}, {3, 0}};
-  specs.push_back(f32);
-  CaseSpec prefill;
-  prefill.segments = {{300, 700}, {150, 40}, {50, 0}};
-  specs.push_back(prefill);
-  for (const CaseSpec& spec : specs) {
-    std::mt19937_64 rng(testing::FreshSeed());
-    const HostCase c = MakeCase(spec, rng);
-    const std::string name = Describe(spec);
-    std::vector<int32_t> counters;
-    const std::vector<DeviceResult> got = RunLaunches(c, {false, true, false, true}, &counters);
-    CheckResult(c, got[0], "merge kernel");
-    EXPECT_TRUE(SameBits(got[1], got[0])) << name << ": fused differs from the merge kernel";
-    EXPECT_TRUE(SameBits(got[2], got[0])) << name << ": merge kernel after a fused launch";
-    EXPECT_TRUE(SameBits(got[3], got[0])) << name << ": fused after a merge kernel launch";
-    EXPECT_EQ(counters, std::vector<int32_t>(counters.size(), 0)) << name;
-  }
-}
-
-// Three launches back to back on one workspace, no host wait between them, the second and third
-// programmatic dependents of the one before (they stage q while it drains, its merging blocks
-// included): q → out_a, q2 → out_b, q → out_c. Each must find zeroed counters and read only its
-// own partial states: out_a and out_b match their references, out_c has out_a's bits.
-TEST(PagedAttentionTest, FusedMergeBackToBack) {
-  SKIP_WITHOUT_DEVICE();
-  for (const CaseSpec& spec : SplitDecodeSpecs()) {
-    for (bool fuse : {true, false}) {
-      std::mt19937_64 rng(testing::FreshSeed());
-      const HostCase c = MakeCase(spec, rng);
-      HostCase c2 = c;
-      c2.q = testing::RandomNormal(c.q.size(), rng);
-      const std::string name = Describe(spec) + (fuse ? " fused" : " merge kernel");
-      DeviceCase d;
-      UploadCase(c, &d);
-      DeviceBuffer q2, out_b, lse_b, out_c, lse_c;
-      ASSERT_TRUE(Upload(c2.q, &q2).ok());
-      for (DeviceBuffer* b : {&out_b, &out_c}) ASSERT_TRUE(b->Allocate(d.out.size()).ok());
-      for (DeviceBuffer* b : {&lse_b, &lse_c}) ASSERT_TRUE(b->Allocate(d.lse.size()).ok());
-      for (DeviceBuffer* b : {&d.out, &d.lse, &out_b, &lse_b, &out_c, &lse_c}) {
-        ASSERT_TRUE(b->Fill(0xff).ok());
-      }
-      ASSERT_TRUE(Synchronize().ok());
-      PagedAttentionArgs a = d.args;
-      a.fuse_split_merge = fuse;
-      a.overlap_previous_kernel = false;
-      PagedAttentionArgs b = a;
-      b.q = q2.as<float>();
-      b.out = out_b.as<float>();
-      b.lse = lse_b.as<float>();
-      b.overlap_previous_kernel = true;
-      PagedAttentionArgs third = a;
-      third.out = out_c.as<float>();
-      third.lse = lse_c.as<float>();
-      third.overlap_previous_kernel = true;
-      for (const PagedAttentionArgs* args : {&a, &b, &third}) {
-        const Status st = LaunchPagedAttention(*args, d.stream.get());
-        ASSERT_TRUE(st.ok()) << name << ": " << st.ToString();
-      }
-      const Status sync = d.stream.Sync();
-      ASSERT_TRUE(sync.ok()) << name << ": " << sync.ToString();
-      const DeviceResult got_a = Download(d.out, d.lse, c);
-      CheckResult(c, got_a, "back to back, first");
-      CheckResult(c2, Download(out_b, lse_b, c2), "back to back, second");
-      EXPECT_TRUE(SameBits(Download(out_c, lse_c, c), got_a)) << name << ": third launch";
-      EXPECT_EQ(Counters(d), std::vector<int32_t>(spec.segments.size(), 0)) << name;
     }
   }
 }
@@ -640,7 +450,11 @@ TEST(PagedAttentionTest, SmallRepeatable) {
       spec.segments = {{rows, 400}, {rows, 3}};
       std::mt19937_64 rng(testing::FreshSeed());
       const HostCase c = MakeCase(spec, rng);
-      EXPECT_TRUE(SameBits(RunOnDevice(c), RunOnDevice(c))) << DTypeName(t) << " rows " << rows;
+      const DeviceResult a = RunOnDevice(c), b = RunOnDevice(c);
+      EXPECT_EQ(0, std::memcmp(a.out.data(), b.out.data(), a.out.size() * sizeof(float)))
+          << DTypeName(t) << " rows " << rows;
+      EXPECT_EQ(0, std::memcmp(a.lse.data(), b.lse.data(), a.lse.size() * sizeof(float)))
+          << DTypeName(t) << " rows " << rows;
     }
   }
 }
@@ -686,16 +500,6 @@ TEST(PagedAttentionTest, SmallRejectsBadArguments) {
   full.max_pages_per_segment = sizing.max_pages_per_segment;
   EXPECT_GT(PagedAttentionWorkspaceBytes(sizing), 0u);
   EXPECT_EQ(PagedAttentionWorkspaceBytes(sizing), PagedAttentionWorkspaceBytes(full));
-
-  // Preparing a workspace: the same shape checks; a launch that needs one must get one.
-  bad = a;
-  bad.head_dim = 96;
-  EXPECT_TRUE(InitPagedAttentionWorkspace(bad, nullptr).IsInvalidArgument());
-  EXPECT_TRUE(InitPagedAttentionWorkspace(sizing, nullptr).IsInvalidArgument());  // no workspace
-  EXPECT_TRUE(InitPagedAttentionWorkspace(a, nullptr).ok());  // one split: nothing to prepare
-  bad = a;
-  bad.num_segments = 0;
-  EXPECT_TRUE(InitPagedAttentionWorkspace(bad, nullptr).ok());
 }
 
 // Random states with some empty rows on either side, merged on the device and on the CPU.
