@@ -28,12 +28,18 @@ inline constexpr int kSelectThreads = 256;
 
 // The carved workspace: where each region starts (device pointers).
 struct Workspace {
-  const int32_t* small_list = nullptr;
+  const int32_t* small_list = nullptr;  // null: the identity (every segment is small)
   const int32_t* large_list = nullptr;
   int32_t* counters = nullptr;  // (num_segments) arrival counters, zero between launches
   float* floats = nullptr;      // base of the float regions (LookupSegment::*_offset)
   int32_t* ints = nullptr;      // base of the int regions (candidate lists)
 };
+
+// Segment id of entry i of the small list. A null list is the identity, the common decode case
+// (every segment small), which spares the small kernels one dependent load before their first.
+__device__ __forceinline__ int SmallSegment(const Workspace& w, int i) {
+  return w.small_list == nullptr ? i : w.small_list[i];
+}
 
 // The entries one scoring level works on. Flat or level 1: entries 0..total-1 of `prim`.
 // Level 2 of a two-level run: entry e < scored is child list[e] (prim), e >= scored is pruned

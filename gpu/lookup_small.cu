@@ -451,7 +451,7 @@ __global__ void __launch_bounds__(kSmallThreads, Sc::kMinBlocks)
   // The staged selection kernel that follows waits for this grid's completion before it reads
   // what this grid writes; letting it launch now lets its blocks stage index data as SMs free up.
   if (!finish) detail::GridDependencyTrigger();
-  const int seg = w.small_list[blockIdx.y];
+  const int seg = SmallSegment(w, blockIdx.y);
   const LookupSegment& s = a.segments[seg];
   if (!AtLevel(s, level)) return;  // the whole grid row: its counter stays untouched
   const bool scoring = ScoredAtLevel(s, level);

@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   // The attention that follows is a programmatic dependent: it waits for this grid's completion
   // before reading the page lists, so it may launch now and stage its queries on the free SMs.
   detail::GridDependencyTrigger();
-  const int seg = kFinish ? w.small_list[blockIdx.x] : w.large_list[blockIdx.x];
+  const int seg = kFinish ? SmallSegment(w, blockIdx.x) : w.large_list[blockIdx.x];
   {
     static_assert(sizeof(LookupSegment) % 4 == 0, "segment copied as words");
     constexpr int kWords = sizeof(LookupSegment) / 4;
