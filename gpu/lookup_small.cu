@@ -2,8 +2,9 @@
 // gpu/lookup.h. A tile = kSmallTile centroids of one segment, read once for all of the segment's
 // rows, 16 centroids per warp. Two ways to score it:
 //   Tensor cores (the engine's decode: 16-bit centroids, every small segment of the launch with
-//     at most kLookupNarrowRows rows, head_dim <= 128). A warp's 16 centroids are the A operand of mma.sync m16n8k16 (binary16, float32
-//     accumulation), the query rows the columns of B (n = 8, columns past the rows zero). A dot
+//     at most kLookupNarrowRows rows, head_dim <= 128). A warp's 16 centroids are the A operand
+//     of mma.sync m16n8k16 (binary16, float32 accumulation), the query rows the columns of B
+//     (n = 8, columns past the rows zero). A dot
 //     product does not depend on the order of its components, so the k order is the one in which
 //     every lane loads its A fragments straight from global memory, 16 bytes at a time, with no
 //     shared-memory staging: lane 4g + c reads 16-byte chunks c, c + 4, c + 8, c + 12 of centroid

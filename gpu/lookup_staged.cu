@@ -240,7 +240,8 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
     a.seg_page_count[seg] = tot[0] < cap ? tot[0] : cap;
     a.seg_cluster_count[seg] = tot[1];
     a.seg_tokens[seg] = tot[2];
-    a.seg_scored[seg] = s.run == LookupRun::kFlat ? s.num_clusters + s.scored_extra : s.scored_fixed;
+    a.seg_scored[seg] =
+        s.run == LookupRun::kFlat ? s.num_clusters + s.scored_extra : s.scored_fixed;
   }
 }
 
