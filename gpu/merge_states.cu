@@ -48,13 +48,20 @@ __global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const Spl
   __shared__ float s_w[kMaxSplits];
   __shared__ float4 s_acc[kGroups][kCols];
   __shared__ float s_red[kWarps];
-  GridDependencyWait();  // the partial states of the attention kernel
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int seg = static_cast<int>(blockIdx.x / mp.rows_cap);
   const int r = static_cast<int>(blockIdx.x % mp.rows_cap);
-  const int rows = max(0, min(mp.seg_rows[seg], mp.rows_cap));
+  // Before the wait, what the attention kernel does not write: the segment's rows and Q row (plan
+  // inputs) and its count. The count may come from the kernel before the attention (the lookup),
+  // but every attention kernel triggers this launch only after its own dependency wait, so those
+  // writes are complete and visible once this grid runs. The three loads go out together.
+  const int seg_rows = mp.seg_rows[seg];
+  const int q_row = mp.seg_q_row[seg];
+  const int seg_count = __ldcg(mp.counts + seg);
+  GridDependencyWait();  // the partial states of the attention kernel
+  const int rows = max(0, min(seg_rows, mp.rows_cap));
   if (r >= rows) return;
-  const int64_t count = min(static_cast<int64_t>(max(__ldcg(mp.counts + seg), 0)), mp.count_cap);
+  const int64_t count = min(static_cast<int64_t>(max(seg_count, 0)), mp.count_cap);
   const int work = static_cast<int>((count * mp.count_mult + mp.count_div - 1) / mp.count_div);
   const int active = ActiveSplits(work, mp.splits);  // the attention kernel's cut
   const size_t base = static_cast<size_t>(seg) * mp.splits * mp.rows_cap + r;  // split 0
@@ -113,7 +120,6 @@ __global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const Spl
     acc.w += v.w;
   }
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  const int q_row = mp.seg_q_row[seg];
   reinterpret_cast<float4*>(mp.out + static_cast<size_t>(q_row + r) * D)[col] =
       make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
   if (col == 0) mp.lse[q_row + r] = sum > 0.f ? mx + logf(sum) : NegInf();
