@@ -6,8 +6,10 @@
 //   1. reads the segment's cluster sizes and page offsets (large: and scores) into shared memory
 //      (coalesced, every thread's loads issued together) while, small, one warp per row combines
 //      the tile statistics;
-//   2. small: finishes the scores in shared memory (each thread's logits loaded before their use);
-//   3. runs the weighted radix select (lookup_select.cuh, FindCut) over shared memory;
+//   2. small: finishes the scores in shared memory (the first logits are loaded before the
+//      statistics are combined, so both trips to L2 overlap);
+//   3. finds the cut (lookup_select.cuh, FindCut: one radix digit, then the cut bin's entries
+//      ranked against each other) over shared memory;
 //   4. emits the selection in ascending id order: thread t decides a contiguous run of entries,
 //      block scans give the output positions, then the selected clusters are written one per
 //      thread (cluster id, its pages from the page table, valid counts).
