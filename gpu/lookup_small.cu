@@ -118,6 +118,20 @@ struct MmaQuery {
   float f[2];
 };
 
+// Components k..k+7 of the segment's query row r as floats (zero past its rows or head_dim).
+__device__ __forceinline__ void LoadQuery8(const LookupArgs& a, const LookupSegment& s, int r,
+                                           int k, float (&x)[8]) {
+  float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+  if (r < s.rows && k < a.head_dim) {
+    const float4* p =
+        reinterpret_cast<const float4*>(a.q + static_cast<size_t>(s.q_row + r) * a.head_dim + k);
+    lo = __ldg(p);
+    hi = __ldg(p + 1);
+  }
+  x[0] = lo.x, x[1] = lo.y, x[2] = lo.z, x[3] = lo.w;
+  x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
+}
+
 template <int KS>
 __device__ __forceinline__ void LoadMmaQuery(const LookupArgs& a, const LookupSegment& s,
                                              MmaQuery<KS>& mq) {
@@ -127,16 +141,7 @@ __device__ __forceinline__ void LoadMmaQuery(const LookupArgs& a, const LookupSe
   float m = 0.f;
 #pragma unroll
   for (int j = 0; j < KS / 2; ++j) {
-    const int k = 8 * (c + 4 * j);
-    float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
-    if (g < s.rows && k < d) {
-      const float4* p =
-          reinterpret_cast<const float4*>(a.q + static_cast<size_t>(s.q_row + g) * d + k);
-      lo = __ldg(p);
-      hi = __ldg(p + 1);
-    }
-    x[j][0] = lo.x, x[j][1] = lo.y, x[j][2] = lo.z, x[j][3] = lo.w;
-    x[j][4] = hi.x, x[j][5] = hi.y, x[j][6] = hi.z, x[j][7] = hi.w;
+    LoadQuery8(a, s, g, 8 * (c + 4 * j), x[j]);
 #pragma unroll
     for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[j][i]));
   }
@@ -325,21 +330,9 @@ struct TileLoads {
 template <int R, int kLpc>
 __device__ __forceinline__ void LoadQuery(const LookupArgs& a, const LookupSegment& s,
                                           float (&q)[R][8]) {
-  const int lane = threadIdx.x % 32;
-  const int d = a.head_dim;
-  const int k = 8 * (lane % kLpc);
+  const int k = 8 * (threadIdx.x % 32 % kLpc);
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    float4 x = make_float4(0.f, 0.f, 0.f, 0.f), y = x;
-    if (r < s.rows && k < d) {
-      const float4* p =
-          reinterpret_cast<const float4*>(a.q + static_cast<size_t>(s.q_row + r) * d + k);
-      x = __ldg(p);
-      y = __ldg(p + 1);
-    }
-    q[r][0] = x.x, q[r][1] = x.y, q[r][2] = x.z, q[r][3] = x.w;
-    q[r][4] = y.x, q[r][5] = y.y, q[r][6] = y.z, q[r][7] = y.w;
-  }
+  for (int r = 0; r < R; ++r) LoadQuery8(a, s, r, k, q[r]);
 }
 
 // Issues the loads of the tile at `base`.
