@@ -150,29 +150,15 @@ class RemoteStore final : public Store {
   }
 
   Status List(std::vector<ContextInfo>* out) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(ListCall{}, &reply));
-    if (!reply.status.ok()) return reply.status;
-    auto* all = std::get_if<std::vector<ContextInfo>>(&reply.body);
-    if (all == nullptr) return Status::Internal("server " + data_dir() + " answered list badly");
-    *out = std::move(*all);
-    return Status::Ok();
+    return Ask(ListCall{}, "list", out);
   }
 
   Status Info(const std::string& name, ContextInfo* out) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(InfoCall{name}, &reply));
-    if (!reply.status.ok()) return reply.status;
-    auto* c = std::get_if<ContextInfo>(&reply.body);
-    if (c == nullptr) return Status::Internal("server " + data_dir() + " answered info badly");
-    *out = std::move(*c);
-    return Status::Ok();
+    return Ask(InfoCall{name}, "info", out);
   }
 
   Status Remove(const std::string& name) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(RemoveCall{name}, &reply));
-    return reply.status;
+    return Send(RemoveCall{name});
   }
 
   Status Rebuild(const std::string& name, const ImportOptions& options,
@@ -180,9 +166,7 @@ class RemoteStore final : public Store {
     RebuildCall call{name, options};
     call.options.progress = nullptr;
     call.options.on_stage = nullptr;
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(std::move(call), &reply, ProgressTo(options.progress)));
-    return Take(std::move(reply), "rebuild", info);
+    return Ask(std::move(call), "rebuild", info, ProgressTo(options.progress));
   }
 
   Status Calibrate(const std::string& name, const std::vector<WindowQueries>* queries,
@@ -192,64 +176,44 @@ class RemoteStore final : public Store {
     call.use_stored_queries = queries == nullptr;
     if (queries != nullptr) call.queries = *queries;
     call.sparsities = sparsities;
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(std::move(call), &reply));
-    return reply.status;
+    return Send(std::move(call));
   }
 
   Status GetThresholds(const std::string& name, int layer, Thresholds* out) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(GetThresholdsCall{name, layer}, &reply));
-    return Take(std::move(reply), "getThresholds", out);
+    return Ask(GetThresholdsCall{name, layer}, "getThresholds", out);
   }
 
   Status Verify(const std::string& name, const ProgressFn& progress,
                 VerifyReport* report) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(VerifyCall{name}, &reply, ProgressTo(progress)));
-    return Take(std::move(reply), "verify", report);
+    return Ask(VerifyCall{name}, "verify", report, ProgressTo(progress));
   }
 
   Status Compact(CompactReport* report) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(CompactCall{}, &reply));
-    return Take(std::move(reply), "compact", report);
+    return Ask(CompactCall{}, "compact", report);
   }
 
   Status Stats(StoreStats* out) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(StatsCall{}, &reply));
-    return Take(std::move(reply), "stats", out);
+    return Ask(StatsCall{}, "stats", out);
   }
 
   Status Pin(const std::string& name, Tier tier) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(PinCall{name, tier}, &reply));
-    return reply.status;
+    return Send(PinCall{name, tier});
   }
 
   Status Unpin(const std::string& name) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(UnpinCall{name}, &reply));
-    return reply.status;
+    return Send(UnpinCall{name});
   }
 
   Status Preload(const std::string& name, Tier tier) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(PreloadCall{name, tier}, &reply));
-    return reply.status;
+    return Send(PreloadCall{name, tier});
   }
 
   Status ListPins(std::vector<std::pair<std::string, Tier>>* out) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(ListPinsCall{}, &reply));
-    return Take(std::move(reply), "listPins", out);
+    return Ask(ListPinsCall{}, "listPins", out);
   }
 
   Status GetTierStats(TierStats* out) override {
-    Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(TierStatsCall{}, &reply));
-    return Take(std::move(reply), "tierStats", out);
+    return Ask(TierStatsCall{}, "tierStats", out);
   }
 
  private:
@@ -293,6 +257,22 @@ class RemoteStore final : public Store {
   static Connection::OnProgress ProgressTo(const ProgressFn& fn) {
     if (!fn) return nullptr;
     return [fn](const ProgressReply& p) { fn(p.done, p.total); };
+  }
+
+  // A call whose reply carries a body of type T (moved to *out when the status is OK).
+  template <typename T>
+  Status Ask(net::Call call, const char* what, T* out,
+             const Connection::OnProgress& progress = nullptr) {
+    Response reply;
+    SQKV_RETURN_IF_ERROR(RoundTrip(std::move(call), &reply, progress));
+    return Take(std::move(reply), what, out);
+  }
+
+  // A call whose reply is a status only.
+  Status Send(net::Call call) {
+    Response reply;
+    SQKV_RETURN_IF_ERROR(RoundTrip(std::move(call), &reply));
+    return reply.status;
   }
 
   // The reply's status; when OK, its body of type T moved to *out.
