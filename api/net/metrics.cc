@@ -30,6 +30,21 @@ void Header(std::string* out, const char* name, const char* type, const char* he
   Line(out, "# TYPE %s %s", name, type);
 }
 
+// A metric without labels, one sample.
+void Metric(std::string* out, const char* name, const char* type, const char* help,
+            uint64_t value) {
+  Header(out, name, type, help);
+  Line(out, "%s %" PRIu64, name, value);
+}
+
+// A metric with a host and a device sample (label tier).
+void TierMetric(std::string* out, const char* name, const char* type, const char* help,
+                uint64_t host, uint64_t device) {
+  Header(out, name, type, help);
+  Line(out, "%s{tier=\"host\"} %" PRIu64, name, host);
+  Line(out, "%s{tier=\"device\"} %" PRIu64, name, device);
+}
+
 std::string CodeLabel(size_t code) {
   std::string s = Status::CodeName(static_cast<Status::Code>(code));
   return s;
@@ -37,48 +52,39 @@ std::string CodeLabel(size_t code) {
 
 // Per-tier counters of the store (TierStats), labelled by tier.
 void RenderTiers(const TierStats& t, std::string* out) {
-  Header(out, "sqkv_tier_hits_total", "counter", "Pages found in a tier.");
-  Line(out, "sqkv_tier_hits_total{tier=\"host\"} %" PRIu64, t.host_hits);
-  Line(out, "sqkv_tier_hits_total{tier=\"device\"} %" PRIu64, t.device_hits);
-  Header(out, "sqkv_tier_misses_total", "counter", "Pages a tier had to fetch.");
-  Line(out, "sqkv_tier_misses_total{tier=\"host\"} %" PRIu64, t.host_misses);
-  Line(out, "sqkv_tier_misses_total{tier=\"device\"} %" PRIu64, t.device_misses);
-  Header(out, "sqkv_tier_evictions_total", "counter", "Pages evicted from a tier.");
-  Line(out, "sqkv_tier_evictions_total{tier=\"host\"} %" PRIu64, t.host_evictions);
-  Line(out, "sqkv_tier_evictions_total{tier=\"device\"} %" PRIu64, t.device_pages_evicted);
-  Header(out, "sqkv_device_uploaded_bytes_total", "counter", "Bytes uploaded to the device pool.");
-  Line(out, "sqkv_device_uploaded_bytes_total %" PRIu64, t.device_bytes_uploaded);
-  Header(out, "sqkv_device_layers_evicted_total", "counter",
-         "Layer indexes evicted from the device.");
-  Line(out, "sqkv_device_layers_evicted_total %" PRIu64, t.device_layers_evicted);
-  Header(out, "sqkv_tier_bytes_in_use", "gauge", "Bytes of a tier holding pages.");
-  Line(out, "sqkv_tier_bytes_in_use{tier=\"host\"} %" PRIu64, t.host_bytes_in_use);
-  Line(out, "sqkv_tier_bytes_in_use{tier=\"device\"} %" PRIu64, t.device_pool_bytes_used);
-  Header(out, "sqkv_tier_capacity_bytes", "gauge", "Size of a tier.");
-  Line(out, "sqkv_tier_capacity_bytes{tier=\"host\"} %" PRIu64, t.host_capacity_bytes);
-  Line(out, "sqkv_tier_capacity_bytes{tier=\"device\"} %" PRIu64, t.device_pool_bytes);
+  TierMetric(out, "sqkv_tier_hits_total", "counter", "Pages found in a tier.", t.host_hits,
+             t.device_hits);
+  TierMetric(out, "sqkv_tier_misses_total", "counter", "Pages a tier had to fetch.", t.host_misses,
+             t.device_misses);
+  TierMetric(out, "sqkv_tier_evictions_total", "counter", "Pages evicted from a tier.",
+             t.host_evictions, t.device_pages_evicted);
+  Metric(out, "sqkv_device_uploaded_bytes_total", "counter", "Bytes uploaded to the device pool.",
+         t.device_bytes_uploaded);
+  Metric(out, "sqkv_device_layers_evicted_total", "counter",
+         "Layer indexes evicted from the device.", t.device_layers_evicted);
+  TierMetric(out, "sqkv_tier_bytes_in_use", "gauge", "Bytes of a tier holding pages.",
+             t.host_bytes_in_use, t.device_pool_bytes_used);
+  TierMetric(out, "sqkv_tier_capacity_bytes", "gauge", "Size of a tier.", t.host_capacity_bytes,
+             t.device_pool_bytes);
   Header(out, "sqkv_tier_pinned_bytes", "gauge", "Bytes of a tier held by pinned contexts.");
   Line(out, "sqkv_tier_pinned_bytes{tier=\"host\"} %" PRIu64, t.host_pinned_bytes);
-  Header(out, "sqkv_device_layers_resident", "gauge", "Layers resident in the device pool.");
-  Line(out, "sqkv_device_layers_resident %" PRIu64, t.device_layers_resident);
-  Header(out, "sqkv_device_layers_loaded_total", "counter", "Layers loaded into the device pool.");
-  Line(out, "sqkv_device_layers_loaded_total %" PRIu64, t.device_layers_loaded);
-  Header(out, "sqkv_index_layers_cached", "gauge", "Decoded layer indexes in host memory.");
-  Line(out, "sqkv_index_layers_cached %" PRIu64, t.index_layers_cached);
-  Header(out, "sqkv_index_cached_bytes", "gauge", "Bytes of the decoded layer indexes.");
-  Line(out, "sqkv_index_cached_bytes %" PRIu64, t.index_bytes_cached);
-  Header(out, "sqkv_index_capacity_bytes", "gauge", "Byte bound of the layer index cache.");
-  Line(out, "sqkv_index_capacity_bytes %" PRIu64, t.index_capacity_bytes);
-  Header(out, "sqkv_index_layers_decoded_total", "counter",
-         "Layer indexes read from the catalog and decoded.");
-  Line(out, "sqkv_index_layers_decoded_total %" PRIu64, t.index_layers_decoded);
-  Header(out, "sqkv_index_layers_evicted_total", "counter",
-         "Layer indexes dropped from the cache.");
-  Line(out, "sqkv_index_layers_evicted_total %" PRIu64, t.index_layers_evicted);
-  Header(out, "sqkv_disk_reads_total", "counter", "Reads from segment files.");
-  Line(out, "sqkv_disk_reads_total %" PRIu64, t.disk_reads);
-  Header(out, "sqkv_disk_read_bytes_total", "counter", "Bytes read from segment files.");
-  Line(out, "sqkv_disk_read_bytes_total %" PRIu64, t.disk_bytes);
+  Metric(out, "sqkv_device_layers_resident", "gauge", "Layers resident in the device pool.",
+         t.device_layers_resident);
+  Metric(out, "sqkv_device_layers_loaded_total", "counter", "Layers loaded into the device pool.",
+         t.device_layers_loaded);
+  Metric(out, "sqkv_index_layers_cached", "gauge", "Decoded layer indexes in host memory.",
+         t.index_layers_cached);
+  Metric(out, "sqkv_index_cached_bytes", "gauge", "Bytes of the decoded layer indexes.",
+         t.index_bytes_cached);
+  Metric(out, "sqkv_index_capacity_bytes", "gauge", "Byte bound of the layer index cache.",
+         t.index_capacity_bytes);
+  Metric(out, "sqkv_index_layers_decoded_total", "counter",
+         "Layer indexes read from the catalog and decoded.", t.index_layers_decoded);
+  Metric(out, "sqkv_index_layers_evicted_total", "counter", "Layer indexes dropped from the cache.",
+         t.index_layers_evicted);
+  Metric(out, "sqkv_disk_reads_total", "counter", "Reads from segment files.", t.disk_reads);
+  Metric(out, "sqkv_disk_read_bytes_total", "counter", "Bytes read from segment files.",
+         t.disk_bytes);
   Line(out, "sqkv_disk_read_bytes_total{mode=\"direct\"} %" PRIu64, t.disk_direct_bytes);
   // The store's log2 buckets [2^i, 2^(i+1)) us as a cumulative histogram (le = 2^(i+1) us); its
   // sum is not known, so only buckets and count are given.
