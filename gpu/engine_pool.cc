@@ -143,12 +143,7 @@ int32_t PagePool::Allocate(size_t page_bytes, PoolOwner owner, bool pinned, uint
     id = Sweep(cls, epoch, evicted);
     if (id >= 0) {
       // The victim's position is reused in place: counts unchanged.
-      Entry& e = EntryOf(page_bytes, id);
-      e = Entry();
-      e.used = true;
-      e.owner = owner;
-      e.epoch = epoch;
-      e.pinned = pinned;
+      EntryOf(page_bytes, id) = Entry{owner, epoch, /*used=*/true, /*ref=*/false, pinned};
       return id;
     }
     if (Steal(cls, epoch, evicted)) {
@@ -158,12 +153,7 @@ int32_t PagePool::Allocate(size_t page_bytes, PoolOwner owner, bool pinned, uint
     }
   }
   if (id < 0) return -1;
-  Entry& e = EntryOf(page_bytes, id);
-  e = Entry();
-  e.used = true;
-  e.owner = owner;
-  e.epoch = epoch;
-  e.pinned = pinned;
+  EntryOf(page_bytes, id) = Entry{owner, epoch, /*used=*/true, /*ref=*/false, pinned};
   ++pages_used_;
   page_bytes_used_ += page_bytes;
   return id;
