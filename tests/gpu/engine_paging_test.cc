@@ -18,11 +18,19 @@
 #include "gpu/engine.h"
 #include "gpu/engine_pool.h"
 #include "gpu/engine_upload.h"
+#include "tests/gpu/engine_testing.h"
 #include "tests/gpu/lookup_testing.h"
 #include "tests/testing/testing.h"
 
 namespace sqkv::gpu {
 namespace {
+
+using engine_testing::Budget;
+using engine_testing::Context;
+using engine_testing::MakeContext;
+using engine_testing::MakeEngine;
+using engine_testing::MakeReq;
+using engine_testing::Req;
 
 #define SKIP_WITHOUT_DEVICE() \
   if (!DevicePresent()) GTEST_SKIP() << "no CUDA device"
@@ -104,58 +112,6 @@ TEST(PagePool, StealsWholeSlotsOfAnotherSize) {
 // ---------------------------------------------------------------------------------------------
 // The engine
 
-struct Context {
-  DType dtype = DType::kBF16;
-  int page_tokens = 16;
-  int head_dim = 128;
-  std::vector<HeadIndex> heads;
-  std::vector<uint8_t> pages;  // head-major
-  std::vector<size_t> head_page_base;
-  size_t page_bytes() const { return PageBytes(page_tokens, head_dim, dtype); }
-};
-
-Context MakeContext(std::mt19937_64& rng, int kv_heads, int clusters, int d, int pt, DType dtype,
-                    int num_l1 = 0) {
-  Context c;
-  c.dtype = dtype;
-  c.page_tokens = pt;
-  c.head_dim = d;
-  const size_t pb = c.page_bytes();
-  const size_t block = static_cast<size_t>(pt) * d;
-  for (int h = 0; h < kv_heads; ++h) {
-    c.heads.push_back(testing::SyntheticIndex(rng, clusters, d, pt, 40, num_l1));
-    const HeadIndex& x = c.heads.back();
-    c.head_page_base.push_back(c.pages.size() / pb);
-    const size_t at = c.pages.size();
-    c.pages.resize(at + x.num_pages() * pb, 0);
-    for (int p = 0; p < x.num_pages(); ++p) {
-      std::vector<float> k = testing::RandomNormal(block, rng);
-      std::vector<float> v = testing::RandomNormal(block, rng);
-      for (int t = 0; t < pt; ++t) {
-        if (x.positions[static_cast<size_t>(p) * pt + t] < 0) {
-          std::fill_n(k.begin() + t * d, d, 0.f);
-          std::fill_n(v.begin() + t * d, d, 0.f);
-        }
-      }
-      uint8_t* page = c.pages.data() + at + p * pb;
-      FromFloat(dtype, k.data(), page, block);
-      FromFloat(dtype, v.data(), page + pb / 2, block);
-    }
-  }
-  return c;
-}
-
-std::unique_ptr<Engine> MakeEngine(size_t pool_bytes,
-                                   EngineOptions::Upload upload = EngineOptions::Upload::kAuto) {
-  EngineOptions o;
-  o.pool_bytes = pool_bytes;
-  o.upload = upload;
-  std::unique_ptr<Engine> e;
-  Status st = Engine::Create(o, &e);
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  return e;
-}
-
 // The host tier as the test plays it: every layer's pages in pinned or pageable memory, and a
 // record of what the engine asked for.
 class HostTier {
@@ -206,36 +162,6 @@ class HostTier {
   bool pinned_;
   std::map<uint64_t, Layer> layers_;
 };
-
-struct Req {
-  uint64_t key = 0;
-  const Context* ctx = nullptr;
-  int q_heads = 0, n = 0;
-  SelectOptions select;
-  std::vector<float> q, out, lse;
-  std::vector<HeadSelection> selection;
-};
-
-SelectOptions Budget(float f) {
-  SelectOptions o;
-  o.keep_fraction = f;
-  return o;
-}
-
-Req MakeReq(std::mt19937_64& rng, const Context& c, uint64_t key, int g, int n,
-            SelectOptions select) {
-  Req r;
-  r.key = key;
-  r.ctx = &c;
-  r.q_heads = g * static_cast<int>(c.heads.size());
-  r.n = n;
-  r.select = select;
-  const size_t rows = static_cast<size_t>(r.q_heads) * n;
-  r.q = testing::RandomNormal(rows * c.head_dim, rng, 1.5f);
-  r.out.assign(rows * c.head_dim, std::numeric_limits<float>::quiet_NaN());
-  r.lse.assign(rows, std::numeric_limits<float>::quiet_NaN());
-  return r;
-}
 
 std::vector<QueryRequest> Requests(std::vector<Req>* reqs) {
   std::vector<QueryRequest> qs;

@@ -18,100 +18,27 @@
 #include "gpu/device_buffer.h"
 #include "gpu/engine_timing.h"
 #include "index/select.h"
+#include "tests/gpu/engine_testing.h"
 #include "tests/gpu/lookup_testing.h"
 #include "tests/testing/testing.h"
 
 namespace sqkv::gpu {
 namespace {
 
+using engine_testing::Budget;
+using engine_testing::Context;
+using engine_testing::MakeContext;
+using engine_testing::MakeEngine;
+using engine_testing::MakeReq;
+using engine_testing::Req;
+
 constexpr double kTieTol = 1e-5;
 
 #define SKIP_WITHOUT_DEVICE() \
   if (!DevicePresent()) GTEST_SKIP() << "no CUDA device"
 
-// One layer of one context: per-head indexes and the head-major pages they describe.
-struct Context {
-  DType dtype = DType::kBF16;
-  int page_tokens = 16;
-  int head_dim = 128;
-  std::vector<HeadIndex> heads;
-  std::vector<uint8_t> pages;
-  std::vector<size_t> head_page_base;
-};
-
-Context MakeContext(std::mt19937_64& rng, int kv_heads, int clusters, int d, int pt, DType dtype,
-                    int num_l1 = 0) {
-  Context c;
-  c.dtype = dtype;
-  c.page_tokens = pt;
-  c.head_dim = d;
-  const size_t pb = PageBytes(pt, d, dtype);
-  const size_t block = static_cast<size_t>(pt) * d;
-  for (int h = 0; h < kv_heads; ++h) {
-    c.heads.push_back(testing::SyntheticIndex(rng, clusters, d, pt, 40, num_l1));
-    const HeadIndex& x = c.heads.back();
-    c.head_page_base.push_back(c.pages.size() / pb);
-    const size_t at = c.pages.size();
-    c.pages.resize(at + x.num_pages() * pb, 0);
-    for (int p = 0; p < x.num_pages(); ++p) {
-      std::vector<float> k = testing::RandomNormal(block, rng);
-      std::vector<float> v = testing::RandomNormal(block, rng);
-      for (int t = 0; t < pt; ++t) {
-        if (x.positions[static_cast<size_t>(p) * pt + t] < 0) {  // padding stays zero
-          std::fill_n(k.begin() + t * d, d, 0.f);
-          std::fill_n(v.begin() + t * d, d, 0.f);
-        }
-      }
-      uint8_t* page = c.pages.data() + at + p * pb;
-      FromFloat(dtype, k.data(), page, block);
-      FromFloat(dtype, v.data(), page + pb / 2, block);
-    }
-  }
-  return c;
-}
-
-std::unique_ptr<Engine> MakeEngine(size_t pool_bytes = 128ull << 20) {
-  EngineOptions o;
-  o.pool_bytes = pool_bytes;
-  std::unique_ptr<Engine> e;
-  Status st = Engine::Create(o, &e);
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  return e;
-}
-
 Status Load(Engine* e, uint64_t key, const Context& c) {
   return e->LoadLayer(key, c.dtype, c.page_tokens, c.heads, c.pages.data());
-}
-
-// A request with fresh q and poisoned outputs.
-struct Req {
-  const Context* ctx = nullptr;
-  uint64_t key = 0;
-  int q_heads = 0, n = 0;
-  SelectOptions select;
-  std::vector<float> q, out, lse;
-  std::vector<HeadSelection> selection;
-};
-
-Req MakeReq(std::mt19937_64& rng, const Context& c, uint64_t key, int g, int n,
-            SelectOptions select) {
-  Req r;
-  r.ctx = &c;
-  r.key = key;
-  r.q_heads = g * static_cast<int>(c.heads.size());
-  r.n = n;
-  r.select = select;
-  const size_t rows = static_cast<size_t>(r.q_heads) * n;
-  r.q = testing::RandomNormal(rows * c.head_dim, rng, 1.5f);
-  r.out.assign(rows * c.head_dim, std::numeric_limits<float>::quiet_NaN());
-  r.lse.assign(rows, std::numeric_limits<float>::quiet_NaN());
-  return r;
-}
-
-SelectOptions Budget(float f) {
-  SelectOptions o;
-  o.keep_fraction = f;
-  return o;
 }
 
 Status QueryAll(Engine* e, std::vector<Req>* reqs) {
