@@ -284,10 +284,9 @@ Status LaunchLookup(const LookupArgs& a, const LookupLayout& l, void* stream) {
   auto* base = static_cast<uint8_t*>(a.workspace);
   lookup_detail::Workspace w;
   auto* lists = reinterpret_cast<int32_t*>(base);
-  bool identity = true;
-  for (size_t i = 0; i < l.small_list.size() && identity; ++i) {
-    identity = l.small_list[i] == static_cast<int32_t>(i);
-  }
+  // PlanLookup lists segments in ascending order, so a small list holding every segment is the
+  // identity (passed as null).
+  const bool identity = l.small_list.size() == static_cast<size_t>(l.num_segments);
   w.small_list = identity ? nullptr : lists;
   w.large_list = lists + l.small_list.size();
   w.counters = lists + l.small_list.size() + l.large_list.size();
