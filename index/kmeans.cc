@@ -10,6 +10,8 @@
 #include <random>
 #include <string>
 
+#include "common/dot.h"
+
 namespace sqkv {
 namespace {
 
@@ -48,21 +50,6 @@ void NormaliseRows(const float* x, int n, int d, std::vector<float>* out) {
   }
 }
 
-// Inner product with independent partial sums, so that the compiler vectorises it.
-// a, b: (d).
-float Dot(const float* a, const float* b, int d) {
-  constexpr int kLanes = 8;
-  float acc[kLanes] = {};
-  int i = 0;
-  for (; i + kLanes <= d; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
-  }
-  float sum = 0.f;
-  for (; i < d; ++i) sum += a[i] * b[i];
-  for (float v : acc) sum += v;
-  return sum;
-}
-
 // A uniform double in [0, 1) from 53 random bits: the same sequence on every standard library
 // (std::uniform_real_distribution is implementation-defined).
 double Uniform01(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
@@ -78,7 +65,7 @@ void PlusPlusSeeds(const std::vector<float>& unit, int n, int d, int k, uint64_t
   std::vector<double> norm2(n), dist(n);
   for (int i = 0; i < n; ++i) {
     const float* x = unit.data() + static_cast<size_t>(i) * d;
-    norm2[i] = Dot(x, x, d);
+    norm2[i] = Dot(x, x, static_cast<size_t>(d));
   }
   int pick = static_cast<int>(Uniform01(rng) * n);
   for (int j = 0; j < k; ++j) {
@@ -88,7 +75,7 @@ void PlusPlusSeeds(const std::vector<float>& unit, int n, int d, int k, uint64_t
     for (int i = 0; i < n; ++i) {
       // |x - c|^2 = |x|^2 + |c|^2 - 2 x.c, rounding kept from going negative.
       const float* x = unit.data() + static_cast<size_t>(i) * d;
-      const double d2 = std::max(0.0, norm2[i] + norm2[pick] - 2.0 * Dot(x, c, d));
+      const double d2 = std::max(0.0, norm2[i] + norm2[pick] - 2.0 * Dot(x, c, static_cast<size_t>(d)));
       dist[i] = j == 0 ? d2 : std::min(dist[i], d2);
       total += dist[i];
     }
