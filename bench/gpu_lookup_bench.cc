@@ -13,9 +13,11 @@
 // row-statistics pass (p1) and the column pass (p2), each as the difference of score_only runs.
 //
 // Usage: gpu_lookup_bench [--iters N] [--keep F] [--tokens N] [--cases C] [--whole-only]
+//                         [--mma-sync]
 //   --tokens N: one context size only (32768 or 131072; default both)
 //   --cases C: all (default), decode, prefill, b1 or b8 (decode batch 1 / batch 8 only)
 //   --whole-only: time the lookup and the whole path only (score, global, step and f32 columns 0)
+//   --mma-sync: the prefill passes on mma.sync even where the device has wgmma (LookupArgs::wgmma)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -38,6 +40,9 @@
 namespace {
 
 using sqkv::DType;
+
+// --mma-sync: the prefill passes on mma.sync where the device has wgmma (LookupArgs::wgmma).
+bool g_mma_sync = false;
 using sqkv::HeadIndex;
 using sqkv::Status;
 using sqkv::bench::Median;
@@ -150,6 +155,7 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
   for (size_t g = 0; g < groups.size(); ++g) {
     auto& impl = static_cast<gpu::PlanImpl&>(*plans[g]);
     impl.lookup.q = q.as<float>();
+    impl.lookup.wgmma = !g_mma_sync;
     score_only[g] = impl.lookup;
     score_only[g].score_only = true;
     global[g] = impl.lookup;
@@ -244,6 +250,8 @@ int main(int argc, char** argv) {
     const bool has_value = i + 1 < argc;
     if (std::strcmp(argv[i], "--whole-only") == 0) {
       whole_only = true;
+    } else if (std::strcmp(argv[i], "--mma-sync") == 0) {
+      g_mma_sync = true;
     } else if (has_value && std::strcmp(argv[i], "--iters") == 0) {
       iters = std::atoi(argv[++i]);
     } else if (has_value && std::strcmp(argv[i], "--keep") == 0) {
@@ -255,7 +263,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--iters N] [--keep F] [--tokens N] "
-                   "[--cases all|decode|prefill|b1|b8] [--whole-only]\n",
+                   "[--cases all|decode|prefill|b1|b8] [--whole-only] [--mma-sync]\n",
                    argv[0]);
       return 2;
     }

@@ -201,6 +201,10 @@ struct LookupArgs {
   // last scoring block's, or the float32 large path's selection kernel). Both give the same
   // outputs. Default: true.
   bool staged_select = true;
+  // Large segments with 16-bit centroids and head_dim <= 128 on a compute capability 9.0 device
+  // (Hopper): the two tensor-core passes on wgmma; false: on mma.sync, as every other device runs
+  // them. Same blocks, pieces and results up to float32 summation order. Default: true.
+  bool wgmma = true;
 
   // Outputs, device. Per segment s: seg_page_count[s] pages at page_ids/page_valid
   // [segments[s].page_offset ...]; seg_cluster_count[s] cluster ids (ascending) at

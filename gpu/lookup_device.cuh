@@ -178,5 +178,9 @@ cudaError_t LaunchConvertQ(const LookupArgs& a, const LookupLayout& l, const Wor
                            cudaStream_t stream);
 cudaError_t LaunchLargeF16(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                            int level, cudaStream_t stream);
+// The same passes on wgmma (lookup_wgmma_sm90a.cu, built for sm_90a only): head_dim <= 128 on a
+// compute capability 9.0 device. LaunchLargeF16 takes it where LookupArgs::wgmma allows.
+cudaError_t LaunchLargeWgmma(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                             int level, cudaStream_t stream);
 
 }  // namespace sqkv::gpu::lookup_detail

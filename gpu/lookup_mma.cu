@@ -23,8 +23,7 @@
 
 #include <cmath>
 
-#include "gpu/lookup_select.cuh"
-#include "gpu/paged_attention_common.cuh"
+#include "gpu/lookup_mma.cuh"
 
 namespace sqkv::gpu::lookup_detail {
 namespace {
@@ -34,8 +33,6 @@ using detail::CpAsyncCommit;
 using detail::CpAsyncWait;
 using detail::FastExp2;
 using detail::LdMatrixX4;
-using detail::QuadMax;
-using detail::QuadSum;
 using detail::SmemAddr;
 using Mma16 = detail::Half16<__half>;
 
@@ -75,36 +72,6 @@ constexpr int StageRows() {
 template <int KS>
 constexpr int Pitch() {
   return KS * 16 + 8;
-}
-
-__device__ __forceinline__ int CeilDiv(int a, int b) { return (a + b - 1) / b; }
-
-// Copies 4 bytes global -> shared (through L1); src_bytes 0 writes a zero.
-__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-
-// Where entry i's cluster size lies.
-__device__ __forceinline__ const int32_t* EntrySizePtr(const EntrySet& e, int i) {
-  if (e.list == nullptr) return e.prim_size + i;
-  return (i < e.scored ? e.prim_size : e.extra_size) + e.list[i];
-}
-
-// A fragments (m16 x k16 per k-step, row-major) of rows a and b = a + 8, straight from global
-// memory (binary16 rows of d halves; nullptr: a zero row). Components >= d are zero.
-template <int KS>
-__device__ __forceinline__ void LoadFragments(const uint16_t* row_a, const uint16_t* row_b, int d,
-                                              int tq, uint32_t (&f)[KS][4]) {
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    const int k0 = ks * 16 + 2 * tq;
-    const bool in = k0 < d;  // d is a multiple of 16: then k0 + 8 < d too
-    f[ks][0] = in && row_a != nullptr ? *reinterpret_cast<const uint32_t*>(row_a + k0) : 0u;
-    f[ks][1] = in && row_b != nullptr ? *reinterpret_cast<const uint32_t*>(row_b + k0) : 0u;
-    f[ks][2] = in && row_a != nullptr ? *reinterpret_cast<const uint32_t*>(row_a + k0 + 8) : 0u;
-    f[ks][3] = in && row_b != nullptr ? *reinterpret_cast<const uint32_t*>(row_b + k0 + 8) : 0u;
-  }
 }
 
 // No work between a group's k-steps.
@@ -270,10 +237,8 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   if (row0 >= s.rows) return;
   const int d = a.head_dim;
   const EntrySet e = GetEntrySet(s, level, w.ints, d, true);
-  // Pieces of whole groups (the last may be shorter; at level 2 of a two-level run, where
-  // the candidates are fewer than planned for, some may be empty).
-  const int per = CeilDiv(CeilDiv(e.total, splits), kGroup) * kGroup;
-  const int begin = min(e.total, piece * per), end = min(e.total, begin + per);
+  const int2 range = PieceRange(e.total, splits, piece, kGroup);
+  const int begin = range.x, end = range.y;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
   const uint16_t* qh = reinterpret_cast<const uint16_t*>(w.floats + s.qh_offset);
   float4* info = reinterpret_cast<float4*>(w.floats + s.info_offset);
@@ -368,40 +333,11 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   for (int m = 0; m < MT; ++m) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      // The quad's lanes saw different entries: the row's max, and each lane's normaliser moved
-      // to it (a lane that saw no entry holds (-inf, 0)). An empty piece leaves (-inf, 0).
-      const float mx = QuadMax(m_run[m][h]);
-      const float z =
-          QuadSum(m_run[m][h] > -INFINITY ? z_run[m][h] * FastExp2(m_run[m][h] - mx) : 0.f);
-      m_run[m][h] = mx;
-      const int row = rows_of[m][h];
-      if (tq != 0 || row >= s.rows) continue;
-      if (splits == 1) {
-        info[row] = make_float4(f[m][h], m_run[m][h], 1.f / z, 0.f);
-      } else {
-        part[static_cast<size_t>(piece) * s.rows + row] = make_float2(m_run[m][h], z);
-      }
+      FinishRowStat(s, info, part, piece, splits, rows_of[m][h], tq, f[m][h], m_run[m][h],
+                    z_run[m][h]);
     }
   }
-  if (splits == 1) return;
-  if (!ArriveLast(w.counters + s.tile_counter + rtile, splits, &last)) return;
-  // The last piece of the row tile: max over the pieces, normaliser Σ z_p 2^(m_p - max), in
-  // piece order. An empty piece holds (-inf, 0).
-  for (int r = t; r < kMmaRowTile; r += kThreads) {
-    const int row = row0 + r;
-    if (row >= s.rows) break;
-    float mx = -INFINITY;
-    for (int p = 0; p < splits; ++p) {
-      mx = fmaxf(mx, __ldcg(&part[static_cast<size_t>(p) * s.rows + row].x));
-    }
-    float z = 0.f;
-    for (int p = 0; p < splits; ++p) {
-      const float2 v = __ldcg(&part[static_cast<size_t>(p) * s.rows + row]);
-      if (v.y > 0.f) z = fmaf(v.y, FastExp2(v.x - mx), z);
-    }
-    // z >= the size of the arg-max entry >= 1
-    info[row] = make_float4(__ldcg(&info[row].x), mx, 1.f / z, 0.f);
-  }
+  if (splits > 1) CombineRowPieces<kThreads>(s, w, info, part, rtile, &last);
 }
 
 template <int KS>
@@ -427,8 +363,8 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
     const uint16_t* qh = reinterpret_cast<const uint16_t*>(w.floats + s.qh_offset);
     const float4* info = reinterpret_cast<const float4*>(w.floats + s.info_offset);
     const int rows = s.rows;
-    const int per = CeilDiv(CeilDiv(rows, splits), kGroup) * kGroup;  // whole groups
-    const int begin = min(rows, piece * per), end = min(rows, begin + per);
+    const int2 range = PieceRange(rows, splits, piece, kGroup);
+    const int begin = range.x, end = range.y;
     uint32_t frag[MT][KS][4];
     int ent[MT][2];
 #pragma unroll
@@ -504,43 +440,13 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
       }
       __syncthreads();
     }
-    float* sc = w.floats + s.score_offset;
-    float* part = w.floats + s.part_offset;  // (splits, entry_capacity)
-    const float inv_rows = 1.f / static_cast<float>(rows);
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float c = QuadSum(col[m][h]);
-        const int i = ent[m][h];
-        if (tq != 0 || i >= e.scored) continue;
-        if (splits == 1) {
-          sc[i] = c * inv_rows;
-        } else {
-          part[static_cast<size_t>(piece) * s.entry_capacity + i] = c;
-        }
-      }
-    }
-    if (splits > 1) {
-      const int rtiles = CeilDiv(rows, kMmaRowTile);
-      if (ArriveLast(w.counters + s.tile_counter + rtiles + etile, splits, &last)) {
-        // The last piece of the entry tile: the pieces' sums in piece order.
-        for (int i = col0 + t; i < min(col0 + kMmaColTile, e.scored); i += kThreads) {
-          float sum = 0.f;
-          for (int p = 0; p < splits; ++p) {
-            sum += __ldcg(part + static_cast<size_t>(p) * s.entry_capacity + i);
-          }
-          sc[i] = sum * inv_rows;
-        }
-      }
+      for (int h = 0; h < 2; ++h) FinishColumn(s, e, w, piece, splits, ent[m][h], tq, col[m][h]);
     }
   }
-  if (!finish) return;  // the staged selection kernel selects
-  if (!ArriveLast(w.counters + seg, gridDim.x, &last)) return;
-  if (a.score_only) return;
-  __shared__ ArgsBuffer args;
-  args.Fill(a, w);
-  SelectSegment<kThreads>(args.args(), args.ws(), seg, level, true);
+  FinishColumns<kThreads>(a, w, seg, s, e, etile, level, finish, &last);
 }
 
 template <int KS>
@@ -560,6 +466,17 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
   return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
 }
 
+// Whether the current device runs the sm_90a kernels (compute capability exactly 9.0).
+bool HasWgmma() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
 }  // namespace
 
 cudaError_t LaunchConvertQ(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
@@ -573,6 +490,7 @@ cudaError_t LaunchConvertQ(const LookupArgs& a, const LookupLayout& l, const Wor
 cudaError_t LaunchLargeF16(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                            int level, cudaStream_t stream) {
   if (l.large_list.empty()) return cudaSuccess;
+  if (a.wgmma && a.head_dim <= 128 && HasWgmma()) return LaunchLargeWgmma(a, l, w, level, stream);
   if (a.head_dim <= 64) return LaunchKS<4>(a, l, w, level, stream);
   if (a.head_dim <= 128) return LaunchKS<8>(a, l, w, level, stream);
   return LaunchKS<16>(a, l, w, level, stream);

@@ -1,0 +1,144 @@
+// Pieces shared by the two families of large-segment tensor-core passes (16-bit centroids): the
+// mma.sync kernels (lookup_mma.cu) and the wgmma kernels (lookup_wgmma_sm90a.cu). Both keep the
+// same blocks (128 query rows in pass 1, 128 entries in pass 2), pieces, workspace regions and
+// arrival counters, so their results land in the same places and finish the same way.
+// Device code, internal.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "gpu/lookup_select.cuh"
+#include "gpu/paged_attention_common.cuh"
+
+namespace sqkv::gpu::lookup_detail {
+
+__device__ __forceinline__ int CeilDiv(int a, int b) { return (a + b - 1) / b; }
+
+// Copies 4 bytes global -> shared (through L1); src_bytes 0 writes a zero.
+__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+// Where entry i's cluster size lies.
+__device__ __forceinline__ const int32_t* EntrySizePtr(const EntrySet& e, int i) {
+  if (e.list == nullptr) return e.prim_size + i;
+  return (i < e.scored ? e.prim_size : e.extra_size) + e.list[i];
+}
+
+// The entry range [begin, end) of pass 1's piece `piece` of `splits`: whole groups of `group`
+// entries (the last piece may be shorter; at level 2 of a two-level run, where the candidates are
+// fewer than planned for, some may be empty). Pass 2 cuts the query rows the same way.
+__device__ __forceinline__ int2 PieceRange(int total, int splits, int piece, int group) {
+  const int per = CeilDiv(CeilDiv(total, splits), group) * group;
+  const int begin = min(total, piece * per);
+  return make_int2(begin, min(total, begin + per));
+}
+
+// A fragments (m16 x k16 per k-step, row-major) of rows a and b = a + 8, straight from global
+// memory (binary16 rows of d halves; nullptr: a zero row). Components >= d are zero.
+template <int KS>
+__device__ __forceinline__ void LoadFragments(const uint16_t* row_a, const uint16_t* row_b, int d,
+                                              int tq, uint32_t (&f)[KS][4]) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int k0 = ks * 16 + 2 * tq;
+    const bool in = k0 < d;  // d is a multiple of 16: then k0 + 8 < d too
+    f[ks][0] = in && row_a != nullptr ? *reinterpret_cast<const uint32_t*>(row_a + k0) : 0u;
+    f[ks][1] = in && row_b != nullptr ? *reinterpret_cast<const uint32_t*>(row_b + k0) : 0u;
+    f[ks][2] = in && row_a != nullptr ? *reinterpret_cast<const uint32_t*>(row_a + k0 + 8) : 0u;
+    f[ks][3] = in && row_b != nullptr ? *reinterpret_cast<const uint32_t*>(row_b + k0 + 8) : 0u;
+  }
+}
+
+// Pass 1, one query row held by a quad (lane tq of 4 each saw different entries, with its own
+// running max m and normaliser z under it; a lane that saw none holds (-inf, 0)): the row's max,
+// every normaliser moved to it, summed. Lane 0 writes it: info (one piece) or the piece's slot of
+// the partials. An empty piece leaves (-inf, 0). The whole quad calls it.
+__device__ __forceinline__ void FinishRowStat(const LookupSegment& s, float4* info, float2* part,
+                                              int piece, int splits, int row, int tq, float f,
+                                              float m, float z) {
+  const float mx = detail::QuadMax(m);
+  z = detail::QuadSum(m > -INFINITY ? z * detail::FastExp2(m - mx) : 0.f);
+  if (tq != 0 || row >= s.rows) return;
+  if (splits == 1) {
+    info[row] = make_float4(f, mx, 1.f / z, 0.f);
+  } else {
+    part[static_cast<size_t>(piece) * s.rows + row] = make_float2(mx, z);
+  }
+}
+
+// Pass 1, several pieces: the last block of row tile `rtile` to arrive combines the pieces' (max,
+// normaliser) in piece order. The whole block (T threads) calls it.
+template <int T>
+__device__ __forceinline__ void CombineRowPieces(const LookupSegment& s, const Workspace& w,
+                                                 float4* info, const float2* part, int rtile,
+                                                 int* last) {
+  const int splits = s.row_splits;
+  if (!ArriveLast(w.counters + s.tile_counter + rtile, splits, last)) return;
+  const int row0 = rtile * kMmaRowTile;
+  for (int r = threadIdx.x; r < kMmaRowTile; r += T) {
+    const int row = row0 + r;
+    if (row >= s.rows) break;
+    float mx = -INFINITY;
+    for (int p = 0; p < splits; ++p) {
+      mx = fmaxf(mx, __ldcg(&part[static_cast<size_t>(p) * s.rows + row].x));
+    }
+    float z = 0.f;
+    for (int p = 0; p < splits; ++p) {
+      const float2 v = __ldcg(&part[static_cast<size_t>(p) * s.rows + row]);
+      if (v.y > 0.f) z = fmaf(v.y, detail::FastExp2(v.x - mx), z);
+    }
+    // z >= the size of the arg-max entry >= 1
+    info[row] = make_float4(__ldcg(&info[row].x), mx, 1.f / z, 0.f);
+  }
+}
+
+// Pass 2, one entry held by a quad (each lane summed different rows): the quad's sum, written by
+// lane 0 as the score (one piece) or the piece's partial. The whole quad calls it.
+__device__ __forceinline__ void FinishColumn(const LookupSegment& s, const EntrySet& e,
+                                             const Workspace& w, int piece, int splits, int i,
+                                             int tq, float col) {
+  const float c = detail::QuadSum(col);
+  if (tq != 0 || i >= e.scored) return;
+  if (splits == 1) {
+    w.floats[s.score_offset + i] = c * (1.f / static_cast<float>(s.rows));
+  } else {
+    w.floats[s.part_offset + static_cast<size_t>(piece) * s.entry_capacity + i] = c;
+  }
+}
+
+// Pass 2's end, the whole block (T threads) calls it: with several pieces, the last block of entry
+// tile `etile` to arrive sums the pieces in piece order into the scores; then, with `finish`, the
+// last block of segment `seg` to arrive selects it (else the staged selection kernel does).
+template <int T>
+__device__ __forceinline__ void FinishColumns(const LookupArgs& a, const Workspace& w, int seg,
+                                              const LookupSegment& s, const EntrySet& e, int etile,
+                                              int level, bool finish, int* last) {
+  const int splits = s.col_splits;
+  if (splits > 1 && etile * kMmaColTile < e.scored) {
+    const int rtiles = CeilDiv(s.rows, kMmaRowTile);
+    if (ArriveLast(w.counters + s.tile_counter + rtiles + etile, splits, last)) {
+      const float* part = w.floats + s.part_offset;  // (splits, entry_capacity)
+      const int col0 = etile * kMmaColTile;
+      for (int i = col0 + threadIdx.x; i < min(col0 + kMmaColTile, e.scored); i += T) {
+        float sum = 0.f;
+        for (int p = 0; p < splits; ++p) {
+          sum += __ldcg(part + static_cast<size_t>(p) * s.entry_capacity + i);
+        }
+        w.floats[s.score_offset + i] = sum * (1.f / static_cast<float>(s.rows));
+      }
+    }
+  }
+  if (!finish) return;
+  if (!ArriveLast(w.counters + seg, gridDim.x, last)) return;
+  if (a.score_only) return;
+  __shared__ ArgsBuffer args;
+  args.Fill(a, w);
+  SelectSegment<T>(args.args(), args.ws(), seg, level, true);
+}
+
+}  // namespace sqkv::gpu::lookup_detail

@@ -1,0 +1,131 @@
+// Hopper warpgroup matrix products (wgmma, sm_90a only): shared-memory matrix descriptors for
+// the 128-byte swizzled layout, the fence / commit / wait controls, and m64nNk16 products with
+// 16-bit operands (binary16 or bfloat16) and float32 accumulators. Internal to gpu/; include only
+// from files built for sm_90a (the *_sm90a.cu files, see gpu/CMakeLists.txt).
+//
+// Layout the descriptors describe ("K-major, 128-byte swizzle"): a tile of R rows × 64 16-bit
+// elements is R rows of 128 bytes, 1,024-byte aligned; the 16-byte chunk c of row r sits at chunk
+// c ^ (r % 8) of that row (Sw128Offset). A row of 128 elements is two such panels, the second
+// R × 128 bytes after the first. Step ks of 16 elements starts at panel ks / 4, byte 32 · (ks % 4)
+// (Sw128Desc).
+//
+// Accumulator layout of m64nN (float32, N / 2 registers per thread): warp w of the warpgroup holds
+// rows 16w + g and 16w + g + 8 (g = lane / 4); register 4j + 2h + c is row 16w + g + 8h, column
+// 8j + 2 (lane % 4) + c. A from registers (the RS form) takes the mma.sync m16n8k16 A fragment of
+// the warp's 16 rows.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace sqkv::gpu::detail {
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a 128-byte swizzled panel.
+__device__ __forceinline__ uint32_t Sw128Offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
+}
+
+// Descriptor of the k-step `ks` (16 elements) of a K-major, 128-byte swizzled tile of `rows` rows
+// at shared address `tile` (1,024-byte aligned). Fields: start address >> 4 (bits 0-13), leading
+// byte offset >> 4 (16-29; unused by this layout, 1 by convention), stride byte offset >> 4
+// (32-45: 1,024 bytes between groups of 8 rows), swizzle mode (62-63: 1 = 128 bytes).
+__device__ __forceinline__ uint64_t Sw128Desc(uint32_t tile, int rows, int ks) {
+  const uint32_t addr = tile + static_cast<uint32_t>((ks >> 2) * rows * 128 + (ks & 3) * 32);
+  uint64_t desc = (addr & 0x3FFFFu) >> 4;
+  desc |= uint64_t{1} << 16;
+  desc |= uint64_t{1024 >> 4} << 32;
+  desc |= uint64_t{1} << 62;
+  return desc;
+}
+
+// Orders this thread's register writes (A fragments, accumulators) before the wgmma that follow.
+__device__ __forceinline__ void WgmmaFence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+// Closes the group of wgmma issued since the last commit.
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Waits until at most `n` committed groups are still running; their accumulators are then valid.
+template <int n>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(n) : "memory");
+}
+// Makes this thread's ordinary (generic-proxy) shared-memory writes, cp.async ones included once
+// waited for, visible to the async proxy (wgmma operands, bulk copies). Then a barrier.
+__device__ __forceinline__ void FenceProxyAsyncShared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Keeps the compiler from moving accumulator reads or writes across an asynchronous product.
+template <int n>
+__device__ __forceinline__ void WgmmaPin(float (&d)[n]) {
+#pragma unroll
+  for (int i = 0; i < n; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// 16-bit element types by PTX name.
+struct F16 {
+  static constexpr const char* kName = "f16";
+};
+struct BF16 {
+  static constexpr const char* kName = "bf16";
+};
+
+#define SQKV_WG_D32                                                                            \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24," \
+  "%25,%26,%27,%28,%29,%30,%31}"
+#define SQKV_WG_D32_OPS(d)                                                                     \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),          \
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),  \
+      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),            \
+      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),            \
+      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+// d (m64 × n64, float32) (+)= a (m64 × k16, registers: the warp's A fragment) · b^T (b: 64 rows ×
+// k16 at descriptor desc_b). accumulate false: d = a · b^T.
+template <class T>
+__device__ __forceinline__ void WgmmaM64N64RS(float (&d)[32], const uint32_t (&a)[4],
+                                              uint64_t desc_b, bool accumulate);
+
+#define SQKV_WG_RS64(TYPE, NAME)                                                                 \
+  template <>                                                                                    \
+  __device__ __forceinline__ void WgmmaM64N64RS<TYPE>(float(&d)[32], const uint32_t(&a)[4],      \
+                                                      uint64_t desc_b, bool accumulate) {        \
+    asm volatile(                                                                                \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %36, 0;\n"                                             \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " " SQKV_WG_D32              \
+        ", {%32,%33,%34,%35}, %37, p, 1, 1, 0;\n}\n"                                             \
+        : SQKV_WG_D32_OPS(d)                                                                     \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(static_cast<int>(accumulate)),         \
+          "l"(desc_b));                                                                          \
+  }
+SQKV_WG_RS64(F16, "f16")
+SQKV_WG_RS64(BF16, "bf16")
+#undef SQKV_WG_RS64
+
+// d (m64 × n64) (+)= a · b^T, both from shared memory (K-major descriptors).
+template <class T>
+__device__ __forceinline__ void WgmmaM64N64SS(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                              bool accumulate);
+
+#define SQKV_WG_SS64(TYPE, NAME)                                                                 \
+  template <>                                                                                    \
+  __device__ __forceinline__ void WgmmaM64N64SS<TYPE>(float(&d)[32], uint64_t desc_a,            \
+                                                      uint64_t desc_b, bool accumulate) {        \
+    asm volatile(                                                                                \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %32, 0;\n"                                             \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " " SQKV_WG_D32              \
+        ", %33, %34, p, 1, 1, 0, 0;\n}\n"                                                        \
+        : SQKV_WG_D32_OPS(d)                                                                     \
+        : "r"(static_cast<int>(accumulate)), "l"(desc_a), "l"(desc_b));                          \
+  }
+SQKV_WG_SS64(F16, "f16")
+SQKV_WG_SS64(BF16, "bf16")
+#undef SQKV_WG_SS64
+
+#undef SQKV_WG_D32
+#undef SQKV_WG_D32_OPS
+
+}  // namespace sqkv::gpu::detail
