@@ -67,7 +67,7 @@ inline constexpr int kLookupNarrowRows = 4;
 // 2 the query rows, one block each, so the grid fills the device in small, even blocks; the last
 // block of a tile to arrive combines the pieces in a fixed order (gpu/lookup_mma.cu).
 inline constexpr int kLookupPieceEntries = 2048;
-inline constexpr int kLookupPieceRows = 512;
+inline constexpr int kLookupPieceRows = 1024;
 
 // 16-bit centroid storage: the largest |c| of a head (both levels) is scaled by a power of two into
 // [2^14, 2^15), so nothing overflows and only components below ~2^-24 of the largest lose relative
@@ -135,7 +135,7 @@ struct LookupSegment {
   int64_t logit_offset = 0;    // floats, small: (rows, entry_capacity), base-2 logits
   int64_t tstat_offset = 0;    // floats, small: (rows, tiles, 2) per-tile (max, normaliser)
   int64_t qh_offset = 0;       // floats, large 16-bit: (rows, head_dim) binary16 q (2 per float)
-  int64_t info_offset = 0;     // floats, large 16-bit: (rows, 4) (logit factor, max, 1/Z, 0)
+  int64_t info_offset = 0;     // floats, large 16-bit: (rows, 4) (logit factor, max, 1/Z, log2 Z + max)
   int32_t row_splits = 0;      // large 16-bit: pieces of the entries in pass 1 (>= 1)
   int32_t col_splits = 0;      // large 16-bit: pieces of the query rows in pass 2 (>= 1)
   int32_t tile_counter = 0;    // large 16-bit: first arrival counter (row tiles, then entry tiles)

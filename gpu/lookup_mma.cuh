@@ -65,7 +65,7 @@ __device__ __forceinline__ void FinishRowStat(const LookupSegment& s, float4* in
   z = detail::QuadSum(m > -INFINITY ? z * detail::FastExp2(m - mx) : 0.f);
   if (tq != 0 || row >= s.rows) return;
   if (splits == 1) {
-    info[row] = make_float4(f, mx, 1.f / z, 0.f);
+    info[row] = make_float4(f, mx, 1.f / z, mx + log2f(z));
   } else {
     part[static_cast<size_t>(piece) * s.rows + row] = make_float2(mx, z);
   }
@@ -93,7 +93,7 @@ __device__ __forceinline__ void CombineRowPieces(const LookupSegment& s, const W
       if (v.y > 0.f) z = fmaf(v.y, detail::FastExp2(v.x - mx), z);
     }
     // z >= the size of the arg-max entry >= 1
-    info[row] = make_float4(__ldcg(&info[row].x), mx, 1.f / z, 0.f);
+    info[row] = make_float4(__ldcg(&info[row].x), mx, 1.f / z, mx + log2f(z));
   }
 }
 

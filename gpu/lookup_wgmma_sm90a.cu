@@ -1,15 +1,16 @@
 // Large (prefill) segments with 16-bit centroids on Hopper's warpgroup products (wgmma, sm_90a):
 // the same two passes as lookup_mma.cu (same blocks, pieces, workspace and finish; see there), at
-// head_dim <= 128. A block is two warpgroups; each holds 64 of the block's 128 A rows (query rows
-// in pass 1, entries in pass 2) as register fragments and multiplies them with the streamed rows
-// (entries in pass 1, query rows in pass 2), 64 per stage, staged by cp.async into 128-byte
-// swizzled shared memory four stages deep: per stage one m64n64 product of head_dim / 16 k-steps
-// per warpgroup, then the stage's exp2 work on the accumulators. Two blocks per SM, so one
-// warpgroup's products run while another's exp2 work issues.
+// head_dim <= 128. A block is two warpgroups over a 128-row A tile in shared memory (query rows in
+// pass 1, entries in pass 2; each warpgroup multiplies 64 of them), streaming the other operand
+// (entries in pass 1, query rows in pass 2) 64 rows per stage through 128-byte swizzled shared
+// memory, copied by cp.async three stages ahead. Per stage and warpgroup one m64n64 product of
+// head_dim / 16 k-steps; the product of the next stage runs on the tensor cores while the exp2
+// work of this one issues (two accumulator sets). Two blocks per SM.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "gpu/lookup_mma.cuh"
 #include "gpu/wgmma.cuh"
@@ -28,7 +29,8 @@ using detail::Sw128Desc;
 using detail::Sw128Offset;
 using detail::WgmmaCommit;
 using detail::WgmmaFence;
-using detail::WgmmaM64N64RS;
+using detail::WgmmaM64N64SS;
+using detail::DescAdvance;
 using detail::WgmmaWait;
 
 constexpr int kThreads = 256;  // two warpgroups
@@ -36,15 +38,19 @@ constexpr int kStageRows = 64;  // streamed rows per stage: the n64 of the produ
 constexpr int kStages = 4;
 static_assert(kMmaRowTile == 128 && kMmaColTile == 128, "two warpgroups of 64 A rows");
 
-// Shared memory of a block: the stages' tiles (1,024-byte aligned), then per stage 64 sizes (pass
-// 1) or 64 row infos (pass 2).
+// Shared memory of a block: the A tile and the stages' tiles (1,024-byte aligned), then per stage
+// 64 sizes (pass 1) or 64 (x, L) pairs (pass 2).
 template <int KS>
 constexpr int TileBytes() {
   return kStageRows * KS * 32;  // KS k-steps of 16 halves per row
 }
 template <int KS>
+constexpr int ATileBytes() {
+  return kMmaRowTile * KS * 32;  // the block's 128 A rows
+}
+template <int KS>
 constexpr int SmemBytes() {
-  return 1024 + kStages * (TileBytes<KS>() + kStageRows * 16);
+  return 1024 + ATileBytes<KS>() + kStages * (TileBytes<KS>() + kStageRows * 8);
 }
 
 // An exact float of a non-negative int below 2^23, on the FMA pipe (no conversion unit).
@@ -52,30 +58,117 @@ __device__ __forceinline__ float SmallIntToFloat(int v) {
   return __int_as_float(v | 0x4B000000) - 8388608.f;
 }
 
-// Streamed rows [row0, row0 + 64) of the stage into `tile` (KS / 4 panels of 64 × 128 bytes,
-// swizzled): row r's chunk ch from src(r) + 16 ch, zero past `valid` rows or head_dim.
-template <int KS, class Src>
-__device__ __forceinline__ void StageTile(uint32_t tile, int valid, int d, const Src& src) {
+// R rows into `tile` (KS / 4 panels of R × 128 bytes, swizzled): row r's 16-byte chunk ch from
+// src(r) + 16 ch, zero past `valid` rows or head_dim. Each thread copies one chunk column of every
+// (256 / chunks)-th row, so its shared offsets differ by a constant (the swizzle repeats every 8
+// rows) and src(r) walks rows in order (a flat source strength-reduces to one add).
+template <int KS, int R, class Src>
+__device__ __forceinline__ void StageRows(uint32_t tile, int valid, int d, const Src& src) {
   constexpr int kChunks = KS * 2;
-  for (int idx = threadIdx.x; idx < kStageRows * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, ch = idx % kChunks;
-    const bool ok = r < valid && ch * 8 < d;
-    const uint8_t* p = src(ok ? r : 0) + ch * 16;
-    CpAsync16(tile + (ch >> 3) * (kStageRows * 128) + Sw128Offset(r, ch & 7), p, ok ? 16 : 0);
+  constexpr int kStep = kThreads / kChunks;  // rows per sweep, a multiple of 8
+  static_assert(kStep % 8 == 0 && R % kStep == 0, "whole sweeps, one swizzle phase");
+  const int ch = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const uint32_t dst = tile + (ch >> 3) * (R * 128) + Sw128Offset(r0, ch & 7);
+  const bool in_d = ch * 8 < d;
+#pragma unroll
+  for (int k = 0; k < R / kStep; ++k) {
+    const int r = r0 + k * kStep;
+    const bool ok = in_d && r < valid;
+    CpAsync16(dst + k * kStep * 128, src(ok ? r : 0) + ch * 16, ok ? 16 : 0);
   }
 }
 
-// One stage's product: acc (the warpgroup's 64 A rows × the stage's 64 rows) = frag · tile^T.
+// Rows of an entry set from entry i0 on: a flat set's rows by address, a listed one's by id.
+template <int KS, int R>
+__device__ __forceinline__ void StageEntries(uint32_t tile, const EntrySet& e, int i0, int valid,
+                                             int d) {
+  if (e.list == nullptr) {
+    const uint8_t* rows = e.prim + static_cast<size_t>(i0) * e.row_bytes;
+    StageRows<KS, R>(tile, valid, d,
+                     [&](int r) { return rows + static_cast<size_t>(r) * e.row_bytes; });
+  } else {
+    StageRows<KS, R>(tile, valid, d,
+                     [&](int r) { return static_cast<const uint8_t*>(EntryRow(e, i0 + r)); });
+  }
+}
+
+// Query rows r0 .. of the binary16 q (rows of d halves).
+template <int KS, int R>
+__device__ __forceinline__ void StageQueries(uint32_t tile, const uint16_t* qh, int r0, int valid,
+                                             int d) {
+  const uint8_t* rows = reinterpret_cast<const uint8_t*>(qh + static_cast<size_t>(r0) * d);
+  StageRows<KS, R>(tile, valid, d,
+                   [&](int r) { return rows + static_cast<size_t>(r) * d * 2; });
+}
+
+// The block's shared memory: the A tile, the stage tiles (both 1,024-byte aligned), then per stage
+// 64 extras (sizes in pass 1, row infos in pass 2).
 template <int KS>
-__device__ __forceinline__ void StageProduct(const uint32_t (&frag)[KS][4], uint32_t tile,
-                                             float (&acc)[32]) {
-  WgmmaFence();
+struct Smem {
+  uint32_t a_tile, tiles;
+  uint8_t* extra;
+  __device__ explicit Smem(uint8_t* raw) {
+    const uint32_t base = (SmemAddr(raw) + 1023u) & ~1023u;
+    a_tile = base;
+    tiles = base + ATileBytes<KS>();
+    extra = raw + (tiles - SmemAddr(raw)) + kStages * TileBytes<KS>();
+  }
+  __device__ uint32_t Tile(int buf) const { return tiles + buf * TileBytes<KS>(); }
+};
+
+// Issues one stage's product without waiting: acc (the warpgroup's 64 A rows × the stage's 64
+// rows) = A · tile^T over KS k-steps. desc_a: the warpgroup's rows of the 128-row A tile, desc_b:
+// the stage's tile, both at k-step 0.
+template <int KS>
+__device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, float (&acc)[32]) {
+  WgmmaFence();  // the epilogue read these accumulators last
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
-    WgmmaM64N64RS<F16>(acc, frag[ks], Sw128Desc(tile, kStageRows, ks), ks > 0);
+    const uint32_t k_off = (ks & 3) * 32;
+    WgmmaM64N64SS<F16>(acc, DescAdvance(desc_a, (ks >> 2) * kMmaRowTile * 128 + k_off),
+                       DescAdvance(desc_b, (ks >> 2) * kStageRows * 128 + k_off), ks > 0);
   }
   WgmmaCommit();
+}
+
+// The stage loop of both passes. stage(it) copies stage it (its tile and extras) and commits one
+// cp.async group, empty past the last; epi(it, buf, acc) consumes stage it's product. The product
+// of stage it + 1 runs on the tensor cores while the epilogue of stage it runs, into the other of
+// two accumulator sets; the copies run two stages ahead of that product (kStages buffers: the one
+// of stage it - 1 is refilled once every thread is past its epilogue). a_tile's copies ride with
+// stage 0.
+template <int KS, class Stage, class Epi>
+__device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const Stage& stage,
+                                          const Epi& epi) {
+  const int wg = threadIdx.x / 128;
+  const uint64_t desc_a = Sw128Desc(sm.a_tile + wg * 64 * 128, kMmaRowTile, 0);
+  const uint64_t desc_b = Sw128Desc(sm.tiles, kStageRows, 0);
+  auto tile_desc = [&](int it) { return DescAdvance(desc_b, (it % kStages) * TileBytes<KS>()); };
+  float acc[2][32];
+#pragma unroll
+  for (int p = 0; p < kStages - 1; ++p) stage(p);
+  CpAsyncWait<kStages - 2>();
+  FenceProxyAsyncShared();
+  __syncthreads();
+  if (ntiles > 0) IssueProduct<KS>(desc_a, tile_desc(0), acc[0]);
   WgmmaWait<0>();
+  // acc[cur] holds stage it's product on entry; nothing is in flight across iterations (a product
+  // in flight over the loop's back edge would make the compiler serialize them all).
+  auto step = [&](auto cur_tag, int it) {
+    constexpr int cur = decltype(cur_tag)::value;
+    CpAsyncWait<kStages - 3>();  // stage it + 1 landed (for this thread)
+    FenceProxyAsyncShared();
+    __syncthreads();  // ... for every thread; every epilogue of stage it - 1 is done
+    stage(it + kStages - 1);
+    if (it + 1 < ntiles) IssueProduct<KS>(desc_a, tile_desc(it + 1), acc[cur ^ 1]);
+    epi(it, it % kStages, acc[cur]);
+    WgmmaWait<0>();
+  };
+  for (int it = 0; it < ntiles; it += 2) {
+    step(std::integral_constant<int, 0>(), it);
+    if (it + 1 < ntiles) step(std::integral_constant<int, 1>(), it + 1);
+  }
+  CpAsyncWait<0>();
 }
 
 // Pass 1 on one stage: rows h (g, g + 8) take the logits acc · f of the thread's 16 entries
@@ -94,33 +187,57 @@ __device__ __forceinline__ void RowUpdate(const float (&acc)[32], const int32_t*
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float amax = -INFINITY;
+    // Max and sum over the 16 entries as four independent chains each (a single chain would
+    // leave the warp waiting on every add's latency).
+    float amax[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const float v = acc[4 * j + 2 * h + c];
-        amax = fmaxf(amax, !kTail || 8 * j + 2 * tq + c < valid ? v : -INFINITY);
+        float& m = amax[(2 * j + c) % 4];
+        m = fmaxf(m, !kTail || 8 * j + 2 * tq + c < valid ? v : -INFINITY);
       }
     }
     // f > 0 and rounding is monotone: max(acc) · f = max(acc · f).
-    const float tmax = amax * f[h];
+    const float tmax = fmaxf(fmaxf(amax[0], amax[1]), fmaxf(amax[2], amax[3])) * f[h];
     if (tmax > m_run[h]) {
       z_run[h] *= FastExp2(m_run[h] - tmax);  // from -inf: 2^-inf = 0
       m_run[h] = tmax;
     }
-    float z = z_run[h];
+    float z[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         // Past-the-end entries hold logit 0, which may lie far above the max: size 0 and skipped.
         const float term = n[j][c] * FastExp2(fmaf(acc[4 * j + 2 * h + c], f[h], -m_run[h]));
-        z += !kTail || 8 * j + 2 * tq + c < valid ? term : 0.f;
+        z[(2 * j + c) % 4] += !kTail || 8 * j + 2 * tq + c < valid ? term : 0.f;
       }
     }
-    z_run[h] = z;
+    z_run[h] += (z[0] + z[1]) + (z[2] + z[3]);
   }
+}
+
+template <bool kTail>
+__device__ __forceinline__ void ColumnUpdate(const float (&acc)[32], const float2* xl, int tq,
+                                             int valid, float (&col)[2]) {
+  float sum[2][4] = {};  // four independent chains per entry
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int r = 8 * j + 2 * tq + c;
+      const float2 i = xl[r];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float p = FastExp2(fmaf(acc[4 * j + 2 * h + c], i.x, -i.y));
+        sum[h][(2 * j + c) % 4] += !kTail || r < valid ? p : 0.f;
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) col[h] += (sum[h][0] + sum[h][1]) + (sum[h][2] + sum[h][3]);
 }
 
 template <int KS>
@@ -142,16 +259,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
   const uint16_t* qh = reinterpret_cast<const uint16_t*>(w.floats + s.qh_offset);
   float4* info = reinterpret_cast<float4*>(w.floats + s.info_offset);
+  const Smem<KS> sm(smem_raw);
+  int32_t* sizes = reinterpret_cast<int32_t*>(sm.extra);  // (kStages, 64)
 
-  const uint32_t tiles = (SmemAddr(smem_raw) + 1023u) & ~1023u;
-  int32_t* sizes = reinterpret_cast<int32_t*>(smem_raw + (tiles - SmemAddr(smem_raw)) +
-                                              kStages * TileBytes<KS>());  // (kStages, 64)
-
-  uint32_t frag[KS][4];
-  float f[2];
+  // The block's query rows go with the first stage's copies.
+  StageQueries<KS, kMmaRowTile>(sm.a_tile, qh, row0, s.rows - row0, d);
   const int ra = row0 + warp * 16 + g, rb = ra + 8;  // warp w: rows 16w .. 16w + 15 of the tile
-  LoadFragments<KS>(ra < s.rows ? qh + static_cast<size_t>(ra) * d : nullptr,
-                    rb < s.rows ? qh + static_cast<size_t>(rb) * d : nullptr, d, tq, frag);
+  float f[2];
   f[0] = ra < s.rows ? info[ra].x : 0.f;
   f[1] = rb < s.rows ? info[rb].x : 0.f;
 
@@ -160,15 +274,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (it < ntiles) {
       const int i0 = begin + it * kStageRows, buf = it % kStages;
       const int valid = min(kStageRows, end - i0);
-      if (e.list == nullptr) {
-        const uint8_t* rows = e.prim + static_cast<size_t>(i0) * e.row_bytes;
-        StageTile<KS>(tiles + buf * TileBytes<KS>(), valid, d,
-                      [&](int r) { return rows + static_cast<size_t>(r) * e.row_bytes; });
-      } else {
-        StageTile<KS>(tiles + buf * TileBytes<KS>(), valid, d, [&](int r) {
-          return static_cast<const uint8_t*>(EntryRow(e, i0 + r));
-        });
-      }
+      StageEntries<KS, kStageRows>(sm.Tile(buf), e, i0, valid, d);
       if (t < kStageRows) {
         const bool ok = t < valid;
         CpAsync4(SmemAddr(sizes + buf * kStageRows + t), ok ? EntrySizePtr(e, i0 + t) : e.prim_size,
@@ -179,24 +285,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
 
   float m_run[2] = {-INFINITY, -INFINITY}, z_run[2] = {0.f, 0.f};
-#pragma unroll
-  for (int p = 0; p < kStages - 1; ++p) stage(p);
-  for (int it = 0; it < ntiles; ++it) {
-    CpAsyncWait<kStages - 2>();
-    FenceProxyAsyncShared();
-    __syncthreads();  // stage it landed for every thread; stage it - 1's buffer is free again
-    stage(it + kStages - 1);
-    const int buf = it % kStages;
-    float acc[32];
-    StageProduct<KS>(frag, tiles + buf * TileBytes<KS>(), acc);
+  StageLoop<KS>(sm, ntiles, stage, [&](int it, int buf, const float(&acc)[32]) {
     const int valid = end - (begin + it * kStageRows);
     if (valid < kStageRows) {
       RowUpdate<true>(acc, sizes + buf * kStageRows, tq, valid, f, m_run, z_run);
     } else {
       RowUpdate<false>(acc, sizes + buf * kStageRows, tq, valid, f, m_run, z_run);
     }
-  }
-  CpAsyncWait<0>();
+  });
   float2* part = reinterpret_cast<float2*>(w.floats + s.stat_offset);  // (splits, rows)
   FinishRowStat(s, info, part, piece, splits, ra, tq, f[0], m_run[0], z_run[0]);
   FinishRowStat(s, info, part, piece, splits, rb, tq, f[1], m_run[1], z_run[1]);
@@ -222,57 +318,38 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float4* info = reinterpret_cast<const float4*>(w.floats + s.info_offset);
     const int2 range = PieceRange(s.rows, splits, piece, kStageRows);
     const int begin = range.x, end = range.y;
-    const uint32_t tiles = (SmemAddr(smem_raw) + 1023u) & ~1023u;
-    float4* row_info = reinterpret_cast<float4*>(smem_raw + (tiles - SmemAddr(smem_raw)) +
-                                                 kStages * TileBytes<KS>());  // (kStages, 64)
+    const Smem<KS> sm(smem_raw);
+    // Per stage and query row (logit factor, base-2 log normaliser L): 2^(acc · x - L) is the
+    // row's softmax weight of an entry.
+    float2* row_xl = reinterpret_cast<float2*>(sm.extra);  // (kStages, 64)
 
-    uint32_t frag[KS][4];
+    // The block's entries (only the scored ones: pass 2 scores what the selection ranks).
+    StageEntries<KS, kMmaColTile>(sm.a_tile, e, col0, e.scored - col0, d);
     const int ea = col0 + warp * 16 + g, eb = ea + 8;
-    LoadFragments<KS>(ea < e.scored ? static_cast<const uint16_t*>(EntryRow(e, ea)) : nullptr,
-                      eb < e.scored ? static_cast<const uint16_t*>(EntryRow(e, eb)) : nullptr, d, tq,
-                      frag);
     const int ntiles = CeilDiv(end - begin, kStageRows);
     auto stage = [&](int it) {
       if (it < ntiles) {
         const int r0 = begin + it * kStageRows, buf = it % kStages;
         const int valid = min(kStageRows, end - r0);
-        const uint8_t* rows = reinterpret_cast<const uint8_t*>(qh + static_cast<size_t>(r0) * d);
-        StageTile<KS>(tiles + buf * TileBytes<KS>(), valid, d,
-                      [&](int r) { return rows + static_cast<size_t>(r) * d * 2; });
-        if (t < kStageRows) {
-          // Rows past the end read as (0, 0, 0): they add 2^0 · 0.
-          const bool ok = t < valid;
-          CpAsync16(SmemAddr(row_info + buf * kStageRows + t), ok ? info + r0 + t : info,
-                    ok ? 16 : 0);
+        StageQueries<KS, kStageRows>(sm.Tile(buf), qh, r0, valid, d);
+        if (t < 2 * kStageRows) {  // component t % 2 (x, L) of row t / 2; past the end: 0
+          const int r = t / 2;
+          const bool ok = r < valid;
+          const float* src = ok ? &info[r0 + r].x + (t % 2 == 0 ? 0 : 3) : &info->x;
+          CpAsync4(SmemAddr(row_xl + buf * kStageRows) + 4 * t, src, ok ? 4 : 0);
         }
       }
       CpAsyncCommit();
     };
     float col[2] = {0.f, 0.f};  // entries g and g + 8 of the warp's 16
-#pragma unroll
-    for (int p = 0; p < kStages - 1; ++p) stage(p);
-    for (int it = 0; it < ntiles; ++it) {
-      CpAsyncWait<kStages - 2>();
-      FenceProxyAsyncShared();
-      __syncthreads();
-      stage(it + kStages - 1);
-      const int buf = it % kStages;
-      float acc[32];
-      StageProduct<KS>(frag, tiles + buf * TileBytes<KS>(), acc);
-      const float4* ri = row_info + buf * kStageRows;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float4 i = ri[8 * j + 2 * tq + c];  // query row 8j + 2tq + c of the stage
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            col[h] = fmaf(FastExp2(fmaf(acc[4 * j + 2 * h + c], i.x, -i.y)), i.z, col[h]);
-          }
-        }
+    StageLoop<KS>(sm, ntiles, stage, [&](int it, int buf, const float(&acc)[32]) {
+      const int valid = end - (begin + it * kStageRows);
+      if (valid < kStageRows) {
+        ColumnUpdate<true>(acc, row_xl + buf * kStageRows, tq, valid, col);
+      } else {
+        ColumnUpdate<false>(acc, row_xl + buf * kStageRows, tq, valid, col);
       }
-    }
-    CpAsyncWait<0>();
+    });
     FinishColumn(s, e, w, piece, splits, ea, tq, col[0]);
     FinishColumn(s, e, w, piece, splits, eb, tq, col[1]);
   }

@@ -39,6 +39,11 @@ __device__ __forceinline__ uint64_t Sw128Desc(uint32_t tile, int rows, int ks) {
   return desc;
 }
 
+// A descriptor moved on by `bytes` (a multiple of 16) within the same swizzled layout.
+__device__ __forceinline__ uint64_t DescAdvance(uint64_t desc, uint32_t bytes) {
+  return desc + (bytes >> 4);
+}
+
 // Orders this thread's register writes (A fragments, accumulators) before the wgmma that follow.
 __device__ __forceinline__ void WgmmaFence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
