@@ -9,10 +9,11 @@
 // Prints a table; with --json PATH also writes one JSON object per line.
 //
 // Usage: gpu_attention_bench [--json PATH] [--quick] [--only MODE:TOKENS:KEEP[,...]] [--iters N]
-//                            [--bound-slack F]
+//                            [--bound-slack F] [--mma-sync]
 //   --only runs the configurations listed (e.g. decode_b1:131072:0.1), for a profiler.
 //   --bound-slack F plans the grid for F times the largest page count (default 1): the engine's
 //   host bound is the lookup's page capacity, about 1.3 times the pages it selects.
+//   --mma-sync: prefill on the mma.sync kernel even where the device has wgmma.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -56,6 +57,9 @@ constexpr size_t kPageBytes = PageBytes(kPageTokens, kHeadDim, kDType);
   } while (0)
 
 using ::sqkv::bench::Check;
+
+// --mma-sync: prefill on the mma.sync kernel even where the device has wgmma.
+bool g_mma_sync = false;
 
 // Clusters of one (context, kv head): sizes and first pool page of each.
 struct HeadLayout {
@@ -175,6 +179,7 @@ void BuildLaunch(Mode mode, int rotation, const PoolLayout& pl, double keep, dou
   a.head_dim = kHeadDim;
   a.page_tokens = kPageTokens;
   a.scale = 1.f / std::sqrt(static_cast<float>(kHeadDim));
+  a.wgmma = !g_mma_sync;
   a.pool = pool;
   a.num_segments = static_cast<int>(count.size());
   a.seg_q_row = l->seg_q_row.as<int32_t>();
@@ -183,8 +188,8 @@ void BuildLaunch(Mode mode, int rotation, const PoolLayout& pl, double keep, dou
   a.seg_page_count = l->seg_count.as<int32_t>();
   a.page_ids = l->ids.as<int32_t>();
   a.page_valid = l->valid.as<int32_t>();
-  a.max_pages_per_segment = static_cast<int>(
-      std::ceil(bound_slack * *std::max_element(count.begin(), count.end())));
+  a.max_pages_per_segment =
+      static_cast<int>(std::ceil(bound_slack * *std::max_element(count.begin(), count.end())));
   a.max_rows_per_segment = rows;
   a.q = l->q.as<float>();
 }
@@ -304,6 +309,8 @@ int Run(int argc, char** argv) {
       json_path = argv[++i];
     } else if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--mma-sync") == 0) {
+      g_mma_sync = true;
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
       only = argv[++i];
     } else if (std::strcmp(argv[i], "--iters") == 0 && i + 1 < argc) {
@@ -313,7 +320,7 @@ int Run(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--json PATH] [--quick] [--only MODE:TOKENS:KEEP[,...]] [--iters N] "
-                   "[--bound-slack F]\n",
+                   "[--bound-slack F] [--mma-sync]\n",
                    argv[0]);
       return 2;
     }

@@ -229,12 +229,13 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
   row.centroid_mb = centroids * kHeadDim * 2 / 1e6;  // 16-bit storage
   row.pages_mb = pages * sqkv::PageBytes(kPageTokens, kHeadDim, DType::kBF16) / 1e6;
   row.gflop = gflop;
-  std::fprintf(stderr,
-               "%s: lookup %.1f us (graph %.1f), scores %.1f (graph %.1f), f32 %.1f (graph %.1f), "
-               "whole %.1f (graph %.1f), global %.1f (graph %.1f), global scores %.1f (graph %.1f)\n",
-               name.c_str(), row.lookup_us, row.lookup_graph_us, row.score_us, row.score_graph_us,
-               row.f32_us, row.f32_graph_us, row.whole_us, row.whole_graph_us, row.global_us,
-               row.global_graph_us, row.global_score_us, row.global_score_graph_us);
+  std::fprintf(
+      stderr,
+      "%s: lookup %.1f us (graph %.1f), scores %.1f (graph %.1f), f32 %.1f (graph %.1f), "
+      "whole %.1f (graph %.1f), global %.1f (graph %.1f), global scores %.1f (graph %.1f)\n",
+      name.c_str(), row.lookup_us, row.lookup_graph_us, row.score_us, row.score_graph_us,
+      row.f32_us, row.f32_graph_us, row.whole_us, row.whole_graph_us, row.global_us,
+      row.global_graph_us, row.global_score_us, row.global_score_graph_us);
   return row;
 }
 
@@ -333,8 +334,8 @@ int main(int argc, char** argv) {
       "lookup: 16-bit centroids (the engine's); score: its scoring alone (score_only); "
       "f32: float32 centroids; glob/gsc: staged_select off (lookup, score); g: graph replay\n");
   std::printf("%-17s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %7s %8s %8s %7s\n", "case", "lookup",
-              "g", "score", "g", "glob_g", "gsc_g", "f32", "g", "whole", "g", "cent_MB",
-              "pages_MB", "lk_GB/s", "lk_TF/s");
+              "g", "score", "g", "glob_g", "gsc_g", "f32", "g", "whole", "g", "cent_MB", "pages_MB",
+              "lk_GB/s", "lk_TF/s");
   for (const Row& r : rows) {
     std::printf(
         "%-17s %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %7.1f %8.1f %8.0f "

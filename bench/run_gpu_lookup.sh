@@ -3,8 +3,9 @@
 # first, each step alone on the GPU (gpu_lookup_bench: lookup and the whole engine path; the dense
 # SDPA peer; the attention kernel alone at 128K, decode b1/b8 and prefill), then the correctness
 # runs side by side (they time nothing): every gpu_test suite, api_gpu_test when present,
-# compute-sanitizer memcheck and racecheck on small lookup tests. Each step has its own time
-# limit, so the script ends inside about 300 s.
+# the lookup and attention suites again on mma.sync (SQKV_TEST_MMA_SYNC=1), compute-sanitizer
+# memcheck and racecheck on small lookup and prefill tests. Each step has its own time limit, so
+# the script ends inside about 420 s.
 #
 # Binaries come prebuilt in $BIN (default .devbin-lookup2: gpu_test, gpu_lookup_bench,
 # gpu_attention_bench, optionally api_gpu_test and sqkv, and the shared libraries they need).
@@ -39,26 +40,34 @@ grep -vE "refused" "$OUT/sdpa.log"
 echo "sdpa rc=$rc"
 [ "$rc" = 0 ] || status=1
 
-echo "== attention alone, 128K"
+echo "== prefill on mma.sync (before wgmma), same call"
+timeout 60 "$BIN/gpu_lookup_bench" --cases prefill --tokens 131072 --iters 60 --mma-sync \
+  > "$OUT/lookup_bench_mma_sync.log" 2>&1
+tail -n 4 "$OUT/lookup_bench_mma_sync.log"
+
+echo "== attention alone, 128K (then prefill on mma.sync)"
 timeout 40 "$BIN/gpu_attention_bench" \
   --only decode_b1:131072:0.1,decode_b8:131072:0.1,prefill_1024:131072:0.1 \
   > "$OUT/attention.log" 2>&1
 tail -n 12 "$OUT/attention.log"
+timeout 30 "$BIN/gpu_attention_bench" --only prefill_1024:131072:0.1 --mma-sync \
+  > "$OUT/attention_mma_sync.log" 2>&1
+tail -n 1 "$OUT/attention_mma_sync.log"
 
 echo "== correctness (side by side)"
 timeout 150 "$BIN/gpu_test" > "$OUT/gpu_test.log" 2>&1 &
 p_test=$!
 {
   echo "--- memcheck"
-  timeout 75 compute-sanitizer --tool memcheck --error-exitcode 3 "$BIN/gpu_test" \
-    --gtest_filter='GpuLookup.KeepNothing*:GpuLookup.TiesBreak*:GpuLookup.HeadDimsUpTo256:GpuLookup.ManySegments*'
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$BIN/gpu_test" \
+    --gtest_filter='GpuLookup.KeepNothing*:GpuLookup.TiesBreak*:GpuLookup.HeadDimsUpTo256:GpuLookup.ManySegments*:GpuLookup.SplitTensorPasses*:PagedAttentionTest.SmallPrefill:PagedAttentionTest.PrefillSplits'
   echo "memcheck rc=$?"
 } > "$OUT/memcheck.log" 2>&1 &
 p_mem=$!
 {
   echo "--- racecheck"
-  timeout 75 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
-    "$BIN/gpu_test" --gtest_filter='GpuLookup.KeepNothing*:GpuLookup.TiesBreak*'
+  timeout 150 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
+    "$BIN/gpu_test" --gtest_filter='GpuLookup.KeepNothing*:GpuLookup.TiesBreak*:PagedAttentionTest.SmallPrefill'
   echo "racecheck rc=$?"
 } > "$OUT/racecheck.log" 2>&1 &
 p_race=$!
@@ -66,6 +75,13 @@ wait $p_test
 rc=$?
 grep -E "FAILED|PASSED|Failure|tests ran" "$OUT/gpu_test.log" | head -40
 echo "gpu_test rc=$rc"
+[ "$rc" = 0 ] || status=1
+echo "== lookup and attention suites on mma.sync (SQKV_TEST_MMA_SYNC=1)"
+SQKV_TEST_MMA_SYNC=1 timeout 90 "$BIN/gpu_test" --gtest_filter='GpuLookup*:PagedAttention*' \
+  > "$OUT/gpu_test_mma_sync.log" 2>&1
+rc=$?
+grep -E "FAILED|PASSED|Failure|tests ran" "$OUT/gpu_test_mma_sync.log" | head -20
+echo "gpu_test (mma.sync) rc=$rc"
 [ "$rc" = 0 ] || status=1
 if [ -x "$BIN/api_gpu_test" ]; then
   echo "== api_gpu_test"

@@ -19,6 +19,17 @@ bool DevicePresent() {
   return present;
 }
 
+bool CurrentDeviceIsSm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
 Result<std::string> DeviceDescription(int device) {
   if (!DevicePresent()) return Status::Unavailable("no CUDA device found");
   cudaDeviceProp prop{};

@@ -11,6 +11,10 @@ namespace sqkv::gpu {
 // True when this build has CUDA and a device answers. Cheap after the first call.
 bool DevicePresent();
 
+// True when the current device has compute capability 9.0 (H100, H200), which runs the kernels
+// this build has for sm_90a (wgmma) only.
+bool CurrentDeviceIsSm90();
+
 // "NVIDIA H200, 132 SMs, 139.8 GiB" or Unavailable with the reason (no CUDA build, no device).
 Result<std::string> DeviceDescription(int device = 0);
 

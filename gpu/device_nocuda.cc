@@ -5,6 +5,8 @@ namespace sqkv::gpu {
 
 bool DevicePresent() { return false; }
 
+bool CurrentDeviceIsSm90() { return false; }
+
 Result<std::string> DeviceDescription(int) {
   return Status::Unavailable("this build has no GPU support (built with SQKV_WITH_CUDA=OFF)");
 }

@@ -135,10 +135,11 @@ struct LookupSegment {
   int64_t logit_offset = 0;    // floats, small: (rows, entry_capacity), base-2 logits
   int64_t tstat_offset = 0;    // floats, small: (rows, tiles, 2) per-tile (max, normaliser)
   int64_t qh_offset = 0;       // floats, large 16-bit: (rows, head_dim) binary16 q (2 per float)
-  int64_t info_offset = 0;     // floats, large 16-bit: (rows, 4) (logit factor, max, 1/Z, log2 Z + max)
-  int32_t row_splits = 0;      // large 16-bit: pieces of the entries in pass 1 (>= 1)
-  int32_t col_splits = 0;      // large 16-bit: pieces of the query rows in pass 2 (>= 1)
-  int32_t tile_counter = 0;    // large 16-bit: first arrival counter (row tiles, then entry tiles)
+  int64_t info_offset =
+      0;                   // floats, large 16-bit: (rows, 4) (logit factor, max, 1/Z, log2 Z + max)
+  int32_t row_splits = 0;  // large 16-bit: pieces of the entries in pass 1 (>= 1)
+  int32_t col_splits = 0;  // large 16-bit: pieces of the query rows in pass 2 (>= 1)
+  int32_t tile_counter = 0;  // large 16-bit: first arrival counter (row tiles, then entry tiles)
   // floats, large fp32: (rows, ctiles, 2) partial (max, sum); large 16-bit, row_splits > 1:
   // (row_splits, rows, 2) partial (max, normaliser)
   int64_t stat_offset = 0;
@@ -146,7 +147,7 @@ struct LookupSegment {
   // floats, large fp32: (row tiles, entry_capacity) column partials; large 16-bit,
   // col_splits > 1: (col_splits, entry_capacity)
   int64_t part_offset = 0;
-  int64_t list_offset = 0;     // ints: candidate list (entry_capacity) + 2 counts, hierarchical
+  int64_t list_offset = 0;  // ints: candidate list (entry_capacity) + 2 counts, hierarchical
 };
 
 // Sizes of the workspace regions and the grid bounds, from PlanLookup.
@@ -157,13 +158,13 @@ struct LookupLayout {
   size_t float_words = 0;  // scores, logits, stats, partials
   size_t int_words = 0;    // candidate lists
   // Grid bounds.
-  bool f16 = false;          // every segment has 16-bit centroids (else every one float32)
-  int max_entries = 0;       // max entry_capacity over scored segments
-  int max_small_tiles = 0;   // max tiles over small-list segments (>= 1 when the list is not empty)
-  int max_small_rows = 0;    // max rows over scored small segments
+  bool f16 = false;         // every segment has 16-bit centroids (else every one float32)
+  int max_entries = 0;      // max entry_capacity over scored segments
+  int max_small_tiles = 0;  // max tiles over small-list segments (>= 1 when the list is not empty)
+  int max_small_rows = 0;   // max rows over scored small segments
   int max_small_clusters = 0;  // max num_clusters over small-list segments (fixed ones too)
-  int max_large_ctiles = 0;  // max ctiles over large segments
-  int max_large_rtiles = 0;  // max row tiles over large segments
+  int max_large_ctiles = 0;    // max ctiles over large segments
+  int max_large_rtiles = 0;    // max row tiles over large segments
   int max_large_rows = 0;
   int max_large_clusters = 0;  // max num_clusters over large segments
   int max_mma_row_blocks = 0;  // large 16-bit: max row tiles x row_splits (pass 1 grid)

@@ -23,6 +23,7 @@
 
 #include <cmath>
 
+#include "gpu/device.h"
 #include "gpu/lookup_mma.cuh"
 
 namespace sqkv::gpu::lookup_detail {
@@ -466,17 +467,6 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
   return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
 }
 
-// Whether the current device runs the sm_90a kernels (compute capability exactly 9.0).
-bool HasWgmma() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    return false;
-  }
-  return major == 9 && minor == 0;
-}
-
 }  // namespace
 
 cudaError_t LaunchConvertQ(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
@@ -490,7 +480,8 @@ cudaError_t LaunchConvertQ(const LookupArgs& a, const LookupLayout& l, const Wor
 cudaError_t LaunchLargeF16(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                            int level, cudaStream_t stream) {
   if (l.large_list.empty()) return cudaSuccess;
-  if (a.wgmma && a.head_dim <= 128 && HasWgmma()) return LaunchLargeWgmma(a, l, w, level, stream);
+  if (a.wgmma && a.head_dim <= 128 && CurrentDeviceIsSm90())
+    return LaunchLargeWgmma(a, l, w, level, stream);
   if (a.head_dim <= 64) return LaunchKS<4>(a, l, w, level, stream);
   if (a.head_dim <= 128) return LaunchKS<8>(a, l, w, level, stream);
   return LaunchKS<16>(a, l, w, level, stream);

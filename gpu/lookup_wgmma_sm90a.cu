@@ -21,6 +21,7 @@ namespace {
 using detail::CpAsync16;
 using detail::CpAsyncCommit;
 using detail::CpAsyncWait;
+using detail::DescAdvance;
 using detail::F16;
 using detail::FastExp2;
 using detail::FenceProxyAsyncShared;
@@ -30,10 +31,9 @@ using detail::Sw128Offset;
 using detail::WgmmaCommit;
 using detail::WgmmaFence;
 using detail::WgmmaM64N64SS;
-using detail::DescAdvance;
 using detail::WgmmaWait;
 
-constexpr int kThreads = 256;  // two warpgroups
+constexpr int kThreads = 256;   // two warpgroups
 constexpr int kStageRows = 64;  // streamed rows per stage: the n64 of the product
 constexpr int kStages = 4;
 static_assert(kMmaRowTile == 128 && kMmaColTile == 128, "two warpgroups of 64 A rows");
@@ -97,8 +97,7 @@ template <int KS, int R>
 __device__ __forceinline__ void StageQueries(uint32_t tile, const uint16_t* qh, int r0, int valid,
                                              int d) {
   const uint8_t* rows = reinterpret_cast<const uint8_t*>(qh + static_cast<size_t>(r0) * d);
-  StageRows<KS, R>(tile, valid, d,
-                   [&](int r) { return rows + static_cast<size_t>(r) * d * 2; });
+  StageRows<KS, R>(tile, valid, d, [&](int r) { return rows + static_cast<size_t>(r) * d * 2; });
 }
 
 // The block's shared memory: the A tile, the stage tiles (both 1,024-byte aligned), then per stage

@@ -5,6 +5,7 @@
 #include <limits>
 #include <string>
 
+#include "gpu/device.h"
 #include "gpu/paged_attention.h"
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
@@ -22,9 +23,9 @@ constexpr size_t kAlign = 256;
 // Cost model for choosing the key splits, in work items of the kernel (decode / f32: a 16-slot
 // unit ≈ 0.5 µs of one block's share of HBM; prefill: a 64-key tile ≈ 3 µs of tensor work).
 struct CostModel {
-  double block_overhead;    // start, Q load, epilogue of one block
-  double merge_fixed;       // the merge kernel's launch and tail
-  double merge_per_split;   // writing and reading one split's partial states
+  double block_overhead;   // start, Q load, epilogue of one block
+  double merge_fixed;      // the merge kernel's launch and tail
+  double merge_per_split;  // writing and reading one split's partial states
 };
 
 size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
@@ -43,7 +44,8 @@ Status CheckShape(const PagedAttentionArgs& a) {
                                    std::to_string(kMaxPageTokens) + "], got " +
                                    std::to_string(a.page_tokens));
   }
-  if (!std::isfinite(a.scale)) return Status::InvalidArgument("paged attention: scale is not finite");
+  if (!std::isfinite(a.scale))
+    return Status::InvalidArgument("paged attention: scale is not finite");
   if (a.num_segments < 0 || a.max_pages_per_segment < 0 || a.max_rows_per_segment < 0) {
     return Status::InvalidArgument("paged attention: negative segment count or bound");
   }
@@ -127,7 +129,8 @@ Result<Plan> MakePlan(const PagedAttentionArgs& a) {
     // 8 MB-ish at HBM speed; the launch ≈ 1 tile.
     const double part_bytes = 2.0 * a.num_segments * plan.rows_cap * a.head_dim * 4;
     cost = CostModel{1.0, 1.0, part_bytes / 8e6};
-    SQKV_RETURN_IF_ERROR(detail::PrefillInfo(a.dtype, a.head_dim, &info));
+    plan.prefill_wgmma = a.wgmma && a.head_dim == 128 && CurrentDeviceIsSm90();
+    SQKV_RETURN_IF_ERROR(detail::PrefillInfo(a.dtype, a.head_dim, plan.prefill_wgmma, &info));
   }
   int sms = 0;
   SQKV_RETURN_IF_ERROR(SmCount(&sms));

@@ -51,6 +51,11 @@ struct PagedAttentionArgs {
   // the pool, and before writing anything. Set it only when that kernel writes none of q,
   // seg_q_row, seg_rows and seg_page_offset. Default: false (the stream's usual order).
   bool overlap_previous_kernel = false;
+
+  // Prefill (more than 32 rows per segment) with 16-bit storage and head_dim 128 on a compute
+  // capability 9.0 device (Hopper): the wgmma kernel; false: the mma.sync kernel every other
+  // device runs. Same results up to float32 summation order. Default: true.
+  bool wgmma = true;
 };
 
 // Scratch the launch needs for these args (split-K partial states and the like). Depends only on

@@ -26,31 +26,33 @@
 
 namespace sqkv::gpu::detail {
 
-inline constexpr int kThreads = 128;    // every attention kernel runs 4 warps
-inline constexpr int kUnitSlots = 16;   // decode / f32 key unit: 16 slots of one page
+inline constexpr int kThreads = 128;      // every attention kernel runs 4 warps
+inline constexpr int kUnitSlots = 16;     // decode / f32 key unit: 16 slots of one page
 inline constexpr int kPrefillRows = 128;  // rows per prefill tile
 inline constexpr int kPrefillKeys = 64;   // compacted keys per prefill tile
 inline constexpr int kF32Rows = 16;       // rows per f32 tile
 inline constexpr int kDecodeMaxRows = 32;
-inline constexpr int kMaxSplits = 512;    // key splits per (segment, row tile), at most
+inline constexpr int kMaxSplits = 512;  // key splits per (segment, row tile), at most
 
 enum class PathKind { kDecode, kPrefill, kF32 };
 
 struct Plan {
   PathKind kind = PathKind::kDecode;
-  int decode_mtiles = 1;    // decode: 16-row m tiles per warp (1 or 2)
-  int rows_cap = 0;         // rows per segment the grid covers (= max_rows_per_segment)
-  int row_tiles = 1;        // row tiles per segment
-  int splits = 1;           // key splits per (segment, row tile)
-  int work_total = 0;       // work items of the largest segment the bound allows (units or tiles)
-  int units_per_page = 1;   // decode / f32: ceil(page_tokens / 16)
-  int64_t tok_cap = 0;      // prefill: token slots per segment in the compact list
+  int decode_mtiles = 1;   // decode: 16-row m tiles per warp (1 or 2)
+  int rows_cap = 0;        // rows per segment the grid covers (= max_rows_per_segment)
+  int row_tiles = 1;       // row tiles per segment
+  int splits = 1;          // key splits per (segment, row tile)
+  int work_total = 0;      // work items of the largest segment the bound allows (units or tiles)
+  int units_per_page = 1;  // decode / f32: ceil(page_tokens / 16)
+  int64_t tok_cap = 0;     // prefill: token slots per segment in the compact list
   // Workspace byte offsets (0 size when unused).
   size_t part_o_offset = 0, part_lse_offset = 0, tok_rows_offset = 0, tok_count_offset = 0;
   size_t workspace_bytes = 0;
   // The first kernel is a programmatic dependent launch (PagedAttentionArgs::
   // overlap_previous_kernel): it stages q, then waits for the kernel before it.
   bool dependent_first = false;
+  // Prefill on the wgmma kernel (PagedAttentionArgs::wgmma, head_dim 128, 16-bit, sm_90).
+  bool prefill_wgmma = false;
   int64_t blocks() const { return static_cast<int64_t>(row_tiles) * splits; }
 };
 
@@ -121,9 +123,14 @@ struct KernelInfo {
 // of seg_page_count, page_ids, page_valid or the pool, in every block, so no later kernel can
 // overtake the one before it.
 Status DecodeInfo(DType dtype, int head_dim, int mtiles, KernelInfo* info);
-Status LaunchDecode(DType dtype, int head_dim, int mtiles, const KernelParams& p,
-                    const Plan& plan, cudaStream_t stream);
-Status PrefillInfo(DType dtype, int head_dim, KernelInfo* info);
+Status LaunchDecode(DType dtype, int head_dim, int mtiles, const KernelParams& p, const Plan& plan,
+                    cudaStream_t stream);
+// wgmma: the sm_90a kernel (paged_attention_prefill_sm90a.cu; head_dim 128, 16-bit storage).
+Status PrefillInfo(DType dtype, int head_dim, bool wgmma, KernelInfo* info);
+Status PrefillWgmmaInfo(DType dtype, KernelInfo* info);
+// The wgmma prefill kernel alone (LaunchPrefill enqueues the pre-pass before it).
+Status LaunchPrefillWgmmaKernel(DType dtype, const KernelParams& p, const Plan& plan,
+                                cudaStream_t stream);
 // Enqueues the compaction pre-pass, then the prefill kernel (as a programmatic dependent launch).
 // The pre-pass has no q to stage: it waits first.
 Status LaunchPrefill(DType dtype, int head_dim, const KernelParams& p, const Plan& plan,
@@ -184,14 +191,14 @@ Status PreferShared(Kernel kernel) {
 
 // Raises the dynamic shared-memory limit of `kernel` and reads its occupancy.
 template <typename Kernel>
-Status QueryKernel(Kernel kernel, int smem_bytes, KernelInfo* info) {
+Status QueryKernel(Kernel kernel, int smem_bytes, KernelInfo* info, int threads = kThreads) {
   SQKV_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
       "cudaFuncSetAttribute"));
   SQKV_RETURN_IF_ERROR(PreferShared(kernel));
   int blocks = 0;
   SQKV_RETURN_IF_ERROR(CudaStatus(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem_bytes),
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem_bytes),
       "cudaOccupancyMaxActiveBlocksPerMultiprocessor"));
   if (blocks < 1) return Status::Internal("attention kernel cannot be resident on an SM");
   info->blocks_per_sm = blocks;

@@ -5,6 +5,8 @@
 // a 128-row tile of one segment (4 warps × 32 rows) and a run of 64-key tiles, gathers each tile's
 // K and V rows by pool row with cp.async (double-buffered), and computes S = Q·Kᵀ and O += P·V
 // with m16n8k16 tensor-core products, Q converted to the storage type in shared memory once.
+#include <type_traits>
+
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
 
@@ -13,7 +15,7 @@ namespace {
 
 constexpr int kCompactThreads = 1024;
 constexpr int kMt = kPrefillRows / (16 * (kThreads / 32));  // 16-row m tiles per warp: 2
-constexpr int kNt = kPrefillKeys / 8;                        // 8-key n tiles per key tile: 8
+constexpr int kNt = kPrefillKeys / 8;                       // 8-key n tiles per key tile: 8
 static_assert(kMt == 2, "the rescale vote below names both m tiles");
 
 // One block per segment: tok_rows[s][...] = pool rows of the valid slots, tok_count[s] = total.
@@ -36,7 +38,8 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelPar
     row = 0;
     if (i < count) {
       valid = min(max(p.page_valid[page_off + i], 0), page_tokens);
-      row = static_cast<uint32_t>(p.page_ids[page_off + i]) * static_cast<uint32_t>(2 * page_tokens);
+      row =
+          static_cast<uint32_t>(p.page_ids[page_off + i]) * static_cast<uint32_t>(2 * page_tokens);
     }
   };
   int next_valid;
@@ -75,7 +78,8 @@ struct PrefillShape {
   static constexpr int kChunks = D / 8;
   static constexpr int kQElems = kPrefillRows * D;
   static constexpr int kTileElems = kPrefillKeys * D;
-  static constexpr size_t kSmemBytes = (size_t{kQElems} + 4 * size_t{kTileElems}) * 2;  // Q, 2×(K,V)
+  static constexpr size_t kSmemBytes =
+      (size_t{kQElems} + 4 * size_t{kTileElems}) * 2;  // Q, 2×(K,V)
   // Tile loading: thread → chunk (tid % kChunks) of rows tid / kChunks + i * kRowStep.
   static constexpr int kRowStep = kThreads / kChunks;
   static constexpr int kRowsPerThread = kPrefillKeys / kRowStep;
@@ -110,7 +114,8 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
   }
 
   GridDependencyWait();  // the compact lists of the pre-pass
-  const int ntok = static_cast<int>(min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
+  const int ntok =
+      static_cast<int>(min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
   const int tiles = (ntok + kPrefillKeys - 1) / kPrefillKeys;
   const SplitRange range = SplitOf(tiles, p.splits, split);  // even shares of the actual tiles
   if (split > 0 && range.begin >= tiles) return;
@@ -241,7 +246,8 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
       for (int h = 0; h < 2; ++h) {
         float mx = NegInf();
 #pragma unroll
-        for (int nt = 0; nt < kNt; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+        for (int nt = 0; nt < kNt; ++nt)
+          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
         mx = QuadMax(mx);
         const float m_new = fmaxf(m[mt][h], mx);
         const float m_use = m_new == NegInf() ? 0.f : m_new;
@@ -340,14 +346,20 @@ Status Info(KernelInfo* info) {
   return st;
 }
 
+template <typename T>
+constexpr DType DTypeOf() {
+  return std::is_same_v<T, __half> ? DType::kF16 : DType::kBF16;
+}
+
 template <typename T, int D>
 Status Launch(const KernelParams& p, const Plan& plan, cudaStream_t stream) {
   KernelInfo info;
-  SQKV_RETURN_IF_ERROR((Info<T, D>(&info)));
+  if (!plan.prefill_wgmma) SQKV_RETURN_IF_ERROR((Info<T, D>(&info)));
   static const Status carveout = PreferShared(CompactKernel);
   SQKV_RETURN_IF_ERROR(carveout);
   SQKV_RETURN_IF_ERROR(LaunchKernel(CompactKernel, dim3(p.num_segments), dim3(kCompactThreads), 0,
                                     stream, plan.dependent_first, "prefill compaction kernel", p));
+  if (plan.prefill_wgmma) return LaunchPrefillWgmmaKernel(DTypeOf<T>(), p, plan, stream);
   const int64_t blocks = static_cast<int64_t>(p.num_segments) * plan.splits * plan.row_tiles;
   return LaunchKernel(PrefillKernel<T, D>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
                       PrefillShape<D>::kSmemBytes, stream, /*dependent=*/true,
@@ -356,7 +368,8 @@ Status Launch(const KernelParams& p, const Plan& plan, cudaStream_t stream) {
 
 }  // namespace
 
-Status PrefillInfo(DType dtype, int head_dim, KernelInfo* info) {
+Status PrefillInfo(DType dtype, int head_dim, bool wgmma, KernelInfo* info) {
+  if (wgmma && head_dim == 128 && dtype != DType::kF32) return PrefillWgmmaInfo(dtype, info);
   if (dtype == DType::kBF16 && head_dim == 64) return Info<__nv_bfloat16, 64>(info);
   if (dtype == DType::kBF16 && head_dim == 128) return Info<__nv_bfloat16, 128>(info);
   if (dtype == DType::kF16 && head_dim == 64) return Info<__half, 64>(info);

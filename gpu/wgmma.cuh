@@ -39,6 +39,19 @@ __device__ __forceinline__ uint64_t Sw128Desc(uint32_t tile, int rows, int ks) {
   return desc;
 }
 
+// Descriptor of an MN-major (transposed) 16-bit operand in the same storage: R rows along K of
+// 64-element, 128-byte swizzled panels along MN, `panel_bytes` apart (R × 128), at shared address
+// `tile` (1,024-byte aligned; k-steps of 16 rows start 2,048 bytes apart). Leading byte offset:
+// from one 64-element panel to the next along MN; stride byte offset: 1,024 bytes between groups
+// of 8 rows along K.
+__device__ __forceinline__ uint64_t Sw128DescMN(uint32_t tile, uint32_t panel_bytes) {
+  uint64_t desc = (tile & 0x3FFFFu) >> 4;
+  desc |= uint64_t{(panel_bytes & 0x3FFFFu) >> 4} << 16;
+  desc |= uint64_t{1024 >> 4} << 32;
+  desc |= uint64_t{1} << 62;
+  return desc;
+}
+
 // A descriptor moved on by `bytes` (a multiple of 16) within the same swizzled layout.
 __device__ __forceinline__ uint64_t DescAdvance(uint64_t desc, uint32_t bytes) {
   return desc + (bytes >> 4);
@@ -63,6 +76,40 @@ __device__ __forceinline__ void FenceProxyAsyncShared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// Shared-memory barriers (mbarrier) for a producer / consumer pipeline among the threads of a
+// block. Init: one thread, before a __syncthreads; `count` arrivals complete a phase.
+__device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// One arrival of this thread.
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+// One arrival of this thread once all its earlier cp.async copies have landed (counted in the
+// barrier's init count, not added to it).
+__device__ __forceinline__ void MbarArriveCpAsync(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` (0 for the first phase, 1 for the second, ...) is done.
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// Named barriers (ids 1..15; 0 is __syncthreads) among `threads` threads: Sync waits until that
+// many have arrived (itself included); Arrive counts this thread and goes on.
+__device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Keeps the compiler from moving accumulator reads or writes across an asynchronous product.
 template <int n>
 __device__ __forceinline__ void WgmmaPin(float (&d)[n]) {
@@ -78,15 +125,15 @@ struct BF16 {
   static constexpr const char* kName = "bf16";
 };
 
-#define SQKV_WG_D32                                                                            \
+#define SQKV_WG_D32                                                                             \
   "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24," \
   "%25,%26,%27,%28,%29,%30,%31}"
-#define SQKV_WG_D32_OPS(d)                                                                     \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),          \
-      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),  \
-      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),            \
-      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),            \
-      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define SQKV_WG_D32_OPS(d)                                                                        \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),    \
+      "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),  \
+      "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),  \
+      "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 
 // d (m64 × n64, float32) (+)= a (m64 × k16, registers: the warp's A fragment) · b^T (b: 64 rows ×
 // k16 at descriptor desc_b). accumulate false: d = a · b^T.
@@ -94,17 +141,17 @@ template <class T>
 __device__ __forceinline__ void WgmmaM64N64RS(float (&d)[32], const uint32_t (&a)[4],
                                               uint64_t desc_b, bool accumulate);
 
-#define SQKV_WG_RS64(TYPE, NAME)                                                                 \
-  template <>                                                                                    \
-  __device__ __forceinline__ void WgmmaM64N64RS<TYPE>(float(&d)[32], const uint32_t(&a)[4],      \
-                                                      uint64_t desc_b, bool accumulate) {        \
-    asm volatile(                                                                                \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %36, 0;\n"                                             \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " " SQKV_WG_D32              \
-        ", {%32,%33,%34,%35}, %37, p, 1, 1, 0;\n}\n"                                             \
-        : SQKV_WG_D32_OPS(d)                                                                     \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(static_cast<int>(accumulate)),         \
-          "l"(desc_b));                                                                          \
+#define SQKV_WG_RS64(TYPE, NAME)                                                            \
+  template <>                                                                               \
+  __device__ __forceinline__ void WgmmaM64N64RS<TYPE>(float(&d)[32], const uint32_t(&a)[4], \
+                                                      uint64_t desc_b, bool accumulate) {   \
+    asm volatile(                                                                           \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %36, 0;\n"                                        \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " " SQKV_WG_D32         \
+        ", {%32,%33,%34,%35}, %37, p, 1, 1, 0;\n}\n"                                        \
+        : SQKV_WG_D32_OPS(d)                                                                \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(static_cast<int>(accumulate)),    \
+          "l"(desc_b));                                                                     \
   }
 SQKV_WG_RS64(F16, "f16")
 SQKV_WG_RS64(BF16, "bf16")
@@ -115,21 +162,55 @@ template <class T>
 __device__ __forceinline__ void WgmmaM64N64SS(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
                                               bool accumulate);
 
-#define SQKV_WG_SS64(TYPE, NAME)                                                                 \
-  template <>                                                                                    \
-  __device__ __forceinline__ void WgmmaM64N64SS<TYPE>(float(&d)[32], uint64_t desc_a,            \
-                                                      uint64_t desc_b, bool accumulate) {        \
-    asm volatile(                                                                                \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %32, 0;\n"                                             \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " " SQKV_WG_D32              \
-        ", %33, %34, p, 1, 1, 0, 0;\n}\n"                                                        \
-        : SQKV_WG_D32_OPS(d)                                                                     \
-        : "r"(static_cast<int>(accumulate)), "l"(desc_a), "l"(desc_b));                          \
+#define SQKV_WG_SS64(TYPE, NAME)                                                          \
+  template <>                                                                             \
+  __device__ __forceinline__ void WgmmaM64N64SS<TYPE>(float(&d)[32], uint64_t desc_a,     \
+                                                      uint64_t desc_b, bool accumulate) { \
+    asm volatile(                                                                         \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %32, 0;\n"                                      \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " " SQKV_WG_D32       \
+        ", %33, %34, p, 1, 1, 0, 0;\n}\n"                                                 \
+        : SQKV_WG_D32_OPS(d)                                                              \
+        : "r"(static_cast<int>(accumulate)), "l"(desc_a), "l"(desc_b));                   \
   }
 SQKV_WG_SS64(F16, "f16")
 SQKV_WG_SS64(BF16, "bf16")
 #undef SQKV_WG_SS64
 
+#define SQKV_WG_D64                                                                             \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24," \
+  "%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,"    \
+  "%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+#define SQKV_WG_D64_OPS(d)                                                                       \
+  SQKV_WG_D32_OPS(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),           \
+      "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), \
+      "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), \
+      "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), \
+      "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// d (m64 × n128, float32) += a (m64 × k16, registers) · b (k16 × n128, MN-major at desc_b: the
+// operand stored row by row along K, as V is).
+template <class T>
+__device__ __forceinline__ void WgmmaM64N128RSTransB(float (&d)[64], const uint32_t (&a)[4],
+                                                     uint64_t desc_b);
+
+#define SQKV_WG_RS128T(TYPE, NAME)                                                                 \
+  template <>                                                                                      \
+  __device__ __forceinline__ void WgmmaM64N128RSTransB<TYPE>(float(&d)[64], const uint32_t(&a)[4], \
+                                                             uint64_t desc_b) {                    \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " " SQKV_WG_D64               \
+        ", {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"                                               \
+        : SQKV_WG_D64_OPS(d)                                                                       \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                        \
+  }
+SQKV_WG_RS128T(F16, "f16")
+SQKV_WG_RS128T(BF16, "bf16")
+#undef SQKV_WG_RS128T
+
+#undef SQKV_WG_D64
+#undef SQKV_WG_D64_OPS
 #undef SQKV_WG_D32
 #undef SQKV_WG_D32_OPS
 

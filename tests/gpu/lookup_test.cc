@@ -26,10 +26,10 @@
 namespace sqkv::gpu {
 namespace {
 
-using testing::SyntheticIndex;
 using testing::RefMode;
 using testing::RefSelect;
 using testing::RefSelection;
+using testing::SyntheticIndex;
 
 constexpr double kTieTol = 1e-5;
 

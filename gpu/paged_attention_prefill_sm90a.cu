@@ -1,0 +1,320 @@
+// Prefill attention over 16-bit pages on Hopper's warpgroup products (wgmma, sm_90a), head_dim
+// 128: the same work, grid, compact key lists (the pre-pass of paged_attention_prefill.cu) and
+// outputs as the mma.sync kernel there, on a different engine.
+//
+// A block is two warpgroups over a 128-row tile (64 rows each), one block per SM. Q is converted
+// to the storage type into shared memory once and held as register A fragments; each 64-key
+// tile's K and V rows are gathered by cp.async (pool rows from the compact list, fetched a tile
+// ahead) into four 128-byte swizzled stages, handed over by mbarriers (no block barrier in the
+// loop, so the warpgroups drift apart and one's products overlap the other's softmax). Per tile
+// and warpgroup: S = Q·Kᵀ (m64n64, K from shared memory), the online softmax in registers (base
+// 2), P converted to register A fragments, O += P·V (m64n128, V read transposed from its
+// row-major tile). The next tile's S product runs while this tile's softmax issues (two S
+// accumulator sets); no product is in flight across iterations (ptxas would serialize them all).
+#include <type_traits>
+
+#include "gpu/paged_attention_common.cuh"
+#include "gpu/paged_attention_internal.cuh"
+#include "gpu/wgmma.cuh"
+
+namespace sqkv::gpu::detail {
+namespace {
+
+constexpr int kWgThreads = 256;  // two warpgroups
+constexpr int kD = 128;
+constexpr int kStages = 4;
+constexpr int kPanel = kPrefillKeys * 128;      // one 64-element half of a K or V tile: 8 KB
+constexpr int kKvTile = 2 * kPanel;             // a K or V tile (64 keys × 128): 16 KB
+constexpr int kQBytes = kPrefillRows * kD * 2;  // 32 KB
+constexpr size_t kSmemBytes = 1024 + kQBytes + kStages * 2 * kKvTile;
+static_assert(kPrefillKeys == 64 && kPrefillRows == 128, "tile shapes of this kernel");
+
+template <typename T>
+struct WgType;
+template <>
+struct WgType<__nv_bfloat16> {
+  using type = BF16;
+};
+template <>
+struct WgType<__half> {
+  using type = F16;
+};
+
+// Byte offset of 16-byte chunk c (0..15) of row r in a two-panel tile of R rows.
+template <int R>
+__device__ __forceinline__ uint32_t TileOffset(int r, int c) {
+  return (c >> 3) * (R * 128) + Sw128Offset(r, c & 7);
+}
+
+// One tile's online softmax for the thread's rows h (g, g + 8): sc are the raw scores (16 keys
+// per row: 8j + 2tq + c), scale > 0 the base-2 factor; m, l the running max and (per-lane)
+// normaliser, corr the factor O must be rescaled by, e the weights. kTail: keys past `valid` are
+// left out. Maxima and sums run as four independent chains per row.
+template <bool kTail>
+__device__ __forceinline__ void Softmax(const float (&sc)[32], float scale, int tq, int valid,
+                                        float (&m)[2], float (&l)[2], float (&corr)[2],
+                                        float (&e)[32]) {
+  auto ok = [&](int i) { return !kTail || (i / 4) * 8 + 2 * tq + (i & 1) < valid; };
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx[4] = {NegInf(), NegInf(), NegInf(), NegInf()};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int i = 4 * j + 2 * h + c;
+        mx[(2 * j + c) % 4] = fmaxf(mx[(2 * j + c) % 4], ok(i) ? sc[i] : NegInf());
+      }
+    }
+    // scale > 0: the max of the raw scores gives the max of the scaled ones.
+    const float tmax = QuadMax(fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]))) * scale;
+    const float m_new = fmaxf(m[h], tmax);
+    const float m_use = m_new == NegInf() ? 0.f : m_new;
+    corr[h] = FastExp2(m[h] - m_use);
+    m[h] = m_new;
+    float sum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int i = 4 * j + 2 * h + c;
+        e[i] = ok(i) ? FastExp2(fmaf(sc[i], scale, -m_use)) : 0.f;
+        sum[(2 * j + c) % 4] += e[i];
+      }
+    }
+    l[h] = l[h] * corr[h] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const KernelParams p) {
+  using W = typename WgType<T>::type;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (SmemAddr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t q_tile = base, kv0 = base + kQBytes;  // stage s: K at kv0 + 2s·tile, V after
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tq = lane % 4;
+  const int rt = blockIdx.x % p.row_tiles;
+  const int split = (blockIdx.x / p.row_tiles) % p.splits;
+  const int seg = blockIdx.x / (p.row_tiles * p.splits);
+
+  const int rows = max(0, min(p.seg_rows[seg], p.rows_cap));
+  const int r0 = rt * kPrefillRows;
+  if (r0 >= rows) {
+    GridDependencyWait();  // every block waits, so this grid never finishes before the pre-pass
+    return;
+  }
+  const int q_row = p.seg_q_row[seg];
+
+  // Q tile → shared memory in the storage type (before the wait: independent of the pre-pass).
+  unsigned char* smem = smem_raw + (base - SmemAddr(smem_raw));
+  for (int i = tid; i < kPrefillRows * (kD / 8); i += kWgThreads) {
+    const int r = i / (kD / 8), c = i % (kD / 8);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r0 + r < rows) v = LoadConvert8<T>(p.q + static_cast<size_t>(q_row + r0 + r) * kD + c * 8);
+    *reinterpret_cast<uint4*>(smem + TileOffset<kPrefillRows>(r, c)) = v;
+  }
+
+  GridDependencyWait();  // the compact lists of the pre-pass
+  const int ntok =
+      static_cast<int>(min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
+  const int tiles = (ntok + kPrefillKeys - 1) / kPrefillKeys;
+  const SplitRange range = SplitOf(tiles, p.splits, split);
+  if (split > 0 && range.begin >= tiles) return;
+  const int t0 = range.begin, ntiles = max(0, range.end - t0);
+  const uint32_t* toks = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
+  const T* pool = static_cast<const T*>(p.pool);
+  const size_t v_offset = static_cast<size_t>(p.page_tokens) * kD;
+
+  // Gather: thread → chunk tid % 16 of key rows tid / 16 + 16i (i < 4), K and V. Pool rows of the
+  // next tile to stage are fetched one tile ahead.
+  constexpr int kRowsPer = kPrefillKeys / (kWgThreads / 16);
+  const int my_chunk = tid % 16, my_row0 = tid / 16;
+  const uint32_t my_off = TileOffset<kPrefillKeys>(my_row0, my_chunk);  // + 16i rows: + 2048 i
+  uint32_t next_rows[kRowsPer];
+  auto fetch = [&](int it) {
+#pragma unroll
+    for (int i = 0; i < kRowsPer; ++i) {
+      const int t = (t0 + it) * kPrefillKeys + my_row0 + i * 16;
+      next_rows[i] = it < ntiles && t < ntok ? __ldcg(toks + t) : 0xffffffffu;
+    }
+  };
+  // Stage buffers are handed over by mbarriers, not block barriers, so the two warpgroups run
+  // up to a tile apart (one's products overlap the other's softmax): full[b] completes when
+  // every thread's copies of the buffer's tile have landed, empty[b] when every thread is done
+  // with it (both counts: all threads).
+  __shared__ __align__(8) uint64_t bars[2 * kStages];
+  const uint32_t full0 = SmemAddr(&bars[0]), empty0 = SmemAddr(&bars[kStages]);
+  auto full = [&](int it) { return full0 + 8 * (it % kStages); };
+  auto empty = [&](int it) { return empty0 + 8 * (it % kStages); };
+  auto parity = [&](int it) { return static_cast<uint32_t>(it / kStages) & 1u; };
+  auto stage = [&](int it) {  // tile t0 + it, whose rows next_rows holds; then fetch the next
+    if (it < ntiles) {
+      if (it >= kStages) MbarWait(empty(it), parity(it - kStages));  // tile it - 4 is done
+      const uint32_t dk = kv0 + (it % kStages) * 2 * kKvTile + my_off, dv = dk + kKvTile;
+#pragma unroll
+      for (int i = 0; i < kRowsPer; ++i) {
+        const bool ok = next_rows[i] != 0xffffffffu;
+        const T* src = pool + static_cast<size_t>(ok ? next_rows[i] : 0) * kD + my_chunk * 8;
+        CpAsync16(dk + i * 2048, src, ok ? 16 : 0);
+        CpAsync16(dv + i * 2048, src + v_offset, ok ? 16 : 0);
+      }
+      MbarArriveCpAsync(full(it));
+      fetch(it + 1);
+    }
+  };
+
+  // Descriptors: a stage's K tile (K-major) and V tile (MN-major, panels 64 rows apart).
+  const uint64_t desc_k = Sw128Desc(kv0, kPrefillKeys, 0);
+  const uint64_t desc_v = Sw128DescMN(kv0 + kKvTile, kPanel);
+  uint32_t qa[kD / 16]
+             [4];  // this warp's 16 Q rows as A fragments, every k-step (after the barrier)
+  auto issue_s = [&](int it, float(&s)[32]) {
+    const uint32_t buf = (it % kStages) * 2 * kKvTile;
+    WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      WgmmaM64N64RS<W>(s, qa[ks], DescAdvance(desc_k, buf + (ks >> 2) * kPanel + (ks & 3) * 32),
+                       ks > 0);
+    }
+    WgmmaCommit();
+  };
+
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  float m[2] = {NegInf(), NegInf()}, l[2] = {0.f, 0.f};
+  float s[2][32];
+
+  if (tid == 0) {
+    for (int b = 0; b < 2 * kStages; ++b) MbarInit(full0 + 8 * b, kWgThreads);
+  }
+  __syncthreads();  // Q and the barriers in place
+  {
+    const int r = warp * 16 + (lane & 15);
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      const int chunk = 2 * ks + (lane >> 4);
+      LdMatrixX4(qa[ks], q_tile + TileOffset<kPrefillRows>(r, chunk));
+    }
+  }
+  fetch(0);
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) stage(i);
+  if (ntiles > 0) {
+    MbarWait(full(0), 0);
+    FenceProxyAsyncShared();
+    issue_s(0, s[0]);
+  }
+  WgmmaWait<0>();
+
+  // s[cur] holds tile it's scores on entry.
+  auto step = [&](auto cur_tag, int it) {
+    constexpr int cur = decltype(cur_tag)::value;
+    if (it + 1 < ntiles) {
+      MbarWait(full(it + 1), parity(it + 1));  // tile it + 1 landed, every thread's copies
+      FenceProxyAsyncShared();
+      issue_s(it + 1, s[cur ^ 1]);
+    }
+    stage(it + kStages - 1);  // into tile it - 1's buffers, once both warpgroups are done with it
+    const float(&sc)[32] = s[cur];  // read only: the other set's product is in flight
+
+    // Online softmax in base 2 over the scaled scores; keys past the end (only in the last tile)
+    // are left out.
+    const int valid = ntok - (t0 + it) * kPrefillKeys;
+    float corr[2], e[32];
+    if (valid < kPrefillKeys) {
+      Softmax<true>(sc, p.scale_log2, tq, valid, m, l, corr, e);
+    } else {
+      Softmax<false>(sc, p.scale_log2, tq, valid, m, l, corr, e);
+    }
+    // Rescale O only when some row's max moved (rare once the maxima have settled).
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) o[i] *= corr[(i / 2) & 1];
+    }
+    // O += P · V, 16 keys per k-step: P's A fragment from the weights.
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = Half16<T>::Pack(e[8 * kk + 0], e[8 * kk + 1]);
+      pa[kk][1] = Half16<T>::Pack(e[8 * kk + 2], e[8 * kk + 3]);
+      pa[kk][2] = Half16<T>::Pack(e[8 * kk + 4], e[8 * kk + 5]);
+      pa[kk][3] = Half16<T>::Pack(e[8 * kk + 6], e[8 * kk + 7]);
+    }
+    const uint32_t buf = (it % kStages) * 2 * kKvTile;
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      WgmmaM64N128RSTransB<W>(o, pa[kk], DescAdvance(desc_v, buf + kk * 16 * 128));
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();  // this tile's P·V and the next tile's S
+    MbarArrive(empty(it));
+  };
+  for (int it = 0; it < ntiles; it += 2) {
+    step(std::integral_constant<int, 0>(), it);
+    if (it + 1 < ntiles) step(std::integral_constant<int, 1>(), it + 1);
+  }
+  CpAsyncWait<0>();  // (every copy was waited for through full[]; nothing left in flight)
+  GridDependencyTrigger();
+
+  // Epilogue straight from the accumulators: rows 16·warp + g (+ 8) of the tile.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + warp * 16 + g + 8 * h;
+    const float lsum = QuadSum(l[h]);
+    if (r >= rows) continue;
+    const bool empty = lsum == 0.f;
+    const float inv = empty ? 0.f : 1.f / lsum;
+    const float lse_val = empty ? NegInf() : (m[h] + log2f(lsum)) * kLn2;
+    float* dst;
+    float* lse_dst;
+    if (p.splits == 1) {
+      dst = p.out + static_cast<size_t>(q_row + r) * kD;
+      lse_dst = p.lse + q_row + r;
+    } else {
+      const size_t prow = (static_cast<size_t>(seg) * p.splits + split) * p.rows_cap + r;
+      dst = p.part_o + prow * kD;
+      lse_dst = p.part_lse + prow;
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      *reinterpret_cast<float2*>(dst + j * 8 + tq * 2) =
+          make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    }
+    if (tq == 0) *lse_dst = lse_val;
+  }
+}
+
+template <typename T>
+Status Info(KernelInfo* info) {
+  static KernelInfo cached;
+  static const Status st =
+      QueryKernel(PrefillWgmmaKernel<T>, static_cast<int>(kSmemBytes), &cached, kWgThreads);
+  *info = cached;
+  return st;
+}
+
+}  // namespace
+
+Status PrefillWgmmaInfo(DType dtype, KernelInfo* info) {
+  return dtype == DType::kBF16 ? Info<__nv_bfloat16>(info) : Info<__half>(info);
+}
+
+Status LaunchPrefillWgmmaKernel(DType dtype, const KernelParams& p, const Plan& plan,
+                                cudaStream_t stream) {
+  KernelInfo info;
+  SQKV_RETURN_IF_ERROR(PrefillWgmmaInfo(dtype, &info));
+  const int64_t blocks = static_cast<int64_t>(p.num_segments) * plan.splits * plan.row_tiles;
+  if (dtype == DType::kBF16) {
+    return LaunchKernel(PrefillWgmmaKernel<__nv_bfloat16>, dim3(static_cast<unsigned>(blocks)),
+                        dim3(kWgThreads), kSmemBytes, stream, /*dependent=*/true,
+                        "prefill attention kernel (wgmma)", p);
+  }
+  return LaunchKernel(PrefillWgmmaKernel<__half>, dim3(static_cast<unsigned>(blocks)),
+                      dim3(kWgThreads), kSmemBytes, stream, /*dependent=*/true,
+                      "prefill attention kernel (wgmma)", p);
+}
+
+}  // namespace sqkv::gpu::detail
