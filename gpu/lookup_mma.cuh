@@ -38,6 +38,34 @@ __device__ __forceinline__ int2 PieceRange(int total, int splits, int piece, int
   return make_int2(begin, min(total, begin + per));
 }
 
+// Which block of a pass this is (grid x: tile · splits + piece; y: the large list), with what both
+// passes read: the segment, its entry set, the binary16 q rows and the per-row info (factor, max,
+// 1/Z, max + log2 Z).
+struct PassBlock {
+  int seg = 0;
+  const LookupSegment* s = nullptr;
+  EntrySet e;
+  int splits = 1, tile = 0, piece = 0;
+  const uint16_t* qh = nullptr;
+  float4* info = nullptr;
+};
+
+// Pass 1 (splits: s.row_splits) or pass 2 (s.col_splits). False when the segment is not scored
+// at `level` (the whole grid row returns, its counters untouched).
+__device__ __forceinline__ bool GetPassBlock(const LookupArgs& a, const Workspace& w, int level,
+                                             bool row_pass, PassBlock* b) {
+  b->seg = w.large_list[blockIdx.y];
+  b->s = &a.segments[b->seg];
+  if (!ScoredAtLevel(*b->s, level)) return false;
+  b->e = GetEntrySet(*b->s, level, w.ints, a.head_dim, true);
+  b->splits = row_pass ? b->s->row_splits : b->s->col_splits;
+  b->tile = blockIdx.x / b->splits;
+  b->piece = blockIdx.x % b->splits;
+  b->qh = reinterpret_cast<const uint16_t*>(w.floats + b->s->qh_offset);
+  b->info = reinterpret_cast<float4*>(w.floats + b->s->info_offset);
+  return true;
+}
+
 // A fragments (m16 x k16 per k-step, row-major) of rows a and b = a + 8, straight from global
 // memory (binary16 rows of d halves; nullptr: a zero row). Components >= d are zero.
 template <int KS>

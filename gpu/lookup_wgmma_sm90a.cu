@@ -244,20 +244,18 @@ __global__ void __launch_bounds__(kThreads, 2)
     RowStatsWgmmaKernel(LookupArgs a, Workspace w, int level) {
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
-  const int seg = w.large_list[blockIdx.y];
-  const LookupSegment& s = a.segments[seg];
-  if (!ScoredAtLevel(s, level)) return;
-  const int splits = s.row_splits;
-  const int rtile = blockIdx.x / splits, piece = blockIdx.x % splits;
-  const int row0 = rtile * kMmaRowTile;
+  PassBlock b;
+  if (!GetPassBlock(a, w, level, /*row_pass=*/true, &b)) return;
+  const LookupSegment& s = *b.s;
+  const EntrySet& e = b.e;
+  const int splits = b.splits, rtile = b.tile, piece = b.piece, row0 = rtile * kMmaRowTile;
   if (row0 >= s.rows) return;
   const int d = a.head_dim;
-  const EntrySet e = GetEntrySet(s, level, w.ints, d, true);
   const int2 range = PieceRange(e.total, splits, piece, kStageRows);
   const int begin = range.x, end = range.y;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
-  const uint16_t* qh = reinterpret_cast<const uint16_t*>(w.floats + s.qh_offset);
-  float4* info = reinterpret_cast<float4*>(w.floats + s.info_offset);
+  const uint16_t* qh = b.qh;
+  float4* info = b.info;
   const Smem<KS> sm(smem_raw);
   int32_t* sizes = reinterpret_cast<int32_t*>(sm.extra);  // (kStages, 64)
 
@@ -303,18 +301,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     ColumnWgmmaKernel(LookupArgs a, Workspace w, int level, bool finish) {
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
-  const int seg = w.large_list[blockIdx.y];
-  const LookupSegment& s = a.segments[seg];
-  if (!ScoredAtLevel(s, level)) return;  // the whole grid row: its counters stay untouched
-  const int d = a.head_dim;
-  const EntrySet e = GetEntrySet(s, level, w.ints, d, true);
-  const int splits = s.col_splits;
-  const int etile = blockIdx.x / splits, piece = blockIdx.x % splits;
-  const int col0 = etile * kMmaColTile;
+  PassBlock b;
+  if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) return;
+  const LookupSegment& s = *b.s;
+  const EntrySet& e = b.e;
+  const int seg = b.seg, d = a.head_dim;
+  const int splits = b.splits, etile = b.tile, piece = b.piece, col0 = etile * kMmaColTile;
   if (col0 < e.scored) {
     const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
-    const uint16_t* qh = reinterpret_cast<const uint16_t*>(w.floats + s.qh_offset);
-    const float4* info = reinterpret_cast<const float4*>(w.floats + s.info_offset);
+    const uint16_t* qh = b.qh;
+    const float4* info = b.info;
     const int2 range = PieceRange(s.rows, splits, piece, kStageRows);
     const int begin = range.x, end = range.y;
     const Smem<KS> sm(smem_raw);

@@ -23,6 +23,7 @@
 
 #include "common/dtype.h"
 #include "common/status.h"
+#include "gpu/paged_attention_common.cuh"
 
 namespace sqkv::gpu::detail {
 
@@ -116,6 +117,48 @@ struct KernelInfo {
   int blocks_per_sm = 0;
   int smem_bytes = 0;
 };
+
+// Which prefill block this is (grid x: (segment · splits + split) · row_tiles + row tile): its
+// segment's rows (clamped to the plan) and the first row of its tile.
+struct PrefillBlock {
+  int seg = 0, split = 0, rt = 0, rows = 0, r0 = 0;
+};
+__device__ __forceinline__ PrefillBlock PrefillBlockOf(const KernelParams& p) {
+  PrefillBlock b;
+  b.rt = blockIdx.x % p.row_tiles;
+  b.split = (blockIdx.x / p.row_tiles) % p.splits;
+  b.seg = blockIdx.x / (p.row_tiles * p.splits);
+  b.rows = max(0, min(p.seg_rows[b.seg], p.rows_cap));
+  b.r0 = b.rt * kPrefillRows;
+  return b;
+}
+
+// Where a finished prefill row goes, and with what scale: row r of block b's segment, running max
+// m (base 2) and normaliser l (the row's quad summed). One split: out / lse; several: the split's
+// partial state. An empty row (l = 0) is o = 0, lse = -inf; otherwise o · inv and a natural-log
+// lse.
+struct PrefillRowOut {
+  float* o = nullptr;
+  float* lse = nullptr;
+  float inv = 0.f, lse_val = 0.f;
+};
+__device__ __forceinline__ PrefillRowOut PrefillRowOutOf(const KernelParams& p,
+                                                         const PrefillBlock& b, int q_row, int r,
+                                                         int head_dim, float m, float l) {
+  PrefillRowOut out;
+  const bool empty = l == 0.f;
+  out.inv = empty ? 0.f : 1.f / l;
+  out.lse_val = empty ? NegInf() : (m + log2f(l)) * kLn2;
+  if (p.splits == 1) {
+    out.o = p.out + static_cast<size_t>(q_row + r) * head_dim;
+    out.lse = p.lse + q_row + r;
+  } else {
+    const size_t prow = (static_cast<size_t>(b.seg) * p.splits + b.split) * p.rows_cap + r;
+    out.o = p.part_o + prow * head_dim;
+    out.lse = p.part_lse + prow;
+  }
+  return out;
+}
 
 // Per kernel file. Info calls raise the kernel's dynamic shared-memory limit once. The first
 // kernel of each launch is a programmatic dependent launch when plan.dependent_first; it stages q

@@ -93,12 +93,8 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
   T* sq = reinterpret_cast<T*>(smem);
   T* skv = sq + S::kQElems;  // stage s: K at skv + 2s·tile, V at skv + (2s+1)·tile
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int rt = blockIdx.x % p.row_tiles;
-  const int split = (blockIdx.x / p.row_tiles) % p.splits;
-  const int seg = blockIdx.x / (p.row_tiles * p.splits);
-
-  const int rows = max(0, min(p.seg_rows[seg], p.rows_cap));
-  const int r0 = rt * kPrefillRows;
+  const PrefillBlock blk = PrefillBlockOf(p);
+  const int split = blk.split, seg = blk.seg, rows = blk.rows, r0 = blk.r0;
   if (r0 >= rows) {
     GridDependencyWait();  // every block waits, so this grid never finishes before the pre-pass
     return;
@@ -314,25 +310,13 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
       const int r = r0 + warp_row + mt * 16 + lane / 4 + 8 * h;
       const float lsum = QuadSum(l[mt][h]);
       if (r >= rows) continue;
-      const bool empty = lsum == 0.f;
-      const float inv = empty ? 0.f : 1.f / lsum;
-      const float lse_val = empty ? NegInf() : (m[mt][h] + log2f(lsum)) * kLn2;
-      float* dst;
-      float* lse_dst;
-      if (p.splits == 1) {
-        dst = p.out + static_cast<size_t>(q_row + r) * D;
-        lse_dst = p.lse + q_row + r;
-      } else {
-        const size_t prow = (static_cast<size_t>(seg) * p.splits + split) * p.rows_cap + r;
-        dst = p.part_o + prow * D;
-        lse_dst = p.part_lse + prow;
-      }
+      const PrefillRowOut out = PrefillRowOutOf(p, blk, q_row, r, D, m[mt][h], lsum);
 #pragma unroll
       for (int dn = 0; dn < D / 8; ++dn) {
-        *reinterpret_cast<float2*>(dst + dn * 8 + (lane % 4) * 2) =
-            make_float2(o[mt][dn][2 * h] * inv, o[mt][dn][2 * h + 1] * inv);
+        *reinterpret_cast<float2*>(out.o + dn * 8 + (lane % 4) * 2) =
+            make_float2(o[mt][dn][2 * h] * out.inv, o[mt][dn][2 * h + 1] * out.inv);
       }
-      if (lane % 4 == 0) *lse_dst = lse_val;
+      if (lane % 4 == 0) *out.lse = out.lse_val;
     }
   }
 }

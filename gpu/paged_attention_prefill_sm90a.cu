@@ -94,12 +94,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
   const uint32_t q_tile = base, kv0 = base + kQBytes;  // stage s: K at kv0 + 2s·tile, V after
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;
-  const int rt = blockIdx.x % p.row_tiles;
-  const int split = (blockIdx.x / p.row_tiles) % p.splits;
-  const int seg = blockIdx.x / (p.row_tiles * p.splits);
-
-  const int rows = max(0, min(p.seg_rows[seg], p.rows_cap));
-  const int r0 = rt * kPrefillRows;
+  const PrefillBlock blk = PrefillBlockOf(p);
+  const int split = blk.split, seg = blk.seg, rows = blk.rows, r0 = blk.r0;
   if (r0 >= rows) {
     GridDependencyWait();  // every block waits, so this grid never finishes before the pre-pass
     return;
@@ -265,25 +261,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
     const int r = r0 + warp * 16 + g + 8 * h;
     const float lsum = QuadSum(l[h]);
     if (r >= rows) continue;
-    const bool empty = lsum == 0.f;
-    const float inv = empty ? 0.f : 1.f / lsum;
-    const float lse_val = empty ? NegInf() : (m[h] + log2f(lsum)) * kLn2;
-    float* dst;
-    float* lse_dst;
-    if (p.splits == 1) {
-      dst = p.out + static_cast<size_t>(q_row + r) * kD;
-      lse_dst = p.lse + q_row + r;
-    } else {
-      const size_t prow = (static_cast<size_t>(seg) * p.splits + split) * p.rows_cap + r;
-      dst = p.part_o + prow * kD;
-      lse_dst = p.part_lse + prow;
-    }
+    const PrefillRowOut out = PrefillRowOutOf(p, blk, q_row, r, kD, m[h], lsum);
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
-      *reinterpret_cast<float2*>(dst + j * 8 + tq * 2) =
-          make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      *reinterpret_cast<float2*>(out.o + j * 8 + tq * 2) =
+          make_float2(o[4 * j + 2 * h] * out.inv, o[4 * j + 2 * h + 1] * out.inv);
     }
-    if (tq == 0) *lse_dst = lse_val;
+    if (tq == 0) *out.lse = out.lse_val;
   }
 }
 
