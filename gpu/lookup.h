@@ -35,9 +35,11 @@
 //     too large for shared memory): the last block of a segment to finish (an arrival counter)
 //     combines the tiles, computes the scores and selects from global memory.
 //   rows > kLookupSmallRows ("large" segments, prefill), 16-bit centroids: q converted to 16 bits
-//     (per-row power-of-two scale), then two tensor-core passes (mma.sync m16n8k16, fp32
-//     accumulate): row tiles over every centroid for the exact per-row max and normaliser (online),
-//     then centroid tiles over every row for the column sums into the workspace.
+//     (per-row power-of-two scale), then two tensor-core passes (fp32 accumulate): row tiles over
+//     every centroid for the exact per-row max and normaliser (online), then centroid tiles over
+//     every row for the column sums into the workspace. On compute capability 9.0 and head_dim
+//     <= 128 the passes run on wgmma (lookup_wgmma_sm90a.cu, LookupArgs::wgmma), elsewhere on
+//     mma.sync m16n8k16 (lookup_mma.cu).
 //   rows > kLookupSmallRows, float32 centroids: two tiled fp32 FMA passes, combine, column
 //     reduction into the workspace.
 //   Large segments then select like small ones: the staged selection kernel where the batch

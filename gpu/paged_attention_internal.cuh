@@ -7,7 +7,9 @@
 //           of one segment; its 4 warps take units in turn, each with its own cp.async pipeline
 //           and online-softmax state, merged in shared memory at the end.
 //   prefill (16-bit storage, > 32 rows): FlashAttention-2 style, 128-row tiles × 64-key tiles
-//           over a compacted list of the segment's valid token slots (written by a pre-pass).
+//           over a compacted list of the segment's valid token slots (written by a pre-pass); on
+//           compute capability 9.0 with head_dim 128, a wgmma kernel of the same shape
+//           (paged_attention_prefill_sm90a.cu, Plan::prefill_wgmma), else mma.sync.
 //   f32     (float32 storage, any rows): CUDA-core kernel over 16-row tiles and key units.
 // Any of them may split a segment's keys across blocks (splits > 1): each block then writes a
 // partial state (normalised o, natural-log lse) to the workspace and a merge kernel combines them.
