@@ -6,6 +6,7 @@
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
 
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
@@ -193,6 +194,12 @@ class CatalogImpl : public Catalog {
   // the catalog's only writer (RocksDB's lock), and every write of a record key drops the cache
   // after the write (ForgetRecords); a read that raced with such a write does not store what it
   // read (the generation changed), so a cached record is never older than the last write.
+  // Reads stay monotonic too (versions only grow): a store never replaces a newer cached version,
+  // and a read that could not be stored (the generation moved on while it read) but is newer
+  // than what the cache holds evicts that entry and sets the name's floor, below which nothing
+  // is stored until the next write's ForgetRecords. Otherwise two readers racing a write, one
+  // reading before it lands and one after, could leave the older record cached after the newer
+  // one was returned, and a reader would see its version go back.
   Status GetContext(const std::string& name, ContextRecord* out) override {
     uint64_t generation = 0;
     {
@@ -210,10 +217,18 @@ class CatalogImpl : public Catalog {
     SQKV_RETURN_IF_ERROR(FromRocks(s, "read context " + name));
     SQKV_RETURN_IF_ERROR(DecodeRecord(v, out));
     std::lock_guard<std::mutex> lock(cache_mu_);
-    if (generation == generation_) {
-      if (records_.size() >= kMaxCachedRecords) records_.clear();
-      records_[name] = *out;
+    if (generation != generation_) {
+      auto it = records_.find(name);
+      if (it != records_.end() && it->second.version < out->version) records_.erase(it);
+      uint64_t& floor = floors_[name];
+      floor = std::max(floor, out->version);
+      return Status::Ok();
     }
+    auto fl = floors_.find(name);
+    if (fl != floors_.end() && out->version < fl->second) return Status::Ok();
+    if (records_.size() >= kMaxCachedRecords) records_.clear();
+    auto [it, fresh] = records_.try_emplace(name, *out);
+    if (!fresh && it->second.version < out->version) it->second = *out;
     return Status::Ok();
   }
 
@@ -387,6 +402,7 @@ class CatalogImpl : public Catalog {
     std::lock_guard<std::mutex> lock(cache_mu_);
     ++generation_;
     records_.clear();
+    floors_.clear();
   }
 
   std::unique_ptr<rocksdb::DB> db_;
@@ -395,6 +411,7 @@ class CatalogImpl : public Catalog {
   std::mutex publish_mu_;
   std::mutex cache_mu_;  // guards records_ and generation_
   std::unordered_map<std::string, ContextRecord> records_;
+  std::unordered_map<std::string, uint64_t> floors_;  // see GetContext
   uint64_t generation_ = 0;
 };
 
