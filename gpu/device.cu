@@ -1,5 +1,6 @@
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdio>
 #include <mutex>
 
@@ -20,14 +21,27 @@ bool DevicePresent() {
 }
 
 bool CurrentDeviceIsSm90() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+  // Asked on every lookup and attention launch: each device's answer is read once.
+  constexpr int kCached = 64;
+  static std::atomic<int8_t> cached[kCached] = {};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (dev >= 0 && dev < kCached) {
+    const int8_t known = cached[dev].load(std::memory_order_relaxed);
+    if (known != 0) return known == 1;
+  }
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  return major == 9 && minor == 0;
+  const bool sm90 = major == 9 && minor == 0;
+  if (dev >= 0 && dev < kCached) cached[dev].store(sm90 ? 1 : 2, std::memory_order_relaxed);
+  return sm90;
 }
 
 Result<std::string> DeviceDescription(int device) {

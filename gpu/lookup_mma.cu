@@ -75,6 +75,22 @@ constexpr int Pitch() {
   return KS * 16 + 8;
 }
 
+// A fragments (m16 x k16 per k-step, row-major) of rows a and b = a + 8, straight from global
+// memory (binary16 rows of d halves; nullptr: a zero row). Components >= d are zero.
+template <int KS>
+__device__ __forceinline__ void LoadFragments(const uint16_t* row_a, const uint16_t* row_b, int d,
+                                              int tq, uint32_t (&f)[KS][4]) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int k0 = ks * 16 + 2 * tq;
+    const bool in = k0 < d;  // d is a multiple of 16: then k0 + 8 < d too
+    f[ks][0] = in && row_a != nullptr ? *reinterpret_cast<const uint32_t*>(row_a + k0) : 0u;
+    f[ks][1] = in && row_b != nullptr ? *reinterpret_cast<const uint32_t*>(row_b + k0) : 0u;
+    f[ks][2] = in && row_a != nullptr ? *reinterpret_cast<const uint32_t*>(row_a + k0 + 8) : 0u;
+    f[ks][3] = in && row_b != nullptr ? *reinterpret_cast<const uint32_t*>(row_b + k0 + 8) : 0u;
+  }
+}
+
 // No work between a group's k-steps.
 struct NoWork {
   __device__ __forceinline__ void operator()(int) const {}

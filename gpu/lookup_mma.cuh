@@ -66,22 +66,6 @@ __device__ __forceinline__ bool GetPassBlock(const LookupArgs& a, const Workspac
   return true;
 }
 
-// A fragments (m16 x k16 per k-step, row-major) of rows a and b = a + 8, straight from global
-// memory (binary16 rows of d halves; nullptr: a zero row). Components >= d are zero.
-template <int KS>
-__device__ __forceinline__ void LoadFragments(const uint16_t* row_a, const uint16_t* row_b, int d,
-                                              int tq, uint32_t (&f)[KS][4]) {
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    const int k0 = ks * 16 + 2 * tq;
-    const bool in = k0 < d;  // d is a multiple of 16: then k0 + 8 < d too
-    f[ks][0] = in && row_a != nullptr ? *reinterpret_cast<const uint32_t*>(row_a + k0) : 0u;
-    f[ks][1] = in && row_b != nullptr ? *reinterpret_cast<const uint32_t*>(row_b + k0) : 0u;
-    f[ks][2] = in && row_a != nullptr ? *reinterpret_cast<const uint32_t*>(row_a + k0 + 8) : 0u;
-    f[ks][3] = in && row_b != nullptr ? *reinterpret_cast<const uint32_t*>(row_b + k0 + 8) : 0u;
-  }
-}
-
 // Pass 1, one query row held by a quad (lane tq of 4 each saw different entries, with its own
 // running max m and normaliser z under it; a lane that saw none holds (-inf, 0)): the row's max,
 // every normaliser moved to it, summed. Lane 0 writes it: info (one piece) or the piece's slot of

@@ -22,11 +22,11 @@ using detail::CpAsync16;
 using detail::CpAsyncCommit;
 using detail::CpAsyncWait;
 using detail::DescAdvance;
-using detail::F16;
 using detail::FastExp2;
 using detail::FenceProxyAsyncShared;
 using detail::SmemAddr;
 using detail::Sw128Desc;
+using detail::Sw128KStep;
 using detail::Sw128Offset;
 using detail::WgmmaCommit;
 using detail::WgmmaFence;
@@ -123,9 +123,8 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
   WgmmaFence();  // the epilogue read these accumulators last
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
-    const uint32_t k_off = (ks & 3) * 32;
-    WgmmaM64N64SS<F16>(acc, DescAdvance(desc_a, (ks >> 2) * kMmaRowTile * 128 + k_off),
-                       DescAdvance(desc_b, (ks >> 2) * kStageRows * 128 + k_off), ks > 0);
+    WgmmaM64N64SS<__half>(acc, DescAdvance(desc_a, Sw128KStep(kMmaRowTile, ks)),
+                          DescAdvance(desc_b, Sw128KStep(kStageRows, ks)), ks > 0);
   }
   WgmmaCommit();
 }

@@ -29,23 +29,6 @@ constexpr int kQBytes = kPrefillRows * kD * 2;  // 32 KB
 constexpr size_t kSmemBytes = 1024 + kQBytes + kStages * 2 * kKvTile;
 static_assert(kPrefillKeys == 64 && kPrefillRows == 128, "tile shapes of this kernel");
 
-template <typename T>
-struct WgType;
-template <>
-struct WgType<__nv_bfloat16> {
-  using type = BF16;
-};
-template <>
-struct WgType<__half> {
-  using type = F16;
-};
-
-// Byte offset of 16-byte chunk c (0..15) of row r in a two-panel tile of R rows.
-template <int R>
-__device__ __forceinline__ uint32_t TileOffset(int r, int c) {
-  return (c >> 3) * (R * 128) + Sw128Offset(r, c & 7);
-}
-
 // One tile's online softmax for the thread's rows h (g, g + 8): sc are the raw scores (16 keys
 // per row: 8j + 2tq + c), scale > 0 the base-2 factor; m, l the running max and (per-lane)
 // normaliser, corr the factor O must be rescaled by, e the weights. kTail: keys past `valid` are
@@ -88,7 +71,6 @@ __device__ __forceinline__ void Softmax(const float (&sc)[32], float scale, int 
 
 template <typename T>
 __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const KernelParams p) {
-  using W = typename WgType<T>::type;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (SmemAddr(smem_raw) + 1023u) & ~1023u;
   const uint32_t q_tile = base, kv0 = base + kQBytes;  // stage s: K at kv0 + 2s·tile, V after
@@ -108,7 +90,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
     const int r = i / (kD / 8), c = i % (kD / 8);
     uint4 v = make_uint4(0, 0, 0, 0);
     if (r0 + r < rows) v = LoadConvert8<T>(p.q + static_cast<size_t>(q_row + r0 + r) * kD + c * 8);
-    *reinterpret_cast<uint4*>(smem + TileOffset<kPrefillRows>(r, c)) = v;
+    *reinterpret_cast<uint4*>(smem + Sw128TileOffset<kPrefillRows>(r, c)) = v;
   }
 
   GridDependencyWait();  // the compact lists of the pre-pass
@@ -126,7 +108,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
   // next tile to stage are fetched one tile ahead.
   constexpr int kRowsPer = kPrefillKeys / (kWgThreads / 16);
   const int my_chunk = tid % 16, my_row0 = tid / 16;
-  const uint32_t my_off = TileOffset<kPrefillKeys>(my_row0, my_chunk);  // + 16i rows: + 2048 i
+  const uint32_t my_off = Sw128TileOffset<kPrefillKeys>(my_row0, my_chunk);  // + 16i rows: + 2048 i
   uint32_t next_rows[kRowsPer];
   auto fetch = [&](int it) {
 #pragma unroll
@@ -170,8 +152,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
     WgmmaFence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      WgmmaM64N64RS<W>(s, qa[ks], DescAdvance(desc_k, buf + (ks >> 2) * kPanel + (ks & 3) * 32),
-                       ks > 0);
+      WgmmaM64N64RS<T>(s, qa[ks], DescAdvance(desc_k, buf + Sw128KStep(kPrefillKeys, ks)), ks > 0);
     }
     WgmmaCommit();
   };
@@ -191,7 +172,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
       const int chunk = 2 * ks + (lane >> 4);
-      LdMatrixX4(qa[ks], q_tile + TileOffset<kPrefillRows>(r, chunk));
+      LdMatrixX4(qa[ks], q_tile + Sw128TileOffset<kPrefillRows>(r, chunk));
     }
   }
   fetch(0);
@@ -242,7 +223,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      WgmmaM64N128RSTransB<W>(o, pa[kk], DescAdvance(desc_v, buf + kk * 16 * 128));
+      WgmmaM64N128RSTransB<T>(o, pa[kk], DescAdvance(desc_v, buf + kk * 16 * 128));
     }
     WgmmaCommit();
     WgmmaWait<0>();  // this tile's P·V and the next tile's S

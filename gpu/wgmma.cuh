@@ -6,8 +6,8 @@
 // Layout the descriptors describe ("K-major, 128-byte swizzle"): a tile of R rows × 64 16-bit
 // elements is R rows of 128 bytes, 1,024-byte aligned; the 16-byte chunk c of row r sits at chunk
 // c ^ (r % 8) of that row (Sw128Offset). A row of 128 elements is two such panels, the second
-// R × 128 bytes after the first. Step ks of 16 elements starts at panel ks / 4, byte 32 · (ks % 4)
-// (Sw128Desc).
+// R × 128 bytes after the first (Sw128TileOffset). Step ks of 16 elements starts at panel ks / 4,
+// byte 32 · (ks % 4) (Sw128KStep, Sw128Desc).
 //
 // Accumulator layout of m64nN (float32, N / 2 registers per thread): warp w of the warpgroup holds
 // rows 16w + g and 16w + g + 8 (g = lane / 4); register 4j + 2h + c is row 16w + g + 8h, column
@@ -15,6 +15,8 @@
 // the warp's 16 rows.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -26,12 +28,25 @@ __device__ __forceinline__ uint32_t Sw128Offset(int row, int chunk) {
   return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
 }
 
+// Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a tile of R rows of 128 16-bit
+// elements (two panels, the second R × 128 bytes after the first).
+template <int R>
+__device__ __forceinline__ uint32_t Sw128TileOffset(int row, int chunk) {
+  return (chunk >> 3) * (R * 128) + Sw128Offset(row, chunk & 7);
+}
+
+// Byte offset of k-step `ks` (16 elements) in a K-major tile of `rows` rows: panel ks / 4, byte
+// 32 · (ks % 4) of its rows.
+__device__ __forceinline__ uint32_t Sw128KStep(int rows, int ks) {
+  return static_cast<uint32_t>((ks >> 2) * rows * 128 + (ks & 3) * 32);
+}
+
 // Descriptor of the k-step `ks` (16 elements) of a K-major, 128-byte swizzled tile of `rows` rows
 // at shared address `tile` (1,024-byte aligned). Fields: start address >> 4 (bits 0-13), leading
 // byte offset >> 4 (16-29; unused by this layout, 1 by convention), stride byte offset >> 4
 // (32-45: 1,024 bytes between groups of 8 rows), swizzle mode (62-63: 1 = 128 bytes).
 __device__ __forceinline__ uint64_t Sw128Desc(uint32_t tile, int rows, int ks) {
-  const uint32_t addr = tile + static_cast<uint32_t>((ks >> 2) * rows * 128 + (ks & 3) * 32);
+  const uint32_t addr = tile + Sw128KStep(rows, ks);
   uint64_t desc = (addr & 0x3FFFFu) >> 4;
   desc |= uint64_t{1} << 16;
   desc |= uint64_t{1024 >> 4} << 32;
@@ -101,30 +116,6 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 
-// Named barriers (ids 1..15; 0 is __syncthreads) among `threads` threads: Sync waits until that
-// many have arrived (itself included); Arrive counts this thread and goes on.
-__device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-// Keeps the compiler from moving accumulator reads or writes across an asynchronous product.
-template <int n>
-__device__ __forceinline__ void WgmmaPin(float (&d)[n]) {
-#pragma unroll
-  for (int i = 0; i < n; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// 16-bit element types by PTX name.
-struct F16 {
-  static constexpr const char* kName = "f16";
-};
-struct BF16 {
-  static constexpr const char* kName = "bf16";
-};
-
 #define SQKV_WG_D32                                                                             \
   "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24," \
   "%25,%26,%27,%28,%29,%30,%31}"
@@ -135,6 +126,8 @@ struct BF16 {
       "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),  \
       "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 
+// The products take their 16-bit element type as T: __half (binary16) or __nv_bfloat16.
+//
 // d (m64 × n64, float32) (+)= a (m64 × k16, registers: the warp's A fragment) · b^T (b: 64 rows ×
 // k16 at descriptor desc_b). accumulate false: d = a · b^T.
 template <class T>
@@ -153,8 +146,8 @@ __device__ __forceinline__ void WgmmaM64N64RS(float (&d)[32], const uint32_t (&a
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(static_cast<int>(accumulate)),    \
           "l"(desc_b));                                                                     \
   }
-SQKV_WG_RS64(F16, "f16")
-SQKV_WG_RS64(BF16, "bf16")
+SQKV_WG_RS64(__half, "f16")
+SQKV_WG_RS64(__nv_bfloat16, "bf16")
 #undef SQKV_WG_RS64
 
 // d (m64 × n64) (+)= a · b^T, both from shared memory (K-major descriptors).
@@ -173,8 +166,8 @@ __device__ __forceinline__ void WgmmaM64N64SS(float (&d)[32], uint64_t desc_a, u
         : SQKV_WG_D32_OPS(d)                                                              \
         : "r"(static_cast<int>(accumulate)), "l"(desc_a), "l"(desc_b));                   \
   }
-SQKV_WG_SS64(F16, "f16")
-SQKV_WG_SS64(BF16, "bf16")
+SQKV_WG_SS64(__half, "f16")
+SQKV_WG_SS64(__nv_bfloat16, "bf16")
 #undef SQKV_WG_SS64
 
 #define SQKV_WG_D64                                                                             \
@@ -205,8 +198,8 @@ __device__ __forceinline__ void WgmmaM64N128RSTransB(float (&d)[64], const uint3
         : SQKV_WG_D64_OPS(d)                                                                       \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                        \
   }
-SQKV_WG_RS128T(F16, "f16")
-SQKV_WG_RS128T(BF16, "bf16")
+SQKV_WG_RS128T(__half, "f16")
+SQKV_WG_RS128T(__nv_bfloat16, "bf16")
 #undef SQKV_WG_RS128T
 
 #undef SQKV_WG_D64

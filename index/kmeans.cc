@@ -75,7 +75,8 @@ void PlusPlusSeeds(const std::vector<float>& unit, int n, int d, int k, uint64_t
     for (int i = 0; i < n; ++i) {
       // |x - c|^2 = |x|^2 + |c|^2 - 2 x.c, rounding kept from going negative.
       const float* x = unit.data() + static_cast<size_t>(i) * d;
-      const double d2 = std::max(0.0, norm2[i] + norm2[pick] - 2.0 * Dot(x, c, static_cast<size_t>(d)));
+      const double dot = Dot(x, c, static_cast<size_t>(d));
+      const double d2 = std::max(0.0, norm2[i] + norm2[pick] - 2.0 * dot);
       dist[i] = j == 0 ? d2 : std::min(dist[i], d2);
       total += dist[i];
     }

@@ -409,7 +409,7 @@ class CatalogImpl : public Catalog {
   std::string dir_;
   std::mutex version_mu_;
   std::mutex publish_mu_;
-  std::mutex cache_mu_;  // guards records_ and generation_
+  std::mutex cache_mu_;  // guards records_, floors_ and generation_
   std::unordered_map<std::string, ContextRecord> records_;
   std::unordered_map<std::string, uint64_t> floors_;  // see GetContext
   uint64_t generation_ = 0;

@@ -19,6 +19,7 @@
 #include "gpu/engine_pool.h"
 #include "gpu/engine_upload.h"
 #include "tests/gpu/engine_testing.h"
+#include "tests/gpu/gpu_testing.h"
 #include "tests/gpu/lookup_testing.h"
 #include "tests/testing/testing.h"
 
@@ -31,9 +32,6 @@ using engine_testing::MakeContext;
 using engine_testing::MakeEngine;
 using engine_testing::MakeReq;
 using engine_testing::Req;
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!DevicePresent()) GTEST_SKIP() << "no CUDA device"
 
 // ---------------------------------------------------------------------------------------------
 // PagePool (host bookkeeping only)
@@ -53,7 +51,8 @@ TEST(PagePool, AllocatesWithinSlotsAndReleasesEmptySlots) {
   EXPECT_EQ(pool.slots_used(), 4u);
   EXPECT_EQ(pool.pages_used(), 32u);
   // The first 8 ids fill slot 0 in order (contiguous uploads).
-  for (int32_t id = 0; id < 8; ++id) EXPECT_EQ(pool.OwnerOf(8 << 10, id).page, static_cast<uint32_t>(id));
+  for (int32_t id = 0; id < 8; ++id)
+    EXPECT_EQ(pool.OwnerOf(8 << 10, id).page, static_cast<uint32_t>(id));
   for (int32_t id = 8; id < 16; ++id) pool.Free(8 << 10, id);
   EXPECT_EQ(pool.slots_used(), 3u);
   // A 16 KiB page takes the freed slot (4 per slot).
@@ -69,7 +68,7 @@ TEST(PagePool, ClockSkipsPinnedAndInUseAndGivesSecondChances) {
     ASSERT_EQ(pool.Allocate(pb, {0, i}, /*pinned=*/i == 0, /*epoch=*/1, false, nullptr),
               static_cast<int32_t>(i));
   }
-  pool.Touch(pb, 2, 2);  // in use in epoch 2
+  pool.Touch(pb, 2, 2);   // in use in epoch 2
   pool.Reference(pb, 3);  // referenced: passed over once
   std::vector<PoolOwner> evicted;
   const int32_t a = pool.Allocate(pb, {1, 0}, false, 2, true, &evicted);
@@ -96,7 +95,8 @@ TEST(PagePool, ClockSkipsPinnedAndInUseAndGivesSecondChances) {
 TEST(PagePool, StealsWholeSlotsOfAnotherSize) {
   PagePool pool(2, kSlot);
   std::vector<PoolOwner> evicted;
-  for (uint32_t i = 0; i < 16; ++i) ASSERT_GE(pool.Allocate(8 << 10, {0, i}, i < 8, 1, true, &evicted), 0);
+  for (uint32_t i = 0; i < 16; ++i)
+    ASSERT_GE(pool.Allocate(8 << 10, {0, i}, i < 8, 1, true, &evicted), 0);
   // No free slot: a 16 KiB page evicts the whole unpinned slot (8 pages) of the 8 KiB class.
   const int32_t id = pool.Allocate(16 << 10, {1, 0}, false, 2, true, &evicted);
   ASSERT_GE(id, 0);
@@ -243,7 +243,8 @@ TEST_P(PagedQuery, EqualsQueryOnFullyLoadedLayersAndAsksOnlyForSelectedPages) {
   HostTier host(mode.pinned_host);
   const std::vector<std::pair<uint64_t, const Context*>> layers = {{1, &a}, {2, &b}, {3, &c}};
   for (const auto& [key, ctx] : layers) {
-    ASSERT_TRUE(ref->LoadLayer(key, ctx->dtype, ctx->page_tokens, ctx->heads, ctx->pages.data()).ok());
+    ASSERT_TRUE(
+        ref->LoadLayer(key, ctx->dtype, ctx->page_tokens, ctx->heads, ctx->pages.data()).ok());
     ASSERT_TRUE(paged->LoadLayerIndex(key, ctx->dtype, ctx->page_tokens, ctx->heads).ok());
     host.Add(key, ctx);
     const LayerResidency res = paged->Residency(key);

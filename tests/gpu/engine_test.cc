@@ -19,6 +19,7 @@
 #include "gpu/engine_timing.h"
 #include "index/select.h"
 #include "tests/gpu/engine_testing.h"
+#include "tests/gpu/gpu_testing.h"
 #include "tests/gpu/lookup_testing.h"
 #include "tests/testing/testing.h"
 
@@ -33,9 +34,6 @@ using engine_testing::MakeReq;
 using engine_testing::Req;
 
 constexpr double kTieTol = 1e-5;
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!DevicePresent()) GTEST_SKIP() << "no CUDA device"
 
 Status Load(Engine* e, uint64_t key, const Context& c) {
   return e->LoadLayer(key, c.dtype, c.page_tokens, c.heads, c.pages.data());

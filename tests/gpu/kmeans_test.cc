@@ -17,6 +17,7 @@
 #include "gpu/device.h"
 #include "index/build.h"
 #include "index/kmeans.h"
+#include "tests/gpu/gpu_testing.h"
 #include "tests/testing/testing.h"
 
 namespace sqkv::gpu {
@@ -24,9 +25,6 @@ namespace {
 
 using testing::FreshSeed;
 using testing::RandomNormal;
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!DevicePresent()) GTEST_SKIP() << "no CUDA device"
 
 // The product paths: cuBLAS in TF32 (the default), cuBLAS in FP32, the built-in FP32 kernel.
 struct Variant {
@@ -43,7 +41,7 @@ std::vector<Variant> Variants() {
 
 // Runs one variant; false (with a note) when it is cuBLAS and cuBLAS does not load here.
 bool RunVariant(const Variant& v, const std::vector<float>& x, int n, int d, int k,
-         std::vector<int32_t>* assign, const KMeansOptions& km = {}) {
+                std::vector<int32_t>* assign, const KMeansOptions& km = {}) {
   const Status st = gpu::SphericalKMeans(x.data(), n, d, k, km, v.options, assign);
   if (st.IsUnavailable() && v.options.gemm == KMeansGemm::kCublas) {
     std::printf("[note] %s skipped: %s\n", v.name.c_str(), st.ToString().c_str());
@@ -53,7 +51,8 @@ bool RunVariant(const Variant& v, const std::vector<float>& x, int n, int d, int
   return st.ok();
 }
 
-void ExpectLabelsInRange(const std::vector<int32_t>& assign, int n, int k, const std::string& what) {
+void ExpectLabelsInRange(const std::vector<int32_t>& assign, int n, int k,
+                         const std::string& what) {
   ASSERT_EQ(assign.size(), static_cast<size_t>(n)) << what;
   for (int i = 0; i < n; ++i) {
     ASSERT_GE(assign[i], 0) << what << " row " << i;
@@ -69,7 +68,8 @@ double MeanCosine(const std::vector<float>& x, int n, int d, const std::vector<i
   std::vector<bool> zero(n);
   for (int i = 0; i < n; ++i) {
     double ss = 0;
-    for (int j = 0; j < d; ++j) ss += static_cast<double>(x[size_t(i) * d + j]) * x[size_t(i) * d + j];
+    for (int j = 0; j < d; ++j)
+      ss += static_cast<double>(x[size_t(i) * d + j]) * x[size_t(i) * d + j];
     zero[i] = !(ss > 0);
     for (int j = 0; j < d; ++j) {
       unit[size_t(i) * d + j] = zero[i] ? 0.0 : x[size_t(i) * d + j] / std::sqrt(ss);
@@ -120,8 +120,8 @@ TEST(GpuKMeans, QualityWithinOnePercentOfCpu) {
   std::mt19937_64 rng(FreshSeed());
   for (const Shape& s : {Shape{4096, 128, 205, true}, Shape{4096, 128, 205, false},
                          Shape{3000, 64, 150, true}, Shape{600, 128, 30, true}}) {
-    const std::vector<float> x = s.clustered ? ClusteredKeys(rng, s.n, s.d, s.n / 40)
-                                             : RandomNormal(size_t(s.n) * s.d, rng);
+    const std::vector<float> x =
+        s.clustered ? ClusteredKeys(rng, s.n, s.d, s.n / 40) : RandomNormal(size_t(s.n) * s.d, rng);
     std::vector<int32_t> cpu;
     ASSERT_TRUE(::sqkv::SphericalKMeans(x.data(), s.n, s.d, s.k, {}, &cpu).ok());
     const double q_cpu = MeanCosine(x, s.n, s.d, cpu, s.k);

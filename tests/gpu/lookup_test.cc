@@ -20,6 +20,7 @@
 
 #include "gpu/device.h"
 #include "gpu/device_buffer.h"
+#include "tests/gpu/gpu_testing.h"
 #include "tests/gpu/lookup_testing.h"
 #include "tests/testing/testing.h"
 
@@ -32,9 +33,6 @@ using testing::RefSelection;
 using testing::SyntheticIndex;
 
 constexpr double kTieTol = 1e-5;
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!DevicePresent()) GTEST_SKIP() << "no CUDA device"
 
 struct Head {
   HeadIndex x;
@@ -118,14 +116,6 @@ Seg MakeSeg(std::mt19937_64& rng, const Head& h, int head, int rows, RefMode mod
   s.budget = Target(fraction, h.x.tokens);
   s.l1_budget = Target(std::min(1.0, 3 * fraction), h.x.tokens);
   return s;
-}
-
-// SQKV_TEST_MMA_SYNC=1: large segments run their tensor-core passes on mma.sync even where the
-// device has wgmma (compute capability 9.0), so one device covers both kernel families (the device
-// scripts run the suite both ways).
-bool MmaSyncPasses() {
-  const char* v = std::getenv("SQKV_TEST_MMA_SYNC");
-  return v != nullptr && std::string(v) == "1";
 }
 
 // Runs one lookup launch over every segment (f16: the 16-bit centroid storage, else float32);
@@ -216,7 +206,7 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
   a.seg_tokens = seg_tokens.as<int32_t>();
   a.seg_scored = seg_scored.as<int32_t>();
   a.workspace = ws.get();
-  a.wgmma = !MmaSyncPasses();
+  a.wgmma = !testing::MmaSyncKernels();
 
   std::vector<Out> first;
   const int rounds = (repeat ? 2 : 1) + 1;

@@ -19,17 +19,11 @@
 #include "gpu/device.h"
 #include "gpu/device_buffer.h"
 #include "index/head_index.h"
+#include "tests/gpu/gpu_testing.h"
 #include "tests/testing/testing.h"
 
 namespace sqkv::gpu {
 namespace {
-
-// SQKV_TEST_MMA_SYNC=1: prefill runs the mma.sync kernel even where the device has wgmma (compute
-// capability 9.0), so one device covers both (the device scripts run the suite both ways).
-bool MmaSyncPrefill() {
-  const char* v = std::getenv("SQKV_TEST_MMA_SYNC");
-  return v != nullptr && std::string(v) == "1";
-}
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -180,7 +174,7 @@ DeviceResult RunOnDevice(const HostCase& c) {
   a.max_pages_per_segment = c.max_pages;
   a.max_rows_per_segment = c.max_rows;
   a.overlap_previous_kernel = s.overlap_previous_kernel;
-  a.wgmma = !MmaSyncPrefill();
+  a.wgmma = !testing::MmaSyncKernels();
   a.q = q.as<float>();
   a.out = out.as<float>();
   a.lse = lse.as<float>();
@@ -291,9 +285,6 @@ void CheckCase(const CaseSpec& spec, const std::string& name) {
 
 constexpr DType kAllDTypes[] = {DType::kBF16, DType::kF16, DType::kF32};
 
-#define SKIP_WITHOUT_DEVICE() \
-  if (!DevicePresent()) GTEST_SKIP() << "no CUDA device"
-
 TEST(PagedAttentionTest, SmallDecode) {
   SKIP_WITHOUT_DEVICE();
   for (DType t : kAllDTypes) {
@@ -398,7 +389,7 @@ size_t WorkspaceBytesFor(const CaseSpec& spec, int max_pages, int max_rows) {
   a.num_segments = static_cast<int>(spec.segments.size());
   a.max_pages_per_segment = max_pages;
   a.max_rows_per_segment = max_rows;
-  a.wgmma = !MmaSyncPrefill();
+  a.wgmma = !testing::MmaSyncKernels();
   return PagedAttentionWorkspaceBytes(a);
 }
 
