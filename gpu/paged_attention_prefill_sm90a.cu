@@ -3,14 +3,15 @@
 // outputs as the mma.sync kernel there, on a different engine.
 //
 // A block is two warpgroups over a 128-row tile (64 rows each), one block per SM. Q is converted
-// to the storage type into shared memory once and held as register A fragments; each 64-key
+// to the storage type into shared memory once and held as register A fragments; each 128-key
 // tile's K and V rows are gathered by cp.async (pool rows from the compact list, fetched a tile
-// ahead) into four 128-byte swizzled stages, handed over by mbarriers (no block barrier in the
+// ahead) into three 128-byte swizzled stages, handed over by mbarriers (no block barrier in the
 // loop, so the warpgroups drift apart and one's products overlap the other's softmax). Per tile
-// and warpgroup: S = Q·Kᵀ (m64n64, K from shared memory), the online softmax in registers (base
+// and warpgroup: S = Q·Kᵀ (m64n128, K from shared memory), the online softmax in registers (base
 // 2), P converted to register A fragments, O += P·V (m64n128, V read transposed from its
-// row-major tile). The next tile's S product runs while this tile's softmax issues (two S
-// accumulator sets); no product is in flight across iterations (ptxas would serialize them all).
+// row-major tile). A tile's softmax issues while the tensor cores run the previous tile's P·V;
+// every product is waited for before the loop's back edge (ptxas would serialize them all
+// otherwise).
 #include <type_traits>
 
 #include "gpu/paged_attention_common.cuh"
@@ -22,31 +23,32 @@ namespace {
 
 constexpr int kWgThreads = 256;  // two warpgroups
 constexpr int kD = 128;
-constexpr int kStages = 4;
-constexpr int kPanel = kPrefillKeys * 128;      // one 64-element half of a K or V tile: 8 KB
-constexpr int kKvTile = 2 * kPanel;             // a K or V tile (64 keys × 128): 16 KB
+constexpr int kKeys = 2 * kPrefillKeys;  // keys per tile: two of the plan's 64-key work items
+constexpr int kStages = 3;  // tiles it - 1 (V) and it (K) in use, one more landing
+constexpr int kPanel = kKeys * 128;             // one 64-element half of a K or V tile: 16 KB
+constexpr int kKvTile = 2 * kPanel;             // a K or V tile (128 keys × 128): 32 KB
 constexpr int kQBytes = kPrefillRows * kD * 2;  // 32 KB
-constexpr size_t kSmemBytes = 1024 + kQBytes + kStages * 2 * kKvTile;
+constexpr size_t kSmemBytes = 1024 + kQBytes + kStages * 2 * kKvTile;  // 225 KB
+constexpr int kAcc = kKeys / 2;  // S accumulator registers per thread (m64 × n128)
 static_assert(kPrefillKeys == 64 && kPrefillRows == 128, "tile shapes of this kernel");
 
-// One tile's online softmax for the thread's rows h (g, g + 8): sc are the raw scores (16 keys
-// per row: 8j + 2tq + c), scale > 0 the base-2 factor; m, l the running max and (per-lane)
-// normaliser, corr the factor O must be rescaled by, e the weights. kTail: keys past `valid` are
-// left out. Maxima and sums run as four independent chains per row.
+// One tile's online softmax for the thread's rows h (g, g + 8), in place: s holds the raw scores
+// (32 keys per row: 8j + 2tq + c) on entry and the weights on exit; scale > 0 is the base-2
+// factor; m, l the running max and (per-lane) normaliser, corr the factor O must be rescaled by.
+// kTail: keys from `valid` on are left out. Maxima and sums run as four independent chains.
 template <bool kTail>
-__device__ __forceinline__ void Softmax(const float (&sc)[32], float scale, int tq, int valid,
-                                        float (&m)[2], float (&l)[2], float (&corr)[2],
-                                        float (&e)[32]) {
+__device__ __forceinline__ void Softmax(float (&s)[kAcc], float scale, int tq, int valid,
+                                        float (&m)[2], float (&l)[2], float (&corr)[2]) {
   auto ok = [&](int i) { return !kTail || (i / 4) * 8 + 2 * tq + (i & 1) < valid; };
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float mx[4] = {NegInf(), NegInf(), NegInf(), NegInf()};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < kAcc / 4; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int i = 4 * j + 2 * h + c;
-        mx[(2 * j + c) % 4] = fmaxf(mx[(2 * j + c) % 4], ok(i) ? sc[i] : NegInf());
+        mx[(2 * j + c) % 4] = fmaxf(mx[(2 * j + c) % 4], ok(i) ? s[i] : NegInf());
       }
     }
     // scale > 0: the max of the raw scores gives the max of the scaled ones.
@@ -57,12 +59,12 @@ __device__ __forceinline__ void Softmax(const float (&sc)[32], float scale, int 
     m[h] = m_new;
     float sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < kAcc / 4; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int i = 4 * j + 2 * h + c;
-        e[i] = ok(i) ? FastExp2(fmaf(sc[i], scale, -m_use)) : 0.f;
-        sum[(2 * j + c) % 4] += e[i];
+        s[i] = ok(i) ? FastExp2(fmaf(s[i], scale, -m_use)) : 0.f;
+        sum[(2 * j + c) % 4] += s[i];
       }
     }
     l[h] = l[h] * corr[h] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
@@ -96,25 +98,28 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
   GridDependencyWait();  // the compact lists of the pre-pass
   const int ntok =
       static_cast<int>(min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
-  const int tiles = (ntok + kPrefillKeys - 1) / kPrefillKeys;
-  const SplitRange range = SplitOf(tiles, p.splits, split);
-  if (split > 0 && range.begin >= tiles) return;
-  const int t0 = range.begin, ntiles = max(0, range.end - t0);
+  // The split's share of the plan's 64-key work items, walked in 128-key tiles (the last one may
+  // be short, also where the share ends before the list does).
+  const SplitRange range = SplitOf((ntok + kPrefillKeys - 1) / kPrefillKeys, p.splits, split);
+  if (split > 0 && range.begin >= range.end) return;
+  const int key0 = range.begin * kPrefillKeys;
+  const int key_end = min(ntok, range.end * kPrefillKeys);
+  const int ntiles = key_end > key0 ? (key_end - key0 + kKeys - 1) / kKeys : 0;
   const uint32_t* toks = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
   const T* pool = static_cast<const T*>(p.pool);
   const size_t v_offset = static_cast<size_t>(p.page_tokens) * kD;
 
-  // Gather: thread → chunk tid % 16 of key rows tid / 16 + 16i (i < 4), K and V. Pool rows of the
+  // Gather: thread → chunk tid % 16 of key rows tid / 16 + 16i (i < 8), K and V. Pool rows of the
   // next tile to stage are fetched one tile ahead.
-  constexpr int kRowsPer = kPrefillKeys / (kWgThreads / 16);
+  constexpr int kRowsPer = kKeys / (kWgThreads / 16);
   const int my_chunk = tid % 16, my_row0 = tid / 16;
-  const uint32_t my_off = Sw128TileOffset<kPrefillKeys>(my_row0, my_chunk);  // + 16i rows: + 2048 i
+  const uint32_t my_off = Sw128TileOffset<kKeys>(my_row0, my_chunk);  // + 16i rows: + 2048 i
   uint32_t next_rows[kRowsPer];
   auto fetch = [&](int it) {
 #pragma unroll
     for (int i = 0; i < kRowsPer; ++i) {
-      const int t = (t0 + it) * kPrefillKeys + my_row0 + i * 16;
-      next_rows[i] = it < ntiles && t < ntok ? __ldcg(toks + t) : 0xffffffffu;
+      const int t = key0 + it * kKeys + my_row0 + i * 16;
+      next_rows[i] = it < ntiles && t < key_end ? __ldcg(toks + t) : 0xffffffffu;
     }
   };
   // Stage buffers are handed over by mbarriers, not block barriers, so the two warpgroups run
@@ -126,9 +131,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
   auto full = [&](int it) { return full0 + 8 * (it % kStages); };
   auto empty = [&](int it) { return empty0 + 8 * (it % kStages); };
   auto parity = [&](int it) { return static_cast<uint32_t>(it / kStages) & 1u; };
-  auto stage = [&](int it) {  // tile t0 + it, whose rows next_rows holds; then fetch the next
+  auto stage = [&](int it) {  // tile it, whose rows next_rows holds; then fetch the next
     if (it < ntiles) {
-      if (it >= kStages) MbarWait(empty(it), parity(it - kStages));  // tile it - 4 is done
+      if (it >= kStages) MbarWait(empty(it), parity(it - kStages));  // its last user is done
       const uint32_t dk = kv0 + (it % kStages) * 2 * kKvTile + my_off, dv = dk + kKvTile;
 #pragma unroll
       for (int i = 0; i < kRowsPer; ++i) {
@@ -142,26 +147,61 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
     }
   };
 
-  // Descriptors: a stage's K tile (K-major) and V tile (MN-major, panels 64 rows apart).
-  const uint64_t desc_k = Sw128Desc(kv0, kPrefillKeys, 0);
+  // Descriptors: a stage's K tile (K-major) and V tile (MN-major, panels 128 rows apart).
+  const uint64_t desc_k = Sw128Desc(kv0, kKeys, 0);
   const uint64_t desc_v = Sw128DescMN(kv0 + kKvTile, kPanel);
-  uint32_t qa[kD / 16]
-             [4];  // this warp's 16 Q rows as A fragments, every k-step (after the barrier)
-  auto issue_s = [&](int it, float(&s)[32]) {
+  uint32_t qa[kD / 16][4];  // this warp's 16 Q rows as A fragments, every k-step
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  float m[2] = {NegInf(), NegInf()}, l[2] = {0.f, 0.f}, corr[2] = {1.f, 1.f};
+  float s[kAcc];            // S of the current tile, then its weights
+  uint32_t pa[kKeys / 16][4];  // P of the previous tile as A fragments (in flight in P·V)
+
+  auto issue_s = [&](int it) {
+    MbarWait(full(it), parity(it));  // tile it landed, every thread's copies
+    FenceProxyAsyncShared();
     const uint32_t buf = (it % kStages) * 2 * kKvTile;
     WgmmaFence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      WgmmaM64N64RS<T>(s, qa[ks], DescAdvance(desc_k, buf + Sw128KStep(kPrefillKeys, ks)), ks > 0);
+      WgmmaM64N128RS<T>(s, qa[ks], DescAdvance(desc_k, buf + Sw128KStep(kKeys, ks)), ks > 0);
     }
     WgmmaCommit();
   };
-
-  float o[64];
+  auto issue_pv = [&](int it) {
+    const uint32_t buf = (it % kStages) * 2 * kKvTile;
+    WgmmaFence();
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.f;
-  float m[2] = {NegInf(), NegInf()}, l[2] = {0.f, 0.f};
-  float s[2][32];
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      WgmmaM64N128RSTransB<T>(o, pa[kk], DescAdvance(desc_v, buf + kk * 16 * 128));
+    }
+    WgmmaCommit();
+  };
+  auto softmax = [&](int it) {
+    const int valid = key_end - (key0 + it * kKeys);
+    if (valid < kKeys) {
+      Softmax<true>(s, p.scale_log2, tq, valid, m, l, corr);
+    } else {
+      Softmax<false>(s, p.scale_log2, tq, valid, m, l, corr);
+    }
+  };
+  auto pack = [&] {
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      pa[kk][0] = Half16<T>::Pack(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = Half16<T>::Pack(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = Half16<T>::Pack(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = Half16<T>::Pack(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+  // Rescale O only when some row's max moved (rare once the maxima have settled).
+  auto rescale = [&] {
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) o[i] *= corr[(i / 2) & 1];
+    }
+  };
 
   if (tid == 0) {
     for (int b = 0; b < 2 * kStages; ++b) MbarInit(full0 + 8 * b, kWgThreads);
@@ -177,61 +217,32 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
   }
   fetch(0);
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) stage(i);
+  for (int i = 0; i < kStages; ++i) stage(i);
   if (ntiles > 0) {
-    MbarWait(full(0), 0);
-    FenceProxyAsyncShared();
-    issue_s(0, s[0]);
+    issue_s(0);
+    WgmmaWait<0>();
+    softmax(0);
+    pack();
   }
-  WgmmaWait<0>();
-
-  // s[cur] holds tile it's scores on entry.
-  auto step = [&](auto cur_tag, int it) {
-    constexpr int cur = decltype(cur_tag)::value;
-    if (it + 1 < ntiles) {
-      MbarWait(full(it + 1), parity(it + 1));  // tile it + 1 landed, every thread's copies
-      FenceProxyAsyncShared();
-      issue_s(it + 1, s[cur ^ 1]);
-    }
+  // Iteration it, entered with P(it - 1) in pa and O holding the tiles before it - 1 at the
+  // maxima of tile it - 2 (corr moves them to tile it - 1's): S(it) is issued, O rescaled in its
+  // shadow, O += P(it - 1)·V(it - 1) issued, and tile it's softmax runs once S(it) is done, while
+  // the tensor cores work on P·V. Nothing is in flight across the loop's back edge.
+  for (int it = 1; it < ntiles; ++it) {
+    issue_s(it);
+    rescale();
+    issue_pv(it - 1);
+    WgmmaWait<1>();  // S(it)
+    softmax(it);
+    WgmmaWait<0>();  // P(it - 1)·V(it - 1)
+    MbarArrive(empty(it - 1));
+    pack();
     stage(it + kStages - 1);  // into tile it - 1's buffers, once both warpgroups are done with it
-    const float(&sc)[32] = s[cur];  // read only: the other set's product is in flight
-
-    // Online softmax in base 2 over the scaled scores; keys past the end (only in the last tile)
-    // are left out.
-    const int valid = ntok - (t0 + it) * kPrefillKeys;
-    float corr[2], e[32];
-    if (valid < kPrefillKeys) {
-      Softmax<true>(sc, p.scale_log2, tq, valid, m, l, corr, e);
-    } else {
-      Softmax<false>(sc, p.scale_log2, tq, valid, m, l, corr, e);
-    }
-    // Rescale O only when some row's max moved (rare once the maxima have settled).
-    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
-#pragma unroll
-      for (int i = 0; i < 64; ++i) o[i] *= corr[(i / 2) & 1];
-    }
-    // O += P · V, 16 keys per k-step: P's A fragment from the weights.
-    uint32_t pa[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      pa[kk][0] = Half16<T>::Pack(e[8 * kk + 0], e[8 * kk + 1]);
-      pa[kk][1] = Half16<T>::Pack(e[8 * kk + 2], e[8 * kk + 3]);
-      pa[kk][2] = Half16<T>::Pack(e[8 * kk + 4], e[8 * kk + 5]);
-      pa[kk][3] = Half16<T>::Pack(e[8 * kk + 6], e[8 * kk + 7]);
-    }
-    const uint32_t buf = (it % kStages) * 2 * kKvTile;
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      WgmmaM64N128RSTransB<T>(o, pa[kk], DescAdvance(desc_v, buf + kk * 16 * 128));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();  // this tile's P·V and the next tile's S
-    MbarArrive(empty(it));
-  };
-  for (int it = 0; it < ntiles; it += 2) {
-    step(std::integral_constant<int, 0>(), it);
-    if (it + 1 < ntiles) step(std::integral_constant<int, 1>(), it + 1);
+  }
+  if (ntiles > 0) {
+    rescale();
+    issue_pv(ntiles - 1);
+    WgmmaWait<0>();
   }
   CpAsyncWait<0>();  // (every copy was waited for through full[]; nothing left in flight)
   GridDependencyTrigger();

@@ -202,6 +202,28 @@ SQKV_WG_RS128T(__half, "f16")
 SQKV_WG_RS128T(__nv_bfloat16, "bf16")
 #undef SQKV_WG_RS128T
 
+// d (m64 × n128, float32) (+)= a (m64 × k16, registers) · b^T (b: 128 rows × k16, K-major at
+// desc_b). accumulate false: d = a · b^T.
+template <class T>
+__device__ __forceinline__ void WgmmaM64N128RS(float (&d)[64], const uint32_t (&a)[4],
+                                               uint64_t desc_b, bool accumulate);
+
+#define SQKV_WG_RS128(TYPE, NAME)                                                             \
+  template <>                                                                                 \
+  __device__ __forceinline__ void WgmmaM64N128RS<TYPE>(float(&d)[64], const uint32_t(&a)[4], \
+                                                       uint64_t desc_b, bool accumulate) {   \
+    asm volatile(                                                                             \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %68, 0;\n"                                          \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " " SQKV_WG_D64          \
+        ", {%64,%65,%66,%67}, %69, p, 1, 1, 0;\n}\n"                                          \
+        : SQKV_WG_D64_OPS(d)                                                                  \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(static_cast<int>(accumulate)),      \
+          "l"(desc_b));                                                                       \
+  }
+SQKV_WG_RS128(__half, "f16")
+SQKV_WG_RS128(__nv_bfloat16, "bf16")
+#undef SQKV_WG_RS128
+
 #undef SQKV_WG_D64
 #undef SQKV_WG_D64_OPS
 #undef SQKV_WG_D32
