@@ -21,7 +21,8 @@
 namespace sqkv::gpu::detail {
 namespace {
 
-constexpr int kWgThreads = 256;  // two warpgroups
+constexpr int kBlockThreads = 384;  // warpgroup 0 gathers K and V, warpgroups 1 and 2 compute
+constexpr int kConsumers = 256;
 constexpr int kD = 128;
 constexpr int kKeys = 2 * kPrefillKeys;  // keys per tile: two of the plan's 64-key work items
 constexpr int kStages = 3;  // tiles it - 1 (V) and it (K) in use, one more landing
@@ -30,7 +31,20 @@ constexpr int kKvTile = 2 * kPanel;             // a K or V tile (128 keys × 12
 constexpr int kQBytes = kPrefillRows * kD * 2;  // 32 KB
 constexpr size_t kSmemBytes = 1024 + kQBytes + kStages * 2 * kKvTile;  // 225 KB
 constexpr int kAcc = kKeys / 2;  // S accumulator registers per thread (m64 × n128)
+// Registers per thread after the split (launch: 65,536 / 384 = 168 each): the gathering
+// warpgroup gives up what the computing ones take.
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+static_assert(128 * kProducerRegs + kConsumers * kConsumerRegs <= 65536, "register file");
 static_assert(kPrefillKeys == 64 && kPrefillRows == 128, "tile shapes of this kernel");
+
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegsDec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegsInc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
 
 // One tile's online softmax for the thread's rows h (g, g + 8), in place: s holds the raw scores
 // (32 keys per row: 8j + 2tq + c) on entry and the weights on exit; scale > 0 is the base-2
@@ -72,12 +86,11 @@ __device__ __forceinline__ void Softmax(float (&s)[kAcc], float scale, int tq, i
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const KernelParams p) {
+__global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const KernelParams p) {
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (SmemAddr(smem_raw) + 1023u) & ~1023u;
   const uint32_t q_tile = base, kv0 = base + kQBytes;  // stage s: K at kv0 + 2s·tile, V after
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int g = lane / 4, tq = lane % 4;
+  const int tid = threadIdx.x, lane = tid % 32;
   const PrefillBlock blk = PrefillBlockOf(p);
   const int split = blk.split, seg = blk.seg, rows = blk.rows, r0 = blk.r0;
   if (r0 >= rows) {
@@ -88,7 +101,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
 
   // Q tile → shared memory in the storage type (before the wait: independent of the pre-pass).
   unsigned char* smem = smem_raw + (base - SmemAddr(smem_raw));
-  for (int i = tid; i < kPrefillRows * (kD / 8); i += kWgThreads) {
+  for (int i = tid; i < kPrefillRows * (kD / 8); i += kBlockThreads) {
     const int r = i / (kD / 8), c = i % (kD / 8);
     uint4 v = make_uint4(0, 0, 0, 0);
     if (r0 + r < rows) v = LoadConvert8<T>(p.q + static_cast<size_t>(q_row + r0 + r) * kD + c * 8);
@@ -105,67 +118,86 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
   const int key0 = range.begin * kPrefillKeys;
   const int key_end = min(ntok, range.end * kPrefillKeys);
   const int ntiles = key_end > key0 ? (key_end - key0 + kKeys - 1) / kKeys : 0;
-  const uint32_t* toks = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
-  const T* pool = static_cast<const T*>(p.pool);
-  const size_t v_offset = static_cast<size_t>(p.page_tokens) * kD;
 
-  // Gather: thread → chunk tid % 16 of key rows tid / 16 + 16i (i < 8), K and V. Pool rows of the
-  // next tile to stage are fetched one tile ahead.
-  constexpr int kRowsPer = kKeys / (kWgThreads / 16);
-  const int my_chunk = tid % 16, my_row0 = tid / 16;
-  const uint32_t my_off = Sw128TileOffset<kKeys>(my_row0, my_chunk);  // + 16i rows: + 2048 i
-  uint32_t next_rows[kRowsPer];
-  auto fetch = [&](int it) {
-#pragma unroll
-    for (int i = 0; i < kRowsPer; ++i) {
-      const int t = key0 + it * kKeys + my_row0 + i * 16;
-      next_rows[i] = it < ntiles && t < key_end ? __ldcg(toks + t) : 0xffffffffu;
-    }
-  };
-  // Stage buffers are handed over by mbarriers, not block barriers, so the two warpgroups run
-  // up to a tile apart (one's products overlap the other's softmax): full[b] completes when
-  // every thread's copies of the buffer's tile have landed, empty[b] when every thread is done
-  // with it (both counts: all threads).
+  // Stage buffers are handed over by mbarriers: full[b] completes when the gathering
+  // warpgroup's copies of the buffer's tile have landed (count: its 128 threads), empty[b] when
+  // both computing warpgroups are done with it (count: their 256 threads). The two computing
+  // warpgroups are never synchronised with each other, so one's products overlap the other's
+  // softmax.
   __shared__ __align__(8) uint64_t bars[2 * kStages];
   const uint32_t full0 = SmemAddr(&bars[0]), empty0 = SmemAddr(&bars[kStages]);
   auto full = [&](int it) { return full0 + 8 * (it % kStages); };
   auto empty = [&](int it) { return empty0 + 8 * (it % kStages); };
   auto parity = [&](int it) { return static_cast<uint32_t>(it / kStages) & 1u; };
-  auto stage = [&](int it) {  // tile it, whose rows next_rows holds; then fetch the next
-    if (it < ntiles) {
+  if (tid == 0) {
+    for (int b = 0; b < kStages; ++b) {
+      MbarInit(full0 + 8 * b, 128);
+      MbarInit(empty0 + 8 * b, kConsumers);
+    }
+  }
+  __syncthreads();  // Q and the barriers in place
+
+  if (tid < 128) {
+    // Gathering warpgroup: thread → chunk tid % 16 of key rows tid / 16 + 8i (i < 16), K and V;
+    // the pool rows of the next tile are loaded while this tile's copies are issued.
+    SetMaxRegsDec<kProducerRegs>();
+    constexpr int kRowsPer = kKeys / 8;
+    const uint32_t* toks = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
+    const T* pool = static_cast<const T*>(p.pool) + (tid % 16) * 8;
+    const size_t v_offset = static_cast<size_t>(p.page_tokens) * kD;
+    const uint32_t my_off = Sw128TileOffset<kKeys>(tid / 16, tid % 16);  // + 8i rows: + 1024 i
+    uint32_t rows_next[kRowsPer];
+    auto fetch = [&](int it) {
+#pragma unroll
+      for (int i = 0; i < kRowsPer; ++i) {
+        const int t = key0 + it * kKeys + tid / 16 + i * 8;
+        rows_next[i] = it < ntiles && t < key_end ? __ldcg(toks + t) : 0xffffffffu;
+      }
+    };
+    fetch(0);
+    for (int it = 0; it < ntiles; ++it) {
       if (it >= kStages) MbarWait(empty(it), parity(it - kStages));  // its last user is done
       const uint32_t dk = kv0 + (it % kStages) * 2 * kKvTile + my_off, dv = dk + kKvTile;
 #pragma unroll
       for (int i = 0; i < kRowsPer; ++i) {
-        const bool ok = next_rows[i] != 0xffffffffu;
-        const T* src = pool + static_cast<size_t>(ok ? next_rows[i] : 0) * kD + my_chunk * 8;
-        CpAsync16(dk + i * 2048, src, ok ? 16 : 0);
-        CpAsync16(dv + i * 2048, src + v_offset, ok ? 16 : 0);
+        const bool ok = rows_next[i] != 0xffffffffu;
+        const T* src = pool + static_cast<size_t>(ok ? rows_next[i] : 0) * kD;
+        CpAsync16(dk + i * 1024, src, ok ? 16 : 0);
+        CpAsync16(dv + i * 1024, src + v_offset, ok ? 16 : 0);
       }
       MbarArriveCpAsync(full(it));
       fetch(it + 1);
     }
-  };
+    CpAsyncWait<0>();
+    GridDependencyTrigger();
+    return;
+  }
 
-  // Descriptors: a stage's K tile (K-major) and V tile (MN-major, panels 128 rows apart).
+  SetMaxRegsInc<kConsumerRegs>();
+  const int cw = (tid - 128) / 128;  // computing warpgroup: rows 64·cw .. 64·cw + 63 of the tile
+  const int warp = (tid - 128) / 32;  // rows 16·warp .. 16·warp + 15
+  const int g = lane / 4, tq = lane % 4;
+  // Descriptors: the warpgroup's 64 Q rows and a stage's K tile (K-major), a stage's V tile
+  // (MN-major, panels 128 rows apart).
+  const uint32_t q_rows = q_tile + cw * 64 * 128;
   const uint64_t desc_k = Sw128Desc(kv0, kKeys, 0);
   const uint64_t desc_v = Sw128DescMN(kv0 + kKvTile, kPanel);
-  uint32_t qa[kD / 16][4];  // this warp's 16 Q rows as A fragments, every k-step
   float o[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
   float m[2] = {NegInf(), NegInf()}, l[2] = {0.f, 0.f}, corr[2] = {1.f, 1.f};
-  float s[kAcc];            // S of the current tile, then its weights
+  float s[kAcc];               // S of the current tile, then its weights
   uint32_t pa[kKeys / 16][4];  // P of the previous tile as A fragments (in flight in P·V)
 
   auto issue_s = [&](int it) {
-    MbarWait(full(it), parity(it));  // tile it landed, every thread's copies
-    FenceProxyAsyncShared();
+    MbarWait(full(it), parity(it));  // tile it landed
+    FenceProxyAsyncShared();         // cp.async wrote it through the generic proxy
     const uint32_t buf = (it % kStages) * 2 * kKvTile;
     WgmmaFence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      WgmmaM64N128RS<T>(s, qa[ks], DescAdvance(desc_k, buf + Sw128KStep(kKeys, ks)), ks > 0);
+      WgmmaM64N128SS<T>(s, Sw128Desc(q_rows, kPrefillRows, ks),
+                        DescAdvance(desc_k, buf + Sw128KStep(kKeys, ks)), ks > 0);
     }
     WgmmaCommit();
   };
@@ -203,23 +235,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
     }
   };
 
-  if (tid == 0) {
-    for (int b = 0; b < 2 * kStages; ++b) MbarInit(full0 + 8 * b, kWgThreads);
-  }
-  __syncthreads();  // Q and the barriers in place
-  {
-    const int r = warp * 16 + (lane & 15);
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      const int chunk = 2 * ks + (lane >> 4);
-      LdMatrixX4(qa[ks], q_tile + Sw128TileOffset<kPrefillRows>(r, chunk));
-    }
-  }
-  fetch(0);
-#pragma unroll
-  for (int i = 0; i < kStages; ++i) stage(i);
   if (ntiles > 0) {
-    issue_s(0);
+    issue_s(0);  // (its proxy fence also covers Q, written by ordinary stores)
     WgmmaWait<0>();
     softmax(0);
     pack();
@@ -237,14 +254,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) PrefillWgmmaKernel(const Kernel
     WgmmaWait<0>();  // P(it - 1)·V(it - 1)
     MbarArrive(empty(it - 1));
     pack();
-    stage(it + kStages - 1);  // into tile it - 1's buffers, once both warpgroups are done with it
   }
   if (ntiles > 0) {
     rescale();
     issue_pv(ntiles - 1);
     WgmmaWait<0>();
   }
-  CpAsyncWait<0>();  // (every copy was waited for through full[]; nothing left in flight)
   GridDependencyTrigger();
 
   // Epilogue straight from the accumulators: rows 16·warp + g (+ 8) of the tile.
@@ -267,7 +282,7 @@ template <typename T>
 Status Info(KernelInfo* info) {
   static KernelInfo cached;
   static const Status st =
-      QueryKernel(PrefillWgmmaKernel<T>, static_cast<int>(kSmemBytes), &cached, kWgThreads);
+      QueryKernel(PrefillWgmmaKernel<T>, static_cast<int>(kSmemBytes), &cached, kBlockThreads);
   *info = cached;
   return st;
 }
@@ -285,11 +300,11 @@ Status LaunchPrefillWgmmaKernel(DType dtype, const KernelParams& p, const Plan& 
   const int64_t blocks = static_cast<int64_t>(p.num_segments) * plan.splits * plan.row_tiles;
   if (dtype == DType::kBF16) {
     return LaunchKernel(PrefillWgmmaKernel<__nv_bfloat16>, dim3(static_cast<unsigned>(blocks)),
-                        dim3(kWgThreads), kSmemBytes, stream, /*dependent=*/true,
+                        dim3(kBlockThreads), kSmemBytes, stream, /*dependent=*/true,
                         "prefill attention kernel (wgmma)", p);
   }
   return LaunchKernel(PrefillWgmmaKernel<__half>, dim3(static_cast<unsigned>(blocks)),
-                      dim3(kWgThreads), kSmemBytes, stream, /*dependent=*/true,
+                      dim3(kBlockThreads), kSmemBytes, stream, /*dependent=*/true,
                       "prefill attention kernel (wgmma)", p);
 }
 

@@ -224,6 +224,24 @@ SQKV_WG_RS128(__half, "f16")
 SQKV_WG_RS128(__nv_bfloat16, "bf16")
 #undef SQKV_WG_RS128
 
+template <class T>
+__device__ __forceinline__ void WgmmaM64N128SS(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                               bool accumulate);
+#define SQKV_WG_SS128(TYPE, NAME)                                                           \
+  template <>                                                                               \
+  __device__ __forceinline__ void WgmmaM64N128SS<TYPE>(float(&d)[64], uint64_t desc_a,     \
+                                                       uint64_t desc_b, bool accumulate) { \
+    asm volatile(                                                                           \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %64, 0;\n"                                        \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " " SQKV_WG_D64        \
+        ", %65, %66, p, 1, 1, 0, 0;\n}\n"                                                   \
+        : SQKV_WG_D64_OPS(d)                                                                \
+        : "r"(static_cast<int>(accumulate)), "l"(desc_a), "l"(desc_b));                     \
+  }
+SQKV_WG_SS128(__half, "f16")
+SQKV_WG_SS128(__nv_bfloat16, "bf16")
+#undef SQKV_WG_SS128
+
 #undef SQKV_WG_D64
 #undef SQKV_WG_D64_OPS
 #undef SQKV_WG_D32
