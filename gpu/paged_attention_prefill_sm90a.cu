@@ -2,16 +2,15 @@
 // 128: the same work, grid, compact key lists (the pre-pass of paged_attention_prefill.cu) and
 // outputs as the mma.sync kernel there, on a different engine.
 //
-// A block is two warpgroups over a 128-row tile (64 rows each), one block per SM. Q is converted
-// to the storage type into shared memory once and held as register A fragments; each 128-key
-// tile's K and V rows are gathered by cp.async (pool rows from the compact list, fetched a tile
-// ahead) into three 128-byte swizzled stages, handed over by mbarriers (no block barrier in the
-// loop, so the warpgroups drift apart and one's products overlap the other's softmax). Per tile
-// and warpgroup: S = Q·Kᵀ (m64n128, K from shared memory), the online softmax in registers (base
-// 2), P converted to register A fragments, O += P·V (m64n128, V read transposed from its
-// row-major tile). A tile's softmax issues while the tensor cores run the previous tile's P·V;
-// every product is waited for before the loop's back edge (ptxas would serialize them all
-// otherwise).
+// A block is three warpgroups over a 128-row tile, one block per SM. Warpgroup 0 gathers: the K
+// and V rows of each 128-key tile (pool rows from the compact list, fetched a tile ahead) go by
+// cp.async into three 128-byte swizzled stages, K and V each handed over by their own mbarriers.
+// Warpgroups 1 and 2 compute, 64 rows each, with the registers the gatherer gives up
+// (setmaxnreg): S = Q·Kᵀ (m64n128, Q and K from shared memory), the online softmax in registers
+// (base 2), P converted to register A fragments, O += P·V (m64n128, V read transposed from its
+// row-major tile). A tile's softmax issues while the tensor cores run the previous tile's P·V,
+// and the two warpgroups take turns issuing products; every product is waited for before the
+// loop's back edge (ptxas would serialize them all otherwise).
 #include <type_traits>
 
 #include "gpu/paged_attention_common.cuh"
@@ -36,6 +35,22 @@ constexpr int kAcc = kKeys / 2;  // S accumulator registers per thread (m64 × n
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(128 * kProducerRegs + kConsumers * kConsumerRegs <= 65536, "register file");
 static_assert(kPrefillKeys == 64 && kPrefillRows == 128, "tile shapes of this kernel");
+
+// Named barriers 1 and 2 (0 is __syncthreads) pass the turn between the computing warpgroups.
+__device__ __forceinline__ void TurnWait(int cw) {
+  if (cw == 0) {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory");
+  } else {
+    asm volatile("bar.sync 2, %0;\n" ::"n"(kConsumers) : "memory");
+  }
+}
+__device__ __forceinline__ void TurnPass(int cw) {  // to the other warpgroup
+  if (cw == 0) {
+    asm volatile("bar.arrive 2, %0;\n" ::"n"(kConsumers) : "memory");
+  } else {
+    asm volatile("bar.arrive 1, %0;\n" ::"n"(kConsumers) : "memory");
+  }
+}
 
 template <int kRegs>
 __device__ __forceinline__ void SetMaxRegsDec() {
@@ -119,20 +134,23 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   const int key_end = min(ntok, range.end * kPrefillKeys);
   const int ntiles = key_end > key0 ? (key_end - key0 + kKeys - 1) / kKeys : 0;
 
-  // Stage buffers are handed over by mbarriers: full[b] completes when the gathering
-  // warpgroup's copies of the buffer's tile have landed (count: its 128 threads), empty[b] when
-  // both computing warpgroups are done with it (count: their 256 threads). The two computing
-  // warpgroups are never synchronised with each other, so one's products overlap the other's
-  // softmax.
-  __shared__ __align__(8) uint64_t bars[2 * kStages];
-  const uint32_t full0 = SmemAddr(&bars[0]), empty0 = SmemAddr(&bars[kStages]);
-  auto full = [&](int it) { return full0 + 8 * (it % kStages); };
-  auto empty = [&](int it) { return empty0 + 8 * (it % kStages); };
+  // The K and V halves of each stage are handed over by their own mbarriers: full_k / full_v
+  // complete when the gathering warpgroup's copies have landed (count: its 128 threads),
+  // empty_k / empty_v when both computing warpgroups are done with them (count: their 256
+  // threads); a K buffer is free once its S product is done, a tile before its V buffer.
+  __shared__ __align__(8) uint64_t bars[4 * kStages];
+  const uint32_t bar0 = SmemAddr(&bars[0]);
+  auto full_k = [&](int it) { return bar0 + 8 * (it % kStages); };
+  auto empty_k = [&](int it) { return bar0 + 8 * (kStages + it % kStages); };
+  auto full_v = [&](int it) { return bar0 + 8 * (2 * kStages + it % kStages); };
+  auto empty_v = [&](int it) { return bar0 + 8 * (3 * kStages + it % kStages); };
   auto parity = [&](int it) { return static_cast<uint32_t>(it / kStages) & 1u; };
   if (tid == 0) {
     for (int b = 0; b < kStages; ++b) {
-      MbarInit(full0 + 8 * b, 128);
-      MbarInit(empty0 + 8 * b, kConsumers);
+      MbarInit(full_k(b), 128);
+      MbarInit(empty_k(b), kConsumers);
+      MbarInit(full_v(b), 128);
+      MbarInit(empty_v(b), kConsumers);
     }
   }
   __syncthreads();  // Q and the barriers in place
@@ -156,16 +174,21 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
     };
     fetch(0);
     for (int it = 0; it < ntiles; ++it) {
-      if (it >= kStages) MbarWait(empty(it), parity(it - kStages));  // its last user is done
       const uint32_t dk = kv0 + (it % kStages) * 2 * kKvTile + my_off, dv = dk + kKvTile;
+      auto gather = [&](uint32_t dst, size_t offset) {
 #pragma unroll
-      for (int i = 0; i < kRowsPer; ++i) {
-        const bool ok = rows_next[i] != 0xffffffffu;
-        const T* src = pool + static_cast<size_t>(ok ? rows_next[i] : 0) * kD;
-        CpAsync16(dk + i * 1024, src, ok ? 16 : 0);
-        CpAsync16(dv + i * 1024, src + v_offset, ok ? 16 : 0);
-      }
-      MbarArriveCpAsync(full(it));
+        for (int i = 0; i < kRowsPer; ++i) {
+          const bool ok = rows_next[i] != 0xffffffffu;
+          const T* src = pool + static_cast<size_t>(ok ? rows_next[i] : 0) * kD + offset;
+          CpAsync16(dst + i * 1024, src, ok ? 16 : 0);
+        }
+      };
+      if (it >= kStages) MbarWait(empty_k(it), parity(it - kStages));  // its last user is done
+      gather(dk, 0);
+      MbarArriveCpAsync(full_k(it));
+      if (it >= kStages) MbarWait(empty_v(it), parity(it - kStages));
+      gather(dv, v_offset);
+      MbarArriveCpAsync(full_v(it));
       fetch(it + 1);
     }
     CpAsyncWait<0>();
@@ -190,7 +213,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   uint32_t pa[kKeys / 16][4];  // P of the previous tile as A fragments (in flight in P·V)
 
   auto issue_s = [&](int it) {
-    MbarWait(full(it), parity(it));  // tile it landed
+    MbarWait(full_k(it), parity(it));  // K of tile it landed
     FenceProxyAsyncShared();         // cp.async wrote it through the generic proxy
     const uint32_t buf = (it % kStages) * 2 * kKvTile;
     WgmmaFence();
@@ -202,6 +225,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
     WgmmaCommit();
   };
   auto issue_pv = [&](int it) {
+    MbarWait(full_v(it), parity(it));
+    FenceProxyAsyncShared();
     const uint32_t buf = (it % kStages) * 2 * kKvTile;
     WgmmaFence();
 #pragma unroll
@@ -238,6 +263,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   if (ntiles > 0) {
     issue_s(0);  // (its proxy fence also covers Q, written by ordinary stores)
     WgmmaWait<0>();
+    MbarArrive(empty_k(0));
     softmax(0);
     pack();
   }
@@ -245,14 +271,21 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   // maxima of tile it - 2 (corr moves them to tile it - 1's): S(it) is issued, O rescaled in its
   // shadow, O += P(it - 1)·V(it - 1) issued, and tile it's softmax runs once S(it) is done, while
   // the tensor cores work on P·V. Nothing is in flight across the loop's back edge.
+  //
+  // The two warpgroups take turns issuing (named barriers; warpgroup 0 first), so one's products
+  // run while the other's softmax issues. Warpgroup 1's last pass would find no one waiting.
+  if (cw == 1 && ntiles > 1) TurnPass(cw);
   for (int it = 1; it < ntiles; ++it) {
+    TurnWait(cw);
     issue_s(it);
     rescale();
     issue_pv(it - 1);
+    if (cw == 0 || it + 1 < ntiles) TurnPass(cw);
     WgmmaWait<1>();  // S(it)
+    MbarArrive(empty_k(it));
     softmax(it);
     WgmmaWait<0>();  // P(it - 1)·V(it - 1)
-    MbarArrive(empty(it - 1));
+    MbarArrive(empty_v(it - 1));
     pack();
   }
   if (ntiles > 0) {

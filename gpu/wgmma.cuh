@@ -127,28 +127,6 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
       "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 
 // The products take their 16-bit element type as T: __half (binary16) or __nv_bfloat16.
-//
-// d (m64 × n64, float32) (+)= a (m64 × k16, registers: the warp's A fragment) · b^T (b: 64 rows ×
-// k16 at descriptor desc_b). accumulate false: d = a · b^T.
-template <class T>
-__device__ __forceinline__ void WgmmaM64N64RS(float (&d)[32], const uint32_t (&a)[4],
-                                              uint64_t desc_b, bool accumulate);
-
-#define SQKV_WG_RS64(TYPE, NAME)                                                            \
-  template <>                                                                               \
-  __device__ __forceinline__ void WgmmaM64N64RS<TYPE>(float(&d)[32], const uint32_t(&a)[4], \
-                                                      uint64_t desc_b, bool accumulate) {   \
-    asm volatile(                                                                           \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %36, 0;\n"                                        \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " " SQKV_WG_D32         \
-        ", {%32,%33,%34,%35}, %37, p, 1, 1, 0;\n}\n"                                        \
-        : SQKV_WG_D32_OPS(d)                                                                \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(static_cast<int>(accumulate)),    \
-          "l"(desc_b));                                                                     \
-  }
-SQKV_WG_RS64(__half, "f16")
-SQKV_WG_RS64(__nv_bfloat16, "bf16")
-#undef SQKV_WG_RS64
 
 // d (m64 × n64) (+)= a · b^T, both from shared memory (K-major descriptors).
 template <class T>
@@ -202,28 +180,7 @@ SQKV_WG_RS128T(__half, "f16")
 SQKV_WG_RS128T(__nv_bfloat16, "bf16")
 #undef SQKV_WG_RS128T
 
-// d (m64 × n128, float32) (+)= a (m64 × k16, registers) · b^T (b: 128 rows × k16, K-major at
-// desc_b). accumulate false: d = a · b^T.
-template <class T>
-__device__ __forceinline__ void WgmmaM64N128RS(float (&d)[64], const uint32_t (&a)[4],
-                                               uint64_t desc_b, bool accumulate);
-
-#define SQKV_WG_RS128(TYPE, NAME)                                                             \
-  template <>                                                                                 \
-  __device__ __forceinline__ void WgmmaM64N128RS<TYPE>(float(&d)[64], const uint32_t(&a)[4], \
-                                                       uint64_t desc_b, bool accumulate) {   \
-    asm volatile(                                                                             \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %68, 0;\n"                                          \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " " SQKV_WG_D64          \
-        ", {%64,%65,%66,%67}, %69, p, 1, 1, 0;\n}\n"                                          \
-        : SQKV_WG_D64_OPS(d)                                                                  \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(static_cast<int>(accumulate)),      \
-          "l"(desc_b));                                                                       \
-  }
-SQKV_WG_RS128(__half, "f16")
-SQKV_WG_RS128(__nv_bfloat16, "bf16")
-#undef SQKV_WG_RS128
-
+// d (m64 × n128) (+)= a · b^T, both from shared memory (K-major descriptors; b: 128 rows).
 template <class T>
 __device__ __forceinline__ void WgmmaM64N128SS(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                                bool accumulate);
