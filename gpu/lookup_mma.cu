@@ -388,6 +388,9 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   __shared__ __align__(16) uint16_t tile[2][kRows * Pitch<KS>()];
   __shared__ __align__(16) float4 row_info[2][kRows];
   __shared__ int last;
+  // The staged selection that follows (without finish) waits for this grid's completion before it
+  // reads the scores; letting it launch now lets its blocks stage index data as SMs free up.
+  if (!finish) detail::GridDependencyTrigger();
   PassBlock b;
   if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) return;
   const LookupSegment& s = *b.s;

@@ -352,6 +352,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     ColumnWgmmaKernel(LookupArgs a, Workspace w, int level, bool finish) {
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
+  // The staged selection that follows (without finish) waits for this grid's completion before it
+  // reads the scores; letting it launch now lets its blocks stage index data as SMs free up.
+  if (!finish) detail::GridDependencyTrigger();
   PassBlock b;
   if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) return;
   const LookupSegment& s = *b.s;
