@@ -259,7 +259,6 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   __shared__ __align__(16) uint16_t tile[2][kRows * Pitch<KS>()];
   __shared__ __align__(16) int32_t sizes[2][kRows];
   __shared__ int last;
-  detail::GridDependencyTrigger();  // pass 2 may launch (and load its entries) now
   PassBlock b;
   if (!GetPassBlock(a, w, level, /*row_pass=*/true, &b)) return;
   const LookupSegment& s = *b.s;
@@ -393,12 +392,7 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   // reads the scores; letting it launch now lets its blocks stage index data as SMs free up.
   if (!finish) detail::GridDependencyTrigger();
   PassBlock b;
-  if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) {
-    // Every block waits for pass 1 before it ends, so this grid's completion implies pass 1's
-    // (the staged selection after it waits on this grid alone).
-    detail::GridDependencyWait();
-    return;
-  }
+  if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) return;
   const LookupSegment& s = *b.s;
   const EntrySet& e = b.e;
   const int seg = b.seg, d = a.head_dim;
@@ -421,9 +415,6 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
                         eb < e.scored ? static_cast<const uint16_t*>(EntryRow(e, eb)) : nullptr, d,
                         tq, frag[m]);
     }
-    // The entries are index data, loaded before waiting for pass 1 (whose q rows and row infos
-    // the stages read).
-    detail::GridDependencyWait();
     const int ntiles = CeilDiv(end - begin, kRows);
     auto stage = [&](int it, int buf) {
       for (int idx = t; idx < kRows * kChunks; idx += kThreads) {
@@ -494,7 +485,6 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
       for (int h = 0; h < 2; ++h) FinishColumn(s, e, w, piece, splits, ent[m][h], tq, col[m][h]);
     }
   }
-  detail::GridDependencyWait();  // (blocks past the scored entries: before the counters)
   FinishColumns<kThreads>(a, w, seg, s, e, etile, level, finish, &last);
 }
 
@@ -508,10 +498,9 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || steps < 3) return err;
   const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
-  // A programmatic dependent of pass 1 in single-level batches (a two-level batch's entry lists
-  // come from the level-1 selection: launched plainly).
-  err = LaunchPass(ColumnKernel<KS>, dim3(l.max_mma_col_blocks, n), BlockThreads<KS>(), 0, stream,
-                   !l.any_hierarchical, a, w, level, !staged);
+  ColumnKernel<KS>
+      <<<dim3(l.max_mma_col_blocks, n), BlockThreads<KS>(), 0, stream>>>(a, w, level, !staged);
+  err = cudaGetLastError();
   if (err != cudaSuccess || !staged || a.score_only) return err;
   return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
 }

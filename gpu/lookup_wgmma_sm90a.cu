@@ -294,7 +294,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     RowStatsWgmmaKernel(LookupArgs a, Workspace w, int level) {
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
-  detail::GridDependencyTrigger();  // pass 2 may launch (and stage its entries) now
   PassBlock b;
   if (!GetPassBlock(a, w, level, /*row_pass=*/true, &b)) return;
   const LookupSegment& s = *b.s;
@@ -357,12 +356,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // reads the scores; letting it launch now lets its blocks stage index data as SMs free up.
   if (!finish) detail::GridDependencyTrigger();
   PassBlock b;
-  if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) {
-    // Every block waits for pass 1 before it ends, so this grid's completion implies pass 1's
-    // (the staged selection after it waits on this grid alone).
-    detail::GridDependencyWait();
-    return;
-  }
+  if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) return;
   const LookupSegment& s = *b.s;
   const EntrySet& e = b.e;
   const int seg = b.seg, d = a.head_dim;
@@ -378,10 +372,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     // row's softmax weight of an entry.
     float2* row_xl = reinterpret_cast<float2*>(sm.extra);  // (kStages, 64)
 
-    // The block's entries (only the scored ones: pass 2 scores what the selection ranks): index
-    // data, copied before waiting for pass 1 (whose q rows and row infos the stages read).
+    // The block's entries (only the scored ones: pass 2 scores what the selection ranks).
     StageEntries<KS, kMmaColTile>(sm.a_tile, e, col0, e.scored - col0, d);
-    detail::GridDependencyWait();
     const int ea = col0 + warp * 16 + g, eb = ea + 8;
     const int ntiles = CeilDiv(end - begin, kStageRows);
     auto stage = [&](int it) {
@@ -410,7 +402,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     FinishColumn(s, e, w, piece, splits, ea, tq, col[0]);
     FinishColumn(s, e, w, piece, splits, eb, tq, col[1]);
   }
-  detail::GridDependencyWait();  // (blocks past the scored entries: before the counters)
   FinishColumns<kThreads>(a, w, seg, s, e, etile, level, finish, &last);
 }
 
@@ -433,10 +424,9 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || steps < 3) return err;
   const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
-  // A programmatic dependent of pass 1 in single-level batches (a two-level batch's entry lists
-  // come from the level-1 selection: launched plainly).
-  err = LaunchPass(ColumnWgmmaKernel<KS>, dim3(l.max_mma_col_blocks, n), kThreads, kSmem, stream,
-                   !l.any_hierarchical, a, w, level, !staged);
+  ColumnWgmmaKernel<KS>
+      <<<dim3(l.max_mma_col_blocks, n), kThreads, kSmem, stream>>>(a, w, level, !staged);
+  err = cudaGetLastError();
   if (err != cudaSuccess || !staged || a.score_only) return err;
   return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
 }
