@@ -121,14 +121,13 @@ __device__ __forceinline__ void ConvertFragments(const float* row_a, const float
       }
     }
     e2[h] = QRowExponent(detail::QuadMax(m));
-    const QScale sc(e2[h]);
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       const int k0 = ks * 16 + 2 * tq;
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const float2 v = kReload ? load(ks, c) : x[kReload ? 0 : ks][c];
-        f[ks][2 * c + h] = QPack(v.x, v.y, sc);
+        f[ks][2 * c + h] = QPack(v.x, v.y, e2[h]);
         if (out != nullptr && k0 < d) {
           *reinterpret_cast<uint32_t*>(out + k0 + 8 * c) = f[ks][2 * c + h];
         }
@@ -287,9 +286,8 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
                          in_b ? a.q + static_cast<size_t>(s.q_row + rb) * d : nullptr, d, tq,
                          frag[m], e2, out && in_a ? qh + static_cast<size_t>(ra) * d : nullptr,
                          out && in_b ? qh + static_cast<size_t>(rb) * d : nullptr);
-    const float base = QFactorBase(s, d);
-    f[m][0] = in_a ? QRowFactor(base, e2[0]) : 0.f;
-    f[m][1] = in_b ? QRowFactor(base, e2[1]) : 0.f;
+    f[m][0] = in_a ? QRowFactor(s, d, e2[0]) : 0.f;
+    f[m][1] = in_b ? QRowFactor(s, d, e2[1]) : 0.f;
     if (out && tq == 0) {
       if (in_a) info[ra].x = f[m][0];
       if (in_b) info[rb].x = f[m][1];

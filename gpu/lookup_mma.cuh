@@ -34,36 +34,15 @@ __device__ __forceinline__ int QRowExponent(float max_abs) {
   return max_abs > 0.f ? 15 - ex : 0;  // max |q| · 2^e2 in [2^14, 2^15)
 }
 
-// 2^e as a float, e in [-126, 127] (a normal number).
-__device__ __forceinline__ float Pow2(int e) { return __int_as_float((e + 127) << 23); }
-
-// A row's scaling by 2^e2 (e2 from QRowExponent, in [-113, 164]) as two multiplies, each by a
-// normal power of two: x · lo is exact (lo = 1, or 2^64 where e2 > 126, i.e. |x| < 2^-111), so
-// x · lo · hi is rounded once, exactly as ldexpf(x, e2) (a multiply and a branch-free pair of
-// constants instead of ldexpf's range handling per component).
-struct QScale {
-  float lo, hi;
-  __device__ explicit QScale(int e2) {
-    const int a = e2 > 126 ? 64 : 0;
-    lo = Pow2(a);
-    hi = Pow2(e2 - a);
-  }
-  __device__ float operator()(float x) const { return x * lo * hi; }
-};
-
 // The row's logit factor (info.x): undoes both power-of-two scales (the row's 2^e2 and the
-// centroids' scale) and turns q · c into a base-2 logit; base = QFactorBase(s, d). Equal to
-// ldexpf(base, -e2): the multiply by a normal power of two rounds once, as ldexpf does.
-__device__ __forceinline__ float QFactorBase(const LookupSegment& s, int d) {
-  return s.centroid_scale * (detail::kLog2e / sqrtf(static_cast<float>(d)));
-}
-__device__ __forceinline__ float QRowFactor(float base, int e2) {
-  return e2 <= 126 ? base * Pow2(-e2) : ldexpf(base, -e2);
+// centroids' scale) and turns q · c into a base-2 logit.
+__device__ __forceinline__ float QRowFactor(const LookupSegment& s, int d, int e2) {
+  return ldexpf(s.centroid_scale * (detail::kLog2e / sqrtf(static_cast<float>(d))), -e2);
 }
 
 // Components (x, y) of a row as the binary16 pair of one 32-bit word (x in the low half).
-__device__ __forceinline__ uint32_t QPack(float x, float y, const QScale& sc) {
-  const __half2 h = __floats2half2_rn(sc(x), sc(y));
+__device__ __forceinline__ uint32_t QPack(float x, float y, int e2) {
+  const __half2 h = __floats2half2_rn(ldexpf(x, e2), ldexpf(y, e2));
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 

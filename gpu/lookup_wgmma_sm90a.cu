@@ -97,11 +97,9 @@ __device__ __forceinline__ void StageEntries(uint32_t tile, const EntrySet& e, i
 // Pass 1's A tile from the float32 q (q_rows: (valid, d), the block's rows; past `valid`: zero),
 // each row to binary16 with its own power-of-two scale (QRowExponent), written to the swizzled tile
 // (zero past head_dim) and, where qh is not null, to the binary16 rows pass 2 reads (and each
-// row's factor to info.x). Warp w converts rows 16w .. 16w + 15 (lane l: components 4l .. 4l + 3),
-// the rows its threads hold in the products, so it returns their factors: f[0] of row 16w + g,
-// f[1] of row 16w + g + 8 (0 past `valid`). Each step runs over all 16 rows before the next (loads,
-// maxima, the butterflies, conversions, stores), so the rows' dependency chains overlap instead of
-// queueing one row after another.
+// row's factor to info.x). Warp w converts rows 16w .. 16w + 15 (lane l: components 4l .. 4l + 3,
+// all 16 rows' loads issued first), the rows its threads hold in the products, so it returns
+// their factors: f[0] of row 16w + g, f[1] of row 16w + g + 8 (0 past `valid`).
 template <int KS>
 __device__ __forceinline__ void ConvertQueries(uint32_t tile, const float* q_rows, int valid,
                                                int d, const LookupSegment& s, uint16_t* qh,
@@ -118,47 +116,28 @@ __device__ __forceinline__ void ConvertQueries(uint32_t tile, const float* q_row
                ? __ldg(reinterpret_cast<const float4*>(q_rows + static_cast<size_t>(r) * d) + lane)
                : make_float4(0.f, 0.f, 0.f, 0.f);
   }
-  float m[kRows];
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    m[i] = fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w)));
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) m[i] = fmaxf(m[i], __shfl_xor_sync(0xffffffffu, m[i], o));
-  }
-  const float base = QFactorBase(s, d);
-  uint2 h[kRows];
-  int e2[kRows];
   f[0] = f[1] = 0.f;
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
-    e2[i] = QRowExponent(m[i]);
-    const QScale sc(e2[i]);
-    h[i] = make_uint2(QPack(v[i].x, v[i].y, sc), QPack(v[i].z, v[i].w, sc));
-    // (selected here, while row i's factor is at hand: a selection from an array of all 16 after
-    // the loop becomes an indexed load from local memory)
-    const float fr = warp * kRows + i < valid ? QRowFactor(base, e2[i]) : 0.f;
-    if (i == g) f[0] = fr;
-    if (i == g + 8) f[1] = fr;
-  }
-  if (in_tile) {
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const uint32_t dst =
-          tile + Sw128TileOffset<kMmaRowTile>(warp * kRows + i, lane / 2) + (lane % 2) * 8;
-      asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(dst), "r"(h[i].x), "r"(h[i].y)
-                   : "memory");
-    }
-  }
-  if (qh == nullptr) return;
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
     const int r = warp * kRows + i;
-    if (r >= valid) break;
-    if (in_d) reinterpret_cast<uint2*>(qh + static_cast<size_t>(r) * d)[lane] = h[i];
-    if (lane == 0) info[r].x = QRowFactor(base, e2[i]);
+    float m = fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w)));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const int e2 = QRowExponent(m);
+    const uint2 h = make_uint2(QPack(v[i].x, v[i].y, e2), QPack(v[i].z, v[i].w, e2));
+    if (in_tile) {
+      const uint32_t dst = tile + Sw128TileOffset<kMmaRowTile>(r, lane / 2) + (lane % 2) * 8;
+      asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(dst), "r"(h.x), "r"(h.y) : "memory");
+    }
+    if (r < valid) {
+      const float fr = QRowFactor(s, d, e2);
+      if (i == g) f[0] = fr;
+      if (i == g + 8) f[1] = fr;
+      if (qh != nullptr) {
+        if (in_d) reinterpret_cast<uint2*>(qh + static_cast<size_t>(r) * d)[lane] = h;
+        if (lane == 0) info[r].x = fr;
+      }
+    }
   }
 }
 
