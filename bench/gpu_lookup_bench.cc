@@ -9,10 +9,8 @@
 // as a replayed CUDA graph; then Engine::Run (lookup + attention) and its graph. "global": the
 // engine's lookup with staged_select = false (the last scoring block selects from global memory:
 // the design before the staged selection), for before/after in one run. Prefill cases also time
-// the steps of the 16-bit large path (LookupArgs::large_steps): "conv" (large_steps 1: since the
-// q conversion moved into pass 1, a launch of nothing, so conv is the timing floor), the
-// row-statistics pass with the conversion (p1) and the column pass (p2), each as the difference of
-// score_only runs.
+// the steps of the 16-bit large path (LookupArgs::large_steps): the q conversion, the
+// row-statistics pass (p1) and the column pass (p2), each as the difference of score_only runs.
 //
 // Usage: gpu_lookup_bench [--iters N] [--keep F] [--tokens N] [--cases C] [--whole-only]
 //                         [--mma-sync]
@@ -348,8 +346,7 @@ int main(int argc, char** argv) {
         r.gflop / r.lookup_graph_us * 1e3);
   }
   std::printf(
-      "\nprefill steps, 16-bit (graph replay, us): conv = large_steps 1 (nothing since q is"
-      " converted in p1: the timing floor); p1 = row statistics with the q conversion;"
+      "\nprefill steps, 16-bit (graph replay, us): conv = q to binary16; p1 = row statistics;"
       " p2 = column pass; sel = lookup - score\n");
   std::printf("%-17s %8s %8s %8s %8s %8s\n", "case", "conv", "p1", "p2", "sel", "p1+p2 TF/s");
   for (const Row& r : rows) {

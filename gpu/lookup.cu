@@ -294,6 +294,9 @@ Status LaunchLookup(const LookupArgs& a, const LookupLayout& l, void* stream) {
   w.ints = reinterpret_cast<int32_t*>(base + TablesBytes(l) +
                                       AlignUp(l.float_words * sizeof(float), kRegionAlign));
   auto s = static_cast<cudaStream_t>(stream);
+  if (l.f16 && (!a.score_only || a.large_steps >= 1)) {
+    SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchConvertQ(a, l, w, s), "convert q"));
+  }
   for (int level = l.any_hierarchical ? 1 : 2; level <= 2; ++level) {
     SQKV_RETURN_IF_ERROR(FromCuda(lookup_detail::LaunchSmall(a, l, w, level, s), "small"));
     if (l.f16) {

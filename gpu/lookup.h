@@ -34,12 +34,12 @@
 //     memory and emits the page list with block scans. Otherwise (two-level batches, segments
 //     too large for shared memory): the last block of a segment to finish (an arrival counter)
 //     combines the tiles, computes the scores and selects from global memory.
-//   rows > kLookupSmallRows ("large" segments, prefill), 16-bit centroids: two tensor-core passes
-//     (fp32 accumulate) over q in 16 bits (per-row power-of-two scale; pass 1 converts it): row
-//     tiles over every centroid for the exact per-row max and normaliser (online), then centroid
-//     tiles over every row for the column sums into the workspace. On compute capability 9.0 and
-//     head_dim <= 128 the passes run on wgmma (lookup_wgmma_sm90a.cu, LookupArgs::wgmma),
-//     elsewhere on mma.sync m16n8k16 (lookup_mma.cu).
+//   rows > kLookupSmallRows ("large" segments, prefill), 16-bit centroids: q converted to 16 bits
+//     (per-row power-of-two scale), then two tensor-core passes (fp32 accumulate): row tiles over
+//     every centroid for the exact per-row max and normaliser (online), then centroid tiles over
+//     every row for the column sums into the workspace. On compute capability 9.0 and head_dim
+//     <= 128 the passes run on wgmma (lookup_wgmma_sm90a.cu, LookupArgs::wgmma), elsewhere on
+//     mma.sync m16n8k16 (lookup_mma.cu).
 //   rows > kLookupSmallRows, float32 centroids: two tiled fp32 FMA passes, combine, column
 //     reduction into the workspace.
 //   Large segments then select like small ones: the staged selection kernel where the batch
@@ -195,9 +195,8 @@ struct LookupArgs {
   // below are not written. Single-level indexes only (InvalidArgument otherwise). Default: false.
   bool score_only = false;
   // Benchmarks only, with score_only: large segments with 16-bit centroids stop after this many of
-  // their steps (0 or 1: none, 2: the row-statistics pass, which converts q to binary16, 3: the
-  // column pass), so a benchmark times each step as a difference. (1 stopped after a separate q
-  // conversion, now part of pass 1.) Ignored without score_only. Default: 3.
+  // their steps (0: none, 1: the q conversion, 2: the row-statistics pass, 3: the column pass), so
+  // a benchmark times each step as a difference. Ignored without score_only. Default: 3.
   int large_steps = 3;
   // The staged selection (shared memory, 1,024 threads per segment) where the batch allows it
   // (single level, the largest segment's 16 bytes per cluster within the device's shared-memory

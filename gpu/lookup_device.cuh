@@ -171,9 +171,11 @@ cudaError_t LaunchLargeScoresF32(const LookupArgs& a, const LookupLayout& l, con
                                  int level, cudaStream_t stream);
 cudaError_t LaunchSelectLarge(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                               int level, cudaStream_t stream);
-// Large path, 16-bit centroids (lookup_mma.cu): per level the row-statistics pass (which converts
-// q to binary16 for both passes) and the column pass, then the staged selection where the batch
-// allows it, else the column pass's last block per segment selects.
+// Large path, 16-bit centroids (lookup_mma.cu): q to binary16 once per launch, then per level the
+// row-statistics pass and the column pass, then the staged selection where the batch allows it,
+// else the column pass's last block per segment selects.
+cudaError_t LaunchConvertQ(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                           cudaStream_t stream);
 cudaError_t LaunchLargeF16(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                            int level, cudaStream_t stream);
 // The same passes on wgmma (lookup_wgmma_sm90a.cu, built for sm_90a only): head_dim <= 128 on a

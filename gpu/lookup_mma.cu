@@ -1,9 +1,10 @@
 // Large (prefill) segments with 16-bit centroids, on tensor cores (mma.sync m16n8k16, binary16
 // operands, float32 accumulation); see gpu/lookup.h.
+//   ConvertQKernel: each query row to binary16 after a power-of-two scale that puts its largest
+//     |component| in [2^14, 2^15); the row's logit factor (undoing both scales, times log2 e/√d)
+//     goes to info.x.
 //   RowStatsKernel (pass 1): a block holds 128 query rows as A fragments in registers (two m16
-//     tiles per warp), converted from the float32 q (each row to binary16 after a power-of-two
-//     scale that puts its largest |component| in [2^14, 2^15); piece 0 writes the binary16 rows
-//     and each row's logit factor, undoing both scales, times log2 e/√d, to info.x), and streams one piece of the level's entries (row_splits pieces) through
+//     tiles per warp) and streams one piece of the level's entries (row_splits pieces) through
 //     shared memory (cp.async, two stages) in groups of 16 entries: the exact per-row max and
 //     normaliser of the piece, kept online per lane and combined over the quad at the end. One
 //     piece: to info.y / info.z; several: to the workspace, and the last block of the row tile to
@@ -36,6 +37,7 @@ using detail::LdMatrixX4;
 using detail::SmemAddr;
 using Mma16 = detail::Half16<__half>;
 
+constexpr float kLog2e = 1.4426950408889634f;
 // Streamed rows (entries in pass 1, query rows in pass 2) per group: two n8 tiles, one ldmatrix.x4
 // per k-step. A stage's groups are software-pipelined: the mma of group p + 1 are issued before
 // the exp2 work of group p, so a warp's tensor and special-function work overlap.
@@ -89,53 +91,6 @@ __device__ __forceinline__ void LoadFragments(const uint16_t* row_a, const uint1
   }
 }
 
-// A fragments as LoadFragments places them, of float32 query rows a and b = a + 8 (nullptr: a zero
-// row) converted to binary16, each row with its own power-of-two scale (QRowExponent; the quad
-// holds the whole row). The rows' exponents go to e2; where qh_a / qh_b are not null, the binary16
-// rows are written there too (for pass 2). At 16 k-steps a row's 64 components per thread would
-// not fit in registers beside the fragments: they are loaded again (from L1) for the conversion.
-template <int KS>
-__device__ __forceinline__ void ConvertFragments(const float* row_a, const float* row_b, int d,
-                                                 int tq, uint32_t (&f)[KS][4], int (&e2)[2],
-                                                 uint16_t* qh_a, uint16_t* qh_b) {
-  constexpr bool kReload = KS > 8;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float* row = h == 0 ? row_a : row_b;
-    uint16_t* out = h == 0 ? qh_a : qh_b;
-    // Components k0 + 8c, k0 + 8c + 1 of k-step ks (k0 = 16 ks + 2 tq); zero past d or the rows.
-    auto load = [&](int ks, int c) {
-      const int k0 = ks * 16 + 2 * tq;
-      const bool in = k0 < d && row != nullptr;  // d is a multiple of 16: then k0 + 8 < d too
-      return in ? __ldg(reinterpret_cast<const float2*>(row + k0 + 8 * c)) : make_float2(0.f, 0.f);
-    };
-    float2 x[kReload ? 1 : KS][2];
-    float m = 0.f;
-#pragma unroll(kReload ? 4 : KS)
-    for (int ks = 0; ks < KS; ++ks) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float2 v = load(ks, c);
-        if (!kReload) x[ks][c] = v;
-        m = fmaxf(m, fmaxf(fabsf(v.x), fabsf(v.y)));
-      }
-    }
-    e2[h] = QRowExponent(detail::QuadMax(m));
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      const int k0 = ks * 16 + 2 * tq;
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float2 v = kReload ? load(ks, c) : x[kReload ? 0 : ks][c];
-        f[ks][2 * c + h] = QPack(v.x, v.y, e2[h]);
-        if (out != nullptr && k0 < d) {
-          *reinterpret_cast<uint32_t*>(out + k0 + 8 * c) = f[ks][2 * c + h];
-        }
-      }
-    }
-  }
-}
-
 // No work between a group's k-steps.
 struct NoWork {
   __device__ __forceinline__ void operator()(int) const {}
@@ -170,6 +125,37 @@ __device__ __forceinline__ void GroupProduct(const uint32_t (&frag)[MT][KS][4], 
       Mma16::Mma(acc[m][1], frag[m][ks], b[2], b[3]);
     }
     between(ks);
+  }
+}
+
+__global__ void __launch_bounds__(256) ConvertQKernel(LookupArgs a, Workspace w) {
+  const int seg = w.large_list[blockIdx.y];
+  const LookupSegment& s = a.segments[seg];
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * 8 + threadIdx.x / 32;
+  if (row >= s.rows) return;
+  const int d = a.head_dim;
+  const float* src = a.q + static_cast<size_t>(s.q_row + row) * d;
+  float m = 0.f;
+  for (int k = lane * 4; k < d; k += 128) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(src + k));
+    m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  int ex = 0;
+  frexpf(m, &ex);                        // m = f · 2^ex, f in [0.5, 1)
+  const int e2 = m > 0.f ? 15 - ex : 0;  // max |q| · 2^e2 in [2^14, 2^15)
+  auto* dst = reinterpret_cast<__half2*>(reinterpret_cast<uint16_t*>(w.floats + s.qh_offset) +
+                                         static_cast<size_t>(row) * d);
+  for (int k = lane * 4; k < d; k += 128) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(src + k));
+    dst[k / 2] = __floats2half2_rn(ldexpf(v.x, e2), ldexpf(v.y, e2));
+    dst[k / 2 + 1] = __floats2half2_rn(ldexpf(v.z, e2), ldexpf(v.w, e2));
+  }
+  if (lane == 0) {
+    const float f = ldexpf(s.centroid_scale * (kLog2e / sqrtf(static_cast<float>(d))), -e2);
+    reinterpret_cast<float4*>(w.floats + s.info_offset)[row] = make_float4(f, 0.f, 0.f, 0.f);
   }
 }
 
@@ -269,7 +255,7 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   const int2 range = PieceRange(e.total, splits, piece, kGroup);
   const int begin = range.x, end = range.y;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
-  uint16_t* qh = b.qh;
+  const uint16_t* qh = b.qh;
   float4* info = b.info;
   uint32_t frag[MT][KS][4];
   float f[MT][2];
@@ -279,19 +265,10 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
     const int ra = row0 + (warp * MT + m) * 16 + g, rb = ra + 8;
     rows_of[m][0] = ra;
     rows_of[m][1] = rb;
-    // The query rows, converted here; piece 0 writes them (and their factors) for pass 2.
-    const bool in_a = ra < s.rows, in_b = rb < s.rows, out = piece == 0;
-    int e2[2];
-    ConvertFragments<KS>(in_a ? a.q + static_cast<size_t>(s.q_row + ra) * d : nullptr,
-                         in_b ? a.q + static_cast<size_t>(s.q_row + rb) * d : nullptr, d, tq,
-                         frag[m], e2, out && in_a ? qh + static_cast<size_t>(ra) * d : nullptr,
-                         out && in_b ? qh + static_cast<size_t>(rb) * d : nullptr);
-    f[m][0] = in_a ? QRowFactor(s, d, e2[0]) : 0.f;
-    f[m][1] = in_b ? QRowFactor(s, d, e2[1]) : 0.f;
-    if (out && tq == 0) {
-      if (in_a) info[ra].x = f[m][0];
-      if (in_b) info[rb].x = f[m][1];
-    }
+    LoadFragments<KS>(ra < s.rows ? qh + static_cast<size_t>(ra) * d : nullptr,
+                      rb < s.rows ? qh + static_cast<size_t>(rb) * d : nullptr, d, tq, frag[m]);
+    f[m][0] = ra < s.rows ? info[ra].x : 0.f;
+    f[m][1] = rb < s.rows ? info[rb].x : 0.f;
   }
 
   const int ntiles = CeilDiv(end - begin, kRows);
@@ -506,6 +483,14 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
 }
 
 }  // namespace
+
+cudaError_t LaunchConvertQ(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
+                           cudaStream_t stream) {
+  if (l.large_list.empty()) return cudaSuccess;
+  const dim3 grid((l.max_large_rows + 7) / 8, static_cast<unsigned>(l.large_list.size()));
+  ConvertQKernel<<<grid, 256, 0, stream>>>(a, w);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchLargeF16(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                            int level, cudaStream_t stream) {

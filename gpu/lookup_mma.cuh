@@ -5,7 +5,6 @@
 // Device code, internal.
 #pragma once
 
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -22,28 +21,6 @@ __device__ __forceinline__ int CeilDiv(int a, int b) { return (a + b - 1) / b; }
 __device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
-}
-
-// The binary16 query rows both passes multiply (pass 1 converts its block's rows from the float32
-// q and, in piece 0, writes them to the workspace for pass 2): row r times 2^e2, with e2 putting
-// the row's largest |component| in [2^14, 2^15) (0 for a zero row), so binary16 neither overflows
-// nor loses the row's small components. The decode tiles (lookup_small.cu) round q the same way.
-__device__ __forceinline__ int QRowExponent(float max_abs) {
-  int ex = 0;
-  frexpf(max_abs, &ex);                 // max_abs = f · 2^ex, f in [0.5, 1)
-  return max_abs > 0.f ? 15 - ex : 0;  // max |q| · 2^e2 in [2^14, 2^15)
-}
-
-// The row's logit factor (info.x): undoes both power-of-two scales (the row's 2^e2 and the
-// centroids' scale) and turns q · c into a base-2 logit.
-__device__ __forceinline__ float QRowFactor(const LookupSegment& s, int d, int e2) {
-  return ldexpf(s.centroid_scale * (detail::kLog2e / sqrtf(static_cast<float>(d))), -e2);
-}
-
-// Components (x, y) of a row as the binary16 pair of one 32-bit word (x in the low half).
-__device__ __forceinline__ uint32_t QPack(float x, float y, int e2) {
-  const __half2 h = __floats2half2_rn(ldexpf(x, e2), ldexpf(y, e2));
-  return *reinterpret_cast<const uint32_t*>(&h);
 }
 
 // Where entry i's cluster size lies.
@@ -63,13 +40,13 @@ __device__ __forceinline__ int2 PieceRange(int total, int splits, int piece, int
 
 // Which block of a pass this is (grid x: tile · splits + piece; y: the large list), with what both
 // passes read: the segment, its entry set, the binary16 q rows and the per-row info (factor, max,
-// 1/Z, max + log2 Z). Pass 1 writes both (piece 0 the q rows and factors, as it converts them).
+// 1/Z, max + log2 Z).
 struct PassBlock {
   int seg = 0;
   const LookupSegment* s = nullptr;
   EntrySet e;
   int splits = 1, tile = 0, piece = 0;
-  uint16_t* qh = nullptr;
+  const uint16_t* qh = nullptr;
   float4* info = nullptr;
 };
 
@@ -84,7 +61,7 @@ __device__ __forceinline__ bool GetPassBlock(const LookupArgs& a, const Workspac
   b->splits = row_pass ? b->s->row_splits : b->s->col_splits;
   b->tile = blockIdx.x / b->splits;
   b->piece = blockIdx.x % b->splits;
-  b->qh = reinterpret_cast<uint16_t*>(w.floats + b->s->qh_offset);
+  b->qh = reinterpret_cast<const uint16_t*>(w.floats + b->s->qh_offset);
   b->info = reinterpret_cast<float4*>(w.floats + b->s->info_offset);
   return true;
 }

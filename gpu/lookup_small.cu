@@ -145,9 +145,9 @@ __device__ __forceinline__ void LoadMmaQuery(const LookupArgs& a, const LookupSe
 #pragma unroll
     for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[j][i]));
   }
-  // The quad holds the whole row. As the large path's pass 1 scales its rows (QRowExponent,
-  // lookup_mma.cuh): the largest |component| times 2^e2 in [2^14, 2^15), so binary16 neither
-  // overflows nor loses the small components of the row, and both paths round q alike.
+  // The quad holds the whole row. As ConvertQKernel (gpu/lookup_mma.cu) scales the large path's
+  // rows: the largest |component| times 2^e2 in [2^14, 2^15), so binary16 neither overflows nor
+  // loses the small components of the row, and both paths round q alike.
   m = QuadMax(m);
   int ex = 0;
   frexpf(m, &ex);                        // m = f · 2^ex, f in [0.5, 1)

@@ -1,12 +1,11 @@
 // Large (prefill) segments with 16-bit centroids on Hopper's warpgroup products (wgmma, sm_90a):
 // the same two passes as lookup_mma.cu (same blocks, pieces, workspace and finish; see there), at
 // head_dim <= 128. A block is two warpgroups over a 128-row A tile in shared memory (query rows in
-// pass 1, converted from the float32 q by the block itself; entries in pass 2; each warpgroup
-// multiplies 64 of them), streaming the other operand (entries in pass 1, query rows in pass 2) 64
-// rows per stage through 128-byte swizzled shared memory, copied by cp.async three stages ahead.
-// Per stage and warpgroup one m64n64 product of head_dim / 16 k-steps; the product of the next
-// stage runs on the tensor cores while the exp2 work of this one issues (two accumulator sets).
-// Two blocks per SM.
+// pass 1, entries in pass 2; each warpgroup multiplies 64 of them), streaming the other operand
+// (entries in pass 1, query rows in pass 2) 64 rows per stage through 128-byte swizzled shared
+// memory, copied by cp.async three stages ahead. Per stage and warpgroup one m64n64 product of
+// head_dim / 16 k-steps; the product of the next stage runs on the tensor cores while the exp2
+// work of this one issues (two accumulator sets). Two blocks per SM.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -29,7 +28,6 @@ using detail::SmemAddr;
 using detail::Sw128Desc;
 using detail::Sw128KStep;
 using detail::Sw128Offset;
-using detail::Sw128TileOffset;
 using detail::WgmmaCommit;
 using detail::WgmmaFence;
 using detail::WgmmaM64N64SS;
@@ -94,53 +92,6 @@ __device__ __forceinline__ void StageEntries(uint32_t tile, const EntrySet& e, i
   }
 }
 
-// Pass 1's A tile from the float32 q (q_rows: (valid, d), the block's rows; past `valid`: zero),
-// each row to binary16 with its own power-of-two scale (QRowExponent), written to the swizzled tile
-// (zero past head_dim) and, where qh is not null, to the binary16 rows pass 2 reads (and each
-// row's factor to info.x). Warp w converts rows 16w .. 16w + 15 (lane l: components 4l .. 4l + 3,
-// all 16 rows' loads issued first), the rows its threads hold in the products, so it returns
-// their factors: f[0] of row 16w + g, f[1] of row 16w + g + 8 (0 past `valid`).
-template <int KS>
-__device__ __forceinline__ void ConvertQueries(uint32_t tile, const float* q_rows, int valid,
-                                               int d, const LookupSegment& s, uint16_t* qh,
-                                               float4* info, float (&f)[2]) {
-  constexpr int kRows = 16;  // per warp
-  static_assert(kThreads / 32 * kRows == kMmaRowTile && KS * 16 <= 128, "one float4 a lane");
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
-  const bool in_d = 4 * lane < d, in_tile = 4 * lane < KS * 16;
-  float4 v[kRows];
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp * kRows + i;
-    v[i] = in_d && r < valid
-               ? __ldg(reinterpret_cast<const float4*>(q_rows + static_cast<size_t>(r) * d) + lane)
-               : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  f[0] = f[1] = 0.f;
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp * kRows + i;
-    float m = fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w)));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    const int e2 = QRowExponent(m);
-    const uint2 h = make_uint2(QPack(v[i].x, v[i].y, e2), QPack(v[i].z, v[i].w, e2));
-    if (in_tile) {
-      const uint32_t dst = tile + Sw128TileOffset<kMmaRowTile>(r, lane / 2) + (lane % 2) * 8;
-      asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(dst), "r"(h.x), "r"(h.y) : "memory");
-    }
-    if (r < valid) {
-      const float fr = QRowFactor(s, d, e2);
-      if (i == g) f[0] = fr;
-      if (i == g + 8) f[1] = fr;
-      if (qh != nullptr) {
-        if (in_d) reinterpret_cast<uint2*>(qh + static_cast<size_t>(r) * d)[lane] = h;
-        if (lane == 0) info[r].x = fr;
-      }
-    }
-  }
-}
-
 // Query rows r0 .. of the binary16 q (rows of d halves).
 template <int KS, int R>
 __device__ __forceinline__ void StageQueries(uint32_t tile, const uint16_t* qh, int r0, int valid,
@@ -182,12 +133,11 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
 // cp.async group, empty past the last; epi(it, buf, acc) consumes stage it's product. The product
 // of stage it + 1 runs on the tensor cores while the epilogue of stage it runs, into the other of
 // two accumulator sets; the copies run two stages ahead of that product (kStages buffers: the one
-// of stage it - 1 is refilled once every thread is past its epilogue). prologue() runs while the
-// first stages' copies are in flight: it (or cp.async copies issued before the loop, which ride
-// with stage 0) fills a_tile.
-template <int KS, class Prologue, class Stage, class Epi>
-__device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const Prologue& prologue,
-                                          const Stage& stage, const Epi& epi) {
+// of stage it - 1 is refilled once every thread is past its epilogue). a_tile's copies ride with
+// stage 0.
+template <int KS, class Stage, class Epi>
+__device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const Stage& stage,
+                                          const Epi& epi) {
   const int wg = threadIdx.x / 128;
   const uint64_t desc_a = Sw128Desc(sm.a_tile + wg * 64 * 128, kMmaRowTile, 0);
   const uint64_t desc_b = Sw128Desc(sm.tiles, kStageRows, 0);
@@ -195,7 +145,6 @@ __device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const 
   float acc[2][32];
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p) stage(p);
-  prologue();
   CpAsyncWait<kStages - 2>();
   FenceProxyAsyncShared();
   __syncthreads();
@@ -304,18 +253,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int2 range = PieceRange(e.total, splits, piece, kStageRows);
   const int begin = range.x, end = range.y;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
+  const uint16_t* qh = b.qh;
   float4* info = b.info;
   const Smem<KS> sm(smem_raw);
   int32_t* sizes = reinterpret_cast<int32_t*>(sm.extra);  // (kStages, 64)
+
+  // The block's query rows go with the first stage's copies.
+  StageQueries<KS, kMmaRowTile>(sm.a_tile, qh, row0, s.rows - row0, d);
   const int ra = row0 + warp * 16 + g, rb = ra + 8;  // warp w: rows 16w .. 16w + 15 of the tile
   float f[2];
-  // The block's query rows, converted while the first stages' copies are in flight; piece 0
-  // writes them (and their factors) for pass 2.
-  auto convert = [&] {
-    ConvertQueries<KS>(sm.a_tile, a.q + static_cast<size_t>(s.q_row + row0) * d, s.rows - row0, d,
-                       s, piece == 0 ? b.qh + static_cast<size_t>(row0) * d : nullptr, info + row0,
-                       f);
-  };
+  f[0] = ra < s.rows ? info[ra].x : 0.f;
+  f[1] = rb < s.rows ? info[rb].x : 0.f;
 
   const int ntiles = CeilDiv(end - begin, kStageRows);
   auto stage = [&](int it) {
@@ -333,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
 
   float m_run[2] = {-INFINITY, -INFINITY}, z_run[2] = {0.f, 0.f};
-  StageLoop<KS>(sm, ntiles, convert, stage, [&](int it, int buf, const float(&acc)[32]) {
+  StageLoop<KS>(sm, ntiles, stage, [&](int it, int buf, const float(&acc)[32]) {
     const int valid = end - (begin + it * kStageRows);
     if (valid < kStageRows) {
       RowUpdate<true>(acc, sizes + buf * kStageRows, tq, valid, f, m_run, z_run);
@@ -391,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       CpAsyncCommit();
     };
     float col[2] = {0.f, 0.f};  // entries g and g + 8 of the warp's 16
-    StageLoop<KS>(sm, ntiles, [] {}, stage, [&](int it, int buf, const float(&acc)[32]) {
+    StageLoop<KS>(sm, ntiles, stage, [&](int it, int buf, const float(&acc)[32]) {
       const int valid = end - (begin + it * kStageRows);
       if (valid < kStageRows) {
         ColumnUpdate<true>(acc, row_xl + buf * kStageRows, tq, valid, col);
