@@ -2,7 +2,8 @@
 // operands, float32 accumulation); see gpu/lookup.h.
 //   ConvertQKernel: each query row to binary16 after a power-of-two scale that puts its largest
 //     |component| in [2^14, 2^15); the row's logit factor (undoing both scales, times log2 e/√d)
-//     goes to info.x.
+//     goes to info.x. Pass 1 (either family) is its programmatic dependent where it directly
+//     follows it: pass 1's blocks start copying entries while the conversion finishes.
 //   RowStatsKernel (pass 1): a block holds 128 query rows as A fragments in registers (two m16
 //     tiles per warp) and streams one piece of the level's entries (row_splits pieces) through
 //     shared memory (cp.async, two stages) in groups of 16 entries: the exact per-row max and

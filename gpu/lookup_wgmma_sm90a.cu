@@ -133,8 +133,10 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
 // cp.async group, empty past the last; epi(it, buf, acc) consumes stage it's product. The product
 // of stage it + 1 runs on the tensor cores while the epilogue of stage it runs, into the other of
 // two accumulator sets; the copies run two stages ahead of that product (kStages buffers: the one
-// of stage it - 1 is refilled once every thread is past its epilogue). a_tile's copies ride with
-// stage 0, unless prologue() copies it: it runs after the first stages' copies are issued.
+// of stage it - 1 is refilled once every thread is past its epilogue). prologue() runs once the
+// first stages' copies are issued, before the first product: pass 1 copies a_tile there (after
+// waiting for the q conversion) and waits for its copies; pass 2's a_tile copies, issued before
+// the loop, ride with stage 0.
 template <int KS, class Prologue, class Stage, class Epi>
 __device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const Prologue& prologue,
                                           const Stage& stage, const Epi& epi) {
