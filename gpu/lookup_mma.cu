@@ -2,7 +2,8 @@
 // operands, float32 accumulation); see gpu/lookup.h.
 //   ConvertQKernel: each query row to binary16 after a power-of-two scale that puts its largest
 //     |component| in [2^14, 2^15); the row's logit factor (undoing both scales, times log2 e/√d)
-//     goes to info.x.
+//     goes to info.x. Pass 1 (either family) is its programmatic dependent where it directly
+//     follows it: pass 1's blocks start copying entries while the conversion finishes.
 //   RowStatsKernel (pass 1): a block holds 128 query rows as A fragments in registers (two m16
 //     tiles per warp) and streams one piece of the level's entries (row_splits pieces) through
 //     shared memory (cp.async, two stages) in groups of 16 entries: the exact per-row max and
@@ -128,34 +129,90 @@ __device__ __forceinline__ void GroupProduct(const uint32_t (&frag)[MT][KS][4], 
   }
 }
 
+// 2^e as a float, e in [-126, 127] (a normal number).
+__device__ __forceinline__ float Pow2(int e) { return __int_as_float((e + 127) << 23); }
+
+// A row's scaling by 2^e2 (e2 in [-113, 164]: max |q| · 2^e2 in [2^14, 2^15)) as two multiplies,
+// each by a normal power of two: x · lo is exact (lo = 1, or 2^64 where e2 > 126, i.e.
+// |x| < 2^-111), so x · lo · hi is rounded once, exactly as ldexpf(x, e2), without ldexpf's range
+// handling per component.
+struct QScale {
+  float lo, hi;
+  __device__ explicit QScale(int e2) {
+    const int a = e2 > 126 ? 64 : 0;
+    lo = Pow2(a);
+    hi = Pow2(e2 - a);
+  }
+  __device__ float operator()(float x) const { return x * lo * hi; }
+};
+
+// Query rows per warp in ConvertQKernel (their loads issued together, their chains interleaved).
+constexpr int kConvertRows = 4;
+
+// Each query row to binary16 after a power-of-two scale that puts its largest |component| in
+// [2^14, 2^15); the row's logit factor (undoing both scales, times log2 e/√d) goes to info.x.
+// Pass 1, a programmatic dependent where it directly follows, may launch at once.
 __global__ void __launch_bounds__(256) ConvertQKernel(LookupArgs a, Workspace w) {
+  detail::GridDependencyTrigger();
+  constexpr int R = kConvertRows;
+  constexpr int kChunks = 2;  // float4 per lane and row: head_dim <= 256
   const int seg = w.large_list[blockIdx.y];
   const LookupSegment& s = a.segments[seg];
   const int lane = threadIdx.x % 32;
-  const int row = blockIdx.x * 8 + threadIdx.x / 32;
-  if (row >= s.rows) return;
+  const int row0 = (blockIdx.x * 8 + threadIdx.x / 32) * R;
+  if (row0 >= s.rows) return;
   const int d = a.head_dim;
-  const float* src = a.q + static_cast<size_t>(s.q_row + row) * d;
-  float m = 0.f;
-  for (int k = lane * 4; k < d; k += 128) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(src + k));
-    m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+  const float* src = a.q + static_cast<size_t>(s.q_row + row0) * d;
+  float4 v[R][kChunks];
+  float m[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = 0.f;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const int k = lane * 4 + 128 * c;
+      v[r][c] = k < d && row0 + r < s.rows
+                    ? __ldg(reinterpret_cast<const float4*>(src + static_cast<size_t>(r) * d + k))
+                    : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  int ex = 0;
-  frexpf(m, &ex);                        // m = f · 2^ex, f in [0.5, 1)
-  const int e2 = m > 0.f ? 15 - ex : 0;  // max |q| · 2^e2 in [2^14, 2^15)
-  auto* dst = reinterpret_cast<__half2*>(reinterpret_cast<uint16_t*>(w.floats + s.qh_offset) +
-                                         static_cast<size_t>(row) * d);
-  for (int k = lane * 4; k < d; k += 128) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(src + k));
-    dst[k / 2] = __floats2half2_rn(ldexpf(v.x, e2), ldexpf(v.y, e2));
-    dst[k / 2 + 1] = __floats2half2_rn(ldexpf(v.z, e2), ldexpf(v.w, e2));
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      m[r] = fmaxf(m[r], fmaxf(fmaxf(fabsf(v[r][c].x), fabsf(v[r][c].y)),
+                               fmaxf(fabsf(v[r][c].z), fabsf(v[r][c].w))));
+    }
   }
-  if (lane == 0) {
-    const float f = ldexpf(s.centroid_scale * (kLog2e / sqrtf(static_cast<float>(d))), -e2);
-    reinterpret_cast<float4*>(w.floats + s.info_offset)[row] = make_float4(f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], o));
+  }
+  const float base = s.centroid_scale * (kLog2e / sqrtf(static_cast<float>(d)));
+  auto* qh = reinterpret_cast<__half2*>(w.floats + s.qh_offset);
+  auto* info = reinterpret_cast<float4*>(w.floats + s.info_offset);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = row0 + r;
+    if (row >= s.rows) break;
+    int ex = 0;
+    frexpf(m[r], &ex);                        // m = f · 2^ex, f in [0.5, 1)
+    const int e2 = m[r] > 0.f ? 15 - ex : 0;  // max |q| · 2^e2 in [2^14, 2^15)
+    const QScale sc(e2);
+    __half2* dst = qh + static_cast<size_t>(row) * d / 2;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const int k = lane * 4 + 128 * c;
+      if (k >= d) break;
+      dst[k / 2] = __floats2half2_rn(sc(v[r][c].x), sc(v[r][c].y));
+      dst[k / 2 + 1] = __floats2half2_rn(sc(v[r][c].z), sc(v[r][c].w));
+    }
+    if (lane == 0) {
+      // base · 2^-e2 rounds once, as ldexpf does, where 2^-e2 is a normal float
+      const float f = e2 <= 126 ? base * Pow2(-e2) : ldexpf(base, -e2);
+      info[row] = make_float4(f, 0.f, 0.f, 0.f);
+    }
   }
 }
 
@@ -246,31 +303,19 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   __shared__ __align__(16) int32_t sizes[2][kRows];
   __shared__ int last;
   PassBlock b;
-  if (!GetPassBlock(a, w, level, /*row_pass=*/true, &b)) return;
+  // (Every block waits for the conversion before it ends, so this grid's completion implies the
+  // conversion's.)
+  if (!GetPassBlock(a, w, level, /*row_pass=*/true, &b)) return detail::GridDependencyWait();
   const LookupSegment& s = *b.s;
   const EntrySet& e = b.e;
   const int splits = b.splits, rtile = b.tile, piece = b.piece, row0 = rtile * kMmaRowTile;
-  if (row0 >= s.rows) return;
+  if (row0 >= s.rows) return detail::GridDependencyWait();
   const int d = a.head_dim;
   const int2 range = PieceRange(e.total, splits, piece, kGroup);
   const int begin = range.x, end = range.y;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
   const uint16_t* qh = b.qh;
   float4* info = b.info;
-  uint32_t frag[MT][KS][4];
-  float f[MT][2];
-  int rows_of[MT][2];
-#pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    const int ra = row0 + (warp * MT + m) * 16 + g, rb = ra + 8;
-    rows_of[m][0] = ra;
-    rows_of[m][1] = rb;
-    LoadFragments<KS>(ra < s.rows ? qh + static_cast<size_t>(ra) * d : nullptr,
-                      rb < s.rows ? qh + static_cast<size_t>(rb) * d : nullptr, d, tq, frag[m]);
-    f[m][0] = ra < s.rows ? info[ra].x : 0.f;
-    f[m][1] = rb < s.rows ? info[rb].x : 0.f;
-  }
-
   const int ntiles = CeilDiv(end - begin, kRows);
   auto stage = [&](int it, int buf) {
     for (int idx = t; idx < kRows * kChunks; idx += kThreads) {
@@ -295,7 +340,23 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
     m_run[m][0] = m_run[m][1] = -INFINITY;
     z_run[m][0] = z_run[m][1] = 0.f;
   }
+  // The first entries (index data) are copied before waiting for the q conversion, which this
+  // kernel may follow as a programmatic dependent; the q rows and factors after.
   if (ntiles > 0) stage(0, 0);
+  detail::GridDependencyWait();
+  uint32_t frag[MT][KS][4];
+  float f[MT][2];
+  int rows_of[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const int ra = row0 + (warp * MT + m) * 16 + g, rb = ra + 8;
+    rows_of[m][0] = ra;
+    rows_of[m][1] = rb;
+    LoadFragments<KS>(ra < s.rows ? qh + static_cast<size_t>(ra) * d : nullptr,
+                      rb < s.rows ? qh + static_cast<size_t>(rb) * d : nullptr, d, tq, frag[m]);
+    f[m][0] = ra < s.rows ? info[ra].x : 0.f;
+    f[m][1] = rb < s.rows ? info[rb].x : 0.f;
+  }
   for (int it = 0; it < ntiles; ++it) {
     const int buf = it & 1;
     if (it + 1 < ntiles) {
@@ -365,6 +426,9 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   __shared__ __align__(16) uint16_t tile[2][kRows * Pitch<KS>()];
   __shared__ __align__(16) float4 row_info[2][kRows];
   __shared__ int last;
+  // The staged selection that follows (without finish) waits for this grid's completion before it
+  // reads the scores; letting it launch now lets its blocks stage index data as SMs free up.
+  if (!finish) detail::GridDependencyTrigger();
   PassBlock b;
   if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) return;
   const LookupSegment& s = *b.s;
@@ -468,8 +532,8 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
   const unsigned n = static_cast<unsigned>(l.large_list.size());
   const int steps = a.score_only ? a.large_steps : 3;  // LookupArgs::large_steps
   if (steps < 2) return cudaSuccess;
-  RowStatsKernel<KS><<<dim3(l.max_mma_row_blocks, n), BlockThreads<KS>(), 0, stream>>>(a, w, level);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = LaunchPass(RowStatsKernel<KS>, dim3(l.max_mma_row_blocks, n), BlockThreads<KS>(),
+                               0, stream, Pass1FollowsConversion(l, level), a, w, level);
   if (err != cudaSuccess || steps < 3) return err;
   const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
   ColumnKernel<KS>
@@ -484,7 +548,9 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
 cudaError_t LaunchConvertQ(const LookupArgs& a, const LookupLayout& l, const Workspace& w,
                            cudaStream_t stream) {
   if (l.large_list.empty()) return cudaSuccess;
-  const dim3 grid((l.max_large_rows + 7) / 8, static_cast<unsigned>(l.large_list.size()));
+  constexpr int kRowsPerBlock = 8 * kConvertRows;
+  const dim3 grid((l.max_large_rows + kRowsPerBlock - 1) / kRowsPerBlock,
+                  static_cast<unsigned>(l.large_list.size()));
   ConvertQKernel<<<grid, 256, 0, stream>>>(a, w);
   return cudaGetLastError();
 }

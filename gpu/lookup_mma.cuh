@@ -66,6 +66,31 @@ __device__ __forceinline__ bool GetPassBlock(const LookupArgs& a, const Workspac
   return true;
 }
 
+// Launches a pass kernel; `dependent`: as a programmatic dependent of the kernel before it on the
+// stream (pass 1 after the q conversion: its blocks stage their first entries while the
+// conversion's last blocks finish, then GridDependencyWait before reading the q rows).
+template <typename... Args>
+inline cudaError_t LaunchPass(void (*kernel)(Args...), dim3 grid, int threads, int smem,
+                              cudaStream_t stream, bool dependent, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = dependent ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+// Whether pass 1 at `level` directly follows the q conversion on the stream (single level, no
+// small segments: LaunchSmall launches nothing before it), so it may be its programmatic dependent.
+inline bool Pass1FollowsConversion(const LookupLayout& l, int level) {
+  return level == 2 && !l.any_hierarchical && l.small_list.empty();
+}
+
 // Pass 1, one query row held by a quad (lane tq of 4 each saw different entries, with its own
 // running max m and normaliser z under it; a lane that saw none holds (-inf, 0)): the row's max,
 // every normaliser moved to it, summed. Lane 0 writes it: info (one piece) or the piece's slot of

@@ -133,11 +133,13 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
 // cp.async group, empty past the last; epi(it, buf, acc) consumes stage it's product. The product
 // of stage it + 1 runs on the tensor cores while the epilogue of stage it runs, into the other of
 // two accumulator sets; the copies run two stages ahead of that product (kStages buffers: the one
-// of stage it - 1 is refilled once every thread is past its epilogue). a_tile's copies ride with
-// stage 0.
-template <int KS, class Stage, class Epi>
-__device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const Stage& stage,
-                                          const Epi& epi) {
+// of stage it - 1 is refilled once every thread is past its epilogue). prologue() runs once the
+// first stages' copies are issued, before the first product: pass 1 copies a_tile there (after
+// waiting for the q conversion) and waits for its copies; pass 2's a_tile copies, issued before
+// the loop, ride with stage 0.
+template <int KS, class Prologue, class Stage, class Epi>
+__device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const Prologue& prologue,
+                                          const Stage& stage, const Epi& epi) {
   const int wg = threadIdx.x / 128;
   const uint64_t desc_a = Sw128Desc(sm.a_tile + wg * 64 * 128, kMmaRowTile, 0);
   const uint64_t desc_b = Sw128Desc(sm.tiles, kStageRows, 0);
@@ -145,6 +147,7 @@ __device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const 
   float acc[2][32];
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p) stage(p);
+  prologue();
   CpAsyncWait<kStages - 2>();
   FenceProxyAsyncShared();
   __syncthreads();
@@ -244,11 +247,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
   PassBlock b;
-  if (!GetPassBlock(a, w, level, /*row_pass=*/true, &b)) return;
+  // (Every block waits for the conversion before it ends, so this grid's completion implies the
+  // conversion's.)
+  if (!GetPassBlock(a, w, level, /*row_pass=*/true, &b)) return detail::GridDependencyWait();
   const LookupSegment& s = *b.s;
   const EntrySet& e = b.e;
   const int splits = b.splits, rtile = b.tile, piece = b.piece, row0 = rtile * kMmaRowTile;
-  if (row0 >= s.rows) return;
+  if (row0 >= s.rows) return detail::GridDependencyWait();
   const int d = a.head_dim;
   const int2 range = PieceRange(e.total, splits, piece, kStageRows);
   const int begin = range.x, end = range.y;
@@ -258,12 +263,19 @@ __global__ void __launch_bounds__(kThreads, 2)
   const Smem<KS> sm(smem_raw);
   int32_t* sizes = reinterpret_cast<int32_t*>(sm.extra);  // (kStages, 64)
 
-  // The block's query rows go with the first stage's copies.
-  StageQueries<KS, kMmaRowTile>(sm.a_tile, qh, row0, s.rows - row0, d);
   const int ra = row0 + warp * 16 + g, rb = ra + 8;  // warp w: rows 16w .. 16w + 15 of the tile
   float f[2];
-  f[0] = ra < s.rows ? info[ra].x : 0.f;
-  f[1] = rb < s.rows ? info[rb].x : 0.f;
+  // The first stages' entries (index data) are copied before waiting for the q conversion, which
+  // this kernel may follow as a programmatic dependent; then the block's query rows (their own
+  // cp.async group, waited for with the stages) and factors.
+  auto queries = [&] {
+    detail::GridDependencyWait();
+    StageQueries<KS, kMmaRowTile>(sm.a_tile, qh, row0, s.rows - row0, d);
+    CpAsyncCommit();
+    f[0] = ra < s.rows ? info[ra].x : 0.f;
+    f[1] = rb < s.rows ? info[rb].x : 0.f;
+    CpAsyncWait<0>();
+  };
 
   const int ntiles = CeilDiv(end - begin, kStageRows);
   auto stage = [&](int it) {
@@ -281,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
 
   float m_run[2] = {-INFINITY, -INFINITY}, z_run[2] = {0.f, 0.f};
-  StageLoop<KS>(sm, ntiles, stage, [&](int it, int buf, const float(&acc)[32]) {
+  StageLoop<KS>(sm, ntiles, queries, stage, [&](int it, int buf, const float(&acc)[32]) {
     const int valid = end - (begin + it * kStageRows);
     if (valid < kStageRows) {
       RowUpdate<true>(acc, sizes + buf * kStageRows, tq, valid, f, m_run, z_run);
@@ -300,6 +312,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     ColumnWgmmaKernel(LookupArgs a, Workspace w, int level, bool finish) {
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
+  // The staged selection that follows (without finish) waits for this grid's completion before it
+  // reads the scores; letting it launch now lets its blocks stage index data as SMs free up.
+  if (!finish) detail::GridDependencyTrigger();
   PassBlock b;
   if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) return;
   const LookupSegment& s = *b.s;
@@ -336,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       CpAsyncCommit();
     };
     float col[2] = {0.f, 0.f};  // entries g and g + 8 of the warp's 16
-    StageLoop<KS>(sm, ntiles, stage, [&](int it, int buf, const float(&acc)[32]) {
+    StageLoop<KS>(sm, ntiles, [] {}, stage, [&](int it, int buf, const float(&acc)[32]) {
       const int valid = end - (begin + it * kStageRows);
       if (valid < kStageRows) {
         ColumnUpdate<true>(acc, row_xl + buf * kStageRows, tq, valid, col);
@@ -365,8 +380,8 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
     return e1 != cudaSuccess ? e1 : e2;
   }();
   if (attr != cudaSuccess) return attr;
-  RowStatsWgmmaKernel<KS><<<dim3(l.max_mma_row_blocks, n), kThreads, kSmem, stream>>>(a, w, level);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = LaunchPass(RowStatsWgmmaKernel<KS>, dim3(l.max_mma_row_blocks, n), kThreads,
+                               kSmem, stream, Pass1FollowsConversion(l, level), a, w, level);
   if (err != cudaSuccess || steps < 3) return err;
   const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
   ColumnWgmmaKernel<KS>
