@@ -2,10 +2,17 @@
 # Copies executables and the non-system shared libraries they load into one folder, for running
 # them on a machine that has a GPU but not our Debian packages (see bench/run_store_gpu.sh).
 #   tools/collect-devbin.sh OUT_DIR EXECUTABLE...
+# An executable of a Ninja build tree is built by name first: the benchmarks are not in the
+# default target, so a plain `ninja` can leave them linked against older libraries.
 set -euo pipefail
 out="$1"; shift
 mkdir -p "$out"
 for exe in "$@"; do
+  root=$(cd "$(dirname "$exe")" && pwd)
+  while [ "$root" != / ] && [ ! -f "$root/build.ninja" ]; do root=$(dirname "$root"); done
+  if [ -f "$root/build.ninja" ] && command -v ninja > /dev/null; then
+    ninja -C "$root" "$(realpath --relative-to="$root" "$exe")" > /dev/null
+  fi
   cp -f "$exe" "$out/"
   ldd "$exe" | awk '/=>/ {print $3}' | while read -r lib; do
     case "$(basename "$lib")" in
