@@ -72,17 +72,8 @@ __device__ __forceinline__ bool GetPassBlock(const LookupArgs& a, const Workspac
 template <typename... Args>
 inline cudaError_t LaunchPass(void (*kernel)(Args...), dim3 grid, int threads, int smem,
                               cudaStream_t stream, bool dependent, Args... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = dependent ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, args...);
+  return detail::LaunchMaybeDependent(kernel, grid, dim3(threads), static_cast<size_t>(smem),
+                                      stream, dependent, args...);
 }
 
 // Whether pass 1 at `level` directly follows the q conversion on the stream (single level, no

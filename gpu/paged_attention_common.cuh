@@ -53,6 +53,26 @@ __device__ __forceinline__ void GridDependencyTrigger() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
 
+// Host: launches `kernel`, with the programmatic-stream-serialization attribute when `dependent`,
+// so it may start while the kernel before it on the stream drains (it must GridDependencyWait
+// before reading what that kernel writes).
+template <typename... Args>
+inline cudaError_t LaunchMaybeDependent(void (*kernel)(Args...), dim3 grid, dim3 block,
+                                        size_t smem, cudaStream_t stream, bool dependent,
+                                        Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = dependent ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 // Four 8×8 matrices of 16-bit elements; lane l gives the row address of matrix l / 8.
 __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"

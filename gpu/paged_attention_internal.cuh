@@ -207,22 +207,12 @@ inline Status CudaStatus(cudaError_t err, const char* what) {
   return Status::Internal(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-// Launches `kernel` with a programmatic-stream-serialization attribute when `dependent`, so it
-// may start while the previous kernel on the stream drains (it must GridDependencyWait first).
+// LaunchMaybeDependent with the error as a Status naming `what`.
 template <typename... Args>
 Status LaunchKernel(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem,
                     cudaStream_t stream, bool dependent, const char* what, Args... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = dependent ? 1 : 0;
-  return CudaStatus(cudaLaunchKernelEx(&config, kernel, args...), what);
+  return CudaStatus(LaunchMaybeDependent(kernel, grid, block, smem, stream, dependent, args...),
+                    what);
 }
 
 // Asks for the largest shared-memory carveout: every kernel of this family does, so consecutive
