@@ -135,6 +135,33 @@ __device__ __forceinline__ PrefillBlock PrefillBlockOf(const KernelParams& p) {
   return b;
 }
 
+// The block's kPrefillRows query rows (D components each) into shared memory in the storage type:
+// 16-byte chunk c of tile row r goes to *dst(r, c) (the kernel's layout); rows past the segment's
+// are zero. It does not depend on the pre-pass, so kernels run it before their dependency wait.
+template <typename T, int D, int kBlockThreads, class Dst>
+__device__ __forceinline__ void StagePrefillQ(const KernelParams& p, const PrefillBlock& b,
+                                              int q_row, const Dst& dst) {
+  constexpr int C = D / 8;
+  for (int i = threadIdx.x; i < kPrefillRows * C; i += kBlockThreads) {
+    const int r = i / C, c = i % C;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (b.r0 + r < b.rows) {
+      v = LoadConvert8<T>(p.q + static_cast<size_t>(q_row + b.r0 + r) * D + c * 8);
+    }
+    *dst(r, c) = v;
+  }
+}
+
+// A segment's compact key list (pool rows, written by the pre-pass) and its length, clamped to
+// the list's capacity; read both after the dependency wait.
+__device__ __forceinline__ uint32_t* PrefillKeyRows(const KernelParams& p, int seg) {
+  return p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
+}
+__device__ __forceinline__ int PrefillKeyCount(const KernelParams& p, int seg) {
+  return static_cast<int>(
+      min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
+}
+
 // Where a finished prefill row goes, and with what scale: row r of block b's segment, running max
 // m (base 2) and normaliser l (the row's quad summed). One split: out / lse; several: the split's
 // partial state. An empty row (l = 0) is o = 0, lse = -inf; otherwise o · inv and a natural-log

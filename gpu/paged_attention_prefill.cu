@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelPar
   GridDependencyWait();
   const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
   const int page_tokens = p.page_tokens;
-  uint32_t* dst = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
+  uint32_t* dst = PrefillKeyRows(p, seg);
   auto load = [&](int i, int& valid, uint32_t& row) {
     valid = 0;
     row = 0;
@@ -102,21 +102,16 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
   const int q_row = p.seg_q_row[seg];
 
   // Q tile → shared memory in the storage type (independent of the pre-pass: runs before the wait).
-  for (int i = tid; i < kPrefillRows * C; i += kThreads) {
-    const int r = i / C, c = i % C;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r0 + r < rows) v = LoadConvert8<T>(p.q + static_cast<size_t>(q_row + r0 + r) * D + c * 8);
-    reinterpret_cast<uint4*>(sq)[Swizzle<C>(r, c)] = v;
-  }
+  StagePrefillQ<T, D, kThreads>(
+      p, blk, q_row, [&](int r, int c) { return reinterpret_cast<uint4*>(sq) + Swizzle<C>(r, c); });
 
   GridDependencyWait();  // the compact lists of the pre-pass
-  const int ntok =
-      static_cast<int>(min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
+  const int ntok = PrefillKeyCount(p, seg);
   const int tiles = (ntok + kPrefillKeys - 1) / kPrefillKeys;
   const SplitRange range = SplitOf(tiles, p.splits, split);  // even shares of the actual tiles
   if (split > 0 && range.begin >= tiles) return;
   const int t0 = range.begin, t1 = range.end;
-  const uint32_t* toks = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
+  const uint32_t* toks = PrefillKeyRows(p, seg);
   const T* pool = static_cast<const T*>(p.pool);
   const size_t v_offset = static_cast<size_t>(p.page_tokens) * D;
 

@@ -11,8 +11,6 @@
 // row-major tile). A tile's softmax issues while the tensor cores run the previous tile's P·V,
 // and the two warpgroups take turns issuing products; every product is waited for before the
 // loop's back edge (ptxas would serialize them all otherwise).
-#include <type_traits>
-
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
 #include "gpu/wgmma.cuh"
@@ -50,15 +48,6 @@ __device__ __forceinline__ void TurnPass(int cw) {  // to the other warpgroup
   } else {
     asm volatile("bar.arrive 1, %0;\n" ::"n"(kConsumers) : "memory");
   }
-}
-
-template <int kRegs>
-__device__ __forceinline__ void SetMaxRegsDec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-}
-template <int kRegs>
-__device__ __forceinline__ void SetMaxRegsInc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
 // One tile's online softmax for the thread's rows h (g, g + 8), in place: s holds the raw scores
@@ -116,16 +105,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
 
   // Q tile → shared memory in the storage type (before the wait: independent of the pre-pass).
   unsigned char* smem = smem_raw + (base - SmemAddr(smem_raw));
-  for (int i = tid; i < kPrefillRows * (kD / 8); i += kBlockThreads) {
-    const int r = i / (kD / 8), c = i % (kD / 8);
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r0 + r < rows) v = LoadConvert8<T>(p.q + static_cast<size_t>(q_row + r0 + r) * kD + c * 8);
-    *reinterpret_cast<uint4*>(smem + Sw128TileOffset<kPrefillRows>(r, c)) = v;
-  }
+  StagePrefillQ<T, kD, kBlockThreads>(p, blk, q_row, [&](int r, int c) {
+    return reinterpret_cast<uint4*>(smem + Sw128TileOffset<kPrefillRows>(r, c));
+  });
 
   GridDependencyWait();  // the compact lists of the pre-pass
-  const int ntok =
-      static_cast<int>(min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
+  const int ntok = PrefillKeyCount(p, seg);
   // The split's share of the plan's 64-key work items, walked in 128-key tiles (the last one may
   // be short, also where the share ends before the list does).
   const SplitRange range = SplitOf((ntok + kPrefillKeys - 1) / kPrefillKeys, p.splits, split);
@@ -160,7 +145,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
     // the pool rows of the next tile are loaded while this tile's copies are issued.
     SetMaxRegsDec<kProducerRegs>();
     constexpr int kRowsPer = kKeys / 8;
-    const uint32_t* toks = p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
+    const uint32_t* toks = PrefillKeyRows(p, seg);
     const T* pool = static_cast<const T*>(p.pool) + (tid % 16) * 8;
     const size_t v_offset = static_cast<size_t>(p.page_tokens) * kD;
     const uint32_t my_off = Sw128TileOffset<kKeys>(tid / 16, tid % 16);  // + 8i rows: + 1024 i

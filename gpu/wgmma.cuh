@@ -85,6 +85,17 @@ template <int n>
 __device__ __forceinline__ void WgmmaWait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(n) : "memory");
 }
+// Moves this warpgroup's register budget per thread down / up to kRegs (a multiple of 8 in
+// 24..256; every thread of the warpgroup calls it): what one warpgroup of a block gives up,
+// another may take.
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegsDec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegsInc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
 // Makes this thread's ordinary (generic-proxy) shared-memory writes, cp.async ones included once
 // waited for, visible to the async proxy (wgmma operands, bulk copies). Then a barrier.
 __device__ __forceinline__ void FenceProxyAsyncShared() {

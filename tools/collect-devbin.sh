@@ -7,12 +7,22 @@
 set -euo pipefail
 out="$1"; shift
 mkdir -p "$out"
+# One ninja run per build tree for its executables.
+declare -A targets
 for exe in "$@"; do
   root=$(cd "$(dirname "$exe")" && pwd)
   while [ "$root" != / ] && [ ! -f "$root/build.ninja" ]; do root=$(dirname "$root"); done
-  if [ -f "$root/build.ninja" ] && command -v ninja > /dev/null; then
-    ninja -C "$root" "$(realpath --relative-to="$root" "$exe")" > /dev/null
+  if [ -f "$root/build.ninja" ]; then
+    targets[$root]+=" $(realpath --relative-to="$root" "$exe")"
   fi
+done
+if command -v ninja > /dev/null; then
+  for root in "${!targets[@]}"; do
+    # shellcheck disable=SC2086  # the target list is split on purpose
+    ninja -C "$root" ${targets[$root]} > /dev/null
+  done
+fi
+for exe in "$@"; do
   cp -f "$exe" "$out/"
   ldd "$exe" | awk '/=>/ {print $3}' | while read -r lib; do
     case "$(basename "$lib")" in
