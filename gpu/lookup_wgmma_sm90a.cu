@@ -24,6 +24,10 @@ using detail::CpAsyncWait;
 using detail::DescAdvance;
 using detail::FastExp2;
 using detail::FenceProxyAsyncShared;
+using detail::MbarArrive;
+using detail::MbarArriveCpAsync;
+using detail::MbarInit;
+using detail::MbarWait;
 using detail::SmemAddr;
 using detail::Sw128Desc;
 using detail::Sw128KStep;
@@ -133,7 +137,8 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
 // cp.async group, empty past the last; epi(it, buf, acc) consumes stage it's product. The product
 // of stage it + 1 runs on the tensor cores while the epilogue of stage it runs, into the other of
 // two accumulator sets; the copies run two stages ahead of that product (kStages buffers: the one
-// of stage it - 1 is refilled once every thread is past its epilogue). prologue() runs once the
+// of stage it - 1 is refilled once every thread is past its epilogue, told by an mbarrier, so no
+// block barrier holds the warpgroups in step inside the loop). prologue() runs once the
 // first stages' copies are issued, before the first product: pass 1 copies a_tile there (after
 // waiting for the q conversion) and waits for its copies; pass 2's a_tile copies, issued before
 // the loop, ride with stage 0.
@@ -144,26 +149,46 @@ __device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const 
   const uint64_t desc_a = Sw128Desc(sm.a_tile + wg * 64 * 128, kMmaRowTile, 0);
   const uint64_t desc_b = Sw128Desc(sm.tiles, kStageRows, 0);
   auto tile_desc = [&](int it) { return DescAdvance(desc_b, (it % kStages) * TileBytes<KS>()); };
+  // Stage buffers are handed over by mbarriers, not block barriers, so the two warpgroups drift
+  // apart (one's products overlap the other's exp2 work): full[b] completes once every thread's
+  // copies of the buffer's stage have landed, empty[b] once every thread's epilogue of it is done
+  // (both counts: all threads).
+  __shared__ __align__(8) uint64_t bars[2 * kStages];
+  const uint32_t full0 = SmemAddr(&bars[0]), empty0 = SmemAddr(&bars[kStages]);
+  auto full = [&](int it) { return full0 + 8 * (it % kStages); };
+  auto empty = [&](int it) { return empty0 + 8 * (it % kStages); };
+  auto parity = [&](int it) { return static_cast<uint32_t>(it / kStages) & 1u; };
+  if (threadIdx.x == 0) {
+    for (int b = 0; b < 2 * kStages; ++b) MbarInit(full0 + 8 * b, kThreads);
+  }
+  __syncthreads();  // the barriers in place
+  auto put = [&](int it) {  // stage it's copies into the buffer stage it - kStages left
+    if (it < ntiles && it >= kStages) MbarWait(empty(it), parity(it - kStages));
+    stage(it);
+    if (it < ntiles) MbarArriveCpAsync(full(it));
+  };
   float acc[2][32];
 #pragma unroll
-  for (int p = 0; p < kStages - 1; ++p) stage(p);
+  for (int p = 0; p < kStages - 1; ++p) put(p);
   prologue();
-  CpAsyncWait<kStages - 2>();
+  if (ntiles > 0) MbarWait(full(0), 0);  // stage 0, and a_tile's copies issued before it
   FenceProxyAsyncShared();
-  __syncthreads();
+  __syncthreads();  // the prologue's copies of every thread
   if (ntiles > 0) IssueProduct<KS>(desc_a, tile_desc(0), acc[0]);
   WgmmaWait<0>();
   // acc[cur] holds stage it's product on entry; nothing is in flight across iterations (a product
   // in flight over the loop's back edge would make the compiler serialize them all).
   auto step = [&](auto cur_tag, int it) {
     constexpr int cur = decltype(cur_tag)::value;
-    CpAsyncWait<kStages - 3>();  // stage it + 1 landed (for this thread)
-    FenceProxyAsyncShared();
-    __syncthreads();  // ... for every thread; every epilogue of stage it - 1 is done
-    stage(it + kStages - 1);
-    if (it + 1 < ntiles) IssueProduct<KS>(desc_a, tile_desc(it + 1), acc[cur ^ 1]);
+    if (it + 1 < ntiles) {
+      MbarWait(full(it + 1), parity(it + 1));  // stage it + 1 landed, every thread's copies
+      FenceProxyAsyncShared();
+      IssueProduct<KS>(desc_a, tile_desc(it + 1), acc[cur ^ 1]);
+    }
+    put(it + kStages - 1);  // into stage it - 1's buffer, once every thread is past its epilogue
     epi(it, it % kStages, acc[cur]);
     WgmmaWait<0>();
+    MbarArrive(empty(it));
   };
   for (int it = 0; it < ntiles; it += 2) {
     step(std::integral_constant<int, 0>(), it);
