@@ -12,6 +12,16 @@ Status FromCuda(cudaError_t err, const char* what) {
   return Status::Internal(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
+// cudaMemset, and cudaMemcpy from pageable host memory, may return before the device has
+// written the destination; they run on the legacy default stream, which does not order work on
+// non-blocking streams (Stream::Create). The copies and fills here are documented synchronous, so
+// they wait for the device before returning: without this, a kernel launched next on a
+// non-blocking stream could run before the upload or the poison fill landed, or under it (seen
+// on the H200 as rare test failures, more often with other processes time-slicing the GPU).
+Status Landed(const char* what) {
+  return FromCuda(cudaDeviceSynchronize(), what);
+}
+
 }  // namespace
 
 DeviceBuffer::~DeviceBuffer() { Reset(); }
@@ -49,8 +59,10 @@ void DeviceBuffer::Reset() {
 Status DeviceBuffer::CopyFromHost(const void* src, size_t bytes, size_t offset) {
   if (offset + bytes > bytes_) return Status::InvalidArgument("copy past the end of a device buffer");
   if (bytes == 0) return Status::Ok();
-  return FromCuda(cudaMemcpy(static_cast<char*>(ptr_) + offset, src, bytes, cudaMemcpyHostToDevice),
-                  "cudaMemcpy H2D");
+  SQKV_RETURN_IF_ERROR(FromCuda(
+      cudaMemcpy(static_cast<char*>(ptr_) + offset, src, bytes, cudaMemcpyHostToDevice),
+      "cudaMemcpy H2D"));
+  return Landed("cudaMemcpy H2D");
 }
 
 Status DeviceBuffer::CopyToHost(void* dst, size_t bytes, size_t offset) const {
@@ -62,7 +74,8 @@ Status DeviceBuffer::CopyToHost(void* dst, size_t bytes, size_t offset) const {
 
 Status DeviceBuffer::Fill(int value) {
   if (bytes_ == 0) return Status::Ok();
-  return FromCuda(cudaMemset(ptr_, value, bytes_), "cudaMemset");
+  SQKV_RETURN_IF_ERROR(FromCuda(cudaMemset(ptr_, value, bytes_), "cudaMemset"));
+  return Landed("cudaMemset");
 }
 
 Status Synchronize() { return FromCuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }

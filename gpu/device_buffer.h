@@ -23,7 +23,8 @@ class DeviceBuffer {
   // Frees what is held, then allocates `bytes` (cudaMalloc). Zero bytes holds nothing.
   Status Allocate(size_t bytes);
   void Reset();
-  // Synchronous copies; offset and sizes in bytes.
+  // Synchronous copies; offset and sizes in bytes. CopyFromHost and Fill return once the device
+  // holds the bytes, so work on any stream launched afterwards sees them.
   Status CopyFromHost(const void* src, size_t bytes, size_t offset = 0);
   Status CopyToHost(void* dst, size_t bytes, size_t offset = 0) const;
   // Fills every byte with `value` (e.g. 0xff poisons floats with NaN).
