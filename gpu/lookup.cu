@@ -7,9 +7,12 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
+#include <vector>
 
 #include "common/dtype.h"
+#include "gpu/device.h"
 #include "gpu/lookup.h"
 #include "gpu/lookup_device.cuh"
 
@@ -142,6 +145,73 @@ int32_t BudgetPageBound(const std::vector<int32_t>& sorted_sizes, int32_t budget
   return static_cast<int32_t>(std::min<int64_t>(bound, num_pages));
 }
 
+namespace {
+
+// The two tensor passes of large 16-bit segments (gpu/lookup_mma.cu, lookup_wgmma_sm90a.cu) give
+// each block one tile (kMmaRowTile rows, kMmaColTile entries) and one piece of the streamed
+// dimension (pass 1: entries, pass 2: query rows), walked in stages of kPassStage. Blocks of a
+// pass all cost about the same, so the pass takes whole waves of the device's block slots: the
+// piece length is chosen per launch to minimise waves × (stages per block + kPieceOverhead),
+// the overhead being a block's start (its tile's copy) and end (statistics, combine), in stages.
+// Fitted on the H200 at 128K (pass 2, pieces of 512 against 1,024 rows: 13 against 7 waves,
+// 172 against 160 µs), the overhead is about three stages. There it gives pass 1 one piece per
+// tile at 128K (4 before), pass 2 three at 128K and five at 32K (4 before): NOTES-gpu-lookup.md
+// v15.
+constexpr int64_t kPassStage = 64;
+constexpr int64_t kPieceOverhead = 3;
+constexpr int64_t kMaxPieces = 64;       // pieces of one segment considered, at most
+constexpr int64_t kPassBlocksPerSm = 2;  // both families' pass kernels (launch bounds)
+
+struct PassShape {
+  int64_t tiles;   // blocks per piece
+  int64_t length;  // the streamed dimension
+};
+
+// The device's block slots for a tensor pass; 0 (the fixed lengths) when no device answers or the
+// device is not sm_90. The model was fitted to, and measured on, the wgmma passes that sm_90 runs
+// by default; the mma.sync passes did worse with its pieces on the H200 (pass 1 at 128K: 243 →
+// 335 µs, a single piece per tile), so other devices keep the fixed lengths, and so do the
+// mma.sync passes there. On sm_90, LookupArgs::wgmma = false (tests, benchmarks) runs the
+// mma.sync passes on the pieces chosen here.
+int64_t TensorPassSlots() {
+  if (!CurrentDeviceIsSm90()) return 0;
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return kPassBlocksPerSm * sms;
+}
+
+// The piece length (a multiple of kPassStage) for one pass over `shapes`; `fallback` without slots.
+// A segment of length n takes ceil(n / piece) pieces of ceil(ceil(n / pieces) / kPassStage) stages
+// (the kernels' PieceRange). Ties keep the longer pieces: fewer partial results to combine.
+int64_t ChoosePiece(const std::vector<PassShape>& shapes, int64_t slots, int64_t fallback) {
+  int64_t longest = 0;
+  for (const PassShape& p : shapes) longest = std::max(longest, p.length);
+  if (slots <= 0 || longest == 0) return fallback;
+  int64_t best = longest, best_cost = std::numeric_limits<int64_t>::max();
+  for (int64_t k = 1; k <= kMaxPieces; ++k) {
+    const int64_t piece = CeilDiv(CeilDiv(longest, k), kPassStage) * kPassStage;
+    int64_t blocks = 0, stages = 0;
+    for (const PassShape& p : shapes) {
+      const int64_t pieces = CeilDiv(p.length, piece);
+      blocks += p.tiles * pieces;
+      stages = std::max(stages, CeilDiv(CeilDiv(p.length, pieces), kPassStage));
+    }
+    const int64_t cost = CeilDiv(blocks, slots) * (stages + kPieceOverhead);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = piece;
+    }
+    if (piece == kPassStage) break;
+  }
+  return best;
+}
+
+}  // namespace
+
 Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayout* layout) {
   if (head_dim < lookup_detail::kTileK || head_dim % lookup_detail::kTileK != 0 ||
       head_dim > kMaxHeadDim) {
@@ -152,6 +222,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   l.num_segments = static_cast<int>(segments->size());
   int64_t pages = 0, clusters = 0, floats = 0, ints = 0, tile_counters = 0;
   int64_t mma_row_blocks = 0, mma_col_blocks = 0;
+  std::vector<int> tensor_segs;  // large segments of 16-bit centroids: the two tensor passes
   for (int i = 0; i < l.num_segments; ++i) {
     LookupSegment& s = (*segments)[i];
     if (s.num_clusters < 1 || s.tokens < 1 || s.rows < 1 || s.q_row < 0 || s.num_l1 < 0 ||
@@ -216,21 +287,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
       // binary16 q rows: head_dim / 2 floats each (head_dim is even).
       s.qh_offset = Take(&floats, static_cast<int64_t>(s.rows) * head_dim / 2);
       s.info_offset = Take(&floats, static_cast<int64_t>(s.rows) * 4);
-      const int64_t rtiles = CeilDiv(s.rows, kMmaRowTile);
-      const int64_t etiles = CeilDiv(s.entry_capacity, kMmaColTile);
-      s.row_splits = static_cast<int32_t>(CeilDiv(s.entry_capacity, kLookupPieceEntries));
-      s.col_splits = static_cast<int32_t>(CeilDiv(s.rows, kLookupPieceRows));
-      if (s.row_splits > 1) {
-        s.stat_offset = Take(&floats, static_cast<int64_t>(s.row_splits) * s.rows * 2);
-      }
-      if (s.col_splits > 1) {
-        s.part_offset = Take(&floats, static_cast<int64_t>(s.col_splits) * s.entry_capacity);
-      }
-      s.tile_counter = static_cast<int32_t>(l.num_segments + tile_counters);
-      tile_counters += rtiles + etiles;
-      mma_row_blocks = std::max(mma_row_blocks, rtiles * s.row_splits);
-      mma_col_blocks = std::max(mma_col_blocks, etiles * s.col_splits);
-      if (l.num_segments + tile_counters > INT32_MAX) return Bad(i, "batch too large");
+      tensor_segs.push_back(i);  // pieces below, once the whole launch is known
       continue;
     }
     s.ctiles = (s.entry_capacity + kTileCols - 1) / kTileCols;
@@ -240,6 +297,34 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     s.part_offset = Take(&floats, static_cast<int64_t>(rtiles) * s.entry_capacity);
     l.max_large_ctiles = std::max(l.max_large_ctiles, s.ctiles);
     l.max_large_rtiles = std::max(l.max_large_rtiles, rtiles);
+  }
+  // The tensor passes' pieces: one length per pass for the launch (ChoosePieces).
+  std::vector<PassShape> row_pass, col_pass;
+  for (int i : tensor_segs) {
+    const LookupSegment& s = (*segments)[i];
+    row_pass.push_back({CeilDiv(s.rows, kMmaRowTile), s.entry_capacity});
+    col_pass.push_back({CeilDiv(s.entry_capacity, kMmaColTile), s.rows});
+  }
+  const int64_t slots = TensorPassSlots();
+  const int64_t piece_entries = ChoosePiece(row_pass, slots, kLookupPieceEntries);
+  const int64_t piece_rows = ChoosePiece(col_pass, slots, kLookupPieceRows);
+  for (int i : tensor_segs) {
+    LookupSegment& s = (*segments)[i];
+    const int64_t rtiles = CeilDiv(s.rows, kMmaRowTile);
+    const int64_t etiles = CeilDiv(s.entry_capacity, kMmaColTile);
+    s.row_splits = static_cast<int32_t>(CeilDiv(s.entry_capacity, piece_entries));
+    s.col_splits = static_cast<int32_t>(CeilDiv(s.rows, piece_rows));
+    if (s.row_splits > 1) {
+      s.stat_offset = Take(&floats, static_cast<int64_t>(s.row_splits) * s.rows * 2);
+    }
+    if (s.col_splits > 1) {
+      s.part_offset = Take(&floats, static_cast<int64_t>(s.col_splits) * s.entry_capacity);
+    }
+    s.tile_counter = static_cast<int32_t>(l.num_segments + tile_counters);
+    tile_counters += rtiles + etiles;
+    mma_row_blocks = std::max(mma_row_blocks, rtiles * s.row_splits);
+    mma_col_blocks = std::max(mma_col_blocks, etiles * s.col_splits);
+    if (l.num_segments + tile_counters > INT32_MAX) return Bad(i, "batch too large");
   }
   if (l.max_large_rtiles > 65535 || mma_row_blocks > INT32_MAX || mma_col_blocks > INT32_MAX) {
     return Status::InvalidArgument("lookup: too many query rows");

@@ -65,9 +65,11 @@ inline constexpr int kLookupSmallRows = 16;
 // A launch whose scored small segments all have at most this many rows runs the narrow variant of
 // the small path: on tensor cores, q rounded to binary16, for 16-bit centroids and head_dim <= 128.
 inline constexpr int kLookupNarrowRows = 4;
-// Large segments, 16-bit centroids: pass 1 cuts the entries into pieces of at most this many, pass
-// 2 the query rows, one block each, so the grid fills the device in small, even blocks; the last
-// block of a tile to arrive combines the pieces in a fixed order (gpu/lookup_mma.cu).
+// Large segments, 16-bit centroids: pass 1 cuts the entries into pieces, pass 2 the query rows, one
+// block each; the last block of a tile to arrive combines the pieces in a fixed order
+// (gpu/lookup_mma.cu). PlanLookup picks the piece lengths per launch so that the passes fill
+// whole waves of the device (gpu/lookup.cu, ChoosePiece); these are the lengths it falls back to
+// when no device answers.
 inline constexpr int kLookupPieceEntries = 2048;
 inline constexpr int kLookupPieceRows = 1024;
 

@@ -98,6 +98,7 @@ struct Out {
   std::vector<int32_t> clusters;
   int32_t tokens = -1, scored = -1;
   std::vector<int32_t> page_ids, page_valid;
+  int32_t row_splits = 0, col_splits = 0;  // the plan's pieces (large 16-bit segments)
 };
 
 // Tokens target of a keep fraction (a plain ceil; the engine uses KeepTokenTarget).
@@ -244,6 +245,8 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
                           valid.begin() + ls[i].page_offset + np[i]);
       o.tokens = nt[i];
       o.scored = ns[i];
+      o.row_splits = ls[i].row_splits;
+      o.col_splits = ls[i].col_splits;
     }
     if (round == 0) {
       first = *out;
@@ -674,20 +677,23 @@ TEST(GpuLookup, TiledVariantsMatchReference) {
   }
 }
 
-// The 16-bit prefill passes cut their streamed dimension into pieces (kLookupPieceEntries entries
-// in pass 1, kLookupPieceRows query rows in pass 2) whose partial statistics and column sums the
-// last block of a tile combines: flat and two-level indexes with several pieces in both passes,
-// ragged last pieces.
+// The 16-bit prefill passes cut their streamed dimension into pieces (entries in pass 1, query
+// rows in pass 2; PlanLookup picks the lengths from the launch and the device) whose partial
+// statistics and column sums the last block of a tile combines: flat and two-level indexes,
+// ragged last pieces. Few row tiles over many entries, and few entry tiles over many rows, make
+// the plan cut both passes into several pieces for any device from 16 to 500 SMs.
 TEST(GpuLookup, SplitTensorPassesMatchReference) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
   constexpr int kD = 128, kPt = 16;
-  std::vector<Head> heads(2);
-  MakeHead(rng, 2 * kLookupPieceEntries + 301, kD, kPt, 40, 0, &heads[0]);
-  MakeHead(rng, kLookupPieceEntries + 555, kD, kPt, 40, 45, &heads[1]);
+  std::vector<Head> heads(3);
+  MakeHead(rng, 4397, kD, kPt, 40, 0, &heads[0]);
+  MakeHead(rng, 2603, kD, kPt, 40, 45, &heads[1]);
+  MakeHead(rng, 150, kD, kPt, 40, 0, &heads[2]);
+  const std::vector<std::vector<int>> rows_of = {{130, 1114}, {130, 2055}, {3000}};
   std::vector<Seg> segs;
-  for (int h = 0; h < 2; ++h) {
-    for (int rows : {kLookupPieceRows + 90, 2 * kLookupPieceRows + 7}) {
+  for (int h = 0; h < 3; ++h) {
+    for (int rows : rows_of[h]) {
       for (double f : {0.03, 0.2}) {
         segs.push_back(MakeSeg(rng, heads[h], h, rows, RefMode::kBudget, f));
       }
@@ -695,6 +701,13 @@ TEST(GpuLookup, SplitTensorPassesMatchReference) {
   }
   std::vector<Out> out;
   RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, /*f16=*/true);
+  int most_row_splits = 0, most_col_splits = 0;
+  for (const Out& o : out) {
+    most_row_splits = std::max(most_row_splits, o.row_splits);
+    most_col_splits = std::max(most_col_splits, o.col_splits);
+  }
+  EXPECT_GT(most_row_splits, 1) << "pass 1 ran in one piece per tile";
+  EXPECT_GT(most_col_splits, 1) << "pass 2 ran in one piece per tile";
   CheckAll(heads, segs, out, true);
 }
 
