@@ -160,7 +160,7 @@ namespace {
 constexpr int64_t kPassStage = 64;
 constexpr int64_t kPieceOverhead = 3;
 constexpr int64_t kMaxPieces = 64;       // pieces of one segment considered, at most
-constexpr int64_t kPassBlocksPerSm = 2;  // both families' pass kernels (launch bounds)
+constexpr int64_t kPassBlocksPerSm = 2;  // the wgmma pass kernels (__launch_bounds__ min 2)
 
 struct PassShape {
   int64_t tiles;   // blocks per piece
@@ -298,7 +298,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     l.max_large_ctiles = std::max(l.max_large_ctiles, s.ctiles);
     l.max_large_rtiles = std::max(l.max_large_rtiles, rtiles);
   }
-  // The tensor passes' pieces: one length per pass for the launch (ChoosePieces).
+  // The tensor passes' pieces: one length per pass for the launch (ChoosePiece).
   std::vector<PassShape> row_pass, col_pass;
   for (int i : tensor_segs) {
     const LookupSegment& s = (*segments)[i];
