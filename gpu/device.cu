@@ -1,5 +1,6 @@
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <mutex>
@@ -20,28 +21,57 @@ bool DevicePresent() {
   return present;
 }
 
-bool CurrentDeviceIsSm90() {
-  // Asked on every lookup and attention launch: each device's answer is read once.
-  constexpr int kCached = 64;
-  static std::atomic<int8_t> cached[kCached] = {};  // 0 unknown, 1 yes, 2 no
+namespace {
+
+// A fact of the current device that does not change (an attribute, >= 0), asked of the driver
+// once per device: the first kCachedDevices ordinals are cached, each slot holding the value + 1
+// (0: not asked yet). -1 when no device is current or the driver does not answer (not cached).
+constexpr int kCachedDevices = 64;
+using DeviceCache = std::atomic<int>[kCachedDevices];
+
+template <class Query>
+int PerDevice(DeviceCache& cache, const Query& query) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return -1;
   }
-  if (dev >= 0 && dev < kCached) {
-    const int8_t known = cached[dev].load(std::memory_order_relaxed);
-    if (known != 0) return known == 1;
+  const bool cacheable = dev >= 0 && dev < kCachedDevices;
+  if (cacheable) {
+    const int known = cache[dev].load(std::memory_order_relaxed);
+    if (known != 0) return known - 1;
   }
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+  const int value = query(dev);
+  if (cacheable && value >= 0) cache[dev].store(value + 1, std::memory_order_relaxed);
+  return value;
+}
+
+int Attribute(cudaDeviceAttr attr, int dev) {
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return -1;
   }
-  const bool sm90 = major == 9 && minor == 0;
-  if (dev >= 0 && dev < kCached) cached[dev].store(sm90 ? 1 : 2, std::memory_order_relaxed);
-  return sm90;
+  return v;
+}
+
+}  // namespace
+
+bool CurrentDeviceIsSm90() {
+  static DeviceCache cache;  // asked on every lookup and attention launch
+  return PerDevice(cache, [](int dev) {
+           const int major = Attribute(cudaDevAttrComputeCapabilityMajor, dev);
+           const int minor = Attribute(cudaDevAttrComputeCapabilityMinor, dev);
+           if (major < 0 || minor < 0) return -1;
+           return major == 9 && minor == 0 ? 1 : 0;
+         }) == 1;
+}
+
+int CurrentDeviceSmCount() {
+  static DeviceCache cache;  // asked when planning lookups and attention, and per decode lookup
+  return std::max(0, PerDevice(cache, [](int dev) {
+                    return Attribute(cudaDevAttrMultiProcessorCount, dev);
+                  }));
 }
 
 Result<std::string> DeviceDescription(int device) {

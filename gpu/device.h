@@ -15,6 +15,9 @@ bool DevicePresent();
 // this build has for sm_90a (wgmma) only.
 bool CurrentDeviceIsSm90();
 
+// The current device's multiprocessor count; 0 when no device answers. Cheap after the first call.
+int CurrentDeviceSmCount();
+
 // "NVIDIA H200, 132 SMs, 139.8 GiB" or Unavailable with the reason (no CUDA build, no device).
 Result<std::string> DeviceDescription(int device = 0);
 

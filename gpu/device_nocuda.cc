@@ -7,6 +7,8 @@ bool DevicePresent() { return false; }
 
 bool CurrentDeviceIsSm90() { return false; }
 
+int CurrentDeviceSmCount() { return 0; }
+
 Result<std::string> DeviceDescription(int) {
   return Status::Unavailable("this build has no GPU support (built with SQKV_WITH_CUDA=OFF)");
 }

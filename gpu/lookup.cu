@@ -174,14 +174,7 @@ struct PassShape {
 // mma.sync passes there. On sm_90, LookupArgs::wgmma = false (tests, benchmarks) runs the
 // mma.sync passes on the pieces chosen here.
 int64_t TensorPassSlots() {
-  if (!CurrentDeviceIsSm90()) return 0;
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return kPassBlocksPerSm * sms;
+  return CurrentDeviceIsSm90() ? kPassBlocksPerSm * CurrentDeviceSmCount() : 0;
 }
 
 // The piece length (a multiple of kPassStage) for one pass over `shapes`; `fallback` without slots.

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "gpu/device.h"
 #include "gpu/lookup_select.cuh"
 #include "gpu/paged_attention_common.cuh"
 
@@ -462,12 +463,8 @@ __global__ void __launch_bounds__(kSmallThreads, Sc::kMinBlocks)
 // Blocks per segment of the persistent grid: about two per SM over the whole launch, at most one
 // per tile.
 int PersistentBlocks(const LookupLayout& l) {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return l.max_small_tiles;
-  }
+  const int sms = CurrentDeviceSmCount();
+  if (sms == 0) return l.max_small_tiles;
   const int segs = static_cast<int>(l.small_list.size());
   return std::max(1, std::min(l.max_small_tiles, 2 * sms / std::max(1, segs)));
 }

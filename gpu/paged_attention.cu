@@ -72,13 +72,6 @@ Status CheckPointers(const PagedAttentionArgs& a) {
   return Status::Ok();
 }
 
-Status SmCount(int* sms) {
-  int dev = 0;
-  SQKV_RETURN_IF_ERROR(detail::CudaStatus(cudaGetDevice(&dev), "cudaGetDevice"));
-  return detail::CudaStatus(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev),
-                            "cudaDeviceGetAttribute");
-}
-
 // Picks the splits that minimise waves × (work per split + overhead) + merge cost, for the work
 // the host bound allows (the device then cuts each segment's actual work evenly across them).
 int ChooseSplits(int64_t base_blocks, int64_t work_total, int64_t slots, const CostModel& cost) {
@@ -132,8 +125,8 @@ Result<Plan> MakePlan(const PagedAttentionArgs& a) {
     plan.prefill_wgmma = a.wgmma && a.head_dim == 128 && CurrentDeviceIsSm90();
     SQKV_RETURN_IF_ERROR(detail::PrefillInfo(a.dtype, a.head_dim, plan.prefill_wgmma, &info));
   }
-  int sms = 0;
-  SQKV_RETURN_IF_ERROR(SmCount(&sms));
+  const int sms = CurrentDeviceSmCount();
+  if (sms == 0) return Status::Unavailable("paged attention: no CUDA device answers");
   const int64_t base_blocks = static_cast<int64_t>(a.num_segments) * plan.row_tiles;
   const int64_t slots = static_cast<int64_t>(sms) * info.blocks_per_sm;
   plan.splits = ChooseSplits(base_blocks, plan.work_total, slots, cost);
