@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "gpu/lookup.h"
@@ -132,6 +133,16 @@ __device__ inline bool ArriveLast(int32_t* counter, int blocks, int* flag) {
   }
   __syncthreads();
   return *flag != 0;
+}
+
+// q rows go to binary16 after a per-row power-of-two scale 2^e2 that puts the largest |component|
+// in [2^14, 2^15), so nothing overflows and small components keep their precision; both the large
+// path (ConvertQKernel) and the decode tensor-core scorer (LoadMmaQuery) round q this way. e2 of a
+// row whose largest |component| is max_abs (0 for a zero row).
+__device__ __forceinline__ int QRowExponent(float max_abs) {
+  int ex = 0;
+  frexpf(max_abs, &ex);              // max_abs = f · 2^ex, f in [0.5, 1)
+  return max_abs > 0.f ? 15 - ex : 0;
 }
 
 // Room for a kernel's LookupArgs and Workspace in shared memory: the last block copies its

@@ -196,9 +196,7 @@ __global__ void __launch_bounds__(256) ConvertQKernel(LookupArgs a, Workspace w)
   for (int r = 0; r < R; ++r) {
     const int row = row0 + r;
     if (row >= s.rows) break;
-    int ex = 0;
-    frexpf(m[r], &ex);                        // m = f · 2^ex, f in [0.5, 1)
-    const int e2 = m[r] > 0.f ? 15 - ex : 0;  // max |q| · 2^e2 in [2^14, 2^15)
+    const int e2 = QRowExponent(m[r]);
     const QScale sc(e2);
     __half2* dst = qh + static_cast<size_t>(row) * d / 2;
 #pragma unroll

@@ -146,13 +146,8 @@ __device__ __forceinline__ void LoadMmaQuery(const LookupArgs& a, const LookupSe
 #pragma unroll
     for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[j][i]));
   }
-  // The quad holds the whole row. As ConvertQKernel (gpu/lookup_mma.cu) scales the large path's
-  // rows: the largest |component| times 2^e2 in [2^14, 2^15), so binary16 neither overflows nor
-  // loses the small components of the row, and both paths round q alike.
-  m = QuadMax(m);
-  int ex = 0;
-  frexpf(m, &ex);                        // m = f · 2^ex, f in [0.5, 1)
-  const int e2 = m > 0.f ? 15 - ex : 0;  // max |q| · 2^e2 in [2^14, 2^15)
+  // The quad holds the whole row; scaled as the large path's rows (QRowExponent).
+  const int e2 = QRowExponent(QuadMax(m));
 #pragma unroll
   for (int j = 0; j < KS / 2; ++j) {
 #pragma unroll
