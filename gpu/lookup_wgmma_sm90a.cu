@@ -133,15 +133,17 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
   WgmmaCommit();
 }
 
-// The stage loop of both passes. stage(it) copies stage it (its tile and extras) and commits one
-// cp.async group, empty past the last; epi(it, buf, acc) consumes stage it's product. The product
-// of stage it + 1 runs on the tensor cores while the epilogue of stage it runs, into the other of
-// two accumulator sets; the copies run two stages ahead of that product (kStages buffers: the one
-// of stage it - 1 is refilled once every thread is past its epilogue, told by an mbarrier, so no
-// block barrier holds the warpgroups in step inside the loop). prologue() runs once the
-// first stages' copies are issued, before the first product: pass 1 copies a_tile there (after
-// waiting for the q conversion) and waits for its copies; pass 2's a_tile copies, issued before
-// the loop, ride with stage 0.
+// The stage loop of both passes. stage(it) issues the cp.async copies of stage it (its tile and
+// extras; nothing past the last); the loop learns that they landed from an mbarrier
+// (cp.async.mbarrier.arrive), so stage() commits no groups. epi(it, buf, acc) consumes stage it's
+// product. The product of stage it + 1 runs on the tensor cores while the epilogue of stage it
+// runs, into the other of two accumulator sets; the copies run two stages ahead of that product
+// (kStages buffers: the one of stage it - 1 is refilled once every thread is past its epilogue,
+// told by an mbarrier, so no block barrier holds the warpgroups in step inside the loop).
+// prologue() runs once the first stages' copies are issued, before the first product: pass 1
+// copies a_tile there (after waiting for the q conversion) and waits for all its copies so far;
+// pass 2's a_tile copies, issued before the loop, land before stage 0's barrier completes (an
+// arrival counts every earlier copy of the thread).
 template <int KS, class Prologue, class Stage, class Epi>
 __device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const Prologue& prologue,
                                           const Stage& stage, const Epi& epi) {
@@ -194,6 +196,8 @@ __device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const 
     step(std::integral_constant<int, 0>(), it);
     if (it + 1 < ntiles) step(std::integral_constant<int, 1>(), it + 1);
   }
+  // Copies no barrier waited for (pass 2's a_tile where its piece is empty) land before the end.
+  CpAsyncCommit();
   CpAsyncWait<0>();
 }
 
@@ -291,8 +295,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int ra = row0 + warp * 16 + g, rb = ra + 8;  // warp w: rows 16w .. 16w + 15 of the tile
   float f[2];
   // The first stages' entries (index data) are copied before waiting for the q conversion, which
-  // this kernel may follow as a programmatic dependent; then the block's query rows (their own
-  // cp.async group, waited for with the stages) and factors.
+  // this kernel may follow as a programmatic dependent; then the block's query rows (one cp.async
+  // group with those first stages, waited for here) and factors.
   auto queries = [&] {
     detail::GridDependencyWait();
     StageQueries<KS, kMmaRowTile>(sm.a_tile, qh, row0, s.rows - row0, d);
@@ -314,7 +318,6 @@ __global__ void __launch_bounds__(kThreads, 2)
                  ok ? 4 : 0);
       }
     }
-    CpAsyncCommit();  // empty past the end: the group count stays uniform
   };
 
   float m_run[2] = {-INFINITY, -INFINITY}, z_run[2] = {0.f, 0.f};
@@ -373,7 +376,6 @@ __global__ void __launch_bounds__(kThreads, 2)
           CpAsync4(SmemAddr(row_xl + buf * kStageRows) + 4 * t, src, ok ? 4 : 0);
         }
       }
-      CpAsyncCommit();
     };
     float col[2] = {0.f, 0.f};  // entries g and g + 8 of the warp's 16
     StageLoop<KS>(sm, ntiles, [] {}, stage, [&](int it, int buf, const float(&acc)[32]) {
