@@ -24,6 +24,8 @@ using lookup_detail::kMmaRowTile;
 using lookup_detail::kSmallTile;
 using lookup_detail::kTileCols;
 using lookup_detail::kTileRows;
+using lookup_detail::kWgmmaColPassTiles;
+using lookup_detail::kWgmmaRowPassTiles;
 
 // Largest head_dim the kernels take (16-byte loads by 32 lanes; 16 k-steps of the tensor cores).
 constexpr int kMaxHeadDim = 256;
@@ -156,11 +158,14 @@ namespace {
 // Fitted on the H200 at 128K (pass 2, pieces of 512 against 1,024 rows: 13 against 7 waves,
 // 172 against 160 µs), the overhead is about three stages. There it gives pass 1 one piece per
 // tile at 128K (4 before), pass 2 three at 128K and five at 32K (4 before): NOTES-gpu-lookup.md
-// v15.
+// v15. The wgmma pass-1 blocks take two row tiles at one block per SM (v16), which the model sees
+// as half the blocks over half the slots; at 128K it still gives one piece.
 constexpr int64_t kPassStage = 64;
 constexpr int64_t kPieceOverhead = 3;
 constexpr int64_t kMaxPieces = 64;       // pieces of one segment considered, at most
-constexpr int64_t kPassBlocksPerSm = 2;  // the wgmma pass kernels (__launch_bounds__ min 2)
+// Blocks of a wgmma pass per SM: 2 / tiles per block (256 threads per tile, 128 registers).
+constexpr int64_t kRowPassBlocksPerSm = 2 / kWgmmaRowPassTiles;
+constexpr int64_t kColPassBlocksPerSm = 2 / kWgmmaColPassTiles;
 
 struct PassShape {
   int64_t tiles;   // blocks per piece
@@ -173,8 +178,8 @@ struct PassShape {
 // 335 µs, a single piece per tile), so other devices keep the fixed lengths, and so do the
 // mma.sync passes there. On sm_90, LookupArgs::wgmma = false (tests, benchmarks) runs the
 // mma.sync passes on the pieces chosen here.
-int64_t TensorPassSlots() {
-  return CurrentDeviceIsSm90() ? kPassBlocksPerSm * CurrentDeviceSmCount() : 0;
+int64_t TensorPassSlots(int64_t blocks_per_sm) {
+  return CurrentDeviceIsSm90() ? blocks_per_sm * CurrentDeviceSmCount() : 0;
 }
 
 // The piece length (a multiple of kPassStage) for one pass over `shapes`; `fallback` without slots.
@@ -214,7 +219,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   LookupLayout l;
   l.num_segments = static_cast<int>(segments->size());
   int64_t pages = 0, clusters = 0, floats = 0, ints = 0, tile_counters = 0;
-  int64_t mma_row_blocks = 0, mma_col_blocks = 0;
+  int64_t mma_row_blocks = 0, mma_col_blocks = 0, wgmma_row_blocks = 0;
   std::vector<int> tensor_segs;  // large segments of 16-bit centroids: the two tensor passes
   for (int i = 0; i < l.num_segments; ++i) {
     LookupSegment& s = (*segments)[i];
@@ -295,12 +300,16 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   std::vector<PassShape> row_pass, col_pass;
   for (int i : tensor_segs) {
     const LookupSegment& s = (*segments)[i];
-    row_pass.push_back({CeilDiv(s.rows, kMmaRowTile), s.entry_capacity});
-    col_pass.push_back({CeilDiv(s.entry_capacity, kMmaColTile), s.rows});
+    // Blocks per piece of the wgmma passes.
+    row_pass.push_back(
+        {CeilDiv(CeilDiv(s.rows, kMmaRowTile), kWgmmaRowPassTiles), s.entry_capacity});
+    col_pass.push_back(
+        {CeilDiv(CeilDiv(s.entry_capacity, kMmaColTile), kWgmmaColPassTiles), s.rows});
   }
-  const int64_t slots = TensorPassSlots();
-  const int64_t piece_entries = ChoosePiece(row_pass, slots, kLookupPieceEntries);
-  const int64_t piece_rows = ChoosePiece(col_pass, slots, kLookupPieceRows);
+  const int64_t piece_entries =
+      ChoosePiece(row_pass, TensorPassSlots(kRowPassBlocksPerSm), kLookupPieceEntries);
+  const int64_t piece_rows =
+      ChoosePiece(col_pass, TensorPassSlots(kColPassBlocksPerSm), kLookupPieceRows);
   for (int i : tensor_segs) {
     LookupSegment& s = (*segments)[i];
     const int64_t rtiles = CeilDiv(s.rows, kMmaRowTile);
@@ -317,6 +326,8 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     tile_counters += rtiles + etiles;
     mma_row_blocks = std::max(mma_row_blocks, rtiles * s.row_splits);
     mma_col_blocks = std::max(mma_col_blocks, etiles * s.col_splits);
+    wgmma_row_blocks =
+        std::max(wgmma_row_blocks, CeilDiv(rtiles, kWgmmaRowPassTiles) * s.row_splits);
     if (l.num_segments + tile_counters > INT32_MAX) return Bad(i, "batch too large");
   }
   if (l.max_large_rtiles > 65535 || mma_row_blocks > INT32_MAX || mma_col_blocks > INT32_MAX) {
@@ -324,6 +335,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   }
   l.max_mma_row_blocks = static_cast<int>(mma_row_blocks);
   l.max_mma_col_blocks = static_cast<int>(mma_col_blocks);
+  l.max_wgmma_row_blocks = static_cast<int>(wgmma_row_blocks);
   l.tile_counters = static_cast<int>(tile_counters);
   if (l.small_list.size() > 65535 || l.large_list.size() > 65535) {
     return Status::InvalidArgument("lookup: more than 65535 segments on one path");

@@ -24,6 +24,10 @@ inline constexpr int kTileThreads = 256;
 // kLookupPieceRows).
 inline constexpr int kMmaRowTile = 128;
 inline constexpr int kMmaColTile = 128;
+// The wgmma passes (sm_90a) give a pass-1 block two row tiles (256 query rows, one block per SM)
+// and a pass-2 block one entry tile (two blocks per SM); gpu/lookup_wgmma_sm90a.cu.
+inline constexpr int kWgmmaRowPassTiles = 2;
+inline constexpr int kWgmmaColPassTiles = 1;
 // Selection kernel of the float32 large path: threads per segment block.
 inline constexpr int kSelectThreads = 256;
 

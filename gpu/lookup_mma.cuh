@@ -139,34 +139,47 @@ __device__ __forceinline__ void FinishColumn(const LookupSegment& s, const Entry
   }
 }
 
-// Pass 2's end, the whole block (T threads) calls it: with several pieces, the last block of entry
-// tile `etile` to arrive sums the pieces in piece order into the scores; then, with `finish`, the
-// last block of segment `seg` to arrive selects it (else the staged selection kernel does).
+// Pass 2, several pieces: the last block of entry tile `etile` to arrive sums the pieces in piece
+// order into the scores. The whole block (T threads) calls it.
 template <int T>
-__device__ __forceinline__ void FinishColumns(const LookupArgs& a, const Workspace& w, int seg,
-                                              const LookupSegment& s, const EntrySet& e, int etile,
-                                              int level, bool finish, int* last) {
+__device__ __forceinline__ void CombineColumnPieces(const Workspace& w, const LookupSegment& s,
+                                                    const EntrySet& e, int etile, int* last) {
   const int splits = s.col_splits;
-  if (splits > 1 && etile * kMmaColTile < e.scored) {
-    const int rtiles = CeilDiv(s.rows, kMmaRowTile);
-    if (ArriveLast(w.counters + s.tile_counter + rtiles + etile, splits, last)) {
-      const float* part = w.floats + s.part_offset;  // (splits, entry_capacity)
-      const int col0 = etile * kMmaColTile;
-      for (int i = col0 + threadIdx.x; i < min(col0 + kMmaColTile, e.scored); i += T) {
-        float sum = 0.f;
-        for (int p = 0; p < splits; ++p) {
-          sum += __ldcg(part + static_cast<size_t>(p) * s.entry_capacity + i);
-        }
-        w.floats[s.score_offset + i] = sum * (1.f / static_cast<float>(s.rows));
-      }
+  if (splits <= 1 || etile * kMmaColTile >= e.scored) return;
+  const int rtiles = CeilDiv(s.rows, kMmaRowTile);
+  if (!ArriveLast(w.counters + s.tile_counter + rtiles + etile, splits, last)) return;
+  const float* part = w.floats + s.part_offset;  // (splits, entry_capacity)
+  const int col0 = etile * kMmaColTile;
+  for (int i = col0 + threadIdx.x; i < min(col0 + kMmaColTile, e.scored); i += T) {
+    float sum = 0.f;
+    for (int p = 0; p < splits; ++p) {
+      sum += __ldcg(part + static_cast<size_t>(p) * s.entry_capacity + i);
     }
+    w.floats[s.score_offset + i] = sum * (1.f / static_cast<float>(s.rows));
   }
+}
+
+// Pass 2's end of a block, after CombineColumnPieces of its tiles: with `finish`, the last block
+// of segment `seg` to arrive selects it (else the staged selection kernel does). The whole block
+// (T threads) calls it, once.
+template <int T>
+__device__ __forceinline__ void FinishSegment(const LookupArgs& a, const Workspace& w, int seg,
+                                              int level, bool finish, int* last) {
   if (!finish) return;
   if (!ArriveLast(w.counters + seg, gridDim.x, last)) return;
   if (a.score_only) return;
   __shared__ ArgsBuffer args;
   args.Fill(a, w);
   SelectSegment<T>(args.args(), args.ws(), seg, level, true);
+}
+
+// Pass 2's end for a block of one entry tile: CombineColumnPieces, then FinishSegment.
+template <int T>
+__device__ __forceinline__ void FinishColumns(const LookupArgs& a, const Workspace& w, int seg,
+                                              const LookupSegment& s, const EntrySet& e, int etile,
+                                              int level, bool finish, int* last) {
+  CombineColumnPieces<T>(w, s, e, etile, last);
+  FinishSegment<T>(a, w, seg, level, finish, last);
 }
 
 }  // namespace sqkv::gpu::lookup_detail

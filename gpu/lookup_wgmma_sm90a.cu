@@ -1,11 +1,14 @@
 // Large (prefill) segments with 16-bit centroids on Hopper's warpgroup products (wgmma, sm_90a):
 // the same two passes as lookup_mma.cu (same blocks, pieces, workspace and finish; see there), at
-// head_dim <= 128. A block is two warpgroups over a 128-row A tile in shared memory (query rows in
-// pass 1, entries in pass 2; each warpgroup multiplies 64 of them), streaming the other operand
-// (entries in pass 1, query rows in pass 2) 64 rows per stage through 128-byte swizzled shared
-// memory, copied by cp.async three stages ahead. Per stage and warpgroup one m64n64 product of
-// head_dim / 16 k-steps; the product of the next stage runs on the tensor cores while the exp2
-// work of this one issues (two accumulator sets). Two blocks per SM.
+// head_dim <= 128. A block holds an A tile of T of the passes' 128-row tiles in shared memory
+// (query rows in pass 1, entries in pass 2), a warpgroup per 64 of its rows, and streams the other
+// operand (entries in pass 1, query rows in pass 2) 64 rows per stage through 128-byte swizzled
+// shared memory, copied by cp.async three stages ahead. Per stage and warpgroup one m64n64
+// product of head_dim / 16 k-steps; the product of the next stage runs on the tensor cores while
+// the exp2 work of this one issues (two accumulator sets). Pass 1 takes two tiles a block (four
+// warpgroups, one block per SM: a stage's copy feeds 256 rows, half the copying per product),
+// pass 2 one (two warpgroups, two blocks per SM, whose short blocks overlap each other's start);
+// kWgmmaRowPassTiles, kWgmmaColPassTiles and NOTES-gpu-lookup.md v16.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -37,25 +40,28 @@ using detail::WgmmaFence;
 using detail::WgmmaM64N64SS;
 using detail::WgmmaWait;
 
-constexpr int kThreads = 256;   // two warpgroups
 constexpr int kStageRows = 64;  // streamed rows per stage: the n64 of the product
 constexpr int kStages = 4;
-static_assert(kMmaRowTile == 128 && kMmaColTile == 128, "two warpgroups of 64 A rows");
+static_assert(kMmaRowTile == 128 && kMmaColTile == 128, "two warpgroups of 64 A rows a tile");
 
-// Shared memory of a block: the A tile and the stages' tiles (1,024-byte aligned), then per stage
-// 64 sizes (pass 1) or 64 (x, L) pairs (pass 2).
+// A block of KS k-steps (head_dim / 16) over T tiles: 2T warpgroups, T · 128 A rows. Shared
+// memory: the A tile and the stages' tiles (1,024-byte aligned), then per stage 64 sizes (pass 1)
+// or 64 (x, L) pairs (pass 2). Registers: 128 a thread, so 2 / T blocks per SM.
+template <int KS, int T>
+struct Shape {
+  static_assert(T == 1 || T == 2, "one or two tiles a block");
+  static constexpr int kKS = KS;
+  static constexpr int kThreads = 256 * T;
+  static constexpr int kMinBlocks = 2 / T;
+  static constexpr int kARows = kMmaRowTile * T;
+  static constexpr int kTileBytes = kStageRows * KS * 32;  // KS k-steps of 16 halves per row
+  static constexpr int kATileBytes = kARows * KS * 32;
+  static constexpr int kSmemBytes = 1024 + kATileBytes + kStages * (kTileBytes + kStageRows * 8);
+};
 template <int KS>
-constexpr int TileBytes() {
-  return kStageRows * KS * 32;  // KS k-steps of 16 halves per row
-}
+using RowShape = Shape<KS, kWgmmaRowPassTiles>;
 template <int KS>
-constexpr int ATileBytes() {
-  return kMmaRowTile * KS * 32;  // the block's 128 A rows
-}
-template <int KS>
-constexpr int SmemBytes() {
-  return 1024 + ATileBytes<KS>() + kStages * (TileBytes<KS>() + kStageRows * 8);
-}
+using ColShape = Shape<KS, kWgmmaColPassTiles>;
 
 // An exact float of a non-negative int below 2^23, on the FMA pipe (no conversion unit).
 __device__ __forceinline__ float SmallIntToFloat(int v) {
@@ -64,12 +70,12 @@ __device__ __forceinline__ float SmallIntToFloat(int v) {
 
 // R rows into `tile` (KS / 4 panels of R × 128 bytes, swizzled): row r's 16-byte chunk ch from
 // src(r) + 16 ch, zero past `valid` rows or head_dim. Each thread copies one chunk column of every
-// (256 / chunks)-th row, so its shared offsets differ by a constant (the swizzle repeats every 8
-// rows) and src(r) walks rows in order (a flat source strength-reduces to one add).
-template <int KS, int R, class Src>
+// (threads / chunks)-th row, so its shared offsets differ by a constant (the swizzle repeats every
+// 8 rows) and src(r) walks rows in order (a flat source strength-reduces to one add).
+template <class Sh, int R, class Src>
 __device__ __forceinline__ void StageRows(uint32_t tile, int valid, int d, const Src& src) {
-  constexpr int kChunks = KS * 2;
-  constexpr int kStep = kThreads / kChunks;  // rows per sweep, a multiple of 8
+  constexpr int kChunks = Sh::kKS * 2;
+  constexpr int kStep = Sh::kThreads / kChunks;  // rows per sweep, a multiple of 8
   static_assert(kStep % 8 == 0 && R % kStep == 0, "whole sweeps, one swizzle phase");
   const int ch = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
   const uint32_t dst = tile + (ch >> 3) * (R * 128) + Sw128Offset(r0, ch & 7);
@@ -83,51 +89,51 @@ __device__ __forceinline__ void StageRows(uint32_t tile, int valid, int d, const
 }
 
 // Rows of an entry set from entry i0 on: a flat set's rows by address, a listed one's by id.
-template <int KS, int R>
+template <class Sh, int R>
 __device__ __forceinline__ void StageEntries(uint32_t tile, const EntrySet& e, int i0, int valid,
                                              int d) {
   if (e.list == nullptr) {
     const uint8_t* rows = e.prim + static_cast<size_t>(i0) * e.row_bytes;
-    StageRows<KS, R>(tile, valid, d,
+    StageRows<Sh, R>(tile, valid, d,
                      [&](int r) { return rows + static_cast<size_t>(r) * e.row_bytes; });
   } else {
-    StageRows<KS, R>(tile, valid, d,
+    StageRows<Sh, R>(tile, valid, d,
                      [&](int r) { return static_cast<const uint8_t*>(EntryRow(e, i0 + r)); });
   }
 }
 
 // Query rows r0 .. of the binary16 q (rows of d halves).
-template <int KS, int R>
+template <class Sh, int R>
 __device__ __forceinline__ void StageQueries(uint32_t tile, const uint16_t* qh, int r0, int valid,
                                              int d) {
   const uint8_t* rows = reinterpret_cast<const uint8_t*>(qh + static_cast<size_t>(r0) * d);
-  StageRows<KS, R>(tile, valid, d, [&](int r) { return rows + static_cast<size_t>(r) * d * 2; });
+  StageRows<Sh, R>(tile, valid, d, [&](int r) { return rows + static_cast<size_t>(r) * d * 2; });
 }
 
 // The block's shared memory: the A tile, the stage tiles (both 1,024-byte aligned), then per stage
 // 64 extras (sizes in pass 1, row infos in pass 2).
-template <int KS>
+template <class Sh>
 struct Smem {
   uint32_t a_tile, tiles;
   uint8_t* extra;
   __device__ explicit Smem(uint8_t* raw) {
     const uint32_t base = (SmemAddr(raw) + 1023u) & ~1023u;
     a_tile = base;
-    tiles = base + ATileBytes<KS>();
-    extra = raw + (tiles - SmemAddr(raw)) + kStages * TileBytes<KS>();
+    tiles = base + Sh::kATileBytes;
+    extra = raw + (tiles - SmemAddr(raw)) + kStages * Sh::kTileBytes;
   }
-  __device__ uint32_t Tile(int buf) const { return tiles + buf * TileBytes<KS>(); }
+  __device__ uint32_t Tile(int buf) const { return tiles + buf * Sh::kTileBytes; }
 };
 
 // Issues one stage's product without waiting: acc (the warpgroup's 64 A rows × the stage's 64
-// rows) = A · tile^T over KS k-steps. desc_a: the warpgroup's rows of the 128-row A tile, desc_b:
-// the stage's tile, both at k-step 0.
-template <int KS>
+// rows) = A · tile^T over KS k-steps. desc_a: the warpgroup's rows of the A tile, desc_b: the
+// stage's tile, both at k-step 0.
+template <class Sh>
 __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, float (&acc)[32]) {
   WgmmaFence();  // the epilogue read these accumulators last
 #pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    WgmmaM64N64SS<__half>(acc, DescAdvance(desc_a, Sw128KStep(kMmaRowTile, ks)),
+  for (int ks = 0; ks < Sh::kKS; ++ks) {
+    WgmmaM64N64SS<__half>(acc, DescAdvance(desc_a, Sw128KStep(Sh::kARows, ks)),
                           DescAdvance(desc_b, Sw128KStep(kStageRows, ks)), ks > 0);
   }
   WgmmaCommit();
@@ -144,14 +150,14 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
 // copies a_tile there (after waiting for the q conversion) and waits for all its copies so far;
 // pass 2's a_tile copies, issued before the loop, land before stage 0's barrier completes (an
 // arrival counts every earlier copy of the thread).
-template <int KS, class Prologue, class Stage, class Epi>
-__device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const Prologue& prologue,
+template <class Sh, class Prologue, class Stage, class Epi>
+__device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const Prologue& prologue,
                                           const Stage& stage, const Epi& epi) {
   const int wg = threadIdx.x / 128;
-  const uint64_t desc_a = Sw128Desc(sm.a_tile + wg * 64 * 128, kMmaRowTile, 0);
+  const uint64_t desc_a = Sw128Desc(sm.a_tile + wg * 64 * 128, Sh::kARows, 0);
   const uint64_t desc_b = Sw128Desc(sm.tiles, kStageRows, 0);
-  auto tile_desc = [&](int it) { return DescAdvance(desc_b, (it % kStages) * TileBytes<KS>()); };
-  // Stage buffers are handed over by mbarriers, not block barriers, so the two warpgroups drift
+  auto tile_desc = [&](int it) { return DescAdvance(desc_b, (it % kStages) * Sh::kTileBytes); };
+  // Stage buffers are handed over by mbarriers, not block barriers, so the warpgroups drift
   // apart (one's products overlap the other's exp2 work): full[b] completes once every thread's
   // copies of the buffer's stage have landed, empty[b] once every thread's epilogue of it is done
   // (both counts: all threads).
@@ -161,7 +167,7 @@ __device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const 
   auto empty = [&](int it) { return empty0 + 8 * (it % kStages); };
   auto parity = [&](int it) { return static_cast<uint32_t>(it / kStages) & 1u; };
   if (threadIdx.x == 0) {
-    for (int b = 0; b < 2 * kStages; ++b) MbarInit(full0 + 8 * b, kThreads);
+    for (int b = 0; b < 2 * kStages; ++b) MbarInit(full0 + 8 * b, Sh::kThreads);
   }
   __syncthreads();  // the barriers in place
   auto put = [&](int it) {  // stage it's copies into the buffer stage it - kStages left
@@ -176,7 +182,7 @@ __device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const 
   if (ntiles > 0) MbarWait(full(0), 0);  // stage 0, and a_tile's copies issued before it
   FenceProxyAsyncShared();
   __syncthreads();  // the prologue's copies of every thread
-  if (ntiles > 0) IssueProduct<KS>(desc_a, tile_desc(0), acc[0]);
+  if (ntiles > 0) IssueProduct<Sh>(desc_a, tile_desc(0), acc[0]);
   WgmmaWait<0>();
   // acc[cur] holds stage it's product on entry; nothing is in flight across iterations (a product
   // in flight over the loop's back edge would make the compiler serialize them all).
@@ -185,7 +191,7 @@ __device__ __forceinline__ void StageLoop(const Smem<KS>& sm, int ntiles, const 
     if (it + 1 < ntiles) {
       MbarWait(full(it + 1), parity(it + 1));  // stage it + 1 landed, every thread's copies
       FenceProxyAsyncShared();
-      IssueProduct<KS>(desc_a, tile_desc(it + 1), acc[cur ^ 1]);
+      IssueProduct<Sh>(desc_a, tile_desc(it + 1), acc[cur ^ 1]);
     }
     put(it + kStages - 1);  // into stage it - 1's buffer, once every thread is past its epilogue
     epi(it, it % kStages, acc[cur]);
@@ -271,8 +277,10 @@ __device__ __forceinline__ void ColumnUpdate(const float (&acc)[32], const float
 }
 
 template <int KS>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBlocks)
     RowStatsWgmmaKernel(LookupArgs a, Workspace w, int level) {
+  using Sh = RowShape<KS>;
+  constexpr int kT = kWgmmaRowPassTiles;
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
   PassBlock b;
@@ -281,7 +289,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (!GetPassBlock(a, w, level, /*row_pass=*/true, &b)) return detail::GridDependencyWait();
   const LookupSegment& s = *b.s;
   const EntrySet& e = b.e;
-  const int splits = b.splits, rtile = b.tile, piece = b.piece, row0 = rtile * kMmaRowTile;
+  // Row tiles kT b.tile .. kT b.tile + kT - 1 (the later ones may lie past the rows).
+  const int splits = b.splits, rtile = kT * b.tile, piece = b.piece, row0 = rtile * kMmaRowTile;
   if (row0 >= s.rows) return detail::GridDependencyWait();
   const int d = a.head_dim;
   const int2 range = PieceRange(e.total, splits, piece, kStageRows);
@@ -289,17 +298,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
   const uint16_t* qh = b.qh;
   float4* info = b.info;
-  const Smem<KS> sm(smem_raw);
+  const Smem<Sh> sm(smem_raw);
   int32_t* sizes = reinterpret_cast<int32_t*>(sm.extra);  // (kStages, 64)
 
-  const int ra = row0 + warp * 16 + g, rb = ra + 8;  // warp w: rows 16w .. 16w + 15 of the tile
+  const int ra = row0 + warp * 16 + g, rb = ra + 8;  // warp w: rows 16w .. 16w + 15 of the block
   float f[2];
   // The first stages' entries (index data) are copied before waiting for the q conversion, which
   // this kernel may follow as a programmatic dependent; then the block's query rows (one cp.async
   // group with those first stages, waited for here) and factors.
   auto queries = [&] {
     detail::GridDependencyWait();
-    StageQueries<KS, kMmaRowTile>(sm.a_tile, qh, row0, s.rows - row0, d);
+    StageQueries<Sh, Sh::kARows>(sm.a_tile, qh, row0, s.rows - row0, d);
     CpAsyncCommit();
     f[0] = ra < s.rows ? info[ra].x : 0.f;
     f[1] = rb < s.rows ? info[rb].x : 0.f;
@@ -311,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (it < ntiles) {
       const int i0 = begin + it * kStageRows, buf = it % kStages;
       const int valid = min(kStageRows, end - i0);
-      StageEntries<KS, kStageRows>(sm.Tile(buf), e, i0, valid, d);
+      StageEntries<Sh, kStageRows>(sm.Tile(buf), e, i0, valid, d);
       if (t < kStageRows) {
         const bool ok = t < valid;
         CpAsync4(SmemAddr(sizes + buf * kStageRows + t), ok ? EntrySizePtr(e, i0 + t) : e.prim_size,
@@ -321,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
 
   float m_run[2] = {-INFINITY, -INFINITY}, z_run[2] = {0.f, 0.f};
-  StageLoop<KS>(sm, ntiles, queries, stage, [&](int it, int buf, const float(&acc)[32]) {
+  StageLoop<Sh>(sm, ntiles, queries, stage, [&](int it, int buf, const float(&acc)[32]) {
     const int valid = end - (begin + it * kStageRows);
     if (valid < kStageRows) {
       RowUpdate<true>(acc, sizes + buf * kStageRows, tq, valid, f, m_run, z_run);
@@ -332,12 +341,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   float2* part = reinterpret_cast<float2*>(w.floats + s.stat_offset);  // (splits, rows)
   FinishRowStat(s, info, part, piece, splits, ra, tq, f[0], m_run[0], z_run[0]);
   FinishRowStat(s, info, part, piece, splits, rb, tq, f[1], m_run[1], z_run[1]);
-  if (splits > 1) CombineRowPieces<kThreads>(s, w, info, part, rtile, &last);
+  if (splits > 1) {
+    for (int k = 0; k < kT && (rtile + k) * kMmaRowTile < s.rows; ++k) {
+      CombineRowPieces<Sh::kThreads>(s, w, info, part, rtile + k, &last);
+    }
+  }
 }
 
 template <int KS>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBlocks)
     ColumnWgmmaKernel(LookupArgs a, Workspace w, int level, bool finish) {
+  using Sh = ColShape<KS>;
+  constexpr int kT = kWgmmaColPassTiles;
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
   // The staged selection that follows (without finish) waits for this grid's completion before it
@@ -348,27 +363,28 @@ __global__ void __launch_bounds__(kThreads, 2)
   const LookupSegment& s = *b.s;
   const EntrySet& e = b.e;
   const int seg = b.seg, d = a.head_dim;
-  const int splits = b.splits, etile = b.tile, piece = b.piece, col0 = etile * kMmaColTile;
+  // Entry tiles kT b.tile .. kT b.tile + kT - 1 (the later ones may lie past the scored entries).
+  const int splits = b.splits, etile = kT * b.tile, piece = b.piece, col0 = etile * kMmaColTile;
   if (col0 < e.scored) {
     const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
     const uint16_t* qh = b.qh;
     const float4* info = b.info;
     const int2 range = PieceRange(s.rows, splits, piece, kStageRows);
     const int begin = range.x, end = range.y;
-    const Smem<KS> sm(smem_raw);
+    const Smem<Sh> sm(smem_raw);
     // Per stage and query row (logit factor, base-2 log normaliser L): 2^(acc · x - L) is the
     // row's softmax weight of an entry.
     float2* row_xl = reinterpret_cast<float2*>(sm.extra);  // (kStages, 64)
 
     // The block's entries (only the scored ones: pass 2 scores what the selection ranks).
-    StageEntries<KS, kMmaColTile>(sm.a_tile, e, col0, e.scored - col0, d);
+    StageEntries<Sh, Sh::kARows>(sm.a_tile, e, col0, e.scored - col0, d);
     const int ea = col0 + warp * 16 + g, eb = ea + 8;
     const int ntiles = CeilDiv(end - begin, kStageRows);
     auto stage = [&](int it) {
       if (it < ntiles) {
         const int r0 = begin + it * kStageRows, buf = it % kStages;
         const int valid = min(kStageRows, end - r0);
-        StageQueries<KS, kStageRows>(sm.Tile(buf), qh, r0, valid, d);
+        StageQueries<Sh, kStageRows>(sm.Tile(buf), qh, r0, valid, d);
         if (t < 2 * kStageRows) {  // component t % 2 (x, L) of row t / 2; past the end: 0
           const int r = t / 2;
           const bool ok = r < valid;
@@ -378,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     };
     float col[2] = {0.f, 0.f};  // entries g and g + 8 of the warp's 16
-    StageLoop<KS>(sm, ntiles, [] {}, stage, [&](int it, int buf, const float(&acc)[32]) {
+    StageLoop<Sh>(sm, ntiles, [] {}, stage, [&](int it, int buf, const float(&acc)[32]) {
       const int valid = end - (begin + it * kStageRows);
       if (valid < kStageRows) {
         ColumnUpdate<true>(acc, row_xl + buf * kStageRows, tq, valid, col);
@@ -389,7 +405,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     FinishColumn(s, e, w, piece, splits, ea, tq, col[0]);
     FinishColumn(s, e, w, piece, splits, eb, tq, col[1]);
   }
-  FinishColumns<kThreads>(a, w, seg, s, e, etile, level, finish, &last);
+  for (int k = 0; k < kT; ++k) CombineColumnPieces<Sh::kThreads>(w, s, e, etile + k, &last);
+  FinishSegment<Sh::kThreads>(a, w, seg, level, finish, &last);
 }
 
 template <int KS>
@@ -398,21 +415,24 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
   const unsigned n = static_cast<unsigned>(l.large_list.size());
   const int steps = a.score_only ? a.large_steps : 3;  // LookupArgs::large_steps
   if (steps < 2) return cudaSuccess;
-  constexpr int kSmem = SmemBytes<KS>();
+  using Row = RowShape<KS>;
+  using Col = ColShape<KS>;
   static const cudaError_t attr = [] {
-    cudaError_t e1 = cudaFuncSetAttribute(RowStatsWgmmaKernel<KS>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    cudaError_t e2 = cudaFuncSetAttribute(ColumnWgmmaKernel<KS>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    cudaError_t e1 = cudaFuncSetAttribute(
+        RowStatsWgmmaKernel<KS>, cudaFuncAttributeMaxDynamicSharedMemorySize, Row::kSmemBytes);
+    cudaError_t e2 = cudaFuncSetAttribute(
+        ColumnWgmmaKernel<KS>, cudaFuncAttributeMaxDynamicSharedMemorySize, Col::kSmemBytes);
     return e1 != cudaSuccess ? e1 : e2;
   }();
   if (attr != cudaSuccess) return attr;
-  cudaError_t err = LaunchPass(RowStatsWgmmaKernel<KS>, dim3(l.max_mma_row_blocks, n), kThreads,
-                               kSmem, stream, Pass1FollowsConversion(l, level), a, w, level);
+  cudaError_t err =
+      LaunchPass(RowStatsWgmmaKernel<KS>, dim3(l.max_wgmma_row_blocks, n), Row::kThreads,
+                 Row::kSmemBytes, stream, Pass1FollowsConversion(l, level), a, w, level);
   if (err != cudaSuccess || steps < 3) return err;
   const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
-  ColumnWgmmaKernel<KS>
-      <<<dim3(l.max_mma_col_blocks, n), kThreads, kSmem, stream>>>(a, w, level, !staged);
+  static_assert(kWgmmaColPassTiles == 1, "pass 2's grid: one entry tile a block");
+  ColumnWgmmaKernel<KS><<<dim3(l.max_mma_col_blocks, n), Col::kThreads, Col::kSmemBytes, stream>>>(
+      a, w, level, !staged);
   err = cudaGetLastError();
   if (err != cudaSuccess || !staged || a.score_only) return err;
   return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
