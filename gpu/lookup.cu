@@ -26,6 +26,7 @@ using lookup_detail::kTileCols;
 using lookup_detail::kTileRows;
 using lookup_detail::kWgmmaColPassTiles;
 using lookup_detail::kWgmmaRowPassTiles;
+using lookup_detail::WgmmaPassBlocksPerSm;
 
 // Largest head_dim the kernels take (16-byte loads by 32 lanes; 16 k-steps of the tensor cores).
 constexpr int kMaxHeadDim = 256;
@@ -162,10 +163,7 @@ namespace {
 // as half the blocks over half the slots; at 128K it still gives one piece.
 constexpr int64_t kPassStage = 64;
 constexpr int64_t kPieceOverhead = 3;
-constexpr int64_t kMaxPieces = 64;       // pieces of one segment considered, at most
-// Blocks of a wgmma pass per SM: 2 / tiles per block (256 threads per tile, 128 registers).
-constexpr int64_t kRowPassBlocksPerSm = 2 / kWgmmaRowPassTiles;
-constexpr int64_t kColPassBlocksPerSm = 2 / kWgmmaColPassTiles;
+constexpr int64_t kMaxPieces = 64;  // pieces of one segment considered, at most
 
 struct PassShape {
   int64_t tiles;   // blocks per piece
@@ -219,7 +217,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   LookupLayout l;
   l.num_segments = static_cast<int>(segments->size());
   int64_t pages = 0, clusters = 0, floats = 0, ints = 0, tile_counters = 0;
-  int64_t mma_row_blocks = 0, mma_col_blocks = 0, wgmma_row_blocks = 0;
+  int64_t mma_row_blocks = 0, mma_col_blocks = 0, wgmma_row_blocks = 0, wgmma_col_blocks = 0;
   std::vector<int> tensor_segs;  // large segments of 16-bit centroids: the two tensor passes
   for (int i = 0; i < l.num_segments; ++i) {
     LookupSegment& s = (*segments)[i];
@@ -306,10 +304,10 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     col_pass.push_back(
         {CeilDiv(CeilDiv(s.entry_capacity, kMmaColTile), kWgmmaColPassTiles), s.rows});
   }
-  const int64_t piece_entries =
-      ChoosePiece(row_pass, TensorPassSlots(kRowPassBlocksPerSm), kLookupPieceEntries);
-  const int64_t piece_rows =
-      ChoosePiece(col_pass, TensorPassSlots(kColPassBlocksPerSm), kLookupPieceRows);
+  const int64_t piece_entries = ChoosePiece(
+      row_pass, TensorPassSlots(WgmmaPassBlocksPerSm(kWgmmaRowPassTiles)), kLookupPieceEntries);
+  const int64_t piece_rows = ChoosePiece(
+      col_pass, TensorPassSlots(WgmmaPassBlocksPerSm(kWgmmaColPassTiles)), kLookupPieceRows);
   for (int i : tensor_segs) {
     LookupSegment& s = (*segments)[i];
     const int64_t rtiles = CeilDiv(s.rows, kMmaRowTile);
@@ -328,6 +326,8 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     mma_col_blocks = std::max(mma_col_blocks, etiles * s.col_splits);
     wgmma_row_blocks =
         std::max(wgmma_row_blocks, CeilDiv(rtiles, kWgmmaRowPassTiles) * s.row_splits);
+    wgmma_col_blocks =
+        std::max(wgmma_col_blocks, CeilDiv(etiles, kWgmmaColPassTiles) * s.col_splits);
     if (l.num_segments + tile_counters > INT32_MAX) return Bad(i, "batch too large");
   }
   if (l.max_large_rtiles > 65535 || mma_row_blocks > INT32_MAX || mma_col_blocks > INT32_MAX) {
@@ -336,6 +336,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   l.max_mma_row_blocks = static_cast<int>(mma_row_blocks);
   l.max_mma_col_blocks = static_cast<int>(mma_col_blocks);
   l.max_wgmma_row_blocks = static_cast<int>(wgmma_row_blocks);
+  l.max_wgmma_col_blocks = static_cast<int>(wgmma_col_blocks);
   l.tile_counters = static_cast<int>(tile_counters);
   if (l.small_list.size() > 65535 || l.large_list.size() > 65535) {
     return Status::InvalidArgument("lookup: more than 65535 segments on one path");

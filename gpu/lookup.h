@@ -173,9 +173,10 @@ struct LookupLayout {
   int max_large_clusters = 0;  // max num_clusters over large segments
   int max_mma_row_blocks = 0;  // large 16-bit: max row tiles x row_splits (pass 1 grid)
   int max_mma_col_blocks = 0;  // large 16-bit: max entry tiles x col_splits (pass 2 grid)
-  // The wgmma pass 1 grid: its blocks take kWgmmaRowPassTiles row tiles each.
+  // The wgmma passes' grids: their blocks take kWgmmaRowPassTiles / kWgmmaColPassTiles tiles.
   int max_wgmma_row_blocks = 0;  // max ceil(row tiles / kWgmmaRowPassTiles) x row_splits
-  int tile_counters = 0;       // large 16-bit: arrival counters after the segments'
+  int max_wgmma_col_blocks = 0;  // max ceil(entry tiles / kWgmmaColPassTiles) x col_splits
+  int tile_counters = 0;         // large 16-bit: arrival counters after the segments'
   bool any_hierarchical = false;
   std::vector<int32_t> small_list;  // segment ids of the fused kernel: small and fixed (unscored)
   std::vector<int32_t> large_list;  // segment ids on the large path (scored only)

@@ -28,6 +28,9 @@ inline constexpr int kMmaColTile = 128;
 // and a pass-2 block one entry tile (two blocks per SM); gpu/lookup_wgmma_sm90a.cu.
 inline constexpr int kWgmmaRowPassTiles = 2;
 inline constexpr int kWgmmaColPassTiles = 1;
+// Resident blocks per SM of a wgmma pass whose blocks take `tiles` tiles: 256 threads of 128
+// registers per tile.
+constexpr int WgmmaPassBlocksPerSm(int tiles) { return 2 / tiles; }
 // Selection kernel of the float32 large path: threads per segment block.
 inline constexpr int kSelectThreads = 256;
 

@@ -46,13 +46,13 @@ static_assert(kMmaRowTile == 128 && kMmaColTile == 128, "two warpgroups of 64 A 
 
 // A block of KS k-steps (head_dim / 16) over T tiles: 2T warpgroups, T · 128 A rows. Shared
 // memory: the A tile and the stages' tiles (1,024-byte aligned), then per stage 64 sizes (pass 1)
-// or 64 (x, L) pairs (pass 2). Registers: 128 a thread, so 2 / T blocks per SM.
+// or 64 (x, L) pairs (pass 2). Registers: 128 a thread (WgmmaPassBlocksPerSm).
 template <int KS, int T>
 struct Shape {
   static_assert(T == 1 || T == 2, "one or two tiles a block");
   static constexpr int kKS = KS;
   static constexpr int kThreads = 256 * T;
-  static constexpr int kMinBlocks = 2 / T;
+  static constexpr int kMinBlocks = WgmmaPassBlocksPerSm(T);
   static constexpr int kARows = kMmaRowTile * T;
   static constexpr int kTileBytes = kStageRows * KS * 32;  // KS k-steps of 16 halves per row
   static constexpr int kATileBytes = kARows * KS * 32;
@@ -430,9 +430,9 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
                  Row::kSmemBytes, stream, Pass1FollowsConversion(l, level), a, w, level);
   if (err != cudaSuccess || steps < 3) return err;
   const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
-  static_assert(kWgmmaColPassTiles == 1, "pass 2's grid: one entry tile a block");
-  ColumnWgmmaKernel<KS><<<dim3(l.max_mma_col_blocks, n), Col::kThreads, Col::kSmemBytes, stream>>>(
-      a, w, level, !staged);
+  ColumnWgmmaKernel<KS>
+      <<<dim3(l.max_wgmma_col_blocks, n), Col::kThreads, Col::kSmemBytes, stream>>>(a, w, level,
+                                                                                   !staged);
   err = cudaGetLastError();
   if (err != cudaSuccess || !staged || a.score_only) return err;
   return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
