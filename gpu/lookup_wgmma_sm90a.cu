@@ -88,14 +88,39 @@ __device__ __forceinline__ void StageRows(uint32_t tile, int valid, int d, const
   }
 }
 
+// StageRows for rows `pitch` bytes apart from `rows` on (a flat source): the thread's rows are
+// a constant 32-bit offset apart, and a stage with all R rows valid and every chunk inside
+// head_dim takes no per-row predicate or clamp.
+template <class Sh, int R>
+__device__ __forceinline__ void StageFlatRows(uint32_t tile, const uint8_t* rows, uint32_t pitch,
+                                              int valid, int d) {
+  constexpr int kChunks = Sh::kKS * 2;
+  constexpr int kStep = Sh::kThreads / kChunks;
+  static_assert(kStep % 8 == 0 && R % kStep == 0, "whole sweeps, one swizzle phase");
+  const int ch = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const uint32_t dst = tile + (ch >> 3) * (R * 128) + Sw128Offset(r0, ch & 7);
+  const uint8_t* src = rows + r0 * pitch + ch * 16;
+  const uint32_t step = kStep * pitch;
+  if (valid >= R && ch * 8 < d) {
+#pragma unroll
+    for (int k = 0; k < R / kStep; ++k) CpAsync16(dst + k * kStep * 128, src + k * step, 16);
+  } else {
+    const bool in_d = ch * 8 < d;
+#pragma unroll
+    for (int k = 0; k < R / kStep; ++k) {
+      const bool ok = in_d && r0 + k * kStep < valid;
+      CpAsync16(dst + k * kStep * 128, ok ? src + k * step : rows, ok ? 16 : 0);
+    }
+  }
+}
+
 // Rows of an entry set from entry i0 on: a flat set's rows by address, a listed one's by id.
 template <class Sh, int R>
 __device__ __forceinline__ void StageEntries(uint32_t tile, const EntrySet& e, int i0, int valid,
                                              int d) {
   if (e.list == nullptr) {
-    const uint8_t* rows = e.prim + static_cast<size_t>(i0) * e.row_bytes;
-    StageRows<Sh, R>(tile, valid, d,
-                     [&](int r) { return rows + static_cast<size_t>(r) * e.row_bytes; });
+    StageFlatRows<Sh, R>(tile, e.prim + static_cast<size_t>(i0) * e.row_bytes,
+                         static_cast<uint32_t>(e.row_bytes), valid, d);
   } else {
     StageRows<Sh, R>(tile, valid, d,
                      [&](int r) { return static_cast<const uint8_t*>(EntryRow(e, i0 + r)); });
@@ -106,8 +131,8 @@ __device__ __forceinline__ void StageEntries(uint32_t tile, const EntrySet& e, i
 template <class Sh, int R>
 __device__ __forceinline__ void StageQueries(uint32_t tile, const uint16_t* qh, int r0, int valid,
                                              int d) {
-  const uint8_t* rows = reinterpret_cast<const uint8_t*>(qh + static_cast<size_t>(r0) * d);
-  StageRows<Sh, R>(tile, valid, d, [&](int r) { return rows + static_cast<size_t>(r) * d * 2; });
+  StageFlatRows<Sh, R>(tile, reinterpret_cast<const uint8_t*>(qh + static_cast<size_t>(r0) * d),
+                       static_cast<uint32_t>(d) * 2, valid, d);
 }
 
 // The block's shared memory: the A tile, the stage tiles (both 1,024-byte aligned), then per stage
