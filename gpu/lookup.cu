@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -158,9 +159,10 @@ namespace {
 // the overhead being a block's start (its tile's copy) and end (statistics, combine), in stages.
 // Fitted on the H200 at 128K (pass 2, pieces of 512 against 1,024 rows: 13 against 7 waves,
 // 172 against 160 µs), the overhead is about three stages. There it gives pass 1 one piece per
-// tile at 128K (4 before), pass 2 three at 128K and five at 32K (4 before): NOTES-gpu-lookup.md
-// v15. The wgmma pass-1 blocks take two row tiles at one block per SM (v16), which the model sees
-// as half the blocks over half the slots; at 128K it still gives one piece.
+// tile at 128K (4 before): NOTES-gpu-lookup.md v15. The wgmma pass-1 blocks take two row tiles at
+// one block per SM (v16), which the model sees as half the blocks over half the slots; at 128K it
+// still gives one piece. Pass 2 on sm_90 takes unequal pieces, longest first (ChooseColPieces,
+// v17); without a device answering, both passes keep the fixed lengths.
 constexpr int64_t kPassStage = 64;
 constexpr int64_t kPieceOverhead = 3;
 constexpr int64_t kMaxPieces = 64;  // pieces of one segment considered, at most
@@ -208,6 +210,55 @@ int64_t ChoosePiece(const std::vector<PassShape>& shapes, int64_t slots, int64_t
 
 }  // namespace
 
+int64_t ColPieceStages(int64_t stages, int64_t splits, int64_t first, int64_t piece) {
+  if (splits <= 1) return piece == 0 ? stages : 0;
+  if (piece == 0) return first;
+  const int64_t per = CeilDiv(stages - first, splits - 1);
+  return std::clamp<int64_t>(stages - first - (piece - 1) * per, 0, per);
+}
+
+int64_t ColFirstStages(int64_t stages, int64_t splits, int64_t q) {
+  if (splits <= 1) return stages;
+  return std::clamp<int64_t>(CeilDiv(stages * q, 64), CeilDiv(stages, splits),
+                             stages - (splits - 1));
+}
+
+int64_t ColPassEnd(const std::vector<ColPassRun>& runs, int64_t slots, ColPieces pieces) {
+  std::map<int64_t, int64_t> free_at{{0, slots}};  // time -> slots free from then
+  for (int64_t p = 0; p < pieces.splits; ++p) {
+    for (const ColPassRun& r : runs) {
+      const int64_t k = std::min(pieces.splits, r.stages);
+      if (p >= k) continue;
+      const int64_t cost =
+          ColPieceStages(r.stages, k, ColFirstStages(r.stages, k, pieces.q), p) + kPieceOverhead;
+      for (int64_t n = r.tiles * r.count; n > 0;) {  // equal blocks to the earliest slots
+        auto it = free_at.begin();
+        const int64_t t = it->first, take = std::min(it->second, n);
+        if ((it->second -= take) == 0) free_at.erase(it);
+        free_at[t + cost] += take;
+        n -= take;
+      }
+    }
+  }
+  return free_at.rbegin()->first;
+}
+
+ColPieces ChooseColPieces(const std::vector<ColPassRun>& runs, int64_t slots) {
+  ColPieces best;
+  int64_t best_end = std::numeric_limits<int64_t>::max();
+  for (int64_t k = 1; k <= kMaxColSplits; ++k) {
+    // k = 1: the one piece; else first shares from equal (64 / k) up, in steps of 2/64.
+    for (int64_t q = CeilDiv(int64_t{64}, k); q <= 64; q += k == 1 ? 64 : 2) {
+      const int64_t end = ColPassEnd(runs, slots, {k, q});
+      if (end < best_end) {
+        best_end = end;
+        best = {k, q};
+      }
+    }
+  }
+  return best;
+}
+
 Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayout* layout) {
   if (head_dim < lookup_detail::kTileK || head_dim % lookup_detail::kTileK != 0 ||
       head_dim > kMaxHeadDim) {
@@ -217,7 +268,8 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   LookupLayout l;
   l.num_segments = static_cast<int>(segments->size());
   int64_t pages = 0, clusters = 0, floats = 0, ints = 0, tile_counters = 0;
-  int64_t mma_row_blocks = 0, mma_col_blocks = 0, wgmma_row_blocks = 0, wgmma_col_blocks = 0;
+  int64_t mma_row_blocks = 0, mma_col_blocks = 0, wgmma_row_blocks = 0, wgmma_col_tiles = 0;
+  int64_t col_splits = 0;
   std::vector<int> tensor_segs;  // large segments of 16-bit centroids: the two tensor passes
   for (int i = 0; i < l.num_segments; ++i) {
     LookupSegment& s = (*segments)[i];
@@ -306,14 +358,33 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   }
   const int64_t piece_entries = ChoosePiece(
       row_pass, TensorPassSlots(WgmmaPassBlocksPerSm(kWgmmaRowPassTiles)), kLookupPieceEntries);
-  const int64_t piece_rows = ChoosePiece(
-      col_pass, TensorPassSlots(WgmmaPassBlocksPerSm(kWgmmaColPassTiles)), kLookupPieceRows);
+  const int64_t col_slots = TensorPassSlots(WgmmaPassBlocksPerSm(kWgmmaColPassTiles));
+  std::vector<ColPassRun> col_runs;
+  for (const PassShape& p : col_pass) {
+    const int64_t stages = CeilDiv(p.length, kPassStage);
+    if (!col_runs.empty() && col_runs.back().tiles == p.tiles && col_runs.back().stages == stages) {
+      ++col_runs.back().count;
+    } else {
+      col_runs.push_back({p.tiles, stages, 1});
+    }
+  }
+  const ColPieces col_pieces = col_slots > 0 ? ChooseColPieces(col_runs, col_slots) : ColPieces{};
   for (int i : tensor_segs) {
     LookupSegment& s = (*segments)[i];
     const int64_t rtiles = CeilDiv(s.rows, kMmaRowTile);
     const int64_t etiles = CeilDiv(s.entry_capacity, kMmaColTile);
     s.row_splits = static_cast<int32_t>(CeilDiv(s.entry_capacity, piece_entries));
-    s.col_splits = static_cast<int32_t>(CeilDiv(s.rows, piece_rows));
+    if (col_slots > 0) {
+      const int64_t stages = CeilDiv(s.rows, kPassStage);
+      const int64_t k = std::min(col_pieces.splits, stages);
+      s.col_splits = static_cast<int32_t>(k);
+      s.col_first = k > 1 ? static_cast<int32_t>(ColFirstStages(stages, k, col_pieces.q) *
+                                                 kPassStage)
+                          : 0;
+    } else {
+      s.col_splits = static_cast<int32_t>(CeilDiv(s.rows, kLookupPieceRows));
+      s.col_first = 0;
+    }
     if (s.row_splits > 1) {
       s.stat_offset = Take(&floats, static_cast<int64_t>(s.row_splits) * s.rows * 2);
     }
@@ -326,8 +397,8 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     mma_col_blocks = std::max(mma_col_blocks, etiles * s.col_splits);
     wgmma_row_blocks =
         std::max(wgmma_row_blocks, CeilDiv(rtiles, kWgmmaRowPassTiles) * s.row_splits);
-    wgmma_col_blocks =
-        std::max(wgmma_col_blocks, CeilDiv(etiles, kWgmmaColPassTiles) * s.col_splits);
+    wgmma_col_tiles = std::max(wgmma_col_tiles, CeilDiv(etiles, kWgmmaColPassTiles));
+    col_splits = std::max<int64_t>(col_splits, s.col_splits);
     if (l.num_segments + tile_counters > INT32_MAX) return Bad(i, "batch too large");
   }
   if (l.max_large_rtiles > 65535 || mma_row_blocks > INT32_MAX || mma_col_blocks > INT32_MAX) {
@@ -336,7 +407,8 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   l.max_mma_row_blocks = static_cast<int>(mma_row_blocks);
   l.max_mma_col_blocks = static_cast<int>(mma_col_blocks);
   l.max_wgmma_row_blocks = static_cast<int>(wgmma_row_blocks);
-  l.max_wgmma_col_blocks = static_cast<int>(wgmma_col_blocks);
+  l.max_wgmma_col_tiles = static_cast<int>(wgmma_col_tiles);
+  l.max_col_splits = static_cast<int>(col_splits);
   l.tile_counters = static_cast<int>(tile_counters);
   if (l.small_list.size() > 65535 || l.large_list.size() > 65535) {
     return Status::InvalidArgument("lookup: more than 65535 segments on one path");

@@ -143,6 +143,9 @@ struct LookupSegment {
       0;                   // floats, large 16-bit: (rows, 4) (logit factor, max, 1/Z, log2 Z + max)
   int32_t row_splits = 0;  // large 16-bit: pieces of the entries in pass 1 (>= 1)
   int32_t col_splits = 0;  // large 16-bit: pieces of the query rows in pass 2 (>= 1)
+  // large 16-bit, wgmma pass 2: query rows of its first piece, the others sharing the rest equally
+  // (a multiple of 64; 0: all pieces equal, as on the mma.sync pass)
+  int32_t col_first = 0;
   int32_t tile_counter = 0;  // large 16-bit: first arrival counter (row tiles, then entry tiles)
   // floats, large fp32: (rows, ctiles, 2) partial (max, sum); large 16-bit, row_splits > 1:
   // (row_splits, rows, 2) partial (max, normaliser)
@@ -175,7 +178,8 @@ struct LookupLayout {
   int max_mma_col_blocks = 0;  // large 16-bit: max entry tiles x col_splits (pass 2 grid)
   // The wgmma passes' grids: their blocks take kWgmmaRowPassTiles / kWgmmaColPassTiles tiles.
   int max_wgmma_row_blocks = 0;  // max ceil(row tiles / kWgmmaRowPassTiles) x row_splits
-  int max_wgmma_col_blocks = 0;  // max ceil(entry tiles / kWgmmaColPassTiles) x col_splits
+  int max_wgmma_col_tiles = 0;   // max ceil(entry tiles / kWgmmaColPassTiles): pass 2 grid x
+  int max_col_splits = 0;        // max col_splits: pass 2 grid z (its pieces, longest first)
   int tile_counters = 0;         // large 16-bit: arrival counters after the segments'
   bool any_hierarchical = false;
   std::vector<int32_t> small_list;  // segment ids of the fused kernel: small and fixed (unscored)
@@ -246,5 +250,29 @@ Status LaunchLookup(const LookupArgs& args, const LookupLayout& layout, void* st
 // the last one hold < budget tokens. Never more than num_pages.
 int32_t BudgetPageBound(const std::vector<int32_t>& sorted_sizes, int32_t budget,
                         int32_t page_tokens, int32_t num_pages);
+
+// Pass 2's pieces on the wgmma path (sm_90). Its grid runs them longest first (grid z is the
+// piece: every tile's first piece is dispatched before any second one), so a launch ends on short
+// blocks that even out the block slots' loads. A segment of `stages` stages (64 query rows each)
+// is cut into `splits` pieces: the first of ColFirstStages stages (ceil(stages · q / 64), at least
+// an equal share, leaving every other piece a stage), the others sharing the rest equally
+// (ColPieceStages, as the kernel's PieceRangeFirst). PlanLookup takes ChooseColPieces' (splits, q)
+// for the launch: the candidate whose simulated pass ends first (ColPassEnd: blocks in grid order,
+// each to the slot that frees first, costing its stages + 3; ties keep fewer pieces, then the
+// shorter first piece).
+struct ColPassRun {  // consecutive large segments of one shape, in grid (large list) order
+  int64_t tiles = 0;   // pass-2 blocks per piece (entry tiles)
+  int64_t stages = 0;  // ceil(rows / 64)
+  int64_t count = 0;   // segments
+};
+struct ColPieces {
+  int64_t splits = 1;
+  int64_t q = 64;  // the first piece's share of the stages, in 64ths
+};
+inline constexpr int64_t kMaxColSplits = 8;
+int64_t ColFirstStages(int64_t stages, int64_t splits, int64_t q);
+int64_t ColPieceStages(int64_t stages, int64_t splits, int64_t first, int64_t piece);
+int64_t ColPassEnd(const std::vector<ColPassRun>& runs, int64_t slots, ColPieces pieces);
+ColPieces ChooseColPieces(const std::vector<ColPassRun>& runs, int64_t slots);
 
 }  // namespace sqkv::gpu

@@ -38,6 +38,17 @@ __device__ __forceinline__ int2 PieceRange(int total, int splits, int piece, int
   return make_int2(begin, min(total, begin + per));
 }
 
+// Pass 2's piece `piece` of `splits` over `total` query rows where the first piece takes `first`
+// rows (a multiple of `group`; 0: equal pieces, PieceRange) and the others share the rest equally.
+__device__ __forceinline__ int2 PieceRangeFirst(int total, int splits, int piece, int group,
+                                                int first) {
+  if (first <= 0 || splits <= 1) return PieceRange(total, splits, piece, group);
+  if (piece == 0) return make_int2(0, min(total, first));
+  const int rest = max(0, total - first);
+  const int2 r = PieceRange(rest, splits - 1, piece - 1, group);
+  return make_int2(first + r.x, first + r.y);
+}
+
 // Which block of a pass this is (grid x: tile · splits + piece; y: the large list), with what both
 // passes read: the segment, its entry set, the binary16 q rows and the per-row info (factor, max,
 // 1/Z, max + log2 Z).
@@ -159,14 +170,14 @@ __device__ __forceinline__ void CombineColumnPieces(const Workspace& w, const Lo
   }
 }
 
-// Pass 2's end of a block, after CombineColumnPieces of its tiles: with `finish`, the last block
-// of segment `seg` to arrive selects it (else the staged selection kernel does). The whole block
-// (T threads) calls it, once.
+// Pass 2's end of a block, after CombineColumnPieces of its tiles: with `finish`, the last of the
+// segment's `blocks` blocks to arrive selects it (else the staged selection kernel does). The
+// whole block (T threads) calls it, once.
 template <int T>
 __device__ __forceinline__ void FinishSegment(const LookupArgs& a, const Workspace& w, int seg,
-                                              int level, bool finish, int* last) {
+                                              int level, bool finish, int blocks, int* last) {
   if (!finish) return;
-  if (!ArriveLast(w.counters + seg, gridDim.x, last)) return;
+  if (!ArriveLast(w.counters + seg, blocks, last)) return;
   if (a.score_only) return;
   __shared__ ArgsBuffer args;
   args.Fill(a, w);
@@ -179,7 +190,7 @@ __device__ __forceinline__ void FinishColumns(const LookupArgs& a, const Workspa
                                               const LookupSegment& s, const EntrySet& e, int etile,
                                               int level, bool finish, int* last) {
   CombineColumnPieces<T>(w, s, e, etile, last);
-  FinishSegment<T>(a, w, seg, level, finish, last);
+  FinishSegment<T>(a, w, seg, level, finish, gridDim.x, last);
 }
 
 }  // namespace sqkv::gpu::lookup_detail

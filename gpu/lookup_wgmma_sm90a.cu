@@ -8,7 +8,9 @@
 // the exp2 work of this one issues (two accumulator sets). Pass 1 takes two tiles a block (four
 // warpgroups, one block per SM: a stage's copy feeds 256 rows, half the copying per product),
 // pass 2 one (two warpgroups, two blocks per SM, whose short blocks overlap each other's start);
-// kWgmmaRowPassTiles, kWgmmaColPassTiles and NOTES-gpu-lookup.md v16.
+// kWgmmaRowPassTiles, kWgmmaColPassTiles and NOTES-gpu-lookup.md v16. Pass 2's pieces are
+// unequal and its grid runs them longest first (grid z is the piece; PlanLookup's
+// ChooseColPieces, v17).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -385,16 +387,21 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
   if (!finish) detail::GridDependencyTrigger();
   PassBlock b;
   if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) return;
+  // Grid x: the tile, z: the piece (every tile's first piece dispatched before any second one;
+  // PlanLookup's ChooseColPieces). Blocks past the segment's pieces only arrive at its end.
+  b.tile = blockIdx.x;
+  b.piece = blockIdx.z;
   const LookupSegment& s = *b.s;
   const EntrySet& e = b.e;
   const int seg = b.seg, d = a.head_dim;
   // Entry tiles kT b.tile .. kT b.tile + kT - 1 (the later ones may lie past the scored entries).
   const int splits = b.splits, etile = kT * b.tile, piece = b.piece, col0 = etile * kMmaColTile;
-  if (col0 < e.scored) {
+  const bool in_pieces = piece < splits;
+  if (in_pieces && col0 < e.scored) {
     const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
     const uint16_t* qh = b.qh;
     const float4* info = b.info;
-    const int2 range = PieceRange(s.rows, splits, piece, kStageRows);
+    const int2 range = PieceRangeFirst(s.rows, splits, piece, kStageRows, s.col_first);
     const int begin = range.x, end = range.y;
     const Smem<Sh> sm(smem_raw);
     // Per stage and query row (logit factor, base-2 log normaliser L): 2^(acc · x - L) is the
@@ -430,8 +437,10 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
     FinishColumn(s, e, w, piece, splits, ea, tq, col[0]);
     FinishColumn(s, e, w, piece, splits, eb, tq, col[1]);
   }
-  for (int k = 0; k < kT; ++k) CombineColumnPieces<Sh::kThreads>(w, s, e, etile + k, &last);
-  FinishSegment<Sh::kThreads>(a, w, seg, level, finish, &last);
+  if (in_pieces) {
+    for (int k = 0; k < kT; ++k) CombineColumnPieces<Sh::kThreads>(w, s, e, etile + k, &last);
+  }
+  FinishSegment<Sh::kThreads>(a, w, seg, level, finish, gridDim.x * gridDim.z, &last);
 }
 
 template <int KS>
@@ -456,8 +465,8 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
   if (err != cudaSuccess || steps < 3) return err;
   const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
   ColumnWgmmaKernel<KS>
-      <<<dim3(l.max_wgmma_col_blocks, n), Col::kThreads, Col::kSmemBytes, stream>>>(a, w, level,
-                                                                                   !staged);
+      <<<dim3(l.max_wgmma_col_tiles, n, l.max_col_splits), Col::kThreads, Col::kSmemBytes,
+         stream>>>(a, w, level, !staged);
   err = cudaGetLastError();
   if (err != cudaSuccess || !staged || a.score_only) return err;
   return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
