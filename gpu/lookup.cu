@@ -247,8 +247,17 @@ ColPieces ChooseColPieces(const std::vector<ColPassRun>& runs, int64_t slots) {
   ColPieces best;
   int64_t best_end = std::numeric_limits<int64_t>::max();
   for (int64_t k = 1; k <= kMaxColSplits; ++k) {
-    // k = 1: the one piece; else first shares from equal (64 / k) up, in steps of 2/64.
-    for (int64_t q = CeilDiv(int64_t{64}, k); q <= 64; q += k == 1 ? 64 : 2) {
+    // No cut into k pieces ends before the slots' even share of its work: skip the simulations
+    // where that bound cannot beat the best so far (most k, for launches of many tiles).
+    int64_t work = 0;
+    for (const ColPassRun& r : runs) {
+      work += r.tiles * r.count * (r.stages + std::min(k, r.stages) * kPieceOverhead);
+    }
+    if (CeilDiv(work, slots) >= best_end) continue;
+    // k = 1: the one piece; up to kUnequalColSplits pieces, first shares from equal (64 / k) up
+    // in steps of 2/64; beyond, equal pieces only (for few tiles over many rows).
+    const int64_t q_last = k == 1 || k > kUnequalColSplits ? CeilDiv(int64_t{64}, k) : 64;
+    for (int64_t q = CeilDiv(int64_t{64}, k); q <= q_last; q += 2) {
       const int64_t end = ColPassEnd(runs, slots, {k, q});
       if (end < best_end) {
         best_end = end;

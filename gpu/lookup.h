@@ -259,7 +259,8 @@ int32_t BudgetPageBound(const std::vector<int32_t>& sorted_sizes, int32_t budget
 // (ColPieceStages, as the kernel's PieceRangeFirst). PlanLookup takes ChooseColPieces' (splits, q)
 // for the launch: the candidate whose simulated pass ends first (ColPassEnd: blocks in grid order,
 // each to the slot that frees first, costing its stages + 3; ties keep fewer pieces, then the
-// shorter first piece).
+// shorter first piece). Candidates: up to kUnequalColSplits pieces with the first share in steps
+// of 2/64, then equal pieces up to kMaxColSplits (few entry tiles over many query rows).
 struct ColPassRun {  // consecutive large segments of one shape, in grid (large list) order
   int64_t tiles = 0;   // pass-2 blocks per piece (entry tiles)
   int64_t stages = 0;  // ceil(rows / 64)
@@ -269,7 +270,8 @@ struct ColPieces {
   int64_t splits = 1;
   int64_t q = 64;  // the first piece's share of the stages, in 64ths
 };
-inline constexpr int64_t kMaxColSplits = 8;
+inline constexpr int64_t kMaxColSplits = 64;     // pieces of one segment considered, at most
+inline constexpr int64_t kUnequalColSplits = 8;  // unequal cuts considered up to this many
 int64_t ColFirstStages(int64_t stages, int64_t splits, int64_t q);
 int64_t ColPieceStages(int64_t stages, int64_t splits, int64_t first, int64_t piece);
 int64_t ColPassEnd(const std::vector<ColPassRun>& runs, int64_t slots, ColPieces pieces);

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -977,6 +978,20 @@ TEST(GpuLookup, ColumnPiecesLongestFirst) {
   const ColPieces chosen = ChooseColPieces(bench, 264);
   EXPECT_LT(BlockByBlockEnd(bench, 264, chosen), best_equal);
   EXPECT_GT(chosen.splits, 1);
+  // Few entry tiles over many rows (2 tiles, 65,536 rows): many pieces, as many blocks as slots.
+  const std::vector<ColPassRun> narrow = {{2, 1024, 1}};
+  const ColPieces many = ChooseColPieces(narrow, 264);
+  EXPECT_GT(many.splits, kUnequalColSplits);
+  EXPECT_LT(BlockByBlockEnd(narrow, 264, many), BlockByBlockEnd(narrow, 264, {8, 8}) / 4);
+  // The plan's cost on the host (a metric only): one and eight 128K prefill requests, 8 kv heads.
+  for (int64_t segs : {8, 64}) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const ColPieces c = ChooseColPieces({{52, 64, segs}}, 264);
+    const double us =
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("[ metric ] ChooseColPieces, %lld segments x 52 tiles: %.0f us (%lld pieces)\n",
+                static_cast<long long>(segs), us, static_cast<long long>(c.splits));
+  }
 }
 
 TEST(GpuLookup, RejectsMalformedPlans) {
