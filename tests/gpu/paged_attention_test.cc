@@ -41,6 +41,11 @@ struct CaseSpec {
   int extra_max_rows = 0;
   float q_stddev = 1.f;
   bool overlap_previous_kernel = false;  // PagedAttentionArgs::overlap_previous_kernel
+  bool full_pages = false;  // every page holds page_tokens tokens (no partial pages)
+  // >= 0: the keys of the first segment's pages from this one on (in list order) scaled by
+  // hot_scale, so its scores jump there
+  int hot_from_page = -1;
+  float hot_scale = 1.f;
 };
 
 // Error bounds per storage dtype: ‖out − ref‖/‖ref‖ and max |lse − lse_ref|.
@@ -86,7 +91,9 @@ HostCase MakeCase(const CaseSpec& spec, std::mt19937_64& rng) {
   std::uniform_int_distribution<int> coin(0, 2);
   std::uniform_int_distribution<int> partial(1, pt);
   c.page_valid_of.resize(c.pool_pages);
-  for (auto& v : c.page_valid_of) v = coin(rng) == 0 ? partial(rng) : pt;  // ~1/3 partial
+  for (auto& v : c.page_valid_of) {
+    v = !spec.full_pages && coin(rng) == 0 ? partial(rng) : pt;  // ~1/3 partial
+  }
 
   const size_t page_elems = 2ull * pt * d;
   c.pool_f = testing::RoundTrip(spec.dtype, testing::RandomNormal(c.pool_pages * page_elems, rng));
@@ -121,6 +128,14 @@ HostCase MakeCase(const CaseSpec& spec, std::mt19937_64& rng) {
     row += s.rows;
     c.max_pages = std::max(c.max_pages, s.pages);
     c.max_rows = std::max(c.max_rows, s.rows);
+  }
+  if (spec.hot_from_page >= 0 && !spec.segments.empty()) {
+    for (int i = spec.hot_from_page; i < spec.segments[0].pages; ++i) {
+      float* k = c.pool_f.data() + c.page_ids[c.seg_page_offset[0] + i] * page_elems;  // K half
+      for (size_t e = 0; e < static_cast<size_t>(pt) * d; ++e) k[e] *= spec.hot_scale;
+    }
+    c.pool_f = testing::RoundTrip(spec.dtype, c.pool_f);
+    FromFloat(spec.dtype, c.pool_f.data(), c.pool.data(), c.pool_f.size());
   }
   c.page_ids.push_back(-7);  // never empty, so the device list always exists
   c.page_valid.push_back(-7);
@@ -272,7 +287,7 @@ void CheckCase(const CaseSpec& spec, const std::string& name) {
   const Tolerance tol = TolFor(spec.dtype);
   // q is rounded to the storage type for the tensor cores; the score error that makes grows with
   // the score scale, so the lse bound does too.
-  const double lse_tol = tol.lse * std::max(1.f, spec.q_stddev);
+  const double lse_tol = tol.lse * std::max(1.f, spec.q_stddev * std::max(1.f, spec.hot_scale));
   std::printf(
       "[ metric ] %-34s %-4s d=%-3d pt=%-2d rel_ref=%.3g rel_cpu=%.3g lse_abs=%.3g "
       "lse_cpu_abs=%.3g\n",
@@ -359,6 +374,24 @@ TEST(PagedAttentionTest, SmallLargeScores) {
     spec.q_stddev = 12.f;  // scores of tens: a near one-hot softmax
     spec.segments = {{4, 40}, {200, 30}};
     CheckCase(spec, "large scores");
+  }
+}
+
+// Scores that jump far above the running max partway through a segment's keys (the first
+// segment's keys ×8 from its 9th page on, whole pages, so the jump falls on a 128-key tile
+// boundary inside one block's keys): the prefill kernels must rescale and stay exact. The lse
+// bound scales with the hot keys' scores (CheckCase).
+TEST(PagedAttentionTest, SmallJumpingScores) {
+  SKIP_WITHOUT_DEVICE();
+  for (DType t : kAllDTypes) {
+    CaseSpec spec;
+    spec.dtype = t;
+    spec.q_stddev = 2.f;
+    spec.full_pages = true;
+    spec.hot_from_page = 8;
+    spec.hot_scale = 8.f;
+    spec.segments = {{4096, 60}, {4, 60}, {300, 20}};
+    CheckCase(spec, "jumping scores");
   }
 }
 
