@@ -355,28 +355,25 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     l.max_large_ctiles = std::max(l.max_large_ctiles, s.ctiles);
     l.max_large_rtiles = std::max(l.max_large_rtiles, rtiles);
   }
-  // The tensor passes' pieces: one length per pass for the launch (ChoosePiece).
-  std::vector<PassShape> row_pass, col_pass;
+  // The tensor passes' pieces for the whole launch: pass 1 one length (ChoosePiece), pass 2 a
+  // longest-first cut on sm_90 (ChooseColPieces), both from the wgmma passes' blocks per piece.
+  std::vector<PassShape> row_pass;
+  std::vector<ColPassRun> col_runs;
   for (int i : tensor_segs) {
     const LookupSegment& s = (*segments)[i];
-    // Blocks per piece of the wgmma passes.
     row_pass.push_back(
         {CeilDiv(CeilDiv(s.rows, kMmaRowTile), kWgmmaRowPassTiles), s.entry_capacity});
-    col_pass.push_back(
-        {CeilDiv(CeilDiv(s.entry_capacity, kMmaColTile), kWgmmaColPassTiles), s.rows});
+    const int64_t tiles = CeilDiv(CeilDiv(s.entry_capacity, kMmaColTile), kWgmmaColPassTiles);
+    const int64_t stages = CeilDiv(s.rows, kPassStage);
+    if (!col_runs.empty() && col_runs.back().tiles == tiles && col_runs.back().stages == stages) {
+      ++col_runs.back().count;
+    } else {
+      col_runs.push_back({tiles, stages, 1});
+    }
   }
   const int64_t piece_entries = ChoosePiece(
       row_pass, TensorPassSlots(WgmmaPassBlocksPerSm(kWgmmaRowPassTiles)), kLookupPieceEntries);
   const int64_t col_slots = TensorPassSlots(WgmmaPassBlocksPerSm(kWgmmaColPassTiles));
-  std::vector<ColPassRun> col_runs;
-  for (const PassShape& p : col_pass) {
-    const int64_t stages = CeilDiv(p.length, kPassStage);
-    if (!col_runs.empty() && col_runs.back().tiles == p.tiles && col_runs.back().stages == stages) {
-      ++col_runs.back().count;
-    } else {
-      col_runs.push_back({p.tiles, stages, 1});
-    }
-  }
   const ColPieces col_pieces = col_slots > 0 ? ChooseColPieces(col_runs, col_slots) : ColPieces{};
   for (int i : tensor_segs) {
     LookupSegment& s = (*segments)[i];

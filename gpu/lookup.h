@@ -67,9 +67,9 @@ inline constexpr int kLookupSmallRows = 16;
 inline constexpr int kLookupNarrowRows = 4;
 // Large segments, 16-bit centroids: pass 1 cuts the entries into pieces, pass 2 the query rows, one
 // block each; the last block of a tile to arrive combines the pieces in a fixed order
-// (gpu/lookup_mma.cu). PlanLookup picks the piece lengths per launch so that the passes fill
-// whole waves of the device (gpu/lookup.cu, ChoosePiece); these are the lengths it falls back to
-// when no device answers.
+// (gpu/lookup_mma.cu). On sm_90 PlanLookup picks the pieces per launch so that the passes fill
+// the device's block slots (gpu/lookup.cu: ChoosePiece for pass 1, ChooseColPieces for pass 2);
+// these are the lengths it falls back to elsewhere.
 inline constexpr int kLookupPieceEntries = 2048;
 inline constexpr int kLookupPieceRows = 1024;
 

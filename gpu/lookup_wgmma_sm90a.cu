@@ -70,48 +70,58 @@ __device__ __forceinline__ float SmallIntToFloat(int v) {
   return __int_as_float(v | 0x4B000000) - 8388608.f;
 }
 
-// R rows into `tile` (KS / 4 panels of R × 128 bytes, swizzled): row r's 16-byte chunk ch from
-// src(r) + 16 ch, zero past `valid` rows or head_dim. Each thread copies one chunk column of every
-// (threads / chunks)-th row, so its shared offsets differ by a constant (the swizzle repeats every
-// 8 rows) and src(r) walks rows in order (a flat source strength-reduces to one add).
+// Where a thread's copies of an R-row stage go in `tile` (KS / 4 panels of R × 128 bytes,
+// swizzled): the thread copies 16-byte chunk ch of rows r0, r0 + kStep, ..., so its shared
+// offsets differ by a constant (the swizzle repeats every 8 rows) and its source rows walk in
+// order. Chunks at or past head_dim and rows past the valid ones are zero-filled.
+template <class Sh, int R>
+struct StageSlots {
+  static constexpr int kChunks = Sh::kKS * 2;
+  static constexpr int kStep = Sh::kThreads / kChunks;  // rows per sweep, a multiple of 8
+  static_assert(kStep % 8 == 0 && R % kStep == 0, "whole sweeps, one swizzle phase");
+  int ch, r0;
+  uint32_t dst;  // row r0's chunk; row r0 + k kStep's is k kStep 128 bytes on
+  __device__ explicit StageSlots(uint32_t tile)
+      : ch(threadIdx.x % kChunks),
+        r0(threadIdx.x / kChunks),
+        dst(tile + (ch >> 3) * (R * 128) + Sw128Offset(r0, ch & 7)) {}
+};
+
+// R rows of a listed source into `tile`: row r's chunk ch from src(r) + 16 ch (StageSlots).
 template <class Sh, int R, class Src>
 __device__ __forceinline__ void StageRows(uint32_t tile, int valid, int d, const Src& src) {
-  constexpr int kChunks = Sh::kKS * 2;
-  constexpr int kStep = Sh::kThreads / kChunks;  // rows per sweep, a multiple of 8
-  static_assert(kStep % 8 == 0 && R % kStep == 0, "whole sweeps, one swizzle phase");
-  const int ch = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
-  const uint32_t dst = tile + (ch >> 3) * (R * 128) + Sw128Offset(r0, ch & 7);
-  const bool in_d = ch * 8 < d;
+  using Slots = StageSlots<Sh, R>;
+  const Slots t(tile);
+  const bool in_d = t.ch * 8 < d;
 #pragma unroll
-  for (int k = 0; k < R / kStep; ++k) {
-    const int r = r0 + k * kStep;
+  for (int k = 0; k < R / Slots::kStep; ++k) {
+    const int r = t.r0 + k * Slots::kStep;
     const bool ok = in_d && r < valid;
-    CpAsync16(dst + k * kStep * 128, src(ok ? r : 0) + ch * 16, ok ? 16 : 0);
+    CpAsync16(t.dst + k * Slots::kStep * 128, src(ok ? r : 0) + t.ch * 16, ok ? 16 : 0);
   }
 }
 
-// StageRows for rows `pitch` bytes apart from `rows` on (a flat source): the thread's rows are
-// a constant 32-bit offset apart, and a stage with all R rows valid and every chunk inside
-// head_dim takes no per-row predicate or clamp.
+// R rows `pitch` bytes apart from `rows` on (a flat source) into `tile` (StageSlots): the
+// thread's rows are a constant 32-bit offset apart, and a stage with all R rows valid and every
+// chunk inside head_dim takes no per-row predicate or clamp.
 template <class Sh, int R>
 __device__ __forceinline__ void StageFlatRows(uint32_t tile, const uint8_t* rows, uint32_t pitch,
                                               int valid, int d) {
-  constexpr int kChunks = Sh::kKS * 2;
-  constexpr int kStep = Sh::kThreads / kChunks;
-  static_assert(kStep % 8 == 0 && R % kStep == 0, "whole sweeps, one swizzle phase");
-  const int ch = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
-  const uint32_t dst = tile + (ch >> 3) * (R * 128) + Sw128Offset(r0, ch & 7);
-  const uint8_t* src = rows + r0 * pitch + ch * 16;
-  const uint32_t step = kStep * pitch;
-  if (valid >= R && ch * 8 < d) {
+  using Slots = StageSlots<Sh, R>;
+  const Slots t(tile);
+  const uint8_t* src = rows + t.r0 * pitch + t.ch * 16;
+  const uint32_t step = Slots::kStep * pitch;
+  const bool in_d = t.ch * 8 < d;
+  if (valid >= R && in_d) {
 #pragma unroll
-    for (int k = 0; k < R / kStep; ++k) CpAsync16(dst + k * kStep * 128, src + k * step, 16);
+    for (int k = 0; k < R / Slots::kStep; ++k) {
+      CpAsync16(t.dst + k * Slots::kStep * 128, src + k * step, 16);
+    }
   } else {
-    const bool in_d = ch * 8 < d;
 #pragma unroll
-    for (int k = 0; k < R / kStep; ++k) {
-      const bool ok = in_d && r0 + k * kStep < valid;
-      CpAsync16(dst + k * kStep * 128, ok ? src + k * step : rows, ok ? 16 : 0);
+    for (int k = 0; k < R / Slots::kStep; ++k) {
+      const bool ok = in_d && t.r0 + k * Slots::kStep < valid;
+      CpAsync16(t.dst + k * Slots::kStep * 128, ok ? src + k * step : rows, ok ? 16 : 0);
     }
   }
 }
