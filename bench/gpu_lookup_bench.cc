@@ -18,6 +18,9 @@
 //   --cases C: all (default), decode, prefill, b1 or b8 (decode batch 1 / batch 8 only)
 //   --whole-only: time the lookup and the whole path only (score, global, step and f32 columns 0)
 //   --mma-sync: the prefill passes on mma.sync even where the device has wgmma (LookupArgs::wgmma)
+//   --trace N: N graph replays of each decode whole path with the kernels' global-timer stamps
+//     (a build with -DSQKV_KERNEL_TRACE=ON), printed as medians relative to the first kernel's
+//     start, beside the event time of the same replays and of an empty kernel's graph
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,6 +38,7 @@
 #include "gpu/engine.h"
 #include "gpu/engine_plan.h"
 #include "gpu/engine_timing.h"
+#include "gpu/kernel_trace.h"
 #include "gpu/lookup.h"
 
 namespace {
@@ -43,6 +47,8 @@ using sqkv::DType;
 
 // --mma-sync: the prefill passes on mma.sync where the device has wgmma (LookupArgs::wgmma).
 bool g_mma_sync = false;
+// --trace N: replays of the whole path with kernel stamps (0: none).
+int g_trace = 0;
 using sqkv::HeadIndex;
 using sqkv::Status;
 using sqkv::bench::Median;
@@ -119,6 +125,73 @@ struct Row {
 void Time(gpu::Stream& stream, int reps, int variants, const std::function<Status(int)>& call,
           double* us, double* graph_us) {
   sqkv::bench::TimeWithGraphs(stream.get(), kWarmup, reps, variants, call, us, graph_us);
+}
+
+// --trace: g_trace replays of each variant's captured `call`, each with the kernel stamps reset
+// before and read after, and CUDA events around it; an empty kernel's graph timed the same way.
+void TraceWhole(gpu::Stream& stream, int variants, const std::function<Status(int)>& call,
+                const std::string& name) {
+  if (!gpu::KernelTraceCompiled()) {
+    std::fprintf(stderr, "--trace: this build has no kernel stamps (-DSQKV_KERNEL_TRACE=ON)\n");
+    return;
+  }
+  constexpr int K = gpu::kTraceKernels;
+  gpu::DeviceBuffer buf;
+  CHECK_OK(buf.Allocate(K * sizeof(gpu::TraceRecord)));
+  auto* rec = static_cast<gpu::TraceRecord*>(buf.get());
+  std::vector<std::unique_ptr<gpu::CapturedGraph>> graphs(variants);
+  for (int v = 0; v < variants; ++v) {
+    CHECK_OK(gpu::CapturedGraph::Capture(stream.get(), [&] { return call(v); }, &graphs[v]));
+  }
+  std::unique_ptr<gpu::CapturedGraph> empty;
+  CHECK_OK(gpu::CapturedGraph::Capture(
+      stream.get(),
+      [&] {
+        return gpu::KernelTraceEmptyLaunch(stream.get()) ? Status::Ok()
+                                                         : Status::Internal("empty kernel");
+      },
+      &empty));
+  std::vector<float> empty_ms;
+  CHECK_OK(gpu::TimeOnStream(
+      stream.get(), kWarmup, std::max(20, g_trace),
+      [&] { return empty->Replay(stream.get()); }, &empty_ms));
+  gpu::TraceRecord reset[K];
+  for (auto& r : reset) r = {~0ull, ~0ull, 0, 0};
+  // Columns: per kernel first start, first / last past the wait, last end; then event time.
+  std::vector<std::vector<double>> cols(4 * K + 1);
+  for (int i = 0; i < g_trace; ++i) {
+    CHECK_OK(buf.CopyFromHost(reset, sizeof(reset)));
+    CHECK_OK(gpu::KernelTraceSetBuffer(rec) ? Status::Ok() : Status::Internal("trace buffer"));
+    std::vector<float> ms;
+    CHECK_OK(gpu::TimeOnStream(
+        stream.get(), 0, 1, [&] { return graphs[i % variants]->Replay(stream.get()); }, &ms));
+    gpu::TraceRecord got[K];
+    CHECK_OK(buf.CopyToHost(got, sizeof(got)));
+    uint64_t t0 = ~0ull;
+    for (const auto& r : got) t0 = std::min(t0, r.first_start);
+    auto rel = [&](uint64_t t, bool is_min) {
+      if (is_min ? t == ~0ull : t == 0) return -1.0;
+      return (static_cast<double>(t) - static_cast<double>(t0)) * 1e-3;
+    };
+    for (int k = 0; k < K; ++k) {
+      cols[4 * k].push_back(rel(got[k].first_start, true));
+      cols[4 * k + 1].push_back(rel(got[k].first_wait, true));
+      cols[4 * k + 2].push_back(rel(got[k].last_wait, false));
+      cols[4 * k + 3].push_back(rel(got[k].last_end, false));
+    }
+    cols[4 * K].push_back(ms[0] * 1e3);
+  }
+  CHECK_OK(gpu::KernelTraceSetBuffer(nullptr) ? Status::Ok() : Status::Internal("trace buffer"));
+  static const char* kNames[K] = {"small scoring", "staged select", "decode attn", "split merge"};
+  std::printf("trace %s (median us over %d graph replays, from the first kernel's start; "
+              "-1 = not stamped): event time %.1f, empty-kernel graph %.1f\n",
+              name.c_str(), g_trace, Median(cols[4 * K]), Median(empty_ms) * 1e3);
+  std::printf("  %-14s %8s %10s %10s %8s\n", "kernel", "start", "wait-first", "wait-last",
+              "end");
+  for (int k = 0; k < K; ++k) {
+    std::printf("  %-14s %8.2f %10.2f %10.2f %8.2f\n", kNames[k], Median(cols[4 * k]),
+                Median(cols[4 * k + 1]), Median(cols[4 * k + 2]), Median(cols[4 * k + 3]));
+  }
 }
 
 // groups: the requests of each plan (a plan per group; launches rotate over the groups).
@@ -210,6 +283,10 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
   Time(
       stream, reps, variants, [&](int v) { return engine->Run(*plans[v], io, stream.get()); },
       &row.whole_us, &row.whole_graph_us);
+  if (g_trace > 0 && n <= gpu::kLookupSmallRows) {
+    TraceWhole(stream, variants, [&](int v) { return engine->Run(*plans[v], io, stream.get()); },
+               name);
+  }
 
   // Bytes and work of one launch (the first group; all groups have the same shape).
   std::vector<std::vector<sqkv::HeadSelection>> sel;
@@ -253,6 +330,8 @@ int main(int argc, char** argv) {
       whole_only = true;
     } else if (std::strcmp(argv[i], "--mma-sync") == 0) {
       g_mma_sync = true;
+    } else if (has_value && std::strcmp(argv[i], "--trace") == 0) {
+      g_trace = std::atoi(argv[++i]);
     } else if (has_value && std::strcmp(argv[i], "--iters") == 0) {
       iters = std::atoi(argv[++i]);
     } else if (has_value && std::strcmp(argv[i], "--keep") == 0) {
@@ -264,7 +343,8 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--iters N] [--keep F] [--tokens N] "
-                   "[--cases all|decode|prefill|b1|b8] [--whole-only] [--mma-sync]\n",
+                   "[--cases all|decode|prefill|b1|b8] [--whole-only] [--mma-sync] "
+                   "[--trace N]\n",
                    argv[0]);
       return 2;
     }

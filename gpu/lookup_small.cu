@@ -29,8 +29,11 @@
 #include <type_traits>
 
 #include "gpu/device.h"
+#include "gpu/kernel_trace.cuh"
 #include "gpu/lookup_select.cuh"
 #include "gpu/paged_attention_common.cuh"
+
+SQKV_TRACE_UNIT(lookup_small)
 
 namespace sqkv::gpu::lookup_detail {
 namespace {
@@ -438,6 +441,7 @@ __global__ void __launch_bounds__(kSmallThreads, Sc::kMinBlocks)
     SmallKernel(LookupArgs a, Workspace w, int level, bool finish) {
   __shared__ float lgs[Sc::kRows][kSmallTile];
   __shared__ int last;
+  SQKV_TRACE_START(TraceKernel::kSmall);
   // The staged selection kernel that follows waits for this grid's completion before it reads
   // what this grid writes; letting it launch now lets its blocks stage index data as SMs free up.
   if (!finish) detail::GridDependencyTrigger();
@@ -446,6 +450,7 @@ __global__ void __launch_bounds__(kSmallThreads, Sc::kMinBlocks)
   if (!AtLevel(s, level)) return;  // the whole grid row: its counter stays untouched
   const bool scoring = ScoredAtLevel(s, level);
   if (scoring) Sc::Score(a, w, s, GetEntrySet(s, level, w.ints, a.head_dim, Sc::kF16), lgs);
+  SQKV_TRACE_END(TraceKernel::kSmall);
   if (!finish) return;  // the staged selection kernel finishes the segment
   if (!ArriveLast(w.counters + seg, gridDim.x, &last)) return;
   __shared__ ArgsBuffer args;

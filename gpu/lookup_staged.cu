@@ -21,8 +21,11 @@
 
 #include <mutex>
 
+#include "gpu/kernel_trace.cuh"
 #include "gpu/lookup_select.cuh"
 #include "gpu/paged_attention_common.cuh"
+
+SQKV_TRACE_UNIT(lookup_staged)
 
 namespace sqkv::gpu::lookup_detail {
 namespace {
@@ -69,6 +72,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   constexpr int T = kStageThreads;
   const int t = threadIdx.x;
   constexpr bool kFinish = R != kScoresReady;  // scores to finish from logits
+  SQKV_TRACE_START(TraceKernel::kStaged);
   // The attention that follows is a programmatic dependent: it waits for this grid's completion
   // before reading the page lists, so it may launch now and stage its queries on the free SMs.
   detail::GridDependencyTrigger();
@@ -99,6 +103,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
     pbeg[i] = __ldg(s.cluster_page_begin + i);
   }
   detail::GridDependencyWait();
+  SQKV_TRACE_WAIT(TraceKernel::kStaged);
   // Small: the first step's logits (kPer entries per thread, all rows) are loaded before the row
   // statistics are combined, so the two trips to L2 overlap.
   constexpr int kPer = R >= kLookupSmallRows ? 1 : (R > 0 ? 16 / R : 1);
@@ -245,6 +250,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
     a.seg_scored[seg] =
         s.run == LookupRun::kFlat ? s.num_clusters + s.scored_extra : s.scored_fixed;
   }
+  SQKV_TRACE_END(TraceKernel::kStaged);
 }
 
 // The dynamic shared memory a StagedSelectKernel<R> block may take on the current device (0: the

@@ -1,9 +1,12 @@
 // Merging attention states on the device: the public two-state merge (LaunchMergeStates) and
 // the merge of a segment's split partial states that the paged-attention launcher enqueues.
 // States are (o normalised, lse natural log); an empty state has lse = -inf and is skipped.
+#include "gpu/kernel_trace.cuh"
 #include "gpu/paged_attention.h"
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
+
+SQKV_TRACE_UNIT(merge)
 
 namespace sqkv::gpu {
 namespace detail {
@@ -51,6 +54,7 @@ __global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const Spl
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int seg = static_cast<int>(blockIdx.x / mp.rows_cap);
   const int r = static_cast<int>(blockIdx.x % mp.rows_cap);
+  SQKV_TRACE_START(TraceKernel::kSplitMerge);
   // Before the wait, what the attention kernel does not write: the segment's rows and Q row (plan
   // inputs) and its count. The count may come from the kernel before the attention (the lookup),
   // but every attention kernel triggers this launch only after its own dependency wait, so those
@@ -59,6 +63,7 @@ __global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const Spl
   const int q_row = mp.seg_q_row[seg];
   const int seg_count = __ldcg(mp.counts + seg);
   GridDependencyWait();  // the partial states of the attention kernel
+  SQKV_TRACE_WAIT(TraceKernel::kSplitMerge);
   const int rows = max(0, min(seg_rows, mp.rows_cap));
   if (r >= rows) return;
   const int64_t count = min(static_cast<int64_t>(max(seg_count, 0)), mp.count_cap);
@@ -123,6 +128,7 @@ __global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const Spl
   reinterpret_cast<float4*>(mp.out + static_cast<size_t>(q_row + r) * D)[col] =
       make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
   if (col == 0) mp.lse[q_row + r] = sum > 0.f ? mx + logf(sum) : NegInf();
+  SQKV_TRACE_END(TraceKernel::kSplitMerge);
 }
 
 }  // namespace

@@ -8,8 +8,11 @@
 // at the end; with one split the block writes out / lse, else a partial state for the merge.
 // A split's run of units is cut from the segment's page count on the device (SplitOf), so the
 // blocks of a segment carry equal shares whatever the host bound.
+#include "gpu/kernel_trace.cuh"
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
+
+SQKV_TRACE_UNIT(decode)
 
 namespace sqkv::gpu::detail {
 namespace {
@@ -44,6 +47,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int seg = blockIdx.x / p.splits;
   const int split = blockIdx.x % p.splits;
+  SQKV_TRACE_START(TraceKernel::kDecode);
 
   // Before the wait, only what the kernel before this one (the lookup, in a dependent launch)
   // does not write: the segment's rows and its Q rows. Q is loaded into registers here and
@@ -65,6 +69,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
   // Every block waits (none returns before), so this grid, and the split merge that depends on
   // it, never finish before the kernel before it.
   GridDependencyWait();
+  SQKV_TRACE_WAIT(TraceKernel::kDecode);
   // Counts past the host bound are a contract violation; the extra pages are ignored.
   const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
   // Q → shared memory in the storage type; rows past the segment are zero.
@@ -332,6 +337,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
       if (c == 0) p.part_lse[prow] = lse_val;
     }
   }
+  SQKV_TRACE_END(TraceKernel::kDecode);
 }
 
 template <typename T, int D, int MT>

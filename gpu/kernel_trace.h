@@ -1,0 +1,32 @@
+// Kernel timeline tracing for benchmarks (build option SQKV_KERNEL_TRACE, off by default). When
+// on, the decode path's kernels (small scoring, staged selection, decode attention, split merge)
+// stamp the GPU's global timer into a device buffer: per kernel the first block's start, the
+// first and last block past the dependency wait, and the last block's end. Off, none of this is
+// compiled into the kernels and these functions report that tracing is unavailable. Plain C++.
+#pragma once
+
+#include <cstdint>
+
+namespace sqkv::gpu {
+
+enum class TraceKernel : int { kSmall, kStaged, kDecode, kSplitMerge, kCount };
+
+// Nanoseconds on the GPU's global timer; ~0ull / 0 where nothing was stamped.
+struct TraceRecord {
+  uint64_t first_start;
+  uint64_t first_wait;
+  uint64_t last_wait;
+  uint64_t last_end;
+};
+
+inline constexpr int kTraceKernels = static_cast<int>(TraceKernel::kCount);
+
+// Whether this build stamps kernels.
+bool KernelTraceCompiled();
+// Points every traced kernel at `device_records` (kTraceKernels TraceRecord in device memory, or
+// null to stop). Not while kernels run.
+bool KernelTraceSetBuffer(TraceRecord* device_records);
+// Enqueues one empty kernel on `stream` (a cudaStream_t): the floor of a timed launch.
+bool KernelTraceEmptyLaunch(void* stream);
+
+}  // namespace sqkv::gpu
