@@ -328,7 +328,7 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
     l.max_entries = std::max(l.max_entries, s.entry_capacity);
     if (s.rows <= kLookupSmallRows) {
       s.tiles = (s.entry_capacity + kSmallTile - 1) / kSmallTile;
-      s.logit_offset = Take(&floats, static_cast<int64_t>(s.rows) * s.entry_capacity);
+      s.logit_offset = Take(&floats, s.rows * lookup_detail::LogitStride(s));
       s.tstat_offset = Take(&floats, static_cast<int64_t>(s.rows) * s.tiles * 2);
       l.small_list.push_back(i);
       l.max_small_tiles = std::max(l.max_small_tiles, s.tiles);

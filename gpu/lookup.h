@@ -136,7 +136,7 @@ struct LookupSegment {
   int32_t ctiles = 0;          // large fp32: column tiles over entry_capacity
   int32_t tiles = 0;           // small: tiles of the fused kernel over entry_capacity
   int64_t score_offset = 0;    // floats: (entry_capacity)
-  int64_t logit_offset = 0;    // floats, small: (rows, entry_capacity), base-2 logits
+  int64_t logit_offset = 0;    // floats, small: (rows, tiles * 128), base-2 logits
   int64_t tstat_offset = 0;    // floats, small: (rows, tiles, 2) per-tile (max, normaliser)
   int64_t qh_offset = 0;       // floats, large 16-bit: (rows, head_dim) binary16 q (2 per float)
   int64_t info_offset =

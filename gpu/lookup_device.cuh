@@ -13,6 +13,12 @@ namespace sqkv::gpu::lookup_detail {
 // Fused small (decode) kernel: threads per block, centroids per block tile (16 per warp).
 inline constexpr int kSmallThreads = 256;
 inline constexpr int kSmallTile = 128;
+// Floats between a small segment's logit rows (LookupSegment::logit_offset): whole tiles, so every
+// row starts on a 128-byte boundary (as the region offsets do) and can be read four entries at a
+// time.
+__host__ __device__ inline int64_t LogitStride(const LookupSegment& s) {
+  return static_cast<int64_t>(s.tiles) * kSmallTile;
+}
 // Large path, float32 centroids: rows x entries per block tile of the tiled passes, the d step.
 inline constexpr int kTileRows = 64;
 inline constexpr int kTileCols = 64;

@@ -107,25 +107,41 @@ struct GlobalEntries {
   __device__ __forceinline__ int Size(int i) const { return EntrySize(e, i); }
 };
 
+// This thread's part of the score-bit range and token total of FindCut's entries, where the
+// caller has them already (FindCut reduces them over the block).
+struct CutPartials {
+  uint32_t umin = 0xffffffffu;
+  uint32_t umax = 0;
+  int total = 0;
+};
+
 // Weighted radix select over entries 0..n-1 of `src`: the ranking cut at which the kept tokens
 // first reach `budget` (>= 1). Scores are >= 0, so their bits order like the values; ranking is
 // descending bits, ties by ascending entry (= ascending id). kAll when every entry together holds
 // <= budget tokens. The digits start below the highest bit in which the scores differ (min / max
 // first). After the first digit, the entries of the bin that holds the cut (typically a few dozen
 // of thousands) are gathered and ranked against each other directly: two barriers instead of a
-// radix pass (four) per remaining digit; a fuller bin takes the remaining passes.
+// radix pass (four) per remaining digit; a fuller bin takes the remaining passes. partials: this
+// thread's CutPartials where the caller has them (else a pass over the entries finds them).
 template <int T, class Src>
-__device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh) {
+__device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh,
+                       const CutPartials* partials = nullptr) {
   constexpr int kWarps = T / 32;
   constexpr int kCand = kCutCandidates<T>;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   uint32_t umin = 0xffffffffu, umax = 0;
   int total = 0;
-  for (int i = t; i < n; i += T) {
-    const uint32_t u = src.Bits(i);
-    umin = min(umin, u);
-    umax = max(umax, u);
-    total += src.Size(i);
+  if (partials != nullptr) {
+    umin = partials->umin;
+    umax = partials->umax;
+    total = partials->total;
+  } else {
+    for (int i = t; i < n; i += T) {
+      const uint32_t u = src.Bits(i);
+      umin = min(umin, u);
+      umax = max(umax, u);
+      total += src.Size(i);
+    }
   }
   umin = __reduce_min_sync(0xffffffffu, umin);
   umax = __reduce_max_sync(0xffffffffu, umax);

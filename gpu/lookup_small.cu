@@ -73,7 +73,7 @@ __device__ __forceinline__ void TileStats(const Workspace& w, const LookupSegmen
   const int base = tile * kSmallTile;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   // Per row: logits to the workspace (lane + 32 j, coalesced) and the tile's (max, normaliser).
-  const size_t ldw = static_cast<size_t>(s.entry_capacity);
+  const size_t ldw = static_cast<size_t>(LogitStride(s));
   float* lg = w.floats + s.logit_offset;
   float* ts = w.floats + s.tstat_offset;
   for (int r = warp; r < s.rows; r += kWarps) {
@@ -419,7 +419,7 @@ __device__ __noinline__ void FinishScores(const LookupArgs& a, const Workspace& 
   const int tiles = (e.total + kSmallTile - 1) / kSmallTile;
   CombineTileStats(s, w.floats, tiles, kWarps, row_max, row_inv_z);
   __syncthreads();
-  const size_t ld = static_cast<size_t>(s.entry_capacity);
+  const size_t ld = static_cast<size_t>(LogitStride(s));
   const float* lg = w.floats + s.logit_offset;
   float* sc = w.floats + s.score_offset;
   const float inv_rows = 1.f / static_cast<float>(s.rows);

@@ -88,30 +88,67 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   const int n = s.num_clusters;
   // kFlat otherwise (single-level launches); the large list holds scored segments only.
   const bool scored = s.run != LookupRun::kFixed;
-  float* score = reinterpret_cast<float*>(stage);       // (n); selected ids after the decisions
-  int* size = reinterpret_cast<int*>(stage) + n;        // (n)
-  int* pbeg = size + n;                                 // (n + 1)
-  int* out_pos = pbeg + n + 1;                          // (n): page position of selected cluster c
-  int* sel_id = reinterpret_cast<int*>(stage);          // (clusters selected), aliases score
+  float* score = reinterpret_cast<float*>(stage);  // (n); selected ids after the decisions
+  int* size = reinterpret_cast<int*>(stage) + n;   // (n)
+  int* pbeg = size + n;                            // (n + 1)
+  int* out_pos = pbeg + n + 1;                     // (n): page position of selected cluster c
+  int* sel_id = reinterpret_cast<int*>(stage);     // (clusters selected), aliases score
 
   // 1. Sizes and page begins (index data: issued before waiting for the scoring kernel, which
   // this kernel follows as a programmatic dependent), then the row statistics (small: warps
-  // 0..rows-1) or the scores (large) that kernel wrote.
+  // 0..rows-1) or the scores (large) that kernel wrote. Beyond 4 * T entries a thread's first
+  // kPreload are all loaded before any is stored, so they take one trip to memory: four at a
+  // time, a 128K context's 6,554 clusters took two trips per thread, and the block reached its
+  // wait about 2.5 us after the scoring kernel had finished.
+  constexpr int kPreload = 8;
+  CutPartials part;  // this thread's share of FindCut's token total (and, vectorised, its range)
+  // Up to 4 * T entries the loop below has them in one trip anyway (four loads in flight).
+  const int preloaded = n > 4 * T ? kPreload * T : 0;
+  if (preloaded > 0) {
+    int pre_size[kPreload], pre_beg[kPreload];
+#pragma unroll
+    for (int k = 0; k < kPreload; ++k) {
+      const int i = t + k * T;
+      pre_size[k] = i < n ? __ldg(s.cluster_size + i) : 0;
+      pre_beg[k] = i <= n ? __ldg(s.cluster_page_begin + i) : 0;
+    }
+#pragma unroll
+    for (int k = 0; k < kPreload; ++k) {
+      const int i = t + k * T;
+      if (i < n) size[i] = pre_size[k];
+      if (i <= n) pbeg[i] = pre_beg[k];
+      part.total += pre_size[k];  // 0 past n
+    }
+  }
 #pragma unroll 4
-  for (int i = t; i <= n; i += T) {
-    if (i < n) size[i] = __ldg(s.cluster_size + i);
+  for (int i = t + preloaded; i <= n; i += T) {
+    if (i < n) {
+      size[i] = __ldg(s.cluster_size + i);
+      part.total += size[i];
+    }
     pbeg[i] = __ldg(s.cluster_page_begin + i);
   }
   detail::GridDependencyWait();
   SQKV_TRACE_WAIT(TraceKernel::kStaged);
-  // Small: the first step's logits (kPer entries per thread, all rows) are loaded before the row
-  // statistics are combined, so the two trips to L2 overlap.
+  // Small: the first logits (all rows) are loaded before the row statistics are combined, so the
+  // two trips to L2 overlap. kPer entries per thread a step, one at a time; or, up to
+  // kLookupNarrowRows rows (the decode launch) and more entries than one such step holds,
+  // groups of four consecutive entries, a 16-byte load per row (LogitStride keeps the rows
+  // aligned), kVecGroups groups a thread a step (8,192 entries: a 128K-token context's 6,554
+  // clusters at 5% in one step; the first step's second group is loaded after the combine, for
+  // registers). The vectorised scores also give FindCut its range (CutPartials). Measured on the
+  // H200, 128K decode b1: whole path 46.2 -> 44.3 us. Not below one step: at 32K (1,638
+  // clusters) fewer threads with longer chains made decode b8 about 1 us slower.
   constexpr int kPer = R >= kLookupSmallRows ? 1 : (R > 0 ? 16 / R : 1);
   constexpr int kRows = R > 0 ? R : 1;
-  const size_t ld = static_cast<size_t>(s.entry_capacity);
+  constexpr bool kVecCapable = R > 0 && R <= kLookupNarrowRows;
+  constexpr int kVecGroups = 2;
+  const bool vec = kVecCapable && scored && n > T * kPer;  // uniform over the block
+  const size_t ld = static_cast<size_t>(LogitStride(s));
   const float* lg = w.floats + s.logit_offset;
   const int rows = s.rows;
   float l[kPer][kRows];
+  float4 x[kVecCapable ? kVecGroups : 1][kRows];
   auto load_logits = [&](int base) {
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
@@ -122,8 +159,25 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
       }
     }
   };
+  // Groups k0 .. k1 - 1 of the step at group `base` (a group: four entries).
+  auto load_groups = [&](int base, int k0, int k1) {
+#pragma unroll
+    for (int k = 0; k < (kVecCapable ? kVecGroups : 1); ++k) {
+      if (k < k0 || k >= k1) continue;
+      const int g = base + k * T + t;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        x[k][r] = 4 * g < n && r < rows ? __ldcg(reinterpret_cast<const float4*>(lg + r * ld) + g)
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+  };
   if (kFinish && scored) {
-    load_logits(0);
+    if (vec) {
+      load_groups(0, 0, 1);
+    } else {
+      load_logits(0);
+    }
     const int tiles = (n + kSmallTile - 1) / kSmallTile;
     CombineTileStats(s, w.floats, tiles, kStageWarps, row_max, row_inv_z);
   }
@@ -137,7 +191,51 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   // 2. Small: scores, kPer entries per thread per step, all their logits (kPer * R) loaded first.
   // (The large list is launched without score_only: its scores are the column pass's output.)
   if constexpr (kFinish) {
-    if (scored) {
+    if (scored && vec) {
+      const float inv_rows = 1.f / static_cast<float>(rows);
+      float rmax[kRows], rinv[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        rmax[r] = r < rows ? row_max[r] : 0.f;
+        rinv[r] = r < rows ? row_inv_z[r] : 0.f;
+      }
+      for (int base = 0; 4 * base < n; base += T * kVecGroups) {
+        load_groups(base, base > 0 ? 0 : 1, kVecGroups);
+#pragma unroll
+        for (int k = 0; k < (kVecCapable ? kVecGroups : 1); ++k) {
+          const int i0 = 4 * (base + k * T + t);
+          if (i0 >= n) continue;
+          float out[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float sum = 0.f;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              const float v = e == 0   ? x[k][r].x
+                              : e == 1 ? x[k][r].y
+                              : e == 2 ? x[k][r].z
+                                       : x[k][r].w;
+              // The arithmetic of the scalar path (and of FinishScores): the same scores.
+              if (r < rows) sum = __fmaf_rn(exp2f(v - rmax[r]), rinv[r], sum);
+            }
+            out[e] = sum * inv_rows;
+            if (i0 + e < n) {
+              const uint32_t u = __float_as_uint(out[e]);
+              part.umin = min(part.umin, u);
+              part.umax = max(part.umax, u);
+            }
+          }
+          if (i0 + 4 <= n) {
+            *reinterpret_cast<float4*>(score + i0) = make_float4(out[0], out[1], out[2], out[3]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              if (i0 + e < n) score[i0 + e] = out[e];
+            }
+          }
+        }
+      }
+    } else if (scored) {
       const float inv_rows = 1.f / static_cast<float>(rows);
       for (int base = 0; base < n; base += T * kPer) {
         if (base > 0) load_logits(base);
@@ -153,6 +251,8 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
           score[i] = sum * inv_rows;
         }
       }
+    }
+    if (scored) {
       __syncthreads();
       if (a.score_only) {
         float* sc = w.floats + s.score_offset;
@@ -172,7 +272,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
     cut.rule = Rule::kThreshold;
     cut.threshold = s.threshold;
   } else if (s.budget > 0) {
-    cut = FindCut<T>(SharedEntries{score, size}, n, s.budget, sh);
+    cut = FindCut<T>(SharedEntries{score, size}, n, s.budget, sh, vec ? &part : nullptr);
   }
 
   // 4. Emission. Thread t decides entries [i0, i0 + cnt), ascending.
@@ -272,8 +372,7 @@ size_t StagedLimit() {
   int optin = 0;
   cudaFuncAttributes attr;
   size_t lim = 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) ==
-          cudaSuccess &&
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
       cudaFuncGetAttributes(&attr, StagedSelectKernel<R>) == cudaSuccess &&
       static_cast<size_t>(optin) > attr.sharedSizeBytes) {
     lim = static_cast<size_t>(optin) - attr.sharedSizeBytes;

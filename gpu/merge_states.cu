@@ -71,6 +71,21 @@ __global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const Spl
   const int active = ActiveSplits(work, mp.splits);  // the attention kernel's cut
   const size_t base = static_cast<size_t>(seg) * mp.splits * mp.rows_cap + r;  // split 0
   const size_t split_stride = mp.rows_cap;
+  // This thread's float4 column of its first kPreload splits' partial rows (group, group +
+  // kGroups, ...) goes out with the lse loads below rather than after the weights: one trip to
+  // L2 instead of two for up to kGroups * kPreload splits.
+  constexpr int kPreload = 9;
+  const int col = tid % kCols, group = tid / kCols;
+  float4 pre[kPreload];
+#pragma unroll
+  for (int k = 0; k < kPreload; ++k) {
+    const int i = group + k * kGroups;
+    pre[k] =
+        i < active
+            ? __ldcg(reinterpret_cast<const float4*>(mp.part_o + (base + i * split_stride) * D) +
+                     col)
+            : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
 
   // Block-wide max of the lse values, then the weights e^(lse - max) and their sum.
   float mx = NegInf();
@@ -100,11 +115,22 @@ __global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const Spl
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) sum += s_red[w];
 
-  // Every active split wrote its partial (o = 0 for an empty one), so o is always finite.
-  const int col = tid % kCols, group = tid / kCols;
+  // Every active split wrote its partial (o = 0 for an empty one), so o is always finite. The
+  // splits are summed in the same order whether preloaded or not.
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int k = 0; k < kPreload; ++k) {
+    const int i = group + k * kGroups;
+    if (i < active) {
+      const float w = s_w[i];
+      acc.x += w * pre[k].x;
+      acc.y += w * pre[k].y;
+      acc.z += w * pre[k].z;
+      acc.w += w * pre[k].w;
+    }
+  }
 #pragma unroll 4
-  for (int i = group; i < active; i += kGroups) {
+  for (int i = group + kPreload * kGroups; i < active; i += kGroups) {
     const float w = s_w[i];
     const float4 v =
         __ldcg(reinterpret_cast<const float4*>(mp.part_o + (base + i * split_stride) * D) + col);

@@ -503,36 +503,40 @@ TEST(GpuLookup, TiesBreakByAscendingId) {
 
 // Every centroid equal: every score ties, so a budget keeps the lowest ids until it is met. With
 // thousands of clusters the tied run crosses many scoring tiles and the selection's per-thread
-// runs (the tie counts before each come from block scans), on both centroid storages.
+// runs (the tie counts before each come from block scans), on both centroid storages; 5,000 of
+// them, so the narrow launch takes the selection's four-entry score groups (over 4,096 entries).
 TEST(GpuLookup, TiesAcrossTilesKeepLowestIds) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
   constexpr int kD = 128, kPt = 16;
   std::vector<Head> heads(1);
-  MakeHead(rng, 3000, kD, kPt, 30, 0, &heads[0]);
+  MakeHead(rng, 5000, kD, kPt, 30, 0, &heads[0]);
   HeadIndex& x = heads[0].x;
   for (int c = 1; c < x.num_clusters(); ++c) {
     std::copy_n(x.centroids.begin(), kD, x.centroids.begin() + c * kD);
   }
   UploadCentroids(&heads[0]);
-  std::vector<Seg> segs;
-  for (int rows : {1, 4, 16}) {
-    for (double f : {0.013, 0.3, 0.77}) {
-      segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, f));
-    }
-  }
-  for (bool f16 : {true, false}) {
-    std::vector<Out> out;
-    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, f16);
-    for (size_t i = 0; i < segs.size(); ++i) {
-      std::vector<int32_t> want;
-      int tokens = 0;
-      for (int c = 0; c < x.num_clusters() && tokens < segs[i].budget; ++c) {
-        want.push_back(c);
-        tokens += x.cluster_size[c];
+  // Launches with a 16-row segment and narrow ones alone (the selection's four-row variant).
+  for (const auto& row_set : {std::vector<int>{1, 4, 16}, std::vector<int>{1, 4}}) {
+    std::vector<Seg> segs;
+    for (int rows : row_set) {
+      for (double f : {0.013, 0.3, 0.77}) {
+        segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, f));
       }
-      EXPECT_EQ(out[i].clusters, want) << "segment " << i << (f16 ? " f16" : " f32");
-      EXPECT_EQ(out[i].tokens, tokens) << "segment " << i;
+    }
+    for (bool f16 : {true, false}) {
+      std::vector<Out> out;
+      RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, f16);
+      for (size_t i = 0; i < segs.size(); ++i) {
+        std::vector<int32_t> want;
+        int tokens = 0;
+        for (int c = 0; c < x.num_clusters() && tokens < segs[i].budget; ++c) {
+          want.push_back(c);
+          tokens += x.cluster_size[c];
+        }
+        EXPECT_EQ(out[i].clusters, want) << "segment " << i << (f16 ? " f16" : " f32");
+        EXPECT_EQ(out[i].tokens, tokens) << "segment " << i;
+      }
     }
   }
 }
@@ -544,35 +548,38 @@ TEST(GpuLookup, TiesAcrossTilesKeepLowestIds) {
 TEST(GpuLookup, CrowdedCutBinKeepsLowestTiedIds) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
-  constexpr int kD = 128, kPt = 16, kFirstTied = 1000;
+  constexpr int kD = 128, kPt = 16, kFirstTied = 1700;
   std::vector<Head> heads(1);
-  MakeHead(rng, 3000, kD, kPt, 30, 0, &heads[0]);
+  MakeHead(rng, 5100, kD, kPt, 30, 0, &heads[0]);
   HeadIndex& x = heads[0].x;
   for (int c = kFirstTied + 1; c < x.num_clusters(); ++c) {
     std::copy_n(x.centroids.begin() + kFirstTied * kD, kD, x.centroids.begin() + c * kD);
   }
   UploadCentroids(&heads[0]);
-  std::vector<Seg> segs;
-  for (int rows : {1, 4, 16}) {
-    for (double f : {0.1, 0.5, 0.8}) {
-      segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, f));
-    }
-  }
-  for (bool f16 : {true, false}) {
-    std::vector<Out> out;
-    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/false, f16);
-    CheckAll(heads, segs, out, f16, "CrowdedCutBinKeepsLowestTiedIds");
-    for (size_t i = 0; i < segs.size(); ++i) {
-      std::vector<uint8_t> sel(x.num_clusters(), 0);
-      for (int32_t c : out[i].clusters) sel[c] = 1;
-      int tied = sel[kFirstTied];
-      for (int c = kFirstTied + 1; c < x.num_clusters(); ++c) {
-        EXPECT_LE(sel[c], sel[c - 1]) << "segment " << i << " cluster " << c;
-        tied += sel[c];
+  // Launches with a 16-row segment and narrow ones alone (the selection's four-row variant).
+  for (const auto& row_set : {std::vector<int>{1, 4, 16}, std::vector<int>{1, 4}}) {
+    std::vector<Seg> segs;
+    for (int rows : row_set) {
+      for (double f : {0.1, 0.5, 0.8}) {
+        segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, f));
       }
-      if (i % 3 == 1) {  // keep 0.5: the cut lies inside the tied run
-        EXPECT_GT(tied, 0) << "segment " << i;
-        EXPECT_LT(tied, x.num_clusters() - kFirstTied) << "segment " << i;
+    }
+    for (bool f16 : {true, false}) {
+      std::vector<Out> out;
+      RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/false, f16);
+      CheckAll(heads, segs, out, f16, "CrowdedCutBinKeepsLowestTiedIds");
+      for (size_t i = 0; i < segs.size(); ++i) {
+        std::vector<uint8_t> sel(x.num_clusters(), 0);
+        for (int32_t c : out[i].clusters) sel[c] = 1;
+        int tied = sel[kFirstTied];
+        for (int c = kFirstTied + 1; c < x.num_clusters(); ++c) {
+          EXPECT_LE(sel[c], sel[c - 1]) << "segment " << i << " cluster " << c;
+          tied += sel[c];
+        }
+        if (i % 3 == 1) {  // keep 0.5: the cut lies inside the tied run
+          EXPECT_GT(tied, 0) << "segment " << i;
+          EXPECT_LT(tied, x.num_clusters() - kFirstTied) << "segment " << i;
+        }
       }
     }
   }
