@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   // clusters at 5% in one step; the first step's second group is loaded after the combine, for
   // registers). The vectorised scores also give FindCut its range (CutPartials). Measured on the
   // H200, 128K decode b1: whole path 46.2 -> 44.3 us. Not below one step: at 32K (1,638
-  // clusters) fewer threads with longer chains made decode b8 about 1 us slower.
+  // clusters) fewer threads with longer chains made decode b8 slower (+0.7 us, one A/B).
   constexpr int kPer = R >= kLookupSmallRows ? 1 : (R > 0 ? 16 / R : 1);
   constexpr int kRows = R > 0 ? R : 1;
   constexpr bool kVecCapable = R > 0 && R <= kLookupNarrowRows;
