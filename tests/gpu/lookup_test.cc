@@ -1001,6 +1001,50 @@ TEST(GpuLookup, ColumnPiecesLongestFirst) {
   }
 }
 
+// Host only: the workspace regions PlanLookup gives small segments. The staged selection reads a
+// logit row four entries at a time from tiles * 128 floats apart (LogitStride), up to the entry
+// count rounded up to four, so every row must start 16-byte aligned, hold the tiles' entries, and
+// no region may overlap another segment's or the scores and tile statistics.
+TEST(GpuLookup, SmallSegmentRegionsAlignedAndDisjoint) {
+  std::mt19937_64 rng(testing::FreshSeed());
+  const int32_t dummy[1] = {0};
+  const uint16_t dummy16[1] = {0};
+  for (int trial = 0; trial < 50; ++trial) {
+    std::vector<LookupSegment> segs(1 + rng() % 12);
+    for (LookupSegment& s : segs) {
+      s.centroids_f16 = dummy16;
+      s.cluster_size = dummy;
+      s.cluster_page_begin = dummy;
+      s.page_table = dummy;
+      s.num_clusters = 1 + static_cast<int32_t>(rng() % 9000);
+      s.tokens = 20 * s.num_clusters;
+      s.rows = 1 + static_cast<int32_t>(rng() % kLookupSmallRows);
+      s.mode = LookupMode::kBudget;
+      s.budget = 1 + static_cast<int32_t>(rng() % s.tokens);
+      s.page_capacity = 2 * s.num_clusters;
+    }
+    LookupLayout layout;
+    const Status st = PlanLookup(128, &segs, &layout);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    std::vector<std::pair<int64_t, int64_t>> regions;  // [begin, end) in floats
+    for (const LookupSegment& s : segs) {
+      ASSERT_EQ(s.large, 0);
+      ASSERT_GE(s.tiles * 128, s.entry_capacity);
+      ASSERT_EQ(s.tiles, (s.entry_capacity + 127) / 128);
+      EXPECT_EQ(s.logit_offset % 4, 0) << "logit rows must start 16-byte aligned";
+      regions.emplace_back(s.logit_offset, s.logit_offset + int64_t{s.rows} * s.tiles * 128);
+      regions.emplace_back(s.score_offset, s.score_offset + s.entry_capacity);
+      regions.emplace_back(s.tstat_offset, s.tstat_offset + int64_t{s.rows} * s.tiles * 2);
+    }
+    std::sort(regions.begin(), regions.end());
+    for (size_t i = 0; i < regions.size(); ++i) {
+      EXPECT_GE(regions[i].first, 0);
+      EXPECT_LE(regions[i].second, static_cast<int64_t>(layout.float_words)) << trial;
+      if (i > 0) EXPECT_LE(regions[i - 1].second, regions[i].first) << "overlap, trial " << trial;
+    }
+  }
+}
+
 TEST(GpuLookup, RejectsMalformedPlans) {
   SKIP_WITHOUT_DEVICE();
   std::vector<LookupSegment> segs(1);
