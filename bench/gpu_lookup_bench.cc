@@ -141,7 +141,8 @@ void TraceWhole(gpu::Stream& stream, int variants, const std::function<Status(in
   auto* rec = static_cast<gpu::TraceRecord*>(buf.get());
   std::vector<std::unique_ptr<gpu::CapturedGraph>> graphs(variants);
   for (int v = 0; v < variants; ++v) {
-    CHECK_OK(gpu::CapturedGraph::Capture(stream.get(), [&] { return call(v); }, &graphs[v]));
+    CHECK_OK(gpu::CapturedGraph::Capture(
+        stream.get(), [&] { return call(v); }, &graphs[v]));
   }
   std::unique_ptr<gpu::CapturedGraph> empty;
   CHECK_OK(gpu::CapturedGraph::Capture(
@@ -153,15 +154,15 @@ void TraceWhole(gpu::Stream& stream, int variants, const std::function<Status(in
       &empty));
   std::vector<float> empty_ms;
   CHECK_OK(gpu::TimeOnStream(
-      stream.get(), kWarmup, std::max(20, g_trace),
-      [&] { return empty->Replay(stream.get()); }, &empty_ms));
+      stream.get(), kWarmup, std::max(20, g_trace), [&] { return empty->Replay(stream.get()); },
+      &empty_ms));
   gpu::TraceRecord reset[K];
   for (auto& r : reset) r = {~0ull, ~0ull, 0, 0};
+  CHECK_OK(gpu::KernelTraceSetBuffer(rec) ? Status::Ok() : Status::Internal("trace buffer"));
   // Columns: per kernel first start, first / last past the wait, last end; then event time.
   std::vector<std::vector<double>> cols(4 * K + 1);
   for (int i = 0; i < g_trace; ++i) {
     CHECK_OK(buf.CopyFromHost(reset, sizeof(reset)));
-    CHECK_OK(gpu::KernelTraceSetBuffer(rec) ? Status::Ok() : Status::Internal("trace buffer"));
     std::vector<float> ms;
     CHECK_OK(gpu::TimeOnStream(
         stream.get(), 0, 1, [&] { return graphs[i % variants]->Replay(stream.get()); }, &ms));
@@ -182,15 +183,15 @@ void TraceWhole(gpu::Stream& stream, int variants, const std::function<Status(in
     cols[4 * K].push_back(ms[0] * 1e3);
   }
   CHECK_OK(gpu::KernelTraceSetBuffer(nullptr) ? Status::Ok() : Status::Internal("trace buffer"));
-  static const char* kNames[K] = {"small scoring", "staged select", "decode attn", "split merge"};
-  std::printf("trace %s (median us over %d graph replays, from the first kernel's start; "
-              "-1 = not stamped): event time %.1f, empty-kernel graph %.1f\n",
-              name.c_str(), g_trace, Median(cols[4 * K]), Median(empty_ms) * 1e3);
-  std::printf("  %-14s %8s %10s %10s %8s\n", "kernel", "start", "wait-first", "wait-last",
-              "end");
+  std::printf(
+      "trace %s (median us over %d graph replays, from the first kernel's start; "
+      "-1 = not stamped): event time %.1f, empty-kernel graph %.1f\n",
+      name.c_str(), g_trace, Median(cols[4 * K]), Median(empty_ms) * 1e3);
+  std::printf("  %-14s %8s %10s %10s %8s\n", "kernel", "start", "wait-first", "wait-last", "end");
   for (int k = 0; k < K; ++k) {
-    std::printf("  %-14s %8.2f %10.2f %10.2f %8.2f\n", kNames[k], Median(cols[4 * k]),
-                Median(cols[4 * k + 1]), Median(cols[4 * k + 2]), Median(cols[4 * k + 3]));
+    std::printf("  %-14s %8.2f %10.2f %10.2f %8.2f\n", gpu::kTraceKernelNames[k],
+                Median(cols[4 * k]), Median(cols[4 * k + 1]), Median(cols[4 * k + 2]),
+                Median(cols[4 * k + 3]));
   }
 }
 
@@ -284,8 +285,8 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
       stream, reps, variants, [&](int v) { return engine->Run(*plans[v], io, stream.get()); },
       &row.whole_us, &row.whole_graph_us);
   if (g_trace > 0 && n <= gpu::kLookupSmallRows) {
-    TraceWhole(stream, variants, [&](int v) { return engine->Run(*plans[v], io, stream.get()); },
-               name);
+    TraceWhole(
+        stream, variants, [&](int v) { return engine->Run(*plans[v], io, stream.get()); }, name);
   }
 
   // Bytes and work of one launch (the first group; all groups have the same shape).

@@ -20,6 +20,9 @@ struct TraceRecord {
 };
 
 inline constexpr int kTraceKernels = static_cast<int>(TraceKernel::kCount);
+// Display names, in TraceKernel order.
+inline constexpr const char* kTraceKernelNames[kTraceKernels] = {"small scoring", "staged select",
+                                                                 "decode attn", "split merge"};
 
 // Whether this build stamps kernels.
 bool KernelTraceCompiled();

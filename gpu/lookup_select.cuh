@@ -254,6 +254,15 @@ __device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh,
   return c;
 }
 
+// A small segment's score of an entry is (1/rows) Σ_r 2^(l_r - row_max_r) · row_inv_z_r; this
+// adds row r's term. Every selection of small segments (the last scoring block's FinishScores, the
+// staged kernel's scalar and four-entry paths) sums through here, in row order, so their scores
+// agree bit for bit.
+__device__ __forceinline__ float AddRowScore(float sum, float logit, float row_max,
+                                             float row_inv_z) {
+  return __fmaf_rn(exp2f(logit - row_max), row_inv_z, sum);
+}
+
 // Per-row max and 1/normaliser of a small segment from its first `tiles` per-tile statistics
 // (floats + s.tstat_offset: (rows, s.tiles, 2) base-2 (max, normaliser)), one warp per row, the
 // block's warps striding by `warps`; lane 0 writes row_max[r] and row_inv_z[r]. Both selections

@@ -427,8 +427,7 @@ __device__ __noinline__ void FinishScores(const LookupArgs& a, const Workspace& 
     float sum = 0.f;
 #pragma unroll 4
     for (int r = 0; r < s.rows; ++r) {
-      // The staged selection (lookup_staged.cu) rounds the same way: explicit fma.
-      sum = __fmaf_rn(exp2f(__ldcg(lg + r * ld + i) - row_max[r]), row_inv_z[r], sum);
+      sum = AddRowScore(sum, __ldcg(lg + r * ld + i), row_max[r], row_inv_z[r]);
     }
     sc[i] = sum * inv_rows;
   }

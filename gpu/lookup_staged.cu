@@ -215,8 +215,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
                               : e == 1 ? x[k][r].y
                               : e == 2 ? x[k][r].z
                                        : x[k][r].w;
-              // The arithmetic of the scalar path (and of FinishScores): the same scores.
-              if (r < rows) sum = __fmaf_rn(exp2f(v - rmax[r]), rinv[r], sum);
+              if (r < rows) sum = AddRowScore(sum, v, rmax[r], rinv[r]);
             }
             out[e] = sum * inv_rows;
             if (i0 + e < n) {
@@ -246,7 +245,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
           float sum = 0.f;
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            if (r < rows) sum = __fmaf_rn(exp2f(l[j][r] - row_max[r]), row_inv_z[r], sum);
+            if (r < rows) sum = AddRowScore(sum, l[j][r], row_max[r], row_inv_z[r]);
           }
           score[i] = sum * inv_rows;
         }
@@ -393,17 +392,9 @@ cudaError_t LaunchStagedR(const LookupArgs& a, const LookupLayout& l, const Work
   const size_t segs = list == SegmentList::kSmall ? l.small_list.size() : l.large_list.size();
   // A programmatic dependent of the scoring kernel before it: its blocks may start (and stage the
   // index data) while that kernel's last blocks finish; GridDependencyWait orders the rest.
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.gridDim = dim3(static_cast<unsigned>(segs));
-  cfg.blockDim = dim3(kStageThreads);
-  cfg.dynamicSmemBytes = StagedBytes(MaxClusters(l, list));
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, StagedSelectKernel<R>, a, w);
+  return detail::LaunchMaybeDependent(StagedSelectKernel<R>, dim3(static_cast<unsigned>(segs)),
+                                      dim3(kStageThreads), StagedBytes(MaxClusters(l, list)),
+                                      stream, /*dependent=*/true, a, w);
 }
 
 // The kernel variant for a list: kScoresReady for the large list, else by the small rows.

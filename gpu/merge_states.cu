@@ -76,15 +76,14 @@ __global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const Spl
   // L2 instead of two for up to kGroups * kPreload splits.
   constexpr int kPreload = 9;
   const int col = tid % kCols, group = tid / kCols;
+  auto part_o = [&](int i) {  // this thread's column of split i's partial row
+    return __ldcg(reinterpret_cast<const float4*>(mp.part_o + (base + i * split_stride) * D) + col);
+  };
   float4 pre[kPreload];
 #pragma unroll
   for (int k = 0; k < kPreload; ++k) {
     const int i = group + k * kGroups;
-    pre[k] =
-        i < active
-            ? __ldcg(reinterpret_cast<const float4*>(mp.part_o + (base + i * split_stride) * D) +
-                     col)
-            : make_float4(0.f, 0.f, 0.f, 0.f);
+    pre[k] = i < active ? part_o(i) : make_float4(0.f, 0.f, 0.f, 0.f);
   }
 
   // Block-wide max of the lse values, then the weights e^(lse - max) and their sum.
@@ -118,27 +117,20 @@ __global__ void __launch_bounds__(kSplitMergeThreads) SplitMergeKernel(const Spl
   // Every active split wrote its partial (o = 0 for an empty one), so o is always finite. The
   // splits are summed in the same order whether preloaded or not.
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-  for (int k = 0; k < kPreload; ++k) {
-    const int i = group + k * kGroups;
-    if (i < active) {
-      const float w = s_w[i];
-      acc.x += w * pre[k].x;
-      acc.y += w * pre[k].y;
-      acc.z += w * pre[k].z;
-      acc.w += w * pre[k].w;
-    }
-  }
-#pragma unroll 4
-  for (int i = group + kPreload * kGroups; i < active; i += kGroups) {
+  auto add = [&](int i, const float4& v) {
     const float w = s_w[i];
-    const float4 v =
-        __ldcg(reinterpret_cast<const float4*>(mp.part_o + (base + i * split_stride) * D) + col);
     acc.x += w * v.x;
     acc.y += w * v.y;
     acc.z += w * v.z;
     acc.w += w * v.w;
+  };
+#pragma unroll
+  for (int k = 0; k < kPreload; ++k) {
+    const int i = group + k * kGroups;
+    if (i < active) add(i, pre[k]);
   }
+#pragma unroll 4
+  for (int i = group + kPreload * kGroups; i < active; i += kGroups) add(i, part_o(i));
   s_acc[group][col] = acc;
   __syncthreads();
   if (group != 0) return;

@@ -139,25 +139,28 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
 
 // The products take their 16-bit element type as T: __half (binary16) or __nv_bfloat16.
 
-// d (m64 × n64) (+)= a · b^T, both from shared memory (K-major descriptors).
+// The products with both operands in shared memory (K-major descriptors), FN<TYPE>(d, desc_a,
+// desc_b, accumulate): d (m64 × N, float32) (+)= a · b^T; accumulate false: d = a · b^T. D and
+// D_OPS: the accumulators' operand list (N / 2 of them, operands 0 .. N / 2 - 1); P, A, B: the
+// operand numbers of accumulate, desc_a and desc_b after them.
+#define SQKV_WG_SS(FN, N, D, D_OPS, P, A, B, TYPE, NAME)                                        \
+  template <>                                                                                   \
+  __device__ __forceinline__ void FN<TYPE>(float(&d)[N / 2], uint64_t desc_a, uint64_t desc_b,  \
+                                           bool accumulate) {                                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P                                        \
+                 ", 0;\n"                                                                       \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." NAME "." NAME " " D ", %" #A \
+                 ", %" #B ", p, 1, 1, 0, 0;\n}\n"                                               \
+                 : D_OPS(d)                                                                     \
+                 : "r"(static_cast<int>(accumulate)), "l"(desc_a), "l"(desc_b));                \
+  }
+
+// d (m64 × n64) (+)= a · b^T, both from shared memory.
 template <class T>
 __device__ __forceinline__ void WgmmaM64N64SS(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
                                               bool accumulate);
-
-#define SQKV_WG_SS64(TYPE, NAME)                                                          \
-  template <>                                                                             \
-  __device__ __forceinline__ void WgmmaM64N64SS<TYPE>(float(&d)[32], uint64_t desc_a,     \
-                                                      uint64_t desc_b, bool accumulate) { \
-    asm volatile(                                                                         \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %32, 0;\n"                                      \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " " SQKV_WG_D32       \
-        ", %33, %34, p, 1, 1, 0, 0;\n}\n"                                                 \
-        : SQKV_WG_D32_OPS(d)                                                              \
-        : "r"(static_cast<int>(accumulate)), "l"(desc_a), "l"(desc_b));                   \
-  }
-SQKV_WG_SS64(__half, "f16")
-SQKV_WG_SS64(__nv_bfloat16, "bf16")
-#undef SQKV_WG_SS64
+SQKV_WG_SS(WgmmaM64N64SS, 64, SQKV_WG_D32, SQKV_WG_D32_OPS, 32, 33, 34, __half, "f16")
+SQKV_WG_SS(WgmmaM64N64SS, 64, SQKV_WG_D32, SQKV_WG_D32_OPS, 32, 33, 34, __nv_bfloat16, "bf16")
 
 #define SQKV_WG_D64                                                                             \
   "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24," \
@@ -191,25 +194,14 @@ SQKV_WG_RS128T(__half, "f16")
 SQKV_WG_RS128T(__nv_bfloat16, "bf16")
 #undef SQKV_WG_RS128T
 
-// d (m64 × n128) (+)= a · b^T, both from shared memory (K-major descriptors; b: 128 rows).
+// d (m64 × n128) (+)= a · b^T, both from shared memory (b: 128 rows).
 template <class T>
 __device__ __forceinline__ void WgmmaM64N128SS(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                                bool accumulate);
-#define SQKV_WG_SS128(TYPE, NAME)                                                           \
-  template <>                                                                               \
-  __device__ __forceinline__ void WgmmaM64N128SS<TYPE>(float(&d)[64], uint64_t desc_a,     \
-                                                       uint64_t desc_b, bool accumulate) { \
-    asm volatile(                                                                           \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %64, 0;\n"                                        \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " " SQKV_WG_D64        \
-        ", %65, %66, p, 1, 1, 0, 0;\n}\n"                                                   \
-        : SQKV_WG_D64_OPS(d)                                                                \
-        : "r"(static_cast<int>(accumulate)), "l"(desc_a), "l"(desc_b));                     \
-  }
-SQKV_WG_SS128(__half, "f16")
-SQKV_WG_SS128(__nv_bfloat16, "bf16")
-#undef SQKV_WG_SS128
+SQKV_WG_SS(WgmmaM64N128SS, 128, SQKV_WG_D64, SQKV_WG_D64_OPS, 64, 65, 66, __half, "f16")
+SQKV_WG_SS(WgmmaM64N128SS, 128, SQKV_WG_D64, SQKV_WG_D64_OPS, 64, 65, 66, __nv_bfloat16, "bf16")
 
+#undef SQKV_WG_SS
 #undef SQKV_WG_D64
 #undef SQKV_WG_D64_OPS
 #undef SQKV_WG_D32
