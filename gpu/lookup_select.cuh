@@ -113,6 +113,7 @@ struct CutPartials {
   uint32_t umin = 0xffffffffu;
   uint32_t umax = 0;
   int total = 0;
+  bool known = false;  // false: FindCut finds them itself
 };
 
 // Weighted radix select over entries 0..n-1 of `src`: the ranking cut at which the kept tokens
@@ -122,19 +123,19 @@ struct CutPartials {
 // first). After the first digit, the entries of the bin that holds the cut (typically a few dozen
 // of thousands) are gathered and ranked against each other directly: two barriers instead of a
 // radix pass (four) per remaining digit; a fuller bin takes the remaining passes. partials: this
-// thread's CutPartials where the caller has them (else a pass over the entries finds them).
+// thread's CutPartials where the caller has them (known), else a pass over the entries finds them.
 template <int T, class Src>
 __device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh,
-                       const CutPartials* partials = nullptr) {
+                       CutPartials partials = CutPartials{}) {
   constexpr int kWarps = T / 32;
   constexpr int kCand = kCutCandidates<T>;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   uint32_t umin = 0xffffffffu, umax = 0;
   int total = 0;
-  if (partials != nullptr) {
-    umin = partials->umin;
-    umax = partials->umax;
-    total = partials->total;
+  if (partials.known) {
+    umin = partials.umin;
+    umax = partials.umax;
+    total = partials.total;
   } else {
     for (int i = t; i < n; i += T) {
       const uint32_t u = src.Bits(i);

@@ -271,7 +271,8 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
     cut.rule = Rule::kThreshold;
     cut.threshold = s.threshold;
   } else if (s.budget > 0) {
-    cut = FindCut<T>(SharedEntries{score, size}, n, s.budget, sh, vec ? &part : nullptr);
+    part.known = vec;
+    cut = FindCut<T>(SharedEntries{score, size}, n, s.budget, sh, part);
   }
 
   // 4. Emission. Thread t decides entries [i0, i0 + cnt), ascending.
