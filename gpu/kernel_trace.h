@@ -9,7 +9,21 @@
 
 namespace sqkv::gpu {
 
-enum class TraceKernel : int { kSmall, kStaged, kDecode, kSplitMerge, kCount };
+// The kernels, then phase marks inside them (only their wait columns are stamped: the first and
+// the last block to reach the mark).
+enum class TraceKernel : int {
+  kSmall,
+  kStaged,
+  kDecode,
+  kSplitMerge,
+  kSmallStarted,    // scoring: the block started
+  kSmallIssued,     // scoring (bulk copies): the block's first copies issued
+  kSmallFirstTile,  // scoring: the block's first tile's logits computed (its loads arrived)
+  kStagedScored,    // staged selection: the scores are in shared memory
+  kStagedCut,       // staged selection: the cut is known
+  kStagedDecided,   // staged selection: the output positions are known (page writes follow)
+  kCount
+};
 
 // Nanoseconds on the GPU's global timer; ~0ull / 0 where nothing was stamped.
 struct TraceRecord {
@@ -21,8 +35,9 @@ struct TraceRecord {
 
 inline constexpr int kTraceKernels = static_cast<int>(TraceKernel::kCount);
 // Display names, in TraceKernel order.
-inline constexpr const char* kTraceKernelNames[kTraceKernels] = {"small scoring", "staged select",
-                                                                 "decode attn", "split merge"};
+inline constexpr const char* kTraceKernelNames[kTraceKernels] = {
+    "small scoring", "staged select", "decode attn", "split merge", " .started",
+    " .copies out",  " .first tile",  " .scored",    " .cut known", " .decided"};
 
 // Whether this build stamps kernels.
 bool KernelTraceCompiled();

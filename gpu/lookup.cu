@@ -384,9 +384,8 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
       const int64_t stages = CeilDiv(s.rows, kPassStage);
       const int64_t k = std::min(col_pieces.splits, stages);
       s.col_splits = static_cast<int32_t>(k);
-      s.col_first = k > 1 ? static_cast<int32_t>(ColFirstStages(stages, k, col_pieces.q) *
-                                                 kPassStage)
-                          : 0;
+      s.col_first =
+          k > 1 ? static_cast<int32_t>(ColFirstStages(stages, k, col_pieces.q) * kPassStage) : 0;
     } else {
       s.col_splits = static_cast<int32_t>(CeilDiv(s.rows, kLookupPieceRows));
       s.col_first = 0;
@@ -418,6 +417,22 @@ Status PlanLookup(int head_dim, std::vector<LookupSegment>* segments, LookupLayo
   l.tile_counters = static_cast<int>(tile_counters);
   if (l.small_list.size() > 65535 || l.large_list.size() > 65535) {
     return Status::InvalidArgument("lookup: more than 65535 segments on one path");
+  }
+  if (!l.any_hierarchical) {
+    for (int32_t i : l.small_list) {
+      const LookupSegment& s = (*segments)[i];
+      SmallScoreDesc d;
+      d.centroids = s.centroids_f16;
+      d.cluster_size = s.cluster_size;
+      d.logit_offset = s.logit_offset;
+      d.tstat_offset = s.tstat_offset;
+      d.total = s.run == LookupRun::kFlat ? s.num_clusters : 0;
+      d.rows = s.rows;
+      d.q_row = s.q_row;
+      d.tiles = s.tiles;
+      d.centroid_scale = s.centroid_scale;
+      l.small_descs.push_back(d);
+    }
   }
   l.total_page_capacity = static_cast<int>(pages);
   l.total_cluster_capacity = static_cast<int>(clusters);

@@ -157,6 +157,22 @@ struct LookupSegment {
   int64_t list_offset = 0;  // ints: candidate list (entry_capacity) + 2 counts, hierarchical
 };
 
+// What the decode scorer reads of a small segment (16-bit centroids), from PlanLookup: handed to
+// its blocks in the launch parameters where the small list is short enough, so a block issues its
+// first centroid copies without a trip to memory for the segment (at 128K tokens that trip queued
+// behind the other blocks' copies for up to 4 us). total 0: nothing to score (kFixed).
+struct SmallScoreDesc {
+  const void* centroids = nullptr;  // the segment's centroids_f16
+  const int32_t* cluster_size = nullptr;
+  int64_t logit_offset = 0;
+  int64_t tstat_offset = 0;
+  int32_t total = 0;  // entries scored: num_clusters of a kFlat segment
+  int32_t rows = 0;
+  int32_t q_row = 0;
+  int32_t tiles = 0;
+  float centroid_scale = 1.f;
+};
+
 // Sizes of the workspace regions and the grid bounds, from PlanLookup.
 struct LookupLayout {
   int num_segments = 0;
@@ -183,7 +199,8 @@ struct LookupLayout {
   int tile_counters = 0;         // large 16-bit: arrival counters after the segments'
   bool any_hierarchical = false;
   std::vector<int32_t> small_list;  // segment ids of the fused kernel: small and fixed (unscored)
-  std::vector<int32_t> large_list;  // segment ids on the large path (scored only)
+  std::vector<SmallScoreDesc> small_descs;  // in small_list order (single-level launches only)
+  std::vector<int32_t> large_list;          // segment ids on the large path (scored only)
 };
 
 // Fills the workspace offsets of `segments` (host) and the layout. InvalidArgument when a segment
@@ -217,6 +234,11 @@ struct LookupArgs {
   // (Hopper): the two tensor-core passes on wgmma; false: on mma.sync, as every other device runs
   // them. Same blocks, pieces and results up to float32 summation order. Default: true.
   bool wgmma = true;
+  // Small segments scored on tensor cores (16-bit centroids, at most kLookupNarrowRows rows): the
+  // centroid tiles come into shared memory by bulk copies (compute capability 9.0 and newer);
+  // false: every lane loads its fragments into registers, as older devices do. Same products in
+  // the same order, so the same outputs bit for bit. Default: true.
+  bool bulk_scoring = true;
 
   // Outputs, device. Per segment s: seg_page_count[s] pages at page_ids/page_valid
   // [segments[s].page_offset ...]; seg_cluster_count[s] cluster ids (ascending) at
@@ -261,7 +283,7 @@ int32_t BudgetPageBound(const std::vector<int32_t>& sorted_sizes, int32_t budget
 // each to the slot that frees first, costing its stages + 3; ties keep fewer pieces, then the
 // shorter first piece). Candidates: up to kUnequalColSplits pieces with the first share in steps
 // of 2/64, then equal pieces up to kMaxColSplits (few entry tiles over many query rows).
-struct ColPassRun {  // consecutive large segments of one shape, in grid (large list) order
+struct ColPassRun {    // consecutive large segments of one shape, in grid (large list) order
   int64_t tiles = 0;   // pass-2 blocks per piece (entry tiles)
   int64_t stages = 0;  // ceil(rows / 64)
   int64_t count = 0;   // segments

@@ -16,7 +16,8 @@ inline constexpr int kSmallTile = 128;
 // Floats between a small segment's logit rows (LookupSegment::logit_offset): whole tiles, so every
 // row starts on a 128-byte boundary (as the region offsets do) and can be read four entries at a
 // time.
-__host__ __device__ inline int64_t LogitStride(const LookupSegment& s) {
+template <class Segment>  // LookupSegment or SmallScoreDesc
+__host__ __device__ inline int64_t LogitStride(const Segment& s) {
   return static_cast<int64_t>(s.tiles) * kSmallTile;
 }
 // Large path, float32 centroids: rows x entries per block tile of the tiled passes, the d step.
@@ -154,7 +155,7 @@ __device__ inline bool ArriveLast(int32_t* counter, int blocks, int* flag) {
 // row whose largest |component| is max_abs (0 for a zero row).
 __device__ __forceinline__ int QRowExponent(float max_abs) {
   int ex = 0;
-  frexpf(max_abs, &ex);              // max_abs = f · 2^ex, f in [0.5, 1)
+  frexpf(max_abs, &ex);  // max_abs = f · 2^ex, f in [0.5, 1)
   return max_abs > 0.f ? 15 - ex : 0;
 }
 

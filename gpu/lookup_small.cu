@@ -13,6 +13,10 @@
 //     power-of-two scale (as the large path's, gpu/lookup_mma.cu), once per block; the logit
 //     factor undoes it. A persistent grid of about two blocks per SM, each scoring every
 //     gridDim.x-th tile of its segment with the next tile's loads in flight (in registers).
+//     On sm_90 (BulkMmaScorer) the tiles come by bulk copies into shared memory instead, two per
+//     block in flight, and a single-level launch followed by the staged selection takes its
+//     segments' descriptors in the launch parameters (ParamScoreKernel), so no block waits on
+//     memory before its first copies.
 //   float32 FMA (every other variant: float32 centroids, launches with more rows, head_dim
 //     > 128). A half warp (or a warp, head_dim > 128) shares one centroid, each lane 8 of its
 //     components (one 16-byte load of binary16, two of float32) against the same components of
@@ -26,11 +30,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <type_traits>
 
 #include "gpu/device.h"
 #include "gpu/kernel_trace.cuh"
 #include "gpu/lookup_select.cuh"
+#include "gpu/mbarrier.cuh"
 #include "gpu/paged_attention_common.cuh"
 
 SQKV_TRACE_UNIT(lookup_small)
@@ -63,13 +69,12 @@ __device__ __forceinline__ void LoadSizes(const EntrySet& e, int base, float (&n
 
 // The tile's logits (lgs, written by the whole block before the call) to the workspace, with the
 // tile's per-row statistics; n: LoadSizes of the tile. The caller separates two calls on the same
-// lgs by a barrier.
-template <int R>
-__device__ __forceinline__ void TileStats(const Workspace& w, const LookupSegment& s,
-                                          const EntrySet& e, int tile,
-                                          const float (&n)[kLaneEntries],
+// lgs by a barrier. kSynced: the caller has synchronised the block since lgs was written.
+template <int R, bool kSynced = false, class Segment>
+__device__ __forceinline__ void TileStats(const Workspace& w, const Segment& s, const EntrySet& e,
+                                          int tile, const float (&n)[kLaneEntries],
                                           const float (&lgs)[R][kSmallTile]) {
-  __syncthreads();
+  if constexpr (!kSynced) __syncthreads();
   const int base = tile * kSmallTile;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   // Per row: logits to the workspace (lane + 32 j, coalesced) and the tile's (max, normaliser).
@@ -123,8 +128,9 @@ struct MmaQuery {
 };
 
 // Components k..k+7 of the segment's query row r as floats (zero past its rows or head_dim).
-__device__ __forceinline__ void LoadQuery8(const LookupArgs& a, const LookupSegment& s, int r,
-                                           int k, float (&x)[8]) {
+template <class Segment>  // LookupSegment or SmallScoreDesc
+__device__ __forceinline__ void LoadQuery8(const LookupArgs& a, const Segment& s, int r, int k,
+                                           float (&x)[8]) {
   float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
   if (r < s.rows && k < a.head_dim) {
     const float4* p =
@@ -136,8 +142,8 @@ __device__ __forceinline__ void LoadQuery8(const LookupArgs& a, const LookupSegm
   x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
 }
 
-template <int KS>
-__device__ __forceinline__ void LoadMmaQuery(const LookupArgs& a, const LookupSegment& s,
+template <int KS, class Segment>
+__device__ __forceinline__ void LoadMmaQuery(const LookupArgs& a, const Segment& s,
                                              MmaQuery<KS>& mq) {
   const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int d = a.head_dim;
@@ -243,6 +249,7 @@ struct MmaScorer {
       const int next = tile + static_cast<int>(gridDim.x);
       if (next < tiles) LoadMmaTile<KS>(a, e, next * kSmallTile, nxt);
       MmaLogits<KS>(mq, cur, lgs);
+      if (tile == static_cast<int>(blockIdx.x)) SQKV_TRACE_WAIT(TraceKernel::kSmallFirstTile);
       TileStats<kRows>(w, s, e, tile, cur.n, lgs);
       if (next >= tiles) return false;
       __syncthreads();  // lgs is rewritten by the next tile
@@ -250,6 +257,106 @@ struct MmaScorer {
       return true;
     };
     while (step(ld0, ld1) && step(ld1, ld0)) {
+    }
+  }
+};
+
+// The same products with the centroid rows brought in by the copy engine (sm_90): kStages tiles
+// of a block are in flight as bulk copies into shared memory (one copy per tile when the entries
+// are contiguous rows, else one per row), each completing on its own mbarrier, so no register
+// holds a load in flight and the query's loads and conversion overlap the first tiles' copies.
+// A lane then reads its A fragments from shared memory with MmaScorer's layout. The next copy
+// into a stage is issued once every warp's products have consumed what it read there. Measured on
+// the H200: bench/NOTES-gpu-lookup.md (v19).
+template <int KS>
+struct BulkMmaScorer {
+  static constexpr bool kF16 = true;
+  static constexpr int kRows = kLookupNarrowRows;
+  static constexpr int kMinBlocks = 2;
+  static constexpr int kStages = 2;
+  // A stage holds a tile of rows of up to KS * 16 binary16 components (head_dim <= that).
+  static constexpr int kStageBytes = kSmallTile * KS * 32;
+  static constexpr int kDynamicBytes = kStages * kStageBytes;
+  template <class Segment>  // LookupSegment or SmallScoreDesc
+  __device__ __forceinline__ static void Score(const LookupArgs& a, const Workspace& w,
+                                               const Segment& s, const EntrySet& e,
+                                               float (&lgs)[kRows][kSmallTile]) {
+    extern __shared__ __align__(128) unsigned char stage_mem[];
+    __shared__ __align__(8) uint64_t full[kStages];
+    const int tiles = (e.total + kSmallTile - 1) / kSmallTile;
+    int tile = blockIdx.x;
+    if (tile >= tiles) return;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
+    const int row_bytes = e.row_bytes;  // head_dim * 2, a multiple of 16
+    const uint32_t bar0 = detail::SmemAddr(full);
+    const uint32_t stage0 = detail::SmemAddr(stage_mem);
+    const int step = static_cast<int>(gridDim.x);
+    // Warp 0: tile t (if any) into stage st.
+    auto issue = [&](int t, int st) {
+      if (t >= tiles) return;
+      const int first = t * kSmallTile;
+      const int rows = min(kSmallTile, e.total - first);
+      const uint32_t bar = bar0 + 8 * st;
+      const uint32_t dst = stage0 + st * kStageBytes;
+      if (lane == 0) detail::MbarArriveExpectTx(bar, static_cast<uint32_t>(rows * row_bytes));
+      if (e.list == nullptr) {
+        if (lane == 0) {
+          detail::BulkCopyToShared(dst, e.prim + static_cast<size_t>(first) * row_bytes,
+                                   static_cast<uint32_t>(rows * row_bytes), bar);
+        }
+      } else {
+        __syncwarp();  // the bytes are announced before any lands
+        for (int r = lane; r < rows; r += 32) {
+          detail::BulkCopyToShared(dst + r * row_bytes, EntryRow(e, first + r),
+                                   static_cast<uint32_t>(row_bytes), bar);
+        }
+      }
+    };
+    if (threadIdx.x == 0) {
+      for (int st = 0; st < kStages; ++st) detail::MbarInit(bar0 + 8 * st, 1);
+      detail::FenceMbarInit();
+    }
+    __syncthreads();
+    if (warp == 0) {
+      for (int k = 0; k < kStages; ++k) issue(tile + k * step, k);
+      SQKV_TRACE_WAIT(TraceKernel::kSmallIssued);
+    }
+    MmaQuery<KS> mq;
+    LoadMmaQuery<KS>(a, s, mq);
+    float n_next[kLaneEntries];
+    LoadSizes(e, tile * kSmallTile, n_next);
+    for (int k = 0;; ++k) {
+      const int st = k % kStages;
+      const int next = tile + step;
+      MmaLoads<KS> ld;
+#pragma unroll
+      for (int j = 0; j < kLaneEntries; ++j) ld.n[j] = n_next[j];
+      if (next < tiles) LoadSizes(e, next * kSmallTile, n_next);
+      detail::MbarWait(bar0 + 8 * st, static_cast<uint32_t>((k / kStages) & 1));
+      const unsigned char* src = stage_mem + st * kStageBytes;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = warp * kWarpEntries + g + 8 * h;
+        const bool row_in = tile * kSmallTile + r < e.total;
+#pragma unroll
+        for (int j = 0; j < KS / 2; ++j) {
+          const int ch = c + 4 * j;
+          ld.v[h][j] = row_in && 8 * ch < a.head_dim
+                           ? *reinterpret_cast<const uint4*>(src + r * row_bytes + 16 * ch)
+                           : make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+      // The products consume the fragments, so once every warp is past them, every read of the
+      // stage has returned: only then may the copy engine overwrite it (a barrier alone does not
+      // wait for a shared-memory load still in flight, and the copy is not ordered behind it).
+      MmaLogits<KS>(mq, ld, lgs);
+      if (k == 0) SQKV_TRACE_WAIT(TraceKernel::kSmallFirstTile);
+      __syncthreads();
+      if (warp == 0) issue(tile + kStages * step, st);  // kStages tiles ahead
+      TileStats<kRows, /*kSynced=*/true>(w, s, e, tile, ld.n, lgs);
+      if (next >= tiles) return;
+      __syncthreads();  // lgs is rewritten by the next tile
+      tile = next;
     }
   }
 };
@@ -441,6 +548,7 @@ __global__ void __launch_bounds__(kSmallThreads, Sc::kMinBlocks)
   __shared__ float lgs[Sc::kRows][kSmallTile];
   __shared__ int last;
   SQKV_TRACE_START(TraceKernel::kSmall);
+  SQKV_TRACE_WAIT(TraceKernel::kSmallStarted);
   // The staged selection kernel that follows waits for this grid's completion before it reads
   // what this grid writes; letting it launch now lets its blocks stage index data as SMs free up.
   if (!finish) detail::GridDependencyTrigger();
@@ -459,6 +567,36 @@ __global__ void __launch_bounds__(kSmallThreads, Sc::kMinBlocks)
   SelectSegment<kSmallThreads>(args.args(), args.ws(), seg, level, Sc::kF16);
 }
 
+// The small list's descriptors in the launch parameters (4 KB with LookupArgs and Workspace).
+inline constexpr int kParamSegments = 64;
+struct SmallScoreDescs {
+  SmallScoreDesc seg[kParamSegments];
+};
+static_assert(sizeof(LookupArgs) + sizeof(Workspace) + sizeof(SmallScoreDescs) <= 4096,
+              "kernel parameters");
+
+// The decode launch's scoring where the staged selection follows and the small list fits the
+// parameters: BulkMmaScorer over the segment described in d (entry y of the small list), so
+// nothing is read from memory before the first copies are issued.
+template <int KS>
+__global__ void __launch_bounds__(kSmallThreads, BulkMmaScorer<KS>::kMinBlocks)
+    ParamScoreKernel(LookupArgs a, Workspace w, const __grid_constant__ SmallScoreDescs d) {
+  __shared__ float lgs[kLookupNarrowRows][kSmallTile];
+  SQKV_TRACE_START(TraceKernel::kSmall);
+  SQKV_TRACE_WAIT(TraceKernel::kSmallStarted);
+  detail::GridDependencyTrigger();  // see SmallKernel
+  const SmallScoreDesc& s = d.seg[blockIdx.y];
+  if (s.total > 0) {
+    EntrySet e;
+    e.prim = static_cast<const uint8_t*>(s.centroids);
+    e.prim_size = s.cluster_size;
+    e.row_bytes = a.head_dim * 2;
+    e.scored = e.total = s.total;
+    BulkMmaScorer<KS>::Score(a, w, s, e, lgs);
+  }
+  SQKV_TRACE_END(TraceKernel::kSmall);
+}
+
 // Blocks per segment of the persistent grid: about two per SM over the whole launch, at most one
 // per tile.
 int PersistentBlocks(const LookupLayout& l) {
@@ -470,10 +608,66 @@ int PersistentBlocks(const LookupLayout& l) {
 
 template <class Sc>
 cudaError_t Launch(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
-                   bool finish, int blocks, cudaStream_t stream) {
+                   bool finish, int blocks, cudaStream_t stream, size_t dynamic_bytes = 0) {
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(l.small_list.size()));
-  SmallKernel<Sc><<<grid, kSmallThreads, 0, stream>>>(a, w, level, finish);
+  SmallKernel<Sc><<<grid, kSmallThreads, dynamic_bytes, stream>>>(a, w, level, finish);
   return cudaGetLastError();
+}
+
+// Whether kKernel (a BulkMmaScorer kernel) runs on the current device: code for compute
+// capability 9.0 or newer in this binary, and its dynamic shared memory limit raised to kBytes.
+// Decided once per device (outside any graph capture in practice: the first lookup of a process
+// runs before captures).
+template <auto kKernel, int kBytes>
+bool BulkReady() {
+  constexpr int kMaxDevices = 64;
+  static std::mutex mu;
+  static bool ready[kMaxDevices];
+  static bool known[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    cudaGetLastError();
+    return false;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  if (known[dev]) return ready[dev];
+  int major = 0;
+  cudaFuncAttributes attr;
+  bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+            major >= 9 && cudaFuncGetAttributes(&attr, kKernel) == cudaSuccess &&
+            attr.binaryVersion >= 90;
+  if (ok) {
+    ok = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) ==
+         cudaSuccess;
+  }
+  cudaGetLastError();  // a failed query leaves the register path, not an error
+  ready[dev] = ok;
+  known[dev] = true;
+  return ok;
+}
+
+// The tensor-core scorer for head_dim <= KS * 16: the bulk copies where the device has them,
+// with the segments in the launch parameters where the staged selection follows (single level)
+// and they fit.
+template <int KS>
+cudaError_t LaunchMma(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
+                      bool finish, cudaStream_t stream) {
+  const int blocks = PersistentBlocks(l);
+  constexpr int kBytes = BulkMmaScorer<KS>::kDynamicBytes;
+  if (a.bulk_scoring && level == 2 && !finish && !l.any_hierarchical &&
+      l.small_descs.size() == l.small_list.size() &&
+      l.small_descs.size() <= static_cast<size_t>(kParamSegments) &&
+      BulkReady<ParamScoreKernel<KS>, kBytes>()) {
+    SmallScoreDescs d;
+    std::copy(l.small_descs.begin(), l.small_descs.end(), d.seg);
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(l.small_list.size()));
+    ParamScoreKernel<KS><<<grid, kSmallThreads, kBytes, stream>>>(a, w, d);
+    return cudaGetLastError();
+  }
+  if (a.bulk_scoring && BulkReady<SmallKernel<BulkMmaScorer<KS>>, kBytes>()) {
+    return Launch<BulkMmaScorer<KS>>(a, l, w, level, finish, blocks, stream, kBytes);
+  }
+  return Launch<MmaScorer<KS>>(a, l, w, level, finish, blocks, stream);
 }
 
 template <typename C, int R>
@@ -483,9 +677,8 @@ cudaError_t LaunchR(const LookupArgs& a, const LookupLayout& l, const Workspace&
     return Launch<FmaScorer<C, R, 32>>(a, l, w, level, finish, l.max_small_tiles, stream);
   }
   if constexpr (std::is_same_v<C, uint16_t> && R <= kLookupNarrowRows) {
-    const int blocks = PersistentBlocks(l);
-    if (a.head_dim <= 64) return Launch<MmaScorer<4>>(a, l, w, level, finish, blocks, stream);
-    return Launch<MmaScorer<8>>(a, l, w, level, finish, blocks, stream);
+    if (a.head_dim <= 64) return LaunchMma<4>(a, l, w, level, finish, stream);
+    return LaunchMma<8>(a, l, w, level, finish, stream);
   } else {
     return Launch<FmaScorer<C, R, 16>>(a, l, w, level, finish, l.max_small_tiles, stream);
   }

@@ -253,6 +253,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
     }
     if (scored) {
       __syncthreads();
+      SQKV_TRACE_WAIT(TraceKernel::kStagedScored);
       if (a.score_only) {
         float* sc = w.floats + s.score_offset;
         for (int i = t; i < n; i += T) sc[i] = score[i];
@@ -274,6 +275,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
     part.known = vec;
     cut = FindCut<T>(SharedEntries{score, size}, n, s.budget, sh, part);
   }
+  SQKV_TRACE_WAIT(TraceKernel::kStagedCut);
 
   // 4. Emission. Thread t decides entries [i0, i0 + cnt), ascending.
   const int per = (n + T - 1) / T;  // <= kStageMaxPer (UseStagedSelect)
@@ -305,6 +307,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
   }
   int tot[3];
   BlockExclusiveScan<T, 3>(v, tot, sh.scan);  // ends with a barrier: scores are no longer read
+  SQKV_TRACE_WAIT(TraceKernel::kStagedDecided);
   int pos = v[0], cpos = v[1];
   while (mask != 0) {
     const int i = i0 + __ffs(mask) - 1;

@@ -21,6 +21,8 @@
 
 #include <cstdint>
 
+#include "gpu/mbarrier.cuh"
+
 namespace sqkv::gpu::detail {
 
 // Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a 128-byte swizzled panel.
@@ -100,31 +102,6 @@ __device__ __forceinline__ void SetMaxRegsInc() {
 // waited for, visible to the async proxy (wgmma operands, bulk copies). Then a barrier.
 __device__ __forceinline__ void FenceProxyAsyncShared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-// Shared-memory barriers (mbarrier) for a producer / consumer pipeline among the threads of a
-// block. Init: one thread, before a __syncthreads; `count` arrivals complete a phase.
-__device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-// One arrival of this thread.
-__device__ __forceinline__ void MbarArrive(uint32_t bar) {
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
-               : "memory");
-}
-// One arrival of this thread once all its earlier cp.async copies have landed (counted in the
-// barrier's init count, not added to it).
-__device__ __forceinline__ void MbarArriveCpAsync(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-// Waits until the phase of parity `parity` (0 for the first phase, 1 for the second, ...) is done.
-__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
 }
 
 #define SQKV_WG_D32                                                                             \

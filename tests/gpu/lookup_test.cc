@@ -124,8 +124,9 @@ Seg MakeSeg(std::mt19937_64& rng, const Head& h, int head, int rows, RefMode mod
 // Runs one lookup launch over every segment (f16: the 16-bit centroid storage, else float32);
 // `repeat` launches again on the same workspace and checks the second result equals the first.
 // A last launch takes the global-memory selection (staged_select = false, for small and large
-// segments alike) and must give exactly the outputs of the default (staged, where the batch allows
-// it) launches.
+// segments alike) and the register-loaded decode scorer (bulk_scoring = false), and must give
+// exactly the outputs of the default (staged, where the batch allows it; bulk copies on sm_90)
+// launches.
 void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, int pt,
                std::vector<Out>* out, bool repeat = false, bool f16 = true) {
   std::vector<LookupSegment> ls(segs.size());
@@ -216,6 +217,7 @@ void RunLookup(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, in
   for (int round = 0; round < rounds; ++round) {
     const bool legacy = round == rounds - 1;
     a.staged_select = !legacy;
+    a.bulk_scoring = !legacy;  // the register-loaded decode scorer: the same scores bit for bit
     for (DeviceBuffer* b : {&seg_pages, &page_ids, &page_valid, &seg_clusters, &cluster_ids,
                             &seg_tokens, &seg_scored}) {
       ASSERT_TRUE(b->Fill(0xff).ok());  // poison again: each round writes every output
@@ -1040,7 +1042,68 @@ TEST(GpuLookup, SmallSegmentRegionsAlignedAndDisjoint) {
     for (size_t i = 0; i < regions.size(); ++i) {
       EXPECT_GE(regions[i].first, 0);
       EXPECT_LE(regions[i].second, static_cast<int64_t>(layout.float_words)) << trial;
-      if (i > 0) EXPECT_LE(regions[i - 1].second, regions[i].first) << "overlap, trial " << trial;
+      if (i > 0) {
+        EXPECT_LE(regions[i - 1].second, regions[i].first) << "overlap, trial " << trial;
+      }
+    }
+  }
+}
+
+// Host only: the descriptors PlanLookup gives the decode scorer's launch parameters
+// (SmallScoreDesc): one per small-list entry, in its order, with the fields of that segment and
+// total = its clusters when scored flat, 0 when fixed (keep nothing or everything: unscored);
+// none at all when a segment is two-level (those launches read the segments from memory).
+TEST(GpuLookup, SmallScoreDescsFollowTheSmallList) {
+  std::mt19937_64 rng(testing::FreshSeed());
+  const int32_t dummy[1] = {0};
+  const uint16_t dummy16[1] = {0};
+  for (int trial = 0; trial < 50; ++trial) {
+    std::vector<LookupSegment> segs(1 + rng() % 12);
+    const bool two_level = trial % 5 == 4;
+    for (LookupSegment& s : segs) {
+      s.centroids_f16 = dummy16 + rng() % 2;  // distinct per segment is enough to check order
+      s.cluster_size = dummy;
+      s.cluster_page_begin = dummy;
+      s.page_table = dummy;
+      s.num_clusters = 40 + static_cast<int32_t>(rng() % 9000);
+      s.tokens = 20 * s.num_clusters;
+      s.rows = 1 + static_cast<int32_t>(rng() % 1200);  // some large (prefill) segments
+      s.q_row = static_cast<int32_t>(rng() % 1000);
+      s.centroid_scale = 0.5f + static_cast<float>(rng() % 100);
+      const int m = static_cast<int>(rng() % 4);
+      s.mode = m == 3 ? LookupMode::kDense : LookupMode::kBudget;
+      s.budget = m == 2 ? 0 : 1 + static_cast<int32_t>(rng() % s.tokens);  // 0: keep nothing
+      s.page_capacity = 2 * s.num_clusters;
+    }
+    if (two_level) {
+      LookupSegment& s = segs[rng() % segs.size()];
+      s.num_l1 = 20;
+      s.l1_centroids_f16 = dummy16;
+      s.l1_size = dummy;
+      s.l1_child_begin = dummy;
+      s.l1_budget = s.tokens / 2;
+    }
+    LookupLayout layout;
+    const Status st = PlanLookup(128, &segs, &layout);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    if (layout.any_hierarchical) {
+      EXPECT_TRUE(layout.small_descs.empty()) << trial;
+      continue;
+    }
+    ASSERT_EQ(layout.small_descs.size(), layout.small_list.size()) << trial;
+    for (size_t k = 0; k < layout.small_list.size(); ++k) {
+      const LookupSegment& s = segs[layout.small_list[k]];
+      const SmallScoreDesc& d = layout.small_descs[k];
+      EXPECT_EQ(d.centroids, static_cast<const void*>(s.centroids_f16));
+      EXPECT_EQ(d.cluster_size, s.cluster_size);
+      EXPECT_EQ(d.total, s.run == LookupRun::kFlat ? s.num_clusters : 0) << trial;
+      if (s.run == LookupRun::kFixed) continue;  // no workspace regions
+      EXPECT_EQ(d.logit_offset, s.logit_offset);
+      EXPECT_EQ(d.tstat_offset, s.tstat_offset);
+      EXPECT_EQ(d.rows, s.rows);
+      EXPECT_EQ(d.q_row, s.q_row);
+      EXPECT_EQ(d.tiles, s.tiles);
+      EXPECT_EQ(d.centroid_scale, s.centroid_scale);
     }
   }
 }
