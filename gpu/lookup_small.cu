@@ -13,10 +13,10 @@
 //     power-of-two scale (as the large path's, gpu/lookup_mma.cu), once per block; the logit
 //     factor undoes it. A persistent grid of about two blocks per SM, each scoring every
 //     gridDim.x-th tile of its segment with the next tile's loads in flight (in registers).
-//     On sm_90 (BulkMmaScorer) the tiles come by bulk copies into shared memory instead, two per
-//     block in flight, and a single-level launch followed by the staged selection takes its
-//     segments' descriptors in the launch parameters (ParamScoreKernel), so no block waits on
-//     memory before its first copies.
+//     On sm_90 (BulkMmaScorer) the tiles come by bulk copies into shared memory instead (one tile
+//     per block in flight; the next copied once the current one is read), and a single-level launch
+//     followed by the staged selection takes its segments' descriptors in the launch parameters
+//     (ParamScoreKernel), so no block waits on memory before its first copies.
 //   float32 FMA (every other variant: float32 centroids, launches with more rows, head_dim
 //     > 128). A half warp (or a warp, head_dim > 128) shares one centroid, each lane 8 of its
 //     components (one 16-byte load of binary16, two of float32) against the same components of
@@ -264,7 +264,7 @@ struct MmaScorer {
 // The same products with the centroid rows brought in by the copy engine (sm_90): kStages tiles
 // of a block are in flight as bulk copies into shared memory (one copy per tile when the entries
 // are contiguous rows, else one per row), each completing on its own mbarrier, so no register
-// holds a load in flight and the query's loads and conversion overlap the first tiles' copies.
+// holds a load in flight and the query's loads and conversion overlap the first tile's copy.
 // A lane then reads its A fragments from shared memory with MmaScorer's layout. The next copy
 // into a stage is issued once every warp's products have consumed what it read there. Measured on
 // the H200: bench/NOTES-gpu-lookup.md (v19).
@@ -273,7 +273,12 @@ struct BulkMmaScorer {
   static constexpr bool kF16 = true;
   static constexpr int kRows = kLookupNarrowRows;
   static constexpr int kMinBlocks = 2;
-  static constexpr int kStages = 2;
+  // One tile in flight per block (two blocks per SM): measured against two on the H200 (same-call
+  // A/B, graph us, whole path), 128K decode b1 42.6 -> 41.9 and b8 156.0 -> 154.3, 32K b8 57.3 ->
+  // 56.9, 32K b1 25.4 -> 25.5. Likely why: with two stages (64 KB) two scoring blocks leave no room
+  // on an SM for a staged selection block (118 KB), so that one cannot start (and load its index
+  // data) before they leave.
+  static constexpr int kStages = 1;
   // A stage holds a tile of rows of up to KS * 16 binary16 components (head_dim <= that).
   static constexpr int kStageBytes = kSmallTile * KS * 32;
   static constexpr int kDynamicBytes = kStages * kStageBytes;
