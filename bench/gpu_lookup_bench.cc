@@ -19,8 +19,9 @@
 //   --whole-only: time the lookup and the whole path only (score, global, step and f32 columns 0)
 //   --mma-sync: the prefill passes on mma.sync even where the device has wgmma (LookupArgs::wgmma)
 //   --trace N: N graph replays of each decode whole path with the kernels' global-timer stamps
-//     (a build with -DSQKV_KERNEL_TRACE=ON), printed as medians relative to the first kernel's
-//     start, beside the event time of the same replays and of an empty kernel's graph
+//     and phase marks (a build with -DSQKV_KERNEL_TRACE=ON), printed as medians relative to the
+//     first kernel's start, beside the event time of the same replays and of an empty kernel's
+//     graph
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -1,7 +1,8 @@
 // Kernel timeline tracing for benchmarks (build option SQKV_KERNEL_TRACE, off by default). When
 // on, the decode path's kernels (small scoring, staged selection, decode attention, split merge)
 // stamp the GPU's global timer into a device buffer: per kernel the first block's start, the
-// first and last block past the dependency wait, and the last block's end. Off, none of this is
+// first and last block past the dependency wait, and the last block's end; per phase mark inside
+// the scoring and selection kernels the first and last block to reach it. Off, none of this is
 // compiled into the kernels and these functions report that tracing is unavailable. Plain C++.
 #pragma once
 
