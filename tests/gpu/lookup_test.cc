@@ -1007,23 +1007,34 @@ TEST(GpuLookup, ColumnPiecesLongestFirst) {
 // logit row four entries at a time from tiles * 128 floats apart (LogitStride), up to the entry
 // count rounded up to four, so every row must start 16-byte aligned, hold the tiles' entries, and
 // no region may overlap another segment's or the scores and tile statistics.
+// A keep-budget segment over placeholder arrays for the host-only plan tests: `clusters` clusters
+// of 20 tokens, `rows` query rows, a random budget; centroids at `centroids` (never read).
+LookupSegment PlanOnlySegment(std::mt19937_64& rng, const uint16_t* centroids, int32_t clusters,
+                              int32_t rows) {
+  static const int32_t kPlaceholder[1] = {0};
+  LookupSegment s;
+  s.centroids_f16 = centroids;
+  s.cluster_size = kPlaceholder;
+  s.cluster_page_begin = kPlaceholder;
+  s.page_table = kPlaceholder;
+  s.num_clusters = clusters;
+  s.tokens = 20 * clusters;
+  s.rows = rows;
+  s.mode = LookupMode::kBudget;
+  s.budget = 1 + static_cast<int32_t>(rng() % s.tokens);
+  s.page_capacity = 2 * clusters;
+  return s;
+}
+
 TEST(GpuLookup, SmallSegmentRegionsAlignedAndDisjoint) {
   std::mt19937_64 rng(testing::FreshSeed());
-  const int32_t dummy[1] = {0};
-  const uint16_t dummy16[1] = {0};
+  const uint16_t centroids[1] = {0};
   for (int trial = 0; trial < 50; ++trial) {
     std::vector<LookupSegment> segs(1 + rng() % 12);
     for (LookupSegment& s : segs) {
-      s.centroids_f16 = dummy16;
-      s.cluster_size = dummy;
-      s.cluster_page_begin = dummy;
-      s.page_table = dummy;
-      s.num_clusters = 1 + static_cast<int32_t>(rng() % 9000);
-      s.tokens = 20 * s.num_clusters;
-      s.rows = 1 + static_cast<int32_t>(rng() % kLookupSmallRows);
-      s.mode = LookupMode::kBudget;
-      s.budget = 1 + static_cast<int32_t>(rng() % s.tokens);
-      s.page_capacity = 2 * s.num_clusters;
+      const auto clusters = 1 + static_cast<int32_t>(rng() % 9000);
+      const auto rows = 1 + static_cast<int32_t>(rng() % kLookupSmallRows);
+      s = PlanOnlySegment(rng, centroids, clusters, rows);
     }
     LookupLayout layout;
     const Status st = PlanLookup(128, &segs, &layout);
@@ -1055,32 +1066,28 @@ TEST(GpuLookup, SmallSegmentRegionsAlignedAndDisjoint) {
 // none at all when a segment is two-level (those launches read the segments from memory).
 TEST(GpuLookup, SmallScoreDescsFollowTheSmallList) {
   std::mt19937_64 rng(testing::FreshSeed());
-  const int32_t dummy[1] = {0};
-  const uint16_t dummy16[1] = {0};
+  const int32_t placeholder[1] = {0};
+  const uint16_t centroids[12] = {};  // segment i's at centroids + i: the order is checked
   for (int trial = 0; trial < 50; ++trial) {
     std::vector<LookupSegment> segs(1 + rng() % 12);
     const bool two_level = trial % 5 == 4;
-    for (LookupSegment& s : segs) {
-      s.centroids_f16 = dummy16 + rng() % 2;  // distinct per segment is enough to check order
-      s.cluster_size = dummy;
-      s.cluster_page_begin = dummy;
-      s.page_table = dummy;
-      s.num_clusters = 40 + static_cast<int32_t>(rng() % 9000);
-      s.tokens = 20 * s.num_clusters;
-      s.rows = 1 + static_cast<int32_t>(rng() % 1200);  // some large (prefill) segments
+    for (size_t i = 0; i < segs.size(); ++i) {
+      const auto clusters = 40 + static_cast<int32_t>(rng() % 9000);
+      const auto rows = 1 + static_cast<int32_t>(rng() % 1200);  // some large (prefill) segments
+      LookupSegment& s = segs[i];
+      s = PlanOnlySegment(rng, centroids + i, clusters, rows);
       s.q_row = static_cast<int32_t>(rng() % 1000);
       s.centroid_scale = 0.5f + static_cast<float>(rng() % 100);
       const int m = static_cast<int>(rng() % 4);
-      s.mode = m == 3 ? LookupMode::kDense : LookupMode::kBudget;
-      s.budget = m == 2 ? 0 : 1 + static_cast<int32_t>(rng() % s.tokens);  // 0: keep nothing
-      s.page_capacity = 2 * s.num_clusters;
+      if (m == 3) s.mode = LookupMode::kDense;
+      if (m == 2) s.budget = 0;  // keep nothing
     }
     if (two_level) {
       LookupSegment& s = segs[rng() % segs.size()];
       s.num_l1 = 20;
-      s.l1_centroids_f16 = dummy16;
-      s.l1_size = dummy;
-      s.l1_child_begin = dummy;
+      s.l1_centroids_f16 = centroids;
+      s.l1_size = placeholder;
+      s.l1_child_begin = placeholder;
       s.l1_budget = s.tokens / 2;
     }
     LookupLayout layout;
