@@ -1,11 +1,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdio>
-#include <mutex>
 
 #include "gpu/device.h"
+#include "gpu/device_cache.h"
 
 namespace sqkv::gpu {
 
@@ -23,28 +22,8 @@ bool DevicePresent() {
 
 namespace {
 
-// A fact of the current device that does not change (an attribute, >= 0), asked of the driver
-// once per device: the first kCachedDevices ordinals are cached, each slot holding the value + 1
-// (0: not asked yet). -1 when no device is current or the driver does not answer (not cached).
-constexpr int kCachedDevices = 64;
-using DeviceCache = std::atomic<int>[kCachedDevices];
-
-template <class Query>
-int PerDevice(DeviceCache& cache, const Query& query) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    cudaGetLastError();
-    return -1;
-  }
-  const bool cacheable = dev >= 0 && dev < kCachedDevices;
-  if (cacheable) {
-    const int known = cache[dev].load(std::memory_order_relaxed);
-    if (known != 0) return known - 1;
-  }
-  const int value = query(dev);
-  if (cacheable && value >= 0) cache[dev].store(value + 1, std::memory_order_relaxed);
-  return value;
-}
+using detail::DeviceCache;
+using detail::PerDevice;
 
 int Attribute(cudaDeviceAttr attr, int dev) {
   int v = 0;
@@ -69,9 +48,8 @@ bool CurrentDeviceIsSm90() {
 
 int CurrentDeviceSmCount() {
   static DeviceCache cache;  // asked when planning lookups and attention, and per decode lookup
-  return std::max(0, PerDevice(cache, [](int dev) {
-                    return Attribute(cudaDevAttrMultiProcessorCount, dev);
-                  }));
+  return std::max(
+      0, PerDevice(cache, [](int dev) { return Attribute(cudaDevAttrMultiProcessorCount, dev); }));
 }
 
 Result<std::string> DeviceDescription(int device) {

@@ -30,10 +30,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 #include <type_traits>
 
 #include "gpu/device.h"
+#include "gpu/device_cache.h"
 #include "gpu/kernel_trace.cuh"
 #include "gpu/lookup_select.cuh"
 #include "gpu/mbarrier.cuh"
@@ -619,36 +619,22 @@ cudaError_t Launch(const LookupArgs& a, const LookupLayout& l, const Workspace& 
   return cudaGetLastError();
 }
 
-// Whether kKernel (a BulkMmaScorer kernel) runs on the current device: code for compute
-// capability 9.0 or newer in this binary, and its dynamic shared memory limit raised to kBytes.
-// Decided once per device (outside any graph capture in practice: the first lookup of a process
-// runs before captures).
+// Whether kKernel (a BulkMmaScorer kernel) runs on the current device: this binary's code for
+// the device is for compute capability 9.0 or newer (so the device is too), and the kernel's
+// dynamic shared memory limit is raised to kBytes. Decided once per device (outside any graph
+// capture in practice: the first lookup of a process runs before captures).
 template <auto kKernel, int kBytes>
 bool BulkReady() {
-  constexpr int kMaxDevices = 64;
-  static std::mutex mu;
-  static bool ready[kMaxDevices];
-  static bool known[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
-    cudaGetLastError();
-    return false;
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  if (known[dev]) return ready[dev];
-  int major = 0;
-  cudaFuncAttributes attr;
-  bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-            major >= 9 && cudaFuncGetAttributes(&attr, kKernel) == cudaSuccess &&
-            attr.binaryVersion >= 90;
-  if (ok) {
-    ok = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) ==
-         cudaSuccess;
-  }
-  cudaGetLastError();  // a failed query leaves the register path, not an error
-  ready[dev] = ok;
-  known[dev] = true;
-  return ok;
+  static detail::DeviceCache cache;
+  return detail::PerDevice(cache, [](int) {
+           cudaFuncAttributes attr;
+           const bool ok =
+               cudaFuncGetAttributes(&attr, kKernel) == cudaSuccess && attr.binaryVersion >= 90 &&
+               cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) ==
+                   cudaSuccess;
+           cudaGetLastError();  // a failed query leaves the register path, not an error
+           return ok ? 1 : 0;
+         }) == 1;
 }
 
 // The tensor-core scorer for head_dim <= KS * 16: the bulk copies where the device has them,
@@ -659,8 +645,9 @@ cudaError_t LaunchMma(const LookupArgs& a, const LookupLayout& l, const Workspac
                       bool finish, cudaStream_t stream) {
   const int blocks = PersistentBlocks(l);
   constexpr int kBytes = BulkMmaScorer<KS>::kDynamicBytes;
-  if (a.bulk_scoring && level == 2 && !finish && !l.any_hierarchical &&
-      l.small_descs.size() == l.small_list.size() &&
+  // PlanLookup makes the descriptors for single-level plans only (so level 2), one per small
+  // segment.
+  if (a.bulk_scoring && !finish && !l.small_descs.empty() &&
       l.small_descs.size() <= static_cast<size_t>(kParamSegments) &&
       BulkReady<ParamScoreKernel<KS>, kBytes>()) {
     SmallScoreDescs d;

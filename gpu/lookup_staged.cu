@@ -19,8 +19,7 @@
 // block (256 threads): bench/NOTES-gpu-lookup.md.
 #include <cuda_runtime.h>
 
-#include <mutex>
-
+#include "gpu/device_cache.h"
 #include "gpu/kernel_trace.cuh"
 #include "gpu/lookup_select.cuh"
 #include "gpu/paged_attention_common.cuh"
@@ -361,33 +360,25 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
 // (outside any graph capture in practice: the first lookup of a process runs before captures).
 template <int R>
 size_t StagedLimit() {
-  constexpr int kMaxDevices = 64;
-  static std::mutex mu;
-  static size_t limit[kMaxDevices];
-  static bool known[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
-    cudaGetLastError();
-    return 0;
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  if (known[dev]) return limit[dev];
-  int optin = 0;
-  cudaFuncAttributes attr;
-  size_t lim = 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
-      cudaFuncGetAttributes(&attr, StagedSelectKernel<R>) == cudaSuccess &&
-      static_cast<size_t>(optin) > attr.sharedSizeBytes) {
-    lim = static_cast<size_t>(optin) - attr.sharedSizeBytes;
-    if (cudaFuncSetAttribute(StagedSelectKernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(lim)) != cudaSuccess) {
-      lim = 0;
+  static detail::DeviceCache cache;
+  const int limit = detail::PerDevice(cache, [](int dev) {
+    int optin = 0;
+    cudaFuncAttributes attr;
+    int lim = 0;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) ==
+            cudaSuccess &&
+        cudaFuncGetAttributes(&attr, StagedSelectKernel<R>) == cudaSuccess &&
+        static_cast<size_t>(optin) > attr.sharedSizeBytes) {
+      lim = optin - static_cast<int>(attr.sharedSizeBytes);
+      if (cudaFuncSetAttribute(StagedSelectKernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               lim) != cudaSuccess) {
+        lim = 0;
+      }
     }
-  }
-  cudaGetLastError();  // a failed query leaves the global-memory path, not an error
-  limit[dev] = lim;
-  known[dev] = true;
-  return lim;
+    cudaGetLastError();  // a failed query leaves the global-memory path, not an error
+    return lim;
+  });
+  return limit > 0 ? static_cast<size_t>(limit) : 0;
 }
 
 template <int R>
