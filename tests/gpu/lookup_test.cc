@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <iterator>
 #include <limits>
 #include <numeric>
@@ -503,6 +504,20 @@ TEST(GpuLookup, TiesBreakByAscendingId) {
   }
 }
 
+// The tie tests' launches over head 0: one with a 16-row segment and one of narrow segments alone
+// (the selection's four-row variant), each a budget segment per row count and keep fraction.
+std::vector<std::vector<Seg>> TieLaunches(std::mt19937_64& rng, const Head& h,
+                                          std::initializer_list<double> fractions) {
+  std::vector<std::vector<Seg>> launches;
+  for (const auto& row_set : {std::vector<int>{1, 4, 16}, std::vector<int>{1, 4}}) {
+    std::vector<Seg>& segs = launches.emplace_back();
+    for (int rows : row_set) {
+      for (double f : fractions) segs.push_back(MakeSeg(rng, h, 0, rows, RefMode::kBudget, f));
+    }
+  }
+  return launches;
+}
+
 // Every centroid equal: every score ties, so a budget keeps the lowest ids until it is met. With
 // thousands of clusters the tied run crosses many scoring tiles and the selection's per-thread
 // runs (the tie counts before each come from block scans), on both centroid storages; 5,000 of
@@ -518,14 +533,7 @@ TEST(GpuLookup, TiesAcrossTilesKeepLowestIds) {
     std::copy_n(x.centroids.begin(), kD, x.centroids.begin() + c * kD);
   }
   UploadCentroids(&heads[0]);
-  // Launches with a 16-row segment and narrow ones alone (the selection's four-row variant).
-  for (const auto& row_set : {std::vector<int>{1, 4, 16}, std::vector<int>{1, 4}}) {
-    std::vector<Seg> segs;
-    for (int rows : row_set) {
-      for (double f : {0.013, 0.3, 0.77}) {
-        segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, f));
-      }
-    }
+  for (const std::vector<Seg>& segs : TieLaunches(rng, heads[0], {0.013, 0.3, 0.77})) {
     for (bool f16 : {true, false}) {
       std::vector<Out> out;
       RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, f16);
@@ -558,14 +566,7 @@ TEST(GpuLookup, CrowdedCutBinKeepsLowestTiedIds) {
     std::copy_n(x.centroids.begin() + kFirstTied * kD, kD, x.centroids.begin() + c * kD);
   }
   UploadCentroids(&heads[0]);
-  // Launches with a 16-row segment and narrow ones alone (the selection's four-row variant).
-  for (const auto& row_set : {std::vector<int>{1, 4, 16}, std::vector<int>{1, 4}}) {
-    std::vector<Seg> segs;
-    for (int rows : row_set) {
-      for (double f : {0.1, 0.5, 0.8}) {
-        segs.push_back(MakeSeg(rng, heads[0], 0, rows, RefMode::kBudget, f));
-      }
-    }
+  for (const std::vector<Seg>& segs : TieLaunches(rng, heads[0], {0.1, 0.5, 0.8})) {
     for (bool f16 : {true, false}) {
       std::vector<Out> out;
       RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/false, f16);
