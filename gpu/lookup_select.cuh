@@ -225,24 +225,32 @@ __device__ Cut FindCut(const Src& src, int n, int budget, SelectShared<T>& sh,
     __syncthreads();  // also: every thread has read sh.digit and sh.rem
     const int cands = sh.cands;
     if (cands > kCand) continue;  // uniform
-    if (t < cands) {
-      // Tokens ranked before this candidate (greater bits, or equal bits and a lower entry) and
-      // those with strictly greater bits; the candidate whose tokens reach rem is the cut.
-      const uint32_t u = sh.cand_bits[t];
-      const int entry = sh.cand_entry[t];
-      int above = 0, greater = 0, equal = 0;
-      for (int j = 0; j < cands; ++j) {
-        const uint32_t uj = sh.cand_bits[j];
-        const int sj = sh.cand_size[j];
-        above += uj > u || (uj == u && sh.cand_entry[j] < entry) ? sj : 0;
-        greater += uj > u ? sj : 0;
-        equal += uj == u ? 1 : 0;
-      }
-      if (above < rem && rem <= above + sh.cand_size[t]) {
-        sh.key = u;
-        sh.rem = rem - greater;
-        sh.unique = equal == 1;
-      }
+    // Tokens ranked before each candidate (greater bits, or equal bits and a lower entry) and
+    // those with strictly greater bits; the candidate whose tokens reach rem is the cut. kParts
+    // consecutive lanes share a candidate, each summing every kParts-th other one.
+    constexpr int kParts = T / kCand >= 4 ? 4 : 1;
+    const int ci = t / kParts, part = t % kParts;
+    const bool mine = ci < cands;
+    const uint32_t u = mine ? sh.cand_bits[ci] : 0u;
+    const int entry = mine ? sh.cand_entry[ci] : 0;
+    int above = 0, greater = 0, equal = 0;
+    for (int j = part; mine && j < cands; j += kParts) {
+      const uint32_t uj = sh.cand_bits[j];
+      const int sj = sh.cand_size[j];
+      above += uj > u || (uj == u && sh.cand_entry[j] < entry) ? sj : 0;
+      greater += uj > u ? sj : 0;
+      equal += uj == u ? 1 : 0;
+    }
+#pragma unroll
+    for (int o = 1; o < kParts; o <<= 1) {
+      above += __shfl_xor_sync(0xffffffffu, above, o);
+      greater += __shfl_xor_sync(0xffffffffu, greater, o);
+      equal += __shfl_xor_sync(0xffffffffu, equal, o);
+    }
+    if (mine && part == 0 && above < rem && rem <= above + sh.cand_size[ci]) {
+      sh.key = u;
+      sh.rem = rem - greater;
+      sh.unique = equal == 1;
     }
     __syncthreads();
     c.key = sh.key;

@@ -785,6 +785,29 @@ TEST(GpuLookup, NarrowRowsAcrossHeadDims) {
   }
 }
 
+// The staged selection of a 128K-token context's 6,554 clusters and of 11,500 (twelve entries a
+// thread in the emission; 180 KB of the 16 bytes a cluster in shared memory on the H200): budget
+// cuts at one to four rows must match the reference and the global-memory selection.
+TEST(GpuLookup, StagedSelectionAtLargeSegments) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(testing::FreshSeed());
+  constexpr int kD = 64, kPt = 16;
+  std::vector<Head> heads(2);
+  MakeHead(rng, 11500, kD, kPt, 40, 0, &heads[0]);
+  MakeHead(rng, 6554, kD, kPt, 40, 0, &heads[1]);
+  std::uniform_real_distribution<double> frac(0.01, 0.3);
+  for (int h : {0, 1}) {
+    SCOPED_TRACE(std::to_string(heads[h].x.num_clusters()) + " clusters");
+    std::vector<Seg> segs;
+    for (int i = 0; i < 4; ++i) {
+      segs.push_back(MakeSeg(rng, heads[h], h, 1 + i, RefMode::kBudget, frac(rng)));
+    }
+    std::vector<Out> out;
+    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true);
+    CheckAll(heads, segs, out, /*f16=*/true);
+  }
+}
+
 // Clustered synthetic data: centroids gathered tightly around a few topics, queries near one of
 // them, so the cut falls among many nearly equal scores (the hard case for 16-bit arithmetic).
 // Reports the mismatch rate next to the random-data tests'.
