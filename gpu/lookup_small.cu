@@ -580,11 +580,17 @@ struct SmallScoreDescs {
 static_assert(sizeof(LookupArgs) + sizeof(Workspace) + sizeof(SmallScoreDescs) <= 4096,
               "kernel parameters");
 
+// Blocks of ParamScoreKernel an SM can hold (64 registers a thread; 34 KB of shared memory each).
+inline constexpr int kParamBlocksPerSm = 3;
+// Launches of at least this many segments put kParamBlocksPerSm blocks per SM in the grid, fewer
+// segments two (see ParamBlocks).
+inline constexpr int kParamManySegments = 16;
+
 // The decode launch's scoring where the staged selection follows and the small list fits the
 // parameters: BulkMmaScorer over the segment described in d (entry y of the small list), so
 // nothing is read from memory before the first copies are issued.
 template <int KS>
-__global__ void __launch_bounds__(kSmallThreads, BulkMmaScorer<KS>::kMinBlocks)
+__global__ void __launch_bounds__(kSmallThreads, kParamBlocksPerSm)
     ParamScoreKernel(LookupArgs a, Workspace w, const __grid_constant__ SmallScoreDescs d) {
   __shared__ float lgs[kLookupNarrowRows][kSmallTile];
   SQKV_TRACE_START(TraceKernel::kSmall);
@@ -609,6 +615,20 @@ int PersistentBlocks(const LookupLayout& l) {
   if (sms == 0) return l.max_small_tiles;
   const int segs = static_cast<int>(l.small_list.size());
   return std::max(1, std::min(l.max_small_tiles, 2 * sms / std::max(1, segs)));
+}
+
+// Blocks per segment of ParamScoreKernel's grid, at most one per tile: three per SM over the launch
+// from kParamManySegments segments on, else two as the persistent grid. Measured on the H200
+// (same-call A/B, graph us, whole path): 128K decode b8 155.8 -> 154.0 (in another call with three
+// at every size, 155.7 -> 154.1), 32K b8 -0.1; at batch 1 three per SM made 128K 41.2 -> 41.8 (its
+// selection blocks need an SM to themselves: with two, the blocks holding one tile empty theirs
+// early), so it keeps two, and the 64-register bound left it unchanged (41.1 -> 41.1).
+int ParamBlocks(const LookupLayout& l) {
+  const int sms = CurrentDeviceSmCount();
+  if (sms == 0) return l.max_small_tiles;
+  const int segs = std::max(1, static_cast<int>(l.small_list.size()));
+  const int per_sm = segs >= kParamManySegments ? kParamBlocksPerSm : 2;
+  return std::max(1, std::min(l.max_small_tiles, per_sm * sms / segs));
 }
 
 template <class Sc>
@@ -652,7 +672,8 @@ cudaError_t LaunchMma(const LookupArgs& a, const LookupLayout& l, const Workspac
       BulkReady<ParamScoreKernel<KS>, kBytes>()) {
     SmallScoreDescs d;
     std::copy(l.small_descs.begin(), l.small_descs.end(), d.seg);
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(l.small_list.size()));
+    const dim3 grid(static_cast<unsigned>(ParamBlocks(l)),
+                    static_cast<unsigned>(l.small_list.size()));
     ParamScoreKernel<KS><<<grid, kSmallThreads, kBytes, stream>>>(a, w, d);
     return cudaGetLastError();
   }
