@@ -358,6 +358,16 @@ void CheckAll(const std::vector<Head>& heads, const std::vector<Seg>& segs,
   Report(what != nullptr ? what : info->name(), f16, agree);
 }
 
+// One launch over `segs` (RunLookup, relaunched when `repeat`), then every segment against the
+// reference (CheckAll); returns the outputs for further checks.
+std::vector<Out> RunAndCheck(std::vector<Head>& heads, const std::vector<Seg>& segs, int d, int pt,
+                             bool repeat, bool f16, const char* what = nullptr) {
+  std::vector<Out> out;
+  RunLookup(heads, segs, d, pt, &out, repeat, f16);
+  if (!::testing::Test::HasFatalFailure()) CheckAll(heads, segs, out, f16, what);
+  return out;
+}
+
 TEST(GpuLookup, BudgetMatchesReferenceAcrossRowCounts) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
@@ -374,9 +384,7 @@ TEST(GpuLookup, BudgetMatchesReferenceAcrossRowCounts) {
         MakeSeg(rng, heads[i], static_cast<int>(i), rows[i], RefMode::kBudget, frac(rng)));
   }
   for (bool f16 : {true, false}) {
-    std::vector<Out> out;
-    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, f16);
-    CheckAll(heads, segs, out, f16);
+    RunAndCheck(heads, segs, kD, kPt, /*repeat=*/true, f16);
   }
 }
 
@@ -393,9 +401,7 @@ TEST(GpuLookup, HeadDim64AndOtherPageSizes) {
       segs.push_back(MakeSeg(rng, heads[i], i, rows[i], RefMode::kBudget, 0.05 + 0.1 * i));
     }
     for (bool f16 : {true, false}) {
-      std::vector<Out> out;
-      RunLookup(heads, segs, 64, pt, &out, false, f16);
-      CheckAll(heads, segs, out, f16);
+      RunAndCheck(heads, segs, 64, pt, /*repeat=*/false, f16);
     }
   }
 }
@@ -424,9 +430,7 @@ TEST(GpuLookup, ThresholdAndDenseModes) {
     }
   }
   for (bool f16 : {true, false}) {
-    std::vector<Out> out;
-    RunLookup(heads, segs, kD, kPt, &out, false, f16);
-    CheckAll(heads, segs, out, f16);
+    const std::vector<Out> out = RunAndCheck(heads, segs, kD, kPt, /*repeat=*/false, f16);
     for (size_t i = 0; i < segs.size(); ++i) {
       if (segs[i].mode == RefMode::kDense) {
         EXPECT_EQ(static_cast<int>(out[i].clusters.size()), heads[segs[i].head].x.num_clusters());
@@ -450,9 +454,7 @@ TEST(GpuLookup, KeepNothingKeepEverythingSingleCluster) {
     segs.push_back(MakeSeg(rng, heads[1], 1, rows, RefMode::kDense, 0.0));
   }
   for (bool f16 : {true, false}) {
-    std::vector<Out> out;
-    RunLookup(heads, segs, kD, kPt, &out, false, f16);
-    CheckAll(heads, segs, out, f16);
+    const std::vector<Out> out = RunAndCheck(heads, segs, kD, kPt, /*repeat=*/false, f16);
     for (size_t i = 0; i < segs.size(); ++i) {
       if (segs[i].budget == 0 && segs[i].mode == RefMode::kBudget) {
         EXPECT_TRUE(out[i].clusters.empty());
@@ -568,9 +570,8 @@ TEST(GpuLookup, CrowdedCutBinKeepsLowestTiedIds) {
   UploadCentroids(&heads[0]);
   for (const std::vector<Seg>& segs : TieLaunches(rng, heads[0], {0.1, 0.5, 0.8})) {
     for (bool f16 : {true, false}) {
-      std::vector<Out> out;
-      RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/false, f16);
-      CheckAll(heads, segs, out, f16, "CrowdedCutBinKeepsLowestTiedIds");
+      const std::vector<Out> out = RunAndCheck(heads, segs, kD, kPt, /*repeat=*/false, f16,
+                                               "CrowdedCutBinKeepsLowestTiedIds");
       for (size_t i = 0; i < segs.size(); ++i) {
         std::vector<uint8_t> sel(x.num_clusters(), 0);
         for (int32_t c : out[i].clusters) sel[c] = 1;
@@ -605,9 +606,7 @@ TEST(GpuLookup, ManySegmentsMixingContexts) {
     segs.push_back(MakeSeg(rng, heads[h], h, rows[i % 8], rm, frac(rng)));
   }
   for (bool f16 : {true, false}) {
-    std::vector<Out> out;
-    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, f16);
-    CheckAll(heads, segs, out, f16);
+    RunAndCheck(heads, segs, kD, kPt, /*repeat=*/true, f16);
   }
 }
 
@@ -637,9 +636,7 @@ TEST(GpuLookup, HierarchicalMatchesReference) {
     }
   }
   for (bool f16 : {true, false}) {
-    std::vector<Out> out;
-    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true, f16);
-    CheckAll(heads, segs, out, f16);
+    RunAndCheck(heads, segs, kD, kPt, /*repeat=*/true, f16);
   }
 }
 
@@ -655,9 +652,7 @@ TEST(GpuLookup, ContextSizedIndex) {
   segs.push_back(MakeSeg(rng, heads[0], 0, 4, RefMode::kBudget, 0.05));
   segs.push_back(MakeSeg(rng, heads[0], 0, 4096, RefMode::kBudget, 0.05));
   for (bool f16 : {true, false}) {
-    std::vector<Out> out;
-    RunLookup(heads, segs, kD, kPt, &out, false, f16);
-    CheckAll(heads, segs, out, f16);
+    RunAndCheck(heads, segs, kD, kPt, /*repeat=*/false, f16);
   }
 }
 
@@ -682,9 +677,7 @@ TEST(GpuLookup, TiledVariantsMatchReference) {
     }
     for (bool f16 : {true, false}) {
       SCOPED_TRACE("d " + std::to_string(d));
-      std::vector<Out> out;
-      RunLookup(heads, segs, d, 16, &out, /*repeat=*/true, f16);
-      CheckAll(heads, segs, out, f16);
+      RunAndCheck(heads, segs, d, 16, /*repeat=*/true, f16);
     }
   }
 }
@@ -740,9 +733,7 @@ TEST(GpuLookup, HeadDimsUpTo256) {
       }
     }
     for (bool f16 : {true, false}) {
-      std::vector<Out> out;
-      RunLookup(heads, segs, d, 16, &out, /*repeat=*/true, f16);
-      CheckAll(heads, segs, out, f16);
+      RunAndCheck(heads, segs, d, 16, /*repeat=*/true, f16);
     }
   }
 }
@@ -777,9 +768,7 @@ TEST(GpuLookup, NarrowRowsAcrossHeadDims) {
         segs.push_back(s);
       }
       for (bool f16 : {true, false}) {
-        std::vector<Out> out;
-        RunLookup(heads, segs, d, kPt, &out, /*repeat=*/true, f16);
-        CheckAll(heads, segs, out, f16);
+        RunAndCheck(heads, segs, d, kPt, /*repeat=*/true, f16);
       }
     }
   }
@@ -802,9 +791,7 @@ TEST(GpuLookup, StagedSelectionAtLargeSegments) {
     for (int i = 0; i < 4; ++i) {
       segs.push_back(MakeSeg(rng, heads[h], h, 1 + i, RefMode::kBudget, frac(rng)));
     }
-    std::vector<Out> out;
-    RunLookup(heads, segs, kD, kPt, &out, /*repeat=*/true);
-    CheckAll(heads, segs, out, /*f16=*/true);
+    RunAndCheck(heads, segs, kD, kPt, /*repeat=*/true, /*f16=*/true);
   }
 }
 
@@ -869,9 +856,7 @@ TEST(GpuLookup, LargeAndSmallMagnitudes) {
       segs.push_back(sg);
     }
   }
-  std::vector<Out> out;
-  RunLookup(heads, segs, kD, kPt, &out, false, true);
-  CheckAll(heads, segs, out, true);
+  RunAndCheck(heads, segs, kD, kPt, /*repeat=*/false, true);
 }
 
 TEST(GpuLookup, CentroidScaleF16) {
