@@ -273,11 +273,12 @@ struct BulkMmaScorer {
   static constexpr bool kF16 = true;
   static constexpr int kRows = kLookupNarrowRows;
   static constexpr int kMinBlocks = 2;
-  // One tile in flight per block (two blocks per SM): measured against two on the H200 (same-call
-  // A/B, graph us, whole path), 128K decode b1 42.6 -> 41.9 and b8 156.0 -> 154.3, 32K b8 57.3 ->
-  // 56.9, 32K b1 25.4 -> 25.5. Likely why: with two stages (64 KB) two scoring blocks leave no room
-  // on an SM for a staged selection block (118 KB), so that one cannot start (and load its index
-  // data) before they leave.
+  // One tile in flight per block: measured against two on the H200 (same-call A/B, graph us, whole
+  // path), 128K decode b1 42.6 -> 41.9 and b8 156.0 -> 154.3, 32K b8 57.3 -> 56.9, 32K b1 25.4 ->
+  // 25.5. Likely why: a staged selection block (1,024 threads at 64 registers) needs an SM's whole
+  // register file, so it starts (and loads its index data) only on an SM no scoring block holds;
+  // with one stage the blocks that score a single tile leave theirs early. Two stages with three
+  // blocks per SM also lost (bench/NOTES-gpu-lookup.md, v20).
   static constexpr int kStages = 1;
   // A stage holds a tile of rows of up to KS * 16 binary16 components (head_dim <= that).
   static constexpr int kStageBytes = kSmallTile * KS * 32;
