@@ -49,9 +49,9 @@ __device__ __forceinline__ int2 PieceRangeFirst(int total, int splits, int piece
   return make_int2(first + r.x, first + r.y);
 }
 
-// Which block of a pass this is (grid x: tile · splits + piece; y: the large list), with what both
-// passes read: the segment, its entry set, the binary16 q rows and the per-row info (factor, max,
-// 1/Z, max + log2 Z).
+// Which block of a pass this is (y: the large list; x: tile · splits + piece, or with the pieces
+// in z, x the tile and z the piece), with what both passes read: the segment, its entry set, the
+// binary16 q rows and the per-row info (factor, max, 1/Z, max + log2 Z).
 struct PassBlock {
   int seg = 0;
   const LookupSegment* s = nullptr;
@@ -61,17 +61,20 @@ struct PassBlock {
   float4* info = nullptr;
 };
 
-// Pass 1 (splits: s.row_splits) or pass 2 (s.col_splits). False when the segment is not scored
-// at `level` (the whole grid row returns, its counters untouched).
+// Pass 1 (splits: s.row_splits) or pass 2 (s.col_splits). pieces_in_z: the grid's z is the piece
+// (the wgmma pass 2, which dispatches every tile's first piece before any second one; a block
+// whose z is past its segment's pieces has no work). False when the segment is not scored at
+// `level` (the whole grid row returns, its counters untouched).
 __device__ __forceinline__ bool GetPassBlock(const LookupArgs& a, const Workspace& w, int level,
-                                             bool row_pass, PassBlock* b) {
+                                             bool row_pass, PassBlock* b,
+                                             bool pieces_in_z = false) {
   b->seg = w.large_list[blockIdx.y];
   b->s = &a.segments[b->seg];
   if (!ScoredAtLevel(*b->s, level)) return false;
   b->e = GetEntrySet(*b->s, level, w.ints, a.head_dim, true);
   b->splits = row_pass ? b->s->row_splits : b->s->col_splits;
-  b->tile = blockIdx.x / b->splits;
-  b->piece = blockIdx.x % b->splits;
+  b->tile = pieces_in_z ? blockIdx.x : blockIdx.x / b->splits;
+  b->piece = pieces_in_z ? blockIdx.z : blockIdx.x % b->splits;
   b->qh = reinterpret_cast<const uint16_t*>(w.floats + b->s->qh_offset);
   b->info = reinterpret_cast<float4*>(w.floats + b->s->info_offset);
   return true;

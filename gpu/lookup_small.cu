@@ -609,27 +609,24 @@ __global__ void __launch_bounds__(kSmallThreads, kParamBlocksPerSm)
   SQKV_TRACE_END(TraceKernel::kSmall);
 }
 
-// Blocks per segment of the persistent grid: about two per SM over the whole launch, at most one
-// per tile.
-int PersistentBlocks(const LookupLayout& l) {
+// Blocks per segment of a persistent grid of about `per_sm` blocks per SM over the whole launch,
+// at most one per tile. The register-loaded and bulk scorers take two.
+int PersistentBlocks(const LookupLayout& l, int per_sm = 2) {
   const int sms = CurrentDeviceSmCount();
   if (sms == 0) return l.max_small_tiles;
   const int segs = static_cast<int>(l.small_list.size());
-  return std::max(1, std::min(l.max_small_tiles, 2 * sms / std::max(1, segs)));
+  return std::max(1, std::min(l.max_small_tiles, per_sm * sms / std::max(1, segs)));
 }
 
-// Blocks per segment of ParamScoreKernel's grid, at most one per tile: three per SM over the launch
-// from kParamManySegments segments on, else two as the persistent grid. Measured on the H200
+// Blocks per segment of ParamScoreKernel's grid: the persistent grid's, with three blocks per SM
+// from kParamManySegments segments on, else two. Measured on the H200
 // (same-call A/B, graph us, whole path): 128K decode b8 155.8 -> 154.0 (in another call with three
 // at every size, 155.7 -> 154.1), 32K b8 -0.1; at batch 1 three per SM made 128K 41.2 -> 41.8 (its
 // selection blocks need an SM to themselves: with two, the blocks holding one tile empty theirs
 // early), so it keeps two, and the 64-register bound left it unchanged (41.1 -> 41.1).
 int ParamBlocks(const LookupLayout& l) {
-  const int sms = CurrentDeviceSmCount();
-  if (sms == 0) return l.max_small_tiles;
-  const int segs = std::max(1, static_cast<int>(l.small_list.size()));
-  const int per_sm = segs >= kParamManySegments ? kParamBlocksPerSm : 2;
-  return std::max(1, std::min(l.max_small_tiles, per_sm * sms / segs));
+  const bool many = l.small_list.size() >= static_cast<size_t>(kParamManySegments);
+  return PersistentBlocks(l, many ? kParamBlocksPerSm : 2);
 }
 
 template <class Sc>

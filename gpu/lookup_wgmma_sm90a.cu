@@ -396,11 +396,9 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
   // reads the scores; letting it launch now lets its blocks stage index data as SMs free up.
   if (!finish) detail::GridDependencyTrigger();
   PassBlock b;
-  if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b)) return;
-  // Grid x: the tile, z: the piece (every tile's first piece dispatched before any second one;
-  // PlanLookup's ChooseColPieces). Blocks past the segment's pieces only arrive at its end.
-  b.tile = blockIdx.x;
-  b.piece = blockIdx.z;
+  // Grid x: the tile, z: the piece (PlanLookup's ChooseColPieces). Blocks past the segment's
+  // pieces only arrive at its end.
+  if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b, /*pieces_in_z=*/true)) return;
   const LookupSegment& s = *b.s;
   const EntrySet& e = b.e;
   const int seg = b.seg, d = a.head_dim;
