@@ -18,6 +18,22 @@
 
 namespace sqkv::bench {
 
+// The shape of issue 3's GPU benchmarks and of BENCHMARKS.md's H200 runs (a file takes it with
+// `using namespace sqkv::bench::shape;`): 32 query heads over 8 kv heads (GQA group 4), head_dim
+// 128, pages of 16 tokens, centroids at 5% of the tokens; decode batches of 8 contexts, prefill
+// with 1,024 queries, 3 warm-up launches before timing.
+namespace shape {
+inline constexpr int kKvHeads = 8;
+inline constexpr int kQHeads = 32;
+inline constexpr int kGroup = kQHeads / kKvHeads;
+inline constexpr int kHeadDim = 128;
+inline constexpr int kPageTokens = 16;
+inline constexpr double kCentroidFraction = 0.05;
+inline constexpr int kContexts = 8;
+inline constexpr int kPrefillQueries = 1024;
+inline constexpr int kWarmup = 3;
+}  // namespace shape
+
 // Ends the process with `what` and the status unless it is ok.
 inline void Check(const Status& st, const char* what) {
   if (st.ok()) return;

@@ -38,11 +38,7 @@
 namespace sqkv::gpu {
 namespace {
 
-constexpr int kHeadDim = 128;
-constexpr int kPageTokens = 16;
-constexpr int kKvHeads = 8;
-constexpr int kGroup = 4;  // query heads per kv head
-constexpr int kContexts = 8;
+using namespace sqkv::bench::shape;
 constexpr int kMinCluster = 12, kMaxCluster = 28;
 constexpr DType kDType = DType::kBF16;
 constexpr size_t kPageBytes = PageBytes(kPageTokens, kHeadDim, kDType);

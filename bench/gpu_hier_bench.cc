@@ -59,17 +59,9 @@ using sqkv::HeadSelection;
 using sqkv::SelectOptions;
 using sqkv::Status;
 namespace gpu = sqkv::gpu;
+using namespace sqkv::bench::shape;
 
-constexpr int kKvHeads = 8;
-constexpr int kQHeads = 32;
-constexpr int kGroup = kQHeads / kKvHeads;
-constexpr int kHeadDim = 128;
-constexpr int kPageTokens = 16;
-constexpr float kCentroidFraction = 0.05f;
 constexpr float kL1Fraction = 0.01f;
-constexpr int kContexts = 8;
-constexpr int kPrefillQueries = 1024;
-constexpr int kWarmup = 3;
 // api/synthetic.cc's shape of keys and queries.
 constexpr float kKeyNoise = 0.35f;
 constexpr float kQueryMain = 1.2f, kQuerySecond = 0.6f, kQueryNoise = 0.5f;

@@ -55,15 +55,7 @@ using sqkv::Status;
 using sqkv::bench::Median;
 using sqkv::bench::Rng;
 namespace gpu = sqkv::gpu;
-
-constexpr int kKvHeads = 8;
-constexpr int kHeadDim = 128;
-constexpr int kPageTokens = 16;
-constexpr int kQHeads = 32;
-constexpr double kCentroidFraction = 0.05;
-constexpr int kContexts = 8;
-constexpr int kPrefillQueries = 1024;
-constexpr int kWarmup = 3;
+using namespace sqkv::bench::shape;
 
 // One resident context: its engine key and float32 device copies of its centroids.
 struct Context {

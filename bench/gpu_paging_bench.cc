@@ -42,12 +42,7 @@ using sqkv::Status;
 using sqkv::bench::Median;
 using sqkv::bench::Rng;
 namespace gpu = sqkv::gpu;
-
-constexpr int kKvHeads = 8;
-constexpr int kHeadDim = 128;
-constexpr int kPageTokens = 16;
-constexpr int kQHeads = 32;
-constexpr double kCentroidFraction = 0.05;
+using namespace sqkv::bench::shape;
 constexpr size_t kPageBytes = sqkv::PageBytes(kPageTokens, kHeadDim, DType::kBF16);
 
 #define CHECK_CUDA(expr)                                                                     \
