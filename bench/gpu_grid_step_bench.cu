@@ -24,13 +24,13 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-#define CUDA_OK(expr)                                                                         \
-  do {                                                                                        \
-    const cudaError_t _e = (expr);                                                            \
-    if (_e != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(_e));        \
-      std::exit(1);                                                                           \
-    }                                                                                         \
+#define CUDA_OK(expr)                                                                  \
+  do {                                                                                 \
+    const cudaError_t _e = (expr);                                                     \
+    if (_e != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(_e)); \
+      std::exit(1);                                                                    \
+    }                                                                                  \
   } while (0)
 
 enum Kind : int { kCoop = 0, kFlag = 1, kGroup = 2 };
@@ -52,8 +52,8 @@ __global__ void StepKernel(int kind, int steps, int group, int* counters) {
     return;
   }
   const int first = kind == kGroup ? static_cast<int>(blockIdx.x) / group * group : 0;
-  const int members =
-      kind == kGroup ? min(group, static_cast<int>(gridDim.x) - first) : static_cast<int>(gridDim.x);
+  const int members = kind == kGroup ? min(group, static_cast<int>(gridDim.x) - first)
+                                     : static_cast<int>(gridDim.x);
   int* counter = counters + (kind == kGroup ? blockIdx.x / group : 0);
   for (int s = 0; s < steps; ++s) {
     __syncthreads();
@@ -128,9 +128,8 @@ int main(int argc, char** argv) {
             int k = kind, st = steps, gg = g;
             void* args[] = {&k, &st, &gg, &counters};
             if (kind == kCoop) {
-              CUDA_OK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(StepKernel),
-                                                  dim3(blocks), dim3(sh.threads), args, 0,
-                                                  stream));
+              CUDA_OK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(StepKernel), dim3(blocks),
+                                                  dim3(sh.threads), args, 0, stream));
             } else {
               // Every block is resident (blocks <= what the SMs hold), so the spin cannot wait on
               // a block that never starts.
