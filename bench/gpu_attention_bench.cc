@@ -27,6 +27,7 @@
 #if defined(SQKV_HAVE_CUDA)
 #include <cuda_runtime.h>
 
+#include "bench/bench_cuda.h"
 #include "bench/bench_util.h"
 #include "common/dtype.h"
 #include "compute/attention.h"
@@ -42,15 +43,6 @@ using namespace sqkv::bench::shape;
 constexpr int kMinCluster = 12, kMaxCluster = 28;
 constexpr DType kDType = DType::kBF16;
 constexpr size_t kPageBytes = PageBytes(kPageTokens, kHeadDim, kDType);
-
-#define CUDA_CHECK(expr)                                                                         \
-  do {                                                                                           \
-    const cudaError_t _e = (expr);                                                               \
-    if (_e != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(_e)); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
 
 using ::sqkv::bench::Check;
 
@@ -199,28 +191,28 @@ Timing TimeLaunches(std::vector<Launch>& launches, int iters, cudaStream_t strea
   const int rot = static_cast<int>(launches.size());
   for (int i = 0; i < 2 * rot; ++i)
     Check(LaunchPagedAttention(launches[i % rot].args, stream), "warm-up");
-  CUDA_CHECK(cudaStreamSynchronize(stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
 
   // Per-launch events; a large memset first lets the host queue the launches ahead of the GPU.
   std::vector<cudaEvent_t> start(iters), stop(iters);
   for (int i = 0; i < iters; ++i) {
-    CUDA_CHECK(cudaEventCreate(&start[i]));
-    CUDA_CHECK(cudaEventCreate(&stop[i]));
+    CUDA_OK(cudaEventCreate(&start[i]));
+    CUDA_OK(cudaEventCreate(&stop[i]));
   }
-  CUDA_CHECK(cudaMemsetAsync(head_start, 0, head_start_bytes, stream));
+  CUDA_OK(cudaMemsetAsync(head_start, 0, head_start_bytes, stream));
   for (int i = 0; i < iters; ++i) {
-    CUDA_CHECK(cudaEventRecord(start[i], stream));
+    CUDA_OK(cudaEventRecord(start[i], stream));
     Check(LaunchPagedAttention(launches[i % rot].args, stream), "launch");
-    CUDA_CHECK(cudaEventRecord(stop[i], stream));
+    CUDA_OK(cudaEventRecord(stop[i], stream));
   }
-  CUDA_CHECK(cudaStreamSynchronize(stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
   std::vector<double> us(iters);
   for (int i = 0; i < iters; ++i) {
     float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start[i], stop[i]));
+    CUDA_OK(cudaEventElapsedTime(&ms, start[i], stop[i]));
     us[i] = 1e3 * ms;
-    CUDA_CHECK(cudaEventDestroy(start[i]));
-    CUDA_CHECK(cudaEventDestroy(stop[i]));
+    CUDA_OK(cudaEventDestroy(start[i]));
+    CUDA_OK(cudaEventDestroy(stop[i]));
   }
   std::sort(us.begin(), us.end());
   Timing t;
@@ -231,27 +223,27 @@ Timing TimeLaunches(std::vector<Launch>& launches, int iters, cudaStream_t strea
   // One graph of `rot` launches (also proves the launch is capturable), replayed.
   cudaGraph_t graph;
   cudaGraphExec_t exec;
-  CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
   for (int i = 0; i < rot; ++i) Check(LaunchPagedAttention(launches[i].args, stream), "capture");
-  CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  CUDA_CHECK(cudaStreamSynchronize(stream));
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  CUDA_OK(cudaGraphLaunch(exec, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
   const int replays = std::max(2, iters / rot);
   cudaEvent_t g0, g1;
-  CUDA_CHECK(cudaEventCreate(&g0));
-  CUDA_CHECK(cudaEventCreate(&g1));
-  CUDA_CHECK(cudaEventRecord(g0, stream));
-  for (int i = 0; i < replays; ++i) CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  CUDA_CHECK(cudaEventRecord(g1, stream));
-  CUDA_CHECK(cudaStreamSynchronize(stream));
+  CUDA_OK(cudaEventCreate(&g0));
+  CUDA_OK(cudaEventCreate(&g1));
+  CUDA_OK(cudaEventRecord(g0, stream));
+  for (int i = 0; i < replays; ++i) CUDA_OK(cudaGraphLaunch(exec, stream));
+  CUDA_OK(cudaEventRecord(g1, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
   float ms = 0;
-  CUDA_CHECK(cudaEventElapsedTime(&ms, g0, g1));
+  CUDA_OK(cudaEventElapsedTime(&ms, g0, g1));
   t.graph_us = 1e3 * ms / (replays * rot);
-  CUDA_CHECK(cudaEventDestroy(g0));
-  CUDA_CHECK(cudaEventDestroy(g1));
-  CUDA_CHECK(cudaGraphExecDestroy(exec));
-  CUDA_CHECK(cudaGraphDestroy(graph));
+  CUDA_OK(cudaEventDestroy(g0));
+  CUDA_OK(cudaEventDestroy(g1));
+  CUDA_OK(cudaGraphExecDestroy(exec));
+  CUDA_OK(cudaGraphDestroy(graph));
   return t;
 }
 
@@ -261,15 +253,15 @@ double CheckAgainstCpu(const Launch& l, const void* pool, const float* d_out, in
   std::vector<uint8_t> pages(list.ids.size() * kPageBytes);
   std::vector<PageRef> refs(list.ids.size());
   for (size_t i = 0; i < list.ids.size(); ++i) {
-    CUDA_CHECK(cudaMemcpy(pages.data() + i * kPageBytes,
+    CUDA_OK(cudaMemcpy(pages.data() + i * kPageBytes,
                           static_cast<const uint8_t*>(pool) + list.ids[i] * kPageBytes, kPageBytes,
                           cudaMemcpyDeviceToHost));
     refs[i] = PageRef{pages.data() + i * kPageBytes, list.valid[i]};
   }
   std::vector<float> q(static_cast<size_t>(rows) * kHeadDim), got(q.size()), ref(q.size());
   std::vector<float> lse(rows);
-  CUDA_CHECK(cudaMemcpy(q.data(), l.args.q, q.size() * 4, cudaMemcpyDeviceToHost));
-  CUDA_CHECK(cudaMemcpy(got.data(), d_out, got.size() * 4, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(q.data(), l.args.q, q.size() * 4, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(got.data(), d_out, got.size() * 4, cudaMemcpyDeviceToHost));
   AttendPages(q.data(), rows, kHeadDim, l.args.scale, kDType, kPageTokens, refs.data(),
               static_cast<int>(refs.size()), ref.data(), lse.data());
   double num = 0, den = 0;
@@ -290,7 +282,7 @@ double CopyBandwidthGBs(cudaStream_t stream) {
   Check(a.Fill(1), "fill");
   // One untimed copy, the median of 5 timed.
   return bench::MedianGBs(stream, 1, 5, 2.0 * bytes, [&] {
-    CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream));
+    CUDA_OK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream));
     return Status::Ok();
   });
 }
@@ -376,7 +368,7 @@ int Run(int argc, char** argv) {
       for (size_t off = 0, k = 0; off < pool_bytes; off += block / 2, ++k) {
         const size_t shift = (k * 4096 * 7) % (block / 2);
         const size_t n = std::min(block / 2, pool_bytes - off);
-        CUDA_CHECK(cudaMemcpy(static_cast<uint8_t*>(pool.get()) + off,
+        CUDA_OK(cudaMemcpy(static_cast<uint8_t*>(pool.get()) + off,
                               static_cast<uint8_t*>(src.get()) + shift, n,
                               cudaMemcpyDeviceToDevice));
       }
@@ -399,7 +391,7 @@ int Run(int argc, char** argv) {
         const int check_rows = mode == Mode::kPrefill ? 16 : kGroup;
         if (keep < 1.0 || mode != Mode::kPrefill) {
           Check(LaunchPagedAttention(launches[0].args, stream), "check launch");
-          CUDA_CHECK(cudaStreamSynchronize(stream));
+          CUDA_OK(cudaStreamSynchronize(stream));
           check = CheckAgainstCpu(launches[0], pool.get(), out.as<float>(), check_rows);
         }
         const int iters = iters_override > 0 ? iters_override : mode == Mode::kPrefill ? 24 : 200;

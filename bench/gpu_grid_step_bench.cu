@@ -20,18 +20,11 @@
 #include <cstring>
 #include <vector>
 
+#include "bench/bench_cuda.h"
+
 namespace {
 
 namespace cg = cooperative_groups;
-
-#define CUDA_OK(expr)                                                                  \
-  do {                                                                                 \
-    const cudaError_t _e = (expr);                                                     \
-    if (_e != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(_e)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
 
 enum Kind : int { kCoop = 0, kFlag = 1, kGroup = 2 };
 

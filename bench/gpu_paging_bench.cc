@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_cuda.h"
 #include "bench/bench_util.h"
 #include "gpu/device.h"
 #include "gpu/engine.h"
@@ -44,15 +45,6 @@ using sqkv::bench::Rng;
 namespace gpu = sqkv::gpu;
 using namespace sqkv::bench::shape;
 constexpr size_t kPageBytes = sqkv::PageBytes(kPageTokens, kHeadDim, DType::kBF16);
-
-#define CHECK_CUDA(expr)                                                                     \
-  do {                                                                                       \
-    const cudaError_t _e = (expr);                                                           \
-    if (_e != cudaSuccess) {                                                                 \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(_e));      \
-      std::exit(1);                                                                          \
-    }                                                                                        \
-  } while (0)
 
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
@@ -157,7 +149,7 @@ int main(int argc, char** argv) {
   }
   const size_t layer_pages = host.head_base[0].back();
   const size_t layer_bytes = layer_pages * kPageBytes;
-  CHECK_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host.pinned), host.pages * kPageBytes,
+  CUDA_OK(cudaHostAlloc(reinterpret_cast<void**>(&host.pinned), host.pages * kPageBytes,
                            cudaHostAllocPortable | cudaHostAllocMapped));
   {  // bf16 values in ±[2^-7, 2): random sign, exponent and mantissa
     auto* w = reinterpret_cast<uint64_t*>(host.pinned);
@@ -177,12 +169,12 @@ int main(int argc, char** argv) {
 
   // --- memcpy ceiling
   void* dev = nullptr;
-  CHECK_CUDA(cudaMalloc(&dev, layer_bytes));
+  CUDA_OK(cudaMalloc(&dev, layer_bytes));
   cudaStream_t stream;
-  CHECK_CUDA(cudaStreamCreate(&stream));
+  CUDA_OK(cudaStreamCreate(&stream));
   auto memcpy_gbs = [&](size_t bytes) {  // 2 untimed copies, the median of 10 timed
     return sqkv::bench::MedianGBs(stream, 2, 10, static_cast<double>(bytes), [&] {
-      CHECK_CUDA(cudaMemcpyAsync(dev, host.pinned, bytes, cudaMemcpyHostToDevice, stream));
+      CUDA_OK(cudaMemcpyAsync(dev, host.pinned, bytes, cudaMemcpyHostToDevice, stream));
       return Status::Ok();
     });
   };
@@ -191,7 +183,7 @@ int main(int argc, char** argv) {
   const double ceiling_layer = memcpy_gbs(layer_bytes);
   std::printf("\n[memcpy] pinned H2D, one cudaMemcpyAsync: %.1f MiB %.1f GB/s, %.1f MiB %.1f GB/s\n",
               head_bytes / 1048576.0, ceiling_head, layer_bytes / 1048576.0, ceiling_layer);
-  CHECK_CUDA(cudaFree(dev));
+  CUDA_OK(cudaFree(dev));
 
   // --- pointer checks (the kAuto path asks the runtime about every page)
   {
