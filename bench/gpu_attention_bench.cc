@@ -254,8 +254,8 @@ double CheckAgainstCpu(const Launch& l, const void* pool, const float* d_out, in
   std::vector<PageRef> refs(list.ids.size());
   for (size_t i = 0; i < list.ids.size(); ++i) {
     CUDA_OK(cudaMemcpy(pages.data() + i * kPageBytes,
-                          static_cast<const uint8_t*>(pool) + list.ids[i] * kPageBytes, kPageBytes,
-                          cudaMemcpyDeviceToHost));
+                       static_cast<const uint8_t*>(pool) + list.ids[i] * kPageBytes, kPageBytes,
+                       cudaMemcpyDeviceToHost));
     refs[i] = PageRef{pages.data() + i * kPageBytes, list.valid[i]};
   }
   std::vector<float> q(static_cast<size_t>(rows) * kHeadDim), got(q.size()), ref(q.size());
@@ -369,8 +369,7 @@ int Run(int argc, char** argv) {
         const size_t shift = (k * 4096 * 7) % (block / 2);
         const size_t n = std::min(block / 2, pool_bytes - off);
         CUDA_OK(cudaMemcpy(static_cast<uint8_t*>(pool.get()) + off,
-                              static_cast<uint8_t*>(src.get()) + shift, n,
-                              cudaMemcpyDeviceToDevice));
+                           static_cast<uint8_t*>(src.get()) + shift, n, cudaMemcpyDeviceToDevice));
       }
     }
     for (double keep : {0.1, 0.3, 1.0}) {

@@ -150,7 +150,7 @@ int main(int argc, char** argv) {
   const size_t layer_pages = host.head_base[0].back();
   const size_t layer_bytes = layer_pages * kPageBytes;
   CUDA_OK(cudaHostAlloc(reinterpret_cast<void**>(&host.pinned), host.pages * kPageBytes,
-                           cudaHostAllocPortable | cudaHostAllocMapped));
+                        cudaHostAllocPortable | cudaHostAllocMapped));
   {  // bf16 values in ±[2^-7, 2): random sign, exponent and mantissa
     auto* w = reinterpret_cast<uint64_t*>(host.pinned);
     const size_t words = host.pages * kPageBytes / 8;

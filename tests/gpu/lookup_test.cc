@@ -1012,10 +1012,6 @@ TEST(GpuLookup, ColumnPiecesLongestFirst) {
   }
 }
 
-// Host only: the workspace regions PlanLookup gives small segments. The staged selection reads a
-// logit row four entries at a time from tiles * 128 floats apart (LogitStride), up to the entry
-// count rounded up to four, so every row must start 16-byte aligned, hold the tiles' entries, and
-// no region may overlap another segment's or the scores and tile statistics.
 // A keep-budget segment over placeholder arrays for the host-only plan tests: `clusters` clusters
 // of 20 tokens, `rows` query rows, a random budget; centroids at `centroids` (never read).
 LookupSegment PlanOnlySegment(std::mt19937_64& rng, const uint16_t* centroids, int32_t clusters,
@@ -1035,6 +1031,10 @@ LookupSegment PlanOnlySegment(std::mt19937_64& rng, const uint16_t* centroids, i
   return s;
 }
 
+// Host only: the workspace regions PlanLookup gives small segments. The staged selection reads a
+// logit row four entries at a time from tiles * 128 floats apart (LogitStride), up to the entry
+// count rounded up to four, so every row must start 16-byte aligned, hold the tiles' entries, and
+// no region may overlap another segment's or the scores and tile statistics.
 TEST(GpuLookup, SmallSegmentRegionsAlignedAndDisjoint) {
   std::mt19937_64 rng(testing::FreshSeed());
   const uint16_t centroids[1] = {0};
