@@ -63,7 +63,7 @@ struct SharedEntries {
 // kernel's variant; kScoresReady: the large list, whose scores are final in the workspace.
 template <int R>
 __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArgs a, Workspace w) {
-  extern __shared__ __align__(16) unsigned char stage[];
+  extern __shared__ __align__(detail::kSmemAlign) unsigned char stage[];
   __shared__ SelectShared<kStageThreads> sh;
   __shared__ __align__(16) LookupSegment seg_sh;
   __shared__ float row_max[kLookupSmallRows];

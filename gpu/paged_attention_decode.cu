@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
   constexpr int C = S::kChunks;
   constexpr int kQLoads = S::kRows * C / kThreads;  // 16-byte Q chunks staged per thread
   static_assert(S::kRows * C % kThreads == 0, "Q chunks must spread evenly over the threads");
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(kSmemAlign) unsigned char smem[];
   T* sq = reinterpret_cast<T*>(smem);
   T* spipe = reinterpret_cast<T*>(smem + S::kQBytes);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;

@@ -24,7 +24,7 @@ struct F32Shape {
 template <int D>
 __global__ void __launch_bounds__(kThreads) F32Kernel(const KernelParams p) {
   using S = F32Shape<D>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(kSmemAlign) unsigned char smem[];
   float* sq = reinterpret_cast<float*>(smem);
   float* skv = sq + kF32Rows * S::kStride;  // stage s: K at 2s·unit, V at (2s+1)·unit
   const int tid = threadIdx.x, lane = tid % 32;

@@ -89,7 +89,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams p) {
   using S = PrefillShape<D>;
   constexpr int C = S::kChunks;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(kSmemAlign) unsigned char smem[];
   T* sq = reinterpret_cast<T*>(smem);
   T* skv = sq + S::kQElems;  // stage s: K at skv + 2s·tile, V at skv + (2s+1)·tile
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
