@@ -8,8 +8,11 @@ causal: the new queries attend to the whole stored context). Each backend (cuDNN
 efficient) is tried with enable_gqa=True, and with K/V expanded to 32 heads where GQA is refused;
 times are medians of triton.testing.do_bench (it flushes L2 between runs).
 
-Usage: sdpa_peer.py [--json PATH] [--ours PATH] [--quick]
+Usage: sdpa_peer.py [--json PATH] [--ours PATH] [--quick] [--only MODE:TOKENS[,...]]
+                    [--backends NAME[,...]]
   --ours PATH: JSON lines of gpu_attention_bench; prints a table of speed-ups against it.
+  --only: just these cases, e.g. prefill_1024:131072 (modes as above; tokens 32768 or 131072).
+  --backends: just these backends (cudnn, flash, efficient; default all).
 """
 import argparse
 import json
@@ -51,11 +54,14 @@ def median_ms(fn):
         return times[len(times) // 2]
 
 
-def run_peer(tokens_list, json_out):
+def run_peer(tokens_list, json_out, only=None, backends=None):
+    """only: set of (mode, tokens) to run (None: all); backends: names to try (None: all)."""
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(1128)
     for tokens in tokens_list:
         for mode, (batch, n) in MODES.items():
+            if only is not None and (mode, tokens) not in only:
+                continue
             q = torch.randn(batch, Q_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
                             generator=gen)
             k = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM, device="cuda",
@@ -63,6 +69,8 @@ def run_peer(tokens_list, json_out):
             v = torch.randn_like(k)
             best = None
             for name, backend in BACKENDS.items():
+                if backends is not None and name not in backends:
+                    continue
                 for expanded in (False, True):
                     kk = k.repeat_interleave(Q_HEADS // KV_HEADS, dim=1) if expanded else k
                     vv = v.repeat_interleave(Q_HEADS // KV_HEADS, dim=1) if expanded else v
@@ -127,10 +135,29 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--ours")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", help="comma-separated MODE:TOKENS cases")
+    ap.add_argument("--backends", help="comma-separated backend names")
     args = ap.parse_args()
+    only = None
+    if args.only:
+        only = set()
+        for case in args.only.split(","):
+            mode, _, tokens = case.partition(":")
+            if mode not in MODES or not tokens.isdigit():
+                ap.error(f"--only: bad case {case!r} (MODE:TOKENS, modes {', '.join(MODES)})")
+            only.add((mode, int(tokens)))
+    backends = None
+    if args.backends:
+        backends = set(args.backends.split(","))
+        unknown = backends - set(BACKENDS)
+        if unknown:
+            ap.error(f"--backends: unknown {', '.join(sorted(unknown))} (known: {', '.join(BACKENDS)})")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     json_out = open(args.json, "w") if args.json else None
-    rows = run_peer([32768] if args.quick else [32768, 131072], json_out)
+    tokens = [32768] if args.quick else [32768, 131072]
+    if only is not None:
+        tokens = sorted({t for _, t in only})
+    rows = run_peer(tokens, json_out, only, backends)
     if json_out:
         json_out.close()
     if args.ours:
