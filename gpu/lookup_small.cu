@@ -287,7 +287,7 @@ struct BulkMmaScorer {
   __device__ __forceinline__ static void Score(const LookupArgs& a, const Workspace& w,
                                                const Segment& s, const EntrySet& e,
                                                float (&lgs)[kRows][kSmallTile]) {
-    extern __shared__ __align__(128) unsigned char stage_mem[];
+    extern __shared__ __align__(detail::kSmemAlign) unsigned char stage_mem[];
     __shared__ __align__(8) uint64_t full[kStages];
     const int tiles = (e.total + kSmallTile - 1) / kSmallTile;
     int tile = blockIdx.x;
@@ -661,7 +661,6 @@ bool BulkReady() {
 template <int KS>
 cudaError_t LaunchMma(const LookupArgs& a, const LookupLayout& l, const Workspace& w, int level,
                       bool finish, cudaStream_t stream) {
-  const int blocks = PersistentBlocks(l);
   constexpr int kBytes = BulkMmaScorer<KS>::kDynamicBytes;
   // PlanLookup makes the descriptors for single-level plans only (so level 2), one per small
   // segment.
@@ -675,6 +674,7 @@ cudaError_t LaunchMma(const LookupArgs& a, const LookupLayout& l, const Workspac
     ParamScoreKernel<KS><<<grid, kSmallThreads, kBytes, stream>>>(a, w, d);
     return cudaGetLastError();
   }
+  const int blocks = PersistentBlocks(l);
   if (a.bulk_scoring && BulkReady<SmallKernel<BulkMmaScorer<KS>>, kBytes>()) {
     return Launch<BulkMmaScorer<KS>>(a, l, w, level, finish, blocks, stream, kBytes);
   }
