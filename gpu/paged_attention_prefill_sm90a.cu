@@ -11,6 +11,8 @@
 // row-major tile). A tile's softmax issues while the tensor cores run the previous tile's P·V,
 // and the two warpgroups take turns issuing products; every product is waited for before the
 // loop's back edge (ptxas would serialize them all otherwise).
+#include <type_traits>
+
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
 #include "gpu/wgmma.cuh"
@@ -259,20 +261,29 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   //
   // The two warpgroups take turns issuing (named barriers; warpgroup 0 first), so one's products
   // run while the other's softmax issues. Warpgroup 1's last pass would find no one waiting.
-  if (cw == 1 && ntiles > 1) TurnPass(cw);
-  for (int it = 1; it < ntiles; ++it) {
+  //
+  // Only a range's last tile can be short, so the loop runs the full tiles' softmax alone and the
+  // last tile comes after it: the loop's code stays small.
+  auto step = [&](int it, auto last) {
     TurnWait(cw);
     issue_s(it);
     rescale();
     issue_pv(it - 1);
-    if (cw == 0 || it + 1 < ntiles) TurnPass(cw);
+    if (cw == 0 || !decltype(last)::value) TurnPass(cw);
     WgmmaWait<1>();  // S(it)
     MbarArrive(empty_k(it));
-    softmax(it);
+    if constexpr (decltype(last)::value) {
+      softmax(it);
+    } else {
+      Softmax<false>(s, p.scale_log2, tq, kKeys, m, l, corr);
+    }
     WgmmaWait<0>();  // P(it - 1)·V(it - 1)
     MbarArrive(empty_v(it - 1));
     pack();
-  }
+  };
+  if (cw == 1 && ntiles > 1) TurnPass(cw);
+  for (int it = 1; it + 1 < ntiles; ++it) step(it, std::false_type{});
+  if (ntiles > 1) step(ntiles - 1, std::true_type{});
   if (ntiles > 0) {
     rescale();
     issue_pv(ntiles - 1);
