@@ -151,7 +151,8 @@ def main():
         backends = set(args.backends.split(","))
         unknown = backends - set(BACKENDS)
         if unknown:
-            ap.error(f"--backends: unknown {', '.join(sorted(unknown))} (known: {', '.join(BACKENDS)})")
+            ap.error(f"--backends: unknown {', '.join(sorted(unknown))} "
+                     f"(known: {', '.join(BACKENDS)})")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     json_out = open(args.json, "w") if args.json else None
     tokens = [32768] if args.quick else [32768, 131072]

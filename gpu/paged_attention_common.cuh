@@ -25,9 +25,10 @@ __device__ __forceinline__ float FastExp2(float x) {
 
 // Alignment of the kernels' dynamic shared memory (extern __shared__ __align__(kSmemAlign); the
 // wgmma kernels round their base up to 1,024 bytes by hand): the dynamic area comes after the
-// kernel's static __shared__ variables, at their size rounded up to this. Measured on the H200 (bench/NOTES-gpu-attention.md, "Dynamic shared memory off a
-// 128-byte boundary"): the decode kernel, main loop unchanged, streams 14% slower with its dynamic
-// area 16 bytes off a 128-byte boundary, which one static int used to cause.
+// kernel's static __shared__ variables, at their size rounded up to this. Measured on the H200
+// (bench/NOTES-gpu-attention.md, "Dynamic shared memory off a 128-byte boundary"): the decode
+// kernel, main loop unchanged, streams 14% slower with its dynamic area 16 bytes off a 128-byte
+// boundary, which one static int used to cause.
 inline constexpr int kSmemAlign = 128;
 
 // Shared-memory address as the 32-bit value the PTX instructions take.
