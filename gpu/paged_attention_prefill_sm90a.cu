@@ -264,15 +264,16 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   //
   // Only a range's last tile can be short, so the loop runs the full tiles' softmax alone and the
   // last tile comes after it: the loop's code stays small.
-  auto step = [&](int it, auto last) {
+  auto step = [&](int it, auto last_tag) {
+    constexpr bool kLast = decltype(last_tag)::value;
     TurnWait(cw);
     issue_s(it);
     rescale();
     issue_pv(it - 1);
-    if (cw == 0 || !decltype(last)::value) TurnPass(cw);
+    if (cw == 0 || !kLast) TurnPass(cw);
     WgmmaWait<1>();  // S(it)
     MbarArrive(empty_k(it));
-    if constexpr (decltype(last)::value) {
+    if constexpr (kLast) {
       softmax(it);
     } else {
       Softmax<false>(s, p.scale_log2, tq, kKeys, m, l, corr);
