@@ -176,10 +176,14 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
   WgmmaCommit();
 }
 
+// The epilogue's tag for a stage that may or may not be the last (it checks).
+struct MaybeLast : std::true_type {};
+
 // The stage loop of both passes. stage(it) issues the cp.async copies of stage it (its tile and
 // extras; nothing past the last); the loop learns that they landed from an mbarrier
-// (cp.async.mbarrier.arrive), so stage() commits no groups. epi(it, buf, acc) consumes stage it's
-// product. The product of stage it + 1 runs on the tensor cores while the epilogue of stage it
+// (cp.async.mbarrier.arrive), so stage() commits no groups. epi(it, buf, acc, last) consumes stage
+// it's product; last (std::true_type or std::false_type) says whether it is the last stage, the
+// only one that can be short. The product of stage it + 1 runs on the tensor cores while the epilogue of stage it
 // runs, into the other of two accumulator sets; the copies run two stages ahead of that product
 // (kStages buffers: the one of stage it - 1 is refilled once every thread is past its epilogue,
 // told by an mbarrier, so no block barrier holds the warpgroups in step inside the loop).
@@ -187,7 +191,7 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
 // copies a_tile there (after waiting for the q conversion) and waits for all its copies so far;
 // pass 2's a_tile copies, issued before the loop, land before stage 0's barrier completes (an
 // arrival counts every earlier copy of the thread).
-template <class Sh, class Prologue, class Stage, class Epi>
+template <class Sh, bool kPeelLast, class Prologue, class Stage, class Epi>
 __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const Prologue& prologue,
                                           const Stage& stage, const Epi& epi) {
   const int wg = threadIdx.x / 128;
@@ -223,21 +227,42 @@ __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const 
   WgmmaWait<0>();
   // acc[cur] holds stage it's product on entry; nothing is in flight across iterations (a product
   // in flight over the loop's back edge would make the compiler serialize them all).
-  auto step = [&](auto cur_tag, int it) {
+  //
+  // kPeelLast: only the last stage can be short, so the loop takes every stage before it with the
+  // epilogue of full stages alone (epi's last tag false) and the last one or two stages come after
+  // it, which keeps the loop's code small. Otherwise every stage's epilogue is told it may be the
+  // last (pass 1: peeled, ptxas spilled inside its loop).
+  using First = std::integral_constant<int, 0>;
+  using Second = std::integral_constant<int, 1>;
+  auto step = [&](auto cur_tag, int it, auto last) {
     constexpr int cur = decltype(cur_tag)::value;
-    if (it + 1 < ntiles) {
+    if (std::is_same_v<decltype(last), MaybeLast> ? it + 1 < ntiles : !decltype(last)::value) {
       MbarWait(full(it + 1), parity(it + 1));  // stage it + 1 landed, every thread's copies
       FenceProxyAsyncShared();
       IssueProduct<Sh>(desc_a, tile_desc(it + 1), acc[cur ^ 1]);
     }
     put(it + kStages - 1);  // into stage it - 1's buffer, once every thread is past its epilogue
-    epi(it, it % kStages, acc[cur]);
+    epi(it, it % kStages, acc[cur], last);
     WgmmaWait<0>();
     MbarArrive(empty(it));
   };
-  for (int it = 0; it < ntiles; it += 2) {
-    step(std::integral_constant<int, 0>(), it);
-    if (it + 1 < ntiles) step(std::integral_constant<int, 1>(), it + 1);
+  if constexpr (kPeelLast) {
+    int it = 0;
+    for (; it + 2 < ntiles; it += 2) {
+      step(First(), it, std::false_type());
+      step(Second(), it + 1, std::false_type());
+    }
+    if (it + 1 < ntiles) {
+      step(First(), it, std::false_type());
+      step(Second(), it + 1, std::true_type());
+    } else if (it < ntiles) {
+      step(First(), it, std::true_type());
+    }
+  } else {
+    for (int it = 0; it < ntiles; it += 2) {
+      step(First(), it, MaybeLast());
+      if (it + 1 < ntiles) step(Second(), it + 1, MaybeLast());
+    }
   }
   // Copies no barrier waited for (pass 2's a_tile where its piece is empty) land before the end.
   CpAsyncCommit();
@@ -367,12 +392,13 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
   };
 
   float m_run[2] = {-INFINITY, -INFINITY}, z_run[2] = {0.f, 0.f};
-  StageLoop<Sh>(sm, ntiles, queries, stage, [&](int it, int buf, const float(&acc)[32]) {
+  StageLoop<Sh, false>(sm, ntiles, queries, stage,
+                       [&](int it, int buf, const float(&acc)[32], auto last) {
     const int valid = end - (begin + it * kStageRows);
-    if (valid < kStageRows) {
+    if (decltype(last)::value && valid < kStageRows) {
       RowUpdate<true>(acc, sizes + buf * kStageRows, tq, valid, f, m_run, z_run);
     } else {
-      RowUpdate<false>(acc, sizes + buf * kStageRows, tq, valid, f, m_run, z_run);
+      RowUpdate<false>(acc, sizes + buf * kStageRows, tq, kStageRows, f, m_run, z_run);
     }
   });
   float2* part = reinterpret_cast<float2*>(w.floats + s.stat_offset);  // (splits, rows)
@@ -434,14 +460,15 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
       }
     };
     float col[2] = {0.f, 0.f};  // entries g and g + 8 of the warp's 16
-    StageLoop<Sh>(sm, ntiles, [] {}, stage, [&](int it, int buf, const float(&acc)[32]) {
-      const int valid = end - (begin + it * kStageRows);
-      if (valid < kStageRows) {
-        ColumnUpdate<true>(acc, row_xl + buf * kStageRows, tq, valid, col);
-      } else {
-        ColumnUpdate<false>(acc, row_xl + buf * kStageRows, tq, valid, col);
-      }
-    });
+    StageLoop<Sh, true>(sm, ntiles, [] {}, stage,
+                  [&](int it, int buf, const float(&acc)[32], auto last) {
+                    const int valid = end - (begin + it * kStageRows);
+                    if (decltype(last)::value && valid < kStageRows) {
+                      ColumnUpdate<true>(acc, row_xl + buf * kStageRows, tq, valid, col);
+                    } else {
+                      ColumnUpdate<false>(acc, row_xl + buf * kStageRows, tq, kStageRows, col);
+                    }
+                  });
     FinishColumn(s, e, w, piece, splits, ea, tq, col[0]);
     FinishColumn(s, e, w, piece, splits, eb, tq, col[1]);
   }
