@@ -146,10 +146,14 @@ TEST(GpuKMeans, SeparatedBlobsRecoveredExactly) {
   };
   for (const Blobs& b : {Blobs{4, 60, 16}, Blobs{16, 40, 32}, Blobs{30, 20, 64}}) {
     // Blob g points along its own random direction (random positive norm, which a spherical
-    // clustering ignores) plus small noise; points are interleaved across blobs.
+    // clustering ignores) plus small noise; points are interleaved across blobs. Exact recovery
+    // needs D² seeding to put one seed in every blob, which fails with a probability that grows
+    // with the noise's share of the distances: with noise 0.02 about 7% of runs (a simulation of
+    // plain k-means++ on these shapes; one failure seen on the H200), with 0.001 about 400 times
+    // less.
     const std::vector<float> dirs = RandomNormal(size_t(b.blobs) * b.d, rng);
     std::uniform_real_distribution<float> norm(0.5f, 5.f);
-    std::normal_distribution<float> noise(0.f, 0.02f);
+    std::normal_distribution<float> noise(0.f, 0.001f);
     std::vector<float> x;
     std::vector<int> truth;
     for (int i = 0; i < b.blobs * b.per_blob; ++i) {
