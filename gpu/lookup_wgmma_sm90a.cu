@@ -251,31 +251,25 @@ __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const 
     MbarArrive(empty(it));
   };
   using Yes = std::true_type;
+  // Stages it .. ntiles - 1 (the last of them short when last_short says so), the accumulator sets
+  // taken in turn from set_a.
+  auto run = [&](auto set_a, auto set_b, int it, auto last_short) {
+    for (; it + 2 < ntiles; it += 2) {
+      step(set_a, it, Yes(), No());
+      step(set_b, it + 1, Yes(), No());
+    }
+    if (it + 1 < ntiles) {
+      step(set_a, it, Yes(), No());
+      step(set_b, it + 1, No(), last_short);
+    } else if (it < ntiles) {
+      step(set_a, it, No(), last_short);
+    }
+  };
   if constexpr (kShort == ShortStage::kFirst) {
     if (ntiles > 0) step(First(), 0, ntiles > 1, Yes());
-    int it = 1;
-    for (; it + 2 < ntiles; it += 2) {
-      step(Second(), it, Yes(), No());
-      step(First(), it + 1, Yes(), No());
-    }
-    if (it + 1 < ntiles) {
-      step(Second(), it, Yes(), No());
-      step(First(), it + 1, No(), No());
-    } else if (it < ntiles) {
-      step(Second(), it, No(), No());
-    }
+    run(Second(), First(), 1, No());
   } else {
-    int it = 0;
-    for (; it + 2 < ntiles; it += 2) {
-      step(First(), it, Yes(), No());
-      step(Second(), it + 1, Yes(), No());
-    }
-    if (it + 1 < ntiles) {
-      step(First(), it, Yes(), No());
-      step(Second(), it + 1, No(), Yes());
-    } else if (it < ntiles) {
-      step(First(), it, No(), Yes());
-    }
+    run(First(), Second(), 0, Yes());
   }
   // Copies no barrier waited for (pass 2's a_tile where its piece is empty) land before the end.
   CpAsyncCommit();
