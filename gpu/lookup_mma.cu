@@ -23,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "gpu/device.h"
 #include "gpu/lookup_mma.cuh"
@@ -314,19 +315,25 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
   const uint16_t* qh = b.qh;
   float4* info = b.info;
+  // The piece's remainder of kRows entries is its first stage (`first` entries); stage it > 0
+  // starts at begin + first + (it - 1) kRows and is full, so the stage loop below runs the full
+  // stages' code alone (the short stage's checks cost a copy of the update per group).
   const int ntiles = CeilDiv(end - begin, kRows);
+  const int first = end - begin - (ntiles - 1) * kRows;
   auto stage = [&](int it, int buf) {
+    const int i0 = it == 0 ? begin : begin + first + (it - 1) * kRows;
+    const int n = it == 0 ? first : kRows;
     for (int idx = t; idx < kRows * kChunks; idx += kThreads) {
       const int r = idx / kChunks, ch = idx % kChunks;
-      const int i = begin + it * kRows + r;
-      const bool ok = i < end && ch * 8 < d;
+      const int i = i0 + r;
+      const bool ok = r < n && ch * 8 < d;
       const void* src =
           ok ? static_cast<const uint8_t*>(EntryRow(e, i)) + ch * 16 : static_cast<const void*>(qh);
       CpAsync16(SmemAddr(&tile[buf][r * Pitch<KS>() + ch * 8]), src, ok ? 16 : 0);
     }
     if (t < kRows) {
-      const int i = begin + it * kRows + t;
-      const bool ok = i < end;
+      const int i = i0 + t;
+      const bool ok = t < n;
       CpAsync4(SmemAddr(&sizes[buf][t]), ok ? EntrySizePtr(e, i) : e.prim_size, ok ? 4 : 0);
     }
     CpAsyncCommit();
@@ -355,7 +362,9 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
     f[m][0] = ra < s.rows ? info[ra].x : 0.f;
     f[m][1] = rb < s.rows ? info[rb].x : 0.f;
   }
-  for (int it = 0; it < ntiles; ++it) {
+  // Stage it (kFull: not stage 0, so all kRows entries are there).
+  auto run_stage = [&](int it, auto full_tag) {
+    constexpr bool kFull = decltype(full_tag)::value;
     const int buf = it & 1;
     if (it + 1 < ntiles) {
       stage(it + 1, buf ^ 1);
@@ -365,14 +374,14 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
     }
     __syncthreads();
     // Entries of the stage from group p on (uniform over the block).
-    const int left = end - (begin + it * kRows);
+    const int left = kFull ? kRows : first;
     const uint32_t base = SmemAddr(tile[buf]);
     float acc[2][MT][2][4];
     GroupProduct<KS, MT>(frag, base, 0, lane, acc[0], NoWork());
 #pragma unroll
     for (int p = 0; p < kRows / kGroup; ++p) {
       const int valid = left - p * kGroup;
-      if (valid <= 0) break;
+      if (!kFull && valid <= 0) break;
       float n[2][2];
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
@@ -381,9 +390,9 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
         n[j][1] = static_cast<float>(v.y);
       }
       const float(&a)[MT][2][4] = acc[p & 1];
-      if (valid < kGroup) {  // the piece's last group, partial: nothing follows it
+      if (!kFull && valid < kGroup) {  // the piece's short group: nothing of the stage follows it
         UpdateRowStats<true, MT>(a, n, f, m_run, z_run);
-      } else if (p + 1 < kRows / kGroup && valid > kGroup) {
+      } else if (p + 1 < kRows / kGroup && (kFull || valid > kGroup)) {
         // Group p's update runs between group p + 1's k-steps: its max (k-step 0), the rescale
         // (1), then its terms over the remaining k-steps.
         float tmax[MT][2];
@@ -401,7 +410,9 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
       }
     }
     __syncthreads();  // the buffer is staged again next iteration
-  }
+  };
+  if (ntiles > 0) run_stage(0, std::false_type());
+  for (int it = 1; it < ntiles; ++it) run_stage(it, std::true_type());
   float2* part = reinterpret_cast<float2*>(w.floats + s.stat_offset);  // (splits, rows)
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
