@@ -541,8 +541,9 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
   const unsigned n = static_cast<unsigned>(l.large_list.size());
   const int steps = a.score_only ? a.large_steps : 3;  // LookupArgs::large_steps
   if (steps < 2) return cudaSuccess;
-  cudaError_t err = LaunchPass(RowStatsKernel<KS>, dim3(l.max_mma_row_blocks, n), BlockThreads<KS>(),
-                               0, stream, Pass1FollowsConversion(l, level), a, w, level);
+  cudaError_t err =
+      LaunchPass(RowStatsKernel<KS>, dim3(l.max_mma_row_blocks, n), BlockThreads<KS>(), 0, stream,
+                 Pass1FollowsConversion(l, level), a, w, level);
   if (err != cudaSuccess || steps < 3) return err;
   const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
   ColumnKernel<KS>
