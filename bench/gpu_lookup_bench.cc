@@ -1,8 +1,9 @@
 // Device lookup and the whole engine path (lookup + paged attention), timed with CUDA events on
 // device buffers (no host copies): 32K and 128K-token contexts, 5% centroids, 8 kv heads,
-// head_dim 128, bf16 pages of 16 tokens; decode batch 1 (1 query x 32 heads, one context) and
-// batch 8 (8 distinct contexts), prefill (1,024 queries x 32 heads, one context). Eight contexts
-// are resident; batch-1 and prefill launches rotate over them, so centroids come from HBM, not L2.
+// head_dim 128 (or 64), bf16 pages of 16 tokens; decode batch 1 (1 query x 32 heads, one context)
+// and batch 8 (8 distinct contexts), prefill (1,024 queries x 32 heads, one context). Eight
+// contexts are resident; batch-1 and prefill launches rotate over them, so centroids come from
+// HBM, not L2.
 //
 // Per case: the engine's lookup (16-bit centroids) in full, its scoring alone (score_only: the
 // selection is the difference), the same lookup over float32 copies of the centroids, each also
@@ -12,10 +13,11 @@
 // the steps of the 16-bit large path (LookupArgs::large_steps): the q conversion, the
 // row-statistics pass (p1) and the column pass (p2), each as the difference of score_only runs.
 //
-// Usage: gpu_lookup_bench [--iters N] [--keep F] [--tokens N] [--cases C] [--whole-only]
-//                         [--mma-sync]
+// Usage: gpu_lookup_bench [--iters N] [--keep F] [--tokens N] [--head-dim D] [--cases C]
+//                         [--whole-only] [--mma-sync]
 //   --tokens N: one context size only (32768 or 131072; default both)
 //   --cases C: all (default), decode, prefill, b1 or b8 (decode batch 1 / batch 8 only)
+//   --head-dim D: 64 or 128 (default 128)
 //   --whole-only: time the lookup and the whole path only (score, global, step and f32 columns 0)
 //   --mma-sync: the prefill passes on mma.sync even where the device has wgmma (LookupArgs::wgmma)
 //   --trace N: N graph replays of each decode whole path with the kernels' global-timer stamps
@@ -43,6 +45,9 @@
 #include "gpu/lookup.h"
 
 namespace {
+
+// --head-dim (64 or 128; default: the shared shape's kHeadDim).
+int g_head_dim = sqkv::bench::shape::kHeadDim;
 
 using sqkv::DType;
 
@@ -80,7 +85,7 @@ void MakeF32Lookup(const gpu::PlanImpl& plan, const std::vector<const Context*>&
     s.centroids_f16 = nullptr;
     s.centroid_scale = 1.f;
   }
-  CHECK_OK(gpu::PlanLookup(kHeadDim, &f->segments, &f->layout));
+  CHECK_OK(gpu::PlanLookup(g_head_dim, &f->segments, &f->layout));
   const int n = static_cast<int>(f->segments.size());
   CHECK_OK(f->dsegs.Allocate(n * sizeof(gpu::LookupSegment)));
   CHECK_OK(f->dsegs.CopyFromHost(f->segments.data(), n * sizeof(gpu::LookupSegment)));
@@ -208,11 +213,11 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
     CHECK_OK(engine->Plan(dq, &plans.back()));
   }
   const size_t rows = plans[0]->total_rows();
-  std::vector<float> hq(rows * kHeadDim);
+  std::vector<float> hq(rows * g_head_dim);
   for (float& v : hq) v = 1.5f * rng.Normal();
   gpu::DeviceBuffer q, out, lse;
   CHECK_OK(gpu::Upload(hq, &q));
-  CHECK_OK(out.Allocate(rows * kHeadDim * 4));
+  CHECK_OK(out.Allocate(rows * g_head_dim * 4));
   CHECK_OK(lse.Allocate(rows * 4));
   gpu::Stream stream;
   CHECK_OK(gpu::Stream::Create(&stream));
@@ -294,11 +299,11 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
       // Large path: two passes of 2 * rows * centroids * d.
       const double seg_rows = static_cast<double>(kQHeads / kKvHeads) * n;
       gflop += (seg_rows > gpu::kLookupSmallRows ? 4.0 : 2.0) * seg_rows * h.centroids_scored *
-               kHeadDim * 1e-9;
+               g_head_dim * 1e-9;
     }
   }
-  row.centroid_mb = centroids * kHeadDim * 2 / 1e6;  // 16-bit storage
-  row.pages_mb = pages * sqkv::PageBytes(kPageTokens, kHeadDim, DType::kBF16) / 1e6;
+  row.centroid_mb = centroids * g_head_dim * 2 / 1e6;  // 16-bit storage
+  row.pages_mb = pages * sqkv::PageBytes(kPageTokens, g_head_dim, DType::kBF16) / 1e6;
   row.gflop = gflop;
   std::fprintf(
       stderr,
@@ -334,14 +339,20 @@ int main(int argc, char** argv) {
       only_tokens = std::atoi(argv[++i]);
     } else if (has_value && std::strcmp(argv[i], "--cases") == 0) {
       cases = argv[++i];
+    } else if (has_value && std::strcmp(argv[i], "--head-dim") == 0) {
+      g_head_dim = std::atoi(argv[++i]);
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--iters N] [--keep F] [--tokens N] "
+                   "usage: %s [--iters N] [--keep F] [--tokens N] [--head-dim 64|128] "
                    "[--cases all|decode|prefill|b1|b8] [--whole-only] [--mma-sync] "
                    "[--trace N]\n",
                    argv[0]);
       return 2;
     }
+  }
+  if (g_head_dim != 64 && g_head_dim != 128) {
+    std::fprintf(stderr, "--head-dim: %d is not 64 or 128\n", g_head_dim);
+    return 2;
   }
   const bool b1 = cases == "all" || cases == "decode" || cases == "b1";
   const bool b8 = cases == "all" || cases == "decode" || cases == "b8";
@@ -364,10 +375,10 @@ int main(int argc, char** argv) {
     size_t total_pages = 0;
     for (int h = 0; h < kKvHeads; ++h) {
       heads.push_back(
-          sqkv::bench::SyntheticHead(rng, tokens, kHeadDim, kPageTokens, kCentroidFraction));
+          sqkv::bench::SyntheticHead(rng, tokens, g_head_dim, kPageTokens, kCentroidFraction));
       total_pages += heads.back().num_pages();
     }
-    const size_t pb = sqkv::PageBytes(kPageTokens, kHeadDim, DType::kBF16);
+    const size_t pb = sqkv::PageBytes(kPageTokens, g_head_dim, DType::kBF16);
     std::vector<uint16_t> pages(total_pages * pb / 2);
     for (size_t i = 0; i < pages.size(); ++i) {
       pages[i] = static_cast<uint16_t>(0x3c00 + (rng.Next() & 0x3ff)) ^ ((i & 1) << 15);
@@ -403,7 +414,8 @@ int main(int argc, char** argv) {
     }
     for (const Context& c : ctx) engine->EvictLayer(c.key);
   }
-  std::printf("\nkeep_fraction %.3f, 8 kv heads, 32 q heads, d 128, bf16, 16-token pages\n", keep);
+  std::printf("\nkeep_fraction %.3f, 8 kv heads, 32 q heads, d %d, bf16, 16-token pages\n", keep,
+              g_head_dim);
   std::printf(
       "lookup: 16-bit centroids (the engine's); score: its scoring alone (score_only); "
       "f32: float32 centroids; glob/gsc: staged_select off (lookup, score); g: graph replay\n");
