@@ -177,12 +177,38 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
 }
 
 // Which stage of a piece may be short (fewer than kStageRows entries or rows: the remainder); the
-// others are full. The callers' stage() and epi() put the remainder there; StageLoop runs that
-// stage's epilogue outside the loop, so the loop's code holds the full one alone (with a short
-// stage possible at every step, the loop's code doubled). Pass 1 takes the first (peeled after
-// the loop, its last stage made ptxas spill inside the loop); pass 2 the last (measured 3-4%
-// faster there than the first).
+// others are full. The callers' stage() and epi() put the remainder there (StageSpans); StageLoop
+// runs that stage's epilogue outside the loop, so the loop's code holds the full one alone (with a
+// short stage possible at every step, the loop's code doubled). Pass 1 takes the first (peeled
+// after the loop, its last stage made ptxas spill inside the loop); pass 2 the last at KS 8
+// (measured 3-4% faster there than the first) and the first at KS 4 (the last spilled there).
 enum class ShortStage { kFirst, kLast };
+
+// A piece's stages over [begin, end): kStageRows entries (or rows) each but for the short one,
+// which holds the remainder and comes first or last as kShort says.
+template <ShortStage kShort>
+struct StageSpans {
+  int begin, end, ntiles, short_n;
+  __device__ StageSpans(int b, int e)
+      : begin(b),
+        end(e),
+        ntiles(CeilDiv(e - b, kStageRows)),
+        short_n(e - b - (ntiles - 1) * kStageRows) {}
+  __device__ int Begin(int it) const {
+    if constexpr (kShort == ShortStage::kFirst) {
+      return it > 0 ? begin + short_n + (it - 1) * kStageRows : begin;
+    } else {
+      return begin + it * kStageRows;
+    }
+  }
+  __device__ int Count(int it) const {
+    if constexpr (kShort == ShortStage::kFirst) {
+      return it == 0 ? short_n : kStageRows;
+    } else {
+      return min(kStageRows, end - Begin(it));
+    }
+  }
+};
 
 // The stage loop of both passes. stage(it) issues the cp.async copies of stage it (its tile and
 // extras; nothing past the last); the loop learns that they landed from an mbarrier
@@ -384,14 +410,11 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
     CpAsyncWait<0>();
   };
 
-  // The piece's remainder of kStageRows entries is its first stage (see StageLoop): stage
-  // it > 0 starts at begin + first + (it - 1) kStageRows.
-  const int ntiles = CeilDiv(end - begin, kStageRows);
-  const int first = end - begin - (ntiles - 1) * kStageRows;  // entries of stage 0
+  const StageSpans<ShortStage::kFirst> spans(begin, end);
+  const int ntiles = spans.ntiles;
   auto stage = [&](int it) {
     if (it < ntiles) {
-      const int i0 = it == 0 ? begin : begin + first + (it - 1) * kStageRows, buf = it % kStages;
-      const int valid = it == 0 ? first : kStageRows;
+      const int i0 = spans.Begin(it), valid = spans.Count(it), buf = it % kStages;
       StageEntries<Sh, kStageRows>(sm.Tile(buf), e, i0, valid, d);
       if (t < kStageRows) {
         const bool ok = t < valid;
@@ -403,8 +426,8 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
 
   float m_run[2] = {-INFINITY, -INFINITY}, z_run[2] = {0.f, 0.f};
   auto epi = [&](int buf, const float(&acc)[32], auto short_tag) {
-    if (decltype(short_tag)::value && first < kStageRows) {
-      RowUpdate<true>(acc, sizes + buf * kStageRows, tq, first, f, m_run, z_run);
+    if (decltype(short_tag)::value && spans.short_n < kStageRows) {
+      RowUpdate<true>(acc, sizes + buf * kStageRows, tq, spans.short_n, f, m_run, z_run);
     } else {
       RowUpdate<false>(acc, sizes + buf * kStageRows, tq, kStageRows, f, m_run, z_run);
     }
@@ -454,13 +477,12 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
     // The block's entries (only the scored ones: pass 2 scores what the selection ranks).
     StageEntries<Sh, Sh::kARows>(sm.a_tile, e, col0, e.scored - col0, d);
     const int ea = col0 + warp * 16 + g, eb = ea + 8;
-    // The piece's remainder of kStageRows rows is its last stage (ShortStage::kLast).
-    const int ntiles = CeilDiv(end - begin, kStageRows);
-    const int last_rows = end - begin - (ntiles - 1) * kStageRows;  // rows of the last stage
+    constexpr ShortStage kShort = KS <= 4 ? ShortStage::kFirst : ShortStage::kLast;
+    const StageSpans<kShort> spans(begin, end);
+    const int ntiles = spans.ntiles;
     auto stage = [&](int it) {
       if (it < ntiles) {
-        const int r0 = begin + it * kStageRows, buf = it % kStages;
-        const int valid = min(kStageRows, end - r0);
+        const int r0 = spans.Begin(it), valid = spans.Count(it), buf = it % kStages;
         StageQueries<Sh, kStageRows>(sm.Tile(buf), qh, r0, valid, d);
         if (t < 2 * kStageRows) {  // component t % 2 (x, L) of row t / 2; past the end: 0
           const int r = t / 2;
@@ -471,14 +493,14 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
       }
     };
     float col[2] = {0.f, 0.f};  // entries g and g + 8 of the warp's 16
-    StageLoop<Sh, ShortStage::kLast>(sm, ntiles, [] {}, stage,
-                  [&](int buf, const float(&acc)[32], auto short_tag) {
-                    if (decltype(short_tag)::value && last_rows < kStageRows) {
-                      ColumnUpdate<true>(acc, row_xl + buf * kStageRows, tq, last_rows, col);
-                    } else {
-                      ColumnUpdate<false>(acc, row_xl + buf * kStageRows, tq, kStageRows, col);
-                    }
-                  });
+    auto epi = [&](int buf, const float(&acc)[32], auto short_tag) {
+      if (decltype(short_tag)::value && spans.short_n < kStageRows) {
+        ColumnUpdate<true>(acc, row_xl + buf * kStageRows, tq, spans.short_n, col);
+      } else {
+        ColumnUpdate<false>(acc, row_xl + buf * kStageRows, tq, kStageRows, col);
+      }
+    };
+    StageLoop<Sh, kShort>(sm, ntiles, [] {}, stage, epi);
     FinishColumn(s, e, w, piece, splits, ea, tq, col[0]);
     FinishColumn(s, e, w, piece, splits, eb, tq, col[1]);
   }
