@@ -181,7 +181,7 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
 // runs that stage's epilogue outside the loop, so the loop's code holds the full one alone (with a
 // short stage possible at every step, the loop's code doubled). Pass 1 takes the first (peeled
 // after the loop, its last stage made ptxas spill inside the loop); pass 2 the last at KS 8
-// (measured 3-4% faster there than the first) and the first at KS 4 (the last spilled there).
+// (measured 2-3% faster there than the first) and the first at KS 4 (the last spilled there).
 enum class ShortStage { kFirst, kLast };
 
 // A piece's stages over [begin, end): kStageRows entries (or rows) each but for the short one,
