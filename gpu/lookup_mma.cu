@@ -315,14 +315,12 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
   const uint16_t* qh = b.qh;
   float4* info = b.info;
-  // The piece's remainder of kRows entries is its first stage (`first` entries); stage it > 0
-  // starts at begin + first + (it - 1) kRows and is full, so the stage loop below runs the full
-  // stages' code alone (the short stage's checks cost a copy of the update per group).
-  const int ntiles = CeilDiv(end - begin, kRows);
-  const int first = end - begin - (ntiles - 1) * kRows;
+  // The piece's remainder of kRows entries is its first stage, so the stage loop below runs the
+  // full stages' code alone (the short stage's checks cost a copy of the update per group).
+  const StageSpans<ShortStage::kFirst, kRows> spans(begin, end);
+  const int ntiles = spans.ntiles;
   auto stage = [&](int it, int buf) {
-    const int i0 = it == 0 ? begin : begin + first + (it - 1) * kRows;
-    const int n = it == 0 ? first : kRows;
+    const int i0 = spans.Begin(it), n = spans.Count(it);
     for (int idx = t; idx < kRows * kChunks; idx += kThreads) {
       const int r = idx / kChunks, ch = idx % kChunks;
       const int i = i0 + r;
@@ -374,7 +372,7 @@ __global__ void __launch_bounds__(BlockThreads<KS>(), MinBlocks<KS>())
     }
     __syncthreads();
     // Entries of the stage from group p on (uniform over the block).
-    const int left = kFull ? kRows : first;
+    const int left = kFull ? kRows : spans.short_n;
     const uint32_t base = SmemAddr(tile[buf]);
     float acc[2][MT][2][4];
     GroupProduct<KS, MT>(frag, base, 0, lane, acc[0], NoWork());

@@ -49,6 +49,34 @@ __device__ __forceinline__ int2 PieceRangeFirst(int total, int splits, int piece
   return make_int2(first + r.x, first + r.y);
 }
 
+// Which stage of a piece may be short (fewer than a full stage of entries or rows: the
+// remainder); the others are full.
+enum class ShortStage { kFirst, kLast };
+
+// A piece's stages over [begin, end): kN entries (or rows) each but for the short one, which holds
+// the remainder and comes first or last as kShort says. With the short stage known at compile
+// time, a pass's stage loop can run the full stages' code alone.
+template <ShortStage kShort, int kN>
+struct StageSpans {
+  int begin, end, ntiles, short_n;
+  __device__ StageSpans(int b, int e)
+      : begin(b), end(e), ntiles(CeilDiv(e - b, kN)), short_n(e - b - (ntiles - 1) * kN) {}
+  __device__ int Begin(int it) const {
+    if constexpr (kShort == ShortStage::kFirst) {
+      return it > 0 ? begin + short_n + (it - 1) * kN : begin;
+    } else {
+      return begin + it * kN;
+    }
+  }
+  __device__ int Count(int it) const {
+    if constexpr (kShort == ShortStage::kFirst) {
+      return it == 0 ? short_n : kN;
+    } else {
+      return min(kN, end - Begin(it));
+    }
+  }
+};
+
 // Which block of a pass this is (y: the large list; x: tile · splits + piece, or with the pieces
 // in z, x the tile and z the piece), with what both passes read: the segment, its entry set, the
 // binary16 q rows and the per-row info (factor, max, 1/Z, max + log2 Z).

@@ -176,40 +176,12 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
   WgmmaCommit();
 }
 
-// Which stage of a piece may be short (fewer than kStageRows entries or rows: the remainder); the
-// others are full. The callers' stage() and epi() put the remainder there (StageSpans); StageLoop
-// runs that stage's epilogue outside the loop, so the loop's code holds the full one alone (with a
-// short stage possible at every step, the loop's code doubled). Pass 1 takes the first (peeled
-// after the loop, its last stage made ptxas spill inside the loop); pass 2 the last at KS 8
-// (measured 2-3% faster there than the first) and the first at KS 4 (the last spilled there).
-enum class ShortStage { kFirst, kLast };
-
-// A piece's stages over [begin, end): kStageRows entries (or rows) each but for the short one,
-// which holds the remainder and comes first or last as kShort says.
-template <ShortStage kShort>
-struct StageSpans {
-  int begin, end, ntiles, short_n;
-  __device__ StageSpans(int b, int e)
-      : begin(b),
-        end(e),
-        ntiles(CeilDiv(e - b, kStageRows)),
-        short_n(e - b - (ntiles - 1) * kStageRows) {}
-  __device__ int Begin(int it) const {
-    if constexpr (kShort == ShortStage::kFirst) {
-      return it > 0 ? begin + short_n + (it - 1) * kStageRows : begin;
-    } else {
-      return begin + it * kStageRows;
-    }
-  }
-  __device__ int Count(int it) const {
-    if constexpr (kShort == ShortStage::kFirst) {
-      return it == 0 ? short_n : kStageRows;
-    } else {
-      return min(kStageRows, end - Begin(it));
-    }
-  }
-};
-
+// Where each pass keeps its short stage (StageSpans): StageLoop runs that stage's epilogue outside
+// the loop, so the loop's code holds the full one alone (with a short stage possible at every step,
+// the loop's code doubled). Pass 1 takes the first (peeled after the loop, its last stage made
+// ptxas spill inside the loop); pass 2 the last at KS 8 (measured 2-3% faster there than the
+// first) and the first at KS 4 (the last spilled there).
+//
 // The stage loop of both passes. stage(it) issues the cp.async copies of stage it (its tile and
 // extras; nothing past the last); the loop learns that they landed from an mbarrier
 // (cp.async.mbarrier.arrive), so stage() commits no groups. epi(buf, acc, short_tag) consumes
@@ -263,6 +235,7 @@ __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const 
   // is issued; short_tag goes to the epilogue.
   using First = std::integral_constant<int, 0>;
   using Second = std::integral_constant<int, 1>;
+  using Yes = std::true_type;
   using No = std::false_type;
   auto step = [&](auto cur_tag, int it, auto next, auto short_tag) {
     constexpr int cur = decltype(cur_tag)::value;
@@ -276,7 +249,6 @@ __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const 
     WgmmaWait<0>();
     MbarArrive(empty(it));
   };
-  using Yes = std::true_type;
   // Stages it .. ntiles - 1 (the last of them short when last_short says so), the accumulator sets
   // taken in turn from set_a.
   auto run = [&](auto set_a, auto set_b, int it, auto last_short) {
@@ -410,7 +382,7 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
     CpAsyncWait<0>();
   };
 
-  const StageSpans<ShortStage::kFirst> spans(begin, end);
+  const StageSpans<ShortStage::kFirst, kStageRows> spans(begin, end);
   const int ntiles = spans.ntiles;
   auto stage = [&](int it) {
     if (it < ntiles) {
@@ -478,7 +450,7 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
     StageEntries<Sh, Sh::kARows>(sm.a_tile, e, col0, e.scored - col0, d);
     const int ea = col0 + warp * 16 + g, eb = ea + 8;
     constexpr ShortStage kShort = KS <= 4 ? ShortStage::kFirst : ShortStage::kLast;
-    const StageSpans<kShort> spans(begin, end);
+    const StageSpans<kShort, kStageRows> spans(begin, end);
     const int ntiles = spans.ntiles;
     auto stage = [&](int it) {
       if (it < ntiles) {
