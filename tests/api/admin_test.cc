@@ -49,6 +49,9 @@ class AdminTest : public ::testing::Test {
 
 // Thresholds calibrated on the first half of the window queries keep (1 - sparsity) of the keys,
 // within 5 points, on the held-out second half (each position queried as one decode step).
+// The held-out fraction is a sample mean over positions whose topics are drawn at random: with
+// 128 held-out positions its spread at sparsity 0.5 was 0.017 (300 seeds) and about one seed in
+// a hundred crossed 0.05 (one did in CI); with 256 it is 0.012 (300 other seeds, largest 0.039).
 TEST_F(AdminTest, CalibrationHitsTargetSparsityOnHeldOutQueries) {
   SyntheticOptions so;
   so.layers = 1;
@@ -56,7 +59,7 @@ TEST_F(AdminTest, CalibrationHitsTargetSparsityOnHeldOutQueries) {
   so.q_heads = 16;
   so.tokens = 4096;
   so.head_dim = 64;
-  so.window = 256;  // 128 positions to calibrate on, 128 held out: enough topics either way
+  so.window = 512;  // 256 positions to calibrate on, 256 held out
   so.seed = testing::FreshSeed();
   const std::string file = dir_.file("c.safetensors");
   ASSERT_TRUE(WriteSyntheticContext(so, file, nullptr).ok());
