@@ -32,9 +32,10 @@ for ((r = 1; r <= rounds; ++r)); do
     name=${spec%%=*}
     bin=${spec#*=}
     dir=$(cd "$(dirname "$bin")" && pwd)
+    # The main table's rows only (the prefill steps table starts its rows the same way).
     # shellcheck disable=SC2086  # args split on purpose
     LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$bin" $args 2>&1 |
-      awk -v n="$name" '/^(32K|128K) (decode|prefill) [0-9b]+ / {print n, $1" "$2" "$3, $5, $13}' \
+      awk -v n="$name" 'NF >= 13 && /^(32K|128K) (decode|prefill) [0-9b]+ / {print n, $1" "$2" "$3, $5, $13}' \
         >> "$raw"
   done
 done
