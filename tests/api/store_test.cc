@@ -16,6 +16,7 @@
 #include "compute/attention.h"
 #include "gpu/device.h"
 #include "storage/safetensors.h"
+#include "tests/testing/store_testing.h"
 #include "tests/testing/testing.h"
 
 extern "C" int openblas_get_num_threads() __attribute__((weak));
@@ -222,19 +223,10 @@ TEST_P(StoreQueryTest, MatchesFloat64ReferenceOverTheSelection) {
           ASSERT_EQ(sel.size(), static_cast<size_t>(c.tokens));
         }
         EXPECT_GE(sel.size(), std::ceil(keep * c.tokens));
-        const float* keys = c.k[layer].data() + static_cast<size_t>(h) * c.tokens * d;
-        const float* values = c.v[layer].data() + static_cast<size_t>(h) * c.tokens * d;
-        const size_t rows = static_cast<size_t>(group) * n;
-        std::vector<double> ref_out, ref_lse;
-        testing::ReferenceAttention(q.data() + h * rows * d, static_cast<int>(rows), d, keys,
-                                    values, sel, 1.0 / std::sqrt(d), &ref_out, &ref_lse);
-        EXPECT_LT(testing::RelativeError(r.output.data() + h * rows * d, ref_out.data(), rows * d),
-                  tol)
-            << "layer " << layer << " keep " << keep << " head " << h;
-        for (size_t i = 0; i < rows; ++i) {
-          EXPECT_NEAR(r.lse[h * rows + i], ref_lse[i], 1e-4 * std::abs(ref_lse[i]) + 1e-4);
-        }
       }
+      testing::ExpectMatchesReferenceOverSelection(
+          r, q.data(), q_heads, n, d, c.k[layer].data(), c.v[layer].data(), c.kv_heads, c.tokens,
+          {tol, 1e-4, 1e-4}, "layer " + std::to_string(layer) + " keep " + std::to_string(keep));
       EXPECT_EQ(r.stats.device, "cpu");
       // Every selected page came from the disk or the host cache, none twice.
       EXPECT_EQ(r.stats.pages_from_disk + r.stats.pages_from_host, r.stats.pages_selected);
