@@ -71,6 +71,8 @@ TEST_F(StoreGpuTest, GpuAndCpuAgreeAcrossDtypesAndModes) {
           ToFloat(t->dtype, (*file)->Data(*t), dst->data(), dst->size());
         }
       }
+      static constexpr const char* kModeNames[] = {"dense", "keep 0.1", "keep 0.3",
+                                                   "sparsity 0.9"};
       for (int mode = 0; mode < 4; ++mode) {
         QueryOptions qo;
         qo.want_selection = true;
@@ -94,11 +96,11 @@ TEST_F(StoreGpuTest, GpuAndCpuAgreeAcrossDtypesAndModes) {
           for (int32_t t : b) differ += !a.count(t);
           total += a.size();
         }
-        std::fprintf(stderr, "%s d%d mode %d: %zu of %zu selected tokens differ; ", DTypeName(dtype),
-                     head_dim, mode, differ, total);
-        EXPECT_LE(differ, total / 50 + 64) << name << " mode " << mode;
+        const std::string what = std::string(DTypeName(dtype)) + " d" +
+                                 std::to_string(head_dim) + " " + kModeNames[mode];
+        std::fprintf(stderr, "%s: %zu of %zu selected tokens differ; ", what.c_str(), differ, total);
+        EXPECT_LE(differ, total / 50 + 64) << what;
         // Each answer against float64 attention over its own selection, equal or not.
-        const std::string what = name + " mode " + std::to_string(mode);
         testing::ExpectMatchesReferenceOverSelection(cpu, q.data(), so.q_heads, so.n, head_dim,
                                                      keys.data(), values.data(), so.kv_heads,
                                                      so.tokens, {}, what + " cpu");
