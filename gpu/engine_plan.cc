@@ -145,8 +145,7 @@ Status FillPlan(const std::vector<DeviceQuery>& queries,
     plan->layer_keys.push_back(q.layer_key);
     plan->generations.push_back(l.generation);
     const SelectOptions& o = q.select;
-    const float f1 =
-        o.l1_keep_fraction > 0.f ? o.l1_keep_fraction : std::min(1.f, 3.f * o.keep_fraction);
+    const float f1 = Level1KeepFraction(o);
     for (int h = 0; h < kv; ++h) {
       const ResidentHead& x = l.heads[h];
       LookupSegment s;

@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -16,8 +17,6 @@ namespace {
 
 // Queries scored per GEMM call: bounds the logits scratch to kQueryBlock * candidates floats.
 constexpr int kQueryBlock = 256;
-// Relative slack of KeepTokenTarget (see select.h).
-constexpr double kTargetSlack = 1e-6;
 
 // What one scoring pass works on. Scored entries get a score; "extra" entries (level-1 parents
 // pruned from a hierarchical scan) only join the normaliser, with logits computed earlier.
@@ -41,9 +40,8 @@ constexpr int kGemmMinRows = 32;
 
 // logits (rows, count) = scale · q (rows, d) · centroidsᵀ, one dot product at a time. Built for
 // AVX2 + FMA and for the baseline; the CPU's best runs.
-SQKV_CPU_CLONES void SmallLogits(
-    const float* q, int rows, int d, const float* centroids, int count, float scale,
-    float* logits) {
+SQKV_CPU_CLONES void SmallLogits(const float* q, int rows, int d, const float* centroids, int count,
+                                 float scale, float* logits) {
   for (int j = 0; j < count; ++j) {
     const float* c = centroids + static_cast<size_t>(j) * d;
     for (int r = 0; r < rows; ++r) {
@@ -251,9 +249,49 @@ void SelectFlat(const HeadIndex& index, const float* queries, int num_queries,
 int32_t KeepTokenTarget(float fraction, int32_t tokens) {
   if (!(fraction > 0.f) || tokens <= 0) return 0;
   if (fraction >= 1.f) return tokens;
-  const double x = static_cast<double>(fraction) * tokens;
-  const double t = std::ceil(x * (1.0 - kTargetSlack));
-  return static_cast<int32_t>(std::clamp(t, 1.0, static_cast<double>(tokens)));
+  // fraction = digits * 10^-scale, the shortest decimal that reads back as `fraction` (what the
+  // caller wrote: 0.1f is 0.1 + 1.5e-9, and ceil(0.1f * 10^9) in binary would be 10^8 + 2).
+  char buf[32];
+  const auto [end, ec] = std::to_chars(buf, buf + sizeof buf, fraction,
+                                       std::chars_format::scientific);  // "d.ddde-XX"
+  if (ec != std::errc()) return tokens;  // cannot happen: 32 bytes hold any float
+  int64_t digits = 0;                    // at most 9 significant digits
+  int scale = 0;
+  const char* p = buf;
+  bool after_point = false;
+  for (; p < end && *p != 'e'; ++p) {
+    if (*p == '.') {
+      after_point = true;
+      continue;
+    }
+    digits = digits * 10 + (*p - '0');
+    scale += after_point;
+  }
+  int exponent = 0;
+  std::from_chars(p + 1 + (p[1] == '+'), end, exponent);
+  scale -= exponent;  // >= 1: 0 < fraction < 1
+  // ceil(digits * tokens / 10^scale), exactly: digits * tokens < 10^9 * 2^31 < 2^63.
+  const int64_t num = digits * tokens;
+  if (scale > 18) return 1;  // num < 10^19 <= 10^scale: a positive fraction of one key
+  int64_t den = 1;
+  for (int i = 0; i < scale; ++i) den *= 10;
+  const int64_t t = num / den + (num % den != 0);
+  return static_cast<int32_t>(std::clamp<int64_t>(t, 1, tokens));
+}
+
+float Level1KeepFraction(const SelectOptions& options) {
+  const float set = options.l1_keep_fraction;
+  switch (options.mode) {
+    case SelectOptions::Mode::kDense:
+      return 1.f;
+    case SelectOptions::Mode::kThreshold:
+      return set > 0.f ? std::min(1.f, set) : 1.f;
+    case SelectOptions::Mode::kKeepFraction:
+      break;
+  }
+  const float keep = std::clamp(options.keep_fraction, 0.f, 1.f);
+  const float f1 = set > 0.f ? std::min(1.f, set) : std::min(1.f, 3.f * keep);
+  return std::max(f1, keep);
 }
 
 void ScoreClusters(const HeadIndex& index, const float* queries, int num_queries, float* scores) {
@@ -285,20 +323,13 @@ Status SelectClusters(const HeadIndex& index, const float* queries, int num_quer
 
   std::vector<uint8_t> kept(n1, 0);
   int32_t num_kept = 0;
-  if (options.mode == SelectOptions::Mode::kDense) {
-    std::fill(kept.begin(), kept.end(), 1);
-    num_kept = n1;
-  } else {
-    const float f1 = options.l1_keep_fraction > 0.f ? options.l1_keep_fraction
-                                                    : std::min(1.f, 3.f * options.keep_fraction);
-    const int64_t target = KeepTokenTarget(f1, index.tokens);
-    int64_t keys = 0;
-    for (int32_t p : RankDescending(parent_scores)) {
-      if (keys >= target) break;
-      kept[p] = 1;
-      ++num_kept;
-      keys += index.l1_size[p];
-    }
+  const int64_t target = KeepTokenTarget(Level1KeepFraction(options), index.tokens);
+  int64_t keys = 0;
+  for (int32_t p : RankDescending(parent_scores)) {
+    if (keys >= target) break;
+    kept[p] = 1;
+    ++num_kept;
+    keys += index.l1_size[p];
   }
   if (num_kept == n1) {
     // Nothing pruned: exactly the single-level selection, plus the parents scored.

@@ -44,7 +44,7 @@ struct SelectOptions {
   // Hierarchical indexes only: the level-1 parents kept (descending level-1 score) until
   // >= l1_keep_fraction * tokens keys lie under them; only their children are scored.
   // 1.0 keeps every parent (and selects exactly what a single-level scan of the leaves would).
-  // Default: 0 = choose automatically (min(1, 3 * keep_fraction)).
+  // Default: 0 = choose automatically; Level1KeepFraction() gives what each mode applies.
   float l1_keep_fraction = 0.f;
 };
 
@@ -57,10 +57,23 @@ struct HeadSelection {
 };
 
 // The key count kKeepFraction (and the level-1 keep rule) aims for: 0 when fraction <= 0,
-// `tokens` when fraction >= 1, else ceil(fraction * tokens) computed in float64 with a relative
-// slack of 1e-6 that forgives the float32 rounding of `fraction` (0.1f * 100 gives 10, not 11);
-// at least 1 for any positive fraction.
+// `tokens` when fraction >= 1, else ceil(fraction * tokens) computed exactly for the shortest
+// decimal that reads back as `fraction`, i.e. the number the caller wrote (0.1f * 100 gives 10,
+// not 11; 0.1f * 10^9 gives 10^8; 0.5f * 1000001 gives 500001); at least 1 for any positive
+// fraction.
 int32_t KeepTokenTarget(float fraction, int32_t tokens);
+
+// The level-1 keep fraction a hierarchical selection applies (parents kept in ranking order until
+// that fraction of the keys lies under them), in [0, 1]:
+//   kDense         1 (every parent);
+//   kKeepFraction  l1_keep_fraction when set, else min(1, 3 * keep_fraction); never below
+//                  keep_fraction, so the children of the kept parents can meet the budget;
+//   kThreshold     l1_keep_fraction when set, else 1: thresholds are calibrated on single-level
+//                  scores (index/calibrate.h), which only an unpruned level 2 reproduces. A set
+//                  l1_keep_fraction prunes, and the sparsity reached then differs from the
+//                  calibrated one.
+// Every backend takes its level-1 rule from here.
+float Level1KeepFraction(const SelectOptions& options);
 
 // scores: (num_clusters); queries: (num_queries, head_dim) float32.
 // Scores every level-2 cluster (ignores level 1).

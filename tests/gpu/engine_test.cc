@@ -83,8 +83,7 @@ void CheckRequest(const Req& r, int index) {
         r.select.mode == SelectOptions::Mode::kDense       ? testing::RefMode::kDense
         : r.select.mode == SelectOptions::Mode::kThreshold ? testing::RefMode::kThreshold
                                                            : testing::RefMode::kBudget;
-    const float f1 = r.select.l1_keep_fraction > 0.f ? r.select.l1_keep_fraction
-                                                     : std::min(1.f, 3.f * r.select.keep_fraction);
+    const float f1 = Level1KeepFraction(r.select);
     // The engine scores with 16-bit centroids (gpu/lookup.h): disagreements with the float32
     // CPU path are allowed within both arithmetics' bounds of the cut.
     const double sel_tol = testing::LookupTolerance(x, q, rows, true, true, kTieTol) +

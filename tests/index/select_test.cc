@@ -92,11 +92,9 @@ std::vector<size_t> Ranked(const std::vector<int32_t>& ids, const std::vector<do
   return r;
 }
 
-int64_t Target(double fraction, int64_t tokens) {
-  if (fraction <= 0) return 0;
-  if (fraction >= 1) return tokens;
-  return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(fraction * tokens * (1 - 1e-6))), 1,
-                             tokens);
+// The budget rule is select.h's KeepTokenTarget (its own test: KeepTokenTarget.Definition).
+int64_t Target(float fraction, int64_t tokens) {
+  return KeepTokenTarget(fraction, static_cast<int32_t>(tokens));
 }
 
 // Float32 scoring (logits of magnitude ~10 carry errors ~1e-6) can reorder scores closer than
@@ -151,9 +149,8 @@ RefResult RefSelect(const HeadIndex& x, const std::vector<float>& q, int nq,
   if (x.hierarchical()) {
     const std::vector<int32_t> pids = Range(x.num_l1());
     const std::vector<double> ps = RefLogScores(q.data(), nq, d, Parents(x, pids), {});
-    double f1 = o.l1_keep_fraction > 0 ? o.l1_keep_fraction
-                                       : std::min(1.0, 3.0 * static_cast<double>(o.keep_fraction));
-    if (o.mode == Mode::kDense) f1 = 1;
+    // The level-1 policy is select.h's (its own test: Level1KeepFraction.PerMode).
+    const double f1 = Level1KeepFraction(o);
     const std::vector<int32_t> kept = RefPick(
         pids, ps, x.l1_size,
         [&] {
@@ -218,6 +215,32 @@ TEST(KeepTokenTarget, Definition) {
   EXPECT_EQ(KeepTokenTarget(-1.f, 100), 0);
   EXPECT_EQ(KeepTokenTarget(1.f, 100), 100);
   EXPECT_EQ(KeepTokenTarget(7.f, 100), 100);
+  EXPECT_EQ(KeepTokenTarget(0.1f, 7), 1);
+  // Past a million keys a fixed relative slack would drop the half key: ceil(500000.5) stays.
+  EXPECT_EQ(KeepTokenTarget(0.5f, 1000001), 500001);
+  EXPECT_EQ(KeepTokenTarget(0.25f, 4000001), 1000001);
+  EXPECT_EQ(KeepTokenTarget(0.1f, 1000000000), 100000000);  // 0.1f is 0.1 + 1.5e-9
+  EXPECT_EQ(KeepTokenTarget(0.1f, 1000000001), 100000001);
+}
+
+TEST(Level1KeepFraction, PerMode) {
+  SelectOptions o;
+  o.keep_fraction = 0.1f;
+  EXPECT_FLOAT_EQ(Level1KeepFraction(o), 0.3f);  // automatic: 3 x keep
+  o.keep_fraction = 0.5f;
+  EXPECT_FLOAT_EQ(Level1KeepFraction(o), 1.f);  // capped at every parent
+  o.keep_fraction = 0.3f;
+  o.l1_keep_fraction = 0.6f;
+  EXPECT_FLOAT_EQ(Level1KeepFraction(o), 0.6f);  // as set
+  o.l1_keep_fraction = 0.2f;
+  EXPECT_FLOAT_EQ(Level1KeepFraction(o), 0.3f);  // never below the budget it must meet
+  o.mode = Mode::kThreshold;
+  o.l1_keep_fraction = 0.f;
+  EXPECT_FLOAT_EQ(Level1KeepFraction(o), 1.f);  // calibrated thresholds: no pruning by default
+  o.l1_keep_fraction = 0.2f;
+  EXPECT_FLOAT_EQ(Level1KeepFraction(o), 0.2f);  // pruning only when asked for
+  o.mode = Mode::kDense;
+  EXPECT_FLOAT_EQ(Level1KeepFraction(o), 1.f);
 }
 
 TEST(ScoreClusters, MatchesFloat64AndSumsToOne) {
@@ -371,10 +394,12 @@ TEST(SelectClusters, HierarchicalMatchesReference) {
         HeadSelection got;
         ASSERT_TRUE(SelectClusters(x, q.data(), nq, o, &got).ok());
         ExpectSelection(x, got, RefSelect(x, q, nq, o));
+        // The budget holds even when the level-1 fraction asked for is below it.
+        EXPECT_GE(got.tokens, KeepTokenTarget(o.keep_fraction, x.tokens));
       }
       SelectOptions t;
       t.mode = Mode::kThreshold;
-      t.keep_fraction = 0.2f;  // level-1 keeps min(1, 0.6) of the keys
+      t.l1_keep_fraction = 0.6f;  // threshold mode prunes level 1 only when asked to
       t.threshold = 1.f / x.tokens;
       HeadSelection got;
       ASSERT_TRUE(SelectClusters(x, q.data(), nq, t, &got).ok());
@@ -400,6 +425,21 @@ TEST(SelectClusters, HierarchicalKeepingEveryParentEqualsFlat) {
     EXPECT_EQ(h.tokens, g.tokens);
     EXPECT_EQ(h.pages, g.pages);
     EXPECT_EQ(h.centroids_scored, g.centroids_scored + x.num_l1());
+  }
+  // Threshold mode keeps every parent unless told otherwise, so a threshold calibrated on
+  // single-level scores selects what it was calibrated for.
+  std::vector<float> flat_scores(flat.num_clusters());
+  ScoreClusters(flat, q.data(), nq, flat_scores.data());
+  std::sort(flat_scores.begin(), flat_scores.end());
+  for (size_t k : {flat_scores.size() / 2, flat_scores.size() * 9 / 10}) {
+    SelectOptions t;
+    t.mode = Mode::kThreshold;
+    t.threshold = flat_scores[k];
+    HeadSelection h, g;
+    ASSERT_TRUE(SelectClusters(x, q.data(), nq, t, &h).ok());
+    ASSERT_TRUE(SelectClusters(flat, q.data(), nq, t, &g).ok());
+    EXPECT_EQ(h.clusters, g.clusters) << "threshold at rank " << k;
+    EXPECT_EQ(static_cast<size_t>(g.clusters.size()), flat_scores.size() - k);
   }
   SelectOptions dense;
   dense.mode = Mode::kDense;
