@@ -1,6 +1,7 @@
 // Lifecycle operations: reclaiming removed/superseded versions, crash leftovers, verification,
 // compaction and statistics.
 #include <algorithm>
+#include <charconv>
 #include <filesystem>
 #include <set>
 
@@ -75,6 +76,17 @@ Status StoreImpl::ReclaimGarbage(CompactReport* report) {
 }
 
 Status StoreImpl::RemoveOrphans(CompactReport* report) {
+  // Builds racing this pass: every version allocated from here on is at least `watermark` (a
+  // number allocated for this pass alone), and builds under way below it are in `in_flight`.
+  // Neither is judged: a build's segment and keys exist before its record is published.
+  uint64_t watermark = 0;
+  std::set<uint64_t> in_flight;
+  {
+    std::lock_guard<std::mutex> lock(build_mu_);
+    SQKV_ASSIGN_OR_RETURN(watermark, catalog_->AllocateVersion());
+    in_flight = building_;
+  }
+  auto racing = [&](uint64_t v) { return v >= watermark || in_flight.count(v) > 0; };
   std::vector<ContextRecord> live;
   SQKV_RETURN_IF_ERROR(catalog_->ListContexts(&live));
   std::vector<uint64_t> garbage;
@@ -89,16 +101,14 @@ Status StoreImpl::RemoveOrphans(CompactReport* report) {
     keep.insert(SegmentName(v));
     known.insert(v);
   }
-  std::set<std::string> in_flight;
-  {
-    std::lock_guard<std::mutex> lock(cache_mu_);
-    for (uint64_t v : building_) in_flight.insert(SegmentName(v).substr(0, 16));
-  }
   std::vector<std::string> files;
   SQKV_RETURN_IF_ERROR(ListFiles(segments_dir(), &files));
   for (const auto& f : files) {
     if (keep.count(f)) continue;
-    if (in_flight.count(f.substr(0, 16))) continue;  // an import of this process is writing it
+    uint64_t v = 0;  // segment files are named by their version: 16 hex digits, then a suffix
+    const auto [end, ec] =
+        std::from_chars(f.data(), f.data() + std::min<size_t>(f.size(), 16), v, 16);
+    if (ec == std::errc() && end == f.data() + 16 && racing(v)) continue;
     const std::string path = segments_dir() + "/" + f;
     auto size = FileSize(path);
     SQKV_RETURN_IF_ERROR(RemoveFile(path));
@@ -112,7 +122,7 @@ Status StoreImpl::RemoveOrphans(CompactReport* report) {
   std::vector<uint64_t> stored;
   SQKV_RETURN_IF_ERROR(catalog_->ListStoredVersions(&stored));
   for (uint64_t v : stored) {
-    if (!known.count(v)) SQKV_RETURN_IF_ERROR(catalog_->DropVersion(v));
+    if (!known.count(v) && !racing(v)) SQKV_RETURN_IF_ERROR(catalog_->DropVersion(v));
   }
   return Status::Ok();
 }

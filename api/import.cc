@@ -7,9 +7,9 @@
 #include <map>
 
 #include "api/store_impl.h"
-#include "index/build.h"
 #include "gpu/device.h"
 #include "gpu/kmeans.h"
+#include "index/build.h"
 #include "index/calibrate.h"
 #include "index/serialize.h"
 #include "storage/file_util.h"
@@ -121,7 +121,8 @@ Status CheckContextTensors(const SafetensorsFile& file, ContextTensors* out) {
                                      ") with q_heads a multiple of kv_heads " +
                                      std::to_string(out->kv_heads));
     }
-    if (window_shape[0] >= 0 && (t->shape[0] != window_shape[0] || t->shape[1] != window_shape[1])) {
+    if (window_shape[0] >= 0 &&
+        (t->shape[0] != window_shape[0] || t->shape[1] != window_shape[1])) {
       return Status::InvalidArgument("tensor " + t->name + ": window shape differs across layers");
     }
     window_shape[0] = t->shape[0];
@@ -177,7 +178,8 @@ Status StoreImpl::Import(const std::string& name, const std::string& path,
   {
     ContextRecord existing;
     Status s = catalog_->GetContext(name, &existing);
-    if (s.ok()) return Status::AlreadyExists("context '" + name + "' already exists (sqkv rm it first)");
+    if (s.ok())
+      return Status::AlreadyExists("context '" + name + "' already exists (sqkv rm it first)");
     if (!s.IsNotFound()) return s;
   }
   auto file = SafetensorsFile::Open(path);
@@ -248,7 +250,8 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
   params.niter = options.kmeans_iterations;
   std::string kmeans = "cpu";
   switch (options.kmeans_device) {
-    case Device::kCpu: break;  // empty hook: FAISS
+    case Device::kCpu:
+      break;  // empty hook: FAISS
     case Device::kGpu:
       if (!gpu::DevicePresent()) return Status::Unavailable("--kmeans-device gpu: no CUDA device");
       params.kmeans = gpu::GpuKMeansFn();
@@ -262,16 +265,17 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
       break;
   }
 
-  SQKV_ASSIGN_OR_RETURN(uint64_t version, catalog_->AllocateVersion());
+  uint64_t version = 0;
   {
-    std::lock_guard<std::mutex> lock(cache_mu_);
+    std::lock_guard<std::mutex> lock(build_mu_);
+    SQKV_ASSIGN_OR_RETURN(version, catalog_->AllocateVersion());
     building_.insert(version);
   }
   struct Unmark {
     StoreImpl* self;
     uint64_t v;
     ~Unmark() {
-      std::lock_guard<std::mutex> lock(self->cache_mu_);
+      std::lock_guard<std::mutex> lock(self->build_mu_);
       self->building_.erase(v);
     }
   } unmark{this, version};
@@ -291,6 +295,7 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
   r.source = spec.source;
   r.kmeans = kmeans;
   pub.window_queries = spec.window_queries;
+  pub.replaces_version = spec.replaces_version;
   if (!spec.window_queries.empty()) {
     r.window_q_heads = spec.window_queries[0].q_heads;
     r.window = spec.window_queries[0].window;
@@ -322,13 +327,13 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
     for (int h = 0; h < spec.kv_heads; ++h) {
       const uint8_t* k_head = src.k + h * head_bytes;
       const uint8_t* v_head = src.v + h * head_bytes;
-      SQKV_RETURN_IF_ERROR(HeadToFloat(spec.dtype, k_head, src.k_name, h, spec.tokens,
-                                       spec.head_dim, &keys));
-      SQKV_RETURN_IF_ERROR(HeadToFloat(spec.dtype, v_head, src.v_name, h, spec.tokens,
-                                       spec.head_dim, &values));
-      SQKV_RETURN_IF_ERROR(BuildHeadIndex(keys.data(), spec.tokens, spec.head_dim, params, &heads[h])
-                               .WithContext("index of layer " + std::to_string(l) + " head " +
-                                            std::to_string(h)));
+      SQKV_RETURN_IF_ERROR(
+          HeadToFloat(spec.dtype, k_head, src.k_name, h, spec.tokens, spec.head_dim, &keys));
+      SQKV_RETURN_IF_ERROR(
+          HeadToFloat(spec.dtype, v_head, src.v_name, h, spec.tokens, spec.head_dim, &values));
+      SQKV_RETURN_IF_ERROR(
+          BuildHeadIndex(keys.data(), spec.tokens, spec.head_dim, params, &heads[h])
+              .WithContext("index of layer " + std::to_string(l) + " head " + std::to_string(h)));
       FillPages(heads[h], k_head, v_head, row_bytes, &pages);
       const size_t n = heads[h].num_pages();
       sums.resize(sums.size() + n);
@@ -340,9 +345,9 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
       const WindowQueries& w = spec.window_queries[l];
       Thresholds t;
       t.sparsity = DefaultSparsities();
-      SQKV_RETURN_IF_ERROR(CalibrateThresholds(heads, w.data.data(), w.q_heads, w.window,
-                                               t.sparsity, &t.threshold)
-                               .WithContext("calibration of layer " + std::to_string(l)));
+      SQKV_RETURN_IF_ERROR(
+          CalibrateThresholds(heads, w.data.data(), w.q_heads, w.window, t.sparsity, &t.threshold)
+              .WithContext("calibration of layer " + std::to_string(l)));
       pub.thresholds.push_back(std::move(t));
     }
     pub.layer_index.push_back(EncodeLayerIndex(heads));

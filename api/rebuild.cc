@@ -14,9 +14,16 @@ Status StoreImpl::Rebuild(const std::string& name, const ImportOptions& options,
   SQKV_RETURN_IF_ERROR(catalog_->GetContext(name, &old));
   if (!PinVersion(old.version)) return Status::Unavailable("context " + name + " is being replaced");
   ContextInfo fresh;
+  Status built;
   {
     VersionPin pin(this, old.version);
-    SQKV_RETURN_IF_ERROR(RebuildPinned(old, options, &fresh));
+    built = RebuildPinned(old, options, &fresh);
+  }
+  if (!built.ok()) {
+    // The source may have been removed meanwhile (Publish refused then): its files go now that
+    // this rebuild no longer reads them.
+    ReclaimGarbage(nullptr).PermitUncheckedError();
+    return built;
   }
   if (info != nullptr) *info = fresh;
   // A pinned context stays pinned in its new version.
@@ -44,6 +51,7 @@ Status StoreImpl::RebuildPinned(const ContextRecord& old, const ImportOptions& o
   spec.head_dim = old.head_dim;
   spec.dtype = old.dtype;
   spec.source = old.source;
+  spec.replaces_version = old.version;
   if (old.window_q_heads > 0) {
     spec.window_queries.resize(old.layers);
     for (int l = 0; l < old.layers; ++l) {

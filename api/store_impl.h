@@ -2,14 +2,14 @@
 #pragma once
 
 #include <array>
-#include <deque>
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <list>
 #include <map>
-#include <set>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -29,10 +29,10 @@ class Engine;
 
 // One layer of one context version, decoded and ready to query.
 struct LayerData {
-  std::vector<HeadIndex> heads;          // (kv_heads)
-  std::vector<uint64_t> checksums;       // (pages of the layer), head-major
+  std::vector<HeadIndex> heads;           // (kv_heads)
+  std::vector<uint64_t> checksums;        // (pages of the layer), head-major
   std::vector<uint64_t> head_first_page;  // (kv_heads + 1) segment page of each head's page 0
-  size_t bytes = 0;                         // heap bytes of the above (the index cache's charge)
+  size_t bytes = 0;                       // heap bytes of the above (the index cache's charge)
 };
 
 // What a new version of a context is built from (import or rebuild).
@@ -42,6 +42,7 @@ struct VersionSpec {
   DType dtype = DType::kBF16;
   std::string source;
   std::vector<WindowQueries> window_queries;  // (layers) or empty
+  uint64_t replaces_version = 0;              // a rebuild's source version (ContextPublication)
 };
 
 // One layer's keys and values in original token order: k, v (kv_heads, tokens, head_dim) in the
@@ -63,8 +64,8 @@ class StoreImpl : public Store {
 
   Status Import(const std::string& name, const std::string& safetensors_path,
                 const ImportOptions& options, ContextInfo* info) override;
-  Status Query(const std::string& name, int layer, const float* q, int q_heads, int n,
-               int head_dim, const QueryOptions& options, QueryResult* result) override;
+  Status Query(const std::string& name, int layer, const float* q, int q_heads, int n, int head_dim,
+               const QueryOptions& options, QueryResult* result) override;
   Status List(std::vector<ContextInfo>* out) override;
   Status Info(const std::string& name, ContextInfo* out) override;
   Status Remove(const std::string& name) override;
@@ -113,9 +114,9 @@ class StoreImpl : public Store {
   // missing ones from the segment in one batched read. Falls back to a private buffer when the
   // cache cannot hold them (Unavailable), so a query larger than the cache still runs.
   struct HostPages {
-    std::vector<PageHandle> handles;  // from the cache, or
+    std::vector<PageHandle> handles;    // from the cache, or
     std::vector<uint8_t> private_copy;  // (pages, page_bytes) when the cache was bypassed
-    std::vector<const void*> data;   // (pages)
+    std::vector<const void*> data;      // (pages)
     int64_t from_disk = 0, from_host = 0;
   };
   Status AcquireHostPages(const ContextRecord& r, const LayerData& layer,
@@ -161,11 +162,16 @@ class StoreImpl : public Store {
   std::unordered_map<uint64_t, std::shared_ptr<SegmentReader>> segments_;
   std::map<uint64_t, int> pins_;  // version → queries using it
   std::set<uint64_t> reclaimed_;  // versions whose files are gone
-  std::set<uint64_t> building_;   // versions whose segment an import/rebuild is writing
+
+  // Allocating a build's version and entering it in building_ happen together under build_mu_,
+  // so a compaction's snapshot (RemoveOrphans) sees every build whose version is below the
+  // watermark it allocates itself.
+  std::mutex build_mu_;
+  std::set<uint64_t> building_;  // versions whose segment an import/rebuild is writing
 
   std::mutex engine_mu_;
   std::unique_ptr<gpu::Engine> engine_;
-  std::list<uint64_t> gpu_lru_;  // resident layer keys, most recently used first
+  std::list<uint64_t> gpu_lru_;             // resident layer keys, most recently used first
   std::set<uint64_t> gpu_pinned_versions_;  // versions pinned in the device tier
 };
 

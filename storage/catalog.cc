@@ -167,11 +167,21 @@ class CatalogImpl : public Catalog {
     rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), ContextKey(r.name), &existing);
     if (s.ok() && !replace) return Status::AlreadyExists("context " + r.name + " already exists");
     if (!s.ok() && !s.IsNotFound()) return FromRocks(s, "read context " + r.name);
+    if (replace && pub.replaces_version != 0 && s.IsNotFound()) {
+      return Status::NotFound("context " + r.name + " was removed while version " +
+                              std::to_string(r.version) + " was built to replace it");
+    }
 
     rocksdb::WriteBatch batch;
     if (s.ok()) {  // replacing: the old version becomes garbage in the same batch
       ContextRecord old;
       SQKV_RETURN_IF_ERROR(DecodeRecord(existing, &old));
+      if (pub.replaces_version != 0 && old.version != pub.replaces_version) {
+        return Status::Unavailable("context " + r.name + " changed to version " +
+                                   std::to_string(old.version) + " while version " +
+                                   std::to_string(r.version) + " was built from version " +
+                                   std::to_string(pub.replaces_version));
+      }
       batch.Put(GarbageKey(old.version), "");
     }
     for (int32_t l = 0; l < r.layers; ++l) {

@@ -70,7 +70,11 @@ struct ContextPublication {
   std::vector<std::string> layer_index;               // (layers) encoded layer indexes
   std::vector<std::vector<uint64_t>> page_checksums;  // (layers) checksums of each layer's pages
   std::vector<WindowQueries> window_queries;          // (layers) or empty
-  std::vector<Thresholds> thresholds;  // (layers) or empty
+  std::vector<Thresholds> thresholds;                 // (layers) or empty
+  // With replace: the version the name must still hold when the publication lands (a rebuild's
+  // source), so a rebuild never revives a removed context or overwrites a newer import.
+  // Default: 0 = whatever version the name holds, or none.
+  uint64_t replaces_version = 0;
 };
 
 class Catalog {
@@ -83,7 +87,9 @@ class Catalog {
 
   // Publishes atomically. Fails with AlreadyExists when the name is taken, unless `replace`, in
   // which case the old version's record is swapped for the new one in the same batch and the old
-  // version is marked garbage (its keys and file stay until reclaimed).
+  // version is marked garbage (its keys and file stay until reclaimed). With replace and
+  // pub.replaces_version set, fails with NotFound when the name is gone and with Unavailable when
+  // it holds another version.
   virtual Status Publish(const ContextPublication& pub, bool replace) = 0;
 
   virtual Status GetContext(const std::string& name, ContextRecord* out) = 0;
