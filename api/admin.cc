@@ -75,13 +75,13 @@ Status StoreImpl::ReclaimGarbage(CompactReport* report) {
   return Status::Ok();
 }
 
-Status StoreImpl::RemoveOrphans(CompactReport* report) {
+Status StoreImpl::RemoveOrphans(CompactReport* report, bool opening) {
   // Builds racing this pass: every version allocated from here on is at least `watermark` (a
   // number allocated for this pass alone), and builds under way below it are in `in_flight`.
   // Neither is judged: a build's segment and keys exist before its record is published.
-  uint64_t watermark = 0;
+  uint64_t watermark = UINT64_MAX;
   std::set<uint64_t> in_flight;
-  {
+  if (!opening) {
     std::lock_guard<std::mutex> lock(build_mu_);
     SQKV_ASSIGN_OR_RETURN(watermark, catalog_->AllocateVersion());
     in_flight = building_;

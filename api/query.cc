@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 
 #include "api/store_impl.h"
 #include "compute/attention.h"
@@ -103,6 +104,19 @@ Status StoreImpl::Query(const std::string& name, int layer, const float* q, int 
                  : QueryCpu(r, *layer_data, *segment, q, q_heads, n, effective, result);
   SQKV_RETURN_IF_ERROR(
       s.WithContext("query of context " + name + " layer " + std::to_string(layer)));
+  // Finite queries can still overflow float32 in q.k (elements near 1e37 and up): no answer
+  // then, rather than NaN. An empty selection's lse is -inf, which is an answer.
+  for (size_t i = 0; i < result->lse.size(); ++i) {
+    const float lse = result->lse[i];
+    if (std::isnan(lse) || lse == std::numeric_limits<float>::infinity()) {
+      const size_t head = i / n, token = i % n;
+      *result = QueryResult();
+      return Status::InvalidArgument(
+          "query of context " + name + " layer " + std::to_string(layer) + ": head " +
+          std::to_string(head) + " token " + std::to_string(token) +
+          " overflows float32 attention scores (q.k/sqrt(d) beyond 3.4e38): scale the query down");
+    }
+  }
   result->stats.total_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
   return Status::Ok();

@@ -1,4 +1,5 @@
 // Rebuild (re-cluster a stored context as a new version) and threshold calibration.
+#include <algorithm>
 #include <cstring>
 
 #include "api/store_impl.h"
@@ -12,7 +13,8 @@ Status StoreImpl::Rebuild(const std::string& name, const ImportOptions& options,
   SQKV_RETURN_IF_ERROR(ValidateBuildOptions(options));
   ContextRecord old;
   SQKV_RETURN_IF_ERROR(catalog_->GetContext(name, &old));
-  if (!PinVersion(old.version)) return Status::Unavailable("context " + name + " is being replaced");
+  if (!PinVersion(old.version))
+    return Status::Unavailable("context " + name + " is being replaced");
   ContextInfo fresh;
   Status built;
   {
@@ -94,8 +96,13 @@ Status StoreImpl::RebuildPinned(const ContextRecord& old, const ImportOptions& o
 }
 
 Status StoreImpl::Calibrate(const std::string& name, const std::vector<WindowQueries>* queries,
-                            const std::vector<float>& sparsities) {
+                            const std::vector<float>& requested) {
   SQKV_RETURN_IF_ERROR(ValidateContextName(name));
+  // Stored ascending and without repeats: InterpolateThreshold relies on it.
+  std::vector<float> sparsities = requested;
+  std::sort(sparsities.begin(), sparsities.end());
+  sparsities.erase(std::unique(sparsities.begin(), sparsities.end()), sparsities.end());
+  if (sparsities.empty()) return Status::InvalidArgument("calibrate: no target sparsities given");
   ContextRecord r;
   SQKV_RETURN_IF_ERROR(catalog_->GetContext(name, &r));
   if (!PinVersion(r.version)) return Status::Unavailable("context " + name + " is being replaced");

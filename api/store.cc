@@ -83,7 +83,7 @@ Status Store::Open(const StoreOptions& options, std::unique_ptr<Store>* out) {
   auto impl = std::make_unique<StoreImpl>(options, std::move(catalog), std::move(cache));
   // Nothing runs yet: every garbage version can go, and so can crash leftovers.
   SQKV_RETURN_IF_ERROR(impl->ReclaimGarbage(nullptr));
-  SQKV_RETURN_IF_ERROR(impl->RemoveOrphans(nullptr));
+  SQKV_RETURN_IF_ERROR(impl->RemoveOrphans(nullptr, /*opening=*/true));
   SQKV_RETURN_IF_ERROR(impl->RestorePins());
   *out = std::move(impl);
   return Status::Ok();

@@ -88,7 +88,8 @@ class StoreImpl : public Store {
   // report may be null.
   Status ReclaimGarbage(CompactReport* report);
   // Removes temporary files and segment files that no record or garbage mark references.
-  Status RemoveOrphans(CompactReport* report);
+  // `opening`: called by Open before any build can start, so nothing races it.
+  Status RemoveOrphans(CompactReport* report, bool opening = false);
 
   // A query pins the version it reads so that reclaiming waits for it. False when the version
   // was already reclaimed (the caller re-reads the context record).

@@ -1,6 +1,7 @@
 #include "index/head_index.h"
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,12 @@ Status ValidateHeadIndex(const HeadIndex& x) {
   const int32_t nc = x.num_clusters();
   if (nc <= 0) return Bad("no clusters");
   if (x.centroids.size() != static_cast<size_t>(nc) * x.head_dim) return Bad("centroid count");
+  // A NaN or infinite centroid makes every score of its head NaN: selection would be arbitrary.
+  for (size_t i = 0; i < x.centroids.size(); ++i) {
+    if (!std::isfinite(x.centroids[i])) {
+      return Bad("centroid " + std::to_string(i / x.head_dim) + " is not finite");
+    }
+  }
   if (x.cluster_page_begin.size() != static_cast<size_t>(nc) + 1) return Bad("page table size");
   if (x.cluster_page_begin[0] != 0) return Bad("first cluster does not start at page 0");
   int64_t total = 0;
@@ -68,6 +75,11 @@ Status ValidateHeadIndex(const HeadIndex& x) {
   }
   const int32_t n1 = x.num_l1();
   if (x.l1_centroids.size() != static_cast<size_t>(n1) * x.head_dim) return Bad("l1 centroids");
+  for (size_t i = 0; i < x.l1_centroids.size(); ++i) {
+    if (!std::isfinite(x.l1_centroids[i])) {
+      return Bad("level-1 centroid " + std::to_string(i / x.head_dim) + " is not finite");
+    }
+  }
   if (x.l1_child_begin.size() != static_cast<size_t>(n1) + 1) return Bad("l1 child table size");
   if (x.l1_child_begin[0] != 0 || x.l1_child_begin[n1] != nc) return Bad("l1 children cover");
   for (int32_t p = 0; p < n1; ++p) {

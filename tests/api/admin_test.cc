@@ -123,6 +123,30 @@ TEST_F(AdminTest, CalibrationHitsTargetSparsityOnHeldOutQueries) {
   }
 }
 
+// The API (and so the wire and the Python client) may pass targets in any order, with repeats:
+// they are stored ascending, so interpolation brackets the right pair.
+TEST_F(AdminTest, CalibrationTargetsAreStoredAscendingWithoutRepeats) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.tokens = 1024;
+  so.window = 64;
+  ImportSynthetic("c", so);
+  EXPECT_TRUE(store_->Calibrate("c", nullptr, {}).IsInvalidArgument());
+  ASSERT_TRUE(store_->Calibrate("c", nullptr, {0.9f, 0.5f, 0.6f, 0.9f}).ok());
+  Thresholds t;
+  ASSERT_TRUE(store_->GetThresholds("c", 0, &t).ok());
+  EXPECT_EQ(t.sparsity, (std::vector<float>{0.5f, 0.6f, 0.9f}));
+  ASSERT_EQ(t.threshold.size(), 3u);
+  EXPECT_LE(t.threshold[0], t.threshold[1]);  // a higher sparsity never lowers the threshold
+  EXPECT_LE(t.threshold[1], t.threshold[2]);
+  QueryOptions qo;
+  qo.device = Device::kCpu;
+  qo.sparsity = 0.7f;  // between 0.6 and 0.9
+  std::vector<float> q(static_cast<size_t>(so.q_heads) * so.head_dim, 0.1f);
+  QueryResult r;
+  EXPECT_TRUE(store_->Query("c", 0, q.data(), so.q_heads, 1, so.head_dim, qo, &r).ok());
+}
+
 TEST_F(AdminTest, SparsityWithoutCalibrationIsAClearError) {
   SyntheticOptions so;
   so.layers = 1;
@@ -283,8 +307,9 @@ TEST_F(AdminTest, CompactionBesideImportsLosesNothing) {
   EXPECT_GT(compactions.load(), 1);
   VerifyReport report;
   ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
-  EXPECT_TRUE(report.problems.empty()) << report.problems.size() << " problems, first: "
-                                       << (report.problems.empty() ? "" : report.problems[0]);
+  EXPECT_TRUE(report.problems.empty())
+      << report.problems.size()
+      << " problems, first: " << (report.problems.empty() ? "" : report.problems[0]);
   std::vector<ContextInfo> all;
   ASSERT_TRUE(store_->List(&all).ok());
   EXPECT_EQ(all.size(), static_cast<size_t>(kImports));

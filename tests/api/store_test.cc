@@ -6,9 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <cstring>
 #include <functional>
 #include <numeric>
 #include <set>
@@ -113,7 +113,11 @@ TEST_F(StoreTest, MalformedContextsAreRejectedAndLeaveTheStoreUnchanged) {
     const char* must_mention;
   };
   std::vector<Case> cases = {
-      {"missing v", [&](auto& w) { add(w, "k.0", {2, 20, 8}); }, "v.0"},
+      {"missing v",
+       [&](auto& w) {
+         add(w, "k.0", {2, 20, 8});
+       },
+       "v.0"},
       {"missing layer",
        [&](auto& w) {
          add(w, "k.0", {2, 20, 8});
@@ -164,8 +168,8 @@ TEST_F(StoreTest, MalformedContextsAreRejectedAndLeaveTheStoreUnchanged) {
   for (const auto& c : cases) {
     SafetensorsWriter w;
     c.build(w);
-    const std::string path = dir_.file(std::string("bad-") + std::to_string(&c - cases.data()) +
-                                       ".safetensors");
+    const std::string path =
+        dir_.file(std::string("bad-") + std::to_string(&c - cases.data()) + ".safetensors");
     ASSERT_TRUE(w.Write(path).ok()) << c.what;
     Status s = store_->Import("ctx", path, ImportOptions(), nullptr);
     EXPECT_TRUE(s.IsInvalidArgument()) << c.what << ": " << s.ToString();
@@ -179,10 +183,12 @@ TEST_F(StoreTest, MalformedContextsAreRejectedAndLeaveTheStoreUnchanged) {
   EXPECT_FALSE(store_->Import("ctx", dir_.file("cut.safetensors"), {}, nullptr).ok());
   ExpectEmptyStore();
   // Bad names and parameters.
-  EXPECT_TRUE(store_->Import("../x", dir_.file("good.safetensors"), {}, nullptr).IsInvalidArgument());
+  EXPECT_TRUE(
+      store_->Import("../x", dir_.file("good.safetensors"), {}, nullptr).IsInvalidArgument());
   ImportOptions bad;
   bad.centroid_fraction = 0;
-  EXPECT_TRUE(store_->Import("ok", dir_.file("good.safetensors"), bad, nullptr).IsInvalidArgument());
+  EXPECT_TRUE(
+      store_->Import("ok", dir_.file("good.safetensors"), bad, nullptr).IsInvalidArgument());
   ExpectEmptyStore();
   // Names are unique.
   ASSERT_TRUE(store_->Import("ok", dir_.file("good.safetensors"), {}, nullptr).ok());
@@ -212,7 +218,8 @@ TEST_P(StoreQueryTest, MatchesFloat64ReferenceOverTheSelection) {
       QueryOptions qo;
       qo.device = Device::kCpu;
       qo.want_selection = true;
-      qo.select.mode = keep == 1.0f ? SelectOptions::Mode::kDense : SelectOptions::Mode::kKeepFraction;
+      qo.select.mode =
+          keep == 1.0f ? SelectOptions::Mode::kDense : SelectOptions::Mode::kKeepFraction;
       qo.select.keep_fraction = keep;
       QueryResult r;
       ASSERT_TRUE(store_->Query("c", layer, q.data(), q_heads, n, d, qo, &r).ok());
@@ -323,6 +330,17 @@ TEST_F(StoreTest, BadQueriesAreRejected) {
   EXPECT_TRUE(s.IsInvalidArgument());
   EXPECT_NE(s.message().find("not finite"), std::string::npos);
   q[77] = 0.5f;
+  // Finite, but q.k overflows float32: an error, not NaN.
+  std::vector<float> huge(q.begin(), q.end());
+  for (float& x : huge) x = std::copysign(1e38f, x);
+  for (auto mode : {SelectOptions::Mode::kDense, SelectOptions::Mode::kKeepFraction}) {
+    QueryOptions big = qo;
+    big.select.mode = mode;
+    s = store_->Query("c", 0, huge.data(), 4, 2, 64, big, &r);
+    EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+    EXPECT_NE(s.message().find("overflows float32"), std::string::npos) << s.ToString();
+    EXPECT_TRUE(r.output.empty());
+  }
   qo.select.keep_fraction = 1.5f;
   EXPECT_TRUE(store_->Query("c", 0, q.data(), 4, 2, 64, qo, &r).IsInvalidArgument());
   if (!gpu::DevicePresent()) {

@@ -141,6 +141,25 @@ TEST(SerializeHeadIndex, WrongKindOfBlobIsCorruption) {
   EXPECT_TRUE(DecodeHeadIndex(std::string(100, '\xff'), &y).IsCorruption());
 }
 
+// A NaN or infinite centroid (level 1 or 2) would make every score of its head NaN: the
+// structure checks refuse it even when the blob's checksum is right.
+TEST(SerializeHeadIndex, NonFiniteCentroidIsCorruption) {
+  std::mt19937_64 rng(FreshSeed());
+  const HeadIndex x = Built(rng, 900, 32, 2);
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    for (bool level1 : {false, true}) {
+      HeadIndex y = x;
+      (level1 ? y.l1_centroids : y.centroids)[37] = bad;
+      EXPECT_FALSE(ValidateHeadIndex(y).ok());
+      HeadIndex z;
+      const Status s = DecodeHeadIndex(EncodeHeadIndex(y), &z);
+      EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+      EXPECT_NE(s.message().find("not finite"), std::string::npos) << s.ToString();
+    }
+  }
+}
+
 // Damage that keeps the frame valid (checksum recomputed): the structure checks alone must
 // refuse it, never crash or allocate beyond the blob. Lengths, counts and values are hit.
 TEST(SerializeHeadIndex, ResealedGarbageNeverCrashes) {
@@ -156,7 +175,7 @@ TEST(SerializeHeadIndex, ResealedGarbageNeverCrashes) {
     HeadIndex y;
     const Status s = DecodeHeadIndex(bad, &y);
     if (s.ok()) {
-      ++accepted;  // e.g. a changed centroid value: still a valid index
+      ++accepted;  // e.g. a changed (finite) centroid value: still a valid index
       EXPECT_TRUE(ValidateHeadIndex(y).ok());
     } else {
       EXPECT_TRUE(s.IsCorruption()) << s.ToString();
