@@ -78,6 +78,9 @@ Status StoreImpl::Query(const std::string& name, int layer, const float* q, int 
       !(sel.keep_fraction >= 0.f && sel.keep_fraction <= 1.f)) {
     return Status::InvalidArgument("keep fraction must be in [0, 1]");
   }
+  if (!(sel.l1_keep_fraction >= 0.f && sel.l1_keep_fraction <= 1.f)) {
+    return Status::InvalidArgument("level-1 keep fraction must be in [0, 1] (0 = automatic)");
+  }
   Device device = options.device;
   if (device == Device::kAuto) {
     device = gpu::DevicePresent() && GpuRunsShape(r) ? Device::kGpu : Device::kCpu;

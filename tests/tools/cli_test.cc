@@ -27,7 +27,8 @@ using testing::CmdResult;
 
 std::string Binary() { return testing::SqkvBinary(); }
 
-CmdResult Sqkv(const std::vector<std::string>& args, const std::vector<std::string>& extra_env = {}) {
+CmdResult Sqkv(const std::vector<std::string>& args,
+               const std::vector<std::string>& extra_env = {}) {
   return testing::RunSqkv(args, extra_env);
 }
 
@@ -40,7 +41,7 @@ class CliTest : public ::testing::Test {
 TEST_F(CliTest, SynthImportQueryWritesTheAnswer) {
   const std::string ctx = dir_.file("ctx.safetensors"), q = dir_.file("q.npy");
   CmdResult r = Sqkv({"synth", ctx, "--queries-out", q, "--tokens", "500", "--layers", "2",
-                "--kv-heads", "2", "--q-heads", "4", "-n", "3", "--head-dim", "64"});
+                      "--kv-heads", "2", "--q-heads", "4", "-n", "3", "--head-dim", "64"});
   ASSERT_EQ(r.code, 0) << r.err;
   r = Sqkv({"--data", Data(), "import", "doc", ctx, "--json"});
   ASSERT_EQ(r.code, 0) << r.err;
@@ -103,11 +104,23 @@ TEST_F(CliTest, ErrorsHaveMessagesAndExitCodes) {
             "--out", dir_.file("o")});
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.err.find("layer 5"), std::string::npos) << r.err;
-  r = Sqkv({"--data", Data(), "query", "c", "--layer", "0", "--queries", q, "--out", dir_.file("o")});
+  r = Sqkv(
+      {"--data", Data(), "query", "c", "--layer", "0", "--queries", q, "--out", dir_.file("o")});
   EXPECT_EQ(r.code, 2);  // neither --keep nor --dense
   r = Sqkv({"--data", Data(), "query", "c", "--layer", "0", "--queries", q, "--keep", "0.1",
             "--dense", "--out", dir_.file("o")});
   EXPECT_EQ(r.code, 2);
+  // Out-of-range flags name themselves.
+  r = Sqkv({"--data", Data(), "query", "c", "--layer", "0", "--queries", q, "--sparsity", "-0.5",
+            "--out", dir_.file("o")});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("--sparsity must be in (0, 1)"), std::string::npos) << r.err;
+  for (const char* l1 : {"-1", "2"}) {
+    r = Sqkv({"--data", Data(), "query", "c", "--layer", "0", "--queries", q, "--keep", "0.1",
+              "--l1-keep", l1, "--out", dir_.file("o")});
+    EXPECT_EQ(r.code, 2) << l1;
+    EXPECT_NE(r.err.find("--l1-keep must be in [0, 1]"), std::string::npos) << r.err;
+  }
 }
 
 // SIGKILL at each named stage of the import: before the catalog batch the context is absent and
@@ -117,7 +130,8 @@ TEST_F(CliTest, ImportKilledAtEachStageIsAllOrNothing) {
   ASSERT_EQ(Sqkv({"synth", ctx, "--queries-out", q, "--tokens", "300", "--layers", "2"}).code, 0);
   for (const char* stage : {"segment_written", "segment_published", "published"}) {
     const std::string data = dir_.file(std::string("data-") + stage);
-    CmdResult r = Sqkv({"--data", data, "import", "c", ctx}, {std::string("SQKV_TEST_CRASH_AT=") + stage});
+    CmdResult r =
+        Sqkv({"--data", data, "import", "c", ctx}, {std::string("SQKV_TEST_CRASH_AT=") + stage});
     EXPECT_EQ(r.code, 128 + SIGKILL) << stage;
     r = Sqkv({"--data", data, "ls", "--json"});
     ASSERT_EQ(r.code, 0) << r.err;
@@ -146,9 +160,9 @@ TEST_F(CliTest, ImportKilledAtRandomMomentsIsAllOrNothing) {
   // One undisturbed import first, to learn how long one takes on this machine now.
   const auto t0 = std::chrono::steady_clock::now();
   ASSERT_EQ(Sqkv({"--data", data, "import", "timed", ctx}).code, 0);
-  const int full_ms = static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                           std::chrono::steady_clock::now() - t0)
-                                           .count());
+  const int full_ms = static_cast<int>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0)
+          .count());
   int completed = 1, absent = 0;
   for (int round = 0; round < 8; ++round) {
     const std::string name = "c" + std::to_string(round);
@@ -188,28 +202,38 @@ TEST_F(CliTest, ImportKilledAtRandomMomentsIsAllOrNothing) {
 // The lifecycle commands as an operator runs them.
 TEST_F(CliTest, RebuildCalibrateVerifyCompactStats) {
   const std::string ctx = dir_.file("c.safetensors"), q = dir_.file("q.npy");
-  ASSERT_EQ(Sqkv({"synth", ctx, "--queries-out", q, "--tokens", "1024", "--layers", "2",
-                  "--window", "32", "-n", "1"})
+  ASSERT_EQ(Sqkv({"synth", ctx, "--queries-out", q, "--tokens", "1024", "--layers", "2", "--window",
+                  "32", "-n", "1"})
                 .code,
             0);
   ASSERT_EQ(Sqkv({"--data", Data(), "import", "c", ctx}).code, 0);
   // Imported with window queries: calibrated already, --sparsity works.
-  CmdResult r = Sqkv({"--data", Data(), "query", "c", "--layer", "0", "--queries", q,
-                      "--sparsity", "0.8", "--out", dir_.file("o"), "--device", "cpu", "--json"});
+  CmdResult r = Sqkv({"--data", Data(), "query", "c", "--layer", "0", "--queries", q, "--sparsity",
+                      "0.8", "--out", dir_.file("o"), "--device", "cpu", "--json"});
   ASSERT_EQ(r.code, 0) << r.err;
   const double kept = nlohmann::json::parse(r.out)["kept_fraction"].get<double>();
   EXPECT_GT(kept, 0.0);
   EXPECT_LT(kept, 0.6);
-  r = Sqkv({"--data", Data(), "calibrate", "c", "--sparsity", "0.5", "--sparsity", "0.9", "--json"});
+  r = Sqkv(
+      {"--data", Data(), "calibrate", "c", "--sparsity", "0.5", "--sparsity", "0.9", "--json"});
   ASSERT_EQ(r.code, 0) << r.err;
   auto cal = nlohmann::json::parse(r.out);
   ASSERT_EQ(cal["layers"].size(), 2u);
   EXPECT_EQ(cal["layers"][0]["threshold"].size(), 2u);
   // Two levels; the query reports how many centroids it scored.
-  r = Sqkv({"--data", Data(), "rebuild", "c", "--levels", "2", "--centroids", "0.1", "--l1",
-            "0.02", "--json"});
+  r = Sqkv({"--data", Data(), "rebuild", "c", "--levels", "2", "--centroids", "0.1", "--l1", "0.02",
+            "--json"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(nlohmann::json::parse(r.out)["levels"], 2);
+  // A rebuild changes only what it is given; a bad value is an error, not ignored.
+  r = Sqkv({"--data", Data(), "rebuild", "c", "--page-tokens", "32", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto rebuilt = nlohmann::json::parse(r.out);
+  EXPECT_EQ(rebuilt["page_tokens"], 32);
+  EXPECT_EQ(rebuilt["levels"], 2);
+  EXPECT_FLOAT_EQ(rebuilt["centroid_fraction"].get<float>(), 0.1f);
+  EXPECT_FLOAT_EQ(rebuilt["l1_fraction"].get<float>(), 0.02f);
+  EXPECT_EQ(Sqkv({"--data", Data(), "rebuild", "c", "--page-tokens", "-5"}).code, 2);
   r = Sqkv({"--data", Data(), "query", "c", "--layer", "1", "--queries", q, "--keep", "0.1",
             "--out", dir_.file("o"), "--device", "cpu", "--json"});
   ASSERT_EQ(r.code, 0) << r.err;

@@ -16,7 +16,8 @@ Status ReadCalibrationFile(const std::string& path, int layers, std::vector<Wind
     const std::string name = "q." + std::to_string(l);
     const TensorInfo* t = (*file)->Find(name);
     if (t == nullptr) return Status::InvalidArgument(path + ": tensor " + name + " is missing");
-    if (t->shape.size() != 3) return Status::InvalidArgument(path + ": tensor " + name + " is not 3-D");
+    if (t->shape.size() != 3)
+      return Status::InvalidArgument(path + ": tensor " + name + " is not 3-D");
     WindowQueries& w = (*out)[l];
     w.q_heads = static_cast<int32_t>(t->shape[0]);
     w.window = static_cast<int32_t>(t->shape[1]);
@@ -30,10 +31,11 @@ Status ReadCalibrationFile(const std::string& path, int layers, std::vector<Wind
 nlohmann::json StatsJson(const StoreStats& s) {
   return {{"contexts", s.contexts},
           {"keys", s.keys},
-          {"bytes", {{"segments", s.segment_bytes},
-                     {"indexes", s.index_bytes},
-                     {"garbage_segments", s.garbage_segment_bytes},
-                     {"catalog", s.catalog_bytes}}},
+          {"bytes",
+           {{"segments", s.segment_bytes},
+            {"indexes", s.index_bytes},
+            {"garbage_segments", s.garbage_segment_bytes},
+            {"catalog", s.catalog_bytes}}},
           {"versions", {{"live", s.live_versions}, {"garbage", s.garbage_versions}}},
           {"calibrated_contexts", s.calibrated_contexts}};
 }
@@ -41,27 +43,30 @@ nlohmann::json StatsJson(const StoreStats& s) {
 // The tiers of the store that answered: the server's (with --server, since it started) or this
 // process's (fresh: capacities, nothing cached yet).
 nlohmann::json TiersJson(const TierStats& t) {
-  return {{"host", {{"hits", t.host_hits},
-                    {"misses", t.host_misses},
-                    {"evictions", t.host_evictions},
-                    {"bytes_in_use", t.host_bytes_in_use},
-                    {"pinned_bytes", t.host_pinned_bytes},
-                    {"capacity_bytes", t.host_capacity_bytes}}},
-          {"disk", {{"reads", t.disk_reads},
-                    {"bytes", t.disk_bytes},
-                    {"direct_bytes", t.disk_direct_bytes}}},
-          {"device", {{"layers_resident", t.device_layers_resident},
-                      {"pool_bytes_used", t.device_pool_bytes_used},
-                      {"pool_bytes", t.device_pool_bytes},
-                      {"hits", t.device_hits},
-                      {"misses", t.device_misses},
-                      {"bytes_uploaded", t.device_bytes_uploaded},
-                      {"pages_evicted", t.device_pages_evicted}}},
-          {"index", {{"layers_cached", t.index_layers_cached},
-                     {"bytes_cached", t.index_bytes_cached},
-                     {"capacity_bytes", t.index_capacity_bytes},
-                     {"layers_decoded", t.index_layers_decoded},
-                     {"layers_evicted", t.index_layers_evicted}}}};
+  return {
+      {"host",
+       {{"hits", t.host_hits},
+        {"misses", t.host_misses},
+        {"evictions", t.host_evictions},
+        {"bytes_in_use", t.host_bytes_in_use},
+        {"pinned_bytes", t.host_pinned_bytes},
+        {"capacity_bytes", t.host_capacity_bytes}}},
+      {"disk",
+       {{"reads", t.disk_reads}, {"bytes", t.disk_bytes}, {"direct_bytes", t.disk_direct_bytes}}},
+      {"device",
+       {{"layers_resident", t.device_layers_resident},
+        {"pool_bytes_used", t.device_pool_bytes_used},
+        {"pool_bytes", t.device_pool_bytes},
+        {"hits", t.device_hits},
+        {"misses", t.device_misses},
+        {"bytes_uploaded", t.device_bytes_uploaded},
+        {"pages_evicted", t.device_pages_evicted}}},
+      {"index",
+       {{"layers_cached", t.index_layers_cached},
+        {"bytes_cached", t.index_bytes_cached},
+        {"capacity_bytes", t.index_capacity_bytes},
+        {"layers_decoded", t.index_layers_decoded},
+        {"layers_evicted", t.index_layers_evicted}}}};
 }
 
 }  // namespace
@@ -79,19 +84,23 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
     };
     auto a = std::make_shared<Args>();
     cmd->add_option("name", a->name, "Context name")->required();
-    cmd->add_option("--centroids", a->options.centroid_fraction, "Centroids per kv head / tokens")
-        ->capture_default_str();
-    cmd->add_option("--levels", a->options.levels, "Index levels (1 or 2)")->capture_default_str();
-    cmd->add_option("--l1", a->options.l1_fraction, "Level-1 centroids / tokens (--levels 2)")
-        ->capture_default_str();
-    cmd->add_option("--page-tokens", a->page_tokens, "Token slots per page (default: unchanged)");
+    // Every index parameter not given keeps the context's current value.
+    auto* centroids = cmd->add_option("--centroids", a->options.centroid_fraction,
+                                      "Centroids per kv head / tokens (default: unchanged)");
+    auto* levels =
+        cmd->add_option("--levels", a->options.levels, "Index levels, 1 or 2 (default: unchanged)");
+    auto* l1 = cmd->add_option("--l1", a->options.l1_fraction,
+                               "Level-1 centroids / tokens with 2 levels (default: unchanged, "
+                               "else 0.01)");
+    auto* page_tokens = cmd->add_option("--page-tokens", a->page_tokens,
+                                        "Token slots per page (default: unchanged)");
     cmd->add_option("--iterations", a->options.kmeans_iterations, "K-means iterations")
         ->capture_default_str();
     auto kmeans_device = std::make_shared<std::string>("auto");
     cmd->add_option("--kmeans-device", *kmeans_device, "Where K-means runs: auto, gpu or cpu")
         ->capture_default_str();
     cmd->add_flag("--json", g.json, "Print the new version as JSON");
-    (*runners)["rebuild"] = [a, &g, kmeans_device]() {
+    (*runners)["rebuild"] = [a, &g, kmeans_device, centroids, levels, l1, page_tokens]() {
       std::unique_ptr<Store> store;
       if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
       ImportOptions o = a->options;
@@ -100,13 +109,31 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
       }
       ContextInfo old;
       if (Status s = store->Info(a->name, &old); !s.ok()) return Fail(s);
-      o.page_tokens = a->page_tokens > 0 ? a->page_tokens : old.page_tokens;
+      if (centroids->count() == 0) o.centroid_fraction = old.centroid_fraction;
+      if (levels->count() == 0) o.levels = old.levels;
+      if (l1->count() == 0 && old.levels == 2) o.l1_fraction = old.l1_fraction;
+      if (page_tokens->count() > 0) {
+        o.page_tokens = a->page_tokens;  // the store refuses bad values
+      } else {
+        o.page_tokens = old.page_tokens;
+      }
+      // Thresholds calibrated from window queries stored with the context are redone by the
+      // rebuild; those from `calibrate --queries FILE` cannot be.
+      Thresholds before;
+      const bool calibrated = store->GetThresholds(a->name, 0, &before).ok();
       ProgressBar bar("rebuild " + a->name);
       o.progress = [&bar](int d, int t) { bar.Update(d, t); };
       ContextInfo info;
       Status s = store->Rebuild(a->name, o, &info);
       bar.Finish();
       if (!s.ok()) return Fail(s);
+      Thresholds after;
+      if (calibrated && !store->GetThresholds(a->name, 0, &after).ok()) {
+        std::fprintf(stderr,
+                     "note: %s was calibrated with queries it does not store; run `sqkv calibrate "
+                     "%s --queries FILE` again before using --sparsity\n",
+                     a->name.c_str(), a->name.c_str());
+      }
       if (g.json) {
         std::printf("%s\n", ContextJson(info).dump(2).c_str());
       } else {
@@ -144,7 +171,8 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
       std::sort(levels.begin(), levels.end());
       std::vector<WindowQueries> queries;
       if (!a->queries.empty()) {
-        if (Status s = ReadCalibrationFile(a->queries, info.layers, &queries); !s.ok()) return Fail(s);
+        if (Status s = ReadCalibrationFile(a->queries, info.layers, &queries); !s.ok())
+          return Fail(s);
       }
       if (Status s = store->Calibrate(a->name, a->queries.empty() ? nullptr : &queries, levels);
           !s.ok()) {
@@ -157,7 +185,8 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
         layers.push_back({{"layer", l}, {"sparsity", t.sparsity}, {"threshold", t.threshold}});
       }
       if (g.json) {
-        std::printf("%s\n", nlohmann::json{{"context", a->name}, {"layers", layers}}.dump(2).c_str());
+        std::printf("%s\n",
+                    nlohmann::json{{"context", a->name}, {"layers", layers}}.dump(2).c_str());
       } else {
         std::printf("calibrated %s: %d layers x %zu sparsity levels (use query --sparsity S)\n",
                     a->name.c_str(), info.layers, levels.size());
@@ -177,7 +206,8 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
       if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
       ProgressBar bar("verify");
       VerifyReport report;
-      Status s = store->Verify(*name, [&bar](int d, int t) { bar.Update(d, t); }, &report);
+      Status s = store->Verify(
+          *name, [&bar](int d, int t) { bar.Update(d, t); }, &report);
       bar.Finish();
       if (!s.ok()) return Fail(s);
       if (g.json) {
@@ -207,8 +237,8 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
       if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
       CompactReport r;
       if (Status s = store->Compact(&r); !s.ok()) return Fail(s);
-      const int64_t catalog_saved =
-          static_cast<int64_t>(r.catalog_bytes_before) - static_cast<int64_t>(r.catalog_bytes_after);
+      const int64_t catalog_saved = static_cast<int64_t>(r.catalog_bytes_before) -
+                                    static_cast<int64_t>(r.catalog_bytes_after);
       if (g.json) {
         std::printf("%s\n", nlohmann::json{{"versions_reclaimed", r.versions_reclaimed},
                                            {"versions_in_use", r.versions_in_use},
@@ -219,11 +249,12 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
                                 .dump(2)
                                 .c_str());
       } else {
-        std::printf("compacted: %d version(s) reclaimed, %d orphan file(s), %.1f MiB of segments; "
-                    "catalog %.1f -> %.1f MiB (%+.1f MiB)\n",
-                    r.versions_reclaimed, r.orphan_files_removed,
-                    r.segment_bytes_reclaimed / 1048576.0, r.catalog_bytes_before / 1048576.0,
-                    r.catalog_bytes_after / 1048576.0, -catalog_saved / 1048576.0);
+        std::printf(
+            "compacted: %d version(s) reclaimed, %d orphan file(s), %.1f MiB of segments; "
+            "catalog %.1f -> %.1f MiB (%+.1f MiB)\n",
+            r.versions_reclaimed, r.orphan_files_removed, r.segment_bytes_reclaimed / 1048576.0,
+            r.catalog_bytes_before / 1048576.0, r.catalog_bytes_after / 1048576.0,
+            -catalog_saved / 1048576.0);
       }
       return kExitOk;
     };
@@ -242,7 +273,8 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
     cmd->add_option("--tier", a->tier, "host or device")->capture_default_str();
     (*runners)[verb] = [a, &g, pin]() {
       Tier tier;
-      if (!ParseTier(a->tier, &tier)) return Fail(Status::InvalidArgument("--tier must be host or device"));
+      if (!ParseTier(a->tier, &tier))
+        return Fail(Status::InvalidArgument("--tier must be host or device"));
       std::unique_ptr<Store> store;
       if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
       Status s = pin ? store->Pin(a->name, tier) : store->Preload(a->name, tier);
@@ -283,24 +315,26 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
         j["tiers"] = TiersJson(ts);
         std::printf("%s\n", j.dump(2).c_str());
       } else {
-        std::printf("contexts           %d (%d calibrated)\nkeys               %lld\n"
-                    "segments           %.1f MiB\nindexes            %.1f MiB\n"
-                    "garbage segments   %.1f MiB (%d version(s), reclaimed by compact)\n"
-                    "catalog            %.1f MiB\n",
-                    st.contexts, st.calibrated_contexts, static_cast<long long>(st.keys),
-                    st.segment_bytes / 1048576.0, st.index_bytes / 1048576.0,
-                    st.garbage_segment_bytes / 1048576.0, st.garbage_versions,
-                    st.catalog_bytes / 1048576.0);
-        std::printf("host cache         %.1f of %.1f MiB, %llu hits, %llu misses\n"
-                    "index cache        %llu layers, %.1f of %.1f MiB\n"
-                    "device pool        %llu layers, %.1f of %.1f MiB\n",
-                    ts.host_bytes_in_use / 1048576.0, ts.host_capacity_bytes / 1048576.0,
-                    static_cast<unsigned long long>(ts.host_hits),
-                    static_cast<unsigned long long>(ts.host_misses),
-                    static_cast<unsigned long long>(ts.index_layers_cached),
-                    ts.index_bytes_cached / 1048576.0, ts.index_capacity_bytes / 1048576.0,
-                    static_cast<unsigned long long>(ts.device_layers_resident),
-                    ts.device_pool_bytes_used / 1048576.0, ts.device_pool_bytes / 1048576.0);
+        std::printf(
+            "contexts           %d (%d calibrated)\nkeys               %lld\n"
+            "segments           %.1f MiB\nindexes            %.1f MiB\n"
+            "garbage segments   %.1f MiB (%d version(s), reclaimed by compact)\n"
+            "catalog            %.1f MiB\n",
+            st.contexts, st.calibrated_contexts, static_cast<long long>(st.keys),
+            st.segment_bytes / 1048576.0, st.index_bytes / 1048576.0,
+            st.garbage_segment_bytes / 1048576.0, st.garbage_versions,
+            st.catalog_bytes / 1048576.0);
+        std::printf(
+            "host cache         %.1f of %.1f MiB, %llu hits, %llu misses\n"
+            "index cache        %llu layers, %.1f of %.1f MiB\n"
+            "device pool        %llu layers, %.1f of %.1f MiB\n",
+            ts.host_bytes_in_use / 1048576.0, ts.host_capacity_bytes / 1048576.0,
+            static_cast<unsigned long long>(ts.host_hits),
+            static_cast<unsigned long long>(ts.host_misses),
+            static_cast<unsigned long long>(ts.index_layers_cached),
+            ts.index_bytes_cached / 1048576.0, ts.index_capacity_bytes / 1048576.0,
+            static_cast<unsigned long long>(ts.device_layers_resident),
+            ts.device_pool_bytes_used / 1048576.0, ts.device_pool_bytes / 1048576.0);
       }
       return kExitOk;
     };

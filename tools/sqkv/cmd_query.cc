@@ -15,6 +15,7 @@ struct QueryArgs {
   int layer = -1;
   float keep = -1.f;
   float sparsity = -1.f;
+  bool sparsity_given = false;
   float l1_keep = 0.f;
   bool dense = false;
   bool stats = false;
@@ -52,10 +53,16 @@ int RunQuery(const QueryArgs& a, const GlobalOptions& g) {
   if (!ParseDevice(a.device, &options.device)) {
     return Fail(Status::InvalidArgument("--device must be auto, gpu or cpu"));
   }
+  if (!(a.l1_keep >= 0.f && a.l1_keep <= 1.f)) {
+    return Fail(Status::InvalidArgument("--l1-keep must be in [0, 1]"));
+  }
   options.select.l1_keep_fraction = a.l1_keep;
   if (a.dense) {
     options.select.mode = SelectOptions::Mode::kDense;
-  } else if (a.sparsity >= 0.f) {
+  } else if (a.sparsity_given) {
+    if (!(a.sparsity > 0.f && a.sparsity < 1.f)) {
+      return Fail(Status::InvalidArgument("--sparsity must be in (0, 1)"));
+    }
     options.sparsity = a.sparsity;
   } else {
     if (!(a.keep >= 0.f && a.keep <= 1.f)) {
@@ -68,14 +75,16 @@ int RunQuery(const QueryArgs& a, const GlobalOptions& g) {
   auto q = ReadNpyAsFloat(a.queries);
   if (!q.ok()) return Fail(q.status());
   if (q->shape.size() != 3) {
-    return Fail(Status::InvalidArgument(a.queries + ": queries must be 3-D (q_heads, n, head_dim)"));
+    return Fail(
+        Status::InvalidArgument(a.queries + ": queries must be 3-D (q_heads, n, head_dim)"));
   }
   const int q_heads = static_cast<int>(q->shape[0]), n = static_cast<int>(q->shape[1]),
             d = static_cast<int>(q->shape[2]);
   std::unique_ptr<Store> store;
   if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
   QueryResult r;
-  if (Status s = store->Query(a.name, a.layer, q->data.data(), q_heads, n, d, options, &r); !s.ok()) {
+  if (Status s = store->Query(a.name, a.layer, q->data.data(), q_heads, n, d, options, &r);
+      !s.ok()) {
     return Fail(s);
   }
   if (Status s = EnsureDir(a.out_dir); !s.ok()) return Fail(s);
@@ -89,16 +98,10 @@ int RunQuery(const QueryArgs& a, const GlobalOptions& g) {
   if (Status s = store->Info(a.name, &info); !s.ok()) return Fail(s);
   const double kept = static_cast<double>(r.stats.tokens_selected) /
                       (static_cast<double>(info.tokens) * info.kv_heads);
-  nlohmann::json j = {{"context", a.name},
-                      {"layer", a.layer},
-                      {"q_heads", q_heads},
-                      {"n", n},
-                      {"head_dim", d},
-                      {"kept_fraction", kept},
-                      {"output", out},
-                      {"lse", lse},
-                      {"selection", sel},
-                      {"stats", StatsJson(r.stats)}};
+  nlohmann::json j = {
+      {"context", a.name}, {"layer", a.layer},           {"q_heads", q_heads}, {"n", n},
+      {"head_dim", d},     {"kept_fraction", kept},      {"output", out},      {"lse", lse},
+      {"selection", sel},  {"stats", StatsJson(r.stats)}};
   if (a.compare_dense && !a.dense) {
     QueryOptions dense = options;
     dense.select.mode = SelectOptions::Mode::kDense;
@@ -124,11 +127,12 @@ int RunQuery(const QueryArgs& a, const GlobalOptions& g) {
   } else if (a.stats) {
     std::printf("%s\n", StatsJson(r.stats).dump().c_str());
   } else {
-    std::printf("%s layer %d: %d query heads x %d tokens on %s, kept %.1f%% of keys "
-                "(%lld pages, %lld from disk), %.2f ms\n",
-                a.name.c_str(), a.layer, q_heads, n, r.stats.device.c_str(), 100 * kept,
-                static_cast<long long>(r.stats.pages_selected),
-                static_cast<long long>(r.stats.pages_from_disk), r.stats.total_ms);
+    std::printf(
+        "%s layer %d: %d query heads x %d tokens on %s, kept %.1f%% of keys "
+        "(%lld pages, %lld from disk), %.2f ms\n",
+        a.name.c_str(), a.layer, q_heads, n, r.stats.device.c_str(), 100 * kept,
+        static_cast<long long>(r.stats.pages_selected),
+        static_cast<long long>(r.stats.pages_from_disk), r.stats.total_ms);
     if (j.contains("vs_dense")) {
       std::printf("  vs dense: relative error %.2e, attention mass kept %.4f (dense %.2f ms)\n",
                   j["vs_dense"]["relative_error"].get<double>(),
@@ -150,7 +154,8 @@ void AddQuery(CLI::App& app, GlobalOptions& g, Runner* run) {
   cmd->add_option("--queries", a->queries, "Queries .npy (q_heads, n, head_dim), f32 or f16")
       ->required()
       ->check(CLI::ExistingFile);
-  auto* keep = cmd->add_option("--keep", a->keep, "Keep whole clusters until this fraction of keys");
+  auto* keep =
+      cmd->add_option("--keep", a->keep, "Keep whole clusters until this fraction of keys");
   auto* dense = cmd->add_flag("--dense", a->dense, "Attend to every key");
   auto* sparsity = cmd->add_option("--sparsity", a->sparsity,
                                    "Keep clusters above the calibrated threshold for this target "
@@ -160,7 +165,8 @@ void AddQuery(CLI::App& app, GlobalOptions& g, Runner* run) {
   sparsity->excludes(keep)->excludes(dense);
   cmd->add_option("--l1-keep", a->l1_keep,
                   "Hierarchical indexes: fraction of keys under the level-1 parents kept before "
-                  "their children are scored (default: min(1, 3 x keep))");
+                  "their children are scored (default: min(1, 3 x keep), never below keep; "
+                  "with --sparsity every parent, as the thresholds were calibrated)");
   cmd->add_option("--out", a->out_dir, "Directory for output.npy, lse.npy, selection.json")
       ->required();
   cmd->add_option("--device", a->device, "auto, gpu or cpu")->capture_default_str();
@@ -172,6 +178,7 @@ void AddQuery(CLI::App& app, GlobalOptions& g, Runner* run) {
     if (keep->count() == 0 && dense->count() == 0 && sparsity->count() == 0) {
       return Fail(Status::InvalidArgument("give --keep F, --sparsity S or --dense"));
     }
+    a->sparsity_given = sparsity->count() > 0;
     return RunQuery(*a, g);
   };
 }
