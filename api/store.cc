@@ -134,7 +134,15 @@ Result<std::shared_ptr<SegmentReader>> StoreImpl::GetSegment(const ContextRecord
   auto it = segments_.find(r.version);
   if (it != segments_.end()) return it->second;
   std::unique_ptr<SegmentReader> reader;
-  SQKV_RETURN_IF_ERROR(SegmentReader::Open(SegmentPath(r), &reader).WithContext("context " + r.name));
+  Status opened = SegmentReader::Open(SegmentPath(r), &reader);
+  if (opened.IsNotFound()) {
+    // The record is live (and pinned by the caller), so its file must exist: damage, as verify
+    // reports it, not an unknown context.
+    return Status::Corruption("context " + r.name + ": segment file of version " +
+                              std::to_string(r.version) + " is missing (" + opened.message() +
+                              ")");
+  }
+  SQKV_RETURN_IF_ERROR(opened.WithContext("context " + r.name));
   std::shared_ptr<SegmentReader> shared(std::move(reader));
   // Each reader holds three descriptors: keep a bounded set open (queries in flight keep theirs
   // through the shared_ptr).

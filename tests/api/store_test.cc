@@ -350,6 +350,25 @@ TEST_F(StoreTest, BadQueriesAreRejected) {
   }
 }
 
+// A live context whose segment file is gone is damage (exit 5 in the CLI, as verify reports it),
+// not an unknown context.
+TEST_F(StoreTest, MissingSegmentIsCorruption) {
+  std::mt19937_64 rng(FreshSeed());
+  WriteContext(dir_.file("c.safetensors"), rng, DType::kBF16, 64, 1, 1, 64);
+  ASSERT_TRUE(store_->Import("c", dir_.file("c.safetensors"), {}, nullptr).ok());
+  Reopen();  // no segment reader cached
+  for (const auto& e : fs::directory_iterator(dir_.path() / "data" / "segments")) {
+    fs::remove(e.path());
+  }
+  auto q = RandomNormal(64, rng);
+  QueryOptions qo;
+  qo.device = Device::kCpu;
+  QueryResult r;
+  const Status s = store_->Query("c", 0, q.data(), 1, 1, 64, qo, &r);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("missing"), std::string::npos) << s.ToString();
+}
+
 TEST_F(StoreTest, RemoveReopenAndOrphanCleanup) {
   std::mt19937_64 rng(FreshSeed());
   WriteContext(dir_.file("c.safetensors"), rng, DType::kBF16, 64, 1, 1, 64);
