@@ -274,6 +274,20 @@ TEST_F(CliTest, RebuildCalibrateVerifyCompactStats) {
   for (const char* sub : {"rebuild", "calibrate", "verify", "compact", "stats"}) {
     EXPECT_EQ(Sqkv({sub, "--help"}).code, 0) << sub;
   }
+  // Commands that report take --json too (on an undamaged context: pinning reads every page).
+  ASSERT_EQ(Sqkv({"--data", Data(), "import", "p", ctx}).code, 0);
+  r = Sqkv({"--data", Data(), "pin", "p", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out), (nlohmann::json{{"pinned", "p"}, {"tier", "host"}}));
+  r = Sqkv({"--data", Data(), "preload", "p", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["preloaded"], "p");
+  r = Sqkv({"--data", Data(), "unpin", "p", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out), (nlohmann::json{{"unpinned", "p"}}));
+  r = Sqkv({"--data", Data(), "rm", "c", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out), (nlohmann::json{{"removed", "c"}}));
 }
 
 }  // namespace

@@ -271,6 +271,9 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
     auto a = std::make_shared<Args>();
     cmd->add_option("name", a->name, "Context name")->required();
     cmd->add_option("--tier", a->tier, "host or device")->capture_default_str();
+    cmd->add_flag(
+        "--json", g.json,
+        std::string("Print {\"") + (pin ? "pinned" : "preloaded") + "\": name, \"tier\": tier}");
     (*runners)[verb] = [a, &g, pin]() {
       Tier tier;
       if (!ParseTier(a->tier, &tier))
@@ -279,8 +282,15 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
       if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
       Status s = pin ? store->Pin(a->name, tier) : store->Preload(a->name, tier);
       if (!s.ok()) return Fail(s);
-      std::printf("%s %s in the %s tier\n", pin ? "pinned" : "preloaded", a->name.c_str(),
-                  TierName(tier));
+      if (g.json) {
+        std::printf("%s\n", nlohmann::json{{pin ? "pinned" : "preloaded", a->name},
+                                           {"tier", TierName(tier)}}
+                                .dump()
+                                .c_str());
+      } else {
+        std::printf("%s %s in the %s tier\n", pin ? "pinned" : "preloaded", a->name.c_str(),
+                    TierName(tier));
+      }
       return kExitOk;
     };
   }
@@ -288,11 +298,16 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
     auto* cmd = app.add_subcommand("unpin", "Let a pinned context be evicted again");
     auto name = std::make_shared<std::string>();
     cmd->add_option("name", *name, "Context name")->required();
+    cmd->add_flag("--json", g.json, "Print {\"unpinned\": name}");
     (*runners)["unpin"] = [name, &g]() {
       std::unique_ptr<Store> store;
       if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
       if (Status s = store->Unpin(*name); !s.ok()) return Fail(s);
-      std::printf("unpinned %s\n", name->c_str());
+      if (g.json) {
+        std::printf("%s\n", nlohmann::json{{"unpinned", *name}}.dump().c_str());
+      } else {
+        std::printf("unpinned %s\n", name->c_str());
+      }
       return kExitOk;
     };
   }

@@ -55,11 +55,16 @@ void AddCatalogCommands(CLI::App& app, GlobalOptions& g, Runner* ls, Runner* inf
   auto* rm_cmd = app.add_subcommand("rm", "Remove a context (its catalog entries and segment)");
   auto rm_name = std::make_shared<std::string>();
   rm_cmd->add_option("name", *rm_name, "Context name")->required();
+  rm_cmd->add_flag("--json", g.json, "Print {\"removed\": name}");
   *rm = [&g, rm_name]() {
     std::unique_ptr<Store> store;
     if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
     if (Status s = store->Remove(*rm_name); !s.ok()) return Fail(s);
-    std::printf("removed %s\n", rm_name->c_str());
+    if (g.json) {
+      std::printf("%s\n", nlohmann::json{{"removed", *rm_name}}.dump().c_str());
+    } else {
+      std::printf("removed %s\n", rm_name->c_str());
+    }
     return kExitOk;
   };
 }
