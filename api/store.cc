@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cinttypes>
+#include <filesystem>
 #include <set>
 
 #include "api/store_impl.h"
@@ -64,6 +65,10 @@ Status Store::Open(const StoreOptions& options, std::unique_ptr<Store>* out) {
   if (options.blas_threads < 0) return Status::InvalidArgument("negative blas_threads");
   if (options.blas_threads > 0 && openblas_set_num_threads != nullptr) {
     openblas_set_num_threads(options.blas_threads);
+  }
+  if (!options.create_if_missing && !std::filesystem::exists(options.data_dir + "/catalog")) {
+    return Status::NotFound("no store in " + options.data_dir +
+                            " (give --data DIR or $SQKV_DATA; `sqkv import` creates one)");
   }
   SQKV_RETURN_IF_ERROR(EnsureDir(options.data_dir));
   SQKV_RETURN_IF_ERROR(EnsureDir(options.data_dir + "/segments"));

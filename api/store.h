@@ -35,6 +35,9 @@ struct StoreOptions {
   // Directory holding the catalog and the segment files; created when missing.
   // Default: "./sqkv-data".
   std::string data_dir = "./sqkv-data";
+  // When false, Open fails with NotFound instead of creating a store where none is (commands
+  // that only read, so a mistyped directory is an error). Default: true.
+  bool create_if_missing = true;
   // Decoded layer indexes kept in memory (centroids, sizes, token positions and page checksums of
   // one layer of one context version), bounded both in layers and in bytes; the least recently
   // used go first, and the layer a query is using always stays. Defaults: 256 layers, 1 GiB (a

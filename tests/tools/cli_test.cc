@@ -91,6 +91,14 @@ TEST_F(CliTest, ErrorsHaveMessagesAndExitCodes) {
   }
   r = Sqkv({"frobnicate"});
   EXPECT_EQ(r.code, 2);
+  // Commands that only read never create a store: a mistyped --data is an error.
+  const std::string typo = dir_.file("typo-dir");
+  for (const char* sub : {"ls", "stats", "verify"}) {
+    r = Sqkv({"--data", typo, sub});
+    EXPECT_EQ(r.code, 3) << sub;
+    EXPECT_NE(r.err.find("no store in"), std::string::npos) << r.err;
+  }
+  EXPECT_FALSE(fs::exists(typo));
   const std::string bad = dir_.file("bad.safetensors");
   std::ofstream(bad) << "this is not a safetensors file at all";
   r = Sqkv({"--data", Data(), "import", "x", bad});

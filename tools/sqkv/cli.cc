@@ -11,14 +11,22 @@ namespace sqkv::cli {
 
 int ExitCodeFor(const Status& s) {
   switch (s.code()) {
-    case Status::Code::kOk: return kExitOk;
-    case Status::Code::kInvalidArgument: return kExitUsage;
-    case Status::Code::kNotFound: return kExitNotFound;
-    case Status::Code::kAlreadyExists: return kExitAlreadyExists;
-    case Status::Code::kCorruption: return kExitCorruption;
-    case Status::Code::kUnavailable: return kExitUnavailable;
-    case Status::Code::kIOError: return kExitIOError;
-    case Status::Code::kInternal: return kExitError;
+    case Status::Code::kOk:
+      return kExitOk;
+    case Status::Code::kInvalidArgument:
+      return kExitUsage;
+    case Status::Code::kNotFound:
+      return kExitNotFound;
+    case Status::Code::kAlreadyExists:
+      return kExitAlreadyExists;
+    case Status::Code::kCorruption:
+      return kExitCorruption;
+    case Status::Code::kUnavailable:
+      return kExitUnavailable;
+    case Status::Code::kIOError:
+      return kExitIOError;
+    case Status::Code::kInternal:
+      return kExitError;
   }
   return kExitError;
 }
@@ -28,7 +36,7 @@ int Fail(const Status& s) {
   return ExitCodeFor(s);
 }
 
-Status OpenStore(const GlobalOptions& g, std::unique_ptr<Store>* out) {
+Status OpenStore(const GlobalOptions& g, std::unique_ptr<Store>* out, bool create) {
   if (!g.server.empty()) {
     std::string token;
     if (!g.token_file.empty()) SQKV_RETURN_IF_ERROR(net::ReadTokenFile(g.token_file, &token));
@@ -36,6 +44,7 @@ Status OpenStore(const GlobalOptions& g, std::unique_ptr<Store>* out) {
   }
   if (!g.token_file.empty()) return Status::InvalidArgument("--token-file needs --server");
   StoreOptions options;
+  options.create_if_missing = create;
   if (!g.data_dir.empty()) {
     options.data_dir = g.data_dir;
   } else if (const char* env = std::getenv("SQKV_DATA"); env != nullptr && *env != '\0') {

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
-
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -15,8 +14,8 @@ namespace sqkv::cli {
 
 // Exit codes (documented in README.md).
 inline constexpr int kExitOk = 0;
-inline constexpr int kExitError = 1;        // anything not listed below
-inline constexpr int kExitUsage = 2;        // bad arguments or bad input (InvalidArgument)
+inline constexpr int kExitError = 1;  // anything not listed below
+inline constexpr int kExitUsage = 2;  // bad arguments or bad input (InvalidArgument)
 inline constexpr int kExitNotFound = 3;
 inline constexpr int kExitAlreadyExists = 4;
 inline constexpr int kExitCorruption = 5;
@@ -24,8 +23,8 @@ inline constexpr int kExitUnavailable = 6;  // e.g. --device gpu without a GPU; 
 inline constexpr int kExitIOError = 7;
 
 struct GlobalOptions {
-  std::string data_dir;  // --data, else $SQKV_DATA, else ./sqkv-data
-  bool json = false;     // --json where the command supports it
+  std::string data_dir;    // --data, else $SQKV_DATA, else ./sqkv-data
+  bool json = false;       // --json where the command supports it
   std::string server;      // --server HOST:PORT: talk to `sqkv serve` instead of opening data_dir
   std::string token_file;  // --token-file F: the server's token (with --server)
 };
@@ -35,7 +34,9 @@ int Fail(const Status& s);
 int ExitCodeFor(const Status& s);
 
 // The store of --data, or with --server a connection to that server (same interface).
-Status OpenStore(const GlobalOptions& g, std::unique_ptr<Store>* out);
+// `create`: make the store directory when missing (import, serve); other commands fail with
+// NotFound there, so a mistyped --data is an error rather than a new empty store.
+Status OpenStore(const GlobalOptions& g, std::unique_ptr<Store>* out, bool create = false);
 
 // Prints to stderr a one-line bar, redrawn in place, when stderr is a terminal; silent otherwise.
 class ProgressBar {

@@ -34,7 +34,7 @@ void AddImport(CLI::App& app, GlobalOptions& g, Runner* run) {
   cmd->add_flag("--json", g.json, "Print the imported context as JSON");
   *run = [args, &g, kmeans_device]() {
     std::unique_ptr<Store> store;
-    if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
+    if (Status s = OpenStore(g, &store, /*create=*/true); !s.ok()) return Fail(s);
     ProgressBar bar("import " + args->name);
     ImportOptions options = args->options;
     if (!ParseDevice(*kmeans_device, &options.kmeans_device)) {

@@ -40,7 +40,7 @@ int RunServe(ServeArgs a, const GlobalOptions& g) {
   std::signal(SIGPIPE, SIG_IGN);
 
   std::unique_ptr<Store> store;
-  if (Status s = OpenStore(g, &store); !s.ok()) return Fail(s);
+  if (Status s = OpenStore(g, &store, /*create=*/true); !s.ok()) return Fail(s);
   std::unique_ptr<net::Server> server;
   if (Status s = net::Server::Start(a.options, store.get(), &server); !s.ok()) return Fail(s);
   // One line on stdout for scripts (and tests that ask for port 0).
