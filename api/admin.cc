@@ -88,11 +88,19 @@ Status StoreImpl::RemoveOrphans(CompactReport* report, bool opening) {
   }
   auto racing = [&](uint64_t v) { return v >= watermark || in_flight.count(v) > 0; };
   std::vector<ContextRecord> live;
-  SQKV_RETURN_IF_ERROR(catalog_->ListContexts(&live));
+  std::vector<UndecodableContext> undecodable;
+  SQKV_RETURN_IF_ERROR(catalog_->ListContexts(&live, &undecodable));
   std::vector<uint64_t> garbage;
   SQKV_RETURN_IF_ERROR(catalog_->ListGarbage(&garbage));
   std::set<std::string> keep;
   std::set<uint64_t> known;
+  // A record this build cannot read (damaged; `sqkv rm` removes it) still owns the version it
+  // names; one that names none might own any, so nothing is judged until it is gone.
+  for (const auto& u : undecodable) {
+    if (u.version == 0) return Status::Ok();
+    keep.insert(SegmentName(u.version));
+    known.insert(u.version);
+  }
   for (const auto& r : live) {
     keep.insert(r.SegmentFileName());
     known.insert(r.version);
@@ -167,7 +175,12 @@ Status StoreImpl::Verify(const std::string& name, const ProgressFn& progress,
   };
   std::vector<ContextRecord> contexts;
   if (name.empty()) {
-    SQKV_RETURN_IF_ERROR(catalog_->ListContexts(&contexts));
+    std::vector<UndecodableContext> undecodable;
+    SQKV_RETURN_IF_ERROR(catalog_->ListContexts(&contexts, &undecodable));
+    for (const auto& u : undecodable) {
+      problem("context " + u.name + ": record does not decode (" + u.error.ToString() +
+              "); `sqkv rm " + u.name + "` removes it");
+    }
   } else {
     ContextRecord r;
     SQKV_RETURN_IF_ERROR(Info(name, &r));

@@ -7,12 +7,15 @@
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string_view>
 #include <unordered_map>
 
 namespace sqkv {
@@ -27,6 +30,26 @@ std::string Hex16(uint64_t v) {
 }
 
 std::string VersionPrefix(uint64_t version) { return "v/" + Hex16(version) + "/"; }
+
+// The first key after every key of `version` ('0' follows '/'): no version + 1 that could wrap.
+std::string VersionEnd(uint64_t version) { return "v/" + Hex16(version) + "0"; }
+
+// A version as keys spell it (Hex16: 16 lowercase hex digits); false for anything else.
+bool ParseHex16(std::string_view text, uint64_t* version) {
+  if (text.size() != 16) return false;
+  for (char c : text) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), *version, 16);
+  return ec == std::errc() && end == text.data() + text.size();
+}
+
+// The version of "v/<version>/..." or "g/<version>"; false for a malformed key.
+bool VersionOfKey(std::string_view key, uint64_t* version) {
+  if (key.size() < 18 || !ParseHex16(key.substr(2, 16), version)) return false;
+  if (key.starts_with("g/")) return key.size() == 18;
+  return key.starts_with("v/") && key.size() > 18 && key[18] == '/';
+}
 
 Status FromRocks(const rocksdb::Status& s, const std::string& what) {
   if (s.ok()) return Status::Ok();
@@ -99,6 +122,19 @@ Status DecodeRecord(const std::string& bytes, ContextRecord* r) {
 
 std::string GarbageKey(uint64_t version) { return "g/" + Hex16(version); }
 
+// The version a record names even when the rest of it does not decode; nullopt when it names
+// none (not JSON, no unsigned "version", or 0).
+std::optional<uint64_t> RecordVersion(const std::string& bytes) {
+  try {
+    const auto j = nlohmann::json::parse(bytes);
+    const auto& v = j.at("version");
+    if (!v.is_number_unsigned() || v.get<uint64_t>() == 0) return std::nullopt;
+    return v.get<uint64_t>();
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
 std::string EncodeThresholds(const Thresholds& t) {
   return nlohmann::json{{"sparsity", t.sparsity}, {"threshold", t.threshold}}.dump();
 }
@@ -140,11 +176,22 @@ class CatalogImpl : public Catalog {
     std::string v;
     uint64_t next = 1;
     rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), kNextVersionKey, &v);
-    if (s.ok() && v.size() == 8) {
-      std::memcpy(&next, v.data(), 8);
+    if (s.ok()) {
+      if (v.size() != sizeof(next)) {
+        return Status::Corruption(std::string("catalog key ") + kNextVersionKey + " holds " +
+                                  std::to_string(v.size()) + " bytes, not 8");
+      }
+      std::memcpy(&next, v.data(), sizeof(next));
     } else if (!s.IsNotFound()) {
       SQKV_RETURN_IF_ERROR(FromRocks(s, "read next version"));
     }
+    // Safety net: a counter set back (by hand, or by a bug) must not hand out a version some key
+    // still names, or the next import's segment would be renamed over that version's file.
+    SQKV_ASSIGN_OR_RETURN(const uint64_t largest, LargestStoredVersion());
+    if (largest == UINT64_MAX || next == UINT64_MAX) {
+      return Status::Corruption("catalog: version numbers are exhausted");
+    }
+    next = std::max(next, largest + 1);
     uint64_t after = next + 1;
     rocksdb::WriteOptions wo;
     wo.sync = true;
@@ -242,12 +289,24 @@ class CatalogImpl : public Catalog {
     return Status::Ok();
   }
 
-  Status ListContexts(std::vector<ContextRecord>* out) override {
+  using Catalog::ListContexts;
+  Status ListContexts(std::vector<ContextRecord>* out,
+                      std::vector<UndecodableContext>* undecodable) override {
     out->clear();
+    if (undecodable != nullptr) undecodable->clear();
     std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
     for (it->Seek("c/"); it->Valid() && it->key().starts_with("c/"); it->Next()) {
       ContextRecord r;
-      SQKV_RETURN_IF_ERROR(DecodeRecord(it->value().ToString(), &r));
+      const std::string value = it->value().ToString();
+      const Status decoded = DecodeRecord(value, &r);
+      if (!decoded.ok()) {
+        std::string name = it->key().ToString().substr(2);
+        if (undecodable == nullptr) {
+          return decoded.WithContext("context '" + name + "' (remove it to repair the catalog)");
+        }
+        undecodable->push_back({std::move(name), RecordVersion(value).value_or(0), decoded});
+        continue;
+      }
       out->push_back(std::move(r));
     }
     return FromRocks(it->status(), "list contexts");
@@ -312,8 +371,9 @@ class CatalogImpl : public Catalog {
     std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
     for (it->Seek("g/"); it->Valid() && it->key().starts_with("g/"); it->Next()) {
       const std::string key = it->key().ToString();
-      if (key.size() != 18) return Status::Corruption("catalog key " + key);
-      out->push_back(std::stoull(key.substr(2), nullptr, 16));
+      uint64_t v = 0;
+      if (!VersionOfKey(key, &v)) return Status::Corruption("malformed catalog key " + key);
+      out->push_back(v);
     }
     return FromRocks(it->status(), "list garbage");
   }
@@ -345,11 +405,29 @@ class CatalogImpl : public Catalog {
 
   Status RemoveContext(const std::string& name, ContextRecord* removed) override {
     std::lock_guard<std::mutex> lock(publish_mu_);
-    SQKV_RETURN_IF_ERROR(GetContext(name, removed));
+    std::string bytes;
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), ContextKey(name), &bytes);
+    if (s.IsNotFound()) return Status::NotFound("no context named '" + name + "'");
+    SQKV_RETURN_IF_ERROR(FromRocks(s, "read context " + name));
     rocksdb::WriteBatch batch;
     batch.Delete(ContextKey(name));
     batch.Delete("p/" + name);
-    batch.Put(GarbageKey(removed->version), "");
+    if (DecodeRecord(bytes, removed).ok()) {
+      batch.Put(GarbageKey(removed->version), "");
+    } else {
+      // Removed all the same: nothing else could take it out of the catalog. Its version is
+      // marked garbage only when the record still names one that no other record claims;
+      // otherwise its file and keys are left to compact's orphan pass.
+      *removed = ContextRecord();
+      removed->name = name;
+      if (const std::optional<uint64_t> version = RecordVersion(bytes)) {
+        SQKV_ASSIGN_OR_RETURN(const bool claimed, VersionClaimedByAnother(name, *version));
+        if (!claimed) {
+          removed->version = *version;
+          batch.Put(GarbageKey(*version), "");
+        }
+      }
+    }
     rocksdb::WriteOptions wo;
     wo.sync = true;
     const Status written = FromRocks(db_->Write(wo, &batch), "remove context " + name);
@@ -383,10 +461,10 @@ class CatalogImpl : public Catalog {
     std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
     for (it->Seek("v/"); it->Valid() && it->key().starts_with("v/"); ) {
       const std::string key = it->key().ToString();
-      if (key.size() < 19) return Status::Corruption("catalog key " + key);
-      uint64_t v = std::stoull(key.substr(2, 16), nullptr, 16);
+      uint64_t v = 0;
+      if (!VersionOfKey(key, &v)) return Status::Corruption("malformed catalog key " + key);
       out->push_back(v);
-      it->Seek(VersionPrefix(v + 1));  // skip the rest of this version
+      it->Seek(VersionEnd(v));  // skip the rest of this version
     }
     return FromRocks(it->status(), "list versions");
   }
@@ -404,7 +482,37 @@ class CatalogImpl : public Catalog {
   static constexpr size_t kMaxCachedRecords = 65536;
 
   void AddVersionDeletes(uint64_t version, rocksdb::WriteBatch* batch) {
-    batch->DeleteRange(VersionPrefix(version), VersionPrefix(version + 1));
+    batch->DeleteRange(VersionPrefix(version), VersionEnd(version));
+  }
+
+  // The largest version a layer key or garbage mark names; 0 when none. Malformed keys name none.
+  Result<uint64_t> LargestStoredVersion() {
+    uint64_t largest = 0;
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+    for (const std::string prefix : {"v/", "g/"}) {
+      // Versions are hex digits and letters, below '\xff': start from the prefix's last key.
+      for (it->SeekForPrev(prefix + '\xff'); it->Valid() && it->key().starts_with(prefix);
+           it->Prev()) {
+        uint64_t v = 0;
+        if (VersionOfKey(it->key().ToString(), &v)) {
+          largest = std::max(largest, v);
+          break;
+        }
+      }
+      SQKV_RETURN_IF_ERROR(FromRocks(it->status(), "find the largest stored version"));
+    }
+    return largest;
+  }
+
+  // Whether a record other than `name`'s names `version` (decodable or not).
+  Result<bool> VersionClaimedByAnother(const std::string& name, uint64_t version) {
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+    for (it->Seek("c/"); it->Valid() && it->key().starts_with("c/"); it->Next()) {
+      if (it->key().ToString() == ContextKey(name)) continue;
+      if (RecordVersion(it->value().ToString()) == version) return true;
+    }
+    SQKV_RETURN_IF_ERROR(FromRocks(it->status(), "scan context records"));
+    return false;
   }
 
   // After any write that may change a record (whether or not it succeeded).

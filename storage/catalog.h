@@ -64,6 +64,13 @@ struct Thresholds {
   std::vector<float> threshold;  // same length; non-increasing keep as sparsity falls
 };
 
+// A context record that does not decode (damaged, or written by an incompatible build).
+struct UndecodableContext {
+  std::string name;
+  uint64_t version = 0;  // the version the record still names, or 0 when it names none
+  Status error;          // why it does not decode
+};
+
 // Everything a context version adds to the catalog, written in one batch.
 struct ContextPublication {
   ContextRecord record;
@@ -82,7 +89,8 @@ class Catalog {
   static Status Open(const std::string& dir, std::unique_ptr<Catalog>* out);
   virtual ~Catalog() = default;
 
-  // A fresh version number, persisted before it is handed out (never reused).
+  // A fresh version number, persisted before it is handed out (never reused): above the counter
+  // and above every version a v/ or g/ key names. Corruption when m/next_version is not 8 bytes.
   virtual Result<uint64_t> AllocateVersion() = 0;
 
   // Publishes atomically. Fails with AlreadyExists when the name is taken, unless `replace`, in
@@ -93,7 +101,14 @@ class Catalog {
   virtual Status Publish(const ContextPublication& pub, bool replace) = 0;
 
   virtual Status GetContext(const std::string& name, ContextRecord* out) = 0;
-  virtual Status ListContexts(std::vector<ContextRecord>* out) = 0;
+  // Every context, by name. A record that does not decode fails the call with Corruption naming
+  // it, unless `undecodable` is given: then it is reported there, left out of *out, and the
+  // listing goes on. A caller that deletes the files or keys of versions missing from *out (the
+  // orphan pass) must treat each reported version as in use, and a reported version 0 as "any
+  // version may be in use".
+  virtual Status ListContexts(std::vector<ContextRecord>* out,
+                              std::vector<UndecodableContext>* undecodable) = 0;
+  Status ListContexts(std::vector<ContextRecord>* out) { return ListContexts(out, nullptr); }
   virtual Status GetLayerIndex(uint64_t version, int32_t layer, std::string* blob) = 0;
   virtual Status GetPageChecksums(uint64_t version, int32_t layer, std::vector<uint64_t>* out) = 0;
   // NotFound when the context was imported without window queries.
@@ -105,8 +120,11 @@ class Catalog {
   virtual Status PutThresholds(uint64_t version, const std::vector<Thresholds>& thresholds) = 0;
 
   // Removes the record of `name` (NotFound if absent) and marks its version garbage, in one batch.
+  // A record that does not decode is removed too: *removed then holds only the name and the
+  // version the record still names (marked garbage), or version 0 when it names none or another
+  // record names the same one (its file and keys are then left to compact's orphan pass).
   virtual Status RemoveContext(const std::string& name, ContextRecord* removed) = 0;
-  // Versions marked garbage, oldest first.
+  // Versions marked garbage, oldest first. Corruption for a malformed g/ key.
   virtual Status ListGarbage(std::vector<uint64_t>* out) = 0;
   // Deletes every key of a version (and its garbage mark).
   virtual Status DropVersion(uint64_t version) = 0;
@@ -121,7 +139,7 @@ class Catalog {
   // Raw access for verification and tests (key → value). NotFound when absent.
   virtual Status GetRaw(const std::string& key, std::string* value) = 0;
   virtual Status PutRaw(const std::string& key, const std::string& value) = 0;
-  // Versions that have keys under v/ (live or not).
+  // Versions that have keys under v/ (live or not), ascending. Corruption for a malformed v/ key.
   virtual Status ListStoredVersions(std::vector<uint64_t>* out) = 0;
   // Compacts the whole key range; returns the size of the database files before and after.
   virtual Status CompactAll(uint64_t* bytes_before, uint64_t* bytes_after) = 0;

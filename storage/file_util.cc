@@ -12,6 +12,21 @@
 #include <filesystem>
 
 namespace sqkv {
+namespace {
+
+// The directory holding `path`: "." for a bare name.
+std::string ParentDir(const std::string& path) {
+  std::string dir = std::filesystem::path(path).parent_path().string();
+  return dir.empty() ? "." : dir;
+}
+
+// A failure after a rename put the new file in place: a crash may still bring the old one back.
+// Always IOError, whatever the cause's code (a NotFound would read as "nothing was written").
+Status NotDurable(const std::string& path, const Status& cause) {
+  return Status::IOError(path + " was replaced but may not be durable: " + cause.message());
+}
+
+}  // namespace
 
 Status ErrnoStatus(const std::string& what, const std::string& path, int err) {
   std::string msg = what + " " + path + ": " + std::strerror(err);
@@ -20,9 +35,19 @@ Status ErrnoStatus(const std::string& what, const std::string& path, int err) {
 }
 
 Status EnsureDir(const std::string& path) {
+  // The missing directories, deepest first; each new one is then made durable in its parent.
+  std::filesystem::path p(path);
+  if (!p.has_filename()) p = p.parent_path();  // "a/b/" names "a/b"
+  std::vector<std::string> missing;
   std::error_code ec;
+  for (; !p.empty() && !std::filesystem::exists(p, ec); p = p.parent_path()) {
+    missing.push_back(p.string());
+  }
   std::filesystem::create_directories(path, ec);
   if (ec) return Status::IOError("create directory " + path + ": " + ec.message());
+  for (auto it = missing.rbegin(); it != missing.rend(); ++it) {
+    SQKV_RETURN_IF_ERROR(FsyncDir(ParentDir(*it)));
+  }
   return Status::Ok();
 }
 
@@ -38,7 +63,12 @@ Status FsyncDir(const std::string& path) {
 
 Status RenameDurable(const std::string& from, const std::string& to) {
   if (::rename(from.c_str(), to.c_str()) != 0) return ErrnoStatus("rename to " + to, from, errno);
-  return FsyncDir(std::filesystem::path(to).parent_path().string());
+  const std::string to_dir = ParentDir(to), from_dir = ParentDir(from);
+  Status s = FsyncDir(to_dir);
+  if (s.ok() && std::filesystem::path(from_dir) != std::filesystem::path(to_dir)) {
+    s = FsyncDir(from_dir);
+  }
+  return s.ok() ? s : NotDurable(to, s);
 }
 
 Status RemoveFile(const std::string& path) {
@@ -67,19 +97,20 @@ Result<uint64_t> FileSize(const std::string& path) {
 }
 
 Status OpenRegularFile(const std::string& path, int* fd, uint64_t* size) {
-  *fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer before the check.
+  *fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (*fd < 0) return ErrnoStatus("cannot open", path, errno);
-  struct stat st {};
-  if (::fstat(*fd, &st) != 0) {
-    Status s = ErrnoStatus("cannot stat", path, errno);
+  auto fail = [fd](Status s) {
     ::close(*fd);
     *fd = -1;
     return s;
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(*fd);
-    *fd = -1;
-    return Status::InvalidArgument(path + ": not a regular file");
+  };
+  struct stat st {};
+  if (::fstat(*fd, &st) != 0) return fail(ErrnoStatus("cannot stat", path, errno));
+  if (!S_ISREG(st.st_mode)) return fail(Status::InvalidArgument(path + ": not a regular file"));
+  const int flags = ::fcntl(*fd, F_GETFL);
+  if (flags < 0 || ::fcntl(*fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    return fail(ErrnoStatus("cannot clear O_NONBLOCK on", path, errno));
   }
   *size = static_cast<uint64_t>(st.st_size);
   return Status::Ok();
@@ -125,14 +156,8 @@ Status WriteFileAtomically(const std::string& path, const std::vector<std::strin
     unlink(tmp.c_str());
     return st;
   }
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  if (dir.empty()) dir = ".";
-  const int dir_fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) return ErrnoStatus("cannot open directory", dir, errno);
-  const bool synced = fsync(dir_fd) == 0;
-  Status st = synced ? Status::Ok() : ErrnoStatus("cannot fsync directory", dir, errno);
-  close(dir_fd);
-  return st;
+  Status st = FsyncDir(ParentDir(path));
+  return st.ok() ? st : NotDurable(path, st);
 }
 
 uint64_t Checksum64(const void* data, size_t bytes) { return XXH3_64bits(data, bytes); }

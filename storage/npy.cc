@@ -6,10 +6,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <new>
 #include <optional>
 #include <string_view>
 
@@ -25,6 +27,11 @@ constexpr std::string_view kMagic = "\x93NUMPY";
 constexpr size_t kVersionBytes = 2;           // major, minor
 constexpr size_t kDataAlignment = 64;         // the writer starts the data on this boundary
 constexpr size_t kMaxV1HeaderBytes = 0xffff;  // the v1 header length is a u16
+constexpr size_t kMaxPreambleBytes = 12;      // magic, version, a 4-byte header length
+// Longest header read (numpy writes a few hundred bytes and by default reads at most 10000).
+constexpr size_t kMaxHeaderBytes = size_t{1} << 20;
+// Staging buffer for the float16/float64 conversion; a multiple of every element size.
+constexpr size_t kReadChunkBytes = size_t{1} << 20;
 
 // Header length field width by major version: 2 bytes in v1, 4 in v2 and v3.
 size_t LengthFieldBytes(int major) { return major == 1 ? 2 : 4; }
@@ -228,36 +235,57 @@ void ConvertToFloat(const uint8_t* src, size_t size, size_t n, float* dst) {
   }
 }
 
-
-Result<std::string> ReadWholeFile(const std::string& path) {
-  int fd = -1;
-  uint64_t size = 0;
-  SQKV_RETURN_IF_ERROR(OpenRegularFile(path, &fd, &size));
-  std::string bytes(static_cast<size_t>(size), '\0');
+// Reads exactly `n` bytes at `offset`. The file's size was checked before, so an early end means
+// it shrank while being read.
+Status PreadExact(int fd, void* buf, size_t n, uint64_t offset) {
+  auto* p = static_cast<char*>(buf);
   size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = read(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      Status s = ErrnoStatus("cannot read", path, errno);
-      close(fd);
-      return s;
+  while (done < n) {
+    const ssize_t got = ::pread(fd, p + done, n - done, static_cast<off_t>(offset + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return Status::IOError(std::string("cannot read: ") + std::strerror(errno));
+    if (got == 0) {
+      return Status::IOError("the file ended at byte " + std::to_string(offset + done) +
+                             " while being read (did it change?)");
     }
-    if (n == 0) break;  // shrank while reading: parse what is there
-    done += static_cast<size_t>(n);
+    done += static_cast<size_t>(got);
   }
-  close(fd);
-  bytes.resize(done);
-  return bytes;
+  return Status::Ok();
 }
 
-// `bytes`: a whole .npy file. Errors carry no file name; the caller adds it.
-Result<NpyArray> ParseNpy(std::string_view bytes) {
+// Reads `count` elements of `size` bytes from `offset` into `out`, converted to float. The data
+// lands in `out` directly (float32) or through a bounded staging buffer (float16, float64).
+Status ReadData(int fd, uint64_t offset, size_t size, uint64_t count, std::vector<float>* out) {
+  try {
+    out->resize(count);
+  } catch (const std::bad_alloc&) {
+    return Status::Unavailable("cannot allocate memory for " + std::to_string(count) +
+                               " float32 elements");
+  }
+  if (size == sizeof(float)) return PreadExact(fd, out->data(), count * size, offset);
+  const uint64_t chunk_elems = kReadChunkBytes / size;
+  std::vector<uint8_t> chunk(static_cast<size_t>(std::min(count, chunk_elems)) * size);
+  for (uint64_t first = 0; first < count; first += chunk_elems) {
+    const size_t n = static_cast<size_t>(std::min(count - first, chunk_elems));
+    SQKV_RETURN_IF_ERROR(PreadExact(fd, chunk.data(), n * size, offset + first * size));
+    ConvertToFloat(chunk.data(), size, n, out->data() + first);
+  }
+  return Status::Ok();
+}
+
+// `fd`: an open .npy file of `file_size` bytes. The preamble and header are read and checked, and
+// the data's size matched against the file's, before anything sized by the file is allocated.
+// Errors carry no file name; the caller adds it.
+Result<NpyArray> ReadNpy(int fd, uint64_t file_size) {
   const size_t min_preamble = kMagic.size() + kVersionBytes + LengthFieldBytes(1);
-  if (bytes.size() < min_preamble) {
-    return Status::InvalidArgument("file is " + std::to_string(bytes.size()) +
+  if (file_size < min_preamble) {
+    return Status::InvalidArgument("file is " + std::to_string(file_size) +
                                    " bytes, too short for a .npy preamble");
   }
+  char preamble_bytes[kMaxPreambleBytes];
+  const size_t have = static_cast<size_t>(std::min<uint64_t>(file_size, sizeof(preamble_bytes)));
+  SQKV_RETURN_IF_ERROR(PreadExact(fd, preamble_bytes, have, 0));
+  const std::string_view bytes(preamble_bytes, have);
   if (bytes.substr(0, kMagic.size()) != kMagic) {
     return Status::InvalidArgument("not a .npy file (bad magic)");
   }
@@ -269,16 +297,23 @@ Result<NpyArray> ParseNpy(std::string_view bytes) {
   }
   const size_t len_bytes = LengthFieldBytes(major);
   const size_t preamble = kMagic.size() + kVersionBytes + len_bytes;
-  if (bytes.size() < preamble) return Status::InvalidArgument("file ends inside the preamble");
+  if (file_size < preamble) return Status::InvalidArgument("file ends inside the preamble");
   uint32_t header_len = 0;
   std::memcpy(&header_len, bytes.data() + preamble - len_bytes, len_bytes);  // LE host
-  if (header_len > bytes.size() - preamble) {
+  if (header_len > file_size - preamble) {
     return Status::InvalidArgument("header length " + std::to_string(header_len) +
-                                   " runs past the end of the file (" +
-                                   std::to_string(bytes.size()) + " bytes)");
+                                   " runs past the end of the file (" + std::to_string(file_size) +
+                                   " bytes)");
   }
+  if (header_len > kMaxHeaderBytes) {
+    return Status::InvalidArgument("header length " + std::to_string(header_len) +
+                                   " exceeds the limit of " + std::to_string(kMaxHeaderBytes) +
+                                   " bytes");
+  }
+  std::string header_text(header_len, '\0');
+  SQKV_RETURN_IF_ERROR(PreadExact(fd, header_text.data(), header_len, preamble));
   NpyHeader header;
-  SQKV_RETURN_IF_ERROR(HeaderParser(bytes.substr(preamble, header_len)).Parse(&header));
+  SQKV_RETURN_IF_ERROR(HeaderParser(header_text).Parse(&header));
 
   NpyArray array;
   array.source_dtype = *header.descr;
@@ -287,27 +322,26 @@ Result<NpyArray> ParseNpy(std::string_view bytes) {
   if (*header.fortran_order) {
     return Status::InvalidArgument("fortran_order True is not supported (C order only)");
   }
-  const std::string_view data = bytes.substr(preamble + header_len);
+  const uint64_t data_offset = preamble + header_len;
+  const uint64_t data_bytes = file_size - data_offset;
   const std::optional<uint64_t> count = CheckedCount(array.shape, UINT64_MAX / size);
   if (!count) {
     return Status::InvalidArgument("shape " + ShapeString(array.shape) + " has too many elements");
   }
   const uint64_t need = *count * size;
-  if (need > data.size()) {
+  if (need > data_bytes) {
     return Status::InvalidArgument("truncated: shape " + ShapeString(array.shape) + " of '" +
                                    array.source_dtype + "' needs " + std::to_string(need) +
-                                   " data bytes but the file holds " + std::to_string(data.size()));
+                                   " data bytes but the file holds " + std::to_string(data_bytes));
   }
-  if (need < data.size()) {
-    return Status::InvalidArgument(std::to_string(data.size() - need) +
+  if (need < data_bytes) {
+    return Status::InvalidArgument(std::to_string(data_bytes - need) +
                                    " unexpected bytes after the data of shape " +
                                    ShapeString(array.shape));
   }
-  array.data.resize(*count);
-  ConvertToFloat(reinterpret_cast<const uint8_t*>(data.data()), size, *count, array.data.data());
+  SQKV_RETURN_IF_ERROR(ReadData(fd, data_offset, size, *count, &array.data));
   return array;
 }
-
 
 // data: (product(shape)) elements of `size` bytes, little-endian, described by `descr`.
 Status WriteArray(const std::string& path, const std::string& descr, size_t size, const void* data,
@@ -344,8 +378,11 @@ Status WriteArray(const std::string& path, const std::string& descr, size_t size
 }  // namespace
 
 Result<NpyArray> ReadNpyAsFloat(const std::string& path) {
-  SQKV_ASSIGN_OR_RETURN(const std::string bytes, ReadWholeFile(path));
-  Result<NpyArray> array = ParseNpy(bytes);
+  int fd = -1;
+  uint64_t size = 0;
+  SQKV_RETURN_IF_ERROR(OpenRegularFile(path, &fd, &size));
+  Result<NpyArray> array = ReadNpy(fd, size);
+  ::close(fd);
   if (!array.ok()) return array.status().WithContext(path);
   return array;
 }

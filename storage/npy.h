@@ -28,7 +28,11 @@ struct NpyArray {
 // the nearest float; beyond the float range becomes +-inf), also spelled with '=' (native, which
 // is little-endian here) or '|'. Rejects big-endian data, fortran_order True, any other descr
 // (ints, complex, objects, structured arrays), a malformed header, and data that is truncated or
-// followed by extra bytes. NotFound if the file does not exist, IOError if it cannot be read.
+// followed by extra bytes, and headers over 1 MiB. The header is checked, and the file's size
+// matched against it, before any buffer sized by the file is allocated; the data is then read
+// straight into the result. NotFound if the file does not exist, InvalidArgument if it is not a
+// regular file (a FIFO is refused without blocking), IOError if it cannot be read or changes
+// while being read, Unavailable if the data does not fit in memory.
 Result<NpyArray> ReadNpyAsFloat(const std::string& path);
 
 // Writes `data` as a v1.0 '<f4' C-order array, the header padded with spaces so the data starts

@@ -196,6 +196,10 @@ class BatchReadRun {
   // Accounts for a result `res` (bytes, or -errno) of piece i; true when it must run again.
   bool Complete(size_t i, int res) {
     ReadPiece& p = pieces_[i];
+    if (p.direct && reader_->options_.fail_first_direct_read_for_testing &&
+        !reader_->fault_injected_.exchange(true)) {
+      res = -EINVAL;  // whatever arrived is read again, buffered
+    }
     if (res < 0) {
       if (res == -EINTR || res == -EAGAIN) {
         ++resubmits_;

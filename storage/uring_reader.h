@@ -41,6 +41,10 @@ struct BatchReaderOptions {
   // Use io_uring. false forces the preadv path (tests; a kernel whose io_uring misbehaves).
   // Default: true.
   bool use_io_uring = true;
+  // Tests only: the reader's first direct read completes with EINVAL, as on a filesystem that
+  // takes O_DIRECT at open but refuses the reads, so the buffered fallback runs on any filesystem
+  // that accepts direct reads. Default: false.
+  bool fail_first_direct_read_for_testing = false;
 };
 
 // One scatter read: bytes [offset, offset + Σ len) of the file land in iov's buffers, in order.
@@ -115,6 +119,8 @@ class BatchReader {
   // Set when the filesystem rejects a direct read with EINVAL after accepting O_DIRECT at open;
   // later reads then stay buffered.
   std::atomic<bool> direct_refused_{false};
+  // Set once fail_first_direct_read_for_testing has failed a read.
+  std::atomic<bool> fault_injected_{false};
 
   std::atomic<uint64_t> reads_{0}, ops_{0}, bytes_{0}, direct_bytes_{0}, buffered_ops_{0},
       resubmits_{0}, sync_fallback_reads_{0}, errors_{0};

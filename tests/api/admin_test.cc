@@ -343,6 +343,38 @@ TEST_F(AdminTest, CompactionReclaimsRemovedAndCrashedFiles) {
   EXPECT_EQ(SegmentFiles(), 1u);
 }
 
+// A context record that does not decode neither stops the store from opening nor blocks the
+// others: verify names it, rm removes it, and the other context keeps its files.
+TEST_F(AdminTest, UndecodableRecordIsReportedAndRemovable) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.tokens = 300;
+  so.window = 0;
+  auto q = ImportSynthetic("good", so);
+  store_.reset();
+  {
+    std::unique_ptr<Catalog> catalog;
+    ASSERT_TRUE(Catalog::Open(dir_.file("data") + "/catalog", &catalog).ok());
+    ASSERT_TRUE(catalog->PutRaw("c/bad", "{not json").ok());
+  }
+  Open();
+  ASSERT_NE(store_, nullptr);
+  VerifyReport report;
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  ASSERT_EQ(report.problems.size(), 1u);
+  EXPECT_NE(report.problems[0].find("context bad"), std::string::npos) << report.problems[0];
+  CompactReport compacted;
+  ASSERT_TRUE(store_->Compact(&compacted).ok());
+  EXPECT_EQ(compacted.orphan_files_removed, 0);  // nothing judged while a record is unreadable
+  ASSERT_TRUE(store_->Remove("bad").ok());
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  EXPECT_TRUE(report.problems.empty());
+  QueryOptions qo;
+  qo.device = Device::kCpu;
+  QueryResult r;
+  EXPECT_TRUE(store_->Query("good", 0, q.data(), so.q_heads, so.n, so.head_dim, qo, &r).ok());
+}
+
 TEST_F(AdminTest, VerifyFindsAFlippedSegmentByteAndAFlippedCatalogByte) {
   SyntheticOptions so;
   so.layers = 2;

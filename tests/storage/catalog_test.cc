@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdint>
+#include <filesystem>
 #include <thread>
 #include <vector>
 
@@ -194,6 +196,161 @@ TEST(Catalog, CachedRecordsNeverGoBackInTime) {
   ContextRecord r;
   ASSERT_TRUE(c->GetContext("a", &r).ok());
   EXPECT_EQ(r.version, kLast);
+}
+
+std::string U64Bytes(uint64_t v) { return std::string(reinterpret_cast<const char*>(&v), 8); }
+
+TEST(Catalog, NextVersionOfTheWrongSizeIsCorruption) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> c;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  ASSERT_TRUE(c->AllocateVersion().ok());
+  for (const std::string bad : {std::string(), std::string("abc"), std::string(16, '\x01')}) {
+    ASSERT_TRUE(c->PutRaw("m/next_version", bad).ok());
+    auto v = c->AllocateVersion();
+    ASSERT_FALSE(v.ok()) << "handed out " << *v;
+    EXPECT_TRUE(v.status().IsCorruption()) << v.status().ToString();
+    EXPECT_NE(v.status().message().find("m/next_version"), std::string::npos)
+        << v.status().ToString();
+  }
+}
+
+// A counter set back must not hand out a version that keys still name: the next import's segment
+// would be renamed over that version's file.
+TEST(Catalog, AllocateVersionStaysAboveEveryStoredVersion) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> c;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  uint64_t last = 0;
+  for (int i = 0; i < 3; ++i) {
+    auto v = c->AllocateVersion();
+    ASSERT_TRUE(v.ok());
+    last = *v;
+  }
+  ASSERT_TRUE(c->Publish(Pub("a", last, 2), false).ok());
+  ASSERT_TRUE(c->PutRaw("m/next_version", U64Bytes(1)).ok());
+  auto v = c->AllocateVersion();
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ(*v, last + 1);
+  // A garbage mark names a version too (its keys may already be gone).
+  ASSERT_TRUE(c->PutRaw("g/0000000000000064", "").ok());  // 100
+  ASSERT_TRUE(c->PutRaw("m/next_version", U64Bytes(0)).ok());
+  v = c->AllocateVersion();
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ(*v, 101u);
+  // The counter is persisted past the net, and keys that name no version are ignored by it.
+  ASSERT_TRUE(c->PutRaw("v/not-a-version", "x").ok());
+  v = c->AllocateVersion();
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ(*v, 102u);
+  // Nothing above the largest version is left to hand out.
+  ASSERT_TRUE(c->PutRaw(Catalog::LayerKey(UINT64_MAX, 'i', 0), "x").ok());
+  EXPECT_TRUE(c->AllocateVersion().status().IsCorruption());
+}
+
+// One record that does not decode must not stop the store from listing or removing the others,
+// and removing it must be possible.
+TEST(Catalog, UndecodableRecordsAreReportedAndRemovable) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> c;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  ASSERT_TRUE(c->Publish(Pub("a", 1, 1), false).ok());
+  ASSERT_TRUE(c->Publish(Pub("b", 2, 1), false).ok());
+  ASSERT_TRUE(c->Publish(Pub("c", 3, 1), false).ok());
+  ASSERT_TRUE(c->PutPin("b", "host").ok());
+  ASSERT_TRUE(c->PutRaw("c/b", R"({"name": "b", "version": 2})").ok());  // fields missing
+  ASSERT_TRUE(c->PutRaw("c/c", "{not json").ok());
+  ASSERT_TRUE(c->PutRaw("c/d", R"({"name": "d", "version": 1})").ok());  // names a's version
+
+  std::vector<ContextRecord> all;
+  Status strict = c->ListContexts(&all);
+  EXPECT_TRUE(strict.IsCorruption()) << strict.ToString();
+  EXPECT_NE(strict.message().find("'b'"), std::string::npos) << strict.ToString();
+  std::vector<UndecodableContext> bad;
+  ASSERT_TRUE(c->ListContexts(&all, &bad).ok());
+  ASSERT_EQ(all.size(), 1u);
+  EXPECT_EQ(all[0].name, "a");
+  ASSERT_EQ(bad.size(), 3u);
+  const std::vector<std::pair<std::string, uint64_t>> want = {{"b", 2}, {"c", 0}, {"d", 1}};
+  for (size_t i = 0; i < bad.size(); ++i) {
+    EXPECT_EQ(bad[i].name, want[i].first);
+    EXPECT_EQ(bad[i].version, want[i].second);
+    EXPECT_TRUE(bad[i].error.IsCorruption()) << bad[i].error.ToString();
+  }
+
+  ContextRecord removed;
+  Status s = c->RemoveContext("b", &removed);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(removed.name, "b");
+  EXPECT_EQ(removed.version, 2u);  // still named by the record: marked garbage
+  ASSERT_TRUE(c->RemoveContext("c", &removed).ok());
+  EXPECT_EQ(removed.version, 0u);  // names none
+  ASSERT_TRUE(c->RemoveContext("d", &removed).ok());
+  EXPECT_EQ(removed.version, 0u);  // a's version: not marked garbage
+  std::vector<uint64_t> garbage;
+  ASSERT_TRUE(c->ListGarbage(&garbage).ok());
+  EXPECT_EQ(garbage, std::vector<uint64_t>{2});
+  std::vector<std::pair<std::string, std::string>> pins;
+  ASSERT_TRUE(c->ListPins(&pins).ok());
+  EXPECT_TRUE(pins.empty());
+  ASSERT_TRUE(c->ListContexts(&all).ok());
+  ASSERT_EQ(all.size(), 1u);
+  EXPECT_EQ(all[0].name, "a");
+  EXPECT_TRUE(c->RemoveContext("c", &removed).IsNotFound());
+  ContextRecord r;
+  EXPECT_TRUE(c->GetContext("b", &r).IsNotFound());
+}
+
+TEST(Catalog, TheLargestVersionIsListedAndDropped) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> c;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  ASSERT_TRUE(c->Publish(Pub("a", 5, 2), false).ok());
+  ASSERT_TRUE(c->PutRaw(Catalog::LayerKey(UINT64_MAX, 'i', 0), "x").ok());
+  ASSERT_TRUE(c->PutRaw(Catalog::LayerKey(UINT64_MAX, 's', 0), "x").ok());
+  ASSERT_TRUE(c->PutRaw("g/ffffffffffffffff", "").ok());
+  std::vector<uint64_t> versions;
+  ASSERT_TRUE(c->ListStoredVersions(&versions).ok());
+  EXPECT_EQ(versions, (std::vector<uint64_t>{5, UINT64_MAX}));
+  std::vector<uint64_t> garbage;
+  ASSERT_TRUE(c->ListGarbage(&garbage).ok());
+  EXPECT_EQ(garbage, std::vector<uint64_t>{UINT64_MAX});
+  ASSERT_TRUE(c->DropVersion(UINT64_MAX).ok());
+  ASSERT_TRUE(c->ListStoredVersions(&versions).ok());
+  EXPECT_EQ(versions, std::vector<uint64_t>{5});
+  ASSERT_TRUE(c->ListGarbage(&garbage).ok());
+  EXPECT_TRUE(garbage.empty());
+  std::string blob;
+  EXPECT_TRUE(c->GetLayerIndex(5, 1, &blob).ok());
+}
+
+TEST(Catalog, MalformedVersionKeysAreCorruption) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> c;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  ASSERT_TRUE(c->Publish(Pub("a", 5, 1), false).ok());
+  std::vector<uint64_t> out;
+  for (const std::string key : {"v/zzzzzzzzzzzzzzzz/i/00000", "v/000000000000000G/i/00000",
+                                "v/0000000000000005x", "v/12/i/00000"}) {
+    SCOPED_TRACE(key);
+    ASSERT_TRUE(c->PutRaw(key, "x").ok());
+    const Status s = c->ListStoredVersions(&out);
+    EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+    EXPECT_NE(s.message().find(key), std::string::npos) << s.ToString();
+    c.reset();  // PutRaw cannot delete: start again from a clean catalog
+    std::filesystem::remove_all(dir.file("cat"));
+    ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  }
+  for (const std::string key :
+       {"g/zzzzzzzzzzzzzzzz", "g/-000000000000001", "g/12", "g/00000000000000010"}) {
+    SCOPED_TRACE(key);
+    ASSERT_TRUE(c->PutRaw(key, "").ok());
+    const Status s = c->ListGarbage(&out);
+    EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+    c.reset();
+    std::filesystem::remove_all(dir.file("cat"));
+    ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  }
 }
 
 TEST(Catalog, WindowQueriesRoundTrip) {

@@ -2,9 +2,15 @@
 
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <future>
 #include <limits>
 #include <random>
 #include <string>
@@ -256,6 +262,68 @@ TEST(Npy, RejectsBadPreambles) {
   EXPECT_TRUE(missing.status().IsNotFound()) << missing.status().ToString();
   ExpectInvalid(ReadNpyAsFloat(dir.path().string()).status(), dir.path().string(),
                 "not a regular file");
+}
+
+// A file whose size disagrees with its header is refused from the header and the file's size
+// alone: a sparse terabyte costs nothing to reject.
+TEST(Npy, HugeOrMismatchedFilesFailBeforeAnyLargeAllocation) {
+  ScratchDir dir;
+  const std::string path = dir.file("huge.npy");
+  constexpr off_t kTiB = off_t{1} << 40;
+  const std::string small = MakeNpy(Dict("<f4", "(6,)"), std::string(24, '\x01'));
+  WriteBytes(path, small);
+  ASSERT_EQ(::truncate(path.c_str(), kTiB), 0);
+  ExpectInvalid(ReadNpyAsFloat(path).status(), path,
+                std::to_string(kTiB - small.size()) + " unexpected bytes after the data");
+
+  // The header claims far more data than the file holds.
+  WriteBytes(path, MakeNpy(Dict("<f4", "(68719476736,)"), std::string(24, '\x01')));
+  ExpectInvalid(ReadNpyAsFloat(path).status(), path,
+                "needs 274877906944 data bytes but the file holds 24");
+  WriteBytes(path, MakeNpy(Dict("<f8", "(2, 3)"), std::string(24, '\x01')));
+  ExpectInvalid(ReadNpyAsFloat(path).status(), path, "needs 48 data bytes but the file holds 24");
+
+  // A v2 header length of 4 GiB in a file that is (sparsely) long enough to hold it.
+  std::string v2 = MakeNpy(Dict("<f4", "(1,)"), std::string(4, '\0'), /*major=*/2);
+  for (int i = 8; i < 12; ++i) v2[i] = '\xff';
+  WriteBytes(path, v2);
+  ASSERT_EQ(::truncate(path.c_str(), kTiB), 0);
+  ExpectInvalid(ReadNpyAsFloat(path).status(), path, "header length 4294967295 exceeds the limit");
+}
+
+// float16 and float64 data go through a staging buffer in chunks: a file of several chunks
+// (with a partial last one) reads back every element.
+TEST(Npy, ReadsDataLongerThanOneStagingChunk) {
+  std::mt19937_64 rng(FreshSeed());
+  ScratchDir dir;
+  const std::string path = dir.file("long.npy");
+  const size_t n = 3 * (size_t{1} << 17) + 12345;  // 1 MiB chunks of float64: 3 full + a part
+  const std::vector<float> x = RandomNormal(n, rng);
+  std::vector<double> wide(x.begin(), x.end());
+  WriteBytes(path, MakeNpy(Dict("<f8", "(" + std::to_string(n) + ",)"), AsBytes(wide)));
+  auto f8 = ReadNpyAsFloat(path);
+  ASSERT_TRUE(f8.ok()) << f8.status().ToString();
+  EXPECT_EQ(f8->data, x);
+  std::vector<uint16_t> half(n);
+  FromFloat(DType::kF16, x.data(), half.data(), n);
+  WriteBytes(path, MakeNpy(Dict("<f2", "(" + std::to_string(n) + ",)"), AsBytes(half)));
+  auto f2 = ReadNpyAsFloat(path);
+  ASSERT_TRUE(f2.ok()) << f2.status().ToString();
+  EXPECT_EQ(f2->data, testing::RoundTrip(DType::kF16, x));
+}
+
+TEST(Npy, AFifoIsRefusedWithoutBlocking) {
+  ScratchDir dir;
+  const std::string fifo = dir.file("f.npy");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  auto read = std::async(std::launch::async, [&] { return ReadNpyAsFloat(fifo).status(); });
+  if (read.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);  // unblock it so the test ends
+    read.wait();
+    if (w >= 0) ::close(w);
+    FAIL() << "ReadNpyAsFloat blocked on a FIFO";
+  }
+  ExpectInvalid(read.get(), fifo, "not a regular file");
 }
 
 TEST(Npy, EveryTruncationFailsCleanly) {

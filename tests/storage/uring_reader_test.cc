@@ -296,6 +296,40 @@ TEST(BatchReader, NullDestinationIsInvalidArgument) {
   EXPECT_TRUE(reader->Read({ReadOp{0, {}}}).ok());
 }
 
+// A direct read refused with EINVAL after O_DIRECT was accepted at open (injected: the scratch
+// filesystem takes direct reads) is read again buffered, and the reader stays buffered after.
+TEST(BatchReader, RefusedDirectReadIsReadAgainBuffered) {
+  for (bool uring : {true, false}) {
+    SCOPED_TRACE(uring ? "io_uring" : "preadv");
+    testing::ScratchDir dir;
+    std::mt19937_64 rng(testing::FreshSeed());
+    const std::string path = dir.file("data");
+    constexpr uint64_t kFileBytes = 64 * 4096;
+    WriteRandomFile(path, kFileBytes, rng);
+    BatchReaderOptions options;
+    options.use_io_uring = uring;
+    options.fail_first_direct_read_for_testing = true;
+    std::unique_ptr<BatchReader> reader;
+    ASSERT_TRUE(BatchReader::Open(path, options, &reader).ok());
+    if (!reader->direct_available()) GTEST_SKIP() << "the scratch filesystem refuses O_DIRECT";
+    Batch b = RandomBatch(rng, kFileBytes, 30, /*aligned=*/true);
+    for (size_t i = 0; i < b.ops.size(); ++i) std::memset(b.buffers[i].get(), 0xa5, b.lengths[i]);
+    ReadCallStats call;
+    Status s = reader->Read(b.ops, &call);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ExpectMatchesPread(path, b);
+    EXPECT_FALSE(reader->direct_available());
+    EXPECT_LT(call.direct_bytes, call.bytes);  // the refused piece, at least, went buffered
+    EXPECT_GE(reader->counters().resubmits, 1u);
+    EXPECT_EQ(reader->counters().errors, 0u);
+    Batch later = RandomBatch(rng, kFileBytes, 10, /*aligned=*/true);
+    s = reader->Read(later.ops, &call);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ExpectMatchesPread(path, later);
+    EXPECT_EQ(call.direct_bytes, 0u);
+  }
+}
+
 TEST(BatchReader, DirectRefusedFallsBackToBuffered) {
   // tmpfs refuses O_DIRECT on older kernels (newer ones take it); either way the reader works.
   const std::string shm = "/dev/shm";
