@@ -19,6 +19,15 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// A one-layer synthetic context of `tokens` keys, with `window` calibration queries per layer.
+SyntheticOptions OneLayer(int tokens, int window = 0) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.tokens = tokens;
+  so.window = window;
+  return so;
+}
+
 class AdminTest : public ::testing::Test {
  protected:
   void SetUp() override { Open(); }
@@ -126,10 +135,7 @@ TEST_F(AdminTest, CalibrationHitsTargetSparsityOnHeldOutQueries) {
 // The API (and so the wire and the Python client) may pass targets in any order, with repeats:
 // they are stored ascending, so interpolation brackets the right pair.
 TEST_F(AdminTest, CalibrationTargetsAreStoredAscendingWithoutRepeats) {
-  SyntheticOptions so;
-  so.layers = 1;
-  so.tokens = 1024;
-  so.window = 64;
+  SyntheticOptions so = OneLayer(1024, 64);
   ImportSynthetic("c", so);
   EXPECT_TRUE(store_->Calibrate("c", nullptr, {}).IsInvalidArgument());
   ASSERT_TRUE(store_->Calibrate("c", nullptr, {0.9f, 0.5f, 0.6f, 0.9f}).ok());
@@ -148,10 +154,7 @@ TEST_F(AdminTest, CalibrationTargetsAreStoredAscendingWithoutRepeats) {
 }
 
 TEST_F(AdminTest, SparsityWithoutCalibrationIsAClearError) {
-  SyntheticOptions so;
-  so.layers = 1;
-  so.window = 0;  // no window queries
-  so.tokens = 256;
+  SyntheticOptions so = OneLayer(256);  // no window queries
   auto q = ImportSynthetic("c", so);
   QueryOptions qo;
   qo.device = Device::kCpu;
@@ -217,10 +220,7 @@ TEST_F(AdminTest, RebuildDuringConcurrentQueriesNeverFailsAQuery) {
 }
 
 TEST_F(AdminTest, RebuiltContextGivesTheSameDenseAnswer) {
-  SyntheticOptions so;
-  so.layers = 1;
-  so.tokens = 700;
-  so.window = 0;
+  SyntheticOptions so = OneLayer(700);
   auto q = ImportSynthetic("c", so);
   QueryOptions qo;
   qo.device = Device::kCpu;
@@ -241,10 +241,7 @@ TEST_F(AdminTest, RebuiltContextGivesTheSameDenseAnswer) {
 // A rebuild publishes only over the version it was built from: a context removed meanwhile stays
 // removed, and one re-imported meanwhile keeps its new content.
 TEST_F(AdminTest, RebuildNeverRevivesARemovedContextOrOverwritesANewerOne) {
-  SyntheticOptions so;
-  so.layers = 1;
-  so.tokens = 300;
-  so.window = 0;
+  SyntheticOptions so = OneLayer(300);
   ImportSynthetic("c", so);
   ImportOptions io;
   io.on_stage = [&](std::string_view stage) {
@@ -277,12 +274,9 @@ TEST_F(AdminTest, RebuildNeverRevivesARemovedContextOrOverwritesANewerOne) {
 // Compaction running beside imports never takes a segment or catalog keys from a build, whatever
 // step each has reached (a review reproduced 8 of 300 imports losing their files this way).
 TEST_F(AdminTest, CompactionBesideImportsLosesNothing) {
-  SyntheticOptions so;
-  so.layers = 1;
+  SyntheticOptions so = OneLayer(96);
   so.kv_heads = 1;
   so.q_heads = 1;
-  so.tokens = 96;
-  so.window = 0;
   const std::string file = dir_.file("tiny.safetensors");
   ASSERT_TRUE(WriteSyntheticContext(so, file, nullptr).ok());
   ImportOptions io;
@@ -317,10 +311,7 @@ TEST_F(AdminTest, CompactionBesideImportsLosesNothing) {
 }
 
 TEST_F(AdminTest, CompactionReclaimsRemovedAndCrashedFiles) {
-  SyntheticOptions so;
-  so.layers = 1;
-  so.tokens = 512;
-  so.window = 0;
+  SyntheticOptions so = OneLayer(512);
   ImportSynthetic("a", so);
   ImportSynthetic("b", so);
   EXPECT_EQ(SegmentFiles(), 2u);
@@ -346,10 +337,7 @@ TEST_F(AdminTest, CompactionReclaimsRemovedAndCrashedFiles) {
 // A context record that does not decode neither stops the store from opening nor blocks the
 // others: verify names it, rm removes it, and the other context keeps its files.
 TEST_F(AdminTest, UndecodableRecordIsReportedAndRemovable) {
-  SyntheticOptions so;
-  so.layers = 1;
-  so.tokens = 300;
-  so.window = 0;
+  SyntheticOptions so = OneLayer(300);
   auto q = ImportSynthetic("good", so);
   store_.reset();
   {
