@@ -150,6 +150,15 @@ Status DecodeRequest(const uint64_t* frame, size_t words, const Limits& limits, 
   return DecodeFrame<wire::Request>(frame, words, limits, "request", out, wire_io::ReadRequest);
 }
 
+Status PeekRequest(const uint64_t* frame, size_t words, const Limits& limits, RequestHead* out) {
+  return DecodeFrame<wire::Request>(frame, words, limits, "request", out,
+                                    [](wire::Request::Reader r, RequestHead* head) {
+                                      head->id = r.getId();
+                                      head->is_hello = r.which() == wire::Request::HELLO;
+                                      return Status::Ok();
+                                    });
+}
+
 Status DecodeResponse(const uint64_t* frame, size_t words, const Limits& limits, Response* out) {
   return DecodeFrame<wire::Response>(frame, words, limits, "response", out, wire_io::ReadResponse);
 }

@@ -33,6 +33,14 @@ Result<size_t> FrameBytes(const uint64_t* table, size_t table_bytes, const Limit
 Status DecodeRequest(const uint64_t* frame, size_t words, const Limits& limits, Request* out);
 Status DecodeResponse(const uint64_t* frame, size_t words, const Limits& limits, Response* out);
 
+// Reads only a request's id and whether its call is hello; nothing else of the frame is decoded
+// (for connections that have not authenticated yet).
+struct RequestHead {
+  uint64_t id = 0;
+  bool is_hello = false;
+};
+Status PeekRequest(const uint64_t* frame, size_t words, const Limits& limits, RequestHead* out);
+
 // Writes one whole frame to *frame (replacing its contents). Internal if the message cannot be
 // built (e.g. a list longer than Cap'n Proto allows).
 Status EncodeRequest(const Request& request, std::vector<uint64_t>* frame);

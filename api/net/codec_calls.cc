@@ -69,7 +69,24 @@ Status ReadCalibrate(wire::CalibrateCall::Reader r, CalibrateCall* out) {
   SQKV_RETURN_IF_ERROR(ReadText(r.getName(), kMaxNameBytes, "calibrate name", &out->name));
   out->use_stored_queries = r.getUseStoredQueries();
   if (!out->use_stored_queries) {
+    // A list of empty structs costs the sender nothing per element: its length is checked, and
+    // every element's shape, before anything is allocated for it.
     auto layers = r.getQueries();
+    if (layers.size() > kMaxLayers) {
+      return Status::InvalidArgument("calibration queries for " + std::to_string(layers.size()) +
+                                     " layers; the limit is " + std::to_string(kMaxLayers));
+    }
+    std::vector<uint64_t> elements(layers.size());  // (layers)
+    for (uint32_t l = 0; l < layers.size(); ++l) {
+      auto w = layers[l];
+      if (w.getQHeads() <= 0 || w.getWindow() <= 0 || w.getHeadDim() <= 0) {
+        return Status::InvalidArgument("calibration queries of layer " + std::to_string(l) +
+                                       " have a non-positive dim");
+      }
+      if (!ElementCount(w.getQHeads(), w.getWindow(), w.getHeadDim(), &elements[l])) {
+        return Status::InvalidArgument("calibration query shape overflows");
+      }
+    }
     out->queries.resize(layers.size());
     for (uint32_t l = 0; l < layers.size(); ++l) {
       auto w = layers[l];
@@ -77,18 +94,14 @@ Status ReadCalibrate(wire::CalibrateCall::Reader r, CalibrateCall* out) {
       q.q_heads = w.getQHeads();
       q.window = w.getWindow();
       q.head_dim = w.getHeadDim();
-      if (q.q_heads <= 0 || q.window <= 0 || q.head_dim <= 0) {
-        return Status::InvalidArgument("calibration queries of layer " + std::to_string(l) +
-                                       " have a non-positive dim");
-      }
-      uint64_t elements = 0;
-      if (!ElementCount(q.q_heads, q.window, q.head_dim, &elements)) {
-        return Status::InvalidArgument("calibration query shape overflows");
-      }
-      SQKV_RETURN_IF_ERROR(ReadFloats(w.getData(), elements, "calibration queries", &q.data));
+      SQKV_RETURN_IF_ERROR(ReadFloats(w.getData(), elements[l], "calibration queries", &q.data));
     }
   }
   auto sp = r.getSparsities();
+  if (sp.size() > kMaxSparsities) {
+    return Status::InvalidArgument(std::to_string(sp.size()) + " calibration sparsities; the " +
+                                   "limit is " + std::to_string(kMaxSparsities));
+  }
   out->sparsities.resize(sp.size());
   for (uint32_t i = 0; i < sp.size(); ++i) out->sparsities[i] = sp[i];
   return Status::Ok();

@@ -18,6 +18,10 @@ namespace sqkv::net::wire_io {
 inline constexpr size_t kMaxNameBytes = 1024;
 inline constexpr size_t kMaxTokenBytes = 4096;
 inline constexpr size_t kMaxMessageText = 64 * 1024;
+// Longest lists a request may carry: layers of calibration queries (models have a few hundred at
+// most), and target sparsities of one calibration.
+inline constexpr size_t kMaxLayers = 4096;
+inline constexpr size_t kMaxSparsities = 1024;
 
 Status ReadText(capnp::Text::Reader t, size_t max_bytes, const char* field, std::string* out);
 // data: `expected` float32 little-endian → out.

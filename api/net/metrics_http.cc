@@ -53,8 +53,9 @@ asio::awaitable<void> RunMetricsSession(ServerImpl* server, tcp::socket socket) 
       gauges->have_tier_stats = store->GetTierStats(&gauges->tiers).ok();
       return Outcome{};
     };
-    auto call = WorkerCall::Post(server->workers(), ex, sample);
     const auto until = Clock::now() + kGaugeTimeout;
+    auto call = WorkerCall::Post(server->workers(), ex, sample, until,
+                                 [server] { return server->stopping(); });
     const bool sampled = co_await call->WaitUntil(until);
     // Not sampled in time: the worker may still be writing `gauges`; render without them.
     const Gauges none;

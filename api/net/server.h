@@ -7,7 +7,10 @@
 //
 // Threads: `io_threads` run the network (one coroutine per connection); store calls run on a
 // separate pool of `workers`, so a slow query never stalls other connections' I/O. Each
-// connection carries one request at a time; concurrency comes from connections.
+// connection carries one request at a time; concurrency comes from connections. A call whose
+// deadline passes is answered at once, but a connection reads its next request only once that
+// call has ended on the workers (it is not started at all if its deadline passed while queued),
+// so a connection never has more than one call on the workers.
 //
 // Not done: batching queries of different connections into one GPU launch. Store has no batched
 // query entry point, so each request is one Store::Query call.
@@ -30,7 +33,8 @@ struct ServerOptions {
   // host:port of the Prometheus endpoint (GET /metrics); empty disables it.
   // Default: "127.0.0.1:9781".
   std::string metrics_listen = "127.0.0.1:9781";
-  // When not empty, every connection must first send hello with this token. Default: empty.
+  // When not empty, every connection must first send hello with this token; until then it may
+  // send only hello, in a message of at most 64 KiB. Default: empty.
   std::string auth_token;
   // Threads running network I/O. Default: 2.
   int io_threads = 2;
@@ -38,9 +42,10 @@ struct ServerOptions {
   int workers = 0;
   // Largest message accepted (and sent). Default: 256 MiB.
   uint64_t max_message_bytes = uint64_t{256} << 20;
-  // Bytes of large messages (over 1 MiB) being read at once, over all connections; a message
-  // that would exceed it is refused (Unavailable) and its connection closed, so a few huge
-  // messages cannot exhaust memory. Default: 1 GiB.
+  // Bytes of large requests (over 1 MiB) held at once, over all connections, from their first
+  // byte until their call has ended (the decoded request is as large); a request that would
+  // exceed it is refused (Unavailable) and its connection closed, so a few huge messages cannot
+  // exhaust memory. Default: 1 GiB.
   uint64_t max_inflight_message_bytes = uint64_t{1} << 30;
   // Largest data of one upload chunk (must fit in a message). Default: 8 MiB.
   uint32_t chunk_bytes = 8u << 20;
@@ -75,8 +80,9 @@ class Server {
   virtual std::string address() const = 0;
   virtual std::string metrics_address() const = 0;
 
-  // Graceful stop: stop accepting, close idle connections, let in-flight requests finish and be
-  // answered. Returns at once; Wait() returns when all is done. Safe from any thread.
+  // Graceful stop: stop accepting, close idle connections, let running calls finish and be
+  // answered; calls still queued for a worker are not started (answered Unavailable). Returns at
+  // once; Wait() returns when all is done. Safe from any thread.
   virtual void Shutdown() = 0;
   // Blocks until the server has stopped (Shutdown(), or a signal with handle_signals).
   virtual Status Wait() = 0;

@@ -27,6 +27,9 @@ using asio::use_awaitable;
 constexpr size_t kKeepBufferWords = (size_t{4} << 20) / kWordBytes;
 // Frames larger than this count against the server's max_inflight_message_bytes.
 constexpr uint64_t kLargeFrameBytes = uint64_t{1} << 20;
+// Largest frame read before a connection has authenticated (when the server has a token): hello
+// needs a few KiB (token and client name are capped at 4 KiB and 1 KiB).
+constexpr uint64_t kMaxUnauthenticatedFrameBytes = uint64_t{64} << 10;
 
 constexpr char kServerName[] = "sqkv-serve 0.1.0";
 
@@ -75,15 +78,14 @@ class Session {
         calls_(server, st_->socket.get_executor()),
         authenticated_(server->options().auth_token.empty()) {}
 
-  ~Session() {
-    if (reserved_ > 0) server_->ReleaseFrameBytes(reserved_);  // the connection died mid-frame
-  }
+  ~Session() { ReleaseBudget(); }
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
   asio::awaitable<void> Serve() {
     for (;;) {
       st_->busy = false;
+      ReleaseBudget();  // the last request's call has ended, on the workers too (Settle)
       if (server_->stopping()) co_return;
       SetDeadline(*st_, After(server_->options().idle_timeout_ms));
       Request request;
@@ -91,6 +93,20 @@ class Session {
       bool framing_ok = false;
       if (!co_await ReadFrame(&decoded, &framing_ok)) co_return;  // closed, timed out, stopped
       const auto started = Clock::now();
+      if (decoded.ok() && !authenticated_) {
+        // Before hello only hello is decoded: another call is refused on its id alone.
+        RequestHead head;
+        decoded = PeekRequest(frame_.get(), frame_words_, server_->limits(), &head);
+        if (decoded.ok() && !head.is_hello) {
+          server_->metrics().auth_failures.fetch_add(1);
+          const Response refusal{head.id,
+                                 Status::Unavailable("authentication required: the server has a "
+                                                     "token; send hello with it first"),
+                                 {}};
+          co_await Send(refusal);
+          co_return;
+        }
+      }
       if (decoded.ok())
         decoded = DecodeRequest(frame_.get(), frame_words_, server_->limits(), &request);
       ShrinkBuffer();
@@ -103,19 +119,20 @@ class Session {
         if (!sent || !framing_ok || !authenticated_) co_return;  // strangers get one chance
         continue;
       }
-      if (!authenticated_ && !std::holds_alternative<HelloCall>(request.call)) {
-        server_->metrics().auth_failures.fetch_add(1);
-        const Response refusal{request.id,
-                               Status::Unavailable("authentication required: the server has a "
-                                                   "token; send hello with it first"),
-                               {}};
-        co_await Send(refusal);
-        co_return;
-      }
       bool keep_open = true;
       co_await Dispatch(request, started, &keep_open);
       if (!keep_open) co_return;
+      co_await Settle();
     }
+  }
+
+  // Waits until a call this connection abandoned at its deadline has ended on the workers (see
+  // SessionCalls::Settle): the next request is read only then. The connection counts as idle
+  // meanwhile (Shutdown may close it), but reads nothing.
+  asio::awaitable<void> Settle() {
+    st_->busy = false;
+    SetDeadline(*st_, Clock::time_point::max());
+    co_await calls_.Settle();
   }
 
  private:
@@ -146,6 +163,14 @@ class Session {
     if (!total.ok()) {
       *status = total.status();
       co_return true;
+    }
+    if (!authenticated_ && *total > kMaxUnauthenticatedFrameBytes) {
+      server_->metrics().auth_failures.fetch_add(1);
+      *status = Status::Unavailable(
+          "authentication required: a message of " + std::to_string(*total) +
+          " bytes before hello (the limit before hello is " +
+          std::to_string(kMaxUnauthenticatedFrameBytes) + "); send hello with the token first");
+      co_return true;  // answered unread, then closed (framing_ok stays false)
     }
     if (*total > kLargeFrameBytes) {
       if (!server_->ReserveFrameBytes(*total)) {
@@ -178,11 +203,14 @@ class Session {
     capacity_ = grown;
   }
 
+  // Returns the large-message budget held for the last request. It is held until that request's
+  // call has ended, since the decoded request (as large as its frame) lives that long.
+  void ReleaseBudget() {
+    if (reserved_ > 0) server_->ReleaseFrameBytes(reserved_);
+    reserved_ = 0;
+  }
+
   void ShrinkBuffer() {
-    if (reserved_ > 0) {
-      server_->ReleaseFrameBytes(reserved_);
-      reserved_ = 0;
-    }
     if (capacity_ > kKeepBufferWords) {
       frame_.reset();
       capacity_ = 0;
@@ -279,7 +307,7 @@ class Session {
   bool authenticated_;
   std::unique_ptr<uint64_t[]> frame_;
   size_t capacity_ = 0, frame_words_ = 0;
-  uint64_t reserved_ = 0;  // of the server's large-message budget, held by frame_
+  uint64_t reserved_ = 0;  // of the server's large-message budget, held by the current request
   std::vector<uint64_t> out_;
 };
 
@@ -303,6 +331,9 @@ asio::awaitable<void> RunSession(ServerImpl* server, uint64_t session_id,
   {
     Session session(server, st);
     co_await (session.Serve() || Watchdog(server, st));
+    // A call abandoned at its deadline ends (or is dropped) before the connection is gone: it
+    // counts against max_connections, and holds its budget, until then.
+    co_await session.Settle();
   }  // uploads of this connection are dropped (and their files removed) here
   boost::system::error_code ignored;
   st->socket.shutdown(tcp::socket::shutdown_both, ignored);

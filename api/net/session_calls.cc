@@ -40,6 +40,10 @@ using Clock = std::chrono::steady_clock;
 // How often a running import reports progress.
 constexpr auto kProgressInterval = std::chrono::milliseconds(250);
 constexpr char kDefaultUploadName[] = "upload.safetensors";
+// The answer to a call whose deadline passed. The call is not started after its deadline, but one
+// already running goes on to its end (a store call cannot be interrupted).
+constexpr char kDeadlineExceeded[] =
+    "deadline exceeded (a call already running when it passed still runs to its end)";
 
 Status Errno(const std::string& what) {
   return Status::IOError(what + ": " + std::strerror(errno));
@@ -200,13 +204,28 @@ SessionCalls::SessionCalls(ServerImpl* server, boost::asio::any_io_executor ex)
 
 SessionCalls::~SessionCalls() = default;
 
+std::shared_ptr<WorkerCall> SessionCalls::Post(std::function<Outcome()> fn,
+                                               Clock::time_point deadline) {
+  ServerImpl* server = server_;
+  return WorkerCall::Post(server_->workers(), ex_, std::move(fn), deadline,
+                          [server] { return server->stopping(); });
+}
+
+boost::asio::awaitable<void> SessionCalls::Settle() {
+  if (abandoned_) {
+    co_await abandoned_->WaitUntil(Clock::time_point::max());
+    abandoned_.reset();
+  }
+}
+
 boost::asio::awaitable<CallResult> SessionCalls::Await(const std::function<Outcome()>& fn,
                                                        Clock::time_point deadline) {
-  auto call = WorkerCall::Post(server_->workers(), ex_, fn);
+  auto call = Post(fn, deadline);
   CallResult r;
   if (!co_await call->WaitUntil(deadline)) {
+    abandoned_ = call;
     r.deadline_exceeded = true;
-    r.outcome.status = Status::Unavailable("deadline exceeded (the server goes on with the call)");
+    r.outcome.status = Status::Unavailable(kDeadlineExceeded);
     co_return r;
   }
   r.outcome = std::move(call->outcome());
@@ -353,16 +372,16 @@ boost::asio::awaitable<CallResult> SessionCalls::AwaitWithProgress(
       counters->done.store(done, std::memory_order_relaxed);
     });
   };
-  auto call = WorkerCall::Post(server_->workers(), ex_, run);
+  auto call = Post(run, deadline);
   int sent = -1;
   CallResult r;
   for (;;) {
     const auto wake = std::min(deadline, Clock::now() + kProgressInterval);
     if (co_await call->WaitUntil(wake)) break;
     if (Clock::now() >= deadline) {
+      abandoned_ = call;
       r.deadline_exceeded = true;
-      r.outcome.status =
-          Status::Unavailable("deadline exceeded (the server goes on with the call)");
+      r.outcome.status = Status::Unavailable(kDeadlineExceeded);
       co_return r;
     }
     const int done = counters->done.load(std::memory_order_relaxed);
@@ -372,6 +391,7 @@ boost::asio::awaitable<CallResult> SessionCalls::AwaitWithProgress(
       const ProgressReply report{done, total};
       const bool delivered = co_await progress(report);
       if (!delivered) {
+        abandoned_ = call;
         r.connection_lost = true;
         co_return r;
       }

@@ -37,12 +37,21 @@ class SessionCalls {
   ~SessionCalls();  // drops unfinished uploads (their files are removed)
 
   // Runs `request` (not hello) on the workers; waits at most until `deadline`. The request's
-  // arguments are moved out.
+  // arguments are moved out. A call whose deadline passes (or whose progress cannot be sent) is
+  // abandoned: answered, but still on the workers until it ends.
   boost::asio::awaitable<CallResult> Run(Request& request,
                                          std::chrono::steady_clock::time_point deadline,
                                          ProgressSender& progress);
 
+  // Waits until the call abandoned last (if any) has ended on the workers, or was dropped there.
+  // The connection reads its next request only after this, so it has at most one call on the
+  // workers at any time (and one decoded request's memory).
+  boost::asio::awaitable<void> Settle();
+
  private:
+  // Posts fn to the workers; it is not started once `deadline` has passed or the server stops.
+  std::shared_ptr<WorkerCall> Post(std::function<Outcome()> fn,
+                                   std::chrono::steady_clock::time_point deadline);
   boost::asio::awaitable<CallResult> Await(const std::function<Outcome()>& fn,
                                            std::chrono::steady_clock::time_point deadline);
   boost::asio::awaitable<CallResult> ImportBegin(ImportBeginCall& call,
@@ -60,6 +69,7 @@ class SessionCalls {
   ServerImpl* server_;
   boost::asio::any_io_executor ex_;
   std::map<uint64_t, std::shared_ptr<Upload>> uploads_;
+  std::shared_ptr<WorkerCall> abandoned_;  // the last call answered before it ended, or null
 };
 
 // Constant-time comparison of a presented token with the secret (session.cc).

@@ -3,12 +3,20 @@
 Messages use Cap'n Proto's standard stream framing; tensors travel as little-endian float32
 bytes. One Client is one connection and is not safe to share between threads: open one per
 thread (the server serves connections concurrently).
+
+Timeouts are per call and overall (not per receive): a call's timeout is sent to the server as
+its deadline, so the server answers "unavailable" (deadline exceeded) when it passes and the
+connection stays usable; the client itself gives up DEADLINE_GRACE seconds later if no answer
+came at all. Long calls (import_file, calibrate, verify, compact, pin, preload) have no timeout
+unless given one: they may be silent for minutes.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -21,7 +29,13 @@ __all__ = ["Client", "Error", "load_schema"]
 MAX_MESSAGE_BYTES = 256 << 20
 # Upload chunk size when the server allows more.
 MAX_CHUNK_BYTES = 4 << 20
+# Seconds the client waits past a call's deadline for the server's own answer (which normally
+# comes at the deadline) before it gives up and closes the connection.
+DEADLINE_GRACE = 2.0
 _WORD = 8
+_MAX_DEADLINE_MS = (1 << 32) - 1
+# "The client's timeout" for short calls, as opposed to None (no limit).
+_CLIENT_TIMEOUT = object()
 
 _schema = None
 
@@ -100,13 +114,19 @@ class Client:
     ...     out, lse = c.query("doc", layer=0, q=q, keep=0.1)
     """
 
-    def __init__(self, addr: str, token: Optional[str] = None, timeout: float = 60.0):
+    def __init__(self, addr: str, token: Optional[str] = None,
+                 timeout: Optional[float] = 60.0):
         """Connects and says hello (with `token` when the server requires one).
 
-        timeout: seconds any one call may take on this side (None: no limit). Imports and other
-        long calls may need more than the default.
+        timeout: seconds the connection, and each short call (query, list, info, remove, stats,
+        tier_stats, unpin, list_pins), may take in all; sent to the server as the call's
+        deadline. None: no limit here (the server's default deadline, 60 s, still applies to
+        short calls). Long calls take their own timeout= argument and have none by default.
         """
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, got {timeout}")
         self._schema = load_schema()
+        self._timeout = timeout
         host, port = _split_address(addr)
         self._sock = socket.create_connection((host, port), timeout=timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -136,44 +156,69 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _recv_exactly(self, n: int) -> bytes:
+    def _arm(self, give_up: Optional[float]) -> None:
+        """Lets the next socket operation run until `give_up` (time.monotonic(); None: for
+        ever)."""
+        if give_up is None:
+            self._sock.settimeout(None)
+            return
+        left = give_up - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self._sock.settimeout(left)
+
+    def _recv_exactly(self, n: int, give_up: Optional[float]) -> bytes:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
+            self._arm(give_up)
             k = self._sock.recv_into(view[got:], n - got)
             if k == 0:
                 raise Error("unavailable", "server closed the connection")
             got += k
         return bytes(buf)
 
-    def _read_frame(self) -> bytes:
-        first = self._recv_exactly(_WORD)
+    def _read_frame(self, give_up: Optional[float]) -> bytes:
+        first = self._recv_exactly(_WORD, give_up)
         segments = struct.unpack_from("<I", first, 0)[0] + 1
         table_words = (1 + segments + 1) // 2
         if segments > 64:
             raise Error("internal", f"answer has {segments} segments")
-        table = first + self._recv_exactly((table_words - 1) * _WORD)
+        table = first + self._recv_exactly((table_words - 1) * _WORD, give_up)
         sizes = struct.unpack_from(f"<{segments}I", table, 4)
         total = (table_words + sum(sizes)) * _WORD
         if total > MAX_MESSAGE_BYTES:
             raise Error("internal", f"answer of {total} bytes exceeds the limit")
-        return table + self._recv_exactly(total - len(table))
+        return table + self._recv_exactly(total - len(table), give_up)
 
     def _call(self, build: Callable, read: Optional[Callable] = None,
-              progress: Optional[Callable[[int, int], None]] = None):
+              progress: Optional[Callable[[int, int], None]] = None,
+              timeout=_CLIENT_TIMEOUT):
         """Sends one request (filled in by build(request)) and returns read(response) for the
-        answer; progress answers go to progress(done, total)."""
+        answer; progress answers go to progress(done, total).
+
+        timeout: seconds for the whole call (None: no limit; default: the client's), sent as
+        the request's deadline; the client gives up DEADLINE_GRACE seconds after it."""
         if self._sock is None:
             raise Error("unavailable", "client is closed")
+        if timeout is _CLIENT_TIMEOUT:
+            timeout = self._timeout
         req = self._schema.Request.new_message()
         req.id = self._next_id
         self._next_id += 1
         build(req)
+        give_up = None
+        if timeout is not None:
+            if timeout <= 0:
+                raise Error("unavailable", "deadline exceeded before the call was sent")
+            req.deadlineMs = min(max(1, math.ceil(timeout * 1000)), _MAX_DEADLINE_MS)
+            give_up = time.monotonic() + timeout + DEADLINE_GRACE
         try:
+            self._arm(give_up)
             self._sock.sendall(req.to_bytes())
             while True:
-                frame = self._read_frame()
+                frame = self._read_frame(give_up)
                 limit = 2 * len(frame) // _WORD + 64
                 with self._schema.Response.from_bytes(
                         frame, traversal_limit_in_words=limit, nesting_limit=16) as resp:
@@ -186,6 +231,11 @@ class Client:
                             progress(resp.progress.done, resp.progress.total)
                         continue
                     return read(resp) if read is not None else None
+        except socket.timeout as e:
+            self.close()  # the stream position is unknown now
+            raise Error("unavailable",
+                        f"no answer within {timeout:g} s (and {DEADLINE_GRACE:g} s of grace); "
+                        "the server may still finish the call") from e
         except (OSError, capnp.KjException) as e:
             self.close()  # the stream position is unknown now
             raise Error("unavailable", f"connection failed: {e}") from e
@@ -194,7 +244,7 @@ class Client:
 
     def query(self, name: str, layer: int, q, keep: float = 0.1, dense: bool = False,
               device: str = "auto", sparsity: Optional[float] = None,
-              want_selection: bool = False):
+              want_selection: bool = False, timeout=_CLIENT_TIMEOUT):
         """Attention of `q` over one layer of the context.
 
         q: (q_heads, n, head_dim) array (converted to float32); q_heads a multiple of the
@@ -203,6 +253,7 @@ class Client:
         sparsity: use the calibrated threshold for this sparsity instead (see calibrate).
         Returns (output (q_heads, n, head_dim) float32, lse (q_heads, n) float32, natural log);
         with want_selection, also the attended token positions per kv head (a list of arrays).
+        timeout: seconds (None: no limit); default: the client's.
         """
         q = np.ascontiguousarray(q, dtype="<f4")
         if q.ndim != 3:
@@ -232,7 +283,7 @@ class Client:
             sel = [np.array(list(t), dtype=np.int32) for t in r.selectedTokens]
             return out, lse, sel
 
-        return self._call(build, read)
+        return self._call(build, read, timeout=timeout)
 
     def list(self) -> List[Dict]:
         """Every context, as the dicts `sqkv ls --json` prints."""
@@ -254,10 +305,22 @@ class Client:
     def import_file(self, name: str, path: str, centroid_fraction: float = 0.05,
                     page_tokens: int = 16, levels: int = 1, l1_fraction: float = 0.01,
                     kmeans_iterations: int = 20, kmeans_device: str = "auto",
-                    progress: Optional[Callable[[int, int], None]] = None) -> Dict:
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    timeout: Optional[float] = None) -> Dict:
         """Uploads a safetensors context (k.<l>, v.<l>, optional q.<l>; see the README's import
-        format) and imports it as `name`. Returns the new context's dict."""
+        format) and imports it as `name`. Returns the new context's dict.
+
+        timeout: seconds for the whole import, upload included (None: no limit; each upload
+        step then has the client's timeout, and the indexing none). When it passes during the
+        indexing, the server may still finish the import: look with info() before retrying.
+        """
         total = os.path.getsize(path)
+        ends = None if timeout is None else time.monotonic() + timeout
+
+        def step_timeout(last: bool):
+            if ends is None:
+                return None if last else _CLIENT_TIMEOUT
+            return ends - time.monotonic()
 
         def begin(req):
             b = req.init("importBegin")
@@ -273,7 +336,8 @@ class Client:
             o.kmeansDevice = kmeans_device
 
         upload_id, chunk = self._call(
-            begin, lambda r: (r.importBegin.uploadId, r.importBegin.chunkBytes))
+            begin, lambda r: (r.importBegin.uploadId, r.importBegin.chunkBytes),
+            timeout=step_timeout(False))
         chunk = max(1, min(chunk, MAX_CHUNK_BYTES))
         with open(path, "rb") as f:
             offset = 0
@@ -287,12 +351,13 @@ class Client:
                     c.uploadId = upload_id
                     c.offset = offset
                     c.data = data
-                self._call(piece)
+                self._call(piece, timeout=step_timeout(False))
                 offset += len(data)
 
         def end(req):
             req.init("importEnd").uploadId = upload_id
-        return self._call(end, lambda r: _context(r.context), progress)
+        return self._call(end, lambda r: _context(r.context), progress,
+                          timeout=step_timeout(True))
 
     def stats(self) -> Dict:
         def build(req):
@@ -319,20 +384,26 @@ class Client:
         return self._call(build, read)
 
     def verify(self, name: str = "",
-               progress: Optional[Callable[[int, int], None]] = None) -> List[str]:
+               progress: Optional[Callable[[int, int], None]] = None,
+               timeout: Optional[float] = None) -> List[str]:
         """Checks checksums and index invariants of `name` (all contexts when empty); returns
-        the problems found (empty when all is well)."""
+        the problems found (empty when all is well). timeout: seconds (None: no limit)."""
         def build(req):
             req.verify = name
-        return self._call(build, lambda r: [str(p) for p in r.verifyReport.problems], progress)
+        return self._call(build, lambda r: [str(p) for p in r.verifyReport.problems], progress,
+                          timeout=timeout)
 
-    def compact(self) -> None:
+    def compact(self, timeout: Optional[float] = None) -> None:
+        """Reclaims removed and superseded versions no reader uses. timeout: seconds (None: no
+        limit)."""
         def build(req):
             req.compact = None
-        self._call(build)
+        self._call(build, timeout=timeout)
 
-    def calibrate(self, name: str, sparsities: Sequence[float]) -> None:
-        """Calibrates per-layer thresholds from the window queries stored at import."""
+    def calibrate(self, name: str, sparsities: Sequence[float],
+                  timeout: Optional[float] = None) -> None:
+        """Calibrates per-layer thresholds from the window queries stored at import.
+        timeout: seconds (None: no limit)."""
         def build(req):
             c = req.init("calibrate")
             c.name = name
@@ -340,28 +411,30 @@ class Client:
             s = c.init("sparsities", len(sparsities))
             for i, v in enumerate(sparsities):
                 s[i] = float(v)
-        self._call(build)
+        self._call(build, timeout=timeout)
 
-    def pin(self, name: str, tier: str = "host") -> None:
-        """Keeps the context resident in `tier` ("host" or "device"), persisted; loads it now."""
+    def pin(self, name: str, tier: str = "host", timeout: Optional[float] = None) -> None:
+        """Keeps the context resident in `tier` ("host" or "device"), persisted; loads it now.
+        timeout: seconds (None: no limit)."""
         def build(req):
             c = req.init("pin")
             c.name = name
             c.tier = tier
-        self._call(build)
+        self._call(build, timeout=timeout)
 
     def unpin(self, name: str) -> None:
         def build(req):
             req.unpin = name
         self._call(build)
 
-    def preload(self, name: str, tier: str = "host") -> None:
-        """Warms the context into `tier` without pinning it."""
+    def preload(self, name: str, tier: str = "host", timeout: Optional[float] = None) -> None:
+        """Warms the context into `tier` without pinning it. timeout: seconds (None: no
+        limit)."""
         def build(req):
             c = req.init("preload")
             c.name = name
             c.tier = tier
-        self._call(build)
+        self._call(build, timeout=timeout)
 
     def list_pins(self) -> List[Tuple[str, str]]:
         def build(req):

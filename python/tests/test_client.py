@@ -15,10 +15,9 @@ from sqkv import Client, Error  # noqa: E402
 def test_import_list_info_query_remove(sqkv_bin, server, synth, tmp_path):
     ctx, qpath = synth
     with Client(server.address) as c:
-        seen = []
-        info = c.import_file("doc", ctx, progress=lambda d, t: seen.append((d, t)))
+        # Too quick for the server's progress tick: test_import_reports_progress checks it.
+        info = c.import_file("doc", ctx, progress=lambda d, t: None)
         assert info["name"] == "doc" and info["tokens"] == 400 and info["layers"] == 2
-        assert all(d <= t for d, t in seen)
         cli_ls = json.loads(run(sqkv_bin, "--server", server.address, "ls", "--json").stdout)
         assert c.list() == cli_ls
         cli_info = json.loads(run(sqkv_bin, "--server", server.address, "info", "doc",
@@ -56,6 +55,24 @@ def test_import_list_info_query_remove(sqkv_bin, server, synth, tmp_path):
         c.compact()
         c.remove("doc")
         assert c.list() == []
+
+
+def test_import_reports_progress(sqkv_bin, server, tmp_path):
+    # 4 layers x 4 kv heads of 4096 tokens with 80 K-means iterations: about 3 s of indexing on
+    # two cores, reported after each of the 16 heads, so the server (which sends progress at
+    # most every 250 ms, when it changed) has many chances to send some.
+    layers, kv_heads = 4, 4
+    ctx = str(tmp_path / "big.safetensors")
+    run(sqkv_bin, "synth", ctx, "--tokens", "4096", "--layers", str(layers), "--kv-heads",
+        str(kv_heads), "--q-heads", "8", "-n", "1", "--head-dim", "64")
+    seen = []
+    with Client(server.address) as c:
+        info = c.import_file("big", ctx, kmeans_iterations=80,
+                             progress=lambda d, t: seen.append((d, t)))
+    assert info["layers"] == layers
+    assert seen, "no progress answer during a multi-second import"
+    assert all(t == layers * kv_heads and 1 <= d <= t for d, t in seen), seen
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen), seen
 
 
 def test_errors_carry_the_store_code(server, synth):

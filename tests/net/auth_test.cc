@@ -48,6 +48,21 @@ TEST(AuthTest, CallsBeforeHelloAreRefusedAndTheConnectionClosed) {
   EXPECT_NE(r.status.message().find("authentication required"), std::string::npos);
   EXPECT_TRUE(sock.ClosedByPeer());
 
+  // Refused on its id and kind alone: the rest is not decoded (this query's shape is wrong).
+  RawSocket undecoded(live.address());
+  QueryCall bad;
+  bad.name = "doc";
+  bad.q_heads = 2;
+  bad.n = 1;
+  bad.head_dim = 8;
+  bad.q.assign(3, 1.f);
+  ASSERT_TRUE(undecoded.SendRequest(Request{6, 0, bad}));
+  ASSERT_TRUE(undecoded.ReadResponse(&r));
+  EXPECT_EQ(r.id, 6u);
+  EXPECT_TRUE(r.status.IsUnavailable()) << r.status.ToString();
+  EXPECT_NE(r.status.message().find("authentication required"), std::string::npos);
+  EXPECT_TRUE(undecoded.ClosedByPeer());
+
   RawSocket wrong(live.address());
   ASSERT_TRUE(wrong.SendRequest(Request{1, 0, HelloCall{kProtocolVersion, "nope", "test"}}));
   ASSERT_TRUE(wrong.ReadResponse(&r));
@@ -63,6 +78,31 @@ TEST(AuthTest, CallsBeforeHelloAreRefusedAndTheConnectionClosed) {
   ASSERT_TRUE(right.ReadResponse(&r));
   EXPECT_TRUE(r.status.ok());
   EXPECT_EQ(r.id, 2u);
+}
+
+TEST(AuthTest, ALargeMessageBeforeHelloIsRefusedUnread) {
+  LiveServer live(WithToken());
+  RawSocket sock(live.address());
+  ASSERT_TRUE(sock.ok());
+  // A segment table announcing 1 MiB, and nothing more: answered at once, without waiting for
+  // (or reserving room for) the body.
+  const uint32_t header[2] = {0, (1u << 20) / 8};
+  ASSERT_TRUE(sock.Send(header, sizeof(header)));
+  Response r;
+  ASSERT_TRUE(sock.ReadResponse(&r, std::chrono::seconds(5)));
+  EXPECT_TRUE(r.status.IsUnavailable()) << r.status.ToString();
+  EXPECT_NE(r.status.message().find("before hello"), std::string::npos) << r.status.ToString();
+  EXPECT_TRUE(sock.ClosedByPeer());
+  // Without a token the same header is simply read on.
+  LiveServer open_server;
+  RawSocket open_sock(open_server.address());
+  ASSERT_TRUE(open_sock.Send(header, sizeof(header)));
+  EXPECT_FALSE(open_sock.ReadResponse(&r, std::chrono::milliseconds(300)));
+  // The token holder is served as before.
+  std::unique_ptr<Store> remote;
+  ASSERT_TRUE(ConnectStore(live.address(), kToken, &remote).ok());
+  std::vector<ContextInfo> all;
+  EXPECT_TRUE(remote->List(&all).ok());
 }
 
 TEST(AuthTest, WrongProtocolVersionIsRefused) {

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <random>
 
+#include "tests/net/net_testing.h"
 #include "tests/testing/testing.h"
 
 namespace sqkv::net {
@@ -388,6 +389,58 @@ TEST(CodecTest, InconsistentShapesAndNamesAreRejected) {
   b.file_name = "../../etc/passwd";
   ASSERT_TRUE(EncodeRequest(Request{1, 0, b}, &frame).ok());
   EXPECT_TRUE(DecodeRequest(frame.data(), frame.size(), Limits(), &out).IsInvalidArgument());
+}
+
+TEST(CodecTest, LongRequestListsAreRefusedBeforeAllocating) {
+  // More layers of calibration queries than any model has, each well-formed.
+  CalibrateCall c;
+  c.name = "doc";
+  c.use_stored_queries = false;
+  constexpr size_t kTooManyLayers = 5000;
+  c.queries.resize(kTooManyLayers, WindowQueries{1, 1, 1, {0.5f}});
+  c.sparsities = {0.5f};
+  std::vector<uint64_t> frame;
+  ASSERT_TRUE(EncodeRequest(Request{1, 0, c}, &frame).ok());
+  Request out;
+  Status s = DecodeRequest(frame.data(), frame.size(), Limits(), &out);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("5000 layers; the limit is 4096"), std::string::npos) << s.ToString();
+  c.queries.resize(4096);  // the limit itself is fine
+  ASSERT_TRUE(EncodeRequest(Request{1, 0, c}, &frame).ok());
+  s = DecodeRequest(frame.data(), frame.size(), Limits(), &out);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(std::get<CalibrateCall>(out.call).queries.size(), 4096u);
+
+  // A list of empty structs: a million elements in 4 MiB. Refused on its length alone (before,
+  // a vector of a million WindowQueries was allocated first).
+  constexpr uint32_t kEmptyElements = 1 << 20;
+  frame = testing::EmptyStructsCalibrateFrame(kEmptyElements);
+  s = DecodeRequest(frame.data(), frame.size(), Limits(), &out);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("1048576 layers; the limit is 4096"), std::string::npos)
+      << s.ToString();
+
+  c.queries.resize(1);
+  c.sparsities.assign(2000, 0.5f);
+  ASSERT_TRUE(EncodeRequest(Request{1, 0, c}, &frame).ok());
+  s = DecodeRequest(frame.data(), frame.size(), Limits(), &out);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("2000 calibration sparsities; the limit is 1024"), std::string::npos)
+      << s.ToString();
+}
+
+TEST(CodecTest, PeekReadsTheIdAndWhetherTheCallIsHello) {
+  std::vector<uint64_t> frame;
+  ASSERT_TRUE(EncodeRequest(Request{41, 0, HelloCall{kProtocolVersion, "t", "c"}}, &frame).ok());
+  RequestHead head;
+  ASSERT_TRUE(PeekRequest(frame.data(), frame.size(), Limits(), &head).ok());
+  EXPECT_EQ(head.id, 41u);
+  EXPECT_TRUE(head.is_hello);
+  ASSERT_TRUE(EncodeRequest(Request{42, 0, ListCall{}}, &frame).ok());
+  ASSERT_TRUE(PeekRequest(frame.data(), frame.size(), Limits(), &head).ok());
+  EXPECT_EQ(head.id, 42u);
+  EXPECT_FALSE(head.is_hello);
+  EXPECT_TRUE(PeekRequest(frame.data(), frame.size() - 1, Limits(), &head).IsInvalidArgument());
 }
 
 TEST(CodecTest, TruncatedAndRandomFramesAreErrorsNotCrashes) {

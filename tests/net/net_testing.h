@@ -226,24 +226,43 @@ class RawSocket {
 };
 
 // A store that forwards to another and sleeps `query_delay` in every Query: keeps a request in
-// flight long enough to test deadlines and graceful shutdown.
+// flight long enough to test deadlines and graceful shutdown. With a progress delay, an import
+// also sleeps that long after each progress report of the inner import.
 class SlowStore final : public Store {
  public:
-  SlowStore(Store* inner, std::chrono::milliseconds query_delay)
-      : Store(inner->data_dir()), inner_(inner), delay_(query_delay) {}
+  SlowStore(Store* inner, std::chrono::milliseconds query_delay,
+            std::chrono::milliseconds progress_delay = std::chrono::milliseconds(0))
+      : Store(inner->data_dir()),
+        inner_(inner),
+        delay_(query_delay),
+        progress_delay_(progress_delay) {}
 
   Status Query(const std::string& name, int layer, const float* q, int q_heads, int n, int head_dim,
                const QueryOptions& options, QueryResult* result) override {
     entered_.fetch_add(1);
+    const int running = in_flight_.fetch_add(1) + 1;
+    int seen = max_in_flight_.load();
+    while (running > seen && !max_in_flight_.compare_exchange_weak(seen, running)) {
+    }
     std::this_thread::sleep_for(delay_);
+    in_flight_.fetch_sub(1);
     return inner_->Query(name, layer, q, q_heads, n, head_dim, options, result);
   }
 
   // Queries that have started (on a worker).
   int entered() const { return entered_.load(); }
+  // Most queries that were sleeping at once.
+  int max_in_flight() const { return max_in_flight_.load(); }
   Status Import(const std::string& name, const std::string& path, const ImportOptions& options,
                 ContextInfo* info) override {
-    return inner_->Import(name, path, options, info);
+    ImportOptions slowed = options;
+    if (options.progress && progress_delay_.count() > 0) {
+      slowed.progress = [report = options.progress, delay = progress_delay_](int done, int total) {
+        report(done, total);
+        std::this_thread::sleep_for(delay);
+      };
+    }
+    return inner_->Import(name, path, slowed, info);
   }
   Status List(std::vector<ContextInfo>* out) override { return inner_->List(out); }
   Status Info(const std::string& name, ContextInfo* out) override {
@@ -279,8 +298,46 @@ class SlowStore final : public Store {
 
  private:
   Store* inner_;
-  std::chrono::milliseconds delay_;
-  std::atomic<int> entered_{0};
+  std::chrono::milliseconds delay_, progress_delay_;
+  std::atomic<int> entered_{0}, in_flight_{0}, max_in_flight_{0};
 };
+
+// A calibrate request whose queries are a list of `elements` empty structs: such a list costs
+// the sender nothing per element (the list is a tag word), so only the decoder's traversal limit
+// bounds it. The frame carries about `elements` / 2 unreachable words, for that limit's sake.
+inline std::vector<uint64_t> EmptyStructsCalibrateFrame(uint32_t elements) {
+  constexpr int kSlackFloats = 1024;  // beyond the traversal the rest of the message costs
+  CalibrateCall c;
+  c.name = "doc";
+  c.use_stored_queries = false;
+  WindowQueries w;
+  w.q_heads = 1;
+  w.window = 1;
+  w.head_dim = static_cast<int>(elements) + kSlackFloats;
+  w.data.assign(static_cast<size_t>(w.head_dim), 0.f);
+  c.queries.push_back(std::move(w));
+  c.sparsities = {0.5f};
+  std::vector<uint64_t> frame;
+  EXPECT_TRUE(EncodeRequest(Request{1, 0, c}, &frame).ok());
+  // The list's tag word (1 element of 2 data words and 1 pointer) and its pointer (a list of
+  // composite elements, 3 words): both say 0 words per element now, and the tag `elements`.
+  constexpr uint64_t kTag = (uint64_t{1} << 2) | (uint64_t{2} << 32) | (uint64_t{1} << 48);
+  constexpr uint64_t kListPointer = 1, kComposite = 7, kListWords = 3;
+  constexpr int kWordCountShift = 35;
+  int tags = 0, pointers = 0;
+  for (uint64_t& word : frame) {
+    if (word == kTag) {
+      word = uint64_t{elements} << 2;
+      ++tags;
+    } else if ((word & 3) == kListPointer && ((word >> 32) & 7) == kComposite &&
+               (word >> kWordCountShift) == kListWords) {
+      word &= (uint64_t{1} << kWordCountShift) - 1;
+      ++pointers;
+    }
+  }
+  EXPECT_EQ(tags, 1);
+  EXPECT_EQ(pointers, 1);
+  return frame;
+}
 
 }  // namespace sqkv::net::testing

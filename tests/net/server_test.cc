@@ -179,17 +179,25 @@ TEST(ServerTest, EveryCallMatchesTheEmbeddedStore) {
 }
 
 TEST(ServerTest, ImportUploadsInChunksAndReportsProgress) {
+  testing::ScratchDir data;
+  std::unique_ptr<Store> inner;
+  ASSERT_TRUE(Store::Open(StoreOptions{.data_dir = data.file("data")}, &inner).ok());
+  // The import reports progress once per layer and kv head (4 times here); each report is
+  // followed by 150 ms, so the import outlasts the server's 250 ms progress tick.
+  constexpr auto kProgressDelay = std::chrono::milliseconds(150);
+  SlowStore slow(inner.get(), std::chrono::milliseconds(0), kProgressDelay);
   ServerOptions options;
   options.chunk_bytes = 64 * 1024;  // the file needs many chunks
-  LiveServer live(options);
+  LiveServer live(&slow, options);
   const std::string path = live.dir() + "/up.safetensors";
   SyntheticOptions ctx = SmallContext(FreshSeed());
   std::vector<float> q;
   ASSERT_TRUE(WriteSyntheticContext(ctx, path, &q).ok());
   auto remote = live.Connect();
   ImportOptions io;
-  int last_done = 0, last_total = 0;
+  int updates = 0, last_done = 0, last_total = 0;
   io.progress = [&](int done, int total) {
+    ++updates;
     last_done = done;
     last_total = total;
   };
@@ -203,7 +211,10 @@ TEST(ServerTest, ImportUploadsInChunksAndReportsProgress) {
   ContextInfo again;
   ASSERT_TRUE(remote->Info("up", &again).ok());
   EXPECT_EQ(again.source, "up.safetensors");
-  EXPECT_LE(last_done, last_total);  // progress may or may not have been sampled: a fast import
+  EXPECT_GE(updates, 1);
+  EXPECT_EQ(last_total, ctx.layers * ctx.kv_heads);
+  EXPECT_GE(last_done, 1);
+  EXPECT_LE(last_done, last_total);
 
   // The same file imported locally gives the same answers (K-means is seeded the same way).
   ASSERT_TRUE(live.store()->Import("local", path, ImportOptions(), nullptr).ok());
