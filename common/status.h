@@ -16,15 +16,17 @@ class [[nodiscard]] Status {
     kInvalidArgument,  // bad input from the caller: shapes, names, values
     kNotFound,         // unknown context, file or key
     kAlreadyExists,
-    kCorruption,       // stored bytes fail a check (checksum, header, invariant)
-    kIOError,          // the OS said no
-    kUnavailable,      // a resource is absent (e.g. no GPU)
-    kInternal,         // a bug or a library failure we did not expect
+    kCorruption,   // stored bytes fail a check (checksum, header, invariant)
+    kIOError,      // the OS said no
+    kUnavailable,  // a resource is absent (e.g. no GPU)
+    kInternal,     // a bug or a library failure we did not expect
   };
 
   Status() = default;
   static Status Ok() { return Status(); }
-  static Status InvalidArgument(std::string m) { return Status(Code::kInvalidArgument, std::move(m)); }
+  static Status InvalidArgument(std::string m) {
+    return Status(Code::kInvalidArgument, std::move(m));
+  }
   static Status NotFound(std::string m) { return Status(Code::kNotFound, std::move(m)); }
   static Status AlreadyExists(std::string m) { return Status(Code::kAlreadyExists, std::move(m)); }
   static Status Corruption(std::string m) { return Status(Code::kCorruption, std::move(m)); }
@@ -50,6 +52,13 @@ class [[nodiscard]] Status {
     return Status(code_, context + ": " + message_);
   }
 
+  // Returns a copy with the same code and `message` instead (e.g. a server naming the client's
+  // file where the store named its own copy).
+  Status WithMessage(std::string message) const {
+    if (ok()) return *this;
+    return Status(code_, std::move(message));
+  }
+
   // For the rare call whose failure is harmless; makes the intent visible.
   void PermitUncheckedError() const {}
 
@@ -64,7 +73,7 @@ template <typename T>
 class [[nodiscard]] Result {
  public:
   Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
-  Result(Status status)  // NOLINT
+  Result(Status status)                          // NOLINT
       : status_(status.ok() ? Status::Internal("Result built from an OK status")
                             : std::move(status)) {
     assert(!status.ok() && "Result built from an OK status carries no value");
@@ -90,10 +99,10 @@ class [[nodiscard]] Result {
 #define SQKV_CONCAT(a, b) SQKV_CONCAT_INNER(a, b)
 
 // Returns early from the enclosing function when `expr` is not OK.
-#define SQKV_RETURN_IF_ERROR(expr)        \
-  do {                                    \
-    ::sqkv::Status _st = (expr);          \
-    if (!_st.ok()) return _st;            \
+#define SQKV_RETURN_IF_ERROR(expr) \
+  do {                             \
+    ::sqkv::Status _st = (expr);   \
+    if (!_st.ok()) return _st;     \
   } while (0)
 
 // SQKV_ASSIGN_OR_RETURN(auto x, MakeX()); declares x from a Result or returns its Status.

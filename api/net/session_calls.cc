@@ -350,7 +350,17 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& 
     options.progress = report;
     ContextInfo info;
     o.status = store->Import(up->name, up->path, options, &info);
-    if (o.status.ok()) o.body = std::move(info);
+    if (o.status.ok()) {
+      o.body = std::move(info);
+    } else if (!options.source.empty()) {
+      // Errors name the client's file, as the embedded store would, not the upload's path.
+      std::string m = o.status.message();
+      for (size_t at = m.find(up->path); at != std::string::npos;
+           at = m.find(up->path, at + options.source.size())) {
+        m.replace(at, up->path.size(), options.source);
+      }
+      o.status = o.status.WithMessage(std::move(m));
+    }
     up->Discard();  // before the answer: nothing of the upload is left once the client hears
     return o;
   };

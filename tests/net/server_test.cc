@@ -233,7 +233,11 @@ TEST(ServerTest, ImportUploadsInChunksAndReportsProgress) {
     std::ofstream f(junk);
     f << "definitely not safetensors";
   }
-  EXPECT_TRUE(remote->Import("junk", junk, io, nullptr).IsInvalidArgument());
+  Status bad = remote->Import("junk", junk, io, nullptr);
+  EXPECT_TRUE(bad.IsInvalidArgument()) << bad.ToString();
+  // The error names the client's file, not the server's copy of it.
+  EXPECT_NE(bad.message().find("junk.safetensors"), std::string::npos) << bad.ToString();
+  EXPECT_EQ(bad.message().find("uploads/"), std::string::npos) << bad.ToString();
   // Uploads leave nothing behind.
   size_t leftovers = 0;
   for (const auto& e : std::filesystem::directory_iterator(live.dir() + "/uploads")) {
