@@ -64,6 +64,10 @@ Status CheckContextTensors(const SafetensorsFile& file, ContextTensors* out) {
     (kind == 'k' ? k : kind == 'v' ? v : q)[layer] = &t;
   }
   if (k.empty()) return Status::InvalidArgument("no k.<layer> tensors in " + file.path());
+  if (k.size() > kMaxContextLayers) {
+    return Status::InvalidArgument(std::to_string(k.size()) + " layers in " + file.path() +
+                                   ": at most " + std::to_string(kMaxContextLayers));
+  }
   out->layers = static_cast<int>(k.size());
   const TensorInfo* first = k.begin()->second;
   out->kv_heads = static_cast<int>(first->shape[0]);

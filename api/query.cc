@@ -7,12 +7,27 @@
 #include "api/store_impl.h"
 #include "compute/attention.h"
 #include "gpu/device.h"
+#include "gpu/engine.h"
+#include "gpu/shapes.h"
 #include "index/calibrate.h"
 
 namespace sqkv {
 namespace {}  // namespace
 
-bool GpuRunsShape(const ContextRecord& r) { return r.head_dim == 64 || r.head_dim == 128; }
+bool GpuRunsShape(const ContextRecord& r) {
+  // The store's engine runs with the default pool slot; a page must divide it.
+  const size_t page_bytes = PageBytes(r.page_tokens, r.head_dim, r.dtype);
+  return gpu::AttentionRunsHeadDim(r.head_dim) && gpu::AttentionRunsPageTokens(r.page_tokens) &&
+         page_bytes > 0 && gpu::EngineOptions().slot_bytes % page_bytes == 0;
+}
+
+std::string GpuShapeError(const ContextRecord& r) {
+  return "the GPU backend runs head_dim 64 and 128 with page_tokens a multiple of 8 up to " +
+         std::to_string(gpu::kMaxPageTokens) + " whose page divides " +
+         std::to_string(gpu::EngineOptions().slot_bytes) + " bytes; context " + r.name +
+         " has head_dim " + std::to_string(r.head_dim) + ", page_tokens " +
+         std::to_string(r.page_tokens);
+}
 
 Status ValidateQuery(const ContextRecord& r, int layer, const float* q, int q_heads, int n,
                      int head_dim) {
@@ -91,10 +106,8 @@ Status StoreImpl::Query(const std::string& name, int layer, const float* q, int 
       return Status::Unavailable("--device gpu: " + why.status().message());
     }
     if (!GpuRunsShape(r)) {
-      return Status::InvalidArgument(
-          "--device gpu: the GPU backend runs head_dim 64 and 128; "
-          "context " +
-          name + " has " + std::to_string(r.head_dim) + " (use --device cpu or auto)");
+      return Status::InvalidArgument("--device gpu: " + GpuShapeError(r) +
+                                     " (use --device cpu or auto)");
     }
   }
   SQKV_ASSIGN_OR_RETURN(auto layer_data, GetLayer(r, layer));
@@ -107,11 +120,15 @@ Status StoreImpl::Query(const std::string& name, int layer, const float* q, int 
                  : QueryCpu(r, *layer_data, *segment, q, q_heads, n, effective, result);
   SQKV_RETURN_IF_ERROR(
       s.WithContext("query of context " + name + " layer " + std::to_string(layer)));
-  // Finite queries can still overflow float32 in q.k (elements near 1e37 and up): no answer
-  // then, rather than NaN. An empty selection's lse is -inf, which is an answer.
+  // Finite queries can still overflow float32 in q.k (elements near 1e37 and up; the GPU's
+  // 16-bit q earlier): no answer then, rather than NaN. An empty selection's lse is -inf with a
+  // zero output, which is an answer.
   for (size_t i = 0; i < result->lse.size(); ++i) {
     const float lse = result->lse[i];
-    if (std::isnan(lse) || lse == std::numeric_limits<float>::infinity()) {
+    const float* row = result->output.data() + i * static_cast<size_t>(head_dim);
+    const bool row_finite =
+        std::all_of(row, row + head_dim, [](float x) { return std::isfinite(x); });
+    if (std::isnan(lse) || lse == std::numeric_limits<float>::infinity() || !row_finite) {
       const size_t head = i / n, token = i % n;
       *result = QueryResult();
       return Status::InvalidArgument(

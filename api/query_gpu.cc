@@ -47,6 +47,9 @@ Status StoreImpl::EnsureDeviceIndex(const ContextRecord& r, int layer_id, const 
   SQKV_RETURN_IF_ERROR(engine->LoadLayerIndex(key, r.dtype, r.page_tokens, layer.heads));
   ++device_layers_loaded_;
   gpu_lru_.push_front(key);
+  // A version pinned in the device tier (restored at Open, or carried over by a rebuild) pins
+  // each layer as it comes back; its pages then stay once they arrive.
+  if (gpu_pinned_versions_.count(r.version)) SQKV_RETURN_IF_ERROR(engine->PinLayer(key));
   return Status::Ok();
 }
 
@@ -101,7 +104,14 @@ Status StoreImpl::QueryGpu(const ContextRecord& r, int layer_id, const LayerData
   {
     // The engine is not thread-safe: one query at a time uses it.
     std::lock_guard<std::mutex> lock(engine_mu_);
-    SQKV_RETURN_IF_ERROR(EnsureDeviceIndex(r, layer_id, layer));
+    if (Status s = EnsureDeviceIndex(r, layer_id, layer); !s.ok()) {
+      if (!s.IsUnavailable()) return s;
+      // No device memory for the index: answer on the CPU.
+      result->stats = QueryStats();
+      SQKV_RETURN_IF_ERROR(QueryCpu(r, layer, segment, q, q_heads, n, options, result));
+      result->stats.device = "cpu (device memory full)";
+      return Status::Ok();
+    }
     gpu::QueryRequest req;
     req.layer_key = DeviceKey(r.version, layer_id);
     req.q = q;

@@ -34,7 +34,12 @@ Status StoreImpl::Rebuild(const std::string& name, const ImportOptions& options,
   }
   {
     std::lock_guard<std::mutex> lock(engine_mu_);
-    if (gpu_pinned_versions_.erase(old.version)) gpu_pinned_versions_.insert(fresh.version);
+    if (gpu_pinned_versions_.count(old.version)) {
+      // The old version's device layers let go of their pool pages now; the new version's
+      // layers are pinned as they load (EnsureDeviceIndex).
+      UnpinDeviceLocked(old);
+      gpu_pinned_versions_.insert(fresh.version);
+    }
   }
   // The old version is garbage now; its files go at once unless queries still read it.
   return ReclaimGarbage(nullptr);

@@ -160,6 +160,7 @@ struct TierStats {
   std::vector<uint64_t> disk_read_us_log2;
   // Device tier.
   uint64_t device_layers_resident = 0, device_pool_bytes_used = 0, device_pool_bytes = 0;
+  uint64_t device_layers_pinned = 0;  // of the resident layers, those pinned
   uint64_t device_layers_loaded = 0, device_layers_evicted = 0;  // layer indexes
   uint64_t device_hits = 0, device_misses = 0;  // pages
   uint64_t device_pages_uploaded = 0, device_bytes_uploaded = 0, device_pages_evicted = 0;

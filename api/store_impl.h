@@ -56,6 +56,9 @@ struct LayerBytes {
 
 Status ValidateBuildOptions(const ImportOptions& options);
 
+// Layers of one context at most: the device tier keys a layer by (version << 16 | layer).
+inline constexpr size_t kMaxContextLayers = 65535;
+
 class StoreImpl : public Store {
  public:
   StoreImpl(const StoreOptions& options, std::unique_ptr<Catalog> catalog,
@@ -124,6 +127,7 @@ class StoreImpl : public Store {
                           const SegmentReader& segment, const std::vector<uint64_t>& pages,
                           HostPages* out);
   // Device tier (caller holds engine_mu_).
+  // kMaxContextLayers keeps the layer in the key's low 16 bits.
   static uint64_t DeviceKey(uint64_t version, int layer) {
     return (version << 16) | static_cast<uint64_t>(layer);
   }
@@ -192,6 +196,7 @@ class VersionPin {
 // Whether the GPU backend's kernels run this context's shape (head_dim 64 or 128); --device
 // auto answers on the CPU otherwise.
 bool GpuRunsShape(const ContextRecord& r);
+std::string GpuShapeError(const ContextRecord& r);  // why GpuRunsShape(r) is false
 
 // Query input checks shared by every device. q: (q_heads, n, head_dim).
 Status ValidateQuery(const ContextRecord& r, int layer, const float* q, int q_heads, int n,

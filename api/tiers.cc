@@ -128,8 +128,7 @@ Status StoreImpl::Pin(const std::string& name, Tier tier) {
     return Status::Unavailable("--tier device: no CUDA device");
   }
   if (tier == Tier::kDevice && !GpuRunsShape(r)) {
-    return Status::InvalidArgument("--tier device: the GPU backend runs head_dim 64 and 128; " +
-                                   name + " has " + std::to_string(r.head_dim));
+    return Status::InvalidArgument("--tier device: " + GpuShapeError(r));
   }
   if (tier == Tier::kHost) {
     SQKV_RETURN_IF_ERROR(host_cache_->PinVersion(r.version));
@@ -232,6 +231,7 @@ Status StoreImpl::GetTierStats(TierStats* out) {
   out->device_layers_evicted = device_layers_evicted_.load();
   if (engine_) {
     const gpu::EngineCounters c = engine_->counters();
+    out->device_layers_pinned = c.pinned_layers;
     out->device_pool_bytes_used = c.pool_used_bytes;
     out->device_pool_bytes = c.pool_bytes;
     out->device_hits = c.hits;

@@ -43,6 +43,7 @@ Status DeviceBuffer::Allocate(size_t bytes) {
   cudaError_t err = cudaMalloc(&ptr_, bytes);
   if (err != cudaSuccess) {
     ptr_ = nullptr;
+    cudaGetLastError();  // an out-of-memory must not be reported again by the next launch
     return Status::Unavailable("cudaMalloc of " + std::to_string(bytes) +
                                " bytes: " + cudaGetErrorString(err));
   }

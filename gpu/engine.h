@@ -206,6 +206,8 @@ class Engine {
   // other layers' unpinned pages as needed. Unavailable when the pool cannot hold the layer next
   // to pinned pages (pages uploaded until then stay); NotFound without the index. stats may be
   // null. With PinLayer first, the layer then stays fully resident (`sqkv pin --tier device`).
+  // Like EvictLayer, the evictions here (and in QueryPaged) reuse pool slots at once: Run work
+  // still executing on the caller's streams over unpinned pages must be finished first.
   virtual Status PreloadLayer(uint64_t layer_key, const PageSupplier& supply,
                               PagingStats* stats) = 0;
   // A pinned layer's pages are never evicted (EvictLayer still frees them). NotFound without the
@@ -232,6 +234,7 @@ class Engine {
   // (with the layer and head as context) and InvalidArgument for a supplier answer of the wrong
   // size or with a null pointer. stats may be null: a group whose layers are all fully resident
   // then runs exactly as Query (with stats, one small extra copy reads its page counts).
+  // Evicts like PreloadLayer: finish Run work over unpinned pages on other streams first.
   virtual Status QueryPaged(const std::vector<QueryRequest>& requests, const PageSupplier& supply,
                             PagingStats* stats) = 0;
 

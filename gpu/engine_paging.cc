@@ -17,8 +17,7 @@ std::string Key(uint64_t k) { return "layer " + std::to_string(k); }
 
 // A page of a layer: layer id in the high half, head-major page in the low half.
 uint64_t PageKey(const ResidentLayer& l, int head, int32_t page) {
-  return (static_cast<uint64_t>(l.id) << 32) |
-         static_cast<uint32_t>(l.head_page_base[head] + page);
+  return (static_cast<uint64_t>(l.id) << 32) | static_cast<uint32_t>(l.head_page_base[head] + page);
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -134,20 +133,25 @@ Status EngineImpl::Upload(size_t page_bytes, const std::vector<PendingPage>& pag
                           const std::vector<DeviceWrite>& extra, PagingStats* stats) {
   if (pages.empty() && extra.empty()) return Status::Ok();
   auto s = static_cast<cudaStream_t>(stream());
-  if (upload_start_ == nullptr) {
+  if (upload_start_ == nullptr || upload_end_ == nullptr) {
+    // Both or neither: a failure leaves none behind, so the next upload tries again.
     cudaEvent_t a = nullptr, b = nullptr;
     SQKV_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&a), "cudaEventCreate"));
+    if (Status made = CudaStatus(cudaEventCreate(&b), "cudaEventCreate"); !made.ok()) {
+      cudaEventDestroy(a);
+      return made;
+    }
+    if (upload_start_ != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(upload_start_));
+    if (upload_end_ != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(upload_end_));
     upload_start_ = a;
-    SQKV_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&b), "cudaEventCreate"));
     upload_end_ = b;
   }
   // Which pages the gather kernel reads (mapped page-locked memory) and which go by copy.
   std::vector<PageGather> gathers;
   std::vector<size_t> copies;  // indices into pages
   for (size_t i = 0; i < pages.size(); ++i) {
-    const void* dev = options_.upload == EngineOptions::Upload::kAuto
-                          ? DeviceAddressOf(pages[i].src)
-                          : nullptr;
+    const void* dev =
+        options_.upload == EngineOptions::Upload::kAuto ? DeviceAddressOf(pages[i].src) : nullptr;
     if (dev != nullptr && Aligned16(dev)) {
       gathers.push_back({dev, static_cast<uint64_t>(pages[i].pool_id) * page_bytes});
     } else {
@@ -171,8 +175,8 @@ Status EngineImpl::Upload(size_t page_bytes, const std::vector<PendingPage>& pag
     std::memcpy(writes + pages.size(), extra.data(), extra.size() * sizeof(DeviceWrite));
   }
 
-  SQKV_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(static_cast<cudaEvent_t>(upload_start_), s),
-                                  "cudaEventRecord"));
+  SQKV_RETURN_IF_ERROR(
+      CudaStatus(cudaEventRecord(static_cast<cudaEvent_t>(upload_start_), s), "cudaEventRecord"));
   // Copies: one per run of pages adjacent in host memory and in the pool.
   auto* pool = static_cast<uint8_t*>(pool_);
   std::vector<void*> dsts;
@@ -200,10 +204,9 @@ Status EngineImpl::Upload(size_t page_bytes, const std::vector<PendingPage>& pag
     cudaMemcpyAttributes attr{};
     attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
     size_t attr_index = 0;
-    SQKV_RETURN_IF_ERROR(CudaStatus(
-        cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr,
-                             &attr_index, 1, s),
-        "upload pages (batch)"));
+    SQKV_RETURN_IF_ERROR(CudaStatus(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(),
+                                                         dsts.size(), &attr, &attr_index, 1, s),
+                                    "upload pages (batch)"));
   } else {
     for (size_t i = 0; i < dsts.size(); ++i) {
       SQKV_RETURN_IF_ERROR(CudaStatus(
@@ -240,9 +243,9 @@ Status EngineImpl::PageIn(PlanImpl& plan, const std::vector<ResidentLayer*>& lay
   // The one round trip: the selection, before the attention.
   const SelectionRange x = PlanSelectionRange(plan);
   SQKV_RETURN_IF_ERROR(readback_.Reserve(x.bytes));
-  SQKV_RETURN_IF_ERROR(CudaStatus(
-      cudaMemcpyAsync(readback_.host(), x.device, x.bytes, cudaMemcpyDeviceToHost, s),
-      "read selection"));
+  SQKV_RETURN_IF_ERROR(
+      CudaStatus(cudaMemcpyAsync(readback_.host(), x.device, x.bytes, cudaMemcpyDeviceToHost, s),
+                 "read selection"));
   SQKV_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(s), "read selection"));
   host->assign(static_cast<const uint8_t*>(readback_.host()),
                static_cast<const uint8_t*>(readback_.host()) + x.bytes);

@@ -9,6 +9,7 @@
 #include "gpu/paged_attention.h"
 #include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
+#include "gpu/shapes.h"
 
 namespace sqkv::gpu {
 namespace {
@@ -17,7 +18,6 @@ using detail::KernelInfo;
 using detail::PathKind;
 using detail::Plan;
 
-constexpr int kMaxPageTokens = 1024;  // keeps page_id · 2 · page_tokens in 32 bits for big pools
 constexpr size_t kAlign = 256;
 
 // Cost model for choosing the key splits, in work items of the kernel (decode / f32: a 16-slot
@@ -35,11 +35,11 @@ Status CheckShape(const PagedAttentionArgs& a) {
   if (a.dtype != DType::kF32 && a.dtype != DType::kF16 && a.dtype != DType::kBF16) {
     return Status::InvalidArgument("paged attention: unknown dtype");
   }
-  if (a.head_dim != 64 && a.head_dim != 128) {
+  if (!AttentionRunsHeadDim(a.head_dim)) {
     return Status::InvalidArgument("paged attention: head_dim must be 64 or 128, got " +
                                    std::to_string(a.head_dim));
   }
-  if (a.page_tokens < 8 || a.page_tokens % 8 != 0 || a.page_tokens > kMaxPageTokens) {
+  if (!AttentionRunsPageTokens(a.page_tokens)) {
     return Status::InvalidArgument("paged attention: page_tokens must be a multiple of 8 in [8, " +
                                    std::to_string(kMaxPageTokens) + "], got " +
                                    std::to_string(a.page_tokens));

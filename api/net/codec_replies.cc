@@ -235,6 +235,7 @@ Status ReadResponse(wire::Response::Reader r, Response* out) {
       t.disk_read_us_log2.resize(hist.size());
       for (uint32_t i = 0; i < hist.size(); ++i) t.disk_read_us_log2[i] = hist[i];
       t.device_layers_resident = w.getDeviceLayersResident();
+      t.device_layers_pinned = w.getDeviceLayersPinned();
       t.device_pool_bytes_used = w.getDevicePoolBytesUsed();
       t.device_pool_bytes = w.getDevicePoolBytes();
       t.device_layers_loaded = w.getDeviceLayersLoaded();
@@ -346,6 +347,7 @@ void WriteResponse(const Response& resp, wire::Response::Builder b) {
       auto hist = w.initDiskReadUsLog2(t.disk_read_us_log2.size());
       for (size_t i = 0; i < t.disk_read_us_log2.size(); ++i) hist.set(i, t.disk_read_us_log2[i]);
       w.setDeviceLayersResident(t.device_layers_resident);
+      w.setDeviceLayersPinned(t.device_layers_pinned);
       w.setDevicePoolBytesUsed(t.device_pool_bytes_used);
       w.setDevicePoolBytes(t.device_pool_bytes);
       w.setDeviceLayersLoaded(t.device_layers_loaded);

@@ -487,6 +487,8 @@ struct TierStats {
   # Layer indexes read from the catalog and decoded.
   indexLayersEvicted @24 :UInt64;
   # Layer indexes dropped from the cache.
+  deviceLayersPinned @25 :UInt64;
+  # Of the layers resident in the device pool, those pinned (their pages are never evicted).
 }
 
 struct Response {

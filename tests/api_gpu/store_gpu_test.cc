@@ -22,6 +22,10 @@ class StoreGpuTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!gpu::DevicePresent()) GTEST_SKIP() << "no CUDA device";
+    Reopen();
+  }
+  void Reopen() {
+    store_.reset();  // the old store's device pool goes first
     StoreOptions o;
     o.data_dir = dir_.file("data");
     ASSERT_TRUE(Store::Open(o, &store_).ok());
@@ -71,8 +75,7 @@ TEST_F(StoreGpuTest, GpuAndCpuAgreeAcrossDtypesAndModes) {
           ToFloat(t->dtype, (*file)->Data(*t), dst->data(), dst->size());
         }
       }
-      static constexpr const char* kModeNames[] = {"dense", "keep 0.1", "keep 0.3",
-                                                   "sparsity 0.9"};
+      static constexpr const char* kModeNames[] = {"dense", "keep 0.1", "keep 0.3", "sparsity 0.9"};
       for (int mode = 0; mode < 4; ++mode) {
         QueryOptions qo;
         qo.want_selection = true;
@@ -96,9 +99,10 @@ TEST_F(StoreGpuTest, GpuAndCpuAgreeAcrossDtypesAndModes) {
           for (int32_t t : b) differ += !a.count(t);
           total += a.size();
         }
-        const std::string what = std::string(DTypeName(dtype)) + " d" +
-                                 std::to_string(head_dim) + " " + kModeNames[mode];
-        std::fprintf(stderr, "%s: %zu of %zu selected tokens differ; ", what.c_str(), differ, total);
+        const std::string what = std::string(DTypeName(dtype)) + " d" + std::to_string(head_dim) +
+                                 " " + kModeNames[mode];
+        std::fprintf(stderr, "%s: %zu of %zu selected tokens differ; ", what.c_str(), differ,
+                     total);
         EXPECT_LE(differ, total / 50 + 64) << what;
         // Each answer against float64 attention over its own selection, equal or not.
         testing::ExpectMatchesReferenceOverSelection(cpu, q.data(), so.q_heads, so.n, head_dim,
@@ -143,7 +147,46 @@ TEST_F(StoreGpuTest, DevicePinKeepsLayersResident) {
   TierStats ts;
   ASSERT_TRUE(store_->GetTierStats(&ts).ok());
   EXPECT_EQ(ts.device_layers_resident, 3u);
+  EXPECT_EQ(ts.device_layers_pinned, 3u);
   EXPECT_GT(ts.device_pool_bytes_used, 0u);
+
+  // The pin is persisted: after a reopen each layer is pinned again as a query brings it back.
+  Reopen();
+  ASSERT_TRUE(store_->Query("p", 1, q.data(), 32, so.n, 128, qo, &r).ok());
+  EXPECT_EQ(r.stats.device, "gpu");
+  ASSERT_TRUE(store_->GetTierStats(&ts).ok());
+  EXPECT_EQ(ts.device_layers_resident, 1u);
+  EXPECT_EQ(ts.device_layers_pinned, 1u);
+
+  // A rebuild carries the pin to the new version and lets go of the old one's layers.
+  ASSERT_TRUE(store_->Rebuild("p", {}, nullptr).ok());
+  ASSERT_TRUE(store_->Query("p", 0, q.data(), 32, so.n, 128, qo, &r).ok());
+  ASSERT_TRUE(store_->GetTierStats(&ts).ok());
+  EXPECT_EQ(ts.device_layers_pinned, 1u);  // the new version's layer 0 only
+  ASSERT_TRUE(store_->Unpin("p").ok());
+  ASSERT_TRUE(store_->GetTierStats(&ts).ok());
+  EXPECT_EQ(ts.device_layers_pinned, 0u);
+}
+
+// Finite queries whose scores overflow are an error on the GPU as on the CPU, never NaN.
+TEST_F(StoreGpuTest, OverflowingQueriesAreAnError) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.tokens = 1024;
+  so.head_dim = 128;
+  so.window = 0;
+  std::vector<float> q;
+  ASSERT_TRUE(WriteSyntheticContext(so, dir_.file("h.st"), &q).ok());
+  ASSERT_TRUE(store_->Import("h", dir_.file("h.st"), {}, nullptr).ok());
+  for (float& x : q) x = std::copysign(3e38f, x);
+  for (Device device : {Device::kGpu, Device::kCpu}) {
+    QueryOptions qo;
+    qo.device = device;
+    QueryResult r;
+    const Status s = store_->Query("h", 0, q.data(), so.q_heads, so.n, 128, qo, &r);
+    EXPECT_TRUE(s.IsInvalidArgument())
+        << (device == Device::kGpu ? "gpu: " : "cpu: ") << s.ToString();
+  }
 }
 
 // Shapes the GPU kernels do not run (head_dim 16 here) are answered on the CPU under --device
@@ -165,6 +208,25 @@ TEST_F(StoreGpuTest, AutoFallsBackToCpuForShapesTheGpuDoesNotRun) {
   qo.device = Device::kGpu;
   EXPECT_TRUE(store_->Query("s", 0, q.data(), so.q_heads, so.n, 16, qo, &r).IsInvalidArgument());
   EXPECT_TRUE(store_->Pin("s", Tier::kDevice).IsInvalidArgument());
+  // Page sizes the attention kernels do not take (not a multiple of 8), or whose page does not
+  // divide the pool slot (256 tokens of d128 bf16: 128 KiB): the same.
+  so.head_dim = 128;
+  ASSERT_TRUE(WriteSyntheticContext(so, dir_.file("p.st"), &q).ok());
+  for (int page_tokens : {4, 12, 256}) {
+    const std::string name = "p" + std::to_string(page_tokens);
+    ImportOptions io;
+    io.page_tokens = page_tokens;
+    ASSERT_TRUE(store_->Import(name, dir_.file("p.st"), io, nullptr).ok());
+    qo.device = Device::kAuto;
+    Status s = store_->Query(name, 0, q.data(), so.q_heads, so.n, 128, qo, &r);
+    ASSERT_TRUE(s.ok()) << name << ": " << s.ToString();
+    EXPECT_EQ(r.stats.device, "cpu") << name;
+    qo.device = Device::kGpu;
+    s = store_->Query(name, 0, q.data(), so.q_heads, so.n, 128, qo, &r);
+    EXPECT_TRUE(s.IsInvalidArgument()) << name << ": " << s.ToString();
+    EXPECT_NE(s.message().find("page_tokens " + std::to_string(page_tokens)), std::string::npos)
+        << s.ToString();
+  }
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "gpu/device.h"
+#include "gpu/device_buffer.h"
 #include "gpu/engine.h"
 #include "gpu/engine_pool.h"
 #include "gpu/engine_upload.h"
@@ -496,6 +497,19 @@ TEST(GpuEnginePaging, PinnedLayersStayAndSupplierErrorsLeaveNoTrace) {
   EXPECT_TRUE(paged->Residency(1).pinned);
   std::unique_ptr<QueryPlan> plan;
   ASSERT_TRUE(paged->Plan({{1, 4, 1, Budget(0.2f)}}, &plan).ok());
+  // Real device buffers, so a refused Run below can only be the stale plan.
+  const size_t rows = plan->total_rows(), d = pinned.head_dim;
+  DeviceBuffer q_dev, out_dev, lse_dev;
+  ASSERT_TRUE(q_dev.Allocate(rows * d * sizeof(float)).ok());
+  ASSERT_TRUE(out_dev.Allocate(rows * d * sizeof(float)).ok());
+  ASSERT_TRUE(lse_dev.Allocate(rows * sizeof(float)).ok());
+  const std::vector<float> q_host = testing::RandomNormal(rows * d, rng);
+  ASSERT_TRUE(q_dev.CopyFromHost(q_host.data(), q_host.size() * sizeof(float), 0).ok());
+  ASSERT_TRUE(Synchronize().ok());
+  const DeviceIO io{q_dev.as<float>(), out_dev.as<float>(), lse_dev.as<float>()};
+  Status ran = paged->Run(*plan, io, nullptr);
+  ASSERT_TRUE(ran.ok()) << ran.ToString();
+  ASSERT_TRUE(Synchronize().ok());
   // Many queries on the other layer cycle the rest of the pool; the pinned layer stays.
   for (int i = 0; i < 20; ++i) {
     std::vector<Req> want = {MakeReq(rng, other, 2, 2, 1, Budget(0.1f))};
@@ -537,8 +551,8 @@ TEST(GpuEnginePaging, PinnedLayersStayAndSupplierErrorsLeaveNoTrace) {
     ASSERT_TRUE(paged->QueryPaged(Requests(&w), host.Supplier(), nullptr).ok());
   }
   EXPECT_LT(paged->Residency(1).pages_resident, total);
-  DeviceIO io{};
-  EXPECT_TRUE(paged->Run(*plan, io, nullptr).IsInvalidArgument());
+  ran = paged->Run(*plan, io, nullptr);
+  EXPECT_TRUE(ran.IsInvalidArgument()) << ran.ToString();
   paged->EvictLayer(1);
   paged->EvictLayer(2);
   EXPECT_EQ(paged->counters().pages_resident, 0u);

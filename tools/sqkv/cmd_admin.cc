@@ -55,6 +55,7 @@ nlohmann::json TiersJson(const TierStats& t) {
        {{"reads", t.disk_reads}, {"bytes", t.disk_bytes}, {"direct_bytes", t.disk_direct_bytes}}},
       {"device",
        {{"layers_resident", t.device_layers_resident},
+        {"layers_pinned", t.device_layers_pinned},
         {"pool_bytes_used", t.device_pool_bytes_used},
         {"pool_bytes", t.device_pool_bytes},
         {"hits", t.device_hits},
