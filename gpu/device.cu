@@ -20,6 +20,15 @@ bool DevicePresent() {
   return present;
 }
 
+int DeviceCount() {
+  int n = 0;
+  if (!DevicePresent() || cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
 namespace {
 
 using detail::DeviceCache;

@@ -11,6 +11,9 @@ namespace sqkv::gpu {
 // True when this build has CUDA and a device answers. Cheap after the first call.
 bool DevicePresent();
 
+// How many CUDA devices answer (EngineOptions::device takes 0 .. DeviceCount() - 1); 0 without.
+int DeviceCount();
+
 // True when the current device has compute capability 9.0 (H100, H200), which runs the kernels
 // this build has for sm_90a (wgmma) only.
 bool CurrentDeviceIsSm90();

@@ -5,6 +5,8 @@ namespace sqkv::gpu {
 
 bool DevicePresent() { return false; }
 
+int DeviceCount() { return 0; }
+
 bool CurrentDeviceIsSm90() { return false; }
 
 int CurrentDeviceSmCount() { return 0; }

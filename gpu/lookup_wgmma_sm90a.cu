@@ -17,6 +17,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "gpu/device_cache.h"
 #include "gpu/lookup_mma.cuh"
 #include "gpu/wgmma.cuh"
 
@@ -213,7 +214,7 @@ __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const 
   if (threadIdx.x == 0) {
     for (int b = 0; b < 2 * kStages; ++b) MbarInit(full0 + 8 * b, Sh::kThreads);
   }
-  __syncthreads();  // the barriers in place
+  __syncthreads();          // the barriers in place
   auto put = [&](int it) {  // stage it's copies into the buffer stage it - kStages left
     if (it < ntiles && it >= kStages) MbarWait(empty(it), parity(it - kStages));
     stage(it);
@@ -472,7 +473,8 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
         ColumnUpdate<false>(acc, row_xl + buf * kStageRows, tq, kStageRows, col);
       }
     };
-    StageLoop<Sh, kShort>(sm, ntiles, [] {}, stage, epi);
+    StageLoop<Sh, kShort>(
+        sm, ntiles, [] {}, stage, epi);
     FinishColumn(s, e, w, piece, splits, ea, tq, col[0]);
     FinishColumn(s, e, w, piece, splits, eb, tq, col[1]);
   }
@@ -490,22 +492,25 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
   if (steps < 2) return cudaSuccess;
   using Row = RowShape<KS>;
   using Col = ColShape<KS>;
-  static const cudaError_t attr = [] {
+  // The raised limits are attributes of the kernels on the current device: once per device.
+  static detail::DeviceCache raised;
+  cudaError_t attr = cudaSuccess;
+  detail::PerDevice(raised, [&attr](int) {
     cudaError_t e1 = cudaFuncSetAttribute(
         RowStatsWgmmaKernel<KS>, cudaFuncAttributeMaxDynamicSharedMemorySize, Row::kSmemBytes);
     cudaError_t e2 = cudaFuncSetAttribute(
         ColumnWgmmaKernel<KS>, cudaFuncAttributeMaxDynamicSharedMemorySize, Col::kSmemBytes);
-    return e1 != cudaSuccess ? e1 : e2;
-  }();
+    attr = e1 != cudaSuccess ? e1 : e2;
+    return attr == cudaSuccess ? 1 : -1;
+  });
   if (attr != cudaSuccess) return attr;
   cudaError_t err =
       LaunchPass(RowStatsWgmmaKernel<KS>, dim3(l.max_wgmma_row_blocks, n), Row::kThreads,
                  Row::kSmemBytes, stream, Pass1FollowsConversion(l, level), a, w, level);
   if (err != cudaSuccess || steps < 3) return err;
   const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
-  ColumnWgmmaKernel<KS>
-      <<<dim3(l.max_wgmma_col_tiles, n, l.max_col_splits), Col::kThreads, Col::kSmemBytes,
-         stream>>>(a, w, level, !staged);
+  ColumnWgmmaKernel<KS><<<dim3(l.max_wgmma_col_tiles, n, l.max_col_splits), Col::kThreads,
+                          Col::kSmemBytes, stream>>>(a, w, level, !staged);
   err = cudaGetLastError();
   if (err != cudaSuccess || !staged || a.score_only) return err;
   return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);

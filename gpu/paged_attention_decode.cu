@@ -292,7 +292,8 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
       float* dst = so + (warp * S::kRows + row) * S::kOStride + (lane % 4) * 2;
 #pragma unroll
       for (int dn = 0; dn < D / 8; ++dn) {
-        *reinterpret_cast<float2*>(dst + dn * 8) = make_float2(o[mt][dn][2 * h], o[mt][dn][2 * h + 1]);
+        *reinterpret_cast<float2*>(dst + dn * 8) =
+            make_float2(o[mt][dn][2 * h], o[mt][dn][2 * h + 1]);
       }
     }
   }
@@ -315,7 +316,8 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
       for (int w = 0; w < kWarps; ++w) {
         const float wt = exp2f(mw[w] - mx);
         lsum += wt * sml[(w * S::kRows + r) * 2 + 1];
-        const float4 v = *reinterpret_cast<const float4*>(so + (w * S::kRows + r) * S::kOStride + c);
+        const float4 v =
+            *reinterpret_cast<const float4*>(so + (w * S::kRows + r) * S::kOStride + c);
         acc.x += wt * v.x;
         acc.y += wt * v.y;
         acc.z += wt * v.z;
@@ -342,11 +344,9 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
 
 template <typename T, int D, int MT>
 Status Info(KernelInfo* info) {
-  static KernelInfo cached;
-  static const Status st = QueryKernel(DecodeKernel<T, D, MT>,
-                                       static_cast<int>(DecodeShape<D, MT>::kSmemBytes), &cached);
-  *info = cached;
-  return st;
+  static DeviceCache cache;
+  return QueryKernelOnDevice(cache, DecodeKernel<T, D, MT>,
+                             static_cast<int>(DecodeShape<D, MT>::kSmemBytes), info);
 }
 
 template <typename T, int D, int MT>
@@ -362,7 +362,7 @@ Status Launch(const KernelParams& p, const Plan& plan, cudaStream_t stream) {
 // Calls F<T, D, MT>(args...) for the runtime dtype / head_dim / m tiles.
 template <template <typename, int, int> class F, typename... A>
 Status Dispatch(DType dtype, int head_dim, int mtiles, A&&... args) {
-#define SQKV_DECODE_CASE(TYPE, DIM, MTILES)                                     \
+#define SQKV_DECODE_CASE(TYPE, DIM, MTILES) \
   if (head_dim == DIM && mtiles == MTILES) return F<TYPE, DIM, MTILES>::Run(args...);
   if (dtype == DType::kBF16) {
     SQKV_DECODE_CASE(__nv_bfloat16, 64, 1)
@@ -396,8 +396,8 @@ Status DecodeInfo(DType dtype, int head_dim, int mtiles, KernelInfo* info) {
   return Dispatch<InfoOp>(dtype, head_dim, mtiles, info);
 }
 
-Status LaunchDecode(DType dtype, int head_dim, int mtiles, const KernelParams& p,
-                    const Plan& plan, cudaStream_t stream) {
+Status LaunchDecode(DType dtype, int head_dim, int mtiles, const KernelParams& p, const Plan& plan,
+                    cudaStream_t stream) {
   return Dispatch<LaunchOp>(dtype, head_dim, mtiles, p, plan, stream);
 }
 

@@ -183,11 +183,8 @@ __global__ void __launch_bounds__(kThreads) F32Kernel(const KernelParams p) {
 
 template <int D>
 Status Info(KernelInfo* info) {
-  static KernelInfo cached;
-  static const Status st =
-      QueryKernel(F32Kernel<D>, static_cast<int>(F32Shape<D>::kSmemBytes), &cached);
-  *info = cached;
-  return st;
+  static DeviceCache cache;
+  return QueryKernelOnDevice(cache, F32Kernel<D>, static_cast<int>(F32Shape<D>::kSmemBytes), info);
 }
 
 template <int D>

@@ -25,6 +25,7 @@
 
 #include "common/dtype.h"
 #include "common/status.h"
+#include "gpu/device_cache.h"
 #include "gpu/paged_attention_common.cuh"
 
 namespace sqkv::gpu::detail {
@@ -158,8 +159,7 @@ __device__ __forceinline__ uint32_t* PrefillKeyRows(const KernelParams& p, int s
   return p.tok_rows + static_cast<size_t>(seg) * p.tok_cap;
 }
 __device__ __forceinline__ int PrefillKeyCount(const KernelParams& p, int seg) {
-  return static_cast<int>(
-      min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
+  return static_cast<int>(min(static_cast<int64_t>(max(__ldcg(p.tok_count + seg), 0)), p.tok_cap));
 }
 
 // Where a finished prefill row goes, and with what scale: row r of block b's segment, running max
@@ -263,6 +263,24 @@ Status QueryKernel(Kernel kernel, int smem_bytes, KernelInfo* info, int threads 
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem_bytes),
       "cudaOccupancyMaxActiveBlocksPerMultiprocessor"));
   if (blocks < 1) return Status::Internal("attention kernel cannot be resident on an SM");
+  info->blocks_per_sm = blocks;
+  info->smem_bytes = smem_bytes;
+  return Status::Ok();
+}
+
+// QueryKernel once per device: the raised shared-memory limit is an attribute of the kernel on
+// the current device, so an engine on a second device must raise it there too. `cache` is one
+// static DeviceCache per kernel instantiation; a failure is not cached (asked again next time).
+template <typename Kernel>
+Status QueryKernelOnDevice(DeviceCache& cache, Kernel kernel, int smem_bytes, KernelInfo* info,
+                           int threads = kThreads) {
+  Status failed = Status::Unavailable("attention kernel: no current CUDA device");
+  const int blocks = PerDevice(cache, [&](int) {
+    KernelInfo k;
+    failed = QueryKernel(kernel, smem_bytes, &k, threads);
+    return failed.ok() ? k.blocks_per_sm : -1;
+  });
+  if (blocks < 0) return failed;
   info->blocks_per_sm = blocks;
   info->smem_bytes = smem_bytes;
   return Status::Ok();

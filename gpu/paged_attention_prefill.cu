@@ -318,11 +318,9 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
 
 template <typename T, int D>
 Status Info(KernelInfo* info) {
-  static KernelInfo cached;
-  static const Status st =
-      QueryKernel(PrefillKernel<T, D>, static_cast<int>(PrefillShape<D>::kSmemBytes), &cached);
-  *info = cached;
-  return st;
+  static DeviceCache cache;
+  return QueryKernelOnDevice(cache, PrefillKernel<T, D>,
+                             static_cast<int>(PrefillShape<D>::kSmemBytes), info);
 }
 
 template <typename T>

@@ -24,10 +24,10 @@ constexpr int kBlockThreads = 384;  // warpgroup 0 gathers K and V, warpgroups 1
 constexpr int kConsumers = 256;
 constexpr int kD = 128;
 constexpr int kKeys = 2 * kPrefillKeys;  // keys per tile: two of the plan's 64-key work items
-constexpr int kStages = 3;  // tiles it - 1 (V) and it (K) in use, one more landing
-constexpr int kPanel = kKeys * 128;             // one 64-element half of a K or V tile: 16 KB
-constexpr int kKvTile = 2 * kPanel;             // a K or V tile (128 keys × 128): 32 KB
-constexpr int kQBytes = kPrefillRows * kD * 2;  // 32 KB
+constexpr int kStages = 3;               // tiles it - 1 (V) and it (K) in use, one more landing
+constexpr int kPanel = kKeys * 128;      // one 64-element half of a K or V tile: 16 KB
+constexpr int kKvTile = 2 * kPanel;      // a K or V tile (128 keys × 128): 32 KB
+constexpr int kQBytes = kPrefillRows * kD * 2;                         // 32 KB
 constexpr size_t kSmemBytes = 1024 + kQBytes + kStages * 2 * kKvTile;  // 225 KB
 constexpr int kAcc = kKeys / 2;  // S accumulator registers per thread (m64 × n128)
 // Registers per thread after the split (launch: 65,536 / 384 = 168 each): the gathering
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   }
 
   SetMaxRegsInc<kConsumerRegs>();
-  const int cw = (tid - 128) / 128;  // computing warpgroup: rows 64·cw .. 64·cw + 63 of the tile
+  const int cw = (tid - 128) / 128;   // computing warpgroup: rows 64·cw .. 64·cw + 63 of the tile
   const int warp = (tid - 128) / 32;  // rows 16·warp .. 16·warp + 15
   const int g = lane / 4, tq = lane % 4;
   // Descriptors: the warpgroup's 64 Q rows and a stage's K tile (K-major), a stage's V tile
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
 
   auto issue_s = [&](int it) {
     MbarWait(full_k(it), parity(it));  // K of tile it landed
-    FenceProxyAsyncShared();         // cp.async wrote it through the generic proxy
+    FenceProxyAsyncShared();           // cp.async wrote it through the generic proxy
     const uint32_t buf = (it % kStages) * 2 * kKvTile;
     WgmmaFence();
 #pragma unroll
@@ -310,11 +310,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
 
 template <typename T>
 Status Info(KernelInfo* info) {
-  static KernelInfo cached;
-  static const Status st =
-      QueryKernel(PrefillWgmmaKernel<T>, static_cast<int>(kSmemBytes), &cached, kBlockThreads);
-  *info = cached;
-  return st;
+  static DeviceCache cache;
+  return QueryKernelOnDevice(cache, PrefillWgmmaKernel<T>, static_cast<int>(kSmemBytes), info,
+                             kBlockThreads);
 }
 
 }  // namespace

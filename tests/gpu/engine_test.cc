@@ -157,6 +157,49 @@ TEST(GpuEngine, QueryMatchesCpuPathAcrossContextsAndGroups) {
   for (size_t i = 0; i < reqs.size(); ++i) CheckRequest(reqs[i], static_cast<int>(i));
 }
 
+// An engine on another device (EngineOptions::device) answers exactly as one on device 0: every
+// kernel raises its shared-memory limit on the device it runs on (a per-device attribute). Decode,
+// the tiled prefill and the two-level lookup all run. Skips with fewer than two devices.
+TEST(GpuEngine, SecondDeviceGivesTheSameAnswers) {
+  SKIP_WITHOUT_DEVICE();
+  if (DeviceCount() < 2) GTEST_SKIP() << "one CUDA device";
+  std::mt19937_64 rng(testing::FreshSeed());
+  const Context a = MakeContext(rng, 8, 300, 128, 16, DType::kBF16);
+  const Context b = MakeContext(rng, 2, 900, 64, 16, DType::kF16, /*num_l1=*/12);
+  std::vector<Req> first;
+  first.push_back(MakeReq(rng, a, 1, 4, 1, Budget(0.1f)));    // decode
+  first.push_back(MakeReq(rng, a, 1, 4, 300, Budget(0.2f)));  // 1,200 rows: prefill passes
+  first.push_back(MakeReq(rng, b, 2, 2, 5, Budget(0.1f)));    // two-level lookup
+  std::vector<Req> second = first;
+  for (int device : {0, 1}) {
+    EngineOptions o;
+    o.pool_bytes = 128ull << 20;
+    o.device = device;
+    std::unique_ptr<Engine> engine;
+    Status st = Engine::Create(o, &engine);
+    ASSERT_TRUE(st.ok()) << "device " << device << ": " << st.ToString();
+    ASSERT_TRUE(Load(engine.get(), 1, a).ok());
+    ASSERT_TRUE(Load(engine.get(), 2, b).ok());
+    std::vector<Req>* reqs = device == 0 ? &first : &second;
+    st = QueryAll(engine.get(), reqs);
+    ASSERT_TRUE(st.ok()) << "device " << device << ": " << st.ToString();
+  }
+  for (size_t r = 0; r < first.size(); ++r) {
+    // The same kernels on the same inputs: equal up to reduction order, if any.
+    const std::vector<double> want(first[r].out.begin(), first[r].out.end());
+    EXPECT_LE(testing::RelativeError(second[r].out.data(), want.data(), want.size()), 1e-6)
+        << "request " << r;
+    for (size_t i = 0; i < first[r].lse.size(); ++i) {
+      ASSERT_NEAR(second[r].lse[i], first[r].lse[i],
+                  1e-5f * std::max(1.f, std::abs(first[r].lse[i])))
+          << "request " << r << " row " << i;
+    }
+    for (size_t h = 0; h < first[r].selection.size(); ++h) {
+      EXPECT_EQ(first[r].selection[h].clusters, second[r].selection[h].clusters);
+    }
+  }
+}
+
 TEST(GpuEngine, QueryGroupsMixedDtypesAndHeadDims) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(testing::FreshSeed());
