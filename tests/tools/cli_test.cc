@@ -91,6 +91,7 @@ TEST_F(CliTest, ErrorsHaveMessagesAndExitCodes) {
   }
   r = Sqkv({"frobnicate"});
   EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("unknown command 'frobnicate'"), std::string::npos) << r.err;
   // Commands that only read never create a store: a mistyped --data is an error.
   const std::string typo = dir_.file("typo-dir");
   for (const char* sub : {"ls", "stats", "verify"}) {

@@ -29,12 +29,24 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
+    // A word where the command should be: name it rather than say that one is missing.
+    const std::vector<std::string> rest = app.remaining();
+    if (app.get_subcommands().empty() && !rest.empty() && !rest[0].starts_with("-")) {
+      std::fprintf(stderr, "sqkv: unknown command '%s' (sqkv --help lists them)\n",
+                   rest[0].c_str());
+      return kExitUsage;
+    }
     const int code = app.exit(e);
     return code == 0 ? kExitOk : kExitUsage;
   }
-  for (const auto& [name, run] : std::initializer_list<std::pair<const char*, Runner*>>{
-           {"import", &import_run}, {"query", &query_run}, {"ls", &ls_run}, {"info", &info_run},
-           {"rm", &rm_run}, {"synth", &synth_run}, {"serve", &serve_run}}) {
+  for (const auto& [name, run] :
+       std::initializer_list<std::pair<const char*, Runner*>>{{"import", &import_run},
+                                                              {"query", &query_run},
+                                                              {"ls", &ls_run},
+                                                              {"info", &info_run},
+                                                              {"rm", &rm_run},
+                                                              {"synth", &synth_run},
+                                                              {"serve", &serve_run}}) {
     if (app.got_subcommand(name)) return (*run)();
   }
   for (auto& [name, run] : admin) {
