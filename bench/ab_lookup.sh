@@ -9,7 +9,9 @@
 #
 # Defaults: 3 rounds, bench args "--whole-only --cases decode --iters 200". The binaries need their
 # shared libraries on LD_LIBRARY_PATH (tools/collect-devbin.sh puts them beside the binaries; this
-# script adds each binary's folder). Raw rows go to $OUT/ab_raw.log when OUT is set.
+# script adds each binary's folder). Raw rows go to $OUT/ab_raw.log when OUT is set. A run that
+# fails, or a binary that lacks a round of a case another binary has, makes the script report it
+# and exit 1 (the table is still printed, with the gaps marked).
 set -uo pipefail
 rounds=3
 args="--whole-only --cases decode --iters 200"
@@ -27,6 +29,7 @@ if [ $# -lt 1 ]; then
 fi
 raw=$(mktemp)
 trap 'rm -f "$raw"' EXIT
+failed=0
 for ((r = 1; r <= rounds; ++r)); do
   for spec in "$@"; do
     name=${spec%%=*}
@@ -37,10 +40,15 @@ for ((r = 1; r <= rounds; ++r)); do
     LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$bin" $args 2>&1 |
       awk -v n="$name" 'NF >= 13 && /^(32K|128K) (decode|prefill) [0-9b]+ / {print n, $1" "$2" "$3, $5, $13}' \
         >> "$raw"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" != 0 ]; then
+      echo "ab_lookup: $name round $r exited with $rc" >&2
+      failed=1
+    fi
   done
 done
 [ -n "${OUT:-}" ] && cp "$raw" "$OUT/ab_raw.log"
-python3 - "$raw" "$@" <<'PY'
+python3 - "$raw" "$rounds" "$@" <<'PY'
 import collections
 import statistics
 import sys
@@ -49,7 +57,8 @@ rows = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     name, c1, c2, c3, lookup, whole = line.split()
     rows[(name, f"{c1} {c2} {c3}")].append((float(lookup), float(whole)))
-names = [spec.split("=", 1)[0] for spec in sys.argv[2:]]
+rounds = int(sys.argv[2])
+names = [spec.split("=", 1)[0] for spec in sys.argv[3:]]
 cases = sorted({case for _, case in rows}, key=lambda c: (len(c.split()[0]), c))
 print("median graph µs over rounds: lookup / whole (change against " + names[0] + ")")
 print(f"{'case':<18}" + "".join(f"{n:>26}" for n in names))
@@ -68,4 +77,13 @@ for case in cases:
         cell = f"{lk:.1f} / {wh:.1f}" + (f" ({wh - base[1]:+.1f})" if n != names[0] else "")
         line += f"{cell:>26}"
     print(line)
+short = [(n, case, len(rows.get((n, case), []))) for case in cases for n in names
+         if len(rows.get((n, case), [])) != rounds]
+for n, case, got in short:
+    print(f"ab_lookup: {n} has {got} of {rounds} rounds of {case}", file=sys.stderr)
+if not cases:
+    print("ab_lookup: no rows at all", file=sys.stderr)
+sys.exit(1 if short or not cases else 0)
 PY
+[ $? = 0 ] || failed=1
+exit $failed
