@@ -94,36 +94,98 @@ def write_safetensors(path: str, tensors: Sequence[Tuple[str, str, List[int], by
             f.write(data)
 
 
+# Cache classes whose tensors are not simply the sequence's tokens: preallocated to a maximum length
+# (zero-filled past the tokens seen) or keeping only a sliding window of the latest ones.
+_PADDED_CACHES = ("StaticCache", "OffloadedStaticCache", "HybridCache", "HybridChunkedCache")
+_WINDOWED_CACHES = ("SlidingWindowCache", "HybridCache", "HybridChunkedCache")
+
+
+def _check_cache_kind(past_key_values: Any, token_range: Optional[Tuple[int, int]]) -> None:
+    names = {cls.__name__ for cls in type(past_key_values).__mro__}
+    layers = getattr(past_key_values, "layers", None) or []
+    if names & set(_WINDOWED_CACHES) or any(getattr(l, "is_sliding", False) for l in layers):
+        raise ValueError("sliding-window cache layers hold only the latest tokens; export a "
+                         "cache of full attention (e.g. DynamicCache) instead")
+    if names & set(_PADDED_CACHES) and token_range is None:
+        raise ValueError(f"{type(past_key_values).__name__} is allocated past the tokens seen: "
+                         "give attention_mask (or tokens=) so only real tokens are exported")
+
+
+def _token_range(attention_mask: Any, tokens: Optional[int], batch: int) -> Optional[Tuple[int, int]]:
+    """(first, end) of the real tokens along the cache's token axis, or None for all of them."""
+    if attention_mask is not None and tokens is not None:
+        raise ValueError("give attention_mask or tokens, not both")
+    if tokens is not None:
+        if tokens < 1:
+            raise ValueError(f"tokens must be >= 1, got {tokens}")
+        return (0, tokens)
+    if attention_mask is None:
+        return None
+    mask = attention_mask.detach().to("cpu").numpy() if hasattr(attention_mask, "detach") \
+        else np.asarray(attention_mask)
+    if mask.ndim == 1:
+        mask = mask[None, :]
+    if mask.ndim != 2 or not 0 <= batch < mask.shape[0]:
+        raise ValueError(f"attention_mask must be (batch, tokens) covering batch {batch}")
+    real = np.flatnonzero(mask[batch] != 0)
+    if real.size == 0:
+        raise ValueError(f"attention_mask has no real token for batch {batch}")
+    first, end = int(real[0]), int(real[-1]) + 1
+    if end - first != real.size:
+        raise ValueError("attention_mask's real tokens are not one contiguous run")
+    return (first, end)
+
+
 def export_past_key_values(past_key_values: Any, path: str, batch: int = 0,
                            queries: Optional[Mapping[int, Any]] = None,
-                           dtype: Optional[str] = None) -> Dict[str, int]:
+                           dtype: Optional[str] = None, attention_mask: Any = None,
+                           tokens: Optional[int] = None) -> Dict[str, int]:
     """Writes one sequence of a transformers KV cache as a SqueezeKV context file.
 
-    past_key_values: the model's cache (any form `cache_layers` accepts); keys post-RoPE.
+    past_key_values: the model's cache (any form `cache_layers` accepts); keys post-RoPE. Sliding-
+      window caches are refused (they no longer hold the whole context).
     batch: which sequence of the batch to export.
     queries: optional {layer: (q_heads, window, head_dim)} post-RoPE queries of the context's
       last tokens, for every layer or none; written as q.<layer> (used by `sqkv calibrate`).
-    dtype: "bf16", "f16" or "f32" to convert to; default: keep the cache's dtype.
+    dtype: "bf16", "f16" or "f32" to convert to; default: keep the cache's dtype (which must be
+      the same for every tensor).
+    attention_mask: optional (batch, tokens) mask of the forward pass; only the batch's real
+      tokens (one contiguous run, e.g. after left padding) are exported. Required, or `tokens`,
+      for caches allocated past the tokens seen (StaticCache).
+    tokens: optional count of real tokens from the start (the rest is padding).
     Returns {"layers", "kv_heads", "tokens", "head_dim"}.
     """
     pairs = cache_layers(past_key_values)
     if not pairs:
         raise ValueError("the cache has no layers")
+    token_range = _token_range(attention_mask, tokens, batch)
+    _check_cache_kind(past_key_values, token_range)
     if queries is not None and set(queries) != set(range(len(pairs))):
         raise ValueError("queries must be given for every layer or none")
     tensors = []
     shape = None
+    first_dtype = None
     for layer, (k, v) in enumerate(pairs):
         for kind, t in (("k", k), ("v", v)):
-            t = _select_batch(t, batch, f"{kind}.{layer}")
-            t = _convert(t, dtype)
             name = f"{kind}.{layer}"
+            if t is None:
+                raise ValueError(f"{name} is empty (a layer the forward pass did not fill)")
+            t = _select_batch(t, batch, name)
+            if token_range is not None:
+                if token_range[1] > t.shape[1]:
+                    raise ValueError(f"{name} holds {t.shape[1]} tokens, the real ones end at "
+                                     f"{token_range[1]}")
+                t = t[:, token_range[0]:token_range[1]]
+            t = _convert(t, dtype)
             tdtype, tshape, data = _tensor_bytes(t)
             if shape is None:
-                shape = tshape
+                shape, first_dtype = tshape, tdtype
             elif tshape != shape:
                 raise ValueError(f"{name} has shape {tshape}, layer 0 has {shape} "
                                  "(sliding-window or mixed caches are not supported)")
+            elif tdtype != first_dtype:
+                raise ValueError(f"{name} is {tdtype}, k.0 is {first_dtype}: give dtype= to "
+                                 "export them all in one")
             tensors.append((name, tdtype, tshape, data))
     if queries is not None:
         for layer in range(len(pairs)):

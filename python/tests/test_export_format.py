@@ -82,3 +82,45 @@ def test_exported_file_serves_exact_dense_attention(sqkv_bin, server, tmp_path):
                 ref = (p @ vv) / p.sum(axis=1, keepdims=True)
                 assert np.allclose(out[h], ref, rtol=1e-4, atol=1e-5)
                 assert np.allclose(lse[h], m[:, 0] + np.log(p.sum(axis=1)), atol=1e-4)
+
+
+def test_padding_windows_dtypes_and_empty_layers(tmp_path):
+    """Only real tokens are exported: a mask (left padding) or a count (a cache allocated past
+    them) selects them; a padded cache class without either, a sliding-window cache, mixed dtypes
+    and an unfilled layer are refused with a named error."""
+    rng = np.random.default_rng(2)
+    pairs = fake_pairs(rng)
+    path = str(tmp_path / "p.safetensors")
+    mask = np.zeros((1, TOKENS), dtype=np.int64)
+    mask[0, 7:] = 1  # 7 pad tokens on the left
+    shape = export_past_key_values(tuple(pairs), path, attention_mask=mask)
+    assert shape["tokens"] == TOKENS - 7
+    got = read_safetensors(path)
+    assert np.array_equal(got["k.1"], pairs[1][0][0][:, 7:])
+    assert np.array_equal(got["v.0"], pairs[0][1][0][:, 7:])
+    shape = export_past_key_values(tuple(pairs), path, tokens=25)
+    assert shape["tokens"] == 25
+    assert np.array_equal(read_safetensors(path)["k.0"], pairs[0][0][0][:, :25])
+
+    class StaticCache(SimpleNamespace):
+        pass
+
+    static = StaticCache(layers=[SimpleNamespace(keys=k, values=v) for k, v in pairs])
+    with pytest.raises(ValueError, match="attention_mask"):
+        export_past_key_values(static, path)
+    assert export_past_key_values(static, path, tokens=30)["tokens"] == 30
+
+    windowed = SimpleNamespace(
+        layers=[SimpleNamespace(keys=k, values=v, is_sliding=True) for k, v in pairs])
+    with pytest.raises(ValueError, match="sliding-window"):
+        export_past_key_values(windowed, path)
+    mixed = [(pairs[0][0].astype(np.float16), pairs[0][1])] + pairs[1:]
+    with pytest.raises(ValueError, match="dtype"):
+        export_past_key_values(tuple(mixed), path)
+    with pytest.raises(ValueError, match="empty"):
+        export_past_key_values(SimpleNamespace(layers=[SimpleNamespace(keys=None, values=None)]),
+                               path)
+    gap = mask.copy()
+    gap[0, 20] = 0
+    with pytest.raises(ValueError, match="contiguous"):
+        export_past_key_values(tuple(pairs), path, attention_mask=gap)
