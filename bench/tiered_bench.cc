@@ -9,7 +9,8 @@
 //
 // With --device gpu the queries run on the GPU through the device tier (pages disk → host → GPU
 // on demand), and the baseline is the whole context read and copied to the device (no attention
-// time counted: a lower bound on what restoring the whole context costs).
+// time counted; the copy goes from pageable memory into a fresh allocation each time, so it is a
+// simple restore, not the fastest one possible).
 //
 // --reuse keeps an existing store (importing 1,000 contexts takes minutes). Cold means: the
 // segment pages are not in the host cache and are read with O_DIRECT (the OS page cache is
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -79,11 +81,20 @@ double BaselineMs(const std::string& seg, const sqkv::ContextInfo& c, int layer,
   const size_t aligned = (len + 4095) / 4096 * 4096;
   void* buf = std::aligned_alloc(4096, aligned);
   int fd = ::open(seg.c_str(), O_RDONLY | O_DIRECT);
+  if (buf == nullptr || fd < 0) {  // a baseline that read nothing would look fast
+    std::fprintf(stderr, "baseline: cannot open %s or allocate %zu bytes\n", seg.c_str(), aligned);
+    std::abort();
+  }
   size_t done = 0;
   const off_t base = static_cast<off_t>(4096 + first * page_bytes);
-  while (done < aligned) {
+  while (done < len) {  // the last read may end short of `aligned` at the end of the file
     ssize_t r = ::pread(fd, static_cast<char*>(buf) + done, aligned - done, base + done);
-    if (r <= 0) break;
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      std::fprintf(stderr, "baseline: read of %s stopped at %zu of %zu bytes\n", seg.c_str(),
+                   done, len);
+      std::abort();
+    }
     done += r;
   }
   ::close(fd);
