@@ -16,6 +16,17 @@ from safetensors_reader import read_safetensors  # noqa: E402
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, TOKENS = 2, 4, 2, 16, 48
 
 
+def header_dtypes(path):
+    """{tensor name: dtype} from the file's header, read independently of the exporter."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return {name: t["dtype"] for name, t in header.items() if name != "__metadata__"}
+
+
 def tiny_llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -42,9 +53,27 @@ def test_export_matches_the_cache(cache, tmp_path):
     for layer, (k, v) in enumerate(cache_layers(cache)):
         assert np.array_equal(got[f"k.{layer}"], k[0].float().numpy())
         assert np.array_equal(got[f"v.{layer}"], v[0].float().numpy())
-    export_past_key_values(cache, str(tmp_path / "bf16.safetensors"), dtype="bf16")
-    assert read_safetensors(str(tmp_path / "bf16.safetensors"))["k.0"].shape == (
-        KV_HEADS, TOKENS, HEAD_DIM)
+    # The 16-bit exports hold exactly torch's rounding of every value, in the dtype they name.
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+        p = str(tmp_path / f"{dtype}.safetensors")
+        export_past_key_values(cache, p, dtype=dtype)
+        assert set(header_dtypes(p).values()) == {dtype.upper()}
+        half = read_safetensors(p)
+        for layer, (k, v) in enumerate(cache_layers(cache)):
+            assert np.array_equal(half[f"k.{layer}"], k[0].to(torch_dtype).float().numpy())
+            assert np.array_equal(half[f"v.{layer}"], v[0].to(torch_dtype).float().numpy())
+    # A model run in bf16: its cache is exported as it is, bit for bit.
+    model = tiny_llama().to(torch.bfloat16)
+    with torch.no_grad():
+        bf_cache = model(torch.randint(0, 128, (1, TOKENS)), use_cache=True).past_key_values
+    p = str(tmp_path / "model_bf16.safetensors")
+    export_past_key_values(bf_cache, p)
+    assert set(header_dtypes(p).values()) == {"BF16"}
+    got = read_safetensors(p)
+    for layer, (k, v) in enumerate(cache_layers(bf_cache)):
+        assert k.dtype == torch.bfloat16
+        assert np.array_equal(got[f"k.{layer}"], k[0].float().numpy())
+        assert np.array_equal(got[f"v.{layer}"], v[0].float().numpy())
 
 
 def test_exported_cache_serves_dense_attention(cache, tmp_path, request):
