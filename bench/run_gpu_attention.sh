@@ -57,18 +57,21 @@ if [ "$RUN_SANITIZER" = 1 ]; then
   echo "== compute-sanitizer"
   {
     echo "--- memcheck"
+    san=0
     timeout 120 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 \
       "$BIN/gpu_test" --gtest_filter='*Small*'
-    echo "memcheck rc=$?"
+    rc=$?; echo "memcheck rc=$rc"; [ "$rc" = 0 ] || san=1
     echo "--- racecheck"
     timeout 100 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
       "$BIN/gpu_test" --gtest_filter='*SmallDecode:*SmallPrefill:*SmallRepeatable:*SmallMatchesCpu'
-    echo "racecheck rc=$?"
+    rc=$?; echo "racecheck rc=$rc"; [ "$rc" = 0 ] || san=1
     echo "--- synccheck"
     timeout 60 compute-sanitizer --tool synccheck --error-exitcode 3 \
       "$BIN/gpu_test" --gtest_filter='*SmallDecode:*SmallPrefill'
-    echo "synccheck rc=$?"
+    rc=$?; echo "synccheck rc=$rc"; [ "$rc" = 0 ] || san=1
+    exit $san
   } > "$OUT/sanitizer.log" 2>&1
+  [ $? = 0 ] || status=1
   grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|FAILED \]|PASSED" "$OUT/sanitizer.log"
 fi
 

@@ -64,7 +64,9 @@ if [ "$t" -gt 10 ]; then
   timeout "$t" compute-sanitizer --tool memcheck --error-exitcode 3 "$BIN/gpu_test" \
     --gtest_filter='GpuKMeans.KEqualsN:GpuKMeans.Duplicates:GpuKMeans.ZeroRows:GpuKMeans.TilingDoesNotChangeTheResult' \
     > "$OUT/sanitizer.log" 2>&1
-  echo "memcheck rc=$?"
+  rc=$?
+  echo "memcheck rc=$rc"
+  [ "$rc" = 0 ] || status=1
   grep -E "ERROR SUMMARY|FAILED \]|PASSED|Invalid|out of bounds" "$OUT/sanitizer.log" | head -20
 else
   echo "memcheck skipped: no time left"

@@ -73,12 +73,14 @@ for t in "$BIN"/gpu_test_*; do
   pids+=($!)
 done
 {
+  san=0
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$BIN/gpu_test" \
     --gtest_filter='GpuLookup.KeepNothing*:GpuLookup.TiesBreak*:GpuLookup.SplitTensorPasses*:GpuLookup.HeadDimsUpTo256'
-  echo "memcheck rc=$?"
+  rc=$?; echo "memcheck rc=$rc"; [ "$rc" = 0 ] || san=1
   timeout 100 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
     "$BIN/gpu_test" --gtest_filter='GpuLookup.KeepNothing*:GpuLookup.TiesBreak*'
-  echo "racecheck rc=$?"
+  rc=$?; echo "racecheck rc=$rc"; [ "$rc" = 0 ] || san=1
+  exit $san
 } > "$OUT/sanitizers.log" 2>&1 &
 p_san=$!
 wait $p_test
@@ -90,6 +92,6 @@ for p in "${pids[@]}"; do wait "$p" || status=1; done
 for t in "$OUT"/gpu_test_*.log; do
   [ -f "$t" ] && { echo "-- ${t##*/}"; grep -E "FAILED|PASSED|Failure|differs" "$t" | head -10; }
 done
-wait $p_san
+wait $p_san || status=1
 grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|FAILED \]|PASSED|Invalid|Race" "$OUT/sanitizers.log" | head -20
 exit $status
