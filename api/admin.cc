@@ -1,7 +1,6 @@
 // Lifecycle operations: reclaiming removed/superseded versions, crash leftovers, verification,
 // compaction and statistics.
 #include <algorithm>
-#include <charconv>
 #include <filesystem>
 #include <set>
 
@@ -113,10 +112,8 @@ Status StoreImpl::RemoveOrphans(CompactReport* report, bool opening) {
   SQKV_RETURN_IF_ERROR(ListFiles(segments_dir(), &files));
   for (const auto& f : files) {
     if (keep.count(f)) continue;
-    uint64_t v = 0;  // segment files are named by their version: 16 hex digits, then a suffix
-    const auto [end, ec] =
-        std::from_chars(f.data(), f.data() + std::min<size_t>(f.size(), 16), v, 16);
-    if (ec == std::errc() && end == f.data() + 16 && racing(v)) continue;
+    uint64_t v = 0;
+    if (SegmentFileVersion(f, &v) && racing(v)) continue;
     const std::string path = segments_dir() + "/" + f;
     auto size = FileSize(path);
     SQKV_RETURN_IF_ERROR(RemoveFile(path));

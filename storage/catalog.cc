@@ -537,6 +537,10 @@ class CatalogImpl : public Catalog {
 
 std::string ContextRecord::SegmentFileName() const { return Hex16(version) + ".seg"; }
 
+bool SegmentFileVersion(std::string_view file_name, uint64_t* version) {
+  return file_name.size() >= 16 && ParseHex16(file_name.substr(0, 16), version);
+}
+
 std::string Catalog::ContextKey(const std::string& name) { return "c/" + name; }
 
 std::string Catalog::LayerKey(uint64_t version, char kind, int32_t layer) {

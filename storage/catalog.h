@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/dtype.h"
@@ -49,6 +50,10 @@ struct ContextRecord {
 
   std::string SegmentFileName() const;  // "<version:016x>.seg"
 };
+
+// The version a segment file's name starts with ("<version:016x>.seg", or its ".seg.tmp" while
+// written); false for a name that does not start with 16 lowercase hex digits.
+bool SegmentFileVersion(std::string_view file_name, uint64_t* version);
 
 // The queries of a context's last tokens for one layer, kept for threshold calibration.
 struct WindowQueries {
