@@ -9,6 +9,7 @@ namespace sqkv::net {
 namespace {
 
 using testing::LiveServer;
+using testing::MalformedQuery;
 using testing::RawSocket;
 
 constexpr char kToken[] = "s3cret-token-0123456789";
@@ -50,13 +51,7 @@ TEST(AuthTest, CallsBeforeHelloAreRefusedAndTheConnectionClosed) {
 
   // Refused on its id and kind alone: the rest is not decoded (this query's shape is wrong).
   RawSocket undecoded(live.address());
-  QueryCall bad;
-  bad.name = "doc";
-  bad.q_heads = 2;
-  bad.n = 1;
-  bad.head_dim = 8;
-  bad.q.assign(3, 1.f);
-  ASSERT_TRUE(undecoded.SendRequest(Request{6, 0, bad}));
+  ASSERT_TRUE(undecoded.SendRequest(Request{6, 0, MalformedQuery()}));
   ASSERT_TRUE(undecoded.ReadResponse(&r));
   EXPECT_EQ(r.id, 6u);
   EXPECT_TRUE(r.status.IsUnavailable()) << r.status.ToString();

@@ -16,6 +16,7 @@ using sqkv::testing::FreshSeed;
 using sqkv::testing::RandomNormal;
 using testing::ImportSynthetic;
 using testing::LiveServer;
+using testing::MalformedQuery;
 using testing::RawSocket;
 using testing::SmallContext;
 
@@ -131,13 +132,8 @@ TEST(GarbageTest, RandomBytesNeverHurtTheServerOrOtherConnections) {
 TEST(GarbageTest, ADecodableButWrongRequestKeepsTheConnection) {
   LiveServer live(Hardened());
   RawSocket sock(live.address());
-  QueryCall bad;  // shape and data disagree: decoded, refused, connection kept
-  bad.name = "doc";
-  bad.q_heads = 2;
-  bad.n = 1;
-  bad.head_dim = 8;
-  bad.q.assign(3, 1.f);
-  ASSERT_TRUE(sock.SendRequest(Request{4, 0, bad}));
+  // Shape and data disagree: decoded, refused, connection kept.
+  ASSERT_TRUE(sock.SendRequest(Request{4, 0, MalformedQuery()}));
   Response r;
   ASSERT_TRUE(sock.ReadResponse(&r));
   EXPECT_EQ(r.id, 0u);

@@ -39,6 +39,17 @@ inline void ImportSynthetic(Store* store, const std::string& dir, const std::str
   ASSERT_TRUE(s.ok()) << s.ToString();
 }
 
+// A query call that decodes but is wrong: its q holds 3 values where its shape says 2 × 1 × 8.
+inline QueryCall MalformedQuery() {
+  QueryCall bad;
+  bad.name = "doc";
+  bad.q_heads = 2;
+  bad.n = 1;
+  bad.head_dim = 8;
+  bad.q.assign(3, 1.f);
+  return bad;
+}
+
 inline SyntheticOptions SmallContext(uint64_t seed) {
   SyntheticOptions o;
   o.layers = 2;
