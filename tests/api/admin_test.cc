@@ -12,6 +12,7 @@
 #include "index/serialize.h"
 #include "storage/catalog.h"
 #include "storage/safetensors.h"
+#include "tests/testing/store_testing.h"
 #include "tests/testing/testing.h"
 
 namespace sqkv {
@@ -38,14 +39,10 @@ class AdminTest : public ::testing::Test {
     ASSERT_TRUE(Store::Open(o, &store_).ok());
   }
   // Imports a synthetic context; returns its layer-0 user queries (q_heads, n, head_dim).
-  std::vector<float> ImportSynthetic(const std::string& name, SyntheticOptions so,
-                                     ImportOptions io = ImportOptions()) {
-    std::vector<float> q;
-    const std::string file = dir_.file(name + ".safetensors");
-    EXPECT_TRUE(WriteSyntheticContext(so, file, &q).ok());
-    Status s = store_->Import(name, file, io, nullptr);
-    EXPECT_TRUE(s.ok()) << s.ToString();
-    return q;
+  std::vector<float> ImportSynthetic(const std::string& name, const SyntheticOptions& so,
+                                     const ImportOptions& io = ImportOptions()) {
+    return testing::ImportSyntheticContext(store_.get(), dir_.file(name + ".safetensors"), name, so,
+                                           io);
   }
   size_t SegmentFiles() const {
     size_t n = 0;

@@ -24,6 +24,11 @@ class StoreGpuTest : public ::testing::Test {
     if (!gpu::DevicePresent()) GTEST_SKIP() << "no CUDA device";
     Reopen();
   }
+  // Imports a synthetic context; returns its layer-0 user queries (q_heads, n, head_dim).
+  std::vector<float> ImportSynthetic(const std::string& name, const SyntheticOptions& so,
+                                     const ImportOptions& io = ImportOptions()) {
+    return testing::ImportSyntheticContext(store_.get(), dir_.file(name + ".st"), name, so, io);
+  }
   void Reopen() {
     store_.reset();  // the old store's device pool goes first
     StoreOptions o;
@@ -134,9 +139,7 @@ TEST_F(StoreGpuTest, DevicePinKeepsLayersResident) {
   so.kv_heads = 8;
   so.q_heads = 32;
   so.window = 0;
-  std::vector<float> q;
-  ASSERT_TRUE(WriteSyntheticContext(so, dir_.file("p.st"), &q).ok());
-  ASSERT_TRUE(store_->Import("p", dir_.file("p.st"), {}, nullptr).ok());
+  const std::vector<float> q = ImportSynthetic("p", so);
   ASSERT_TRUE(store_->Pin("p", Tier::kDevice).ok());
   QueryOptions qo;
   qo.device = Device::kGpu;
@@ -175,9 +178,8 @@ TEST_F(StoreGpuTest, OverflowingQueriesAreAnError) {
   so.tokens = 1024;
   so.head_dim = 128;
   so.window = 0;
-  std::vector<float> q;
-  ASSERT_TRUE(WriteSyntheticContext(so, dir_.file("h.st"), &q).ok());
-  ASSERT_TRUE(store_->Import("h", dir_.file("h.st"), {}, nullptr).ok());
+  std::vector<float> q = ImportSynthetic("h", so);
+  ASSERT_FALSE(q.empty());
   for (float& x : q) x = std::copysign(3e38f, x);
   for (Device device : {Device::kGpu, Device::kCpu}) {
     QueryOptions qo;
@@ -198,9 +200,8 @@ TEST_F(StoreGpuTest, AutoFallsBackToCpuForShapesTheGpuDoesNotRun) {
   so.tokens = 300;
   so.head_dim = 16;
   so.window = 0;
-  std::vector<float> q;
-  ASSERT_TRUE(WriteSyntheticContext(so, dir_.file("s.st"), &q).ok());
-  ASSERT_TRUE(store_->Import("s", dir_.file("s.st"), {}, nullptr).ok());
+  std::vector<float> q = ImportSynthetic("s", so);
+  ASSERT_FALSE(q.empty());
   QueryOptions qo;
   QueryResult r;
   ASSERT_TRUE(store_->Query("s", 0, q.data(), so.q_heads, so.n, 16, qo, &r).ok());

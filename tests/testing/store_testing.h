@@ -9,9 +9,23 @@
 #include <vector>
 
 #include "api/store.h"
+#include "api/synthetic.h"
 #include "tests/testing/testing.h"
 
 namespace sqkv::testing {
+
+// Writes a synthetic context to `path` and imports it into `store` as `name`; returns its layer-0
+// user queries (q_heads, n, head_dim). A failure is a test failure (the queries may be empty).
+inline std::vector<float> ImportSyntheticContext(Store* store, const std::string& path,
+                                                 const std::string& name,
+                                                 const SyntheticOptions& so,
+                                                 const ImportOptions& io = ImportOptions()) {
+  std::vector<float> q;
+  EXPECT_TRUE(WriteSyntheticContext(so, path, &q).ok());
+  const Status s = store->Import(name, path, io, nullptr);
+  EXPECT_TRUE(s.ok()) << name << ": " << s.ToString();
+  return q;
+}
 
 // The defaults suit answers computed in float32 from the stored values (the CPU path).
 struct ReferenceTolerance {
