@@ -142,7 +142,6 @@ def run_peer(tokens_list, json_out, only=None, backends=None, timing="rotate"):
                             kc = kc.repeat_interleave(Q_HEADS // KV_HEADS, dim=1)
                             vc = vc.repeat_interleave(Q_HEADS // KV_HEADS, dim=1)
                         kvs.append((kc, vc))
-                    kk, vv = kvs[0]
 
                     def call(c, expanded=expanded, backend=backend, kvs=kvs):
                         with sdpa_kernel([backend]):
@@ -159,7 +158,7 @@ def run_peer(tokens_list, json_out, only=None, backends=None, timing="rotate"):
                         msg = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
                         print(f"  {tokens:7d} {mode:13s} {name:9s} expanded={expanded}: "
                               f"refused ({msg})", file=sys.stderr)
-                        del kk, vv, kvs
+                        del kvs
                         continue
                     if timing == "rotate":
                         ms, how = rotated_ms(call, copies)
@@ -176,7 +175,7 @@ def run_peer(tokens_list, json_out, only=None, backends=None, timing="rotate"):
                           f"{ms * 1e3:10.1f} us  ({how}, {copies} K/V copies)", flush=True)
                     if best is None or ms * 1e3 < best["median_us"]:
                         best = rec
-                    del kk, vv, kvs
+                    del kvs
                     break  # GQA ran (or expanded ran): no need for the other form
             if best is not None:
                 rec = dict(best, backend="best:" + best["backend"])
