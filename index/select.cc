@@ -322,14 +322,18 @@ Status SelectClusters(const HeadIndex& index, const float* queries, int num_quer
   ScoreCandidates(queries, num_queries, d, parents, parent_scores.data(), &l1_logits);
 
   std::vector<uint8_t> kept(n1, 0);
-  int32_t num_kept = 0;
   const int64_t target = KeepTokenTarget(Level1KeepFraction(options), index.tokens);
-  int64_t keys = 0;
-  for (int32_t p : RankDescending(parent_scores)) {
-    if (keys >= target) break;
-    kept[p] = 1;
-    ++num_kept;
-    keys += index.l1_size[p];
+  int32_t num_kept = 0;
+  if (target >= index.tokens) {
+    num_kept = n1;  // every parent (dense, and threshold mode by default): nothing to rank
+  } else {
+    int64_t keys = 0;
+    for (int32_t p : RankDescending(parent_scores)) {
+      if (keys >= target) break;
+      kept[p] = 1;
+      ++num_kept;
+      keys += index.l1_size[p];
+    }
   }
   if (num_kept == n1) {
     // Nothing pruned: exactly the single-level selection, plus the parents scored.
