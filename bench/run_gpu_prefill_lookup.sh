@@ -37,6 +37,7 @@ bench() {  # name, time limit, args...
 }
 bench main 50 "$BIN/gpu_lookup_bench" --cases prefill --iters 100
 for b in "$BIN"/gpu_lookup_bench_*; do
+  [ -x "$b" ] || continue  # no extra builds: the pattern stays unexpanded
   name=${b##*/gpu_lookup_bench_}
   if [ "$name" = base ]; then
     bench base 50 "$b" --cases prefill --iters 100
@@ -52,7 +53,10 @@ STALLS=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
 STALLS=${STALLS%,}
 if [ "$NCU" = 1 ] && command -v ncu > /dev/null; then
   echo "== ncu (128K prefill, one launch of each pass)"
-  timeout 60 ncu --kernel-name regex:'RowStatsKernel|ColumnKernel' --launch-skip 4 --launch-count 2 \
+  # The passes on sm_90 are the wgmma kernels; elsewhere the mma.sync ones (lookup_mma.cu). The
+  # anchors keep out the float32 path's CombineRowStatsKernel.
+  timeout 60 ncu --kernel-name regex:'^(RowStatsWgmmaKernel|ColumnWgmmaKernel|RowStatsKernel|ColumnKernel)' \
+    --kernel-name-base function --launch-skip 4 --launch-count 2 \
     --metrics "$STALLS",sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.per_cycle_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum.pct_of_peak_sustained_elapsed,gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second \
     "$BIN/gpu_lookup_bench" --cases prefill --tokens 131072 --iters 5 > "$OUT/ncu.log" 2>&1
   echo "ncu rc=$?"
