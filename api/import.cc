@@ -173,6 +173,14 @@ void FillPages(const HeadIndex& index, const uint8_t* k_head, const uint8_t* v_h
   }
 }
 
+// The answer of a build stopped by ImportOptions::cancelled after `done` (layer, kv head) units.
+Status Cancelled(const VersionSpec& spec, int done) {
+  return Status::Cancelled(std::string(spec.replaces_version != 0 ? "rebuild" : "import") +
+                           " of '" + spec.name + "' cancelled after " + std::to_string(done) +
+                           " of " + std::to_string(spec.layers * spec.kv_heads) +
+                           " (layer, kv head) units; nothing was published");
+}
+
 }  // namespace
 
 Status StoreImpl::Import(const std::string& name, const std::string& path,
@@ -329,6 +337,7 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
     std::vector<HeadIndex> heads(spec.kv_heads);
     std::vector<uint64_t> sums;
     for (int h = 0; h < spec.kv_heads; ++h) {
+      if (options.cancelled && options.cancelled()) return Cancelled(spec, l * spec.kv_heads + h);
       const uint8_t* k_head = src.k + h * head_bytes;
       const uint8_t* v_head = src.v + h * head_bytes;
       SQKV_RETURN_IF_ERROR(
@@ -343,6 +352,7 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
       sums.resize(sums.size() + n);
       SQKV_RETURN_IF_ERROR(writer->AppendPages(pages.data(), n, sums.data() + sums.size() - n));
       if (options.progress) options.progress(l * spec.kv_heads + h + 1, total);
+      if (options.on_stage) options.on_stage("head_written");
     }
     r.layer_first_page.push_back(writer->pages_written());
     if (!spec.window_queries.empty()) {  // calibrate thresholds while the index is at hand
@@ -365,6 +375,10 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
   r.created_unix = static_cast<int64_t>(std::time(nullptr));
   r.build_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  if (options.cancelled && options.cancelled()) {  // the last chance: nothing is visible yet
+    RemoveFile(SegmentPath(r)).PermitUncheckedError();
+    return Cancelled(spec, total);
+  }
   Status published = catalog_->Publish(pub, replace);
   if (!published.ok()) {
     RemoveFile(SegmentPath(r)).PermitUncheckedError();  // else the next Open removes it

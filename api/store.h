@@ -80,8 +80,12 @@ struct ImportOptions {
   std::string source;
   // Called after each (layer, kv head) is indexed and written: (done, total).
   std::function<void(int, int)> progress;
-  // Test hook: called at named points of the import ("segment_written", "segment_published",
-  // "published"), e.g. to simulate a crash.
+  // Asked before each (layer, kv head) and once more before publishing: when it answers true the
+  // import (or rebuild) stops with Status::Cancelled and the store is as before. The CLI sets it
+  // on Ctrl-C, the server when the client goes away or the call's deadline passes. Default: none.
+  std::function<bool()> cancelled;
+  // Test hook: called at named points of the import ("head_written" after each (layer, kv head),
+  // "segment_written", "segment_published", "published"), e.g. to simulate a crash.
   std::function<void(std::string_view)> on_stage;
 };
 

@@ -12,6 +12,7 @@ const char* Status::CodeName(Code c) {
     case Code::kIOError: return "IOError";
     case Code::kUnavailable: return "Unavailable";
     case Code::kInternal: return "Internal";
+    case Code::kCancelled: return "Cancelled";
   }
   return "Unknown";
 }

@@ -20,6 +20,7 @@ class [[nodiscard]] Status {
     kIOError,      // the OS said no
     kUnavailable,  // a resource is absent (e.g. no GPU)
     kInternal,     // a bug or a library failure we did not expect
+    kCancelled,    // the caller stopped the call before it finished (nothing was changed)
   };
 
   Status() = default;
@@ -33,6 +34,7 @@ class [[nodiscard]] Status {
   static Status IOError(std::string m) { return Status(Code::kIOError, std::move(m)); }
   static Status Unavailable(std::string m) { return Status(Code::kUnavailable, std::move(m)); }
   static Status Internal(std::string m) { return Status(Code::kInternal, std::move(m)); }
+  static Status Cancelled(std::string m) { return Status(Code::kCancelled, std::move(m)); }
 
   bool ok() const { return code_ == Code::kOk; }
   Code code() const { return code_; }
@@ -41,6 +43,7 @@ class [[nodiscard]] Status {
   bool IsInvalidArgument() const { return code_ == Code::kInvalidArgument; }
   bool IsCorruption() const { return code_ == Code::kCorruption; }
   bool IsUnavailable() const { return code_ == Code::kUnavailable; }
+  bool IsCancelled() const { return code_ == Code::kCancelled; }
 
   // "InvalidArgument: tensor k.3: shape (2, 8) is not 3-D"
   std::string ToString() const;

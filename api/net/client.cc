@@ -85,6 +85,7 @@ class RemoteStore final : public Store {
     begin.total_bytes = total;
     begin.options = options;
     begin.options.progress = nullptr;
+    begin.options.cancelled = nullptr;
     begin.options.on_stage = nullptr;
     Response reply;
     SQKV_RETURN_IF_ERROR(CallOn(*conn, std::move(begin), &reply, nullptr));
@@ -98,6 +99,8 @@ class RemoteStore final : public Store {
     ImportChunkCall piece;
     piece.upload_id = id;
     for (uint64_t offset = 0; offset < total;) {
+      // Cancelled during the upload: the connection (and with it the upload) is dropped.
+      if (options.cancelled && options.cancelled()) return UploadCancelled(name, offset, total);
       const size_t n = static_cast<size_t>(std::min<uint64_t>(chunk, total - offset));
       piece.offset = offset;
       piece.data.resize(n);
@@ -115,7 +118,10 @@ class RemoteStore final : public Store {
       if (!reply.status.ok()) return Done(std::move(conn), reply.status);
       offset += n;
     }
-    SQKV_RETURN_IF_ERROR(CallOn(*conn, ImportEndCall{id}, &reply, ProgressTo(options.progress)));
+    Status sent = CallOn(*conn, ImportEndCall{id}, &reply, ProgressTo(options.progress),
+                         options.cancelled);
+    if (sent.IsCancelled()) return sent.WithContext("import of '" + name + "'");
+    SQKV_RETURN_IF_ERROR(sent);
     if (!reply.status.ok()) return Done(std::move(conn), reply.status);
     auto* c = std::get_if<ContextInfo>(&reply.body);
     if (c == nullptr) return Status::Internal("server " + data_dir() + " answered importEnd badly");
@@ -165,8 +171,11 @@ class RemoteStore final : public Store {
                  ContextInfo* info) override {
     RebuildCall call{name, options};
     call.options.progress = nullptr;
+    call.options.cancelled = nullptr;
     call.options.on_stage = nullptr;
-    return Ask(std::move(call), "rebuild", info, ProgressTo(options.progress));
+    Status s = Ask(std::move(call), "rebuild", info, ProgressTo(options.progress),
+                   options.cancelled);
+    return s.IsCancelled() ? s.WithContext("rebuild of '" + name + "'") : s;
   }
 
   Status Calibrate(const std::string& name, const std::vector<WindowQueries>* queries,
@@ -224,18 +233,32 @@ class RemoteStore final : public Store {
   }
 
   Status CallOn(Connection& conn, net::Call call, Response* reply,
-                const Connection::OnProgress& progress) {
+                const Connection::OnProgress& progress,
+                const Connection::IsCancelled& cancelled = nullptr) {
     Request request;
     request.id = next_id_.fetch_add(1) + 1;
     request.deadline_ms = options_.deadline_ms;
     request.call = std::move(call);
-    return conn.Call(request, Deadline(), reply, progress);
+    Status s = conn.Call(request, Deadline(), reply, progress, cancelled);
+    if (s.IsCancelled()) {
+      return Status::Cancelled("cancelled: the connection to " + data_dir() +
+                               " is closed; the server stops an import or rebuild at its next "
+                               "(layer, kv head) and publishes nothing");
+    }
+    return s;
+  }
+
+  static Status UploadCancelled(const std::string& name, uint64_t sent, uint64_t total) {
+    return Status::Cancelled("import of '" + name + "' cancelled during the upload (" +
+                             std::to_string(sent) + " of " + std::to_string(total) +
+                             " bytes sent); nothing was published");
   }
 
   // One call on a pooled connection. A read-only call that fails on a reused connection (which
   // the server may have closed for idleness) is tried once more on a fresh one.
   Status RoundTrip(net::Call call, Response* reply,
-                   const Connection::OnProgress& progress = nullptr) {
+                   const Connection::OnProgress& progress = nullptr,
+                   const Connection::IsCancelled& cancelled = nullptr) {
     const bool read_only =
         std::holds_alternative<QueryCall>(call) || std::holds_alternative<ListCall>(call) ||
         std::holds_alternative<InfoCall>(call) || std::holds_alternative<GetThresholdsCall>(call) ||
@@ -244,10 +267,10 @@ class RemoteStore final : public Store {
     std::unique_ptr<Connection> conn;
     bool reused = false;
     SQKV_RETURN_IF_ERROR(Acquire(&conn, &reused));
-    Status s = CallOn(*conn, read_only ? call : std::move(call), reply, progress);
-    if (!s.ok() && reused && read_only) {
+    Status s = CallOn(*conn, read_only ? call : std::move(call), reply, progress, cancelled);
+    if (!s.ok() && !s.IsCancelled() && reused && read_only) {
       SQKV_RETURN_IF_ERROR(Connection::Open(host_, port_, options_, &conn));
-      s = CallOn(*conn, std::move(call), reply, progress);
+      s = CallOn(*conn, std::move(call), reply, progress, cancelled);
     }
     SQKV_RETURN_IF_ERROR(s);
     Release(std::move(conn));
@@ -262,9 +285,10 @@ class RemoteStore final : public Store {
   // A call whose reply carries a body of type T (moved to *out when the status is OK).
   template <typename T>
   Status Ask(net::Call call, const char* what, T* out,
-             const Connection::OnProgress& progress = nullptr) {
+             const Connection::OnProgress& progress = nullptr,
+             const Connection::IsCancelled& cancelled = nullptr) {
     Response reply;
-    SQKV_RETURN_IF_ERROR(RoundTrip(std::move(call), &reply, progress));
+    SQKV_RETURN_IF_ERROR(RoundTrip(std::move(call), &reply, progress, cancelled));
     return Take(std::move(reply), what, out);
   }
 

@@ -122,6 +122,8 @@ wire::StatusCode ToWire(Status::Code c) {
       return wire::StatusCode::UNAVAILABLE;
     case Status::Code::kInternal:
       return wire::StatusCode::INTERNAL;
+    case Status::Code::kCancelled:
+      return wire::StatusCode::CANCELLED;
   }
   return wire::StatusCode::INTERNAL;
 }
@@ -144,6 +146,8 @@ Status FromWire(wire::StatusCode c, std::string message) {
       return Status::Unavailable(std::move(message));
     case wire::StatusCode::INTERNAL:
       return Status::Internal(std::move(message));
+    case wire::StatusCode::CANCELLED:
+      return Status::Cancelled(std::move(message));
   }
   // A newer server's code: keep the message, call it internal.
   return Status::Internal(std::move(message));

@@ -26,6 +26,8 @@ using asio::use_awaitable;
 constexpr char kClientName[] = "sqkv-client 0.1.0";
 // Frame buffers larger than this are released after the call that needed them.
 constexpr size_t kKeepBufferWords = (size_t{4} << 20) / kWordBytes;
+// How often a waiting call asks whether it is cancelled.
+constexpr auto kCancelPoll = std::chrono::milliseconds(100);
 
 class AsioConnection final : public Connection {
  public:
@@ -40,7 +42,7 @@ class AsioConnection final : public Connection {
     auto endpoints = resolver.resolve(host, port, tcp::resolver::numeric_service, ec);
     if (ec) return Status::Unavailable("cannot resolve " + peer_ + ": " + ec.message());
     Status result;
-    const bool finished = RunUntil(deadline, [&]() -> asio::awaitable<void> {
+    const bool finished = RunUntil(deadline, nullptr, [&]() -> asio::awaitable<void> {
       auto [cec, ep] = co_await asio::async_connect(socket_, endpoints, as_tuple(use_awaitable));
       result =
           cec ? Status::Unavailable("connect to " + peer_ + ": " + cec.message()) : Status::Ok();
@@ -55,11 +57,11 @@ class AsioConnection final : public Connection {
   }
 
   Status Call(const Request& request, Clock::time_point deadline, Response* out,
-              const OnProgress& on_progress) override {
+              const OnProgress& on_progress, const IsCancelled& cancelled) override {
     if (broken_) return Status::Unavailable("connection to " + peer_ + " is closed");
     SQKV_RETURN_IF_ERROR(EncodeRequest(request, &out_));
     Status result = Status::Internal("call to " + peer_ + " ended without a result");
-    const bool finished = RunUntil(deadline, [&]() -> asio::awaitable<void> {
+    const bool finished = RunUntil(deadline, cancelled, [&]() -> asio::awaitable<void> {
       auto [wec, wn] = co_await asio::async_write(
           socket_, asio::buffer(out_.data(), out_.size() * kWordBytes), as_tuple(use_awaitable));
       if (wec) {
@@ -97,7 +99,11 @@ class AsioConnection final : public Connection {
         co_return;
       }
     });
-    if (!finished) result = Status::Unavailable("server " + peer_ + ": deadline exceeded");
+    if (!finished) {
+      result = cancelled && cancelled()
+                   ? Status::Cancelled("call to " + peer_ + " cancelled; connection closed")
+                   : Status::Unavailable("server " + peer_ + ": deadline exceeded");
+    }
     if (!result.ok()) broken_ = true;  // the stream position is unknown: never reuse
     if (out_.capacity() > kKeepBufferWords) std::vector<uint64_t>().swap(out_);
     if (in_.capacity() > kKeepBufferWords) std::vector<uint64_t>().swap(in_);
@@ -138,17 +144,24 @@ class AsioConnection final : public Connection {
     co_return Status::Ok();
   }
 
-  // Runs `body` on the private io_context until it ends (true) or `deadline` passes (false); then
-  // the socket is closed, which ends any operation in flight.
+  // Runs `body` on the private io_context until it ends (true), or `deadline` passes or
+  // `cancelled` (asked every kCancelPoll; may be null) says so (false); then the socket is closed,
+  // which ends any operation in flight.
   template <typename Body>
-  bool RunUntil(Clock::time_point deadline, Body body) {
+  bool RunUntil(Clock::time_point deadline, const IsCancelled& cancelled, Body body) {
     bool finished = false;
     io_.restart();
     asio::co_spawn(io_, body, [&finished](std::exception_ptr) { finished = true; });
-    if (deadline == Clock::time_point::max()) {
+    if (!cancelled && deadline == Clock::time_point::max()) {
       io_.run();
     } else {
-      io_.run_until(deadline);
+      for (;;) {
+        const auto slice =
+            cancelled ? std::min(deadline, Clock::now() + kCancelPoll) : deadline;
+        io_.run_until(slice);
+        if (finished || io_.stopped() || Clock::now() >= deadline) break;
+        if (cancelled && cancelled()) break;
+      }
     }
     if (!finished) {
       broken_ = true;
@@ -182,7 +195,7 @@ Status Connection::Open(const std::string& host, const std::string& port,
   hello.id = 1;
   hello.call = HelloCall{kProtocolVersion, options.token, kClientName};
   Response reply;
-  SQKV_RETURN_IF_ERROR(conn->Call(hello, deadline, &reply, nullptr));
+  SQKV_RETURN_IF_ERROR(conn->Call(hello, deadline, &reply, nullptr, nullptr));
   if (!reply.status.ok()) return reply.status.WithContext("server " + peer);
   const auto* h = std::get_if<HelloReply>(&reply.body);
   if (h == nullptr) return Status::Internal("server " + peer + " answered hello with another call");

@@ -16,6 +16,8 @@ class Connection {
  public:
   using Clock = std::chrono::steady_clock;
   using OnProgress = std::function<void(const ProgressReply&)>;
+  // Asked every 100 ms while a call waits (may be null): true gives up the call (Cancelled).
+  using IsCancelled = std::function<bool()>;
 
   // Connects to host:port and says hello (with options.token) within options.connect_timeout_ms.
   static Status Open(const std::string& host, const std::string& port, const ClientOptions& options,
@@ -23,10 +25,12 @@ class Connection {
   virtual ~Connection() = default;
 
   // Sends `request` and reads the answer to it (progress answers go to on_progress, may be null).
-  // Unavailable when the network fails or `deadline` passes; then broken() is true. A non-OK
-  // answer from the server is returned in out->status, with OK here.
+  // Unavailable when the network fails or `deadline` passes, Cancelled when `cancelled` says so;
+  // then broken() is true (the connection is closed, which tells the server: an import or
+  // rebuild stops there). A non-OK answer from the server is returned in out->status, with OK
+  // here.
   virtual Status Call(const Request& request, Clock::time_point deadline, Response* out,
-                      const OnProgress& on_progress) = 0;
+                      const OnProgress& on_progress, const IsCancelled& cancelled) = 0;
   virtual bool broken() const = 0;
 };
 

@@ -18,8 +18,10 @@ inline constexpr std::array<double, 18> kLatencyBuckets = {
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1,    0.25,    0.5,    1,     2.5,    5,     10,   30,    60};
 
-// Status codes counted per call (common/status.h has 8).
-inline constexpr size_t kNumStatusCodes = 8;
+// Status codes counted per call (common/status.h has 9).
+inline constexpr size_t kNumStatusCodes = 9;
+static_assert(static_cast<size_t>(Status::Code::kCancelled) + 1 == kNumStatusCodes,
+              "a status code the metrics do not count");
 
 class Histogram {
  public:

@@ -1,6 +1,8 @@
 // One coroutine per client connection: read a frame, decode it, run the call on the workers,
 // write the answer; repeat. A watchdog beside it closes the connection when the current I/O
 // deadline passes (idle between requests, or a frame or answer that is too slow).
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/buffer.hpp>
@@ -9,6 +11,7 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
+#include <cerrno>
 #include <limits>
 #include <memory>
 
@@ -256,7 +259,8 @@ class Session {
         const bool sent = co_await Send(update);
         co_return sent;
       };
-      r = co_await calls_.Run(request, deadline, progress);
+      const PeerGone peer_gone = [this] { return PeerClosed(); };
+      r = co_await calls_.Run(request, deadline, progress, peer_gone);
       server_->metrics().requests_in_flight.fetch_sub(1);
     }
     if (r.deadline_exceeded) server_->metrics().deadline_exceeded.fetch_add(1);
@@ -268,6 +272,16 @@ class Session {
       const bool sent = co_await Send(answer);
       if (!sent) *keep_open = false;
     }
+  }
+
+  // Whether the client has closed (or reset) its end of the connection: a peek that does not
+  // block. Bytes waiting (a client sending its next request early) do not count.
+  bool PeerClosed() {
+    if (!st_->socket.is_open()) return true;
+    char byte;
+    const ssize_t n = ::recv(st_->socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n >= 0) return n == 0;
+    return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
   }
 
   Clock::time_point RequestDeadline(const Request& request) const {

@@ -40,10 +40,11 @@ using Clock = std::chrono::steady_clock;
 // How often a running import reports progress.
 constexpr auto kProgressInterval = std::chrono::milliseconds(250);
 constexpr char kDefaultUploadName[] = "upload.safetensors";
-// The answer to a call whose deadline passed. The call is not started after its deadline, but one
-// already running goes on to its end (a store call cannot be interrupted).
+// The answer to a call whose deadline passed. The call is not started after its deadline; one
+// already running goes on to its end, except an import or rebuild, which is cancelled.
 constexpr char kDeadlineExceeded[] =
-    "deadline exceeded (a call already running when it passed still runs to its end)";
+    "deadline exceeded (a call already running when it passed runs to its end; an import or "
+    "rebuild stops at its next (layer, kv head) and publishes nothing)";
 
 Status Errno(const std::string& what) {
   return Status::IOError(what + ": " + std::strerror(errno));
@@ -81,7 +82,7 @@ CallResult Failed(Status s) {
 // A call on the store, ready to run on a worker: one of the two functions is set.
 struct StoreCall {
   std::function<Outcome()> plain;
-  std::function<Outcome(const ProgressFn&)> with_progress;
+  LongCall long_call;
 };
 
 // Moves the call's arguments into the function that runs it (which may outlive the request when
@@ -117,10 +118,11 @@ StoreCall MakeStoreCall(Store* store, Call& call) {
   } else if (auto* rm = std::get_if<RemoveCall>(&call)) {
     out.plain = [store, name = std::move(rm->name)]() { return Outcome{store->Remove(name), {}}; };
   } else if (auto* rb = std::get_if<RebuildCall>(&call)) {
-    out.with_progress = [store, c = std::move(*rb)](const ProgressFn& report) {
+    out.long_call = [store, c = std::move(*rb)](const LongCallHooks& hooks) {
       Outcome o;
       ImportOptions options = c.options;
-      options.progress = report;
+      options.progress = hooks.progress;
+      options.cancelled = hooks.cancelled;
       ContextInfo info;
       o.status = store->Rebuild(c.name, options, &info);
       if (o.status.ok()) o.body = std::move(info);
@@ -142,10 +144,10 @@ StoreCall MakeStoreCall(Store* store, Call& call) {
       return o;
     };
   } else if (auto* v = std::get_if<VerifyCall>(&call)) {
-    out.with_progress = [store, name = std::move(v->name)](const ProgressFn& report) {
+    out.long_call = [store, name = std::move(v->name)](const LongCallHooks& hooks) {
       Outcome o;
       VerifyReport rep;
-      o.status = store->Verify(name, report, &rep);
+      o.status = store->Verify(name, hooks.progress, &rep);
       if (o.status.ok()) o.body = std::move(rep);
       return o;
     };
@@ -233,7 +235,8 @@ boost::asio::awaitable<CallResult> SessionCalls::Await(const std::function<Outco
 }
 
 boost::asio::awaitable<CallResult> SessionCalls::Run(Request& request, Clock::time_point deadline,
-                                                     ProgressSender& progress) {
+                                                     ProgressSender& progress,
+                                                     const PeerGone& peer_gone) {
   // Uploads keep state on the connection; every other call is one store call on a worker.
   // (Arguments of co_await expressions are named variables throughout: GCC 12 mishandles some
   // temporaries that live across a suspension.)
@@ -243,11 +246,11 @@ boost::asio::awaitable<CallResult> SessionCalls::Run(Request& request, Clock::ti
   } else if (auto* chunk = std::get_if<ImportChunkCall>(&request.call)) {
     r = co_await ImportChunk(*chunk, deadline);
   } else if (auto* end = std::get_if<ImportEndCall>(&request.call)) {
-    r = co_await ImportEnd(*end, deadline, progress);
+    r = co_await ImportEnd(*end, deadline, progress, peer_gone);
   } else {
     StoreCall call = MakeStoreCall(server_->store(), request.call);
-    if (call.with_progress) {
-      r = co_await AwaitWithProgress(call.with_progress, deadline, progress);
+    if (call.long_call) {
+      r = co_await AwaitLong(call.long_call, deadline, progress, peer_gone);
     } else {
       r = co_await Await(call.plain, deadline);
     }
@@ -324,7 +327,8 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportChunk(ImportChunkCall& ca
 
 boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& call,
                                                            Clock::time_point deadline,
-                                                           ProgressSender& progress) {
+                                                           ProgressSender& progress,
+                                                           const PeerGone& peer_gone) {
   auto it = uploads_.find(call.upload_id);
   if (it == uploads_.end()) {
     co_return Failed(
@@ -337,7 +341,7 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& 
                                              " of " + std::to_string(up->total) + " bytes"));
   }
   Store* store = server_->store();
-  const std::function<Outcome(const ProgressFn&)> import = [store, up](const ProgressFn& report) {
+  const LongCall import = [store, up](const LongCallHooks& hooks) {
     Outcome o;
     const int fd = up->fd;
     up->fd = -1;
@@ -347,7 +351,8 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& 
       return o;
     }
     ImportOptions options = up->options;
-    options.progress = report;
+    options.progress = hooks.progress;
+    options.cancelled = hooks.cancelled;
     ContextInfo info;
     o.status = store->Import(up->name, up->path, options, &info);
     if (o.status.ok()) {
@@ -365,44 +370,64 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& 
     return o;
   };
   up.reset();
-  CallResult r = co_await AwaitWithProgress(import, deadline, progress);
+  CallResult r = co_await AwaitLong(import, deadline, progress, peer_gone);
   co_return r;
 }
 
-boost::asio::awaitable<CallResult> SessionCalls::AwaitWithProgress(
-    const std::function<Outcome(const ProgressFn&)>& fn, Clock::time_point deadline,
-    ProgressSender& progress) {
-  struct Counters {
+boost::asio::awaitable<CallResult> SessionCalls::AwaitLong(const LongCall& fn,
+                                                           Clock::time_point deadline,
+                                                           ProgressSender& progress,
+                                                           const PeerGone& peer_gone) {
+  struct Shared {
     std::atomic<int> done{0}, total{0};
+    std::atomic<bool> stop{false};
   };
-  auto counters = std::make_shared<Counters>();
-  const std::function<Outcome()> run = [fn, counters]() {
-    return fn([counters](int done, int total) {
-      counters->total.store(total, std::memory_order_relaxed);
-      counters->done.store(done, std::memory_order_relaxed);
-    });
+  auto shared = std::make_shared<Shared>();
+  ServerImpl* server = server_;
+  const std::function<Outcome()> run = [fn, shared, server]() {
+    LongCallHooks hooks;
+    hooks.progress = [shared](int done, int total) {
+      shared->total.store(total, std::memory_order_relaxed);
+      shared->done.store(done, std::memory_order_relaxed);
+    };
+    hooks.cancelled = [shared, server]() {
+      return shared->stop.load(std::memory_order_relaxed) || server->stopping();
+    };
+    return fn(hooks);
   };
   auto call = Post(run, deadline);
+  // Leaves the call to the workers, told to stop (see Run).
+  auto abandon = [&] {
+    shared->stop.store(true, std::memory_order_relaxed);
+    abandoned_ = call;
+  };
   int sent = -1;
   CallResult r;
   for (;;) {
     const auto wake = std::min(deadline, Clock::now() + kProgressInterval);
     if (co_await call->WaitUntil(wake)) break;
     if (Clock::now() >= deadline) {
-      abandoned_ = call;
+      abandon();
       r.deadline_exceeded = true;
       r.outcome.status = Status::Unavailable(kDeadlineExceeded);
       co_return r;
     }
-    const int done = counters->done.load(std::memory_order_relaxed);
-    const int total = counters->total.load(std::memory_order_relaxed);
+    if (peer_gone && peer_gone()) {
+      abandon();
+      r.connection_lost = true;
+      r.outcome.status = Status::Cancelled("the client went away");  // for the metrics only
+      co_return r;
+    }
+    const int done = shared->done.load(std::memory_order_relaxed);
+    const int total = shared->total.load(std::memory_order_relaxed);
     if (total > 0 && done != sent) {
       sent = done;
       const ProgressReply report{done, total};
       const bool delivered = co_await progress(report);
       if (!delivered) {
-        abandoned_ = call;
+        abandon();
         r.connection_lost = true;
+        r.outcome.status = Status::Cancelled("the client went away");
         co_return r;
       }
     }

@@ -27,6 +27,17 @@ struct CallResult {
 
 // Writes one progress answer; false when the connection is gone.
 using ProgressSender = std::function<boost::asio::awaitable<bool>(const ProgressReply&)>;
+// Whether the client has closed its end of the connection (checked without blocking).
+using PeerGone = std::function<bool()>;
+
+// What a long call (import, rebuild, verify) gets from the session: where its progress goes, and
+// whether to stop (ImportOptions::cancelled): true once the client has gone, the call's deadline
+// has passed or the server is stopping.
+struct LongCallHooks {
+  ProgressFn progress;
+  std::function<bool()> cancelled;
+};
+using LongCall = std::function<Outcome(const LongCallHooks&)>;
 
 class SessionCalls {
  public:
@@ -37,11 +48,13 @@ class SessionCalls {
   ~SessionCalls();  // drops unfinished uploads (their files are removed)
 
   // Runs `request` (not hello) on the workers; waits at most until `deadline`. The request's
-  // arguments are moved out. A call whose deadline passes (or whose progress cannot be sent) is
-  // abandoned: answered, but still on the workers until it ends.
+  // arguments are moved out. A call whose deadline passes (or, for a long call, whose client
+  // goes away: progress that cannot be sent, or `peer_gone`) is abandoned: answered (unless the
+  // client is gone), but still on the workers until it ends; an import or rebuild is told to
+  // stop there (LongCallHooks::cancelled) and publishes nothing.
   boost::asio::awaitable<CallResult> Run(Request& request,
                                          std::chrono::steady_clock::time_point deadline,
-                                         ProgressSender& progress);
+                                         ProgressSender& progress, const PeerGone& peer_gone);
 
   // Waits until the call abandoned last (if any) has ended on the workers, or was dropped there.
   // The connection reads its next request only after this, so it has at most one call on the
@@ -58,13 +71,15 @@ class SessionCalls {
                                                  std::chrono::steady_clock::time_point deadline);
   boost::asio::awaitable<CallResult> ImportChunk(ImportChunkCall& call,
                                                  std::chrono::steady_clock::time_point deadline);
-  // Like Await, for calls that report progress: sends a progress answer at most every 250 ms.
-  boost::asio::awaitable<CallResult> AwaitWithProgress(
-      const std::function<Outcome(const ProgressFn&)>& fn,
-      std::chrono::steady_clock::time_point deadline, ProgressSender& progress);
+  // Like Await, for long calls: sends a progress answer at most every 250 ms, and looks for
+  // the client's going away as often.
+  boost::asio::awaitable<CallResult> AwaitLong(const LongCall& fn,
+                                               std::chrono::steady_clock::time_point deadline,
+                                               ProgressSender& progress,
+                                               const PeerGone& peer_gone);
   boost::asio::awaitable<CallResult> ImportEnd(const ImportEndCall& call,
                                                std::chrono::steady_clock::time_point deadline,
-                                               ProgressSender& progress);
+                                               ProgressSender& progress, const PeerGone& peer_gone);
 
   ServerImpl* server_;
   boost::asio::any_io_executor ex_;

@@ -295,6 +295,7 @@ enum StatusCode {
   ioError @5;
   unavailable @6;
   internal @7;
+  cancelled @8;
 }
 
 struct Status {

@@ -62,7 +62,7 @@ class Error(Exception):
     """A call the server (or the connection) refused.
 
     code: the status code's name in the schema: "invalidArgument", "notFound", "alreadyExists",
-    "corruption", "ioError", "unavailable" or "internal".
+    "corruption", "ioError", "unavailable", "internal" or "cancelled".
     """
 
     def __init__(self, code: str, message: str):
@@ -312,7 +312,9 @@ class Client:
 
         timeout: seconds for the whole import, upload included (None: no limit; each upload
         step then has the client's timeout, and the indexing none). When it passes during the
-        indexing, the server may still finish the import: look with info() before retrying.
+        indexing, the server stops the import at its next (layer, kv head) and publishes nothing,
+        as it does when the client goes away (e.g. an exception out of `progress`); an import
+        already publishing when it passes still completes: look with info() before retrying.
         """
         total = os.path.getsize(path)
         ends = None if timeout is None else time.monotonic() + timeout

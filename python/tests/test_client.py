@@ -2,6 +2,7 @@
 same server (bit for bit), admin calls, errors, authentication."""
 import json
 import os
+import time
 
 import pytest
 
@@ -73,6 +74,60 @@ def test_import_reports_progress(sqkv_bin, server, tmp_path):
     assert seen, "no progress answer during a multi-second import"
     assert all(t == layers * kv_heads and 1 <= d <= t for d, t in seen), seen
     assert [d for d, _ in seen] == sorted(d for d, _ in seen), seen
+
+
+def _long_import_file(sqkv_bin, tmp_path):
+    """A context of 8 layers x 4 kv heads of 4096 tokens: with 80 K-means iterations, about 6 s
+    of indexing on two cores, far longer than the 250 ms in which the server notices a client
+    gone or a deadline passed."""
+    ctx = str(tmp_path / "long.safetensors")
+    run(sqkv_bin, "synth", ctx, "--tokens", "4096", "--layers", "8", "--kv-heads", "4",
+        "--q-heads", "8", "-n", "1", "--head-dim", "64")
+    return ctx
+
+
+def _wait_for_uploads_gone(data_dir, limit=120.0):
+    """The server removes an upload when the store call importing it has returned (cancelled or
+    not): after that, what the import left in the catalog is final."""
+    uploads = os.path.join(data_dir, "uploads")
+    ends = time.monotonic() + limit
+    while os.path.isdir(uploads) and os.listdir(uploads):
+        assert time.monotonic() < ends, f"upload still there: {os.listdir(uploads)}"
+        time.sleep(0.05)
+
+
+class _GoAway(Exception):
+    pass
+
+
+def test_import_stops_when_its_client_goes_away(sqkv_bin, server, tmp_path):
+    ctx = _long_import_file(sqkv_bin, tmp_path)
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        raise _GoAway()  # out of import_file; the with block closes the connection
+
+    with pytest.raises(_GoAway):
+        with Client(server.address) as c:
+            c.import_file("long", ctx, kmeans_iterations=80, progress=progress)
+    assert seen and seen[0] < 32
+    _wait_for_uploads_gone(str(tmp_path / "data"))
+    with Client(server.address) as c:
+        assert c.list() == []
+        c.import_file("small", ctx, kmeans_iterations=1)  # the server serves on
+        assert [x["name"] for x in c.list()] == ["small"]
+
+
+def test_import_past_its_deadline_publishes_nothing(sqkv_bin, server, tmp_path):
+    ctx = _long_import_file(sqkv_bin, tmp_path)
+    with Client(server.address) as c:
+        with pytest.raises(Error) as e:
+            c.import_file("long", ctx, kmeans_iterations=80, timeout=1.0)
+        assert e.value.code == "unavailable", e.value
+    _wait_for_uploads_gone(str(tmp_path / "data"))
+    with Client(server.address) as c:
+        assert c.list() == []
 
 
 def test_errors_carry_the_store_code(server, synth):

@@ -268,6 +268,60 @@ TEST_F(AdminTest, RebuildNeverRevivesARemovedContextOrOverwritesANewerOne) {
   EXPECT_TRUE(report.problems.empty());
 }
 
+// ImportOptions::cancelled stops an import or a rebuild with Cancelled and leaves the store as it
+// was, whether it answers true between two (layer, kv head) units or only at the last check
+// before publishing: no record, no segment file (final or temporary), the old version serving.
+TEST_F(AdminTest, CancelledImportOrRebuildLeavesTheStoreAsItWas) {
+  SyntheticOptions so = OneLayer(400);
+  so.layers = 2;  // 2 x 2 units
+  const std::string file = dir_.file("c.safetensors");
+  ASSERT_TRUE(WriteSyntheticContext(so, file, nullptr).ok());
+  const int units = so.layers * so.kv_heads;
+  // after: how many times `cancelled` answers false first (units: only the pre-publish check).
+  for (int after : {0, 1, units - 1, units}) {
+    SCOPED_TRACE(after);
+    int asked = 0, reported = 0;
+    ImportOptions io;
+    io.kmeans_device = Device::kCpu;
+    io.progress = [&](int, int) { ++reported; };
+    io.cancelled = [&] { return asked++ >= after; };
+    Status s = store_->Import("c", file, io, nullptr);
+    ASSERT_TRUE(s.IsCancelled()) << s.ToString();
+    EXPECT_NE(s.message().find("nothing was published"), std::string::npos) << s.ToString();
+    EXPECT_EQ(reported, std::min(after, units));  // each unit asked first, then reported
+    ContextInfo info;
+    EXPECT_TRUE(store_->Info("c", &info).IsNotFound());
+    EXPECT_EQ(SegmentFiles(), 0u);
+  }
+  // Nothing was left in the way: the same import runs through.
+  ImportOptions io;
+  io.kmeans_device = Device::kCpu;
+  ASSERT_TRUE(store_->Import("c", file, io, nullptr).ok());
+  ContextInfo before;
+  ASSERT_TRUE(store_->Info("c", &before).ok());
+  for (int after : {1, units}) {
+    SCOPED_TRACE(after);
+    int asked = 0;
+    ImportOptions rb;
+    rb.levels = 2;
+    rb.cancelled = [&] { return asked++ >= after; };
+    Status s = store_->Rebuild("c", rb, nullptr);
+    ASSERT_TRUE(s.IsCancelled()) << s.ToString();
+    EXPECT_NE(s.message().find("rebuild of 'c'"), std::string::npos) << s.ToString();
+    ContextInfo info;
+    ASSERT_TRUE(store_->Info("c", &info).ok());
+    EXPECT_EQ(info.version, before.version);
+    EXPECT_EQ(info.levels, 1);
+    EXPECT_EQ(SegmentFiles(), 1u);
+  }
+  VerifyReport report;
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  EXPECT_TRUE(report.problems.empty());
+  CompactReport compact;
+  ASSERT_TRUE(store_->Compact(&compact).ok());
+  EXPECT_EQ(compact.orphan_files_removed, 0);
+}
+
 // Compaction running beside imports never takes a segment or catalog keys from a build, whatever
 // step each has reached (a review reproduced 8 of 300 imports losing their files this way).
 TEST_F(AdminTest, CompactionBesideImportsLosesNothing) {

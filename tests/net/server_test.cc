@@ -247,6 +247,61 @@ TEST(ServerTest, ImportUploadsInChunksAndReportsProgress) {
   EXPECT_EQ(leftovers, 0u);
 }
 
+// An import stops on the server, publishing nothing, when its remote client cancels it
+// (ImportOptions::cancelled: the client closes the connection) and when the server shuts down
+// (the client hears Cancelled). Each unit reports and then sleeps 400 ms, so the import outlasts
+// the client's 100 ms and the server's 250 ms looks by far.
+TEST(ServerTest, ImportCancelledByItsClientOrByShutdownPublishesNothing) {
+  testing::ScratchDir data;
+  std::unique_ptr<Store> inner;
+  ASSERT_TRUE(Store::Open(StoreOptions{.data_dir = data.file("data")}, &inner).ok());
+  SlowStore slow(inner.get(), std::chrono::milliseconds(0), std::chrono::milliseconds(400));
+  LiveServer live(&slow, ServerOptions());
+  const std::string path = live.dir() + "/c.safetensors";
+  ASSERT_TRUE(WriteSyntheticContext(SmallContext(FreshSeed()), path, nullptr).ok());
+  const std::string uploads = live.dir() + "/uploads";
+  auto uploads_gone = [&] {  // an upload goes when the store call importing it has returned
+    for (int i = 0; i < 1000; ++i) {  // bounded: 10 s
+      if (std::filesystem::is_empty(uploads)) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  };
+  auto remote = live.Connect();
+
+  std::atomic<int> updates{0};
+  ImportOptions io;
+  io.progress = [&](int, int) { ++updates; };
+  io.cancelled = [&] { return updates.load() >= 1; };
+  Status s = remote->Import("c", path, io, nullptr);
+  EXPECT_TRUE(s.IsCancelled()) << s.ToString();
+  EXPECT_NE(s.message().find("publishes nothing"), std::string::npos) << s.ToString();
+  ASSERT_TRUE(uploads_gone());
+  ContextInfo info;
+  EXPECT_TRUE(inner->Info("c", &info).IsNotFound());
+  // Cancelled before anything was sent: the upload never starts.
+  io.cancelled = [] { return true; };
+  s = remote->Import("c", path, io, nullptr);
+  EXPECT_TRUE(s.IsCancelled()) << s.ToString();
+  EXPECT_NE(s.message().find("during the upload"), std::string::npos) << s.ToString();
+
+  updates = 0;
+  io.cancelled = nullptr;
+  Status shut;
+  std::thread importer([&] { shut = remote->Import("c", path, io, nullptr); });
+  for (int i = 0; i < 1000 && updates.load() == 0; ++i) {  // bounded: 10 s
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_GE(updates.load(), 1);
+  live.server()->Shutdown();
+  importer.join();
+  EXPECT_TRUE(shut.IsCancelled()) << shut.ToString();
+  EXPECT_NE(shut.message().find("nothing was published"), std::string::npos) << shut.ToString();
+  live.Stop();
+  EXPECT_TRUE(inner->Info("c", &info).IsNotFound());
+  EXPECT_TRUE(std::filesystem::is_empty(uploads));
+}
+
 TEST(ServerTest, SixtyFourConcurrentConnectionsGetTheEmbeddedAnswers) {
   constexpr int kClients = 64;
   constexpr int kQueriesPerClient = 3;

@@ -2,8 +2,11 @@
 
 #include <unistd.h>
 
+#include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include "api/net/client.h"
 
@@ -27,6 +30,8 @@ int ExitCodeFor(const Status& s) {
       return kExitIOError;
     case Status::Code::kInternal:
       return kExitError;
+    case Status::Code::kCancelled:
+      return kExitCancelled;
   }
   return kExitError;
 }
@@ -51,6 +56,61 @@ Status OpenStore(const GlobalOptions& g, std::unique_ptr<Store>* out, bool creat
     options.data_dir = env;
   }
   return Store::Open(options, out);
+}
+
+namespace {
+
+std::atomic<bool> g_interrupted{false};
+static_assert(std::atomic<bool>::is_always_lock_free, "set from a signal handler");
+struct sigaction g_old_int, g_old_term;
+
+extern "C" void OnInterrupt(int) {
+  g_interrupted.store(true);
+  static const char kNote[] =
+      "\nsqkv: interrupted: stopping after the current (layer, kv head); nothing will be "
+      "published (again to quit at once)\n";
+  const ssize_t ignored = ::write(STDERR_FILENO, kNote, sizeof(kNote) - 1);
+  (void)ignored;
+}
+
+}  // namespace
+
+CancelOnInterrupt::CancelOnInterrupt() {
+  g_interrupted.store(false);
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = OnInterrupt;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESETHAND | SA_RESTART;  // the second signal takes the default action
+  // A signal ignored when we started (a background job of a script, nohup) stays ignored.
+  sigaction(SIGINT, nullptr, &g_old_int);
+  sigaction(SIGTERM, nullptr, &g_old_term);
+  if (g_old_int.sa_handler != SIG_IGN) sigaction(SIGINT, &sa, nullptr);
+  if (g_old_term.sa_handler != SIG_IGN) sigaction(SIGTERM, &sa, nullptr);
+}
+
+CancelOnInterrupt::~CancelOnInterrupt() {
+  sigaction(SIGINT, &g_old_int, nullptr);
+  sigaction(SIGTERM, &g_old_term, nullptr);
+}
+
+std::function<bool()> CancelOnInterrupt::Asked() const {
+  return [] { return g_interrupted.load(); };
+}
+
+void SetTestHooks(ImportOptions* options) {
+  const char* crash_at = std::getenv("SQKV_TEST_CRASH_AT");
+  const char* interrupt_at = std::getenv("SQKV_TEST_INTERRUPT_AT");
+  if (crash_at == nullptr && interrupt_at == nullptr) return;
+  options->on_stage = [crash = std::string(crash_at ? crash_at : ""),
+                       interrupt = std::string(interrupt_at ? interrupt_at : ""),
+                       raised = false](std::string_view at) mutable {
+    if (at == crash) std::raise(SIGKILL);
+    if (at == interrupt && !raised) {
+      raised = true;
+      std::raise(SIGTERM);  // handled as Ctrl-C is, and not ignored in background jobs
+    }
+  };
 }
 
 ProgressBar::ProgressBar(std::string label)

@@ -21,6 +21,7 @@ inline constexpr int kExitAlreadyExists = 4;
 inline constexpr int kExitCorruption = 5;
 inline constexpr int kExitUnavailable = 6;  // e.g. --device gpu without a GPU; store locked
 inline constexpr int kExitIOError = 7;
+inline constexpr int kExitCancelled = 130;  // Ctrl-C stopped an import or rebuild (128 + SIGINT)
 
 struct GlobalOptions {
   std::string data_dir;    // --data, else $SQKV_DATA, else ./sqkv-data
@@ -37,6 +38,26 @@ int ExitCodeFor(const Status& s);
 // `create`: make the store directory when missing (import, serve); other commands fail with
 // NotFound there, so a mistyped --data is an error rather than a new empty store.
 Status OpenStore(const GlobalOptions& g, std::unique_ptr<Store>* out, bool create = false);
+
+// Ctrl-C during an import or rebuild: while one of these is alive, the first SIGINT or SIGTERM
+// asks the build to stop at its next (layer, kv head) and publish nothing (Fail then exits with
+// kExitCancelled; with --server the client closes its connection, and the server stops the
+// build); a second one ends the process at once. A signal ignored at start (background jobs of
+// scripts, nohup) stays ignored. One at a time per process.
+class CancelOnInterrupt {
+ public:
+  CancelOnInterrupt();
+  ~CancelOnInterrupt();  // the previous handlers back
+  CancelOnInterrupt(const CancelOnInterrupt&) = delete;
+  CancelOnInterrupt& operator=(const CancelOnInterrupt&) = delete;
+  // For ImportOptions::cancelled: whether a signal came.
+  std::function<bool()> Asked() const;
+};
+
+// Test hooks of import and rebuild, from the environment: SQKV_TEST_CRASH_AT=<stage> kills the
+// process (SIGKILL) and SQKV_TEST_INTERRUPT_AT=<stage> raises SIGTERM once, at that point of the
+// build (ImportOptions::on_stage: head_written, segment_written, segment_published, published).
+void SetTestHooks(ImportOptions* options);
 
 // Prints to stderr a one-line bar, redrawn in place, when stderr is a terminal; silent otherwise.
 class ProgressBar {

@@ -124,6 +124,9 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
       const bool calibrated = store->GetThresholds(a->name, 0, &before).ok();
       ProgressBar bar("rebuild " + a->name);
       o.progress = [&bar](int d, int t) { bar.Update(d, t); };
+      const CancelOnInterrupt interrupt;
+      o.cancelled = interrupt.Asked();
+      SetTestHooks(&o);
       ContextInfo info;
       Status s = store->Rebuild(a->name, o, &info);
       bar.Finish();

@@ -1,6 +1,4 @@
-#include <csignal>
 #include <cstdio>
-#include <cstdlib>
 
 #include "tools/sqkv/cli.h"
 
@@ -41,14 +39,9 @@ void AddImport(CLI::App& app, GlobalOptions& g, Runner* run) {
       return Fail(Status::InvalidArgument("--kmeans-device must be auto, gpu or cpu"));
     }
     options.progress = [&bar](int done, int total) { bar.Update(done, total); };
-    // Test hook: SQKV_TEST_CRASH_AT=<stage> kills the process at that point of the import
-    // (segment_written, segment_published, published), to prove publishing is atomic.
-    if (const char* crash_at = std::getenv("SQKV_TEST_CRASH_AT"); crash_at != nullptr) {
-      const std::string stage = crash_at;
-      options.on_stage = [stage](std::string_view at) {
-        if (at == stage) std::raise(SIGKILL);
-      };
-    }
+    const CancelOnInterrupt interrupt;
+    options.cancelled = interrupt.Asked();
+    SetTestHooks(&options);
     ContextInfo info;
     Status s = store->Import(args->name, args->file, options, &info);
     bar.Finish();
