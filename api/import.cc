@@ -358,7 +358,7 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
     if (!spec.window_queries.empty()) {  // calibrate thresholds while the index is at hand
       const WindowQueries& w = spec.window_queries[l];
       Thresholds t;
-      t.sparsity = DefaultSparsities();
+      t.sparsity = spec.sparsities.empty() ? DefaultSparsities() : spec.sparsities;
       SQKV_RETURN_IF_ERROR(
           CalibrateThresholds(heads, w.data.data(), w.q_heads, w.window, t.sparsity, &t.threshold)
               .WithContext("calibration of layer " + std::to_string(l)));

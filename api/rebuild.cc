@@ -64,6 +64,13 @@ Status StoreImpl::RebuildPinned(const ContextRecord& old, const ImportOptions& o
     for (int l = 0; l < old.layers; ++l) {
       SQKV_RETURN_IF_ERROR(catalog_->GetWindowQueries(old.version, l, &spec.window_queries[l]));
     }
+    // The new version is calibrated at the levels the old one had (`calibrate --sparsity`).
+    Thresholds t;
+    if (Status s = catalog_->GetThresholds(old.version, 0, &t); s.ok()) {
+      spec.sparsities = t.sparsity;
+    } else if (!s.IsNotFound()) {
+      return s;
+    }
   }
   const size_t row = static_cast<size_t>(old.head_dim) * DTypeSize(old.dtype);
   const size_t page_bytes = segment->header().page_bytes;
@@ -142,7 +149,8 @@ Status StoreImpl::Calibrate(const std::string& name, const std::vector<WindowQue
                                              sparsities, &all[l].threshold)
                              .WithContext("layer " + std::to_string(l)));
   }
-  return catalog_->PutThresholds(r.version, all);
+  // Given queries are kept with the thresholds, so a rebuild can calibrate the new version too.
+  return catalog_->PutCalibration(r, all, queries);
 }
 
 Status StoreImpl::GetThresholds(const std::string& name, int layer, Thresholds* out) {

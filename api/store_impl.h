@@ -42,6 +42,7 @@ struct VersionSpec {
   DType dtype = DType::kBF16;
   std::string source;
   std::vector<WindowQueries> window_queries;  // (layers) or empty
+  std::vector<float> sparsities;              // calibrated with window_queries; empty: defaults
   uint64_t replaces_version = 0;              // a rebuild's source version (ContextPublication)
 };
 

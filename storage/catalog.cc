@@ -356,14 +356,44 @@ class CatalogImpl : public Catalog {
     return DecodeThresholds(v, out);
   }
 
-  Status PutThresholds(uint64_t version, const std::vector<Thresholds>& thresholds) override {
+  Status PutCalibration(const ContextRecord& record, const std::vector<Thresholds>& thresholds,
+                        const std::vector<WindowQueries>* queries) override {
+    const auto layers = static_cast<size_t>(record.layers);
+    if (layers == 0 || thresholds.size() != layers ||
+        (queries != nullptr && queries->size() != layers)) {
+      return Status::InvalidArgument("calibration of " + record.name + " does not cover every layer");
+    }
+    std::lock_guard<std::mutex> lock(publish_mu_);  // against Publish and RemoveContext
+    std::string bytes;
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), ContextKey(record.name), &bytes);
+    if (s.IsNotFound()) {
+      return Status::Unavailable("context " + record.name + " was removed while calibrated");
+    }
+    SQKV_RETURN_IF_ERROR(FromRocks(s, "read context " + record.name));
+    ContextRecord now;
+    SQKV_RETURN_IF_ERROR(DecodeRecord(bytes, &now));
+    if (now.version != record.version) {
+      return Status::Unavailable("context " + record.name + " changed to version " +
+                                 std::to_string(now.version) + " while version " +
+                                 std::to_string(record.version) + " was calibrated; run again");
+    }
+    const uint64_t v = record.version;
     rocksdb::WriteBatch batch;
-    for (size_t l = 0; l < thresholds.size(); ++l) {
-      batch.Put(LayerKey(version, 't', static_cast<int32_t>(l)), EncodeThresholds(thresholds[l]));
+    for (size_t l = 0; l < layers; ++l) {
+      const auto layer = static_cast<int32_t>(l);
+      batch.Put(LayerKey(v, 't', layer), EncodeThresholds(thresholds[l]));
+      if (queries != nullptr) batch.Put(LayerKey(v, 'q', layer), EncodeWindow((*queries)[l]));
+    }
+    if (queries != nullptr) {
+      now.window_q_heads = (*queries)[0].q_heads;
+      now.window = (*queries)[0].window;
+      batch.Put(ContextKey(record.name), EncodeRecord(now));
     }
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    return FromRocks(db_->Write(wo, &batch), "store thresholds");
+    const Status written = FromRocks(db_->Write(wo, &batch), "store calibration of " + record.name);
+    if (queries != nullptr) ForgetRecords();
+    return written;
   }
 
   Status ListGarbage(std::vector<uint64_t>* out) override {

@@ -5,7 +5,9 @@
 // Keys:  c/<name>                      → ContextRecord (JSON)
 //        v/<version:016x>/i/<layer:05>  → encoded layer index (index/serialize.h)
 //        v/<version:016x>/s/<layer:05>  → page checksums of the layer, u64 each, head-major
-//        v/<version:016x>/q/<layer:05>  → window queries of the layer (WindowQueries)
+//        v/<version:016x>/q/<layer:05>  → calibration queries of the layer (WindowQueries): the
+//                                         import's window queries, or the last ones given to
+//                                         calibrate
 //        v/<version:016x>/t/<layer:05>  → calibrated thresholds of the layer (Thresholds)
 //        g/<version:016x>               → a removed or superseded version whose files and keys
 //                                         wait to be reclaimed (once no reader uses them)
@@ -41,7 +43,7 @@ struct ContextRecord {
   std::vector<uint64_t> layer_first_page;
   uint64_t segment_bytes = 0;
   uint64_t index_bytes = 0;
-  int32_t window_q_heads = 0;  // shape of the stored window queries; 0 when none
+  int32_t window_q_heads = 0;  // shape of the stored (calibration) queries; 0 when none
   int32_t window = 0;
   int64_t created_unix = 0;
   double build_seconds = 0;
@@ -121,8 +123,13 @@ class Catalog {
 
   // NotFound when the layer was never calibrated.
   virtual Status GetThresholds(uint64_t version, int32_t layer, Thresholds* out) = 0;
-  // Replaces the thresholds of every layer of a version in one batch. thresholds: (layers).
-  virtual Status PutThresholds(uint64_t version, const std::vector<Thresholds>& thresholds) = 0;
+  // Replaces the calibration of `record`'s version in one batch: the thresholds of every layer
+  // ((layers)) and, when `queries` is given ((layers)), the queries they came from, which then
+  // replace the stored ones (the record's window shape follows). Unavailable when the name no
+  // longer holds that version (rebuilt or removed meanwhile): nothing is written then.
+  virtual Status PutCalibration(const ContextRecord& record,
+                                const std::vector<Thresholds>& thresholds,
+                                const std::vector<WindowQueries>* queries) = 0;
 
   // Removes the record of `name` (NotFound if absent) and marks its version garbage, in one batch.
   // A record that does not decode is removed too: *removed then holds only the name and the

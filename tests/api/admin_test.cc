@@ -5,6 +5,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <thread>
 
 #include "api/store.h"
@@ -266,6 +267,56 @@ TEST_F(AdminTest, RebuildNeverRevivesARemovedContextOrOverwritesANewerOne) {
   VerifyReport report;
   ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
   EXPECT_TRUE(report.problems.empty());
+}
+
+// A rebuild calibrates the new version from the calibration the old one had: the queries last
+// given to calibrate (or the import's window queries) at the sparsity levels last asked for. The
+// new thresholds equal a fresh calibration of the new version with those queries.
+TEST_F(AdminTest, RebuildKeepsTheCalibrationQueriesAndLevels) {
+  SyntheticOptions so = OneLayer(2048, 0);  // no window queries at import
+  so.layers = 2;
+  auto q = ImportSynthetic("c", so);
+  Thresholds t;
+  EXPECT_TRUE(store_->GetThresholds("c", 0, &t).IsNotFound());
+  // Calibration queries of another shape than any window: (q_heads, 24, d), random.
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::vector<WindowQueries> given(so.layers);
+  for (auto& w : given) {
+    w.q_heads = so.q_heads;
+    w.window = 24;
+    w.head_dim = so.head_dim;
+    w.data = testing::RandomNormal(static_cast<size_t>(so.q_heads) * 24 * so.head_dim, rng, 2.f);
+  }
+  const std::vector<float> levels = {0.3f, 0.97f};
+  ASSERT_TRUE(store_->Calibrate("c", &given, levels).ok());
+  ContextInfo before;
+  ASSERT_TRUE(store_->Info("c", &before).ok());
+  EXPECT_EQ(before.window, 24);
+
+  ImportOptions io;
+  io.levels = 2;
+  ASSERT_TRUE(store_->Rebuild("c", io, nullptr).ok());
+  std::vector<Thresholds> rebuilt(so.layers);
+  for (int l = 0; l < so.layers; ++l) {
+    ASSERT_TRUE(store_->GetThresholds("c", l, &rebuilt[l]).ok()) << l;
+    EXPECT_EQ(rebuilt[l].sparsity, levels);
+  }
+  ASSERT_TRUE(store_->Calibrate("c", &given, levels).ok());  // the same, done by hand
+  for (int l = 0; l < so.layers; ++l) {
+    ASSERT_TRUE(store_->GetThresholds("c", l, &t).ok());
+    EXPECT_EQ(rebuilt[l].threshold, t.threshold) << l;
+  }
+  QueryOptions qo;
+  qo.device = Device::kCpu;
+  qo.sparsity = 0.97f;
+  QueryResult r;
+  EXPECT_TRUE(store_->Query("c", 0, q.data(), so.q_heads, so.n, so.head_dim, qo, &r).ok());
+
+  // From the stored queries at other levels: the next rebuild keeps those levels.
+  ASSERT_TRUE(store_->Calibrate("c", nullptr, {0.6f, 0.8f}).ok());
+  ASSERT_TRUE(store_->Rebuild("c", ImportOptions(), nullptr).ok());
+  ASSERT_TRUE(store_->GetThresholds("c", 1, &t).ok());
+  EXPECT_EQ(t.sparsity, (std::vector<float>{0.6f, 0.8f}));
 }
 
 // ImportOptions::cancelled stops an import or a rebuild with Cancelled and leaves the store as it

@@ -374,5 +374,58 @@ TEST(Catalog, WindowQueriesRoundTrip) {
   EXPECT_EQ(back.window, 3);
 }
 
+// PutCalibration writes the thresholds and, when given, the queries with the record's window
+// shape, in one batch, and only while the name still holds the calibrated version.
+TEST(Catalog, CalibrationIsStoredOnlyOnTheVersionTheNameHolds) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> c;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  ASSERT_TRUE(c->Publish(Pub("w", 7, 2), false).ok());
+  ContextRecord r;
+  ASSERT_TRUE(c->GetContext("w", &r).ok());
+  EXPECT_EQ(r.window_q_heads, 0);
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::vector<WindowQueries> q(2);
+  for (auto& w : q) {
+    w.q_heads = 4;
+    w.window = 5;
+    w.head_dim = 8;
+    w.data = testing::RandomNormal(4 * 5 * 8, rng);
+  }
+  std::vector<Thresholds> t(2);
+  for (auto& x : t) x = Thresholds{{0.3f, 0.97f}, {1e-3f, 1e-5f}};
+  ASSERT_TRUE(c->PutCalibration(r, t, &q).ok());
+  ContextRecord after;
+  ASSERT_TRUE(c->GetContext("w", &after).ok());
+  EXPECT_EQ(after.window_q_heads, 4);
+  EXPECT_EQ(after.window, 5);
+  WindowQueries back;
+  ASSERT_TRUE(c->GetWindowQueries(7, 1, &back).ok());
+  EXPECT_EQ(back.data, q[1].data);
+  Thresholds tb;
+  ASSERT_TRUE(c->GetThresholds(7, 1, &tb).ok());
+  EXPECT_EQ(tb.sparsity, t[1].sparsity);
+  // Thresholds alone leave the queries and the record as they are.
+  t[0].threshold = {2e-3f, 2e-5f};
+  ASSERT_TRUE(c->PutCalibration(after, t, nullptr).ok());
+  ASSERT_TRUE(c->GetThresholds(7, 0, &tb).ok());
+  EXPECT_EQ(tb.threshold, t[0].threshold);
+  ASSERT_TRUE(c->GetWindowQueries(7, 0, &back).ok());
+  EXPECT_EQ(back.data, q[0].data);
+
+  // Replaced by version 8 (no calibration): a calibration of version 7 is refused, 8 untouched.
+  ASSERT_TRUE(c->Publish(Pub("w", 8, 2), true).ok());
+  Status s = c->PutCalibration(after, t, &q);
+  EXPECT_TRUE(s.IsUnavailable()) << s.ToString();
+  EXPECT_TRUE(c->GetThresholds(8, 0, &tb).IsNotFound());
+  EXPECT_TRUE(c->GetWindowQueries(8, 0, &back).IsNotFound());
+  ContextRecord removed;
+  ASSERT_TRUE(c->RemoveContext("w", &removed).ok());
+  s = c->PutCalibration(removed, t, nullptr);
+  EXPECT_TRUE(s.IsUnavailable()) << s.ToString();
+  t.pop_back();
+  EXPECT_TRUE(c->PutCalibration(removed, t, nullptr).IsInvalidArgument());
+}
+
 }  // namespace
 }  // namespace sqkv

@@ -118,8 +118,8 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& g, std::map<std::string, Run
       } else {
         o.page_tokens = old.page_tokens;
       }
-      // Thresholds calibrated from window queries stored with the context are redone by the
-      // rebuild; those from `calibrate --queries FILE` cannot be.
+      // The rebuild recalibrates from the stored calibration queries. A context calibrated with
+      // `calibrate --queries FILE` by an older build has thresholds but not their queries.
       Thresholds before;
       const bool calibrated = store->GetThresholds(a->name, 0, &before).ok();
       ProgressBar bar("rebuild " + a->name);
