@@ -118,10 +118,8 @@ class RemoteStore final : public Store {
       if (!reply.status.ok()) return Done(std::move(conn), reply.status);
       offset += n;
     }
-    Status sent = CallOn(*conn, ImportEndCall{id}, &reply, ProgressTo(options.progress),
-                         options.cancelled);
-    if (sent.IsCancelled()) return sent.WithContext("import of '" + name + "'");
-    SQKV_RETURN_IF_ERROR(sent);
+    SQKV_RETURN_IF_ERROR(CallOn(*conn, ImportEndCall{id}, &reply, ProgressTo(options.progress),
+                                options.cancelled));
     if (!reply.status.ok()) return Done(std::move(conn), reply.status);
     auto* c = std::get_if<ContextInfo>(&reply.body);
     if (c == nullptr) return Status::Internal("server " + data_dir() + " answered importEnd badly");
@@ -173,9 +171,7 @@ class RemoteStore final : public Store {
     call.options.progress = nullptr;
     call.options.cancelled = nullptr;
     call.options.on_stage = nullptr;
-    Status s = Ask(std::move(call), "rebuild", info, ProgressTo(options.progress),
-                   options.cancelled);
-    return s.IsCancelled() ? s.WithContext("rebuild of '" + name + "'") : s;
+    return Ask(std::move(call), "rebuild", info, ProgressTo(options.progress), options.cancelled);
   }
 
   Status Calibrate(const std::string& name, const std::vector<WindowQueries>* queries,
@@ -241,9 +237,9 @@ class RemoteStore final : public Store {
     request.call = std::move(call);
     Status s = conn.Call(request, Deadline(), reply, progress, cancelled);
     if (s.IsCancelled()) {
-      return Status::Cancelled("cancelled: the connection to " + data_dir() +
-                               " is closed; the server stops an import or rebuild at its next "
-                               "(layer, kv head) and publishes nothing");
+      return Status::Cancelled("cancelled: closed the connection to " + data_dir() +
+                               "; the server stops an import or rebuild at its next (layer, kv "
+                               "head) and publishes nothing, unless it was already publishing");
     }
     return s;
   }

@@ -259,8 +259,8 @@ class Session {
         const bool sent = co_await Send(update);
         co_return sent;
       };
-      const PeerGone peer_gone = [this] { return PeerClosed(); };
-      r = co_await calls_.Run(request, deadline, progress, peer_gone);
+      const PeerEof peer_eof = [this] { return PeerClosedItsSide(); };
+      r = co_await calls_.Run(request, deadline, progress, peer_eof);
       server_->metrics().requests_in_flight.fetch_sub(1);
     }
     if (r.deadline_exceeded) server_->metrics().deadline_exceeded.fetch_add(1);
@@ -274,9 +274,9 @@ class Session {
     }
   }
 
-  // Whether the client has closed (or reset) its end of the connection: a peek that does not
-  // block. Bytes waiting (a client sending its next request early) do not count.
-  bool PeerClosed() {
+  // Whether the client has closed its sending side (or reset the connection): a peek that does
+  // not block. Bytes waiting (a client sending its next request early) do not count.
+  bool PeerClosedItsSide() {
     if (!st_->socket.is_open()) return true;
     char byte;
     const ssize_t n = ::recv(st_->socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);

@@ -236,7 +236,7 @@ boost::asio::awaitable<CallResult> SessionCalls::Await(const std::function<Outco
 
 boost::asio::awaitable<CallResult> SessionCalls::Run(Request& request, Clock::time_point deadline,
                                                      ProgressSender& progress,
-                                                     const PeerGone& peer_gone) {
+                                                     const PeerEof& peer_eof) {
   // Uploads keep state on the connection; every other call is one store call on a worker.
   // (Arguments of co_await expressions are named variables throughout: GCC 12 mishandles some
   // temporaries that live across a suspension.)
@@ -246,11 +246,11 @@ boost::asio::awaitable<CallResult> SessionCalls::Run(Request& request, Clock::ti
   } else if (auto* chunk = std::get_if<ImportChunkCall>(&request.call)) {
     r = co_await ImportChunk(*chunk, deadline);
   } else if (auto* end = std::get_if<ImportEndCall>(&request.call)) {
-    r = co_await ImportEnd(*end, deadline, progress, peer_gone);
+    r = co_await ImportEnd(*end, deadline, progress, peer_eof);
   } else {
     StoreCall call = MakeStoreCall(server_->store(), request.call);
     if (call.long_call) {
-      r = co_await AwaitLong(call.long_call, deadline, progress, peer_gone);
+      r = co_await AwaitLong(call.long_call, deadline, progress, peer_eof);
     } else {
       r = co_await Await(call.plain, deadline);
     }
@@ -328,7 +328,7 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportChunk(ImportChunkCall& ca
 boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& call,
                                                            Clock::time_point deadline,
                                                            ProgressSender& progress,
-                                                           const PeerGone& peer_gone) {
+                                                           const PeerEof& peer_eof) {
   auto it = uploads_.find(call.upload_id);
   if (it == uploads_.end()) {
     co_return Failed(
@@ -370,14 +370,14 @@ boost::asio::awaitable<CallResult> SessionCalls::ImportEnd(const ImportEndCall& 
     return o;
   };
   up.reset();
-  CallResult r = co_await AwaitLong(import, deadline, progress, peer_gone);
+  CallResult r = co_await AwaitLong(import, deadline, progress, peer_eof);
   co_return r;
 }
 
 boost::asio::awaitable<CallResult> SessionCalls::AwaitLong(const LongCall& fn,
                                                            Clock::time_point deadline,
                                                            ProgressSender& progress,
-                                                           const PeerGone& peer_gone) {
+                                                           const PeerEof& peer_eof) {
   struct Shared {
     std::atomic<int> done{0}, total{0};
     std::atomic<bool> stop{false};
@@ -402,6 +402,7 @@ boost::asio::awaitable<CallResult> SessionCalls::AwaitLong(const LongCall& fn,
     abandoned_ = call;
   };
   int sent = -1;
+  bool eof = false;
   CallResult r;
   for (;;) {
     const auto wake = std::min(deadline, Clock::now() + kProgressInterval);
@@ -412,27 +413,30 @@ boost::asio::awaitable<CallResult> SessionCalls::AwaitLong(const LongCall& fn,
       r.outcome.status = Status::Unavailable(kDeadlineExceeded);
       co_return r;
     }
-    if (peer_gone && peer_gone()) {
-      abandon();
-      r.connection_lost = true;
-      r.outcome.status = Status::Cancelled("the client went away");  // for the metrics only
-      co_return r;
-    }
+    // A client whose side is closed has gone, or only half-closed the connection and still
+    // reads: progress is then sent at every look, changed or not. To a gone client the first
+    // write after its close still succeeds, the next one fails.
+    eof = eof || (peer_eof && peer_eof());
     const int done = shared->done.load(std::memory_order_relaxed);
     const int total = shared->total.load(std::memory_order_relaxed);
-    if (total > 0 && done != sent) {
+    if (total > 0 && (done != sent || eof)) {
       sent = done;
       const ProgressReply report{done, total};
       const bool delivered = co_await progress(report);
       if (!delivered) {
         abandon();
         r.connection_lost = true;
-        r.outcome.status = Status::Cancelled("the client went away");
+        r.outcome.status = Status::Cancelled("the client went away");  // for the metrics only
         co_return r;
       }
     }
   }
   r.outcome = std::move(call->outcome());
+  if (r.outcome.status.IsCancelled() && server_->stopping()) {
+    // Not the client's doing: Unavailable, as for a call the stopping server did not start.
+    r.outcome.status =
+        Status::Unavailable("the server is stopping: " + r.outcome.status.message());
+  }
   co_return r;
 }
 

@@ -27,8 +27,9 @@ struct CallResult {
 
 // Writes one progress answer; false when the connection is gone.
 using ProgressSender = std::function<boost::asio::awaitable<bool>(const ProgressReply&)>;
-// Whether the client has closed its end of the connection (checked without blocking).
-using PeerGone = std::function<bool()>;
+// Whether the client has closed its sending side of the connection (end of file; checked without
+// blocking). It may still read (a half-close), or be gone.
+using PeerEof = std::function<bool()>;
 
 // What a long call (import, rebuild, verify) gets from the session: where its progress goes, and
 // whether to stop (ImportOptions::cancelled): true once the client has gone, the call's deadline
@@ -49,12 +50,13 @@ class SessionCalls {
 
   // Runs `request` (not hello) on the workers; waits at most until `deadline`. The request's
   // arguments are moved out. A call whose deadline passes (or, for a long call, whose client
-  // goes away: progress that cannot be sent, or `peer_gone`) is abandoned: answered (unless the
-  // client is gone), but still on the workers until it ends; an import or rebuild is told to
-  // stop there (LongCallHooks::cancelled) and publishes nothing.
+  // goes away: progress that cannot be sent) is abandoned: answered (unless the client is gone),
+  // but still on the workers until it ends; an import or rebuild is told to stop there
+  // (LongCallHooks::cancelled) and publishes nothing. One the stopping server cancels is
+  // answered Unavailable.
   boost::asio::awaitable<CallResult> Run(Request& request,
                                          std::chrono::steady_clock::time_point deadline,
-                                         ProgressSender& progress, const PeerGone& peer_gone);
+                                         ProgressSender& progress, const PeerEof& peer_eof);
 
   // Waits until the call abandoned last (if any) has ended on the workers, or was dropped there.
   // The connection reads its next request only after this, so it has at most one call on the
@@ -71,15 +73,15 @@ class SessionCalls {
                                                  std::chrono::steady_clock::time_point deadline);
   boost::asio::awaitable<CallResult> ImportChunk(ImportChunkCall& call,
                                                  std::chrono::steady_clock::time_point deadline);
-  // Like Await, for long calls: sends a progress answer at most every 250 ms, and looks for
-  // the client's going away as often.
+  // Like Await, for long calls: sends a progress answer at most every 250 ms (every 250 ms once
+  // `peer_eof`, so that a client gone is noticed).
   boost::asio::awaitable<CallResult> AwaitLong(const LongCall& fn,
                                                std::chrono::steady_clock::time_point deadline,
                                                ProgressSender& progress,
-                                               const PeerGone& peer_gone);
+                                               const PeerEof& peer_eof);
   boost::asio::awaitable<CallResult> ImportEnd(const ImportEndCall& call,
                                                std::chrono::steady_clock::time_point deadline,
-                                               ProgressSender& progress, const PeerGone& peer_gone);
+                                               ProgressSender& progress, const PeerEof& peer_eof);
 
   ServerImpl* server_;
   boost::asio::any_io_executor ex_;

@@ -243,8 +243,11 @@ TEST_F(ServeCliTest, SigtermAnswersInFlightRequestsAndExitsZero) {
 
   RawSocket idle(serve.address()), busy(serve.address());
   ASSERT_TRUE(idle.ok() && busy.ok());
-  // A request on its way when the signal comes: answered whole, or (if the server saw the
-  // signal before its first byte) the connection is closed without an answer.
+  // A request on its way when the signal comes: answered whole; or, if the server saw the signal
+  // before a worker took the call, answered Unavailable ("not started"); or, if it saw it before
+  // the request's first byte, the connection is closed without an answer (server.h). The second
+  // case failed this test once in a fresh-clone test run beside another build: it expected only
+  // the other two.
   QueryCall call;
   call.name = "doc";
   call.q_heads = 4;
@@ -257,7 +260,9 @@ TEST_F(ServeCliTest, SigtermAnswersInFlightRequestsAndExitsZero) {
   Response answer;
   if (busy.ReadResponse(&answer, std::chrono::seconds(2))) {
     EXPECT_EQ(answer.id, 9u);
-    EXPECT_TRUE(answer.status.ok()) << answer.status.ToString();
+    const bool not_started = answer.status.IsUnavailable() &&
+                             answer.status.message().find("not started") != std::string::npos;
+    EXPECT_TRUE(answer.status.ok() || not_started) << answer.status.ToString();
   }
   EXPECT_TRUE(idle.ClosedByPeer(std::chrono::seconds(2)));
   EXPECT_NE(serve.log().find("stopped"), std::string::npos) << serve.log();

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <thread>
 
@@ -249,7 +250,7 @@ TEST(ServerTest, ImportUploadsInChunksAndReportsProgress) {
 
 // An import stops on the server, publishing nothing, when its remote client cancels it
 // (ImportOptions::cancelled: the client closes the connection) and when the server shuts down
-// (the client hears Cancelled). Each unit reports and then sleeps 400 ms, so the import outlasts
+// (the client hears Unavailable). Each unit reports and then sleeps 400 ms, so the import outlasts
 // the client's 100 ms and the server's 250 ms looks by far.
 TEST(ServerTest, ImportCancelledByItsClientOrByShutdownPublishesNothing) {
   testing::ScratchDir data;
@@ -279,7 +280,7 @@ TEST(ServerTest, ImportCancelledByItsClientOrByShutdownPublishesNothing) {
   ASSERT_TRUE(uploads_gone());
   ContextInfo info;
   EXPECT_TRUE(inner->Info("c", &info).IsNotFound());
-  // Cancelled before anything was sent: the upload never starts.
+  // Cancelled before the first chunk: the upload is dropped with the connection.
   io.cancelled = [] { return true; };
   s = remote->Import("c", path, io, nullptr);
   EXPECT_TRUE(s.IsCancelled()) << s.ToString();
@@ -295,11 +296,61 @@ TEST(ServerTest, ImportCancelledByItsClientOrByShutdownPublishesNothing) {
   EXPECT_GE(updates.load(), 1);
   live.server()->Shutdown();
   importer.join();
-  EXPECT_TRUE(shut.IsCancelled()) << shut.ToString();
+  // Not the client's doing: Unavailable (retry later), saying what happened.
+  EXPECT_TRUE(shut.IsUnavailable()) << shut.ToString();
+  EXPECT_NE(shut.message().find("server is stopping: import of 'c' cancelled"), std::string::npos)
+      << shut.ToString();
   EXPECT_NE(shut.message().find("nothing was published"), std::string::npos) << shut.ToString();
   live.Stop();
   EXPECT_TRUE(inner->Info("c", &info).IsNotFound());
   EXPECT_TRUE(std::filesystem::is_empty(uploads));
+}
+
+// A client that half-closes its connection after importEnd (shutdown of its sending side) is not
+// gone: it gets its progress and the import's answer, and the context is published.
+TEST(ServerTest, AHalfClosedClientKeepsItsImport) {
+  testing::ScratchDir data;
+  std::unique_ptr<Store> inner;
+  ASSERT_TRUE(Store::Open(StoreOptions{.data_dir = data.file("data")}, &inner).ok());
+  SlowStore slow(inner.get(), std::chrono::milliseconds(0), std::chrono::milliseconds(300));
+  LiveServer live(&slow, ServerOptions());
+  const std::string path = live.dir() + "/c.safetensors";
+  ASSERT_TRUE(WriteSyntheticContext(SmallContext(FreshSeed()), path, nullptr).ok());
+  std::string bytes;
+  {
+    std::ifstream f(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }
+  RawSocket sock(live.address());
+  ASSERT_TRUE(sock.ok());
+  ImportBeginCall begin;
+  begin.name = "c";
+  begin.file_name = "c.safetensors";
+  begin.total_bytes = bytes.size();
+  ASSERT_TRUE(sock.SendRequest(Request{1, 0, begin}));
+  Response r;
+  ASSERT_TRUE(sock.ReadResponse(&r));
+  ASSERT_TRUE(r.status.ok()) << r.status.ToString();
+  const auto began = std::get<ImportBeginReply>(r.body);
+  uint64_t id = 2;
+  for (size_t at = 0; at < bytes.size(); at += began.chunk_bytes) {
+    ImportChunkCall chunk{began.upload_id, at, bytes.substr(at, began.chunk_bytes)};
+    ASSERT_TRUE(sock.SendRequest(Request{id++, 0, chunk}));
+    ASSERT_TRUE(sock.ReadResponse(&r));
+    ASSERT_TRUE(r.status.ok()) << r.status.ToString();
+  }
+  ASSERT_TRUE(sock.SendRequest(Request{id, 0, ImportEndCall{began.upload_id}}));
+  sock.ShutdownWrite();
+  int progress = 0;
+  for (;;) {
+    ASSERT_TRUE(sock.ReadResponse(&r));
+    if (!std::holds_alternative<ProgressReply>(r.body)) break;
+    ++progress;
+  }
+  EXPECT_TRUE(r.status.ok()) << r.status.ToString();
+  EXPECT_GE(progress, 1);
+  ContextInfo info;
+  EXPECT_TRUE(inner->Info("c", &info).ok());
 }
 
 TEST(ServerTest, SixtyFourConcurrentConnectionsGetTheEmbeddedAnswers) {

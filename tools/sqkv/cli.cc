@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -65,12 +66,17 @@ static_assert(std::atomic<bool>::is_always_lock_free, "set from a signal handler
 struct sigaction g_old_int, g_old_term;
 
 extern "C" void OnInterrupt(int) {
+  const int saved_errno = errno;
   g_interrupted.store(true);
+  // The next SIGINT or SIGTERM, either one, takes the action they had before (the default).
+  sigaction(SIGINT, &g_old_int, nullptr);
+  sigaction(SIGTERM, &g_old_term, nullptr);
   static const char kNote[] =
-      "\nsqkv: interrupted: stopping after the current (layer, kv head); nothing will be "
-      "published (again to quit at once)\n";
+      "\nsqkv: interrupted: stopping after the current (layer, kv head), publishing nothing "
+      "unless already publishing (again to quit at once)\n";
   const ssize_t ignored = ::write(STDERR_FILENO, kNote, sizeof(kNote) - 1);
   (void)ignored;
+  errno = saved_errno;
 }
 
 }  // namespace
@@ -81,7 +87,7 @@ CancelOnInterrupt::CancelOnInterrupt() {
   std::memset(&sa, 0, sizeof(sa));
   sa.sa_handler = OnInterrupt;
   sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESETHAND | SA_RESTART;  // the second signal takes the default action
+  sa.sa_flags = SA_RESTART;  // the handler itself puts the previous actions back
   // A signal ignored when we started (a background job of a script, nohup) stays ignored.
   sigaction(SIGINT, nullptr, &g_old_int);
   sigaction(SIGTERM, nullptr, &g_old_term);
