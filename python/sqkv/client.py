@@ -214,6 +214,7 @@ class Client:
                 raise Error("unavailable", "deadline exceeded before the call was sent")
             req.deadlineMs = min(max(1, math.ceil(timeout * 1000)), _MAX_DEADLINE_MS)
             give_up = time.monotonic() + timeout + DEADLINE_GRACE
+        answered = False  # the call's last frame was read: the stream is at a frame boundary
         try:
             self._arm(give_up)
             self._sock.sendall(req.to_bytes())
@@ -222,14 +223,16 @@ class Client:
                 limit = 2 * len(frame) // _WORD + 64
                 with self._schema.Response.from_bytes(
                         frame, traversal_limit_in_words=limit, nesting_limit=16) as resp:
-                    if resp.status.code != "ok":
-                        raise Error(str(resp.status.code), resp.status.message)
                     if resp.id != req.id:
                         raise Error("internal", f"answer to request {resp.id}, not {req.id}")
+                    if resp.status.code != "ok":
+                        answered = True
+                        raise Error(str(resp.status.code), resp.status.message)
                     if resp.which() == "progress":
                         if progress is not None:
                             progress(resp.progress.done, resp.progress.total)
                         continue
+                    answered = True
                     return read(resp) if read is not None else None
         except socket.timeout as e:
             self.close()  # the stream position is unknown now
@@ -239,6 +242,13 @@ class Client:
         except (OSError, capnp.KjException) as e:
             self.close()  # the stream position is unknown now
             raise Error("unavailable", f"connection failed: {e}") from e
+        except BaseException:
+            # Anything else before the answer (Ctrl-C, an exception out of `progress`) leaves the
+            # stream mid-call: closed, which also tells the server (it stops an import or
+            # rebuild and publishes nothing).
+            if not answered:
+                self.close()
+            raise
 
     # ---- calls ----
 

@@ -106,12 +106,15 @@ def test_import_stops_when_its_client_goes_away(sqkv_bin, server, tmp_path):
 
     def progress(done, total):
         seen.append(done)
-        raise _GoAway()  # out of import_file; the with block closes the connection
+        raise _GoAway()  # out of import_file, mid-call
 
-    with pytest.raises(_GoAway):
-        with Client(server.address) as c:
-            c.import_file("long", ctx, kmeans_iterations=80, progress=progress)
+    c = Client(server.address)
+    with pytest.raises(_GoAway):  # no with block: the client closes itself, mid-call
+        c.import_file("long", ctx, kmeans_iterations=80, progress=progress)
     assert seen and seen[0] < 32
+    with pytest.raises(Error) as e:
+        c.list()
+    assert e.value.code == "unavailable" and "closed" in str(e.value)
     _wait_for_uploads_gone(str(tmp_path / "data"))
     with Client(server.address) as c:
         assert c.list() == []
