@@ -5,7 +5,9 @@
 // operand (entries in pass 1, query rows in pass 2) 64 rows per stage through 128-byte swizzled
 // shared memory, copied by cp.async three stages ahead. Per stage and warpgroup one m64n64
 // product of head_dim / 16 k-steps; the product of the next stage runs on the tensor cores while
-// the exp2 work of this one issues (two accumulator sets). Pass 1 takes two tiles a block (four
+// the exp2 work of this one issues (two accumulator sets). Pass 2 keeps its A rows in registers
+// (RS products: half the shared-memory reads; 8% faster at 128K), pass 1 reads both operands from
+// shared memory (SS: its registers have no room for A). Pass 1 takes two tiles a block (four
 // warpgroups, one block per SM: a stage's copy feeds 256 rows, half the copying per product),
 // pass 2 one (two warpgroups, two blocks per SM, whose short blocks overlap each other's start);
 // kWgmmaRowPassTiles, kWgmmaColPassTiles and NOTES-gpu-lookup.md v16. Pass 2's pieces are
@@ -38,8 +40,11 @@ using detail::SmemAddr;
 using detail::Sw128Desc;
 using detail::Sw128KStep;
 using detail::Sw128Offset;
+using detail::Sw128TileOffset;
 using detail::WgmmaCommit;
 using detail::WgmmaFence;
+using detail::LdMatrixX4;
+using detail::WgmmaM64N64RS;
 using detail::WgmmaM64N64SS;
 using detail::WgmmaWait;
 
@@ -177,6 +182,33 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
   WgmmaCommit();
 }
 
+// The same with A from registers (RS): af[ks] holds the warp's 16 A rows of k-step ks. Only B is
+// read from shared memory then: half the bytes of an SS m64n64 product, which reads 4 KB for
+// 131 KFLOP, right at the SM's 128 bytes a clock of shared memory at its dense tensor rate.
+template <class Sh>
+__device__ __forceinline__ void IssueProductRS(const uint32_t (&af)[Sh::kKS][4], uint64_t desc_b,
+                                               float (&acc)[32]) {
+  WgmmaFence();
+#pragma unroll
+  for (int ks = 0; ks < Sh::kKS; ++ks) {
+    WgmmaM64N64RS<__half>(acc, af[ks], DescAdvance(desc_b, Sw128KStep(kStageRows, ks)), ks > 0);
+  }
+  WgmmaCommit();
+}
+
+// The warp's 16 A rows of every k-step as register fragments (mma.sync's m16k16 A layout, which
+// wgmma takes per warp), from the swizzled A tile: warp w of the block holds rows 16w .. 16w + 15,
+// so warpgroup g's four warps hold its 64 rows.
+template <class Sh>
+__device__ __forceinline__ void LoadAFragments(uint32_t a_tile, uint32_t (&af)[Sh::kKS][4]) {
+  const int lane = threadIdx.x % 32, mi = lane / 8;
+  const int row = (threadIdx.x / 32) * 16 + (mi & 1) * 8 + lane % 8;  // warps 0.. cover 16 rows each
+#pragma unroll
+  for (int ks = 0; ks < Sh::kKS; ++ks) {
+    LdMatrixX4(af[ks], a_tile + Sw128TileOffset<Sh::kARows>(row, 2 * ks + (mi >> 1)));
+  }
+}
+
 // Where each pass keeps its short stage (StageSpans): StageLoop runs that stage's epilogue outside
 // the loop, so the loop's code holds the full one alone (with a short stage possible at every step,
 // the loop's code doubled). Pass 1 takes the first (peeled after the loop, its last stage made
@@ -194,8 +226,9 @@ __device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, f
 // warpgroups in step inside the loop). prologue() runs once the first stages' copies are issued,
 // before the first product: pass 1 copies a_tile there (after waiting for the q conversion) and
 // waits for all its copies so far; pass 2's a_tile copies, issued before the loop, land before
-// stage 0's barrier completes (an arrival counts every earlier copy of the thread).
-template <class Sh, ShortStage kShort, class Prologue, class Stage, class Epi>
+// stage 0's barrier completes (an arrival counts every earlier copy of the thread). kRS: the
+// products take A from registers, loaded from a_tile once it has landed (LoadAFragments).
+template <class Sh, ShortStage kShort, bool kRS, class Prologue, class Stage, class Epi>
 __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const Prologue& prologue,
                                           const Stage& stage, const Epi& epi) {
   const int wg = threadIdx.x / 128;
@@ -227,7 +260,16 @@ __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const 
   if (ntiles > 0) MbarWait(full(0), 0);  // stage 0, and a_tile's copies issued before it
   FenceProxyAsyncShared();
   __syncthreads();  // the prologue's copies of every thread
-  if (ntiles > 0) IssueProduct<Sh>(desc_a, tile_desc(0), acc[0]);
+  uint32_t af[kRS ? Sh::kKS : 1][4];
+  if constexpr (kRS) LoadAFragments<Sh>(sm.a_tile, af);
+  auto issue = [&](uint64_t desc_b, float(&d)[32]) {
+    if constexpr (kRS) {
+      IssueProductRS<Sh>(af, desc_b, d);
+    } else {
+      IssueProduct<Sh>(desc_a, desc_b, d);
+    }
+  };
+  if (ntiles > 0) issue(tile_desc(0), acc[0]);
   WgmmaWait<0>();
   // acc[cur] holds stage it's product on entry; nothing is in flight across iterations (a product
   // in flight over the loop's back edge would make the compiler serialize them all).
@@ -243,7 +285,7 @@ __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const 
     if (next) {
       MbarWait(full(it + 1), parity(it + 1));  // stage it + 1 landed, every thread's copies
       FenceProxyAsyncShared();
-      IssueProduct<Sh>(desc_a, tile_desc(it + 1), acc[cur ^ 1]);
+      issue(tile_desc(it + 1), acc[cur ^ 1]);
     }
     put(it + kStages - 1);  // into stage it - 1's buffer, once every thread is past its epilogue
     epi(it % kStages, acc[cur], short_tag);
@@ -405,7 +447,9 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
       RowUpdate<false>(acc, sizes + buf * kStageRows, tq, kStageRows, f, m_run, z_run);
     }
   };
-  StageLoop<Sh, ShortStage::kFirst>(sm, ntiles, queries, stage, epi);
+  // SS products: with A in registers (as pass 2 has it) ptxas spilled here, and the pass ran 6%
+  // slower (NOTES-gpu-lookup.md v27).
+  StageLoop<Sh, ShortStage::kFirst, /*kRS=*/false>(sm, ntiles, queries, stage, epi);
   float2* part = reinterpret_cast<float2*>(w.floats + s.stat_offset);  // (splits, rows)
   FinishRowStat(s, info, part, piece, splits, ra, tq, f[0], m_run[0], z_run[0]);
   FinishRowStat(s, info, part, piece, splits, rb, tq, f[1], m_run[1], z_run[1]);
@@ -473,8 +517,7 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
         ColumnUpdate<false>(acc, row_xl + buf * kStageRows, tq, kStageRows, col);
       }
     };
-    StageLoop<Sh, kShort>(
-        sm, ntiles, [] {}, stage, epi);
+    StageLoop<Sh, kShort, /*kRS=*/true>(sm, ntiles, [] {}, stage, epi);
     FinishColumn(s, e, w, piece, splits, ea, tq, col[0]);
     FinishColumn(s, e, w, piece, splits, eb, tq, col[1]);
   }

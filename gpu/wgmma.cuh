@@ -150,6 +150,27 @@ SQKV_WG_SS(WgmmaM64N64SS, 64, SQKV_WG_D32, SQKV_WG_D32_OPS, 32, 33, 34, __nv_bfl
       "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), \
       "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
+// d (m64 × n64, float32) (+)= a (m64 × k16, registers: the warp's 16 rows as mma.sync's A
+// fragment) · b^T (b: 64 rows, K-major at desc_b).
+template <class T>
+__device__ __forceinline__ void WgmmaM64N64RS(float (&d)[32], const uint32_t (&a)[4],
+                                              uint64_t desc_b, bool accumulate);
+
+#define SQKV_WG_RS64(TYPE, NAME)                                                                 \
+  template <>                                                                                    \
+  __device__ __forceinline__ void WgmmaM64N64RS<TYPE>(float(&d)[32], const uint32_t(&a)[4],      \
+                                                      uint64_t desc_b, bool accumulate) {        \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                   \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " " SQKV_WG_D32     \
+                 ", {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"                                     \
+                 : SQKV_WG_D32_OPS(d)                                                            \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),                      \
+                   "r"(static_cast<int>(accumulate)));                                           \
+  }
+SQKV_WG_RS64(__half, "f16")
+SQKV_WG_RS64(__nv_bfloat16, "bf16")
+#undef SQKV_WG_RS64
+
 // d (m64 × n128, float32) += a (m64 × k16, registers) · b (k16 × n128, MN-major at desc_b: the
 // operand stored row by row along K, as V is).
 template <class T>
