@@ -6,9 +6,9 @@
 // and V rows of each 128-key tile (pool rows from the compact list, fetched a tile ahead) go by
 // cp.async into three 128-byte swizzled stages, K and V each handed over by their own mbarriers.
 // Warpgroups 1 and 2 compute, 64 rows each, with the registers the gatherer gives up
-// (setmaxnreg): S = Q·Kᵀ (m64n128, Q and K from shared memory), the online softmax in registers
-// (base 2), P converted to register A fragments, O += P·V (m64n128, V read transposed from its
-// row-major tile). A tile's softmax issues while the tensor cores run the previous tile's P·V,
+// (setmaxnreg): S = Q·Kᵀ (m64n128, Q as register fragments loaded once from its tile, K from
+// shared memory), the online softmax in registers (base 2), P converted to register A fragments,
+// O += P·V (m64n128, V read transposed from its row-major tile). A tile's softmax issues while the tensor cores run the previous tile's P·V,
 // and the two warpgroups take turns issuing products; every product is waited for before the
 // loop's back edge (ptxas would serialize them all otherwise).
 #include <type_traits>
@@ -187,9 +187,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   const int cw = (tid - 128) / 128;   // computing warpgroup: rows 64·cw .. 64·cw + 63 of the tile
   const int warp = (tid - 128) / 32;  // rows 16·warp .. 16·warp + 15
   const int g = lane / 4, tq = lane % 4;
-  // Descriptors: the warpgroup's 64 Q rows and a stage's K tile (K-major), a stage's V tile
-  // (MN-major, panels 128 rows apart).
-  const uint32_t q_rows = q_tile + cw * 64 * 128;
+  // Descriptors: a stage's K tile (K-major) and V tile (MN-major, panels 128 rows apart).
   const uint64_t desc_k = Sw128Desc(kv0, kKeys, 0);
   const uint64_t desc_v = Sw128DescMN(kv0 + kKvTile, kPanel);
   float o[64];
@@ -199,6 +197,16 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   float s[kAcc];               // S of the current tile, then its weights
   uint32_t pa[kKeys / 16][4];  // P of the previous tile as A fragments (in flight in P·V)
 
+  // Q as register A fragments (the warp's 16 rows of every k-step), from the swizzled Q tile: S is
+  // an RS product, which reads only K from shared memory (1.5% faster than SS at 128K).
+  uint32_t qa[kD / 16][4];
+  {
+    const int mi = lane / 8, row = warp * 16 + (mi & 1) * 8 + lane % 8;
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      LdMatrixX4(qa[ks], q_tile + Sw128TileOffset<kPrefillRows>(row, 2 * ks + (mi >> 1)));
+    }
+  }
   auto issue_s = [&](int it) {
     MbarWait(full_k(it), parity(it));  // K of tile it landed
     FenceProxyAsyncShared();           // cp.async wrote it through the generic proxy
@@ -206,8 +214,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
     WgmmaFence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      WgmmaM64N128SS<T>(s, Sw128Desc(q_rows, kPrefillRows, ks),
-                        DescAdvance(desc_k, buf + Sw128KStep(kKeys, ks)), ks > 0);
+      WgmmaM64N128RS<T>(s, qa[ks], DescAdvance(desc_k, buf + Sw128KStep(kKeys, ks)), ks > 0);
     }
     WgmmaCommit();
   };

@@ -192,6 +192,27 @@ SQKV_WG_RS128T(__half, "f16")
 SQKV_WG_RS128T(__nv_bfloat16, "bf16")
 #undef SQKV_WG_RS128T
 
+// d (m64 × n128, float32) (+)= a (m64 × k16, registers) · b^T (b: 128 rows, K-major at desc_b).
+template <class T>
+__device__ __forceinline__ void WgmmaM64N128RS(float (&d)[64], const uint32_t (&a)[4],
+                                               uint64_t desc_b, bool accumulate);
+
+#define SQKV_WG_RS128(TYPE, NAME)                                                                 \
+  template <>                                                                                     \
+  __device__ __forceinline__ void WgmmaM64N128RS<TYPE>(float(&d)[64], const uint32_t(&a)[4],      \
+                                                       uint64_t desc_b, bool accumulate) {        \
+    asm volatile(                                                                                 \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                              \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " " SQKV_WG_D64              \
+        ", {%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"                                              \
+        : SQKV_WG_D64_OPS(d)                                                                      \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),                                \
+          "r"(static_cast<int>(accumulate)));                                                     \
+  }
+SQKV_WG_RS128(__half, "f16")
+SQKV_WG_RS128(__nv_bfloat16, "bf16")
+#undef SQKV_WG_RS128
+
 // d (m64 × n128) (+)= a · b^T, both from shared memory (b: 128 rows).
 template <class T>
 __device__ __forceinline__ void WgmmaM64N128SS(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
