@@ -328,6 +328,7 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
   const size_t row_bytes = static_cast<size_t>(spec.head_dim) * DTypeSize(spec.dtype);
   const size_t head_bytes = static_cast<size_t>(spec.tokens) * row_bytes;
   const int total = spec.layers * spec.kv_heads;
+  auto cancelled = [&options] { return options.cancelled && options.cancelled(); };
   std::vector<float> keys, values;
   std::vector<uint8_t> pages;
   r.layer_first_page.push_back(0);
@@ -337,7 +338,7 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
     std::vector<HeadIndex> heads(spec.kv_heads);
     std::vector<uint64_t> sums;
     for (int h = 0; h < spec.kv_heads; ++h) {
-      if (options.cancelled && options.cancelled()) return Cancelled(spec, l * spec.kv_heads + h);
+      if (cancelled()) return Cancelled(spec, l * spec.kv_heads + h);
       const uint8_t* k_head = src.k + h * head_bytes;
       const uint8_t* v_head = src.v + h * head_bytes;
       SQKV_RETURN_IF_ERROR(
@@ -375,7 +376,7 @@ Status StoreImpl::BuildVersion(const VersionSpec& spec, const ImportOptions& opt
   r.created_unix = static_cast<int64_t>(std::time(nullptr));
   r.build_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  if (options.cancelled && options.cancelled()) {  // the last chance: nothing is visible yet
+  if (cancelled()) {  // the last chance: nothing is visible yet
     RemoveFile(SegmentPath(r)).PermitUncheckedError();
     return Cancelled(spec, total);
   }

@@ -43,7 +43,7 @@ using detail::Sw128Offset;
 using detail::Sw128TileOffset;
 using detail::WgmmaCommit;
 using detail::WgmmaFence;
-using detail::LdMatrixX4;
+using detail::LoadSw128AFragments;
 using detail::WgmmaM64N64RS;
 using detail::WgmmaM64N64SS;
 using detail::WgmmaWait;
@@ -196,18 +196,6 @@ __device__ __forceinline__ void IssueProductRS(const uint32_t (&af)[Sh::kKS][4],
   WgmmaCommit();
 }
 
-// The warp's 16 A rows of every k-step as register fragments (mma.sync's m16k16 A layout, which
-// wgmma takes per warp), from the swizzled A tile: warp w of the block holds rows 16w .. 16w + 15,
-// so warpgroup g's four warps hold its 64 rows.
-template <class Sh>
-__device__ __forceinline__ void LoadAFragments(uint32_t a_tile, uint32_t (&af)[Sh::kKS][4]) {
-  const int lane = threadIdx.x % 32, mi = lane / 8;
-  const int row = (threadIdx.x / 32) * 16 + (mi & 1) * 8 + lane % 8;  // warps 0.. cover 16 rows each
-#pragma unroll
-  for (int ks = 0; ks < Sh::kKS; ++ks) {
-    LdMatrixX4(af[ks], a_tile + Sw128TileOffset<Sh::kARows>(row, 2 * ks + (mi >> 1)));
-  }
-}
 
 // Where each pass keeps its short stage (StageSpans): StageLoop runs that stage's epilogue outside
 // the loop, so the loop's code holds the full one alone (with a short stage possible at every step,
@@ -227,7 +215,7 @@ __device__ __forceinline__ void LoadAFragments(uint32_t a_tile, uint32_t (&af)[S
 // before the first product: pass 1 copies a_tile there (after waiting for the q conversion) and
 // waits for all its copies so far; pass 2's a_tile copies, issued before the loop, land before
 // stage 0's barrier completes (an arrival counts every earlier copy of the thread). kRS: the
-// products take A from registers, loaded from a_tile once it has landed (LoadAFragments).
+// products take A from registers, loaded from a_tile once it has landed.
 template <class Sh, ShortStage kShort, bool kRS, class Prologue, class Stage, class Epi>
 __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const Prologue& prologue,
                                           const Stage& stage, const Epi& epi) {
@@ -261,7 +249,8 @@ __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const 
   FenceProxyAsyncShared();
   __syncthreads();  // the prologue's copies of every thread
   uint32_t af[kRS ? Sh::kKS : 1][4];
-  if constexpr (kRS) LoadAFragments<Sh>(sm.a_tile, af);
+  // Warp w of the block holds A rows 16w .. 16w + 15 (warpgroup g: its 64 rows).
+  if constexpr (kRS) LoadSw128AFragments<Sh::kARows>(sm.a_tile, (threadIdx.x / 32) * 16, af);
   auto issue = [&](uint64_t desc_b, float(&d)[32]) {
     if constexpr (kRS) {
       IssueProductRS<Sh>(af, desc_b, d);

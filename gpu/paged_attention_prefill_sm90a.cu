@@ -200,13 +200,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   // Q as register A fragments (the warp's 16 rows of every k-step), from the swizzled Q tile: S is
   // an RS product, which reads only K from shared memory (1.5% faster than SS at 128K).
   uint32_t qa[kD / 16][4];
-  {
-    const int mi = lane / 8, row = warp * 16 + (mi & 1) * 8 + lane % 8;
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      LdMatrixX4(qa[ks], q_tile + Sw128TileOffset<kPrefillRows>(row, 2 * ks + (mi >> 1)));
-    }
-  }
+  LoadSw128AFragments<kPrefillRows>(q_tile, warp * 16, qa);
   auto issue_s = [&](int it) {
     MbarWait(full_k(it), parity(it));  // K of tile it landed
     FenceProxyAsyncShared();           // cp.async wrote it through the generic proxy

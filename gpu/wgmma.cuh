@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "gpu/mbarrier.cuh"
+#include "gpu/paged_attention_common.cuh"  // LdMatrixX4
 
 namespace sqkv::gpu::detail {
 
@@ -150,68 +151,50 @@ SQKV_WG_SS(WgmmaM64N64SS, 64, SQKV_WG_D32, SQKV_WG_D32_OPS, 32, 33, 34, __nv_bfl
       "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), \
       "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
-// d (m64 × n64, float32) (+)= a (m64 × k16, registers: the warp's 16 rows as mma.sync's A
-// fragment) · b^T (b: 64 rows, K-major at desc_b).
-template <class T>
-__device__ __forceinline__ void WgmmaM64N64RS(float (&d)[32], const uint32_t (&a)[4],
-                                              uint64_t desc_b, bool accumulate);
-
-#define SQKV_WG_RS64(TYPE, NAME)                                                                 \
+// The products with A from registers (RS): FN<TYPE>(d, a, desc_b, accumulate): d (m64 × N,
+// float32) (+)= a (m64 × k16: the warp's 16 rows as mma.sync's m16n8k16 A fragment) · b, b at
+// desc_b K-major (b^T, TRANS_B 0) or MN-major (stored row by row along K as V is, TRANS_B 1).
+// A0..A3, B, P: the operand numbers of a, desc_b and accumulate after the accumulators.
+#define SQKV_WG_RS(FN, N, D, D_OPS, A0, A1, A2, A3, B, P, TRANS_B, TYPE, NAME)                   \
   template <>                                                                                    \
-  __device__ __forceinline__ void WgmmaM64N64RS<TYPE>(float(&d)[32], const uint32_t(&a)[4],      \
-                                                      uint64_t desc_b, bool accumulate) {        \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                   \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " " SQKV_WG_D32     \
-                 ", {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"                                     \
-                 : SQKV_WG_D32_OPS(d)                                                            \
+  __device__ __forceinline__ void FN<TYPE>(float(&d)[N / 2], const uint32_t(&a)[4],             \
+                                           uint64_t desc_b, bool accumulate) {                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P                                        \
+                 ", 0;\n"                                                                        \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." NAME "." NAME " " D           \
+                 ", {%" #A0 ",%" #A1 ",%" #A2 ",%" #A3 "}, %" #B ", p, 1, 1, " #TRANS_B ";\n}\n"   \
+                 : D_OPS(d)                                                                      \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),                      \
                    "r"(static_cast<int>(accumulate)));                                           \
   }
-SQKV_WG_RS64(__half, "f16")
-SQKV_WG_RS64(__nv_bfloat16, "bf16")
-#undef SQKV_WG_RS64
 
-// d (m64 × n128, float32) += a (m64 × k16, registers) · b (k16 × n128, MN-major at desc_b: the
-// operand stored row by row along K, as V is).
+// d (m64 × n64) (+)= a · b^T, b: 64 rows, K-major.
+template <class T>
+__device__ __forceinline__ void WgmmaM64N64RS(float (&d)[32], const uint32_t (&a)[4],
+                                              uint64_t desc_b, bool accumulate);
+SQKV_WG_RS(WgmmaM64N64RS, 64, SQKV_WG_D32, SQKV_WG_D32_OPS, 32, 33, 34, 35, 36, 37, 0, __half,
+           "f16")
+SQKV_WG_RS(WgmmaM64N64RS, 64, SQKV_WG_D32, SQKV_WG_D32_OPS, 32, 33, 34, 35, 36, 37, 0,
+           __nv_bfloat16, "bf16")
+
+// d (m64 × n128) (+)= a · b, b (k16 × n128) MN-major.
 template <class T>
 __device__ __forceinline__ void WgmmaM64N128RSTransB(float (&d)[64], const uint32_t (&a)[4],
-                                                     uint64_t desc_b);
+                                                     uint64_t desc_b, bool accumulate = true);
+SQKV_WG_RS(WgmmaM64N128RSTransB, 128, SQKV_WG_D64, SQKV_WG_D64_OPS, 64, 65, 66, 67, 68, 69, 1,
+           __half, "f16")
+SQKV_WG_RS(WgmmaM64N128RSTransB, 128, SQKV_WG_D64, SQKV_WG_D64_OPS, 64, 65, 66, 67, 68, 69, 1,
+           __nv_bfloat16, "bf16")
 
-#define SQKV_WG_RS128T(TYPE, NAME)                                                                 \
-  template <>                                                                                      \
-  __device__ __forceinline__ void WgmmaM64N128RSTransB<TYPE>(float(&d)[64], const uint32_t(&a)[4], \
-                                                             uint64_t desc_b) {                    \
-    asm volatile(                                                                                  \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                               \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " " SQKV_WG_D64               \
-        ", {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"                                               \
-        : SQKV_WG_D64_OPS(d)                                                                       \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                        \
-  }
-SQKV_WG_RS128T(__half, "f16")
-SQKV_WG_RS128T(__nv_bfloat16, "bf16")
-#undef SQKV_WG_RS128T
-
-// d (m64 × n128, float32) (+)= a (m64 × k16, registers) · b^T (b: 128 rows, K-major at desc_b).
+// d (m64 × n128) (+)= a · b^T, b: 128 rows, K-major.
 template <class T>
 __device__ __forceinline__ void WgmmaM64N128RS(float (&d)[64], const uint32_t (&a)[4],
                                                uint64_t desc_b, bool accumulate);
-
-#define SQKV_WG_RS128(TYPE, NAME)                                                                 \
-  template <>                                                                                     \
-  __device__ __forceinline__ void WgmmaM64N128RS<TYPE>(float(&d)[64], const uint32_t(&a)[4],      \
-                                                       uint64_t desc_b, bool accumulate) {        \
-    asm volatile(                                                                                 \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                              \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " " SQKV_WG_D64              \
-        ", {%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"                                              \
-        : SQKV_WG_D64_OPS(d)                                                                      \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),                                \
-          "r"(static_cast<int>(accumulate)));                                                     \
-  }
-SQKV_WG_RS128(__half, "f16")
-SQKV_WG_RS128(__nv_bfloat16, "bf16")
-#undef SQKV_WG_RS128
+SQKV_WG_RS(WgmmaM64N128RS, 128, SQKV_WG_D64, SQKV_WG_D64_OPS, 64, 65, 66, 67, 68, 69, 0, __half,
+           "f16")
+SQKV_WG_RS(WgmmaM64N128RS, 128, SQKV_WG_D64, SQKV_WG_D64_OPS, 64, 65, 66, 67, 68, 69, 0,
+           __nv_bfloat16, "bf16")
+#undef SQKV_WG_RS
 
 // d (m64 × n128) (+)= a · b^T, both from shared memory (b: 128 rows).
 template <class T>
@@ -225,5 +208,18 @@ SQKV_WG_SS(WgmmaM64N128SS, 128, SQKV_WG_D64, SQKV_WG_D64_OPS, 64, 65, 66, __nv_b
 #undef SQKV_WG_D64_OPS
 #undef SQKV_WG_D32
 #undef SQKV_WG_D32_OPS
+
+// The RS A operand of a warp: rows row0 .. row0 + 15 of k-steps 0 .. KS - 1 of an R-row K-major
+// swizzled tile at shared address `tile`, as mma.sync's m16n8k16 A fragments (ldmatrix.x4: lanes
+// 8m .. 8m + 7 give the rows of matrix m, which covers rows +8 (m & 1) and k-chunk +(m >> 1)).
+template <int R, int KS>
+__device__ __forceinline__ void LoadSw128AFragments(uint32_t tile, int row0, uint32_t (&a)[KS][4]) {
+  const int lane = threadIdx.x % 32, m = lane / 8;
+  const int row = row0 + (m & 1) * 8 + lane % 8;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    LdMatrixX4(a[ks], tile + Sw128TileOffset<R>(row, 2 * ks + (m >> 1)));
+  }
+}
 
 }  // namespace sqkv::gpu::detail

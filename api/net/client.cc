@@ -235,13 +235,7 @@ class RemoteStore final : public Store {
     request.id = next_id_.fetch_add(1) + 1;
     request.deadline_ms = options_.deadline_ms;
     request.call = std::move(call);
-    Status s = conn.Call(request, Deadline(), reply, progress, cancelled);
-    if (s.IsCancelled()) {
-      return Status::Cancelled("cancelled: closed the connection to " + data_dir() +
-                               "; the server stops an import or rebuild at its next (layer, kv "
-                               "head) and publishes nothing, unless it was already publishing");
-    }
-    return s;
+    return conn.Call(request, Deadline(), reply, progress, cancelled);
   }
 
   static Status UploadCancelled(const std::string& name, uint64_t sent, uint64_t total) {

@@ -101,7 +101,10 @@ class AsioConnection final : public Connection {
     });
     if (!finished) {
       result = cancelled && cancelled()
-                   ? Status::Cancelled("call to " + peer_ + " cancelled; connection closed")
+                   ? Status::Cancelled("cancelled: closed the connection to " + peer_ +
+                                       "; the server stops an import or rebuild at its next "
+                                       "(layer, kv head) and publishes nothing, unless it was "
+                                       "already publishing")
                    : Status::Unavailable("server " + peer_ + ": deadline exceeded");
     }
     if (!result.ok()) broken_ = true;  // the stream position is unknown: never reuse
