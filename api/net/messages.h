@@ -14,7 +14,7 @@
 namespace sqkv::net {
 
 // Must equal sqkv.capnp's protocolVersion (checked in codec.cc).
-inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kProtocolVersion = 2;
 
 // What a decoder accepts. Both ends apply them to every message they read.
 struct Limits {

@@ -14,7 +14,11 @@
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("sqkv::net::wire");
 
-const protocolVersion :UInt32 = 1;
+# Version history (client and server must agree; the server refuses another in `hello`):
+#   1  the first protocol;
+#   2  status `cancelled` (a call cancelled by its deadline, its client's disconnect or the
+#      server's stop), which a version-1 peer would read as an unknown status.
+const protocolVersion :UInt32 = 2;
 
 struct Request {
   id @0 :UInt64;
