@@ -132,47 +132,92 @@ Status PrescanHeader(std::string_view text) {
   return Status::Ok();
 }
 
+// Builds the header's DOM from nlohmann's SAX events, refusing a key that repeats in its object
+// (nlohmann's DOM parser would keep the last silently). Linear in the header: nlohmann's parser
+// with a callback searches the parent object at every object's end, which made a header of 131K
+// tensors (65,536 layers) take minutes to refuse.
+class HeaderBuilder final : public nlohmann::json_sax<Json> {
+ public:
+  explicit HeaderBuilder(Json* root) : root_(root) {}
+  const std::string& problem() const { return problem_; }
+
+  bool null() override { return Put(nullptr) != nullptr; }
+  bool boolean(bool v) override { return Put(v) != nullptr; }
+  bool number_integer(number_integer_t v) override { return Put(v) != nullptr; }
+  bool number_unsigned(number_unsigned_t v) override { return Put(v) != nullptr; }
+  bool number_float(number_float_t v, const string_t&) override { return Put(v) != nullptr; }
+  bool string(string_t& v) override { return Put(std::move(v)) != nullptr; }
+  bool binary(binary_t& v) override { return Put(Json::binary(std::move(v))) != nullptr; }
+  bool start_object(std::size_t) override { return Open(Json::object()); }
+  bool start_array(std::size_t) override { return Open(Json::array()); }
+  bool end_object() override { return Close(); }
+  bool end_array() override { return Close(); }
+  bool key(string_t& k) override {
+    std::set<std::string>& keys = open_.back().keys;
+    if (open_.size() == 1) top_key_ = k;
+    if (!keys.insert(k).second) {
+      if (open_.size() == 1) {
+        problem_ = "tensor " + k + " appears twice in the header";
+      } else if (top_key_ == kMetadataKey) {
+        problem_ = std::string(kMetadataKey) + " repeats the key " + Quote(Json(k));
+      } else {
+        problem_ = "tensor " + top_key_ + ": entry repeats the key " + Quote(Json(k));
+      }
+      return false;
+    }
+    key_ = std::move(k);
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) override {
+    problem_ = std::string("header is not valid JSON: ") + e.what();
+    return false;
+  }
+
+ private:
+  struct Level {  // an object or array being filled
+    Json* value;
+    std::set<std::string> keys;  // an object's keys so far
+  };
+  // Places v where the next value goes (the root, the pending key of the innermost object, or the
+  // end of the innermost array) and returns where it now lives. Pointers into an array stay valid
+  // while they are open: nothing is appended to an array until its open element has closed.
+  Json* Put(Json v) {
+    if (open_.empty()) {
+      *root_ = std::move(v);
+      return root_;
+    }
+    Json& parent = *open_.back().value;
+    if (parent.is_object()) return &(parent[key_] = std::move(v));
+    parent.push_back(std::move(v));
+    return &parent.back();
+  }
+  bool Open(Json v) {
+    open_.push_back(Level{Put(std::move(v)), {}});
+    return true;
+  }
+  bool Close() {
+    open_.pop_back();
+    return true;
+  }
+
+  Json* root_;
+  std::vector<Level> open_;
+  std::string key_, top_key_, problem_;
+};
+
 // Parses the header text. Beyond nlohmann's own checks (syntax, UTF-8, trailing garbage) this
-// rejects duplicate keys in any object, which nlohmann would silently collapse.
+// rejects duplicate keys in any object (HeaderBuilder).
 Status ParseHeaderJson(std::string_view text, Json* out) {
   SQKV_RETURN_IF_ERROR(PrescanHeader(text));
-  std::vector<std::set<std::string>> object_keys;  // one per open object (arrays: unused entry)
-  std::string top_key;                             // the latest key of the header object
-  std::string problem;
-  auto check = [&](int /*depth*/, Json::parse_event_t event, Json& parsed) {
-    switch (event) {
-      case Json::parse_event_t::object_start:
-      case Json::parse_event_t::array_start:
-        object_keys.emplace_back();
-        break;
-      case Json::parse_event_t::object_end:
-      case Json::parse_event_t::array_end:
-        if (!object_keys.empty()) object_keys.pop_back();
-        break;
-      case Json::parse_event_t::key: {
-        if (object_keys.empty() || !parsed.is_string()) break;
-        const std::string key = parsed.get<std::string>();
-        if (object_keys.size() == 1) top_key = key;
-        if (object_keys.back().insert(key).second || !problem.empty()) break;
-        if (object_keys.size() == 1) {
-          problem = "tensor " + key + " appears twice in the header";
-        } else if (top_key == kMetadataKey) {
-          problem = std::string(kMetadataKey) + " repeats the key " + Quote(parsed);
-        } else {
-          problem = "tensor " + top_key + ": entry repeats the key " + Quote(parsed);
-        }
-        break;
-      }
-      case Json::parse_event_t::value:
-        break;
-    }
-    return problem.empty();  // once wrong, discard the rest instead of building it
-  };
+  HeaderBuilder builder(out);
+  bool ok = false;
   try {
-    *out = Json::parse(text.begin(), text.end(), check);
+    ok = Json::sax_parse(text.begin(), text.end(), &builder);
   } catch (const Json::exception& e) {
     return Status::InvalidArgument(std::string("header is not valid JSON: ") + e.what());
   }
+  const std::string& problem = builder.problem();
+  if (!ok && problem.empty()) return Status::InvalidArgument("header is not valid JSON");
   if (!problem.empty()) return Status::InvalidArgument(problem);
   if (!out->is_object()) {
     return Status::InvalidArgument("header is " + TypeWithArticle(*out) + ", not an object");

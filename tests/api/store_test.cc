@@ -164,6 +164,14 @@ TEST_F(StoreTest, MalformedContextsAreRejectedAndLeaveTheStoreUnchanged) {
          add(w, "v.0", {2, 20, 8});
        },
        "k.0"},
+      {"one layer past the limit (the layer is 16 bits of the device tier's keys)",
+       [&](auto& w) {
+         for (int layer = 0; layer <= 65535; ++layer) {
+           add(w, "k." + std::to_string(layer), {1, 1, 8});
+           add(w, "v." + std::to_string(layer), {1, 1, 8});
+         }
+       },
+       "at most 65535"},
   };
   for (const auto& c : cases) {
     SafetensorsWriter w;
