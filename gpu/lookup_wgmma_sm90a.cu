@@ -2,17 +2,19 @@
 // the same two passes as lookup_mma.cu (same blocks, pieces, workspace and finish; see there), at
 // head_dim <= 128. A block holds an A tile of T of the passes' 128-row tiles in shared memory
 // (query rows in pass 1, entries in pass 2), a warpgroup per 64 of its rows, and streams the other
-// operand (entries in pass 1, query rows in pass 2) 64 rows per stage through 128-byte swizzled
-// shared memory, copied by cp.async three stages ahead. Per stage and warpgroup one m64n64
-// product of head_dim / 16 k-steps; the product of the next stage runs on the tensor cores while
-// the exp2 work of this one issues (two accumulator sets). Pass 2 keeps its A rows in registers
-// (RS products: half the shared-memory reads; 8% faster at 128K), pass 1 reads both operands from
-// shared memory (SS: its registers have no room for A). Pass 1 takes two tiles a block (four
-// warpgroups, one block per SM: a stage's copy feeds 256 rows, half the copying per product),
-// pass 2 one (two warpgroups, two blocks per SM, whose short blocks overlap each other's start);
-// kWgmmaRowPassTiles, kWgmmaColPassTiles and NOTES-gpu-lookup.md v16. Pass 2's pieces are
-// unequal and its grid runs them longest first (grid z is the piece; PlanLookup's
-// ChooseColPieces, v17).
+// operand (entries in pass 1, query rows in pass 2) through 128-byte swizzled shared memory in
+// stages copied by cp.async ahead of the products.
+// - Pass 1 (StageLoopWide): 128 entries a stage, one m64n128 SS product per warpgroup and stage
+//   into one accumulator set, its epilogue after it; the block's four warpgroups (two tiles, one
+//   block per SM: a stage's copy feeds 256 rows) overlap each other's products and exp2 work. Its
+//   registers have no room for A (RS spilled at two sets of m64n64), and one m64n128 product reads
+//   A once per 128 entries: 12% faster than two sets of m64n64 SS (NOTES-gpu-lookup.md v28).
+// - Pass 2 (StageLoop): 64 query rows a stage, m64n64 RS products (the entries held in
+//   registers: half the shared-memory reads; 8% faster at 128K, v27) into two accumulator sets,
+//   the next stage's product running while this one's exp2 work issues; one tile a block, two
+//   blocks per SM, whose short blocks overlap each other's start.
+// kWgmmaRowPassTiles, kWgmmaColPassTiles and NOTES-gpu-lookup.md v16. Pass 2's pieces are unequal
+// and its grid runs them longest first (grid z is the piece; PlanLookup's ChooseColPieces, v17).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -45,6 +47,7 @@ using detail::WgmmaCommit;
 using detail::WgmmaFence;
 using detail::LoadSw128AFragments;
 using detail::WgmmaM64N64RS;
+using detail::WgmmaM64N128SS;
 using detail::WgmmaM64N64SS;
 using detail::WgmmaWait;
 
@@ -55,19 +58,26 @@ static_assert(kMmaRowTile == 128 && kMmaColTile == 128, "two warpgroups of 64 A 
 // A block of KS k-steps (head_dim / 16) over T tiles: 2T warpgroups, T · 128 A rows. Shared
 // memory: the A tile and the stages' tiles (1,024-byte aligned), then per stage 64 sizes (pass 1)
 // or 64 (x, L) pairs (pass 2). Registers: 128 a thread (WgmmaPassBlocksPerSm).
-template <int KS, int T>
+// SR streamed rows a stage (the n of the products), S stage buffers.
+template <int KS, int T, int SR = kStageRows, int S = kStages>
 struct Shape {
   static_assert(T == 1 || T == 2, "one or two tiles a block");
   static constexpr int kKS = KS;
+  static constexpr int kSR = SR;
+  static constexpr int kStages = S;
   static constexpr int kThreads = 256 * T;
   static constexpr int kMinBlocks = WgmmaPassBlocksPerSm(T);
   static constexpr int kARows = kMmaRowTile * T;
-  static constexpr int kTileBytes = kStageRows * KS * 32;  // KS k-steps of 16 halves per row
+  static constexpr int kTileBytes = SR * KS * 32;  // KS k-steps of 16 halves per row
   static constexpr int kATileBytes = kARows * KS * 32;
-  static constexpr int kSmemBytes = 1024 + kATileBytes + kStages * (kTileBytes + kStageRows * 8);
+  static constexpr int kSmemBytes = 1024 + kATileBytes + S * (kTileBytes + SR * 8);
 };
+// Pass 1 streams 128 entries a stage into one m64n128 product per warpgroup (StageLoopWide);
+// pass 2 64 query rows into two sets of m64n64 RS products (StageLoop). Pass 2 the same way as
+// pass 1 (RS, three stages of 128 rows, the A tile in the third buffer so that two blocks fit a
+// SM) ran no faster: NOTES-gpu-lookup.md v28.
 template <int KS>
-using RowShape = Shape<KS, kWgmmaRowPassTiles>;
+using RowShape = Shape<KS, kWgmmaRowPassTiles, 128>;
 template <int KS>
 using ColShape = Shape<KS, kWgmmaColPassTiles>;
 
@@ -163,28 +173,16 @@ struct Smem {
     const uint32_t base = (SmemAddr(raw) + 1023u) & ~1023u;
     a_tile = base;
     tiles = base + Sh::kATileBytes;
-    extra = raw + (tiles - SmemAddr(raw)) + kStages * Sh::kTileBytes;
+    extra = raw + (tiles - SmemAddr(raw)) + Sh::kStages * Sh::kTileBytes;
   }
   __device__ uint32_t Tile(int buf) const { return tiles + buf * Sh::kTileBytes; }
 };
 
 // Issues one stage's product without waiting: acc (the warpgroup's 64 A rows × the stage's 64
-// rows) = A · tile^T over KS k-steps. desc_a: the warpgroup's rows of the A tile, desc_b: the
-// stage's tile, both at k-step 0.
-template <class Sh>
-__device__ __forceinline__ void IssueProduct(uint64_t desc_a, uint64_t desc_b, float (&acc)[32]) {
-  WgmmaFence();  // the epilogue read these accumulators last
-#pragma unroll
-  for (int ks = 0; ks < Sh::kKS; ++ks) {
-    WgmmaM64N64SS<__half>(acc, DescAdvance(desc_a, Sw128KStep(Sh::kARows, ks)),
-                          DescAdvance(desc_b, Sw128KStep(kStageRows, ks)), ks > 0);
-  }
-  WgmmaCommit();
-}
-
-// The same with A from registers (RS): af[ks] holds the warp's 16 A rows of k-step ks. Only B is
-// read from shared memory then: half the bytes of an SS m64n64 product, which reads 4 KB for
-// 131 KFLOP, right at the SM's 128 bytes a clock of shared memory at its dense tensor rate.
+// rows) = A · tile^T over KS k-steps, A from registers (RS): af[ks] holds the warp's 16 A rows of
+// k-step ks, and desc_b is the stage's tile at k-step 0. Only B is read from shared memory: half
+// the bytes of an SS m64n64 product, which reads 4 KB for 131 KFLOP, right at the SM's 128 bytes
+// a clock of shared memory at its dense tensor rate.
 template <class Sh>
 __device__ __forceinline__ void IssueProductRS(const uint32_t (&af)[Sh::kKS][4], uint64_t desc_b,
                                                float (&acc)[32]) {
@@ -197,13 +195,13 @@ __device__ __forceinline__ void IssueProductRS(const uint32_t (&af)[Sh::kKS][4],
 }
 
 
-// Where each pass keeps its short stage (StageSpans): StageLoop runs that stage's epilogue outside
-// the loop, so the loop's code holds the full one alone (with a short stage possible at every step,
-// the loop's code doubled). Pass 1 takes the first (peeled after the loop, its last stage made
-// ptxas spill inside the loop); pass 2 the last at KS 8 (measured 2-3% faster there than the
-// first) and the first at KS 4 (the last spilled there).
+// Where each pass keeps its short stage (StageSpans): the stage loops run that stage's epilogue
+// outside their loop, so the loop's code holds the full one alone (with a short stage possible at
+// every step, the loop's code doubled). Pass 1 takes the first (its last stage made ptxas spill
+// inside the two-set loop); pass 2 the last at KS 8 (measured 2-3% faster there than the first)
+// and the first at KS 4 (the last spilled there).
 //
-// The stage loop of both passes. stage(it) issues the cp.async copies of stage it (its tile and
+// Pass 2's stage loop (pass 1's too before StageLoopWide). stage(it) issues the cp.async copies of stage it (its tile and
 // extras; nothing past the last); the loop learns that they landed from an mbarrier
 // (cp.async.mbarrier.arrive), so stage() commits no groups. epi(buf, acc, short_tag) consumes
 // stage it's product (its copies in buffer buf); short_tag (std::true_type or std::false_type)
@@ -214,13 +212,12 @@ __device__ __forceinline__ void IssueProductRS(const uint32_t (&af)[Sh::kKS][4],
 // warpgroups in step inside the loop). prologue() runs once the first stages' copies are issued,
 // before the first product: pass 1 copies a_tile there (after waiting for the q conversion) and
 // waits for all its copies so far; pass 2's a_tile copies, issued before the loop, land before
-// stage 0's barrier completes (an arrival counts every earlier copy of the thread). kRS: the
-// products take A from registers, loaded from a_tile once it has landed.
-template <class Sh, ShortStage kShort, bool kRS, class Prologue, class Stage, class Epi>
+// stage 0's barrier completes (an arrival counts every earlier copy of the thread). The products
+// take A from registers, loaded from a_tile once it has landed.
+template <class Sh, ShortStage kShort, class Prologue, class Stage, class Epi>
 __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const Prologue& prologue,
                                           const Stage& stage, const Epi& epi) {
-  const int wg = threadIdx.x / 128;
-  const uint64_t desc_a = Sw128Desc(sm.a_tile + wg * 64 * 128, Sh::kARows, 0);
+  constexpr int kStages = Sh::kStages;
   const uint64_t desc_b = Sw128Desc(sm.tiles, kStageRows, 0);
   auto tile_desc = [&](int it) { return DescAdvance(desc_b, (it % kStages) * Sh::kTileBytes); };
   // Stage buffers are handed over by mbarriers, not block barriers, so the warpgroups drift
@@ -248,16 +245,10 @@ __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const 
   if (ntiles > 0) MbarWait(full(0), 0);  // stage 0, and a_tile's copies issued before it
   FenceProxyAsyncShared();
   __syncthreads();  // the prologue's copies of every thread
-  uint32_t af[kRS ? Sh::kKS : 1][4];
+  uint32_t af[Sh::kKS][4];
   // Warp w of the block holds A rows 16w .. 16w + 15 (warpgroup g: its 64 rows).
-  if constexpr (kRS) LoadSw128AFragments<Sh::kARows>(sm.a_tile, (threadIdx.x / 32) * 16, af);
-  auto issue = [&](uint64_t desc_b, float(&d)[32]) {
-    if constexpr (kRS) {
-      IssueProductRS<Sh>(af, desc_b, d);
-    } else {
-      IssueProduct<Sh>(desc_a, desc_b, d);
-    }
-  };
+  LoadSw128AFragments<Sh::kARows>(sm.a_tile, (threadIdx.x / 32) * 16, af);
+  auto issue = [&](uint64_t desc_b, float(&d)[32]) { IssueProductRS<Sh>(af, desc_b, d); };
   if (ntiles > 0) issue(tile_desc(0), acc[0]);
   WgmmaWait<0>();
   // acc[cur] holds stage it's product on entry; nothing is in flight across iterations (a product
@@ -306,52 +297,119 @@ __device__ __forceinline__ void StageLoop(const Smem<Sh>& sm, int ntiles, const 
   CpAsyncWait<0>();
 }
 
-// Pass 1 on one stage: rows h (g, g + 8) take the logits acc · f of the thread's 16 entries
-// (columns 8j + 2tq + c) into their running max and normaliser. kTail: entries past `valid` (size
-// 0) are left out.
+// Pass 1's stage loop: one accumulator set and m64n128 SS products. A warpgroup's product and
+// its epilogue alternate, and the block's other three warpgroups fill the tensor cores meanwhile.
+// Against StageLoop's two sets of m64n64 it halves the products, barrier trips and epilogue
+// entries a streamed row, and each product reads its A rows once a 128-row stage instead of
+// twice (a quarter less shared-memory traffic). Copies, barriers, prologue and the short first
+// stage as in StageLoop.
+template <class Sh, class Prologue, class Stage, class Epi>
+__device__ __forceinline__ void StageLoopWide(const Smem<Sh>& sm, int ntiles,
+                                              const Prologue& prologue, const Stage& stage,
+                                              const Epi& epi) {
+  static_assert(Sh::kSR == 128, "one m64n128 product a stage");
+  constexpr int kS = Sh::kStages;
+  const int wg = threadIdx.x / 128;
+  const uint64_t desc_a = Sw128Desc(sm.a_tile + wg * 64 * 128, Sh::kARows, 0);
+  const uint64_t desc_b = Sw128Desc(sm.tiles, Sh::kSR, 0);
+  __shared__ __align__(8) uint64_t bars[2 * kS];
+  const uint32_t full0 = SmemAddr(&bars[0]), empty0 = SmemAddr(&bars[kS]);
+  auto full = [&](int it) { return full0 + 8 * (it % kS); };
+  auto empty = [&](int it) { return empty0 + 8 * (it % kS); };
+  auto parity = [&](int it) { return static_cast<uint32_t>(it / kS) & 1u; };
+  if (threadIdx.x == 0) {
+    for (int b = 0; b < 2 * kS; ++b) MbarInit(full0 + 8 * b, Sh::kThreads);
+  }
+  __syncthreads();
+  auto put = [&](int it) {
+    if (it < ntiles && it >= kS) MbarWait(empty(it), parity(it - kS));
+    stage(it);
+    if (it < ntiles) MbarArriveCpAsync(full(it));
+  };
+  float acc[64];
+#pragma unroll
+  for (int p = 0; p < kS - 1; ++p) put(p);
+  prologue();
+  if (ntiles > 0) MbarWait(full(0), 0);
+  FenceProxyAsyncShared();
+  __syncthreads();  // the prologue's copies of every thread
+  auto step = [&](int it, auto short_tag) {
+    if (it > 0) {
+      MbarWait(full(it), parity(it));
+      FenceProxyAsyncShared();
+    }
+    const uint64_t db = DescAdvance(desc_b, (it % kS) * Sh::kTileBytes);
+    WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < Sh::kKS; ++ks) {
+      WgmmaM64N128SS<__half>(acc, DescAdvance(desc_a, Sw128KStep(Sh::kARows, ks)),
+                             DescAdvance(db, Sw128KStep(Sh::kSR, ks)), ks > 0);
+    }
+    WgmmaCommit();
+    put(it + kS - 1);  // into stage it - 1's buffer, once every thread is past its epilogue
+    WgmmaWait<0>();
+    epi(it % kS, acc, short_tag);
+    MbarArrive(empty(it));
+  };
+  if (ntiles > 0) step(0, std::true_type{});
+  for (int it = 1; it < ntiles; ++it) step(it, std::false_type{});
+  CpAsyncCommit();
+  CpAsyncWait<0>();
+}
+
+// Pass 1 on one 128-entry stage: rows h (g, g + 8) take the logits acc · f of the thread's 32
+// entries (columns 8j + 2tq + c of the m64n128 product, j < 16) into their running max and
+// normaliser. Both rows' maxima first, then the sums, each pair of sizes loaded and converted
+// where it is used (32 converted sizes held at once would not fit beside acc). Maxima and sums
+// run as four independent chains a row (a single chain would leave the warp waiting on every
+// add's latency); f > 0 and rounding is monotone, so max(acc) · f = max(acc · f). kTail: entries
+// past `valid` (size 0) are left out; they hold logit 0, which may lie far above the max.
 template <bool kTail>
-__device__ __forceinline__ void RowUpdate(const float (&acc)[32], const int32_t* sizes, int tq,
+__device__ __forceinline__ void RowUpdate(const float (&acc)[64], const int32_t* sizes, int tq,
                                           int valid, const float (&f)[2], float (&m_run)[2],
                                           float (&z_run)[2]) {
-  float n[8][2];
+  constexpr int J = 16;
+  float amax[2][4];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int2 v = *reinterpret_cast<const int2*>(sizes + 8 * j + 2 * tq);
-    n[j][0] = SmallIntToFloat(v.x);
-    n[j][1] = SmallIntToFloat(v.y);
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) amax[h][k] = -INFINITY;
+  }
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float& m = amax[h][(2 * j + c) % 4];
+        m = fmaxf(m, !kTail || 8 * j + 2 * tq + c < valid ? acc[4 * j + 2 * h + c] : -INFINITY);
+      }
+    }
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    // Max and sum over the 16 entries as four independent chains each (a single chain would
-    // leave the warp waiting on every add's latency).
-    float amax[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float v = acc[4 * j + 2 * h + c];
-        float& m = amax[(2 * j + c) % 4];
-        m = fmaxf(m, !kTail || 8 * j + 2 * tq + c < valid ? v : -INFINITY);
-      }
-    }
-    // f > 0 and rounding is monotone: max(acc) · f = max(acc · f).
-    const float tmax = fmaxf(fmaxf(amax[0], amax[1]), fmaxf(amax[2], amax[3])) * f[h];
+    const float tmax = fmaxf(fmaxf(amax[h][0], amax[h][1]), fmaxf(amax[h][2], amax[h][3])) * f[h];
     if (tmax > m_run[h]) {
       z_run[h] *= FastExp2(m_run[h] - tmax);  // from -inf: 2^-inf = 0
       m_run[h] = tmax;
     }
-    float z[4] = {0.f, 0.f, 0.f, 0.f};
+  }
+  float z[2][4] = {};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < J; ++j) {
+    const int2 v = *reinterpret_cast<const int2*>(sizes + 8 * j + 2 * tq);
+    const float n[2] = {SmallIntToFloat(v.x), SmallIntToFloat(v.y)};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        // Past-the-end entries hold logit 0, which may lie far above the max: size 0 and skipped.
-        const float term = n[j][c] * FastExp2(fmaf(acc[4 * j + 2 * h + c], f[h], -m_run[h]));
-        z[(2 * j + c) % 4] += !kTail || 8 * j + 2 * tq + c < valid ? term : 0.f;
+        const float term = n[c] * FastExp2(fmaf(acc[4 * j + 2 * h + c], f[h], -m_run[h]));
+        z[h][(2 * j + c) % 4] += !kTail || 8 * j + 2 * tq + c < valid ? term : 0.f;
       }
     }
-    z_run[h] += (z[0] + z[1]) + (z[2] + z[3]);
   }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) z_run[h] += (z[h][0] + z[h][1]) + (z[h][2] + z[h][3]);
 }
 
 template <bool kTail>
@@ -392,13 +450,14 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
   const int splits = b.splits, rtile = kT * b.tile, piece = b.piece, row0 = rtile * kMmaRowTile;
   if (row0 >= s.rows) return detail::GridDependencyWait();
   const int d = a.head_dim;
-  const int2 range = PieceRange(e.total, splits, piece, kStageRows);
+  constexpr int SR = Sh::kSR;
+  const int2 range = PieceRange(e.total, splits, piece, SR);
   const int begin = range.x, end = range.y;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
   const uint16_t* qh = b.qh;
   float4* info = b.info;
   const Smem<Sh> sm(smem_raw);
-  int32_t* sizes = reinterpret_cast<int32_t*>(sm.extra);  // (kStages, 64)
+  int32_t* sizes = reinterpret_cast<int32_t*>(sm.extra);  // (kStages, Sh::kSR)
 
   const int ra = row0 + warp * 16 + g, rb = ra + 8;  // warp w: rows 16w .. 16w + 15 of the block
   float f[2];
@@ -414,31 +473,31 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
     CpAsyncWait<0>();
   };
 
-  const StageSpans<ShortStage::kFirst, kStageRows> spans(begin, end);
+  const StageSpans<ShortStage::kFirst, SR> spans(begin, end);
   const int ntiles = spans.ntiles;
   auto stage = [&](int it) {
     if (it < ntiles) {
-      const int i0 = spans.Begin(it), valid = spans.Count(it), buf = it % kStages;
-      StageEntries<Sh, kStageRows>(sm.Tile(buf), e, i0, valid, d);
-      if (t < kStageRows) {
+      const int i0 = spans.Begin(it), valid = spans.Count(it), buf = it % Sh::kStages;
+      StageEntries<Sh, SR>(sm.Tile(buf), e, i0, valid, d);
+      if (t < SR) {
         const bool ok = t < valid;
-        CpAsync4(SmemAddr(sizes + buf * kStageRows + t), ok ? EntrySizePtr(e, i0 + t) : e.prim_size,
+        CpAsync4(SmemAddr(sizes + buf * SR + t), ok ? EntrySizePtr(e, i0 + t) : e.prim_size,
                  ok ? 4 : 0);
       }
     }
   };
 
   float m_run[2] = {-INFINITY, -INFINITY}, z_run[2] = {0.f, 0.f};
-  auto epi = [&](int buf, const float(&acc)[32], auto short_tag) {
-    if (decltype(short_tag)::value && spans.short_n < kStageRows) {
-      RowUpdate<true>(acc, sizes + buf * kStageRows, tq, spans.short_n, f, m_run, z_run);
+  auto epi = [&](int buf, const auto& acc, auto short_tag) {
+    if (decltype(short_tag)::value && spans.short_n < SR) {
+      RowUpdate<true>(acc, sizes + buf * SR, tq, spans.short_n, f, m_run, z_run);
     } else {
-      RowUpdate<false>(acc, sizes + buf * kStageRows, tq, kStageRows, f, m_run, z_run);
+      RowUpdate<false>(acc, sizes + buf * SR, tq, SR, f, m_run, z_run);
     }
   };
-  // SS products: with A in registers (as pass 2 has it) ptxas spilled here, and the pass ran 6%
-  // slower (NOTES-gpu-lookup.md v27).
-  StageLoop<Sh, ShortStage::kFirst, /*kRS=*/false>(sm, ntiles, queries, stage, epi);
+  // SS products: with A in registers (as pass 2 has it) ptxas spilled at two accumulator sets,
+  // and the pass ran 6% slower (NOTES-gpu-lookup.md v27).
+  StageLoopWide<Sh>(sm, ntiles, queries, stage, epi);
   float2* part = reinterpret_cast<float2*>(w.floats + s.stat_offset);  // (splits, rows)
   FinishRowStat(s, info, part, piece, splits, ra, tq, f[0], m_run[0], z_run[0]);
   FinishRowStat(s, info, part, piece, splits, rb, tq, f[1], m_run[1], z_run[1]);
@@ -473,40 +532,41 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
     const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, tq = lane % 4;
     const uint16_t* qh = b.qh;
     const float4* info = b.info;
-    const int2 range = PieceRangeFirst(s.rows, splits, piece, kStageRows, s.col_first);
+    constexpr int SR = Sh::kSR;
+    const int2 range = PieceRangeFirst(s.rows, splits, piece, SR, s.col_first);
     const int begin = range.x, end = range.y;
     const Smem<Sh> sm(smem_raw);
     // Per stage and query row (logit factor, base-2 log normaliser L): 2^(acc · x - L) is the
     // row's softmax weight of an entry.
-    float2* row_xl = reinterpret_cast<float2*>(sm.extra);  // (kStages, 64)
+    float2* row_xl = reinterpret_cast<float2*>(sm.extra);  // (Sh::kStages, SR)
 
     // The block's entries (only the scored ones: pass 2 scores what the selection ranks).
     StageEntries<Sh, Sh::kARows>(sm.a_tile, e, col0, e.scored - col0, d);
     const int ea = col0 + warp * 16 + g, eb = ea + 8;
     constexpr ShortStage kShort = KS <= 4 ? ShortStage::kFirst : ShortStage::kLast;
-    const StageSpans<kShort, kStageRows> spans(begin, end);
+    const StageSpans<kShort, SR> spans(begin, end);
     const int ntiles = spans.ntiles;
     auto stage = [&](int it) {
       if (it < ntiles) {
-        const int r0 = spans.Begin(it), valid = spans.Count(it), buf = it % kStages;
-        StageQueries<Sh, kStageRows>(sm.Tile(buf), qh, r0, valid, d);
-        if (t < 2 * kStageRows) {  // component t % 2 (x, L) of row t / 2; past the end: 0
+        const int r0 = spans.Begin(it), valid = spans.Count(it), buf = it % Sh::kStages;
+        StageQueries<Sh, SR>(sm.Tile(buf), qh, r0, valid, d);
+        if (t < 2 * SR) {  // component t % 2 (x, L) of row t / 2; past the end: 0
           const int r = t / 2;
           const bool ok = r < valid;
           const float* src = ok ? &info[r0 + r].x + (t % 2 == 0 ? 0 : 3) : &info->x;
-          CpAsync4(SmemAddr(row_xl + buf * kStageRows) + 4 * t, src, ok ? 4 : 0);
+          CpAsync4(SmemAddr(row_xl + buf * SR) + 4 * t, src, ok ? 4 : 0);
         }
       }
     };
     float col[2] = {0.f, 0.f};  // entries g and g + 8 of the warp's 16
-    auto epi = [&](int buf, const float(&acc)[32], auto short_tag) {
-      if (decltype(short_tag)::value && spans.short_n < kStageRows) {
-        ColumnUpdate<true>(acc, row_xl + buf * kStageRows, tq, spans.short_n, col);
+    auto epi = [&](int buf, const auto& acc, auto short_tag) {
+      if (decltype(short_tag)::value && spans.short_n < SR) {
+        ColumnUpdate<true>(acc, row_xl + buf * SR, tq, spans.short_n, col);
       } else {
-        ColumnUpdate<false>(acc, row_xl + buf * kStageRows, tq, kStageRows, col);
+        ColumnUpdate<false>(acc, row_xl + buf * SR, tq, SR, col);
       }
     };
-    StageLoop<Sh, kShort, /*kRS=*/true>(sm, ntiles, [] {}, stage, epi);
+    StageLoop<Sh, kShort>(sm, ntiles, [] {}, stage, epi);
     FinishColumn(s, e, w, piece, splits, ea, tq, col[0]);
     FinishColumn(s, e, w, piece, splits, eb, tq, col[1]);
   }
