@@ -19,10 +19,16 @@ constexpr int kNt = kPrefillKeys / 8;                       // 8-key n tiles per
 static_assert(kMt == 2, "the rescale vote below names both m tiles");
 
 // One block per segment: tok_rows[s][...] = pool rows of the valid slots, tok_count[s] = total.
-// A chunk of kCompactThreads pages per step (the next chunk's list entries load meanwhile).
+// A chunk of kCompactThreads pages per step (the next chunk's list entries load meanwhile): a
+// block scan gives each page its first slot, then each warp writes whole pages, a page's rows
+// by consecutive lanes, so every store is contiguous (a thread writing its own page's rows made
+// each warp store touch 32 scattered words).
 __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelParams p) {
   constexpr int kWarps = kCompactThreads / 32;
   __shared__ int warp_sums[kWarps];
+  __shared__ int page_start[kCompactThreads];  // the chunk's pages: first slot, chunk-relative
+  __shared__ int page_count[kCompactThreads];  // valid slots
+  __shared__ uint32_t page_row[kCompactThreads];
   GridDependencyTrigger();  // the prefill kernel may start loading its Q tile now
   const int seg = blockIdx.x;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -65,10 +71,18 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelPar
       before += w < warp ? ws : 0;
       total += ws;
     }
-    const int start = base + before + incl - valid;
-    for (int t = 0; t < valid; ++t) dst[start + t] = row + t;
+    page_start[tid] = before + incl - valid;
+    page_count[tid] = valid;
+    page_row[tid] = row;
+    __syncthreads();
+    const int pages = min(kCompactThreads, count - c0);
+    for (int k = warp; k < pages; k += kWarps) {
+      const int start = base + page_start[k], n = page_count[k];
+      const uint32_t r = page_row[k];
+      for (int t = lane; t < n; t += 32) dst[start + t] = r + t;
+    }
     base += total;
-    __syncthreads();  // warp_sums is rewritten by the next chunk
+    __syncthreads();  // warp_sums and the page arrays are rewritten by the next chunk
   }
   if (tid == 0) p.tok_count[seg] = base;
 }

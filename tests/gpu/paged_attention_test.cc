@@ -457,6 +457,10 @@ TEST(PagedAttentionTest, PrefillSplits) {
     spec.segments = {{300, 700}, {150, 40}, {50, 0}};
     CheckCase(spec, "prefill long lists (splits)");
   }
+  // Over 1,024 pages in a segment: the pre-pass compacts the list in chunks of 1,024 pages.
+  CaseSpec spec;
+  spec.segments = {{40, 2100}, {33, 1025}};
+  CheckCase(spec, "prefill lists over 1,024 pages");
 }
 
 TEST(PagedAttentionTest, Prefill4096Rows) {
