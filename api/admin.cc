@@ -199,7 +199,8 @@ Status StoreImpl::Verify(const std::string& name, const ProgressFn& progress,
     if (h.version != r.version || h.layers != static_cast<uint32_t>(r.layers) ||
         h.kv_heads != static_cast<uint32_t>(r.kv_heads) ||
         h.tokens != static_cast<uint32_t>(r.tokens) ||
-        h.head_dim != static_cast<uint32_t>(r.head_dim) || h.dtype != r.dtype ||
+        h.head_dim != static_cast<uint32_t>(r.head_dim) ||
+        h.page_tokens != static_cast<uint32_t>(r.page_tokens) || h.dtype != r.dtype ||
         h.num_pages != r.layer_first_page.back()) {
       problem(ctx + ": segment header disagrees with the catalog record");
     }

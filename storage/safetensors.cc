@@ -27,7 +27,13 @@ static_assert(std::endian::native == std::endian::little,
               "safetensors bytes are little-endian; a big-endian host would need byte swaps");
 
 constexpr size_t kHeaderLengthBytes = 8;            // the u64 before the JSON header
-constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // 100 MiB; real headers are kilobytes
+// Real headers are kilobytes; a file at the import's 65,535-layer limit with k, v and q tensors
+// has one of about 20 MB. The parsed header takes up to about 30 times its size in memory (a map
+// node and strings per key), so the limit bounds what a hostile file can make the reader hold.
+constexpr uint64_t kMaxHeaderBytes = 32ull << 20;
+constexpr size_t kMaxNameBytes = 1024;  // of a tensor name
+constexpr size_t kMaxRank = 64;         // dims of a shape (numpy's own limit)
+constexpr size_t kMaxKeysListed = 6;    // of an entry, in an error
 constexpr size_t kHeaderAlignment = 8;              // the writer pads the header to this
 // The format nests 3 deep (header > tensor entry > shape); deeper (within reason) is left to the
 // per-field checks so their errors name the tensor.
@@ -242,6 +248,10 @@ Status ParseMetadata(const Json& v, std::map<std::string, std::string>* out) {
 
 Status ParseShape(const std::string& name, const Json& v, std::vector<int64_t>* shape) {
   if (!v.is_array()) return TensorError(name, "shape " + Quote(v) + " is not an array");
+  if (v.size() > kMaxRank) {
+    return TensorError(name, "shape has " + std::to_string(v.size()) + " dims, more than " +
+                                 std::to_string(kMaxRank));
+  }
   for (size_t i = 0; i < v.size(); ++i) {
     const Json& d = v[i];
     // Non-negative integers parse as unsigned; negatives as signed; 2.0 and 2.5 as floats.
@@ -271,13 +281,25 @@ Status ParseTensor(const std::string& name, const Json& entry, uint64_t data_siz
                    TensorInfo* info) {
   info->name = name;
   if (name.empty()) return Status::InvalidArgument("a tensor has an empty name");
+  if (name.size() > kMaxNameBytes) {
+    return Status::InvalidArgument("tensor name " + Quote(Json(name)) + " has " +
+                                   std::to_string(name.size()) + " bytes, more than " +
+                                   std::to_string(kMaxNameBytes));
+  }
   if (!entry.is_object()) {
     return TensorError(name, "entry is " + TypeWithArticle(entry) + ", not an object");
   }
   if (entry.size() != 3 || !entry.contains("dtype") || !entry.contains("shape") ||
       !entry.contains("data_offsets")) {
     std::string keys;
-    for (const auto& [key, value] : entry.items()) keys += (keys.empty() ? "" : ", ") + key;
+    size_t listed = 0;
+    for (const auto& [key, value] : entry.items()) {
+      if (listed++ == kMaxKeysListed) {
+        keys += ", ... (" + std::to_string(entry.size()) + " keys)";
+        break;
+      }
+      keys += (keys.empty() ? "" : ", ") + Quote(Json(key));
+    }
     return TensorError(
         name, "entry must have exactly the keys dtype, shape, data_offsets; has {" + keys + "}");
   }

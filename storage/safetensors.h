@@ -45,10 +45,11 @@ class SafetensorsFile {
  public:
   // Maps and validates `path`. NotFound if it does not exist, IOError if the OS refuses,
   // InvalidArgument if the bytes are not a well-formed safetensors file with supported dtypes:
-  //   - shorter than 8 bytes, or a header length past the end of the file or above 100 MiB;
+  //   - shorter than 8 bytes, or a header length past the end of the file or above 32 MiB;
   //   - a header that is not a JSON object (bad UTF-8, trailing garbage, duplicate keys);
+  //   - a tensor name over 1,024 bytes;
   //   - an entry that is not an object with exactly "dtype", "shape" and "data_offsets";
-  //   - a dtype other than F32/F16/BF16; a dim that is not a non-negative integer;
+  //   - a dtype other than F32/F16/BF16; a dim that is not a non-negative integer; over 64 dims;
   //   - data_offsets that are not 2 non-decreasing integers, that hold a byte count other than
   //     num_elements * element size, that end past the data section, or that overlap another
   //     tensor's bytes;

@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "storage/file_util.h"
@@ -15,6 +16,21 @@ namespace {
 constexpr char kMagic[8] = {'S', 'Q', 'K', 'V', 'S', 'E', 'G', '1'};
 constexpr uint32_t kFormatVersion = 1;
 constexpr size_t kWriteChunk = 8u << 20;  // flush the write buffer at 8 MiB
+
+// What a page of the header's shape takes: K then V, page_tokens rows of head_dim each.
+uint64_t PageBytesOf(const SegmentHeader& h) {
+  return 2ull * h.page_tokens * h.head_dim * DTypeSize(h.dtype);
+}
+
+// The file size the header implies; nullopt when it does not fit 64 bits.
+std::optional<uint64_t> ExpectedFileSize(const SegmentHeader& h) {
+  uint64_t pages_bytes = 0, total = 0;
+  if (__builtin_mul_overflow(h.num_pages, h.page_bytes, &pages_bytes) ||
+      __builtin_add_overflow(pages_bytes, uint64_t{kSegmentHeaderBytes}, &total)) {
+    return std::nullopt;
+  }
+  return total;
+}
 
 // Field offsets inside the header block.
 struct Writer {
@@ -112,6 +128,14 @@ Status DecodeSegmentHeader(const uint8_t* in, SegmentHeader* h) {
   h->dtype = static_cast<DType>(dtype);
   h->page_bytes = r.Get<uint64_t>();
   h->num_pages = r.Get<uint64_t>();
+  // A checksummed header can still be wrong (written by another tool, or damaged before its
+  // checksum was taken): everything sized by page_bytes trusts it.
+  if (h->page_tokens == 0 || h->head_dim == 0 || h->page_bytes != PageBytesOf(*h)) {
+    return Status::Corruption("segment header: page_bytes " + std::to_string(h->page_bytes) +
+                              " does not match page_tokens " + std::to_string(h->page_tokens) +
+                              ", head_dim " + std::to_string(h->head_dim) + " and " +
+                              DTypeName(h->dtype));
+  }
   return Status::Ok();
 }
 
@@ -124,7 +148,10 @@ SegmentWriter::SegmentWriter(std::string path, const SegmentHeader& header, int 
 
 Status SegmentWriter::Create(const std::string& path, const SegmentHeader& header,
                              std::unique_ptr<SegmentWriter>* out) {
-  if (header.page_bytes == 0) return Status::InvalidArgument("segment page_bytes is 0");
+  if (header.page_tokens == 0 || header.head_dim == 0 || header.page_bytes != PageBytesOf(header)) {
+    return Status::InvalidArgument("segment page_bytes " + std::to_string(header.page_bytes) +
+                                   " does not match its page shape");
+  }
   const std::string tmp = path + ".tmp";
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return ErrnoStatus("create", tmp, errno);
@@ -182,12 +209,16 @@ Status SegmentReader::Open(const std::string& path, std::unique_ptr<SegmentReade
   if (s.ok()) s = DecodeSegmentHeader(block.data(), &h);
   if (s.ok()) {
     auto size = FileSize(path);
+    const std::optional<uint64_t> expected = ExpectedFileSize(h);
     if (!size.ok()) {
       s = size.status();
-    } else if (*size != kSegmentHeaderBytes + h.num_pages * h.page_bytes) {
+    } else if (!expected) {
+      s = Status::Corruption("segment " + path + ": header says " + std::to_string(h.num_pages) +
+                             " pages of " + std::to_string(h.page_bytes) +
+                             " bytes, more than a file can hold");
+    } else if (*size != *expected) {
       s = Status::Corruption("segment " + path + " has " + std::to_string(*size) +
-                             " bytes, header says " +
-                             std::to_string(kSegmentHeaderBytes + h.num_pages * h.page_bytes));
+                             " bytes, header says " + std::to_string(*expected));
     }
   }
   if (!s.ok()) {

@@ -306,6 +306,26 @@ TEST(SafetensorsFile, RejectsEveryMalformedHeaderNamingTheTensor) {
        R"({"k.1":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":1}})",
        8,
        {"tensor k.1", "exactly"}},
+      {"many extra keys (the error lists a few)",
+       [] {
+         std::string h = R"({"k.1":{"dtype":"F32","shape":[2],"data_offsets":[0,8])";
+         for (int i = 0; i < 5000; ++i) h += ",\"x" + std::to_string(i) + "\":1";
+         return h + "}}";
+       }(),
+       8,
+       {"tensor k.1", "exactly", "... (5003 keys)"}},
+      {"name too long",
+       "{\"" + std::string(1025, 'n') + "\":" + good + "}",
+       8,
+       {"has 1025 bytes, more than 1024"}},
+      {"rank too high",
+       [] {
+         std::string dims = "[1";
+         for (int i = 1; i < 65; ++i) dims += ",1";
+         return R"({"k.1":)" + Entry(R"("F32")", dims + "]", "[0,4]") + "}";
+       }(),
+       4,
+       {"tensor k.1", "shape has 65 dims, more than 64"}},
       {"I64",
        R"({"k.1":)" + Entry(R"("I64")", "[1]", "[0,8]") + "}",
        8,
@@ -437,7 +457,7 @@ TEST(SafetensorsFile, RejectsShortFilesAndAbsurdHeaderLengths) {
   }
   const std::string body = R"({"k":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
   const std::string data(4, '\0');
-  for (uint64_t len : {~uint64_t{0}, uint64_t{1} << 63, (uint64_t{100} << 20) + 1}) {
+  for (uint64_t len : {~uint64_t{0}, uint64_t{1} << 63, (uint64_t{32} << 20) + 1}) {
     SCOPED_TRACE(len);
     WriteBytes(path, LengthPrefix(len) + body + data);
     ExpectInvalid(SafetensorsFile::Open(path), path, {"exceeds the limit"});

@@ -136,5 +136,56 @@ TEST(Segment, DamagedHeaderOrLengthIsCorruption) {
   EXPECT_TRUE(SegmentReader::Open(dir.file("missing.seg"), &r).IsNotFound());
 }
 
+// Headers with a valid checksum but impossible sizes: a page size that does not match the page
+// shape, and a page count whose bytes overflow 64 bits (which wrapped to a plausible file size and
+// passed the length check, then sized buffers by the bogus page size).
+TEST(Segment, ImpossibleHeaderSizesAreCorruption) {
+  testing::ScratchDir dir;
+  const SegmentHeader good = Header();
+  const std::string path = dir.file("h.seg");
+  std::vector<uint8_t> pages(6 * good.page_bytes, 5);
+  uint64_t sums[6];
+  {
+    std::unique_ptr<SegmentWriter> w;
+    ASSERT_TRUE(SegmentWriter::Create(path, good, &w).ok());
+    ASSERT_TRUE(w->AppendPages(pages.data(), 6, sums).ok());
+    ASSERT_TRUE(w->Finish().ok());
+  }
+  auto rewrite = [&](const SegmentHeader& h) {
+    std::vector<uint8_t> block(kSegmentHeaderBytes);
+    EncodeSegmentHeader(h, block.data());
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.write(reinterpret_cast<const char*>(block.data()), static_cast<std::streamsize>(block.size()));
+  };
+  std::unique_ptr<SegmentReader> r;
+  SegmentHeader h = good;
+  h.num_pages = 6;
+  rewrite(h);
+  ASSERT_TRUE(SegmentReader::Open(path, &r).ok());  // the rewrite itself is sound
+  r.reset();
+
+  // 6 * (2^63 + 512) wraps to 3,072 = 6 pages of 512 bytes, but 512 is not this shape's page.
+  h.page_bytes = (uint64_t{1} << 63) + 512;
+  rewrite(h);
+  Status s = SegmentReader::Open(path, &r);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("does not match page_tokens 16, head_dim 64"), std::string::npos)
+      << s.ToString();
+
+  // The right page size, with a page count whose bytes overflow.
+  h.page_bytes = good.page_bytes;
+  h.num_pages = (uint64_t{1} << 62) + 6;
+  rewrite(h);
+  s = SegmentReader::Open(path, &r);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("more than a file can hold"), std::string::npos) << s.ToString();
+
+  // A writer refuses a header whose page size does not match its shape.
+  SegmentHeader bad = good;
+  bad.page_bytes = 512;
+  std::unique_ptr<SegmentWriter> w;
+  EXPECT_TRUE(SegmentWriter::Create(dir.file("w.seg"), bad, &w).IsInvalidArgument());
+}
+
 }  // namespace
 }  // namespace sqkv
