@@ -127,8 +127,10 @@ void WriteCalibrate(const CalibrateCall& c, wire::CalibrateCall::Builder b) {
 
 Status ReadImportBegin(wire::ImportBegin::Reader r, ImportBeginCall* out) {
   SQKV_RETURN_IF_ERROR(ReadText(r.getName(), kMaxNameBytes, "import name", &out->name));
+  // The server keeps the upload under this name: at most a file name's NAME_MAX (255) bytes,
+  // else creating it fails as a server I/O error.
   SQKV_RETURN_IF_ERROR(
-      ReadText(r.getFileName(), kMaxNameBytes, "import file name", &out->file_name));
+      ReadText(r.getFileName(), kMaxFileNameBytes, "import file name", &out->file_name));
   if (out->file_name.find('/') != std::string::npos || out->file_name == "." ||
       out->file_name == ".." || out->file_name.find('\0') != std::string::npos) {
     return Status::InvalidArgument("import file name must be a plain base name");

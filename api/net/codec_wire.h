@@ -16,6 +16,7 @@ namespace sqkv::net::wire_io {
 
 // Longest text fields we accept: names (the store allows 128), tokens, descriptions, messages.
 inline constexpr size_t kMaxNameBytes = 1024;
+inline constexpr size_t kMaxFileNameBytes = 255;  // an upload's file name (NAME_MAX)
 inline constexpr size_t kMaxTokenBytes = 4096;
 inline constexpr size_t kMaxMessageText = 64 * 1024;
 // Longest lists a request may carry: layers of calibration queries (models have a few hundred at

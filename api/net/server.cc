@@ -8,6 +8,8 @@
 #include <csignal>
 #include <filesystem>
 
+#include <sys/resource.h>
+
 #include "api/net/client.h"
 #include "api/net/server_impl.h"
 
@@ -16,6 +18,22 @@ namespace {
 
 // After a failed accept (e.g. out of file descriptors), wait this long before the next one.
 constexpr auto kAcceptBackoff = std::chrono::milliseconds(50);
+// A failing accept (say EMFILE) is logged at most this often, with the count of the ones between.
+constexpr auto kAcceptLogInterval = std::chrono::seconds(10);
+// Descriptors left to the store and the uploads when max_connections is fitted to the process's
+// descriptor limit: this many, or a quarter of the limit if that is more.
+constexpr rlim_t kFdReserve = 64;
+
+// max_connections, lowered so that open connections cannot use up the descriptors the store and
+// uploads need (a connection holds one; at the limit accept and the store's opens fail alike).
+int ConnectionsTheFdLimitAllows(int wanted, rlim_t* limit) {
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return wanted;
+  *limit = rl.rlim_cur;
+  const rlim_t reserve = std::max(kFdReserve, rl.rlim_cur / 4);
+  if (rl.rlim_cur <= reserve) return 1;
+  return static_cast<int>(std::min<rlim_t>(static_cast<rlim_t>(wanted), rl.rlim_cur - reserve));
+}
 // Upload directories the server creates are "up-<id>"; only those are removed at start.
 constexpr std::string_view kUploadPrefix = "up-";
 
@@ -123,6 +141,14 @@ Status ServerImpl::PrepareUploadDir() {
 }
 
 Status ServerImpl::Start() {
+  rlim_t fd_limit = 0;
+  const int fitted = ConnectionsTheFdLimitAllows(options_.max_connections, &fd_limit);
+  if (fitted < options_.max_connections) {
+    Log("max_connections lowered from " + std::to_string(options_.max_connections) + " to " +
+        std::to_string(fitted) + ": the process may open " + std::to_string(fd_limit) +
+        " descriptors (ulimit -n)");
+    options_.max_connections = fitted;
+  }
   SQKV_RETURN_IF_ERROR(PrepareUploadDir());
   SQKV_RETURN_IF_ERROR(Bind(options_.listen, &acceptor_, &address_));
   if (!options_.metrics_listen.empty()) {
@@ -147,12 +173,23 @@ Status ServerImpl::Start() {
 
 asio::awaitable<void> ServerImpl::AcceptLoop() {
   asio::steady_timer backoff(control_);
+  std::chrono::steady_clock::time_point logged{};
+  uint64_t unlogged = 0;  // failed accepts since the last line
   while (!stopping()) {
     auto [ec, socket] =
         co_await acceptor_.async_accept(NextIo(), asio::as_tuple(asio::use_awaitable));
     if (stopping()) break;
     if (ec) {
-      Log("accept: " + ec.message());
+      const auto now = std::chrono::steady_clock::now();
+      if (logged == std::chrono::steady_clock::time_point{} || now - logged >= kAcceptLogInterval) {
+        Log("accept: " + ec.message() +
+            (unlogged > 0 ? " (and " + std::to_string(unlogged) + " more since the last line)"
+                          : ""));
+        logged = now;
+        unlogged = 0;
+      } else {
+        ++unlogged;
+      }
       backoff.expires_after(kAcceptBackoff);
       co_await backoff.async_wait(asio::as_tuple(asio::use_awaitable));
       continue;

@@ -389,6 +389,17 @@ TEST(CodecTest, InconsistentShapesAndNamesAreRejected) {
   b.file_name = "../../etc/passwd";
   ASSERT_TRUE(EncodeRequest(Request{1, 0, b}, &frame).ok());
   EXPECT_TRUE(DecodeRequest(frame.data(), frame.size(), Limits(), &out).IsInvalidArgument());
+  // The server keeps the upload under the file name: one over NAME_MAX is the client's error
+  // (it was a server I/O error naming the server's upload path).
+  b.file_name = std::string(255, 'a');
+  ASSERT_TRUE(EncodeRequest(Request{1, 0, b}, &frame).ok());
+  EXPECT_TRUE(DecodeRequest(frame.data(), frame.size(), Limits(), &out).ok());
+  b.file_name = std::string(256, 'a');
+  ASSERT_TRUE(EncodeRequest(Request{1, 0, b}, &frame).ok());
+  const Status s = DecodeRequest(frame.data(), frame.size(), Limits(), &out);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("import file name is longer than 255 bytes"), std::string::npos)
+      << s.ToString();
 }
 
 TEST(CodecTest, LongRequestListsAreRefusedBeforeAllocating) {

@@ -2,6 +2,8 @@
 // what the embedded call gives (bit for bit), from 64 connections at once too; deadlines; a
 // graceful stop answers the request in flight; metrics; idle connections.
 #include <gtest/gtest.h>
+#include <mutex>
+#include <sys/resource.h>
 
 #include <atomic>
 #include <cstring>
@@ -246,6 +248,40 @@ TEST(ServerTest, ImportUploadsInChunksAndReportsProgress) {
     ++leftovers;
   }
   EXPECT_EQ(leftovers, 0u);
+}
+
+// max_connections is fitted to the process's descriptor limit (a quarter of it, at least 64,
+// left to the store and uploads), so connections cannot use up the descriptors the store needs:
+// under `ulimit -n 256` the default 4,096 let idle sockets make every accept and the store's own
+// opens fail with EMFILE. The limit is lowered for the test and restored after.
+TEST(ServerTest, MaxConnectionsFitsTheDescriptorLimit) {
+  rlimit saved{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &saved), 0);
+  if (saved.rlim_cur != RLIM_INFINITY && saved.rlim_cur < 512) GTEST_SKIP() << "limit below 512";
+  rlimit low = saved;
+  low.rlim_cur = 512;
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &low), 0);
+  std::vector<std::string> lines;
+  std::mutex mu;
+  ServerOptions options;
+  options.log = [&](const std::string& line) {
+    std::lock_guard<std::mutex> lock(mu);
+    lines.push_back(line);
+  };
+  {
+    LiveServer live(options);
+    auto remote = live.Connect();
+    std::vector<ContextInfo> all;
+    EXPECT_TRUE(remote->List(&all).ok());
+  }
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &saved), 0);
+  std::lock_guard<std::mutex> lock(mu);
+  bool fitted = false;
+  for (const std::string& l : lines) {
+    fitted = fitted || l.find("max_connections lowered from 4096 to 384: the process may open 512 "
+                              "descriptors") != std::string::npos;
+  }
+  EXPECT_TRUE(fitted) << "no line says so; first line: " << (lines.empty() ? "" : lines[0]);
 }
 
 // An import stops on the server, publishing nothing, when its remote client cancels it
