@@ -217,12 +217,27 @@ class Client:
         answered = False  # the call's last frame was read: the stream is at a frame boundary
         try:
             self._arm(give_up)
-            self._sock.sendall(req.to_bytes())
+            try:
+                self._sock.sendall(req.to_bytes())
+            except OSError as e:
+                # The server may have answered before reading the whole request (a message over
+                # its limit, a busy server) and closed: its answer says why, the broken pipe not.
+                early = self._early_answer()
+                if early is not None:
+                    raise early from e
+                raise
             while True:
                 frame = self._read_frame(give_up)
                 limit = 2 * len(frame) // _WORD + 64
                 with self._schema.Response.from_bytes(
                         frame, traversal_limit_in_words=limit, nesting_limit=16) as resp:
+                    if resp.id == 0 and resp.status.code != "ok":
+                        # The server could not decode or accept the request and says why; it
+                        # may close the connection after this answer.
+                        answered = True
+                        err = Error(str(resp.status.code), resp.status.message)
+                        self.close()
+                        raise err
                     if resp.id != req.id:
                         raise Error("internal", f"answer to request {resp.id}, not {req.id}")
                     if resp.status.code != "ok":
@@ -249,6 +264,23 @@ class Client:
             if not answered:
                 self.close()
             raise
+
+    def _early_answer(self) -> Optional["Error"]:
+        """After a failed send: the error answer the server sent before it closed, if one can be
+        read at once (half a second at most); None otherwise. Closes the client either way."""
+        err = None
+        try:
+            self._sock.settimeout(0.5)
+            frame = self._read_frame(time.monotonic() + 0.5)
+            limit = 2 * len(frame) // _WORD + 64
+            with self._schema.Response.from_bytes(
+                    frame, traversal_limit_in_words=limit, nesting_limit=16) as resp:
+                if resp.status.code != "ok":
+                    err = Error(str(resp.status.code), resp.status.message)
+        except (OSError, capnp.KjException, Error):
+            pass
+        self.close()
+        return err
 
     # ---- calls ----
 

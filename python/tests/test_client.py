@@ -154,6 +154,29 @@ def test_errors_carry_the_store_code(server, synth):
         assert [x["name"] for x in c.list()] == ["doc"]
 
 
+def test_refused_messages_carry_the_servers_reason(sqkv_bin, tmp_path, synth):
+    """A request over the server's message limit is refused before it is read (an answer with
+    id 0, then the connection closes): the client raises the server's reason, whether its send
+    completed (a message that fits the socket buffers) or broke off (a large one). It raised
+    "answer to request 0" or "Broken pipe" before."""
+    ctx, _ = synth
+    s = Server(sqkv_bin, str(tmp_path / "data"), ["--max-message-mib", "1"])
+    try:
+        with Client(s.address) as c:
+            c.import_file("doc", ctx)
+        for n in (1100, 40000):  # 1.1 MB and 41 MB of q
+            q = np.zeros((4, n, 64), dtype=np.float32)
+            with Client(s.address) as c:
+                with pytest.raises(Error) as e:
+                    c.query("doc", layer=0, q=q)
+            assert e.value.code == "invalidArgument", (n, e.value)
+            assert "exceeds the limit" in str(e.value), (n, e.value)
+        with Client(s.address) as c:  # the server is fine
+            assert [x["name"] for x in c.list()] == ["doc"]
+    finally:
+        assert s.stop() == 0
+
+
 def test_token(sqkv_bin, tmp_path):
     token = tmp_path / "token"
     token.write_text("py-secret\n")
