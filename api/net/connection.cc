@@ -66,6 +66,16 @@ class AsioConnection final : public Connection {
           socket_, asio::buffer(out_.data(), out_.size() * kWordBytes), as_tuple(use_awaitable));
       if (wec) {
         result = Lost("sending", wec);
+        // The server may have refused the request before reading all of it (a message over its
+        // limit, a busy server) and closed: its answer, if it came, says why.
+        if (wec == asio::error::broken_pipe || wec == asio::error::connection_reset) {
+          const Status read = co_await ReadFrame();
+          Response refused;
+          if (read.ok() && DecodeResponse(in_.data(), in_.size(), limits_, &refused).ok() &&
+              !refused.status.ok() && (refused.id == 0 || refused.id == request.id)) {
+            result = refused.status;
+          }
+        }
         co_return;
       }
       for (;;) {

@@ -250,6 +250,36 @@ TEST(ServerTest, ImportUploadsInChunksAndReportsProgress) {
   EXPECT_EQ(leftovers, 0u);
 }
 
+// A request over the server's message limit is refused before it is read (an answer with id 0,
+// then the connection closes). The remote store reports that answer, whether its send completed
+// or broke off: a 41 MB query against a 1 MiB limit broke off, and the caller heard only
+// "connection lost sending (Broken pipe)".
+TEST(ServerTest, RefusedMessagesCarryTheServersReason) {
+  ServerOptions options;
+  options.max_message_bytes = uint64_t{1} << 20;
+  options.chunk_bytes = 512 << 10;
+  LiveServer live(options);
+  const std::string path = live.dir() + "/c.safetensors";
+  const SyntheticOptions ctx = SmallContext(FreshSeed());
+  ASSERT_TRUE(WriteSyntheticContext(ctx, path, nullptr).ok());
+  ASSERT_TRUE(live.store()->Import("c", path, ImportOptions(), nullptr).ok());
+  for (int n : {600, 20000}) {  // 1.2 MB and 41 MB of q
+    SCOPED_TRACE(n);
+    auto remote = live.Connect();
+    std::vector<float> q(static_cast<size_t>(ctx.q_heads) * n * ctx.head_dim, 0.f);
+    QueryResult r;
+    const Status s = remote->Query("c", 0, q.data(), ctx.q_heads, n, ctx.head_dim, QueryOptions(),
+                                   &r);
+    EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+    EXPECT_NE(s.message().find("exceeds the limit of 1048576"), std::string::npos)
+        << s.ToString();
+  }
+  auto remote = live.Connect();  // the server is fine
+  std::vector<ContextInfo> all;
+  EXPECT_TRUE(remote->List(&all).ok());
+  EXPECT_EQ(all.size(), 1u);
+}
+
 // max_connections is fitted to the process's descriptor limit (a quarter of it, at least 64,
 // left to the store and uploads), so connections cannot use up the descriptors the store needs:
 // under `ulimit -n 256` the default 4,096 let idle sockets make every accept and the store's own
