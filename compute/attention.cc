@@ -25,11 +25,16 @@ constexpr int kGemmMinRows = 32;
 // Keys gathered per tile (from consecutive pages).
 constexpr int kTileKeys = 512;
 
-// The same online softmax as the loop below, one tile of keys at a time:
-//   S = scale · Q Kᵀ (sgemm), running max and sum per row, O = O·corr + P V (sgemm).
-void AttendPagesTiled(const float* q, int rows, int head_dim, float scale, DType dtype,
-                      int page_tokens, const PageRef* pages, int num_pages, float* out,
-                      float* lse) {
+// Query rows per pass of AttendPagesTiled: its score scratch is this many rows by a key tile
+// (0.5 MiB), whatever the query's size (over all rows at once it was 8 times the query's own size
+// at head_dim 64). Each pass converts the pages again, 1/512 of its products' work.
+constexpr int kTileRows = 256;
+
+// The same online softmax as the loop below, one tile of keys at a time, for at most kTileRows
+// rows:  S = scale · Q Kᵀ (sgemm), running max and sum per row, O = O·corr + P V (sgemm).
+void AttendPagesTiledRows(const float* q, int rows, int head_dim, float scale, DType dtype,
+                          int page_tokens, const PageRef* pages, int num_pages, float* out,
+                          float* lse) {
   const size_t d = static_cast<size_t>(head_dim);
   const size_t block_bytes = static_cast<size_t>(page_tokens) * d * DTypeSize(dtype);
   std::vector<float> k(static_cast<size_t>(kTileKeys + page_tokens) * d);
@@ -78,6 +83,16 @@ void AttendPagesTiled(const float* q, int rows, int head_dim, float scale, DType
     const float inv = 1.f / l[r];
     for (size_t c = 0; c < d; ++c) out[r * d + c] *= inv;
     lse[r] = m[r] + std::log(l[r]);
+  }
+}
+
+void AttendPagesTiled(const float* q, int rows, int head_dim, float scale, DType dtype,
+                      int page_tokens, const PageRef* pages, int num_pages, float* out,
+                      float* lse) {
+  const size_t d = static_cast<size_t>(head_dim);
+  for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+    AttendPagesTiledRows(q + r0 * d, std::min(kTileRows, rows - r0), head_dim, scale, dtype,
+                         page_tokens, pages, num_pages, out + r0 * d, lse + r0);
   }
 }
 
