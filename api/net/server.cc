@@ -274,7 +274,7 @@ void ServerImpl::Shutdown() {
     if (!state) continue;
     auto ex = state->socket.get_executor();
     asio::post(ex, [state] {
-      if (state->busy) return;  // it stops after answering its request
+      if (state->busy && !state->reading) return;  // it stops after answering its request
       boost::system::error_code ignored;
       state->socket.close(ignored);
     });

@@ -41,6 +41,9 @@ struct SessionState {
   // True from a request's first byte to its answer's last: Shutdown() leaves such a connection
   // to finish, and closes idle ones.
   bool busy = false;
+  // True while a request's frame is still arriving: nothing has been dispatched, so Shutdown()
+  // closes such a connection too (a client that stalled mid-frame held the stop for io_timeout).
+  bool reading = false;
 };
 
 class ServerImpl final : public Server {

@@ -96,7 +96,9 @@ class Session {
       Request request;
       Status decoded;
       bool framing_ok = false;
-      if (!co_await ReadFrame(&decoded, &framing_ok)) co_return;  // closed, timed out, stopped
+      const bool read = co_await ReadFrame(&decoded, &framing_ok);
+      st_->reading = false;
+      if (!read) co_return;  // closed, timed out, stopped
       const auto started = Clock::now();
       if (decoded.ok() && !authenticated_) {
         // Before hello only hello is decoded: another call is refused on its id alone.
@@ -149,6 +151,7 @@ class Session {
                                              as_tuple(use_awaitable));
     if (ec) co_return false;
     st_->busy = true;
+    st_->reading = true;  // until Serve has the whole frame (or gives up on it)
     SetDeadline(*st_, After(server_->options().io_timeout_ms));
     server_->metrics().bytes_received.fetch_add(n);
     auto table = FrameTableBytes(frame_.get(), server_->limits());

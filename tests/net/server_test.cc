@@ -545,14 +545,19 @@ TEST(ServerTest, ShutdownAnswersTheRequestInFlightThenStops) {
   ServerOptions options;
   options.upload_dir = dir.file("uploads");
   LiveServer live(&slow, options);
-  RawSocket busy(live.address()), idle(live.address());
-  ASSERT_TRUE(busy.ok() && idle.ok());
+  RawSocket busy(live.address()), idle(live.address()), stalled(live.address());
+  ASSERT_TRUE(busy.ok() && idle.ok() && stalled.ok());
   QueryCall call;
   call.name = "doc";
   call.q_heads = ctx.q_heads;
   call.n = ctx.n;
   call.head_dim = ctx.head_dim;
   call.q = q;
+  // A client that stalls after its frame's first word: nothing of its request runs yet, so the
+  // stop does not wait for it (it waited for the 30 s io timeout).
+  std::vector<uint64_t> frame;
+  ASSERT_TRUE(EncodeRequest(Request{7, 0, call}, &frame).ok());
+  ASSERT_TRUE(stalled.Send(frame.data(), kWordBytes));
   ASSERT_TRUE(busy.SendRequest(Request{1, 0, call}));
   for (int i = 0; i < 1000 && slow.entered() == 0; ++i) {  // bounded: 10 s
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -564,6 +569,7 @@ TEST(ServerTest, ShutdownAnswersTheRequestInFlightThenStops) {
   EXPECT_TRUE(r.status.ok()) << r.status.ToString();
   EXPECT_TRUE(busy.ClosedByPeer());
   EXPECT_TRUE(idle.ClosedByPeer());
+  EXPECT_TRUE(stalled.ClosedByPeer(std::chrono::seconds(5)));
   live.Stop();  // Wait() returns
   RawSocket late(live.address());
   EXPECT_FALSE(late.ok());
