@@ -180,25 +180,38 @@ class Session {
           std::to_string(kMaxUnauthenticatedFrameBytes) + "); send hello with the token first");
       co_return true;  // answered unread, then closed (framing_ok stays false)
     }
-    if (*total > kLargeFrameBytes) {
-      if (!server_->ReserveFrameBytes(*total)) {
-        *status = Status::Unavailable("server busy: too many large messages in flight");
-        co_return true;  // answered, then closed (framing_ok stays false)
-      }
-      reserved_ = *total;
-    }
     EnsureBuffer(*total / kWordBytes);
-    if (*total > *table) {
+    // A large message holds the budget for what has arrived and the step being read, not for what
+    // it announces: four clients that each announced 256 MiB and sent nothing more held the whole
+    // 1 GiB budget for their io timeout, and every large request meanwhile was refused.
+    const bool large = *total > kLargeFrameBytes;
+    const uint64_t step = large ? BudgetStep() : *total;
+    for (uint64_t at = *table; at < *total;) {
+      const uint64_t n = std::min(step, *total - at);
+      if (large) {
+        if (!server_->ReserveFrameBytes(n)) {
+          *status = Status::Unavailable("server busy: too many large messages in flight");
+          co_return true;  // answered, then closed (framing_ok stays false)
+        }
+        reserved_ += n;
+      }
       auto [ec3, n3] = co_await asio::async_read(
-          st_->socket,
-          asio::buffer(reinterpret_cast<uint8_t*>(frame_.get()) + *table, *total - *table),
+          st_->socket, asio::buffer(reinterpret_cast<uint8_t*>(frame_.get()) + at, n),
           as_tuple(use_awaitable));
       if (ec3) co_return false;
       server_->metrics().bytes_received.fetch_add(n3);
+      at += n;
     }
     frame_words_ = *total / kWordBytes;
     *framing_ok = true;
     co_return true;
+  }
+
+  // Bytes of a large message read (and counted against the budget) at a time: a sixteenth of the
+  // budget, from 64 KiB to 1 MiB.
+  uint64_t BudgetStep() const {
+    return std::clamp<uint64_t>(server_->options().max_inflight_message_bytes / 16,
+                                uint64_t{64} << 10, uint64_t{1} << 20);
   }
 
   // Keeps the first `words` of frame_ and makes room for `words`.

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <memory>
 #include <random>
 #include <thread>
 
@@ -201,18 +202,22 @@ TEST(GarbageTest, LargeMessagesShareABudget) {
   ServerOptions o;
   o.max_message_bytes = 4 << 20;
   o.chunk_bytes = 1 << 16;
-  o.max_inflight_message_bytes = 2 << 20;
+  o.max_inflight_message_bytes = 2 << 20;  // read and counted 128 KiB at a time
   LiveServer live(o);
   constexpr uint32_t kWords = (3 << 20) / 2 / 8;  // 1.5 MiB announced
   const uint32_t header[2] = {0, kWords};
+  const std::vector<char> body(size_t{kWords} * 8, '\x01');
+  // A hog that sent 1 MiB of its message and stalls holds that and the step it waits on.
   RawSocket hog(live.address());
   ASSERT_TRUE(hog.Send(header, sizeof(header)));
-  const std::string some(4096, 'x');
-  ASSERT_TRUE(hog.Send(some.data(), some.size()));  // and then stalls, holding 1.5 MiB
+  ASSERT_TRUE(hog.Send(body.data(), (1 << 20) + 4096));
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
 
+  // A second 1.5 MiB message does not fit beside it: refused once the budget runs out (its
+  // sending may break off there), then closed.
   RawSocket second(live.address());
   ASSERT_TRUE(second.Send(header, sizeof(header)));
+  second.Send(body.data(), body.size());
   Response r;
   ASSERT_TRUE(second.ReadResponse(&r));
   EXPECT_TRUE(r.status.IsUnavailable()) << r.status.ToString();
@@ -221,9 +226,17 @@ TEST(GarbageTest, LargeMessagesShareABudget) {
 
   hog.ShutdownWrite();  // the hog goes away: its reservation is returned
   EXPECT_TRUE(hog.ClosedByPeer());
+
+  // Clients that announce large messages and send nothing more hold one step each, not what they
+  // announce (four such held the whole budget, and the message below was refused).
+  std::vector<std::unique_ptr<RawSocket>> idle;
+  for (int i = 0; i < 4; ++i) {
+    idle.push_back(std::make_unique<RawSocket>(live.address()));
+    ASSERT_TRUE(idle.back()->Send(header, sizeof(header)));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
   RawSocket third(live.address());
   ASSERT_TRUE(third.Send(header, sizeof(header)));
-  const std::vector<char> body(size_t{kWords} * 8, '\x01');
   third.Send(body.data(), body.size());
   ASSERT_TRUE(third.ReadResponse(&r));
   EXPECT_TRUE(r.status.IsInvalidArgument()) << r.status.ToString();  // read, then undecodable
