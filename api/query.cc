@@ -12,7 +12,19 @@
 #include "index/calibrate.h"
 
 namespace sqkv {
-namespace {}  // namespace
+namespace {
+
+// Query rows attended between two looks at QueryOptions::cancelled on the CPU.
+constexpr int kCancelRows = 1024;
+
+bool QueryCancelled(const QueryOptions& o) { return o.cancelled && o.cancelled(); }
+
+Status CancelledQuery(const std::string& name, int layer) {
+  return Status::Cancelled("query of context " + name + " layer " + std::to_string(layer) +
+                           " cancelled");
+}
+
+}  // namespace
 
 bool GpuRunsShape(const ContextRecord& r) {
   // The store's engine runs with the default pool slot; a page must divide it.
@@ -112,12 +124,14 @@ Status StoreImpl::Query(const std::string& name, int layer, const float* q, int 
   }
   SQKV_ASSIGN_OR_RETURN(auto layer_data, GetLayer(r, layer));
   SQKV_ASSIGN_OR_RETURN(auto segment, GetSegment(r));
+  if (QueryCancelled(options)) return CancelledQuery(name, layer);
   *result = QueryResult();
   result->output.resize(static_cast<size_t>(q_heads) * n * head_dim);
   result->lse.resize(static_cast<size_t>(q_heads) * n);
   Status s = device == Device::kGpu
                  ? QueryGpu(r, layer, *layer_data, *segment, q, q_heads, n, effective, result)
                  : QueryCpu(r, *layer_data, *segment, q, q_heads, n, effective, result);
+  if (s.IsCancelled()) return CancelledQuery(name, layer);
   SQKV_RETURN_IF_ERROR(
       s.WithContext("query of context " + name + " layer " + std::to_string(layer)));
   // Finite queries can still overflow float32 in q.k (elements near 1e37 and up; the GPU's
@@ -174,14 +188,22 @@ Status StoreImpl::QueryCpu(const ContextRecord& r, const LayerData& layer,
       }
     }
     HostPages hp;
+    if (s.ok() && QueryCancelled(options)) s = Status::Cancelled("cancelled");
     if (s.ok() && !pages.empty()) s = AcquireHostPages(r, layer, segment, pages, &hp);
     if (s.ok()) {
       std::vector<PageRef> refs(pages.size());
       for (size_t i = 0; i < pages.size(); ++i) refs[i] = {hp.data[i], valid[i]};
-      AttendPages(qh, rows, d, scale, r.dtype, r.page_tokens, refs.data(),
-                  static_cast<int>(refs.size()),
-                  result->output.data() + static_cast<size_t>(h) * rows * d,
-                  result->lse.data() + static_cast<size_t>(h) * rows);
+      // Blocks of rows, so a cancelled query stops within one (rows are independent; a short
+      // last block joins the one before it, keeping every block on the same code path).
+      for (int r0 = 0; r0 < rows && s.ok();) {
+        const int block = rows - r0 < 2 * kCancelRows ? rows - r0 : kCancelRows;
+        AttendPages(qh + static_cast<size_t>(r0) * d, block, d, scale, r.dtype, r.page_tokens,
+                    refs.data(), static_cast<int>(refs.size()),
+                    result->output.data() + (static_cast<size_t>(h) * rows + r0) * d,
+                    result->lse.data() + static_cast<size_t>(h) * rows + r0);
+        r0 += block;
+        if (r0 < rows && QueryCancelled(options)) s = Status::Cancelled("cancelled");
+      }
       if (options.want_selection) {
         result->selected_tokens[h] = SortedPositions(index, selections[h].clusters);
       }

@@ -101,6 +101,11 @@ struct QueryOptions {
   Device device = Device::kAuto;
   // Fill QueryResult::selected_tokens. Default: false.
   bool want_selection = false;
+  // Asked (from any thread) before the query starts, before each kv head's attention and between
+  // blocks of 1,024 query rows on the CPU, and before the GPU launch; once it says true the query
+  // ends with Cancelled. The server sets it for a query abandoned at its deadline.
+  // Default: none.
+  std::function<bool()> cancelled;
 };
 
 // Target sparsities calibrated by default (import with window queries, rebuild, calibrate).

@@ -36,7 +36,10 @@ using PeerEof = std::function<bool()>;
 // has passed or the server is stopping.
 struct LongCallHooks {
   ProgressFn progress;
+  // True once the call was abandoned (its deadline passed, its client went away) or the server
+  // is stopping; `abandoned` only for the first.
   std::function<bool()> cancelled;
+  std::function<bool()> abandoned;
 };
 using LongCall = std::function<Outcome(const LongCallHooks&)>;
 

@@ -27,8 +27,9 @@ struct Request {
   deadlineMs @1 :UInt32;
   # How long the server may work on this request before answering `unavailable` (deadline
   # exceeded); 0 means the server's default (--deadline-ms, 60 s; none for long calls). A call not
-  # yet started when it passes is never started; one already running runs to its end, and the
-  # connection's next request is read only after that.
+  # yet started when it passes is never started; a running query stops at its next kv head or
+  # block of 1,024 rows, an import or rebuild at its next (layer, kv head), and other calls run to
+  # their end; the connection's next request is read only after that.
 
   union {
     hello @2 :Hello;

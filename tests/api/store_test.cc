@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -317,6 +318,43 @@ TEST(StoreOptionsTest, BlasThreads) {
   store.reset();
   o.blas_threads = -1;
   EXPECT_TRUE(Store::Open(o, &store).IsInvalidArgument());
+}
+
+// QueryOptions::cancelled: asked before the query starts, before each kv head and between blocks
+// of 1,024 rows on the CPU; once it says true the query ends Cancelled. A predicate that stays
+// false changes nothing.
+TEST_F(StoreTest, QueriesStopWhenCancelled) {
+  std::mt19937_64 rng(FreshSeed());
+  WriteContext(dir_.file("c.safetensors"), rng, DType::kBF16, 300, 1, 2, 64);
+  ASSERT_TRUE(store_->Import("c", dir_.file("c.safetensors"), {}, nullptr).ok());
+  const int q_heads = 4, n = 1500;  // 3,000 rows a kv head: blocks of 1,024 and 1,976 rows
+  auto q = RandomNormal(static_cast<size_t>(q_heads) * n * 64, rng);
+  QueryOptions qo;
+  qo.device = Device::kCpu;
+  QueryResult plain, r;
+  ASSERT_TRUE(store_->Query("c", 0, q.data(), q_heads, n, 64, qo, &plain).ok());
+
+  std::atomic<int> asked{0};
+  qo.cancelled = [&] {
+    ++asked;
+    return false;
+  };
+  ASSERT_TRUE(store_->Query("c", 0, q.data(), q_heads, n, 64, qo, &r).ok());
+  EXPECT_EQ(r.output, plain.output);
+  EXPECT_EQ(r.lse, plain.lse);
+  // Once before, then per kv head (2) once before its pages and once between its two blocks (a
+  // short last block joins the one before it).
+  EXPECT_EQ(asked.load(), 1 + 2 * 2);
+
+  for (int after : {0, 1, 2, 4}) {  // cancelled at the start, at a head, between blocks
+    SCOPED_TRACE(after);
+    std::atomic<int> left{after};
+    qo.cancelled = [&] { return left.fetch_sub(1) <= 0; };
+    const Status s = store_->Query("c", 0, q.data(), q_heads, n, 64, qo, &r);
+    EXPECT_TRUE(s.IsCancelled()) << s.ToString();
+    EXPECT_NE(s.message().find("query of context c layer 0 cancelled"), std::string::npos)
+        << s.ToString();
+  }
 }
 
 TEST_F(StoreTest, BadQueriesAreRejected) {

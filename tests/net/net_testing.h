@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -257,11 +258,23 @@ class SlowStore final : public Store {
     }
     std::this_thread::sleep_for(delay_);
     in_flight_.fetch_sub(1);
-    return inner_->Query(name, layer, q, q_heads, n, head_dim, options, result);
+    Status s = inner_->Query(name, layer, q, q_heads, n, head_dim, options, result);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      last_query_ = s;
+    }
+    returned_.fetch_add(1);
+    return s;
   }
 
-  // Queries that have started (on a worker).
+  // Queries that have started (on a worker), and that have returned.
   int entered() const { return entered_.load(); }
+  int returned() const { return returned_.load(); }
+  // What the inner store answered the last query that returned.
+  Status last_query() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return last_query_;
+  }
   // Most queries that were sleeping at once.
   int max_in_flight() const { return max_in_flight_.load(); }
   Status Import(const std::string& name, const std::string& path, const ImportOptions& options,
@@ -310,6 +323,9 @@ class SlowStore final : public Store {
  private:
   Store* inner_;
   std::chrono::milliseconds delay_, progress_delay_;
+  std::atomic<int> returned_{0};
+  mutable std::mutex mu_;
+  Status last_query_;
   std::atomic<int> entered_{0}, in_flight_{0}, max_in_flight_{0};
 };
 

@@ -526,6 +526,13 @@ TEST(ServerTest, DeadlineAnswersUnavailableAndTheConnectionStaysUsable) {
   EXPECT_EQ(r.id, 7u);
   EXPECT_TRUE(r.status.IsUnavailable()) << r.status.ToString();
   EXPECT_NE(r.status.message().find("deadline"), std::string::npos);
+  // The abandoned query is cancelled on the worker (QueryOptions::cancelled) rather than run to
+  // its end: the store saw the cancellation once its (test) delay was over.
+  for (int i = 0; i < 500 && slow.returned() == 0; ++i) {  // bounded: 5 s
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(slow.returned(), 1);
+  EXPECT_TRUE(slow.last_query().IsCancelled()) << slow.last_query().ToString();
   // Same connection, a longer deadline of its own: answered.
   ASSERT_TRUE(sock.SendRequest(Request{8, 5000, call}));
   ASSERT_TRUE(sock.ReadResponse(&r));
