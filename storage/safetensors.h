@@ -40,7 +40,8 @@ struct TensorInfo {
 
 // A read-only, memory-mapped safetensors file. The mapping lives as long as the object; pointers
 // returned by Data() die with it. If another process shrinks the file while it is mapped, reads
-// past the new end fault (SIGBUS): files are expected to be immutable once written.
+// past the new end fault (SIGBUS): files are expected to be immutable once written (the CLI's
+// import says so when it happens: tools/sqkv ExplainBusError).
 class SafetensorsFile {
  public:
   // Maps and validates `path`. NotFound if it does not exist, IOError if the OS refuses,

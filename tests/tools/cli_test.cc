@@ -194,6 +194,25 @@ TEST_F(CliTest, InterruptedImportOrRebuildPublishesNothing) {
   EXPECT_EQ(r.code, 0) << r.err;
 }
 
+// The source file shrinking under a local import (another process truncating it): the mapped
+// read faults, and the process ends with a message saying so (exit 7) rather than a bare bus
+// error; nothing is published, and compact removes the segment's temporary file.
+TEST_F(CliTest, SourceShrunkDuringImportIsExplained) {
+  const std::string ctx = dir_.file("c.safetensors");
+  ASSERT_EQ(Sqkv({"synth", ctx, "--tokens", "500", "--layers", "3", "--kv-heads", "2"}).code, 0);
+  const std::string data = Data();
+  CmdResult r = Sqkv({"--data", data, "import", "c", ctx},
+                     {"SQKV_TEST_TRUNCATE_AT=head_written:" + ctx});
+  EXPECT_EQ(r.code, 7) << r.err;
+  EXPECT_NE(r.err.find("shrank under it (bus error)"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("Nothing was published"), std::string::npos) << r.err;
+  r = Sqkv({"--data", data, "ls", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out).size(), 0u);
+  ASSERT_EQ(Sqkv({"--data", data, "compact"}).code, 0);
+  EXPECT_TRUE(fs::is_empty(data + "/segments"));
+}
+
 // SIGKILL at random moments of a longer import.
 TEST_F(CliTest, ImportKilledAtRandomMomentsIsAllOrNothing) {
   const std::string ctx = dir_.file("c.safetensors"), q = dir_.file("q.npy");

@@ -79,7 +79,28 @@ extern "C" void OnInterrupt(int) {
   errno = saved_errno;
 }
 
+struct sigaction g_old_bus;
+
+extern "C" void OnBusError(int) {
+  static const char kNote[] =
+      "\nsqkv: import: a file being read shrank under it (bus error): was the source file changed "
+      "during the import? Nothing was published.\n";
+  const ssize_t ignored = ::write(STDERR_FILENO, kNote, sizeof(kNote) - 1);
+  (void)ignored;
+  ::_exit(kExitIOError);
+}
+
 }  // namespace
+
+ExplainBusError::ExplainBusError() {
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = OnBusError;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGBUS, &sa, &g_old_bus);
+}
+
+ExplainBusError::~ExplainBusError() { sigaction(SIGBUS, &g_old_bus, nullptr); }
 
 CancelOnInterrupt::CancelOnInterrupt() {
   g_interrupted.store(false);
@@ -107,14 +128,27 @@ std::function<bool()> CancelOnInterrupt::Asked() const {
 void SetTestHooks(ImportOptions* options) {
   const char* crash_at = std::getenv("SQKV_TEST_CRASH_AT");
   const char* interrupt_at = std::getenv("SQKV_TEST_INTERRUPT_AT");
-  if (crash_at == nullptr && interrupt_at == nullptr) return;
+  const char* truncate_at = std::getenv("SQKV_TEST_TRUNCATE_AT");  // "<stage>:<file>"
+  if (crash_at == nullptr && interrupt_at == nullptr && truncate_at == nullptr) return;
+  std::string truncate_stage, truncate_file;
+  if (truncate_at != nullptr) {
+    const std::string t = truncate_at;
+    const size_t colon = t.find(':');
+    truncate_stage = t.substr(0, colon);
+    truncate_file = colon == std::string::npos ? "" : t.substr(colon + 1);
+  }
   options->on_stage = [crash = std::string(crash_at ? crash_at : ""),
-                       interrupt = std::string(interrupt_at ? interrupt_at : ""),
-                       raised = false](std::string_view at) mutable {
+                       interrupt = std::string(interrupt_at ? interrupt_at : ""), truncate_stage,
+                       truncate_file, raised = false](std::string_view at) mutable {
     if (at == crash) std::raise(SIGKILL);
     if (at == interrupt && !raised) {
       raised = true;
       std::raise(SIGTERM);  // handled as Ctrl-C is, and not ignored in background jobs
+    }
+    if (at == truncate_stage && !truncate_file.empty()) {
+      // Another process shrinking the source under the import: its next read faults.
+      if (::truncate(truncate_file.c_str(), 4096) != 0) std::raise(SIGKILL);
+      truncate_file.clear();
     }
   };
 }
