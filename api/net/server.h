@@ -42,10 +42,11 @@ struct ServerOptions {
   int workers = 0;
   // Largest message accepted (and sent). Default: 256 MiB.
   uint64_t max_message_bytes = uint64_t{256} << 20;
-  // Bytes of large requests (over 1 MiB) held at once, over all connections, from their first
-  // byte until their call has ended (the decoded request is as large); a request that would
-  // exceed it is refused (Unavailable) and its connection closed, so a few huge messages cannot
-  // exhaust memory. Default: 1 GiB.
+  // Bytes of large requests (over 1 MiB) held at once, over all connections, counted as they
+  // arrive (a sixteenth of this at a time, 64 KiB to 1 MiB) until their call has ended (the
+  // decoded request is as large); a request that would exceed it is refused (Unavailable) and its
+  // connection closed, so a few huge messages cannot exhaust memory, and clients that announce
+  // huge messages without sending them hold only a step each. Default: 1 GiB.
   uint64_t max_inflight_message_bytes = uint64_t{1} << 30;
   // Largest data of one upload chunk (must fit in a message). Default: 8 MiB.
   uint32_t chunk_bytes = 8u << 20;
@@ -62,7 +63,9 @@ struct ServerOptions {
   // Once a message has started, the rest of it must arrive (and a reply must be written) within
   // this. Default: 30000.
   uint32_t io_timeout_ms = 30000;
-  // Connections beyond this are closed at once. Default: 4096.
+  // Connections beyond this are closed at once. Lowered at start to what the process's descriptor
+  // limit allows (ulimit -n, less a quarter of it and at least 64 for the store), with a log line.
+  // Default: 4096.
   int max_connections = 4096;
   // Stop gracefully on SIGINT and SIGTERM. Default: false (the CLI sets it).
   bool handle_signals = false;
