@@ -196,12 +196,7 @@ Status StoreImpl::Verify(const std::string& name, const ProgressFn& progress,
       continue;
     }
     const SegmentHeader& h = segment->header();
-    if (h.version != r.version || h.layers != static_cast<uint32_t>(r.layers) ||
-        h.kv_heads != static_cast<uint32_t>(r.kv_heads) ||
-        h.tokens != static_cast<uint32_t>(r.tokens) ||
-        h.head_dim != static_cast<uint32_t>(r.head_dim) ||
-        h.page_tokens != static_cast<uint32_t>(r.page_tokens) || h.dtype != r.dtype ||
-        h.num_pages != r.layer_first_page.back()) {
+    if (!SegmentMatchesRecord(h, r).ok()) {
       problem(ctx + ": segment header disagrees with the catalog record");
     }
     std::vector<uint8_t> buffer;

@@ -134,6 +134,19 @@ void StoreImpl::UnpinVersion(uint64_t version) {
   if (--pins_[version] == 0) pins_.erase(version);
 }
 
+Status SegmentMatchesRecord(const SegmentHeader& h, const ContextRecord& r) {
+  if (h.version != r.version || h.layers != static_cast<uint32_t>(r.layers) ||
+      h.kv_heads != static_cast<uint32_t>(r.kv_heads) ||
+      h.tokens != static_cast<uint32_t>(r.tokens) ||
+      h.head_dim != static_cast<uint32_t>(r.head_dim) ||
+      h.page_tokens != static_cast<uint32_t>(r.page_tokens) || h.dtype != r.dtype ||
+      r.layer_first_page.empty() || h.num_pages != r.layer_first_page.back()) {
+    return Status::Corruption("context " + r.name + ": segment header disagrees with the catalog "
+                              "record");
+  }
+  return Status::Ok();
+}
+
 Result<std::shared_ptr<SegmentReader>> StoreImpl::GetSegment(const ContextRecord& r) {
   std::lock_guard<std::mutex> lock(cache_mu_);
   auto it = segments_.find(r.version);
@@ -148,6 +161,7 @@ Result<std::shared_ptr<SegmentReader>> StoreImpl::GetSegment(const ContextRecord
                               ")");
   }
   SQKV_RETURN_IF_ERROR(opened.WithContext("context " + r.name));
+  SQKV_RETURN_IF_ERROR(SegmentMatchesRecord(reader->header(), r));
   std::shared_ptr<SegmentReader> shared(std::move(reader));
   // Each reader holds three descriptors: keep a bounded set open (queries in flight keep theirs
   // through the shared_ptr).

@@ -104,6 +104,8 @@ class StoreImpl : public Store {
   std::string segments_dir() const { return data_dir() + "/segments"; }
 
   Result<std::shared_ptr<const LayerData>> GetLayer(const ContextRecord& r, int layer);
+  // The record's open segment; Corruption when its header disagrees with the record (a page
+  // size or dtype the record does not have would decode the pages wrongly, and silently).
   Result<std::shared_ptr<SegmentReader>> GetSegment(const ContextRecord& r);
 
  private:
@@ -200,6 +202,10 @@ bool GpuRunsShape(const ContextRecord& r);
 std::string GpuShapeError(const ContextRecord& r);  // why GpuRunsShape(r) is false
 
 // Query input checks shared by every device. q: (q_heads, n, head_dim).
+// Corruption unless the segment's header describes the record's pages (version, shape, page
+// size, dtype, page count): GetSegment and verify.
+Status SegmentMatchesRecord(const SegmentHeader& h, const ContextRecord& r);
+
 Status ValidateQuery(const ContextRecord& r, int layer, const float* q, int q_heads, int n,
                      int head_dim);
 

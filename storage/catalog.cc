@@ -10,6 +10,7 @@
 #include <charconv>
 #include <cinttypes>
 #include <cstdio>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -150,6 +151,19 @@ Status DecodeThresholds(const std::string& bytes, Thresholds* t) {
   if (t->sparsity.size() != t->threshold.size()) {
     return Status::Corruption("thresholds record: lengths differ");
   }
+  // As Calibrate stores them: sparsities ascending without repeats in [0, 1], finite thresholds
+  // (a damaged record read otherwise surfaced as the caller's error: "NaN in options", "outside
+  // the calibrated range [0.9, 0.5]").
+  for (size_t i = 0; i < t->sparsity.size(); ++i) {
+    const float s = t->sparsity[i];
+    if (!(s >= 0.f && s <= 1.f) || (i > 0 && !(s > t->sparsity[i - 1])) ||
+        !std::isfinite(t->threshold[i])) {
+      return Status::Corruption("thresholds record: entry " + std::to_string(i) +
+                                " (sparsity " + std::to_string(s) + ", threshold " +
+                                std::to_string(t->threshold[i]) + ") out of order or range");
+    }
+  }
+  if (t->sparsity.empty()) return Status::Corruption("thresholds record: empty");
   return Status::Ok();
 }
 
@@ -334,13 +348,20 @@ class CatalogImpl : public Catalog {
     SQKV_RETURN_IF_ERROR(
         FromRocks(db_->Get(rocksdb::ReadOptions(), LayerKey(version, 'q', layer), &v),
                   "window queries of layer " + std::to_string(layer)));
-    if (v.size() < 12) return Status::Corruption("window query record too short");
+    if (v.size() < 12 || (v.size() - 12) % sizeof(float) != 0) {
+      return Status::Corruption("window query record of " + std::to_string(v.size()) + " bytes");
+    }
     std::memcpy(&out->q_heads, v.data(), 4);
     std::memcpy(&out->window, v.data() + 4, 4);
     std::memcpy(&out->head_dim, v.data() + 8, 4);
-    const uint64_t n = static_cast<uint64_t>(out->q_heads) * out->window * out->head_dim;
+    // The shape must account for the bytes exactly (a product that wraps 64 bits must not pass).
+    const uint64_t n = (v.size() - 12) / sizeof(float);
+    uint64_t heads_window = 0, shape = 0;
     if (out->q_heads <= 0 || out->window <= 0 || out->head_dim <= 0 ||
-        v.size() != 12 + n * sizeof(float)) {
+        __builtin_mul_overflow(static_cast<uint64_t>(out->q_heads),
+                               static_cast<uint64_t>(out->window), &heads_window) ||
+        __builtin_mul_overflow(heads_window, static_cast<uint64_t>(out->head_dim), &shape) ||
+        shape != n) {
       return Status::Corruption("window query record shape");
     }
     out->data.resize(n);

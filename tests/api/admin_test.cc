@@ -465,6 +465,45 @@ TEST_F(AdminTest, UndecodableRecordIsReportedAndRemovable) {
   EXPECT_TRUE(store_->Query("good", 0, q.data(), so.q_heads, so.n, so.head_dim, qo, &r).ok());
 }
 
+// A record whose dtype disagrees with its segment (a damaged catalog): queries and rebuild refuse
+// it as Corruption. Queries had decoded the pages with the record's dtype and answered wrongly
+// with no error, and rebuild had built a new, "healthy" version from the misread pages.
+TEST_F(AdminTest, ARecordThatDisagreesWithItsSegmentIsCorruption) {
+  SyntheticOptions so;
+  so.layers = 2;
+  so.tokens = 300;
+  so.window = 0;
+  const std::vector<float> q = ImportSynthetic("c", so);
+  store_.reset();
+  {
+    std::unique_ptr<Catalog> catalog;
+    ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
+    std::string record;
+    ASSERT_TRUE(catalog->GetRaw("c/c", &record).ok());
+    const size_t at = record.find("\"dtype\":\"bf16\"");
+    ASSERT_NE(at, std::string::npos) << record;
+    record.replace(at, 14, "\"dtype\":\"f32\"");
+    ASSERT_TRUE(catalog->PutRaw("c/c", record).ok());
+  }
+  Open();
+  QueryOptions qo;
+  qo.device = Device::kCpu;
+  qo.select.mode = SelectOptions::Mode::kDense;
+  QueryResult r;
+  Status s = store_->Query("c", 0, q.data(), so.q_heads, so.n, so.head_dim, qo, &r);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("segment header disagrees with the catalog record"),
+            std::string::npos)
+      << s.ToString();
+  ContextInfo info;
+  s = store_->Rebuild("c", ImportOptions(), &info);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  VerifyReport report;
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  ASSERT_FALSE(report.problems.empty());
+  EXPECT_NE(report.problems[0].find("disagrees"), std::string::npos) << report.problems[0];
+}
+
 TEST_F(AdminTest, VerifyFindsAFlippedSegmentByteAndAFlippedCatalogByte) {
   SyntheticOptions so;
   so.layers = 2;

@@ -374,6 +374,42 @@ TEST(Catalog, WindowQueriesRoundTrip) {
   EXPECT_EQ(back.window, 3);
 }
 
+// Damaged window-query and threshold records are Corruption: not an abort (a shape whose product
+// wrapped 64 bits to the record's size passed, and sizing the data threw std::length_error) nor
+// an error blamed on the caller (a threshold of 1e300, which is inf as a float, read as "NaN in
+// options"; sparsities out of order as "outside the calibrated range [0.9, 0.5]").
+TEST(Catalog, DamagedWindowQueryAndThresholdRecordsAreCorruption) {
+  testing::ScratchDir dir;
+  std::unique_ptr<Catalog> c;
+  ASSERT_TRUE(Catalog::Open(dir.file("cat"), &c).ok());
+  ASSERT_TRUE(c->Publish(Pub("w", 7, 2), false).ok());
+  const int32_t wrap[3] = {1 << 21, 1 << 21, 1 << 20};  // 2^62 floats: 2^64 bytes wrap to 0
+  ASSERT_TRUE(
+      c->PutRaw(Catalog::LayerKey(7, 'q', 0), std::string(reinterpret_cast<const char*>(wrap), 12))
+          .ok());
+  WindowQueries w;
+  Status s = c->GetWindowQueries(7, 0, &w);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  ASSERT_TRUE(c->PutRaw(Catalog::LayerKey(7, 'q', 0), std::string(13, '\0')).ok());
+  s = c->GetWindowQueries(7, 0, &w);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+
+  Thresholds t;
+  ASSERT_TRUE(
+      c->PutRaw(Catalog::LayerKey(7, 't', 0), R"({"sparsity":[0.5,0.9],"threshold":[1,2]})").ok());
+  ASSERT_TRUE(c->GetThresholds(7, 0, &t).ok());
+  for (const char* bad : {R"({"sparsity":[0.5,0.9],"threshold":[1e300,1e300]})",
+                          R"({"sparsity":[0.9,0.5],"threshold":[1,2]})",
+                          R"({"sparsity":[0.5,0.5],"threshold":[1,2]})",
+                          R"({"sparsity":[0.5,1.5],"threshold":[1,2]})",
+                          R"({"sparsity":[],"threshold":[]})"}) {
+    SCOPED_TRACE(bad);
+    ASSERT_TRUE(c->PutRaw(Catalog::LayerKey(7, 't', 0), bad).ok());
+    s = c->GetThresholds(7, 0, &t);
+    EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  }
+}
+
 // PutCalibration writes the thresholds and, when given, the queries with the record's window
 // shape, in one batch, and only while the name still holds the calibrated version.
 TEST(Catalog, CalibrationIsStoredOnlyOnTheVersionTheNameHolds) {
