@@ -184,6 +184,21 @@ Status StoreImpl::Verify(const std::string& name, const ProgressFn& progress,
     contexts.push_back(r);
   }
   if (Status s = catalog_->VerifyChecksums(); !s.ok()) problem("catalog: " + s.ToString());
+  if (name.empty()) {  // pins the store skipped when it opened (RestorePins)
+    std::vector<std::pair<std::string, std::string>> pins;
+    SQKV_RETURN_IF_ERROR(catalog_->ListPins(&pins));
+    for (const auto& [pinned, tier_name] : pins) {
+      Tier tier;
+      ContextRecord r;
+      if (!ParseTier(tier_name, &tier)) {
+        problem("pin of " + pinned + ": unknown tier '" + tier_name + "'; `sqkv unpin " + pinned +
+                "` removes it");
+      } else if (Status s = catalog_->GetContext(pinned, &r); s.IsCorruption()) {
+        problem("pin of " + pinned + ": its context record does not decode; `sqkv rm " + pinned +
+                "` removes both");
+      }
+    }
+  }
   int total = 0, done = 0;
   for (const auto& r : contexts) total += r.layers;
   for (const auto& r : contexts) {

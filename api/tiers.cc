@@ -184,14 +184,18 @@ Status StoreImpl::ListPins(std::vector<std::pair<std::string, Tier>>* out) {
 }
 
 // Pins are restored lazily: the flag now, the pages on first use (or `sqkv preload`), so opening
-// a store with many pinned contexts stays fast.
+// a store with many pinned contexts stays fast. A damaged pin (an unknown tier, or a record that
+// does not decode) is skipped, not restored: failing the open would keep `sqkv verify`, which
+// reports it, and `sqkv unpin` or `rm`, which repair it, from running at all.
 Status StoreImpl::RestorePins() {
-  std::vector<std::pair<std::string, Tier>> pins;
-  SQKV_RETURN_IF_ERROR(ListPins(&pins));
-  for (const auto& [name, tier] : pins) {
+  std::vector<std::pair<std::string, std::string>> pins;
+  SQKV_RETURN_IF_ERROR(catalog_->ListPins(&pins));
+  for (const auto& [name, tier_name] : pins) {
+    Tier tier;
+    if (!ParseTier(tier_name, &tier)) continue;
     ContextRecord r;
     Status s = catalog_->GetContext(name, &r);
-    if (s.IsNotFound()) continue;  // removed by an older build that kept the pin
+    if (s.IsNotFound() || s.IsCorruption()) continue;  // removed by an older build, or damaged
     SQKV_RETURN_IF_ERROR(s);
     if (tier == Tier::kHost) {
       SQKV_RETURN_IF_ERROR(host_cache_->PinVersion(r.version));

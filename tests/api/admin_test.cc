@@ -504,6 +504,41 @@ TEST_F(AdminTest, ARecordThatDisagreesWithItsSegmentIsCorruption) {
   EXPECT_NE(report.problems[0].find("disagrees"), std::string::npos) << report.problems[0];
 }
 
+// A damaged pin does not keep the store from opening: it is skipped, `verify` reports it, and
+// `unpin` or `rm` removes it (an unknown tier, or a pinned context whose record does not decode,
+// had made every command, the repairs included, fail with Corruption).
+TEST_F(AdminTest, DamagedPinsAreReportedAndRemovable) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.tokens = 200;
+  so.window = 0;
+  ImportSynthetic("a", so);
+  ImportSynthetic("b", so);
+  ASSERT_TRUE(store_->Pin("a", Tier::kHost).ok());
+  ASSERT_TRUE(store_->Pin("b", Tier::kHost).ok());
+  store_.reset();
+  {
+    std::unique_ptr<Catalog> catalog;
+    ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
+    ASSERT_TRUE(catalog->PutRaw("p/a", "hostt").ok());
+    ASSERT_TRUE(catalog->PutRaw("c/b", "garbage{").ok());
+  }
+  Open();  // asserts the open succeeds
+  VerifyReport report;
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  std::string all;
+  for (const auto& p : report.problems) all += p + "\n";
+  EXPECT_NE(all.find("pin of a: unknown tier 'hostt'"), std::string::npos) << all;
+  EXPECT_NE(all.find("pin of b: its context record does not decode"), std::string::npos) << all;
+  EXPECT_TRUE(store_->Unpin("a").ok());
+  EXPECT_TRUE(store_->Remove("b").ok());
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  EXPECT_TRUE(report.problems.empty()) << report.problems[0];
+  std::vector<std::pair<std::string, Tier>> pins;
+  ASSERT_TRUE(store_->ListPins(&pins).ok());
+  EXPECT_TRUE(pins.empty());
+}
+
 TEST_F(AdminTest, VerifyFindsAFlippedSegmentByteAndAFlippedCatalogByte) {
   SyntheticOptions so;
   so.layers = 2;
