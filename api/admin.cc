@@ -2,6 +2,7 @@
 // compaction and statistics.
 #include <algorithm>
 #include <filesystem>
+#include <map>
 #include <set>
 
 #include "api/store_impl.h"
@@ -184,6 +185,16 @@ Status StoreImpl::Verify(const std::string& name, const ProgressFn& progress,
     contexts.push_back(r);
   }
   if (Status s = catalog_->VerifyChecksums(); !s.ok()) problem("catalog: " + s.ToString());
+  if (name.empty()) {  // one version named by two records: a damaged catalog
+    std::map<uint64_t, std::string> owner;
+    for (const auto& r : contexts) {
+      auto [it, first] = owner.emplace(r.version, r.name);
+      if (!first) {
+        problem("contexts " + it->second + " and " + r.name + " name the same version " +
+                std::to_string(r.version) + " (a damaged catalog; removing one keeps the other)");
+      }
+    }
+  }
   if (name.empty()) {  // pins the store skipped when it opened (RestorePins)
     std::vector<std::pair<std::string, std::string>> pins;
     SQKV_RETURN_IF_ERROR(catalog_->ListPins(&pins));

@@ -464,7 +464,14 @@ class CatalogImpl : public Catalog {
     batch.Delete(ContextKey(name));
     batch.Delete("p/" + name);
     if (DecodeRecord(bytes, removed).ok()) {
-      batch.Put(GarbageKey(removed->version), "");
+      // Only a version no other record names becomes garbage (a damaged catalog can hold two
+      // records of one version: removing one had deleted the other's data).
+      SQKV_ASSIGN_OR_RETURN(const bool claimed, VersionClaimedByAnother(name, removed->version));
+      if (claimed) {
+        removed->version = 0;
+      } else {
+        batch.Put(GarbageKey(removed->version), "");
+      }
     } else {
       // Removed all the same: nothing else could take it out of the catalog. Its version is
       // marked garbage only when the record still names one that no other record claims;

@@ -539,6 +539,43 @@ TEST_F(AdminTest, DamagedPinsAreReportedAndRemovable) {
   EXPECT_TRUE(pins.empty());
 }
 
+// Two records naming one version (a damaged catalog): verify reports it, and removing one keeps
+// the version for the other (rm had deleted the shared segment and keys, and the survivor's
+// queries then failed).
+TEST_F(AdminTest, RemovingOneOfTwoRecordsOfAVersionKeepsIt) {
+  SyntheticOptions so;
+  so.layers = 1;
+  so.tokens = 200;
+  so.window = 0;
+  const std::vector<float> q = ImportSynthetic("a", so);
+  store_.reset();
+  {
+    std::unique_ptr<Catalog> catalog;
+    ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
+    std::string record;
+    ASSERT_TRUE(catalog->GetRaw("c/a", &record).ok());
+    const size_t at = record.find("\"name\":\"a\"");
+    ASSERT_NE(at, std::string::npos) << record;
+    record.replace(at, 10, "\"name\":\"b\"");
+    ASSERT_TRUE(catalog->PutRaw("c/b", record).ok());
+  }
+  Open();
+  VerifyReport report;
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  ASSERT_EQ(report.problems.size(), 1u);
+  EXPECT_NE(report.problems[0].find("contexts a and b name the same version"), std::string::npos)
+      << report.problems[0];
+  ASSERT_TRUE(store_->Remove("b").ok());
+  QueryOptions qo;
+  qo.device = Device::kCpu;
+  QueryResult r;
+  const Status s = store_->Query("a", 0, q.data(), so.q_heads, so.n, so.head_dim, qo, &r);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  EXPECT_TRUE(report.problems.empty()) << report.problems[0];
+  EXPECT_EQ(SegmentFiles(), 1u);
+}
+
 TEST_F(AdminTest, VerifyFindsAFlippedSegmentByteAndAFlippedCatalogByte) {
   SyntheticOptions so;
   so.layers = 2;
