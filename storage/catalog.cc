@@ -3,14 +3,16 @@
 #include "storage/file_util.h"
 
 #include <rocksdb/db.h>
+#include <rocksdb/env.h>
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
 #include <charconv>
 #include <cinttypes>
-#include <cstdio>
 #include <cmath>
+#include <cstdarg>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -607,11 +609,32 @@ std::string Catalog::LayerKey(uint64_t version, char kind, int32_t layer) {
   return VersionPrefix(version) + kind + "/" + buf;
 }
 
+namespace {
+
+// RocksDB's information log, kept out of the data directory: errors to stderr, the rest dropped.
+// Its own file logger rotates and writes LOG files on every open, and Debian's librocksdb is built
+// with assertions, one of which aborted the process when such a write hit a full disk: every
+// command, `rm` and `compact` included, died before it could run (audit, tmpfs at 3.4 MB).
+class ErrorsToStderrLogger final : public rocksdb::Logger {
+ public:
+  ErrorsToStderrLogger() : rocksdb::Logger(rocksdb::InfoLogLevel::ERROR_LEVEL) {}
+  using rocksdb::Logger::Logv;
+  void Logv(const char* format, va_list ap) override {
+    char line[1024];
+    std::vsnprintf(line, sizeof(line), format, ap);
+    std::fprintf(stderr, "sqkv: catalog (rocksdb): %s\n", line);
+  }
+};
+
+}  // namespace
+
 Status Catalog::Open(const std::string& dir, std::unique_ptr<Catalog>* out) {
   rocksdb::Options options;
   options.create_if_missing = true;
   options.max_open_files = 256;
-  options.keep_log_file_num = 4;
+  options.info_log = std::make_shared<ErrorsToStderrLogger>();
+  // Made here rather than by create_if_missing, which logs the missing directory as an error.
+  SQKV_RETURN_IF_ERROR(EnsureDir(dir));
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s = rocksdb::DB::Open(options, dir, &raw);
   if (!s.ok()) {
