@@ -228,6 +228,26 @@ Status StoreImpl::Verify(const std::string& name, const ProgressFn& progress,
     std::vector<uint8_t> buffer;
     for (int l = 0; l < r.layers; ++l) {
       const std::string where = ctx + " layer " + std::to_string(l);
+      // The calibration records: window queries of the record's shape where it has them, and
+      // thresholds that decode where they exist (GetThresholds checks their order and range).
+      if (r.window_q_heads > 0) {
+        WindowQueries w;
+        const Status ws = catalog_->GetWindowQueries(r.version, l, &w);
+        if (!ws.ok()) {
+          problem(where + ": window queries: " + ws.ToString());
+        } else if (w.q_heads != r.window_q_heads || w.window != r.window ||
+                   w.head_dim != r.head_dim) {
+          problem(where + ": window queries of shape (" + std::to_string(w.q_heads) + ", " +
+                  std::to_string(w.window) + ", " + std::to_string(w.head_dim) +
+                  "), the record says (" + std::to_string(r.window_q_heads) + ", " +
+                  std::to_string(r.window) + ", " + std::to_string(r.head_dim) + ")");
+        }
+      }
+      Thresholds t;
+      if (const Status ts = catalog_->GetThresholds(r.version, l, &t);
+          !ts.ok() && !ts.IsNotFound()) {
+        problem(where + ": thresholds: " + ts.ToString());
+      }
       std::string blob;
       std::vector<HeadIndex> heads;
       std::vector<uint64_t> sums;

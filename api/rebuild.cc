@@ -62,7 +62,12 @@ Status StoreImpl::RebuildPinned(const ContextRecord& old, const ImportOptions& o
   if (old.window_q_heads > 0) {
     spec.window_queries.resize(old.layers);
     for (int l = 0; l < old.layers; ++l) {
-      SQKV_RETURN_IF_ERROR(catalog_->GetWindowQueries(old.version, l, &spec.window_queries[l]));
+      const Status s = catalog_->GetWindowQueries(old.version, l, &spec.window_queries[l]);
+      if (s.IsNotFound()) {  // the record says they were stored: damage, not a missing context
+        return Status::Corruption("context " + name + ": " + s.message() +
+                                  " is missing from the catalog (sqkv verify)");
+      }
+      SQKV_RETURN_IF_ERROR(s);
     }
     // The new version is calibrated at the levels the old one had (`calibrate --sparsity`).
     Thresholds t;

@@ -516,6 +516,14 @@ class CatalogImpl : public Catalog {
     return written;
   }
 
+  Status DeleteRaw(const std::string& key) override {
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    const Status deleted = FromRocks(db_->Delete(wo, key), "delete " + key);
+    ForgetRecords();
+    return deleted;
+  }
+
   Status ListStoredVersions(std::vector<uint64_t>* out) override {
     out->clear();
     std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));

@@ -151,6 +151,7 @@ class Catalog {
   // Raw access for verification and tests (key → value). NotFound when absent.
   virtual Status GetRaw(const std::string& key, std::string* value) = 0;
   virtual Status PutRaw(const std::string& key, const std::string& value) = 0;
+  virtual Status DeleteRaw(const std::string& key) = 0;
   // Versions that have keys under v/ (live or not), ascending. Corruption for a malformed v/ key.
   virtual Status ListStoredVersions(std::vector<uint64_t>* out) = 0;
   // Compacts the whole key range; returns the size of the database files before and after.

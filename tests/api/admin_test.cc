@@ -576,6 +576,39 @@ TEST_F(AdminTest, RemovingOneOfTwoRecordsOfAVersionKeepsIt) {
   EXPECT_EQ(SegmentFiles(), 1u);
 }
 
+// Verify decodes the calibration records (window queries of the record's shape, thresholds in
+// order and range), and rebuild reads a missing window-query record as damage, not as a missing
+// context (it answered NotFound).
+TEST_F(AdminTest, VerifyChecksTheCalibrationRecords) {
+  SyntheticOptions so;
+  so.layers = 2;
+  so.tokens = 300;
+  so.window = 16;  // window queries stored, thresholds calibrated at import
+  ImportSynthetic("c", so);
+  VerifyReport report;
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  ASSERT_TRUE(report.problems.empty()) << report.problems[0];
+  ContextInfo info;
+  ASSERT_TRUE(store_->Info("c", &info).ok());
+  store_.reset();
+  {
+    std::unique_ptr<Catalog> catalog;
+    ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
+    ASSERT_TRUE(
+        catalog->PutRaw(Catalog::LayerKey(info.version, 't', 0), "{\"sparsity\":[0.9,0.5]}").ok());
+    ASSERT_TRUE(catalog->DeleteRaw(Catalog::LayerKey(info.version, 'q', 1)).ok());
+  }
+  Open();
+  ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
+  std::string all;
+  for (const auto& p : report.problems) all += p + "\n";
+  EXPECT_NE(all.find("context c layer 0: thresholds: Corruption"), std::string::npos) << all;
+  EXPECT_NE(all.find("context c layer 1: window queries: NotFound"), std::string::npos) << all;
+  const Status s = store_->Rebuild("c", ImportOptions(), &info);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("missing from the catalog"), std::string::npos) << s.ToString();
+}
+
 TEST_F(AdminTest, VerifyFindsAFlippedSegmentByteAndAFlippedCatalogByte) {
   SyntheticOptions so;
   so.layers = 2;
