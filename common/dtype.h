@@ -13,6 +13,11 @@ enum class DType : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 inline constexpr size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
 
+// Bytes of one page: K then V, page_tokens rows of head_dim elements each.
+inline constexpr size_t PageBytes(int page_tokens, int head_dim, DType dtype) {
+  return 2ull * static_cast<size_t>(page_tokens) * static_cast<size_t>(head_dim) * DTypeSize(dtype);
+}
+
 // "f32", "f16", "bf16".
 const char* DTypeName(DType t);
 // Accepts our names and the safetensors/numpy spellings ("F32", "F16", "BF16", "float32", ...).

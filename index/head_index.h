@@ -18,10 +18,6 @@
 
 namespace sqkv {
 
-inline constexpr size_t PageBytes(int page_tokens, int head_dim, DType dtype) {
-  return 2ull * static_cast<size_t>(page_tokens) * static_cast<size_t>(head_dim) * DTypeSize(dtype);
-}
-
 struct HeadIndex {
   int32_t head_dim = 0;
   int32_t tokens = 0;       // real tokens of this head (= context tokens)

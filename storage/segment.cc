@@ -17,9 +17,16 @@ constexpr char kMagic[8] = {'S', 'Q', 'K', 'V', 'S', 'E', 'G', '1'};
 constexpr uint32_t kFormatVersion = 1;
 constexpr size_t kWriteChunk = 8u << 20;  // flush the write buffer at 8 MiB
 
-// What a page of the header's shape takes: K then V, page_tokens rows of head_dim each.
-uint64_t PageBytesOf(const SegmentHeader& h) {
-  return 2ull * h.page_tokens * h.head_dim * DTypeSize(h.dtype);
+// Page dims a header may have: far above any import's, and small enough that PageBytes cannot
+// wrap 64 bits.
+constexpr uint32_t kMaxPageDim = 1u << 20;
+
+// Whether the header's page size is that of its page shape (the reader and writer both check).
+bool PageSizeMatchesShape(const SegmentHeader& h) {
+  return h.page_tokens > 0 && h.head_dim > 0 && h.page_tokens <= kMaxPageDim &&
+         h.head_dim <= kMaxPageDim &&
+         h.page_bytes ==
+             PageBytes(static_cast<int>(h.page_tokens), static_cast<int>(h.head_dim), h.dtype);
 }
 
 // The file size the header implies; nullopt when it does not fit 64 bits.
@@ -130,7 +137,7 @@ Status DecodeSegmentHeader(const uint8_t* in, SegmentHeader* h) {
   h->num_pages = r.Get<uint64_t>();
   // A checksummed header can still be wrong (written by another tool, or damaged before its
   // checksum was taken): everything sized by page_bytes trusts it.
-  if (h->page_tokens == 0 || h->head_dim == 0 || h->page_bytes != PageBytesOf(*h)) {
+  if (!PageSizeMatchesShape(*h)) {
     return Status::Corruption("segment header: page_bytes " + std::to_string(h->page_bytes) +
                               " does not match page_tokens " + std::to_string(h->page_tokens) +
                               ", head_dim " + std::to_string(h->head_dim) + " and " +
@@ -148,7 +155,7 @@ SegmentWriter::SegmentWriter(std::string path, const SegmentHeader& header, int 
 
 Status SegmentWriter::Create(const std::string& path, const SegmentHeader& header,
                              std::unique_ptr<SegmentWriter>* out) {
-  if (header.page_tokens == 0 || header.head_dim == 0 || header.page_bytes != PageBytesOf(header)) {
+  if (!PageSizeMatchesShape(header)) {
     return Status::InvalidArgument("segment page_bytes " + std::to_string(header.page_bytes) +
                                    " does not match its page shape");
   }
