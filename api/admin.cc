@@ -185,7 +185,8 @@ Status StoreImpl::Verify(const std::string& name, const ProgressFn& progress,
     contexts.push_back(r);
   }
   if (Status s = catalog_->VerifyChecksums(); !s.ok()) problem("catalog: " + s.ToString());
-  if (name.empty()) {  // one version named by two records: a damaged catalog
+  if (name.empty()) {
+    // One version named by two records (a damaged catalog).
     std::map<uint64_t, std::string> owner;
     for (const auto& r : contexts) {
       auto [it, first] = owner.emplace(r.version, r.name);
@@ -194,8 +195,7 @@ Status StoreImpl::Verify(const std::string& name, const ProgressFn& progress,
                 std::to_string(r.version) + " (a damaged catalog; removing one keeps the other)");
       }
     }
-  }
-  if (name.empty()) {  // pins the store skipped when it opened (RestorePins)
+    // Pins the store skipped when it opened (RestorePins).
     std::vector<std::pair<std::string, std::string>> pins;
     SQKV_RETURN_IF_ERROR(catalog_->ListPins(&pins));
     for (const auto& [pinned, tier_name] : pins) {

@@ -465,27 +465,24 @@ class CatalogImpl : public Catalog {
     rocksdb::WriteBatch batch;
     batch.Delete(ContextKey(name));
     batch.Delete("p/" + name);
+    // An undecodable record is removed all the same: nothing else could take it out of the
+    // catalog. A version becomes garbage only when the record names one and no other record
+    // claims it (a damaged catalog can hold two records of one version, and removing one had
+    // deleted the other's data); otherwise its file and keys are left to compact's orphan pass.
+    std::optional<uint64_t> version;
     if (DecodeRecord(bytes, removed).ok()) {
-      // Only a version no other record names becomes garbage (a damaged catalog can hold two
-      // records of one version: removing one had deleted the other's data).
-      SQKV_ASSIGN_OR_RETURN(const bool claimed, VersionClaimedByAnother(name, removed->version));
-      if (claimed) {
-        removed->version = 0;
-      } else {
-        batch.Put(GarbageKey(removed->version), "");
-      }
+      version = removed->version;
     } else {
-      // Removed all the same: nothing else could take it out of the catalog. Its version is
-      // marked garbage only when the record still names one that no other record claims;
-      // otherwise its file and keys are left to compact's orphan pass.
       *removed = ContextRecord();
       removed->name = name;
-      if (const std::optional<uint64_t> version = RecordVersion(bytes)) {
-        SQKV_ASSIGN_OR_RETURN(const bool claimed, VersionClaimedByAnother(name, *version));
-        if (!claimed) {
-          removed->version = *version;
-          batch.Put(GarbageKey(*version), "");
-        }
+      version = RecordVersion(bytes);
+    }
+    removed->version = 0;
+    if (version) {
+      SQKV_ASSIGN_OR_RETURN(const bool claimed, VersionClaimedByAnother(name, *version));
+      if (!claimed) {
+        removed->version = *version;
+        batch.Put(GarbageKey(*version), "");
       }
     }
     rocksdb::WriteOptions wo;

@@ -192,6 +192,12 @@ class Client:
             raise Error("internal", f"answer of {total} bytes exceeds the limit")
         return table + self._recv_exactly(total - len(table), give_up)
 
+    def _read_response(self, give_up: Optional[float]):
+        """The next answer, as a context manager over the decoded Response."""
+        frame = self._read_frame(give_up)
+        return self._schema.Response.from_bytes(
+            frame, traversal_limit_in_words=2 * len(frame) // _WORD + 64, nesting_limit=16)
+
     def _call(self, build: Callable, read: Optional[Callable] = None,
               progress: Optional[Callable[[int, int], None]] = None,
               timeout=_CLIENT_TIMEOUT):
@@ -227,10 +233,7 @@ class Client:
                     raise early from e
                 raise
             while True:
-                frame = self._read_frame(give_up)
-                limit = 2 * len(frame) // _WORD + 64
-                with self._schema.Response.from_bytes(
-                        frame, traversal_limit_in_words=limit, nesting_limit=16) as resp:
+                with self._read_response(give_up) as resp:
                     if resp.id == 0 and resp.status.code != "ok":
                         # The server could not decode or accept the request and says why; it
                         # may close the connection after this answer.
@@ -271,10 +274,7 @@ class Client:
         err = None
         try:
             self._sock.settimeout(0.5)
-            frame = self._read_frame(time.monotonic() + 0.5)
-            limit = 2 * len(frame) // _WORD + 64
-            with self._schema.Response.from_bytes(
-                    frame, traversal_limit_in_words=limit, nesting_limit=16) as resp:
+            with self._read_response(time.monotonic() + 0.5) as resp:
                 if resp.status.code != "ok":
                     err = Error(str(resp.status.code), resp.status.message)
         except (OSError, capnp.KjException, Error):

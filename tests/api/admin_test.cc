@@ -5,6 +5,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -44,6 +45,17 @@ class AdminTest : public ::testing::Test {
                                      const ImportOptions& io = ImportOptions()) {
     return testing::ImportSyntheticContext(store_.get(), dir_.file(name + ".safetensors"), name, so,
                                            io);
+  }
+  // Closes the store, lets `edit` change its catalog directly (damage for a test), and reopens
+  // the store (asserting that it opens).
+  void EditCatalog(const std::function<void(Catalog&)>& edit) {
+    store_.reset();
+    {
+      std::unique_ptr<Catalog> catalog;
+      ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
+      edit(*catalog);
+    }
+    Open();
   }
   size_t SegmentFiles() const {
     size_t n = 0;
@@ -441,13 +453,9 @@ TEST_F(AdminTest, CompactionReclaimsRemovedAndCrashedFiles) {
 TEST_F(AdminTest, UndecodableRecordIsReportedAndRemovable) {
   SyntheticOptions so = OneLayer(300);
   auto q = ImportSynthetic("good", so);
-  store_.reset();
-  {
-    std::unique_ptr<Catalog> catalog;
-    ASSERT_TRUE(Catalog::Open(dir_.file("data") + "/catalog", &catalog).ok());
-    ASSERT_TRUE(catalog->PutRaw("c/bad", "{not json").ok());
-  }
-  Open();
+  ASSERT_NO_FATAL_FAILURE(EditCatalog([&](Catalog& catalog) {
+    ASSERT_TRUE(catalog.PutRaw("c/bad", "{not json").ok());
+  }));
   ASSERT_NE(store_, nullptr);
   VerifyReport report;
   ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
@@ -474,18 +482,14 @@ TEST_F(AdminTest, ARecordThatDisagreesWithItsSegmentIsCorruption) {
   so.tokens = 300;
   so.window = 0;
   const std::vector<float> q = ImportSynthetic("c", so);
-  store_.reset();
-  {
-    std::unique_ptr<Catalog> catalog;
-    ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
+  ASSERT_NO_FATAL_FAILURE(EditCatalog([&](Catalog& catalog) {
     std::string record;
-    ASSERT_TRUE(catalog->GetRaw("c/c", &record).ok());
+    ASSERT_TRUE(catalog.GetRaw("c/c", &record).ok());
     const size_t at = record.find("\"dtype\":\"bf16\"");
     ASSERT_NE(at, std::string::npos) << record;
     record.replace(at, 14, "\"dtype\":\"f32\"");
-    ASSERT_TRUE(catalog->PutRaw("c/c", record).ok());
-  }
-  Open();
+    ASSERT_TRUE(catalog.PutRaw("c/c", record).ok());
+  }));
   QueryOptions qo;
   qo.device = Device::kCpu;
   qo.select.mode = SelectOptions::Mode::kDense;
@@ -508,22 +512,15 @@ TEST_F(AdminTest, ARecordThatDisagreesWithItsSegmentIsCorruption) {
 // `unpin` or `rm` removes it (an unknown tier, or a pinned context whose record does not decode,
 // had made every command, the repairs included, fail with Corruption).
 TEST_F(AdminTest, DamagedPinsAreReportedAndRemovable) {
-  SyntheticOptions so;
-  so.layers = 1;
-  so.tokens = 200;
-  so.window = 0;
+  const SyntheticOptions so = OneLayer(200);
   ImportSynthetic("a", so);
   ImportSynthetic("b", so);
   ASSERT_TRUE(store_->Pin("a", Tier::kHost).ok());
   ASSERT_TRUE(store_->Pin("b", Tier::kHost).ok());
-  store_.reset();
-  {
-    std::unique_ptr<Catalog> catalog;
-    ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
-    ASSERT_TRUE(catalog->PutRaw("p/a", "hostt").ok());
-    ASSERT_TRUE(catalog->PutRaw("c/b", "garbage{").ok());
-  }
-  Open();  // asserts the open succeeds
+  ASSERT_NO_FATAL_FAILURE(EditCatalog([&](Catalog& catalog) {
+    ASSERT_TRUE(catalog.PutRaw("p/a", "hostt").ok());
+    ASSERT_TRUE(catalog.PutRaw("c/b", "garbage{").ok());
+  }));
   VerifyReport report;
   ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
   std::string all;
@@ -543,23 +540,16 @@ TEST_F(AdminTest, DamagedPinsAreReportedAndRemovable) {
 // the version for the other (rm had deleted the shared segment and keys, and the survivor's
 // queries then failed).
 TEST_F(AdminTest, RemovingOneOfTwoRecordsOfAVersionKeepsIt) {
-  SyntheticOptions so;
-  so.layers = 1;
-  so.tokens = 200;
-  so.window = 0;
+  const SyntheticOptions so = OneLayer(200);
   const std::vector<float> q = ImportSynthetic("a", so);
-  store_.reset();
-  {
-    std::unique_ptr<Catalog> catalog;
-    ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
+  ASSERT_NO_FATAL_FAILURE(EditCatalog([&](Catalog& catalog) {
     std::string record;
-    ASSERT_TRUE(catalog->GetRaw("c/a", &record).ok());
+    ASSERT_TRUE(catalog.GetRaw("c/a", &record).ok());
     const size_t at = record.find("\"name\":\"a\"");
     ASSERT_NE(at, std::string::npos) << record;
     record.replace(at, 10, "\"name\":\"b\"");
-    ASSERT_TRUE(catalog->PutRaw("c/b", record).ok());
-  }
-  Open();
+    ASSERT_TRUE(catalog.PutRaw("c/b", record).ok());
+  }));
   VerifyReport report;
   ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
   ASSERT_EQ(report.problems.size(), 1u);
@@ -590,15 +580,11 @@ TEST_F(AdminTest, VerifyChecksTheCalibrationRecords) {
   ASSERT_TRUE(report.problems.empty()) << report.problems[0];
   ContextInfo info;
   ASSERT_TRUE(store_->Info("c", &info).ok());
-  store_.reset();
-  {
-    std::unique_ptr<Catalog> catalog;
-    ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
+  ASSERT_NO_FATAL_FAILURE(EditCatalog([&](Catalog& catalog) {
     ASSERT_TRUE(
-        catalog->PutRaw(Catalog::LayerKey(info.version, 't', 0), "{\"sparsity\":[0.9,0.5]}").ok());
-    ASSERT_TRUE(catalog->DeleteRaw(Catalog::LayerKey(info.version, 'q', 1)).ok());
-  }
-  Open();
+        catalog.PutRaw(Catalog::LayerKey(info.version, 't', 0), "{\"sparsity\":[0.9,0.5]}").ok());
+    ASSERT_TRUE(catalog.DeleteRaw(Catalog::LayerKey(info.version, 'q', 1)).ok());
+  }));
   ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
   std::string all;
   for (const auto& p : report.problems) all += p + "\n";
@@ -641,17 +627,13 @@ TEST_F(AdminTest, VerifyFindsAFlippedSegmentByteAndAFlippedCatalogByte) {
             std::string::npos)
       << report.problems[0];
   // Flip one byte of layer 0's encoded index in the catalog.
-  store_.reset();
-  {
-    std::unique_ptr<Catalog> catalog;
-    ASSERT_TRUE(Catalog::Open(dir_.file("data/catalog"), &catalog).ok());
+  ASSERT_NO_FATAL_FAILURE(EditCatalog([&](Catalog& catalog) {
     const std::string key = Catalog::LayerKey(info.version, 'i', 0);
     std::string blob;
-    ASSERT_TRUE(catalog->GetRaw(key, &blob).ok());
+    ASSERT_TRUE(catalog.GetRaw(key, &blob).ok());
     blob[blob.size() / 2] ^= 0x01;
-    ASSERT_TRUE(catalog->PutRaw(key, blob).ok());
-  }
-  Open();
+    ASSERT_TRUE(catalog.PutRaw(key, blob).ok());
+  }));
   ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());
   ASSERT_EQ(report.problems.size(), 2u);
   EXPECT_NE(report.problems[0].find("layer 0"), std::string::npos) << report.problems[0];
