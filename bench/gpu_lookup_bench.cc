@@ -20,7 +20,7 @@
 //   --head-dim D: 64 or 128 (default 128)
 //   --whole-only: time the lookup and the whole path only (score, global, step and f32 columns 0)
 //   --mma-sync: the prefill passes on mma.sync even where the device has wgmma (LookupArgs::wgmma)
-//   --trace N: N graph replays of each decode whole path with the kernels' global-timer stamps
+//   --trace N: N graph replays of each whole path (decode and prefill) with the kernels' global-timer stamps
 //     and phase marks (a build with -DSQKV_KERNEL_TRACE=ON), printed as medians relative to the
 //     first kernel's start, beside the event time of the same replays and of an empty kernel's
 //     graph
@@ -282,7 +282,7 @@ Row RunCase(gpu::Engine* engine, const std::string& name,
   Time(
       stream, reps, variants, [&](int v) { return engine->Run(*plans[v], io, stream.get()); },
       &row.whole_us, &row.whole_graph_us);
-  if (g_trace > 0 && n <= gpu::kLookupSmallRows) {
+  if (g_trace > 0) {
     TraceWhole(
         stream, variants, [&](int v) { return engine->Run(*plans[v], io, stream.get()); }, name);
   }

@@ -8,6 +8,10 @@ void SqkvTraceSet_lookup_small(void* p);
 void SqkvTraceSet_lookup_staged(void* p);
 void SqkvTraceSet_decode(void* p);
 void SqkvTraceSet_merge(void* p);
+void SqkvTraceSet_lookup_mma(void* p);
+void SqkvTraceSet_lookup_wgmma(void* p);
+void SqkvTraceSet_prefill(void* p);
+void SqkvTraceSet_prefill_wgmma(void* p);
 #endif
 
 namespace sqkv::gpu {
@@ -29,6 +33,10 @@ bool KernelTraceSetBuffer(TraceRecord* device_records) {
   SqkvTraceSet_lookup_staged(device_records);
   SqkvTraceSet_decode(device_records);
   SqkvTraceSet_merge(device_records);
+  SqkvTraceSet_lookup_mma(device_records);
+  SqkvTraceSet_lookup_wgmma(device_records);
+  SqkvTraceSet_prefill(device_records);
+  SqkvTraceSet_prefill_wgmma(device_records);
   return cudaGetLastError() == cudaSuccess;
 #else
   (void)device_records;

@@ -24,10 +24,11 @@ __device__ __forceinline__ unsigned long long Now() {
   void SqkvTraceSet_##name(void* p) {                                                  \
     cudaMemcpyToSymbol(sqkv_trace_unit_##name::g_records, &p, sizeof(p));              \
   }
-#define SQKV_TRACE_STAMP_(k, field, op)                                                      \
+#define SQKV_TRACE_STAMP_(k, field, op) SQKV_TRACE_STAMP_BY_(k, field, op, threadIdx.x == 0)
+#define SQKV_TRACE_STAMP_BY_(k, field, op, stamper)                                          \
   do {                                                                                       \
     ::sqkv::gpu::TraceRecord* r_ = ::sqkv_trace_unit::g_records;                             \
-    if (threadIdx.x == 0 && r_ != nullptr) {                                                 \
+    if ((stamper) && r_ != nullptr) {                                                        \
       op(reinterpret_cast<unsigned long long*>(&r_[static_cast<int>(k)].field),              \
          ::sqkv::gpu::trace_detail::Now());                                                  \
     }                                                                                        \
@@ -39,6 +40,8 @@ __device__ __forceinline__ unsigned long long Now() {
     SQKV_TRACE_STAMP_(k, last_wait, atomicMax);   \
   } while (0)
 #define SQKV_TRACE_END(k) SQKV_TRACE_STAMP_(k, last_end, atomicMax)
+// For kernels whose thread 0 leaves early (a warp-specialised block): `stamper` names the thread.
+#define SQKV_TRACE_END_BY(k, stamper) SQKV_TRACE_STAMP_BY_(k, last_end, atomicMax, stamper)
 #else
 #define SQKV_TRACE_UNIT(name)
 #define SQKV_TRACE_START(k) \
@@ -49,5 +52,8 @@ __device__ __forceinline__ unsigned long long Now() {
   } while (0)
 #define SQKV_TRACE_END(k) \
   do {                    \
+  } while (0)
+#define SQKV_TRACE_END_BY(k, stamper) \
+  do {                                \
   } while (0)
 #endif

@@ -1,6 +1,7 @@
 // Kernel timeline tracing for benchmarks (build option SQKV_KERNEL_TRACE, off by default). When
 // on, the decode path's kernels (small scoring, staged selection, decode attention, split merge)
-// stamp the GPU's global timer into a device buffer: per kernel the first block's start, the
+// and the prefill path's (q conversion, the two 16-bit wgmma passes, the staged selection, the
+// attention's compaction pre-pass and its wgmma kernel) stamp the GPU's global timer into a device buffer: per kernel the first block's start, the
 // first and last block past the dependency wait, and the last block's end; per phase mark inside
 // the scoring and selection kernels the first and last block to reach it. Off, none of this is
 // compiled into the kernels and these functions report that tracing is unavailable. Plain C++.
@@ -17,6 +18,11 @@ enum class TraceKernel : int {
   kStaged,
   kDecode,
   kSplitMerge,
+  kConvertQ,  // prefill: q to binary16
+  kRowPass,   // prefill: pass 1 (wgmma)
+  kColPass,   // prefill: pass 2 (wgmma)
+  kCompact,   // prefill attention: the compaction pre-pass
+  kPrefill,   // prefill attention: the wgmma kernel
   kSmallStarted,    // scoring: the block started
   kSmallIssued,     // scoring (bulk copies): the block's first copies issued
   kSmallFirstTile,  // scoring: the block's first tile's logits computed (its loads arrived)
@@ -37,7 +43,8 @@ struct TraceRecord {
 inline constexpr int kTraceKernels = static_cast<int>(TraceKernel::kCount);
 // Display names, in TraceKernel order.
 inline constexpr const char* kTraceKernelNames[kTraceKernels] = {
-    "small scoring", "staged select", "decode attn", "split merge", " .started",
+    "small scoring", "staged select", "decode attn", "split merge", "convert q",
+    "row pass",      "column pass",   "compaction",  "prefill attn", " .started",
     " .copies out",  " .first tile",  " .scored",    " .cut known", " .decided"};
 
 // Whether this build stamps kernels.

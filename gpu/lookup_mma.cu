@@ -26,7 +26,10 @@
 #include <type_traits>
 
 #include "gpu/device.h"
+#include "gpu/kernel_trace.cuh"
 #include "gpu/lookup_mma.cuh"
+
+SQKV_TRACE_UNIT(lookup_mma)
 
 namespace sqkv::gpu::lookup_detail {
 namespace {
@@ -154,6 +157,7 @@ constexpr int kConvertRows = 4;
 // [2^14, 2^15); the row's logit factor (undoing both scales, times log2 e/√d) goes to info.x.
 // Pass 1, a programmatic dependent where it directly follows, may launch at once.
 __global__ void __launch_bounds__(256) ConvertQKernel(LookupArgs a, Workspace w) {
+  SQKV_TRACE_START(TraceKernel::kConvertQ);
   detail::GridDependencyTrigger();
   constexpr int R = kConvertRows;
   constexpr int kChunks = 2;  // float4 per lane and row: head_dim <= 256
@@ -213,6 +217,7 @@ __global__ void __launch_bounds__(256) ConvertQKernel(LookupArgs a, Workspace w)
       info[row] = make_float4(f, 0.f, 0.f, 0.f);
     }
   }
+  SQKV_TRACE_END(TraceKernel::kConvertQ);
 }
 
 // Pass 1's online update by one group, in three parts: the thread's rows (m, h) (m16 tile m, row

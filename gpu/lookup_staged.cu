@@ -181,9 +181,17 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
     CombineTileStats(s, w.floats, tiles, kStageWarps, row_max, row_inv_z);
   }
   if constexpr (!kFinish) {
-    const float* ready = w.floats + s.score_offset;  // written by the column pass
+    // The column pass's scores, with their bit range for FindCut (CutPartials), which then skips
+    // its own pass over them.
+    const float* ready = w.floats + s.score_offset;
 #pragma unroll 4
-    for (int i = t; i < n; i += T) score[i] = __ldcg(ready + i);
+    for (int i = t; i < n; i += T) {
+      const float v = __ldcg(ready + i);
+      score[i] = v;
+      const uint32_t u = __float_as_uint(v);
+      part.umin = min(part.umin, u);
+      part.umax = max(part.umax, u);
+    }
   }
   __syncthreads();
 
@@ -271,7 +279,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) StagedSelectKernel(LookupArg
     cut.rule = Rule::kThreshold;
     cut.threshold = s.threshold;
   } else if (s.budget > 0) {
-    part.known = vec;
+    part.known = vec || !kFinish;
     cut = FindCut<T>(SharedEntries{score, size}, n, s.budget, sh, part);
   }
   SQKV_TRACE_WAIT(TraceKernel::kStagedCut);

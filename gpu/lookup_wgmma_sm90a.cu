@@ -22,8 +22,11 @@
 #include <type_traits>
 
 #include "gpu/device_cache.h"
+#include "gpu/kernel_trace.cuh"
 #include "gpu/lookup_mma.cuh"
 #include "gpu/wgmma.cuh"
+
+SQKV_TRACE_UNIT(lookup_wgmma)
 
 namespace sqkv::gpu::lookup_detail {
 namespace {
@@ -440,6 +443,7 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
   constexpr int kT = kWgmmaRowPassTiles;
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
+  SQKV_TRACE_START(TraceKernel::kRowPass);
   PassBlock b;
   // (Every block waits for the conversion before it ends, so this grid's completion implies the
   // conversion's.)
@@ -466,6 +470,7 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
   // group with those first stages, waited for here) and factors.
   auto queries = [&] {
     detail::GridDependencyWait();
+    SQKV_TRACE_WAIT(TraceKernel::kRowPass);
     StageQueries<Sh, Sh::kARows>(sm.a_tile, qh, row0, s.rows - row0, d);
     CpAsyncCommit();
     f[0] = ra < s.rows ? info[ra].x : 0.f;
@@ -506,6 +511,7 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
       CombineRowPieces<Sh::kThreads>(s, w, info, part, rtile + k, &last);
     }
   }
+  SQKV_TRACE_END(TraceKernel::kRowPass);
 }
 
 template <int KS>
@@ -515,6 +521,7 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
   constexpr int kT = kWgmmaColPassTiles;
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
+  SQKV_TRACE_START(TraceKernel::kColPass);
   // The staged selection that follows (without finish) waits for this grid's completion before it
   // reads the scores; letting it launch now lets its blocks stage index data as SMs free up.
   if (!finish) detail::GridDependencyTrigger();
@@ -574,6 +581,7 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
     for (int k = 0; k < kT; ++k) CombineColumnPieces<Sh::kThreads>(w, s, e, etile + k, &last);
   }
   FinishSegment<Sh::kThreads>(a, w, seg, level, finish, gridDim.x * gridDim.z, &last);
+  SQKV_TRACE_END(TraceKernel::kColPass);
 }
 
 template <int KS>

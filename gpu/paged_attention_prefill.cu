@@ -8,27 +8,46 @@
 #include <type_traits>
 
 #include "gpu/paged_attention_common.cuh"
+#include "gpu/kernel_trace.cuh"
 #include "gpu/paged_attention_internal.cuh"
+
+SQKV_TRACE_UNIT(prefill)
 
 namespace sqkv::gpu::detail {
 namespace {
 
-constexpr int kCompactThreads = 1024;
+constexpr int kCompactThreads = 256;
+// Blocks a segment's compaction is cut into at most (each sums the valid slots of the pages
+// before its own, so the reads grow with the square of this).
+constexpr int kCompactMaxChunks = 16;
 constexpr int kMt = kPrefillRows / (16 * (kThreads / 32));  // 16-row m tiles per warp: 2
 constexpr int kNt = kPrefillKeys / 8;                       // 8-key n tiles per key tile: 8
 static_assert(kMt == 2, "the rescale vote below names both m tiles");
 
-// One block per segment: tok_rows[s][...] = pool rows of the valid slots, tok_count[s] = total.
-// A chunk of kCompactThreads pages per step (the next chunk's list entries load meanwhile): a
-// block scan gives each page its first slot, then each warp writes whole pages, a page's rows
-// by consecutive lanes, so every store is contiguous (a thread writing its own page's rows made
-// each warp store touch 32 scattered words).
-__global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelParams p) {
+// Pages a compaction block takes: a multiple of kCompactThreads, at most kCompactMaxChunks blocks
+// a segment.
+int CompactChunkPages(int max_pages) {
+  const int per = (max(max_pages, 1) + kCompactMaxChunks - 1) / kCompactMaxChunks;
+  return max(1, (per + kCompactThreads - 1) / kCompactThreads) * kCompactThreads;
+}
+
+// tok_rows[s][...] = pool rows of segment s's valid slots in page-list order, tok_count[s] =
+// how many. Grid (segments, chunks): block (s, c) takes pages [c·chunk, (c + 1)·chunk) of s's
+// list. Its first slot is the sum of the valid slots before, which the block adds up itself (a
+// few loads a thread); then kCompactThreads pages a step: a block scan gives each page its first
+// slot, and each warp writes whole pages, a page's rows by consecutive lanes, so every store is
+// contiguous. The block holding the list's last page (block 0 for an empty list) writes the
+// count. (One 1,024-thread block a segment walking the whole list took 11 µs at 128K prefill,
+// ≈ 1,200 pages a segment: bench/NOTES-gpu-attention.md.)
+__global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelParams p,
+                                                                 int chunk_pages) {
   constexpr int kWarps = kCompactThreads / 32;
   __shared__ int warp_sums[kWarps];
-  __shared__ int page_start[kCompactThreads];  // the chunk's pages: first slot, chunk-relative
+  __shared__ int warp_before[kWarps];          // the sum of the pages before the chunk, by warp
+  __shared__ int page_start[kCompactThreads];  // the step's pages: first slot, step-relative
   __shared__ int page_count[kCompactThreads];  // valid slots
   __shared__ uint32_t page_row[kCompactThreads];
+  SQKV_TRACE_START(TraceKernel::kCompact);
   GridDependencyTrigger();  // the prefill kernel may start loading its Q tile now
   const int seg = blockIdx.x;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -36,23 +55,53 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelPar
   // The page lists of the kernel before (the lookup, in a dependent launch). Every block waits,
   // so the prefill kernel, which waits for this grid, also comes after that kernel.
   GridDependencyWait();
+  SQKV_TRACE_WAIT(TraceKernel::kCompact);
   const int count = max(0, min(p.seg_page_count[seg], p.max_pages));
   const int page_tokens = p.page_tokens;
-  uint32_t* dst = PrefillKeyRows(p, seg);
+  const int b0 = static_cast<int>(blockIdx.y) * chunk_pages;
+  if (blockIdx.y > 0 && b0 >= count) return;
+  const int b1 = min(count, b0 + chunk_pages);
+  auto valid_of = [&](int i) {
+    return min(max(__ldcg(p.page_valid + page_off + i), 0), page_tokens);
+  };
   auto load = [&](int i, int& valid, uint32_t& row) {
     valid = 0;
     row = 0;
-    if (i < count) {
-      valid = min(max(p.page_valid[page_off + i], 0), page_tokens);
-      row =
-          static_cast<uint32_t>(p.page_ids[page_off + i]) * static_cast<uint32_t>(2 * page_tokens);
+    if (i < b1) {
+      valid = valid_of(i);
+      row = static_cast<uint32_t>(__ldcg(p.page_ids + page_off + i)) *
+            static_cast<uint32_t>(2 * page_tokens);
     }
   };
   int next_valid;
   uint32_t next_row;
-  load(tid, next_valid, next_row);
-  int base = 0;
-  for (int c0 = 0; c0 < count; c0 += kCompactThreads) {
+  load(b0 + tid, next_valid, next_row);
+  int before = 0;  // valid slots of pages [0, b0)
+  {
+    constexpr int kHeld = 4;  // loads a thread issues together
+    for (int i0 = 0; i0 < b0; i0 += kHeld * kCompactThreads) {
+      int v[kHeld];
+#pragma unroll
+      for (int k = 0; k < kHeld; ++k) {
+        const int i = i0 + k * kCompactThreads + tid;
+        v[k] = i < b0 ? valid_of(i) : 0;
+      }
+#pragma unroll
+      for (int k = 0; k < kHeld; ++k) before += v[k];
+    }
+    before = __reduce_add_sync(0xffffffffu, before);
+    if (lane == 0) warp_before[warp] = before;
+    __syncthreads();
+    before = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) before += warp_before[w];
+  }
+  uint32_t* dst = PrefillKeyRows(p, seg);
+  // Lanes per page in the writes: 16 for pages of up to 16 tokens (two pages a warp), else 32.
+  const int sub = page_tokens <= 16 ? 16 : 32;
+  const int per_warp = 32 / sub;
+  int base = before;
+  for (int c0 = b0; c0 < b1; c0 += kCompactThreads) {
     const int valid = next_valid;
     const uint32_t row = next_row;
     load(c0 + kCompactThreads + tid, next_valid, next_row);
@@ -64,27 +113,28 @@ __global__ void __launch_bounds__(kCompactThreads) CompactKernel(const KernelPar
     }
     if (lane == 31) warp_sums[warp] = incl;
     __syncthreads();
-    int before = 0, total = 0;
+    int warps_before = 0, total = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       const int ws = warp_sums[w];
-      before += w < warp ? ws : 0;
+      warps_before += w < warp ? ws : 0;
       total += ws;
     }
-    page_start[tid] = before + incl - valid;
+    page_start[tid] = warps_before + incl - valid;
     page_count[tid] = valid;
     page_row[tid] = row;
     __syncthreads();
-    const int pages = min(kCompactThreads, count - c0);
-    for (int k = warp; k < pages; k += kWarps) {
+    const int pages = min(kCompactThreads, b1 - c0);
+    for (int k = warp * per_warp + lane / sub; k < pages; k += kWarps * per_warp) {
       const int start = base + page_start[k], n = page_count[k];
       const uint32_t r = page_row[k];
-      for (int t = lane; t < n; t += 32) dst[start + t] = r + t;
+      for (int t = lane % sub; t < n; t += sub) dst[start + t] = r + t;
     }
     base += total;
-    __syncthreads();  // warp_sums and the page arrays are rewritten by the next chunk
+    __syncthreads();  // warp_sums and the page arrays are rewritten by the next step
   }
-  if (tid == 0) p.tok_count[seg] = base;
+  if (tid == 0 && b1 == count) p.tok_count[seg] = base;
+  SQKV_TRACE_END(TraceKernel::kCompact);
 }
 
 template <int D>
@@ -348,8 +398,12 @@ Status Launch(const KernelParams& p, const Plan& plan, cudaStream_t stream) {
   if (!plan.prefill_wgmma) SQKV_RETURN_IF_ERROR((Info<T, D>(&info)));
   static const Status carveout = PreferShared(CompactKernel);
   SQKV_RETURN_IF_ERROR(carveout);
-  SQKV_RETURN_IF_ERROR(LaunchKernel(CompactKernel, dim3(p.num_segments), dim3(kCompactThreads), 0,
-                                    stream, plan.dependent_first, "prefill compaction kernel", p));
+  const int chunk_pages = CompactChunkPages(p.max_pages);
+  const int chunks = (max(p.max_pages, 1) + chunk_pages - 1) / chunk_pages;
+  SQKV_RETURN_IF_ERROR(LaunchKernel(CompactKernel,
+                                    dim3(p.num_segments, static_cast<unsigned>(chunks)),
+                                    dim3(kCompactThreads), 0, stream, plan.dependent_first,
+                                    "prefill compaction kernel", p, chunk_pages));
   if (plan.prefill_wgmma) return LaunchPrefillWgmmaKernel(DTypeOf<T>(), p, plan, stream);
   const int64_t blocks = static_cast<int64_t>(p.num_segments) * plan.splits * plan.row_tiles;
   return LaunchKernel(PrefillKernel<T, D>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),

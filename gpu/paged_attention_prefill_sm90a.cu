@@ -14,8 +14,11 @@
 #include <type_traits>
 
 #include "gpu/paged_attention_common.cuh"
+#include "gpu/kernel_trace.cuh"
 #include "gpu/paged_attention_internal.cuh"
 #include "gpu/wgmma.cuh"
+
+SQKV_TRACE_UNIT(prefill_wgmma)
 
 namespace sqkv::gpu::detail {
 namespace {
@@ -97,6 +100,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   const uint32_t base = (SmemAddr(smem_raw) + 1023u) & ~1023u;
   const uint32_t q_tile = base, kv0 = base + kQBytes;  // stage s: K at kv0 + 2s·tile, V after
   const int tid = threadIdx.x, lane = tid % 32;
+  SQKV_TRACE_START(TraceKernel::kPrefill);
   const PrefillBlock blk = PrefillBlockOf(p);
   const int split = blk.split, seg = blk.seg, rows = blk.rows, r0 = blk.r0;
   if (r0 >= rows) {
@@ -112,6 +116,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
   });
 
   GridDependencyWait();  // the compact lists of the pre-pass
+  SQKV_TRACE_WAIT(TraceKernel::kPrefill);
   const int ntok = PrefillKeyCount(p, seg);
   // The split's share of the plan's 64-key work items, walked in 128-key tiles (the last one may
   // be short, also where the share ends before the list does).
@@ -307,6 +312,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) PrefillWgmmaKernel(const Ker
     }
     if (tq == 0) *out.lse = out.lse_val;
   }
+  SQKV_TRACE_END_BY(TraceKernel::kPrefill, threadIdx.x == 128);
 }
 
 template <typename T>

@@ -457,10 +457,21 @@ TEST(PagedAttentionTest, PrefillSplits) {
     spec.segments = {{300, 700}, {150, 40}, {50, 0}};
     CheckCase(spec, "prefill long lists (splits)");
   }
-  // Over 1,024 pages in a segment: the pre-pass compacts the list in chunks of 1,024 pages.
+  // The pre-pass cuts a segment's list into blocks of 256 pages (up to 16 blocks a segment, so
+  // beyond 4,096 pages a block takes several steps of 256), each summing the slots before it:
+  // lists that end inside a block, on a block's edge, past 4,096 pages, and page sizes whose
+  // writes take 16 or 32 lanes a page.
   CaseSpec spec;
-  spec.segments = {{40, 2100}, {33, 1025}};
-  CheckCase(spec, "prefill lists over 1,024 pages");
+  spec.segments = {{40, 2100}, {33, 1025}, {9, 256}, {5, 257}};
+  CheckCase(spec, "prefill lists over 256 pages");
+  spec.segments = {{20, 4500}, {8, 300}, {4, 0}, {3, 4097}};
+  CheckCase(spec, "prefill lists over 4,096 pages");
+  for (int page_tokens : {8, 32}) {
+    spec.page_tokens = page_tokens;
+    spec.segments = {{24, 700}, {7, 513}};
+    CheckCase(spec, page_tokens == 8 ? "prefill lists, 8-token pages"
+                                     : "prefill lists, 32-token pages");
+  }
 }
 
 TEST(PagedAttentionTest, Prefill4096Rows) {
