@@ -214,7 +214,7 @@ Status StoreImpl::Import(const std::string& name, const std::string& path,
     w.window = static_cast<int32_t>(t.shape[1]);
     w.head_dim = ct.head_dim;
     w.data.resize(t.num_elements());
-    ToFloat(t.dtype, (*file)->Data(t), w.data.data(), w.data.size());
+    SQKV_RETURN_IF_ERROR((*file)->ReadFloat(t, w.data.data()));
     for (size_t i = 0; i < w.data.size(); ++i) {
       if (!std::isfinite(w.data[i])) {
         return Status::InvalidArgument("tensor " + t.name + ": element " + std::to_string(i) +
@@ -223,9 +223,14 @@ Status StoreImpl::Import(const std::string& name, const std::string& path,
     }
     spec.window_queries.push_back(std::move(w));
   }
-  auto layer_source = [&](int l, LayerBytes* out) {
-    out->k = static_cast<const uint8_t*>((*file)->Data(*ct.k[l]));
-    out->v = static_cast<const uint8_t*>((*file)->Data(*ct.v[l]));
+  // One layer's keys and values at a time, read from the file when the build asks for them.
+  auto layer_source = [&](int l, LayerBytes* out) -> Status {
+    out->k_own.resize(ct.k[l]->nbytes());
+    out->v_own.resize(ct.v[l]->nbytes());
+    SQKV_RETURN_IF_ERROR((*file)->Read(*ct.k[l], out->k_own.data()));
+    SQKV_RETURN_IF_ERROR((*file)->Read(*ct.v[l], out->v_own.data()));
+    out->k = out->k_own.data();
+    out->v = out->v_own.data();
     out->k_name = ct.k[l]->name;
     out->v_name = ct.v[l]->name;
     return Status::Ok();

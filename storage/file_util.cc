@@ -116,6 +116,20 @@ Status OpenRegularFile(const std::string& path, int* fd, uint64_t* size) {
   return Status::Ok();
 }
 
+Status PreadFull(int fd, uint64_t offset, size_t bytes, void* dst, const std::string& path,
+                 size_t* got) {
+  auto* p = static_cast<uint8_t*>(dst);
+  *got = 0;
+  while (*got < bytes) {
+    const ssize_t n = ::pread(fd, p + *got, bytes - *got, static_cast<off_t>(offset + *got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return ErrnoStatus("cannot read", path, errno);
+    if (n == 0) break;  // end of file
+    *got += static_cast<size_t>(n);
+  }
+  return Status::Ok();
+}
+
 uint64_t DirectoryBytes(const std::string& dir) {
   uint64_t total = 0;
   std::error_code ec;

@@ -33,6 +33,12 @@ Result<uint64_t> FileSize(const std::string& path);
 // NotFound/IOError from the OS ("cannot open <path>: ..."), InvalidArgument for a non-file.
 // Never blocks on a FIFO or device: the open is non-blocking until the file is known regular.
 Status OpenRegularFile(const std::string& path, int* fd, uint64_t* size);
+// pread(2) of `bytes` bytes at `offset` into dst (size `bytes`), retried on EINTR and continued
+// after short reads. *got receives the bytes read: fewer than `bytes` only when the file ends
+// first, which is not an error here (the caller knows what an early end means). IOError
+// "cannot read <path>: ..." if the OS refuses.
+Status PreadFull(int fd, uint64_t offset, size_t bytes, void* dst, const std::string& path,
+                 size_t* got);
 // Bytes of the regular files under `dir`, recursively; 0 for a missing directory.
 uint64_t DirectoryBytes(const std::string& dir);
 

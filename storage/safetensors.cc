@@ -2,8 +2,6 @@
 
 #include "storage/file_util.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -40,6 +38,8 @@ constexpr size_t kHeaderAlignment = 8;              // the writer pads the heade
 constexpr size_t kMaxJsonDepth = 16;
 constexpr size_t kMaxQuotedChars = 48;  // of a JSON value echoed in an error
 constexpr const char* kMetadataKey = "__metadata__";
+// ReadFloat converts F16/BF16 through a buffer of this many bytes at most.
+constexpr size_t kStagingBytes = 1 << 20;
 
 const char* FormatDTypeName(DType t) {
   switch (t) {
@@ -356,6 +356,15 @@ Status CheckNoOverlap(const std::vector<TensorInfo>& tensors) {
 
 
 
+// The end of an error for a read that found the file shorter than it was when opened.
+std::string ShrunkNote(int fd, uint64_t bytes_when_opened) {
+  struct stat st {};
+  const std::string now =
+      ::fstat(fd, &st) == 0 ? "now has " + std::to_string(st.st_size) + " bytes" : "ended early";
+  return "the file " + now + ", " + std::to_string(bytes_when_opened) +
+         " when opened (was it truncated while being read?)";
+}
+
 }  // namespace
 
 size_t TensorInfo::num_elements() const {
@@ -370,23 +379,25 @@ Result<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string
   int fd = -1;
   uint64_t size = 0;
   SQKV_RETURN_IF_ERROR(OpenRegularFile(path, &fd, &size));
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->fd_ = fd;  // closed by the destructor from here on
+  file->path_ = path;
+  file->file_bytes_ = size;
   if (size < kHeaderLengthBytes) {
-    close(fd);
     return Status::InvalidArgument(path + ": file is " + std::to_string(size) +
                                    " bytes, shorter than the 8-byte header length");
   }
-  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
-  file->path_ = path;
-  void* map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  Status map_status = map == MAP_FAILED ? ErrnoStatus("cannot mmap", path, errno) : Status::Ok();
-  close(fd);  // the mapping keeps the file alive
-  SQKV_RETURN_IF_ERROR(map_status);
-  file->map_ = map;
-  file->map_size_ = size;
-
-  const auto* bytes = static_cast<const uint8_t*>(map);
+  // The size is known from Open's fstat; an early end while reading the header means the file
+  // shrank since then.
+  auto read_header = [&](uint64_t offset, size_t n, void* dst) {
+    size_t got = 0;
+    SQKV_RETURN_IF_ERROR(PreadFull(fd, offset, n, dst, path, &got));
+    if (got == n) return Status::Ok();
+    return Status::IOError(path + ": reading the header: " + ShrunkNote(fd, size));
+  };
   uint64_t header_len;
-  std::memcpy(&header_len, bytes, sizeof(header_len));  // little-endian host (asserted above)
+  // Little-endian host (asserted above).
+  SQKV_RETURN_IF_ERROR(read_header(0, sizeof(header_len), &header_len));
   if (header_len > kMaxHeaderBytes) {
     return Status::InvalidArgument(path + ": header length " + std::to_string(header_len) +
                                    " exceeds the limit of " + std::to_string(kMaxHeaderBytes) +
@@ -398,10 +409,11 @@ Result<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string
                                    " bytes)");
   }
   const uint64_t data_size = size - kHeaderLengthBytes - header_len;
-  file->data_section_ = bytes + kHeaderLengthBytes + header_len;
+  file->data_section_ = kHeaderLengthBytes + header_len;
 
+  std::string text(header_len, '\0');
+  SQKV_RETURN_IF_ERROR(read_header(kHeaderLengthBytes, text.size(), text.data()));
   Json header;
-  std::string_view text(reinterpret_cast<const char*>(bytes + kHeaderLengthBytes), header_len);
   SQKV_RETURN_IF_ERROR(ParseHeaderJson(text, &header).WithContext(path));
   for (const auto& [key, value] : header.items()) {
     if (key == kMetadataKey) {
@@ -419,7 +431,7 @@ Result<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string
 }
 
 SafetensorsFile::~SafetensorsFile() {
-  if (map_ != nullptr) munmap(map_, map_size_);
+  if (fd_ >= 0) close(fd_);
 }
 
 const TensorInfo* SafetensorsFile::Find(std::string_view name) const {
@@ -428,8 +440,34 @@ const TensorInfo* SafetensorsFile::Find(std::string_view name) const {
   return it != tensors_.end() && it->name == name ? &*it : nullptr;
 }
 
-const void* SafetensorsFile::Data(const TensorInfo& info) const {
-  return data_section_ + info.data_begin;
+Status SafetensorsFile::ReadRange(const TensorInfo& info, uint64_t offset, size_t nbytes,
+                                  void* dst) const {
+  const uint64_t at = data_section_ + info.data_begin + offset;  // in the file
+  size_t got = 0;
+  Status s = PreadFull(fd_, at, nbytes, dst, path_, &got);
+  if (s.ok() && got == nbytes) return s;
+  const std::string what = path_ + ": tensor " + info.name + ": reading " + std::to_string(nbytes) +
+                           " bytes at file offset " + std::to_string(at);
+  if (!s.ok()) return s.WithContext(what);
+  return Status::IOError(what + ": " + ShrunkNote(fd_, file_bytes_));
+}
+
+Status SafetensorsFile::Read(const TensorInfo& info, void* dst) const {
+  return ReadRange(info, 0, info.nbytes(), dst);
+}
+
+Status SafetensorsFile::ReadFloat(const TensorInfo& info, float* dst) const {
+  const size_t n = info.num_elements();
+  if (info.dtype == DType::kF32) return Read(info, dst);  // the bytes are the floats
+  const size_t elem = DTypeSize(info.dtype);
+  const size_t chunk = kStagingBytes / elem;  // elements per read
+  std::vector<uint8_t> staging(std::min(n, chunk) * elem);
+  for (size_t done = 0; done < n; done += chunk) {
+    const size_t m = std::min(chunk, n - done);
+    SQKV_RETURN_IF_ERROR(ReadRange(info, done * elem, m * elem, staging.data()));
+    ToFloat(info.dtype, staging.data(), dst + done, m);
+  }
+  return Status::Ok();
 }
 
 void SafetensorsWriter::Add(std::string name, DType dtype, std::vector<int64_t> shape,

@@ -38,13 +38,15 @@ struct TensorInfo {
   size_t nbytes() const;
 };
 
-// A read-only, memory-mapped safetensors file. The mapping lives as long as the object; pointers
-// returned by Data() die with it. If another process shrinks the file while it is mapped, reads
-// past the new end fault (SIGBUS): files are expected to be immutable once written (the CLI's
-// import says so when it happens: tools/sqkv ExplainBusError).
+// A read-only safetensors file, open for positional reads (pread) as long as the object lives.
+// Open() reads and checks the header; tensor bytes are read only when asked for, into the
+// caller's buffer, so memory stays bounded by what the caller holds. If another process shrinks
+// the file after Open (truncates it in place), a read past the new end is IOError naming the
+// file, the tensor and the offset, never a signal. A file replaced by rename keeps being read
+// from the one that was opened.
 class SafetensorsFile {
  public:
-  // Maps and validates `path`. NotFound if it does not exist, IOError if the OS refuses,
+  // Opens and validates `path`. NotFound if it does not exist, IOError if the OS refuses,
   // InvalidArgument if the bytes are not a well-formed safetensors file with supported dtypes:
   //   - shorter than 8 bytes, or a header length past the end of the file or above 32 MiB;
   //   - a header that is not a JSON object (bad UTF-8, trailing garbage, duplicate keys);
@@ -66,10 +68,14 @@ class SafetensorsFile {
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   // The tensor called `name`, or nullptr.
   const TensorInfo* Find(std::string_view name) const;
-  // The first byte of `info`'s data: info.nbytes() bytes, little-endian, C order. `info` must come
-  // from this file. The pointer is only as aligned as the file's layout makes it (the format does
-  // not promise alignment): copy out (e.g. with ToFloat) rather than casting to float*.
-  const void* Data(const TensorInfo& info) const;
+  // Copies `info`'s data into dst: info.nbytes() bytes, little-endian, C order (dst needs no
+  // alignment). `info` must come from this file. IOError naming the file, the tensor and the file
+  // offset if the OS refuses the read or the file ends before the tensor does (it shrank after
+  // Open); dst's contents are then unspecified.
+  Status Read(const TensorInfo& info, void* dst) const;
+  // As Read, converted to float: dst receives info.num_elements() floats (ToFloat). F16 and BF16
+  // go through a staging buffer of at most 1 MiB.
+  Status ReadFloat(const TensorInfo& info, float* dst) const;
   // The "__metadata__" entries (empty when the header has none).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& path() const { return path_; }
@@ -77,10 +83,13 @@ class SafetensorsFile {
  private:
   SafetensorsFile() = default;
 
+  // Reads bytes [offset, offset + nbytes) of `info`'s data into dst.
+  Status ReadRange(const TensorInfo& info, uint64_t offset, size_t nbytes, void* dst) const;
+
   std::string path_;
-  void* map_ = nullptr;  // the whole file, PROT_READ, MAP_PRIVATE
-  size_t map_size_ = 0;
-  const uint8_t* data_section_ = nullptr;  // inside map_, just after the header
+  int fd_ = -1;                // read-only, closed by the destructor
+  uint64_t file_bytes_ = 0;    // the size when opened
+  uint64_t data_section_ = 0;  // file offset of the data section, just after the header
   std::vector<TensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;
 };

@@ -103,7 +103,7 @@ TEST_F(AdminTest, CalibrationHitsTargetSparsityOnHeldOutQueries) {
     ASSERT_NE(t0, nullptr);
     const int window = static_cast<int>(t0->shape[1]), half = window / 2, d = so.head_dim;
     std::vector<float> w(t0->num_elements());
-    ToFloat(t0->dtype, (*file_or)->Data(*t0), w.data(), w.size());
+    ASSERT_TRUE((*file_or)->ReadFloat(*t0, w.data()).ok());
     std::vector<WindowQueries> calib(1), held(1);
     for (auto* part : {&calib[0], &held[0]}) {
       part->q_heads = so.q_heads;

@@ -1,6 +1,7 @@
 #include "storage/safetensors.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
@@ -112,11 +113,11 @@ TEST_P(SafetensorsRoundTrip, KeepsEveryTensorAndTheMetadata) {
     EXPECT_EQ(t->shape, s.shape);
     EXPECT_EQ(t->nbytes(), s.bytes.size());
     EXPECT_EQ(t->data_end - t->data_begin, s.bytes.size());
-    const auto* data = static_cast<const uint8_t*>((*file)->Data(*t));
-    EXPECT_EQ(std::vector<uint8_t>(data, data + t->nbytes()), s.bytes);
+    std::vector<uint8_t> bytes(t->nbytes());
+    ASSERT_TRUE((*file)->Read(*t, bytes.data()).ok());
+    EXPECT_EQ(bytes, s.bytes);
     std::vector<float> got(t->num_elements());
-    // ToFloat memcpys even for n == 0, and an empty vector's data() may be null.
-    if (!got.empty()) ToFloat(t->dtype, (*file)->Data(*t), got.data(), got.size());
+    ASSERT_TRUE((*file)->ReadFloat(*t, got.data()).ok());
     EXPECT_EQ(got, s.values);
   }
   EXPECT_EQ((*file)->Find("k.1"), nullptr);
@@ -251,7 +252,9 @@ TEST(SafetensorsFile, AcceptsAnEmptyHeaderGapsAndAnUnpaddedHeader) {
   ASSERT_TRUE(file.ok()) << file.status().ToString();
   const TensorInfo* a = (*file)->Find("a");
   ASSERT_NE(a, nullptr);
-  EXPECT_EQ(static_cast<const uint8_t*>((*file)->Data(*a))[0], static_cast<uint8_t>(4 * 7 + 1));
+  uint8_t a_bytes[8];
+  ASSERT_TRUE((*file)->Read(*a, a_bytes).ok());
+  EXPECT_EQ(a_bytes[0], static_cast<uint8_t>(4 * 7 + 1));
   EXPECT_EQ((*file)->Find("z")->num_elements(), 0u);
 
   // Brackets and escaped quotes inside names do not count as nesting.
@@ -484,6 +487,92 @@ TEST(SafetensorsFile, EveryTruncationFailsCleanly) {
     SCOPED_TRACE(n);
     WriteBytes(path, full.substr(0, n));
     ExpectInvalid(SafetensorsFile::Open(path), path, {});
+  }
+}
+
+// Another process shrinking the file between Open and a read: the read is IOError naming the
+// file, the tensor and where the file now ends, not a signal; bytes before the cut still read.
+TEST(SafetensorsFile, ShrunkAfterOpenIsAnIOErrorNamingTheTensorAndOffset) {
+  std::mt19937_64 rng(FreshSeed());
+  ScratchDir dir;
+  const std::string path = dir.file("shrinks.safetensors");
+  Sample a = MakeSample(DType::kF32, {64}, rng);      // data [0, 256)
+  Sample b = MakeSample(DType::kF16, {2, 300}, rng);  // data [256, 1456)
+  SafetensorsWriter writer;
+  writer.Add("a", DType::kF32, a.shape, a.bytes.data());
+  writer.Add("b", DType::kF16, b.shape, b.bytes.data());
+  ASSERT_TRUE(writer.Write(path).ok());
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, ReadBytes(path).data(), 8);
+  const uint64_t b_at = 8 + header_len + 256;  // b's first byte in the file
+
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status().ToString();
+  const TensorInfo& ta = *(*file)->Find("a");
+  const TensorInfo& tb = *(*file)->Find("b");
+  ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(b_at + 100)), 0);
+
+  std::vector<uint8_t> got_a(ta.nbytes());
+  ASSERT_TRUE((*file)->Read(ta, got_a.data()).ok());
+  EXPECT_EQ(got_a, a.bytes);
+  std::vector<uint8_t> got_b(tb.nbytes());
+  std::vector<float> floats_b(tb.num_elements());
+  for (const Status& st :
+       {(*file)->Read(tb, got_b.data()), (*file)->ReadFloat(tb, floats_b.data())}) {
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.code(), Status::Code::kIOError) << st.ToString();
+    for (const std::string& part :
+         {path, std::string("tensor b"), "at file offset " + std::to_string(b_at),
+          "now has " + std::to_string(b_at + 100) + " bytes", std::string("truncated")}) {
+      EXPECT_NE(st.message().find(part), std::string::npos)
+          << "missing '" << part << "' in " << st.ToString();
+    }
+  }
+
+  ASSERT_EQ(::truncate(path.c_str(), 0), 0);
+  const Status st = (*file)->Read(ta, got_a.data());
+  EXPECT_EQ(st.code(), Status::Code::kIOError) << st.ToString();
+  EXPECT_NE(st.message().find("tensor a"), std::string::npos) << st.ToString();
+}
+
+// A file replaced by rename (as SafetensorsWriter does) after Open: reads still see the opened one.
+TEST(SafetensorsFile, ReplacedAfterOpenKeepsReadingTheOpenedFile) {
+  std::mt19937_64 rng(FreshSeed());
+  ScratchDir dir;
+  const std::string path = dir.file("replaced.safetensors");
+  Sample old_x = MakeSample(DType::kBF16, {4, 8}, rng);
+  Sample new_x = MakeSample(DType::kBF16, {4, 8}, rng);
+  SafetensorsWriter first, second;
+  first.Add("x", DType::kBF16, old_x.shape, old_x.bytes.data());
+  second.Add("x", DType::kBF16, new_x.shape, new_x.bytes.data());
+  ASSERT_TRUE(first.Write(path).ok());
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status().ToString();
+  ASSERT_TRUE(second.Write(path).ok());
+  std::vector<float> got(32);
+  ASSERT_TRUE((*file)->ReadFloat(*(*file)->Find("x"), got.data()).ok());
+  EXPECT_EQ(got, old_x.values);
+}
+
+// ReadFloat converts halves through a bounded buffer: a tensor of several buffers' worth comes
+// out whole, the boundaries included.
+TEST(SafetensorsFile, ReadFloatOfATensorLargerThanTheStagingBuffer) {
+  std::mt19937_64 rng(FreshSeed());
+  ScratchDir dir;
+  const std::string path = dir.file("large.safetensors");
+  // 1.5 MiB + 6 bytes of F16 or BF16: one full staging buffer (1 MiB) and a ragged rest.
+  const std::vector<int64_t> shape = {3, 262145};
+  for (DType dtype : {DType::kF16, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    Sample s = MakeSample(dtype, shape, rng);
+    SafetensorsWriter writer;
+    writer.Add("big", dtype, s.shape, s.bytes.data());
+    ASSERT_TRUE(writer.Write(path).ok());
+    auto file = SafetensorsFile::Open(path);
+    ASSERT_TRUE(file.ok()) << file.status().ToString();
+    std::vector<float> got(s.values.size());
+    ASSERT_TRUE((*file)->ReadFloat(*(*file)->Find("big"), got.data()).ok());
+    EXPECT_EQ(got, s.values);
   }
 }
 

@@ -79,28 +79,7 @@ extern "C" void OnInterrupt(int) {
   errno = saved_errno;
 }
 
-struct sigaction g_old_bus;
-
-extern "C" void OnBusError(int) {
-  static const char kNote[] =
-      "\nsqkv: import: a file being read shrank under it (bus error): was the source file changed "
-      "during the import? Nothing was published.\n";
-  const ssize_t ignored = ::write(STDERR_FILENO, kNote, sizeof(kNote) - 1);
-  (void)ignored;
-  ::_exit(kExitIOError);
-}
-
 }  // namespace
-
-ExplainBusError::ExplainBusError() {
-  struct sigaction sa;
-  std::memset(&sa, 0, sizeof(sa));
-  sa.sa_handler = OnBusError;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGBUS, &sa, &g_old_bus);
-}
-
-ExplainBusError::~ExplainBusError() { sigaction(SIGBUS, &g_old_bus, nullptr); }
 
 CancelOnInterrupt::CancelOnInterrupt() {
   g_interrupted.store(false);
@@ -146,7 +125,7 @@ void SetTestHooks(ImportOptions* options) {
       std::raise(SIGTERM);  // handled as Ctrl-C is, and not ignored in background jobs
     }
     if (at == truncate_stage && !truncate_file.empty()) {
-      // Another process shrinking the source under the import: its next read faults.
+      // Another process shrinking the source under the import: its next read fails (IOError).
       if (::truncate(truncate_file.c_str(), 4096) != 0) std::raise(SIGKILL);
       truncate_file.clear();
     }

@@ -54,22 +54,11 @@ class CancelOnInterrupt {
   std::function<bool()> Asked() const;
 };
 
-// A local import reads its source file through a memory map: if another process shrinks the file
-// meanwhile, the read faults (SIGBUS). While one of these is alive that ends the process with a
-// message saying so (exit kExitIOError) instead of a bare "Bus error"; nothing was published, and
-// the segment's temporary file goes at the next `sqkv compact`.
-class ExplainBusError {
- public:
-  ExplainBusError();
-  ~ExplainBusError();  // the previous handler back
-  ExplainBusError(const ExplainBusError&) = delete;
-  ExplainBusError& operator=(const ExplainBusError&) = delete;
-};
-
 // Test hooks of import and rebuild, from the environment: SQKV_TEST_CRASH_AT=<stage> kills the
 // process (SIGKILL) and SQKV_TEST_INTERRUPT_AT=<stage> raises SIGTERM once, at that point of the
 // build (ImportOptions::on_stage: head_written, segment_written, segment_published, published);
-// SQKV_TEST_TRUNCATE_AT=<stage>:<file> truncates <file> to 4 KiB there, once (ExplainBusError).
+// SQKV_TEST_TRUNCATE_AT=<stage>:<file> truncates <file> to 4 KiB there, once (the source shrinking
+// under an import, which then fails with IOError).
 void SetTestHooks(ImportOptions* options);
 
 // Prints to stderr a one-line bar, redrawn in place, when stderr is a terminal; silent otherwise.

@@ -23,7 +23,7 @@ Status ReadCalibrationFile(const std::string& path, int layers, std::vector<Wind
     w.window = static_cast<int32_t>(t->shape[1]);
     w.head_dim = static_cast<int32_t>(t->shape[2]);
     w.data.resize(t->num_elements());
-    ToFloat(t->dtype, (*file)->Data(*t), w.data.data(), w.data.size());
+    SQKV_RETURN_IF_ERROR((*file)->ReadFloat(*t, w.data.data()));
   }
   return Status::Ok();
 }

@@ -43,7 +43,6 @@ void AddImport(CLI::App& app, GlobalOptions& g, Runner* run) {
     options.cancelled = interrupt.Asked();
     SetTestHooks(&options);
     ContextInfo info;
-    const ExplainBusError bus_error;
     Status s = store->Import(args->name, args->file, options, &info);
     bar.Finish();
     if (!s.ok()) return Fail(s);
