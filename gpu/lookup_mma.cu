@@ -208,8 +208,11 @@ __global__ void __launch_bounds__(256) ConvertQKernel(LookupArgs a, Workspace w)
     for (int c = 0; c < kChunks; ++c) {
       const int k = lane * 4 + 128 * c;
       if (k >= d) break;
-      dst[k / 2] = __floats2half2_rn(sc(v[r][c].x), sc(v[r][c].y));
-      dst[k / 2 + 1] = __floats2half2_rn(sc(v[r][c].z), sc(v[r][c].w));
+      // One 8-byte store of the four halves (rows are 16-byte aligned: d is a multiple of 16).
+      const __half2 lo = __floats2half2_rn(sc(v[r][c].x), sc(v[r][c].y));
+      const __half2 hi = __floats2half2_rn(sc(v[r][c].z), sc(v[r][c].w));
+      *reinterpret_cast<uint2*>(dst + k / 2) = make_uint2(
+          *reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
     }
     if (lane == 0) {
       // base · 2^-e2 rounds once, as ldexpf does, where 2^-e2 is a normal float

@@ -444,6 +444,9 @@ __global__ void __launch_bounds__(RowShape<KS>::kThreads, RowShape<KS>::kMinBloc
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last;
   SQKV_TRACE_START(TraceKernel::kRowPass);
+  // Pass 2, this pass's programmatic dependent, may launch now: its blocks stage their entries on
+  // SMs this grid leaves free (it has fewer blocks than SMs at 128K) or as its blocks end.
+  detail::GridDependencyTrigger();
   PassBlock b;
   // (Every block waits for the conversion before it ends, so this grid's completion implies the
   // conversion's.)
@@ -528,7 +531,11 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
   PassBlock b;
   // Grid x: the tile, z: the piece (PlanLookup's ChooseColPieces). Blocks past the segment's
   // pieces only arrive at its end.
-  if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b, /*pieces_in_z=*/true)) return;
+  // Every block waits for pass 1 (a programmatic dependent of it) before it ends, so this grid's
+  // completion implies pass 1's.
+  if (!GetPassBlock(a, w, level, /*row_pass=*/false, &b, /*pieces_in_z=*/true)) {
+    return detail::GridDependencyWait();
+  }
   const LookupSegment& s = *b.s;
   const EntrySet& e = b.e;
   const int seg = b.seg, d = a.head_dim;
@@ -549,6 +556,7 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
 
     // The block's entries (only the scored ones: pass 2 scores what the selection ranks).
     StageEntries<Sh, Sh::kARows>(sm.a_tile, e, col0, e.scored - col0, d);
+    detail::GridDependencyWait();  // pass 1's row statistics (info), which the stages copy
     const int ea = col0 + warp * 16 + g, eb = ea + 8;
     constexpr ShortStage kShort = KS <= 4 ? ShortStage::kFirst : ShortStage::kLast;
     const StageSpans<kShort, SR> spans(begin, end);
@@ -576,6 +584,8 @@ __global__ void __launch_bounds__(ColShape<KS>::kThreads, ColShape<KS>::kMinBloc
     StageLoop<Sh, kShort>(sm, ntiles, [] {}, stage, epi);
     FinishColumn(s, e, w, piece, splits, ea, tq, col[0]);
     FinishColumn(s, e, w, piece, splits, eb, tq, col[1]);
+  } else {
+    detail::GridDependencyWait();
   }
   if (in_pieces) {
     for (int k = 0; k < kT; ++k) CombineColumnPieces<Sh::kThreads>(w, s, e, etile + k, &last);
@@ -609,9 +619,10 @@ cudaError_t LaunchKS(const LookupArgs& a, const LookupLayout& l, const Workspace
                  Row::kSmemBytes, stream, Pass1FollowsConversion(l, level), a, w, level);
   if (err != cudaSuccess || steps < 3) return err;
   const bool staged = level == 2 && UseStagedSelect(a, l, SegmentList::kLarge);
-  ColumnWgmmaKernel<KS><<<dim3(l.max_wgmma_col_tiles, n, l.max_col_splits), Col::kThreads,
-                          Col::kSmemBytes, stream>>>(a, w, level, !staged);
-  err = cudaGetLastError();
+  // A programmatic dependent of pass 1: its blocks stage their entries before waiting.
+  err = LaunchPass(ColumnWgmmaKernel<KS>, dim3(l.max_wgmma_col_tiles, n, l.max_col_splits),
+                   Col::kThreads, Col::kSmemBytes, stream, /*dependent=*/true, a, w, level,
+                   !staged);
   if (err != cudaSuccess || !staged || a.score_only) return err;
   return LaunchStagedSelect(a, l, w, SegmentList::kLarge, stream);
 }
