@@ -123,6 +123,9 @@ Status PreadFull(int fd, uint64_t offset, size_t bytes, void* dst, const std::st
   while (*got < bytes) {
     const ssize_t n = ::pread(fd, p + *got, bytes - *got, static_cast<off_t>(offset + *got));
     if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && path.empty()) {
+      return Status::IOError(std::string("cannot read: ") + std::strerror(errno));
+    }
     if (n < 0) return ErrnoStatus("cannot read", path, errno);
     if (n == 0) break;  // end of file
     *got += static_cast<size_t>(n);

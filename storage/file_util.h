@@ -36,7 +36,8 @@ Status OpenRegularFile(const std::string& path, int* fd, uint64_t* size);
 // pread(2) of `bytes` bytes at `offset` into dst (size `bytes`), retried on EINTR and continued
 // after short reads. *got receives the bytes read: fewer than `bytes` only when the file ends
 // first, which is not an error here (the caller knows what an early end means). IOError
-// "cannot read <path>: ..." if the OS refuses.
+// "cannot read <path>: ..." if the OS refuses; "cannot read: ..." for an empty `path`, when the
+// caller adds the name itself.
 Status PreadFull(int fd, uint64_t offset, size_t bytes, void* dst, const std::string& path,
                  size_t* got);
 // Bytes of the regular files under `dir`, recursively; 0 for a missing directory.

@@ -238,17 +238,11 @@ void ConvertToFloat(const uint8_t* src, size_t size, size_t n, float* dst) {
 // Reads exactly `n` bytes at `offset`. The file's size was checked before, so an early end means
 // it shrank while being read.
 Status PreadExact(int fd, void* buf, size_t n, uint64_t offset) {
-  auto* p = static_cast<char*>(buf);
-  size_t done = 0;
-  while (done < n) {
-    const ssize_t got = ::pread(fd, p + done, n - done, static_cast<off_t>(offset + done));
-    if (got < 0 && errno == EINTR) continue;
-    if (got < 0) return Status::IOError(std::string("cannot read: ") + std::strerror(errno));
-    if (got == 0) {
-      return Status::IOError("the file ended at byte " + std::to_string(offset + done) +
-                             " while being read (did it change?)");
-    }
-    done += static_cast<size_t>(got);
+  size_t got = 0;
+  SQKV_RETURN_IF_ERROR(PreadFull(fd, offset, n, buf, /*path=*/"", &got));  // the caller names it
+  if (got < n) {
+    return Status::IOError("the file ended at byte " + std::to_string(offset + got) +
+                           " while being read (did it change?)");
   }
   return Status::Ok();
 }

@@ -74,18 +74,12 @@ Status PwriteAll(int fd, const void* data, size_t bytes, uint64_t offset, const 
   return Status::Ok();
 }
 
+// PreadFull, with an early end of the file as Corruption: its size was checked against the header.
 Status PreadAll(int fd, void* data, size_t bytes, uint64_t offset, const std::string& path) {
-  auto* p = static_cast<uint8_t*>(data);
-  while (bytes > 0) {
-    ssize_t n = ::pread(fd, p, bytes, static_cast<off_t>(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoStatus("read", path, errno);
-    }
-    if (n == 0) return Status::Corruption("segment " + path + " is shorter than its header says");
-    p += n;
-    bytes -= static_cast<size_t>(n);
-    offset += static_cast<uint64_t>(n);
+  size_t got = 0;
+  SQKV_RETURN_IF_ERROR(PreadFull(fd, offset, bytes, data, path, &got));
+  if (got < bytes) {
+    return Status::Corruption("segment " + path + " is shorter than its header says");
   }
   return Status::Ok();
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "api/net/connection.h"
+#include "storage/file_util.h"
 
 namespace sqkv::net {
 namespace {
@@ -105,15 +106,8 @@ class RemoteStore final : public Store {
       piece.offset = offset;
       piece.data.resize(n);
       size_t got = 0;
-      while (got < n) {
-        const ssize_t r =
-            ::pread(fd, piece.data.data() + got, n - got, static_cast<off_t>(offset + got));
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0)
-          return r < 0 ? FileError("read", path)
-                       : Status::IOError(path + " shrank while being uploaded");
-        got += static_cast<size_t>(r);
-      }
+      SQKV_RETURN_IF_ERROR(PreadFull(fd, offset, n, piece.data.data(), path, &got));
+      if (got < n) return Status::IOError(path + " shrank while being uploaded");
       SQKV_RETURN_IF_ERROR(CallOn(*conn, piece, &reply, nullptr));
       if (!reply.status.ok()) return Done(std::move(conn), reply.status);
       offset += n;

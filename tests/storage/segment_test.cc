@@ -134,6 +134,11 @@ TEST(Segment, DamagedHeaderOrLengthIsCorruption) {
   EXPECT_TRUE(s.IsCorruption()) << s.ToString();
   EXPECT_NE(s.message().find("header checksum"), std::string::npos) << s.ToString();
   EXPECT_TRUE(SegmentReader::Open(dir.file("missing.seg"), &r).IsNotFound());
+  // Shorter than the header block: the header read itself ends early.
+  std::filesystem::resize_file(path, kSegmentHeaderBytes - 1);
+  s = SegmentReader::Open(path, &r);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("is shorter than its header says"), std::string::npos) << s.ToString();
 }
 
 // Headers with a valid checksum but impossible sizes: a page size that does not match the page
