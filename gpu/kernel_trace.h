@@ -1,10 +1,11 @@
 // Kernel timeline tracing for benchmarks (build option SQKV_KERNEL_TRACE, off by default). When
 // on, the decode path's kernels (small scoring, staged selection, decode attention, split merge)
 // and the prefill path's (q conversion, the two 16-bit wgmma passes, the staged selection, the
-// attention's compaction pre-pass and its wgmma kernel) stamp the GPU's global timer into a device buffer: per kernel the first block's start, the
-// first and last block past the dependency wait, and the last block's end; per phase mark inside
-// the scoring and selection kernels the first and last block to reach it. Off, none of this is
-// compiled into the kernels and these functions report that tracing is unavailable. Plain C++.
+// attention's compaction pre-pass and its wgmma kernel) stamp the GPU's global timer into a
+// device buffer: per kernel the first block's start, the first and last block past the
+// dependency wait, and the last block's end; per phase mark inside the scoring and selection
+// kernels the first and last block to reach it. Off, none of this is compiled into the kernels
+// and these functions report that tracing is unavailable. Plain C++.
 #pragma once
 
 #include <cstdint>

@@ -7,8 +7,8 @@
 // with m16n8k16 tensor-core products, Q converted to the storage type in shared memory once.
 #include <type_traits>
 
-#include "gpu/paged_attention_common.cuh"
 #include "gpu/kernel_trace.cuh"
+#include "gpu/paged_attention_common.cuh"
 #include "gpu/paged_attention_internal.cuh"
 
 SQKV_TRACE_UNIT(prefill)
