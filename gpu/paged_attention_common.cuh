@@ -16,6 +16,26 @@ inline constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float NegInf() { return __int_as_float(0xff800000); }
 
+// The empty online-softmax state of the mma.sync kernels' accumulators: MT m16 tiles of rows, the
+// thread's two rows a tile (max -inf, normaliser 0) and its m16n8 output fragments (0).
+template <int MT, int NT>
+__device__ __forceinline__ void ZeroSoftmaxState(float (&o)[MT][NT][4], float (&m)[MT][2],
+                                                 float (&l)[MT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      m[mt][h] = NegInf();
+      l[mt][h] = 0.f;
+    }
+#pragma unroll
+    for (int dn = 0; dn < NT; ++dn) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) o[mt][dn][j] = 0.f;
+    }
+  }
+}
+
 // 2^x on the special-function unit (about 2 ulp; -inf gives +0, denormal results flush to 0).
 __device__ __forceinline__ float FastExp2(float x) {
   float y;

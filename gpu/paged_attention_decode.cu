@@ -149,19 +149,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(const KernelParams p
 
   float o[MT][D / 8][4];
   float m[MT][2], l[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      m[mt][h] = NegInf();
-      l[mt][h] = 0.f;
-    }
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) o[mt][dn][j] = 0.f;
-    }
-  }
+  ZeroSoftmaxState(o, m, l);
 
   // Valid slots of the units in the three stages: computed (va), next (vb), newest (vc).
   int va = 0, vb = 0, vc = 0;

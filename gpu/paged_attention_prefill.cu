@@ -206,19 +206,7 @@ __global__ void __launch_bounds__(kThreads, 2) PrefillKernel(const KernelParams 
 
   float o[kMt][D / 8][4];
   float m[kMt][2], l[kMt][2];
-#pragma unroll
-  for (int mt = 0; mt < kMt; ++mt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      m[mt][h] = NegInf();
-      l[mt][h] = 0.f;
-    }
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) o[mt][dn][j] = 0.f;
-    }
-  }
+  ZeroSoftmaxState(o, m, l);
 
   if (t0 < t1) {
     fetch(t0);
