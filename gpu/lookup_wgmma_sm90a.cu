@@ -12,7 +12,8 @@
 // - Pass 2 (StageLoop): 64 query rows a stage, m64n64 RS products (the entries held in
 //   registers: half the shared-memory reads; 8% faster at 128K, v27) into two accumulator sets,
 //   the next stage's product running while this one's exp2 work issues; one tile a block, two
-//   blocks per SM, whose short blocks overlap each other's start.
+//   blocks per SM, whose short blocks overlap each other's start. It is pass 1's programmatic
+//   dependent: its blocks stage their entries, then wait for pass 1's row statistics (v29).
 // kWgmmaRowPassTiles, kWgmmaColPassTiles and NOTES-gpu-lookup.md v16. Pass 2's pieces are unequal
 // and its grid runs them longest first (grid z is the piece; PlanLookup's ChooseColPieces, v17).
 #include <cuda_fp16.h>
