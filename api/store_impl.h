@@ -201,10 +201,11 @@ class VersionPin {
 bool GpuRunsShape(const ContextRecord& r);
 std::string GpuShapeError(const ContextRecord& r);  // why GpuRunsShape(r) is false
 
-// Query input checks shared by every device. q: (q_heads, n, head_dim).
 // Corruption unless the segment's header describes the record's pages (version, shape, page
 // size, dtype, page count): GetSegment and verify.
 Status SegmentMatchesRecord(const SegmentHeader& h, const ContextRecord& r);
+
+// Query input checks shared by every device. q: (q_heads, n, head_dim).
 
 Status ValidateQuery(const ContextRecord& r, int layer, const float* q, int q_heads, int n,
                      int head_dim);

@@ -205,17 +205,17 @@ __device__ __forceinline__ void IssueProductRS(const uint32_t (&af)[Sh::kKS][4],
 // inside the two-set loop); pass 2 the last at KS 8 (measured 2-3% faster there than the first)
 // and the first at KS 4 (the last spilled there).
 //
-// Pass 2's stage loop (pass 1's too before StageLoopWide). stage(it) issues the cp.async copies of stage it (its tile and
-// extras; nothing past the last); the loop learns that they landed from an mbarrier
-// (cp.async.mbarrier.arrive), so stage() commits no groups. epi(buf, acc, short_tag) consumes
-// stage it's product (its copies in buffer buf); short_tag (std::true_type or std::false_type)
-// says whether it is the stage that may be short. The product of stage it + 1 runs on the tensor
-// cores while the epilogue of stage it runs, into the other of two accumulator sets; the copies
-// run two stages ahead of that product (kStages buffers: the one of stage it - 1 is refilled once
-// every thread is past its epilogue, told by an mbarrier, so no block barrier holds the
-// warpgroups in step inside the loop). prologue() runs once the first stages' copies are issued,
-// before the first product: pass 1 copies a_tile there (after waiting for the q conversion) and
-// waits for all its copies so far; pass 2's a_tile copies, issued before the loop, land before
+// Pass 2's stage loop (pass 1's too before StageLoopWide). stage(it) issues the cp.async copies of
+// stage it (its tile and extras; nothing past the last); the loop learns that they landed from an
+// mbarrier (cp.async.mbarrier.arrive), so stage() commits no groups. epi(buf, acc, short_tag)
+// consumes stage it's product (its copies in buffer buf); short_tag (std::true_type or
+// std::false_type) says whether it is the stage that may be short. The product of stage it + 1 runs
+// on the tensor cores while the epilogue of stage it runs, into the other of two accumulator sets;
+// the copies run two stages ahead of that product (kStages buffers: the one of stage it - 1 is
+// refilled once every thread is past its epilogue, told by an mbarrier, so no block barrier holds
+// the warpgroups in step inside the loop). prologue() runs once the first stages' copies are
+// issued, before the first product: pass 1 copies a_tile there (after waiting for the q conversion)
+// and waits for all its copies so far; pass 2's a_tile copies, issued before the loop, land before
 // stage 0's barrier completes (an arrival counts every earlier copy of the thread). The products
 // take A from registers, loaded from a_tile once it has landed.
 template <class Sh, ShortStage kShort, class Prologue, class Stage, class Epi>

@@ -57,7 +57,7 @@ Status Server::Start(const ServerOptions& options, Store* store, std::unique_ptr
     return Status::InvalidArgument("max message size must be at least 64 KiB");
   }
   if (options.chunk_bytes == 0 ||
-      options.chunk_bytes + (uint64_t{1} << 12) > options.max_message_bytes) {
+      options.chunk_bytes + kChunkMessageRoom > options.max_message_bytes) {
     return Status::InvalidArgument("chunk size must be positive and fit in a message");
   }
   auto impl = std::make_unique<ServerImpl>(options, store);

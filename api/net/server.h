@@ -26,6 +26,10 @@
 
 namespace sqkv::net {
 
+// Bytes of a message around an upload chunk's data (the request's other fields): chunk_bytes +
+// this must fit in max_message_bytes.
+inline constexpr uint64_t kChunkMessageRoom = uint64_t{4} << 10;
+
 struct ServerOptions {
   // host:port to accept clients on; port 0 picks a free one (see Server::address()).
   // Default: "127.0.0.1:7781".
@@ -48,7 +52,8 @@ struct ServerOptions {
   // connection closed, so a few huge messages cannot exhaust memory, and clients that announce
   // huge messages without sending them hold only a step each. Default: 1 GiB.
   uint64_t max_inflight_message_bytes = uint64_t{1} << 30;
-  // Largest data of one upload chunk (must fit in a message). Default: 8 MiB.
+  // Largest data of one upload chunk (with kChunkMessageRoom, must fit in a message).
+  // Default: 8 MiB.
   uint32_t chunk_bytes = 8u << 20;
   // Largest file one import may upload. Default: 64 GiB.
   uint64_t max_upload_bytes = uint64_t{64} << 30;

@@ -57,6 +57,17 @@ class AdminTest : public ::testing::Test {
     }
     Open();
   }
+  // Replaces the first `from` in catalog value `key` by `to` and stores the result under `put_as`
+  // (a hand-made damage of a context record).
+  static void EditRecord(Catalog& catalog, const std::string& key, const std::string& from,
+                         const std::string& to, const std::string& put_as) {
+    std::string record;
+    ASSERT_TRUE(catalog.GetRaw(key, &record).ok());
+    const size_t at = record.find(from);
+    ASSERT_NE(at, std::string::npos) << record;
+    record.replace(at, from.size(), to);
+    ASSERT_TRUE(catalog.PutRaw(put_as, record).ok());
+  }
   size_t SegmentFiles() const {
     size_t n = 0;
     for (const auto& e : fs::directory_iterator(dir_.path() / "data" / "segments"))
@@ -483,12 +494,7 @@ TEST_F(AdminTest, ARecordThatDisagreesWithItsSegmentIsCorruption) {
   so.window = 0;
   const std::vector<float> q = ImportSynthetic("c", so);
   ASSERT_NO_FATAL_FAILURE(EditCatalog([&](Catalog& catalog) {
-    std::string record;
-    ASSERT_TRUE(catalog.GetRaw("c/c", &record).ok());
-    const size_t at = record.find("\"dtype\":\"bf16\"");
-    ASSERT_NE(at, std::string::npos) << record;
-    record.replace(at, 14, "\"dtype\":\"f32\"");
-    ASSERT_TRUE(catalog.PutRaw("c/c", record).ok());
+    EditRecord(catalog, "c/c", "\"dtype\":\"bf16\"", "\"dtype\":\"f32\"", "c/c");
   }));
   QueryOptions qo;
   qo.device = Device::kCpu;
@@ -543,12 +549,7 @@ TEST_F(AdminTest, RemovingOneOfTwoRecordsOfAVersionKeepsIt) {
   const SyntheticOptions so = OneLayer(200);
   const std::vector<float> q = ImportSynthetic("a", so);
   ASSERT_NO_FATAL_FAILURE(EditCatalog([&](Catalog& catalog) {
-    std::string record;
-    ASSERT_TRUE(catalog.GetRaw("c/a", &record).ok());
-    const size_t at = record.find("\"name\":\"a\"");
-    ASSERT_NE(at, std::string::npos) << record;
-    record.replace(at, 10, "\"name\":\"b\"");
-    ASSERT_TRUE(catalog.PutRaw("c/b", record).ok());
+    EditRecord(catalog, "c/a", "\"name\":\"a\"", "\"name\":\"b\"", "c/b");
   }));
   VerifyReport report;
   ASSERT_TRUE(store_->Verify("", nullptr, &report).ok());

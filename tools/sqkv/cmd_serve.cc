@@ -35,11 +35,11 @@ int RunServe(ServeArgs a, const GlobalOptions& g) {
   constexpr uint64_t kMib = uint64_t{1} << 20;
   a.options.max_message_bytes = a.max_message_mib * kMib;
   // Upload chunks must fit in a message: a limit under the default chunk takes smaller chunks
-  // (the server tells clients the chunk size; a message holds a chunk and 4 KiB of the rest).
-  constexpr uint64_t kChunkRoom = uint64_t{4} << 10;
-  if (a.options.max_message_bytes > kChunkRoom &&
-      a.options.chunk_bytes + kChunkRoom > a.options.max_message_bytes) {
-    a.options.chunk_bytes = static_cast<uint32_t>(a.options.max_message_bytes - kChunkRoom);
+  // (the server tells clients the chunk size).
+  if (a.options.max_message_bytes > net::kChunkMessageRoom &&
+      a.options.chunk_bytes + net::kChunkMessageRoom > a.options.max_message_bytes) {
+    a.options.chunk_bytes =
+        static_cast<uint32_t>(a.options.max_message_bytes - net::kChunkMessageRoom);
   }
   a.options.handle_signals = true;
   a.options.log = LogLine;
